@@ -1,0 +1,175 @@
+"""Configuration of the selfattn family: one config describes the encoder-only (BERT-style), the
+encoder-decoder ("Attention Is All You Need") and the decoder-only shapes of the multi-head
+self-attention Transformer."""
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
+
+POSITION_EMBEDDING_TYPES = ("learned", "sinusoidal")
+
+# Written into every saved config.json so that each head loads as remote code (trust_remote_code=True)
+# where this package is not installed; save_pretrained itself only records the class being saved.
+AUTO_MAP = {
+    "AutoConfig": "configuration_selfattn.SelfAttnConfig",
+    "AutoModel": "modeling_selfattn.SelfAttnModel",
+    "AutoModelForMaskedLM": "modeling_selfattn.SelfAttnForMaskedLM",
+    "AutoModelForSequenceClassification": "modeling_selfattn.SelfAttnForSequenceClassification",
+    "AutoModelForTokenClassification": "modeling_selfattn.SelfAttnForTokenClassification",
+    "AutoModelForQuestionAnswering": "modeling_selfattn.SelfAttnForQuestionAnswering",
+    "AutoModelForMultipleChoice": "modeling_selfattn.SelfAttnForMultipleChoice",
+    "AutoModelForSeq2SeqLM": "modeling_selfattn.SelfAttnForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_selfattn.SelfAttnForCausalLM",
+}
+
+
+@strict
+class SelfAttnConfig(PreTrainedConfig):
+    r"""
+    Args:
+        vocab_size: number of token ids.
+        hidden_size: width of every layer (d_model in the paper).
+        num_attention_heads: heads per attention module; `hidden_size` must be a multiple of it and the
+            scores are scaled by 1/sqrt(hidden_size / num_attention_heads).
+        encoder_layers / decoder_layers: depth of each stack. `decoder_layers=0` is an encoder-only model
+            (BERT-style); `encoder_layers=0` is a decoder-only causal LM; both > 0 is the encoder-decoder.
+        intermediate_size: inner width of the feed-forward block.
+        hidden_act: activation of the feed-forward block, any key of `transformers.activations.ACT2FN`.
+        hidden_dropout_prob / attention_dropout / activation_dropout / classifier_dropout: dropout after each
+            sub-layer, on the attention probabilities, after the FFN activation, and before task heads
+            (`None` = `hidden_dropout_prob`).
+        max_position_embeddings: longest sequence the position table covers.
+        position_embedding_type: `"learned"` (BERT) or `"sinusoidal"` (the paper; fixed, not trained).
+        position_offset: rows reserved before the first position (2 for BART and RoBERTa checkpoints).
+        padding_aware_positions: count positions over non-padding tokens only and give padding the row
+            `position_offset - 1` (RoBERTa's scheme); otherwise positions are 0, 1, 2, ... for every token.
+        type_vocab_size: number of token types (segments); 0 removes the token-type embedding.
+        embedding_size: width of the token embeddings if smaller than `hidden_size` (ELECTRA); a linear
+            projection then maps them to `hidden_size`. `None` means `hidden_size`.
+        embedding_layer_norm: LayerNorm over the summed embeddings (BERT, BART; not the paper or Marian).
+        scale_embedding: multiply token embeddings by sqrt(hidden_size), as the paper does.
+        pre_layer_norm: pre-LN blocks (x + f(LN(x)), with a final LayerNorm per stack) instead of the
+            paper's and BERT's post-LN blocks (LN(x + f(x))).
+        layer_norm_eps: epsilon of every LayerNorm.
+        add_pooling_layer: encoder-only models get a pooler (dense + `pooler_activation` on the first token)
+            used by the sequence-classification and multiple-choice heads.
+        pooler_activation: activation of the pooler, any key of ACT2FN (`tanh` for BERT).
+        add_final_logits_bias: a fixed bias added to the LM logits of generating heads (Marian, BART).
+        tie_word_embeddings: tie LM output weights to the input embeddings.
+        initializer_range: std of the normal initialisation.
+    """
+
+    model_type = "selfattn"
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_attention_heads: int = 12
+    encoder_layers: int = 12
+    decoder_layers: int = 0
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float | int = 0.1
+    attention_dropout: float | int = 0.1
+    activation_dropout: float | int = 0.0
+    classifier_dropout: float | int | None = None
+    max_position_embeddings: int = 512
+    position_embedding_type: str = "learned"
+    position_offset: int = 0
+    padding_aware_positions: bool = False
+    type_vocab_size: int = 2
+    embedding_size: int | None = None
+    embedding_layer_norm: bool = True
+    scale_embedding: bool = False
+    pre_layer_norm: bool = False
+    layer_norm_eps: float = 1e-12
+    add_pooling_layer: bool = True
+    pooler_activation: str = "tanh"
+    add_final_logits_bias: bool = False
+    initializer_range: float = 0.02
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    decoder_start_token_id: int | None = None
+    tie_word_embeddings: bool = True
+    use_cache: bool = True
+
+    def __post_init__(self, **kwargs):
+        # `num_hidden_layers` is the name transformers' tooling reads; it sets the depth of the main stack.
+        num_hidden_layers = kwargs.pop("num_hidden_layers", None)
+        if num_hidden_layers is not None:
+            self.num_hidden_layers = num_hidden_layers
+        super().__post_init__(**kwargs)
+        self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
+        self.is_encoder_decoder = self.encoder_layers > 0 and self.decoder_layers > 0
+        self.check()
+
+    @property
+    def num_hidden_layers(self) -> int:
+        """Depth of the main stack: the encoder's, or the decoder's in a decoder-only model."""
+        return self.encoder_layers if self.encoder_layers > 0 else self.decoder_layers
+
+    @num_hidden_layers.setter
+    def num_hidden_layers(self, value: int):
+        if self.encoder_layers > 0 or self.decoder_layers == 0:
+            self.encoder_layers = value
+        else:
+            self.decoder_layers = value
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def check(self):
+        """Raise a ValueError naming the field and the fix for any config no model can be built from.
+
+        Runs on creation; call it again after editing fields by hand (models call it when built)."""
+        positive = ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size", "max_position_embeddings")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"SelfAttnConfig.{name} must be a positive integer, got {getattr(self, name)}.")
+        for name in ("encoder_layers", "decoder_layers", "type_vocab_size", "position_offset"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"SelfAttnConfig.{name} must be >= 0, got {getattr(self, name)}.")
+        if self.encoder_layers == 0 and self.decoder_layers == 0:
+            raise ValueError(
+                "SelfAttnConfig needs at least one stack: set encoder_layers > 0 (encoder-only or encoder-decoder) "
+                "or decoder_layers > 0 (decoder-only)."
+            )
+        if self.hidden_size % self.num_attention_heads != 0:
+            divisors = [h for h in range(1, min(self.hidden_size, 64) + 1) if self.hidden_size % h == 0]
+            raise ValueError(
+                f"SelfAttnConfig.hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads}); choose num_attention_heads from {divisors} or change hidden_size."
+            )
+        for name in ("hidden_act", "pooler_activation"):
+            if getattr(self, name) not in ACT2FN:
+                raise ValueError(
+                    f"SelfAttnConfig.{name}={getattr(self, name)!r} is not a known activation; use one of "
+                    f"{sorted(ACT2FN)}."
+                )
+        if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
+            raise ValueError(
+                f"SelfAttnConfig.position_embedding_type={self.position_embedding_type!r} is not supported; use one "
+                f"of {POSITION_EMBEDDING_TYPES}."
+            )
+        if self.position_embedding_type == "sinusoidal" and self.hidden_size % 2:
+            raise ValueError(
+                f"SelfAttnConfig: sinusoidal positions need an even hidden_size, got {self.hidden_size}."
+            )
+        if self.padding_aware_positions and self.position_offset < 1:
+            raise ValueError(
+                "SelfAttnConfig.padding_aware_positions needs position_offset >= 1 (padding takes row "
+                "position_offset - 1); set position_offset=pad_token_id + 1 as RoBERTa does."
+            )
+        if self.embedding_size is not None and self.embedding_size <= 0:
+            raise ValueError(f"SelfAttnConfig.embedding_size must be positive or None, got {self.embedding_size}.")
+        for name in ("hidden_dropout_prob", "attention_dropout", "activation_dropout", "classifier_dropout"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"SelfAttnConfig.{name} must be within [0, 1], got {value}.")
+        if self.layer_norm_eps <= 0:
+            raise ValueError(f"SelfAttnConfig.layer_norm_eps must be positive, got {self.layer_norm_eps}.")
+
+
+__all__ = ["SelfAttnConfig"]

@@ -1,0 +1,1059 @@
+"""The multi-head self-attention Transformer ("Attention Is All You Need", and the BERT-style encoder).
+
+Reads top to bottom like the math: embeddings; one attention module (A = softmax(Q K^T / sqrt(d_head)),
+O = A V, heads concatenated then an output Linear) that serves self-, causal- and cross-attention;
+the feed-forward block FFN = Linear(act(Linear(x))); the encoder layer (post-LN: Z = LN(Attn(X) + X),
+Z = LN(FFN(Z) + Z), or pre-LN); the decoder layer (causal self-attention, cross-attention over the
+encoder output, FFN); the stacks; the pretrained base; then the task heads.
+
+Only relative imports among the model files, so that `save_pretrained` can ship them as remote code.
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn import CrossEntropyLoss
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutput,
+    BaseModelOutputWithPastAndCrossAttentions,
+    BaseModelOutputWithPoolingAndCrossAttentions,
+    CausalLMOutputWithCrossAttentions,
+    MaskedLMOutput,
+    MultipleChoiceModelOutput,
+    QuestionAnsweringModelOutput,
+    Seq2SeqLMOutput,
+    Seq2SeqModelOutput,
+    SequenceClassifierOutput,
+    TokenClassifierOutput,
+)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_selfattn import SelfAttnConfig
+
+
+def check_input_ids(input_ids: torch.Tensor, vocab_size: int, name: str = "input_ids") -> None:
+    """An id outside the embedding table would index out of bounds (a crash deep in torch, or on GPU a
+    device-side assert); say which ids are wrong instead."""
+    if input_ids.numel() == 0:
+        return
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(
+            f"{name} contains ids outside the vocabulary [0, {vocab_size - 1}] (min {low}, max {high}). Use the "
+            "tokenizer that belongs to this model, or resize the embeddings with "
+            "`model.resize_token_embeddings(len(tokenizer))`."
+        )
+
+
+def check_attention_mask(attention_mask: torch.Tensor | None, expected: tuple[int, int], name: str) -> None:
+    if attention_mask is not None and attention_mask.dim() == 2 and tuple(attention_mask.shape) != expected:
+        raise ValueError(
+            f"{name} has shape {tuple(attention_mask.shape)} but the inputs need (batch_size, key_length) = "
+            f"{expected}: one entry per token (1 = attend, 0 = padding), covering any cached tokens too."
+        )
+
+
+def sinusoidal_positions(num_positions: int, dim: int) -> torch.Tensor:
+    """The paper's fixed encodings, sines in the first half of the features and cosines in the second
+    (the layout of Marian and fairseq checkpoints). Computed in float64 so the table is exact in fp32."""
+    positions = torch.arange(num_positions, dtype=torch.float64).unsqueeze(1)
+    inverse_frequencies = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    angles = positions * inverse_frequencies
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
+
+
+class SelfAttnScaledEmbedding(nn.Embedding):
+    """Token embeddings multiplied by sqrt(hidden_size) when `scale_embedding` is set, as in the paper.
+    Scaling inside the module keeps `get_input_embeddings()(ids)` equal to what the model computes."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, scale: float = 1.0):
+        super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx)
+        self.scale = scale
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        embeddings = super().forward(input_ids)
+        return embeddings * self.scale if self.scale != 1.0 else embeddings
+
+
+class SelfAttnEmbeddings(nn.Module):
+    """tokens (+ positions) (+ token types) -> optional LayerNorm -> dropout -> optional projection."""
+
+    def __init__(self, config: SelfAttnConfig, word_embeddings: nn.Embedding | None = None):
+        super().__init__()
+        embedding_size = config.embedding_size or config.hidden_size
+        scale = math.sqrt(config.hidden_size) if config.scale_embedding else 1.0
+        self.word_embeddings = word_embeddings or SelfAttnScaledEmbedding(
+            config.vocab_size, embedding_size, config.pad_token_id, scale
+        )
+        self.position_offset = config.position_offset
+        self.padding_aware_positions = config.padding_aware_positions
+        self.max_positions = config.max_position_embeddings
+        self.pad_token_id = config.pad_token_id
+        num_rows = config.max_position_embeddings + config.position_offset
+        if config.position_embedding_type == "learned":
+            self.position_embeddings = nn.Embedding(num_rows, embedding_size)
+        else:
+            self.register_buffer("sinusoidal_table", sinusoidal_positions(num_rows, embedding_size), persistent=False)
+        self.token_type_embeddings = (
+            nn.Embedding(config.type_vocab_size, embedding_size) if config.type_vocab_size > 0 else None
+        )
+        self.layer_norm = (
+            nn.LayerNorm(embedding_size, eps=config.layer_norm_eps) if config.embedding_layer_norm else None
+        )
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.projection = (
+            nn.Linear(embedding_size, config.hidden_size) if embedding_size != config.hidden_size else None
+        )
+
+    def position_ids_for(self, input_ids, batch_size, seq_length, past_length, device) -> torch.Tensor:
+        """Rows of the position table, offset included."""
+        if self.padding_aware_positions and input_ids is not None:
+            is_token = input_ids.ne(self.pad_token_id).long()
+            return (torch.cumsum(is_token, dim=1) + past_length) * is_token + (self.position_offset - 1)
+        positions = torch.arange(past_length, past_length + seq_length, device=device) + self.position_offset
+        return positions.unsqueeze(0).expand(batch_size, -1)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_length: int = 0,
+    ) -> torch.Tensor:
+        if inputs_embeds is None:
+            check_input_ids(input_ids, self.word_embeddings.num_embeddings)
+            inputs_embeds = self.word_embeddings(input_ids)
+        batch_size, seq_length = inputs_embeds.shape[:2]
+        if position_ids is None:
+            if past_length + seq_length > self.max_positions:
+                raise ValueError(
+                    f"The sequence is {past_length + seq_length} tokens long (cached {past_length} + new "
+                    f"{seq_length}) but this model has positions for {self.max_positions}. Truncate the input "
+                    f"(tokenizer(..., truncation=True, max_length={self.max_positions})) or generate fewer tokens."
+                )
+            position_rows = self.position_ids_for(input_ids, batch_size, seq_length, past_length, inputs_embeds.device)
+        else:
+            position_rows = position_ids + self.position_offset
+
+        if hasattr(self, "position_embeddings"):
+            positions = self.position_embeddings(position_rows)
+        else:
+            positions = self.sinusoidal_table[position_rows]
+        embeddings = inputs_embeds + positions.to(inputs_embeds.dtype)
+        if self.token_type_embeddings is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(position_rows)
+            embeddings = embeddings + self.token_type_embeddings(token_type_ids)
+        if self.layer_norm is not None:
+            embeddings = self.layer_norm(embeddings)
+        embeddings = self.dropout(embeddings)
+        if self.projection is not None:
+            embeddings = self.projection(embeddings)
+        return embeddings
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Unpack[TransformersKwargs],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(Q K^T * scaling + mask) V over (batch, heads, length, head_dim); returns the output as
+    (batch, length, heads, head_dim) and the attention probabilities."""
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probabilities = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probabilities = nn.functional.dropout(probabilities, p=dropout, training=module.training)
+    output = torch.matmul(probabilities, value).transpose(1, 2).contiguous()
+    return output, probabilities
+
+
+class SelfAttnAttention(nn.Module):
+    """Multi-head attention. Self-attention when keys come from the same sequence, cross-attention when
+    `key_value_states` (the encoder output) is given; `is_causal` marks the decoder's self-attention."""
+
+    def __init__(
+        self, config: SelfAttnConfig, layer_idx: int | None = None, is_causal: bool = False, is_cross_attention=False
+    ):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        # SDPA and flash read `is_causal` from the module and would otherwise assume causal.
+        self.is_causal = is_causal
+        self.is_cross_attention = is_cross_attention
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def split_heads(self, states: torch.Tensor) -> torch.Tensor:
+        return states.view(*states.shape[:-1], -1, self.head_dim).transpose(1, 2)
+
+    def keys_and_values(self, source: torch.Tensor, cache: Cache | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if cache is None:
+            return self.split_heads(self.k_proj(source)), self.split_heads(self.v_proj(source))
+        if self.is_cross_attention:
+            # The encoder output does not change while decoding: project it once, then reuse.
+            if cache.is_updated.get(self.layer_idx):
+                layer = cache.cross_attention_cache.layers[self.layer_idx]
+                return layer.keys, layer.values
+            keys, values = self.split_heads(self.k_proj(source)), self.split_heads(self.v_proj(source))
+            cache.is_updated[self.layer_idx] = True
+            return cache.cross_attention_cache.update(keys, values, self.layer_idx)
+        self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+        keys, values = self.split_heads(self.k_proj(source)), self.split_heads(self.v_proj(source))
+        return self_cache.update(keys, values, self.layer_idx)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        key_value_states: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        query = self.split_heads(self.q_proj(hidden_states))
+        source = key_value_states if self.is_cross_attention else hidden_states
+        key, value = self.keys_and_values(source, cache)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        output, probabilities = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        output = output.reshape(*hidden_states.shape[:-1], -1).contiguous()
+        return self.o_proj(output), probabilities
+
+
+class SelfAttnFeedForward(nn.Module):
+    """FFN(x) = fc2(dropout(act(fc1(x))))."""
+
+    def __init__(self, config: SelfAttnConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.activation = ACT2FN[config.hidden_act]
+        self.activation_dropout = nn.Dropout(config.activation_dropout)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation_dropout(self.activation(self.fc1(hidden_states))))
+
+
+class SelfAttnEncoderLayer(GradientCheckpointingLayer):
+    """Post-LN: Z = LN(Attn(X) + X); Z = LN(FFN(Z) + Z). Pre-LN: Z = X + Attn(LN(X)); Z = Z + FFN(LN(Z))."""
+
+    def __init__(self, config: SelfAttnConfig, layer_idx: int | None = None, is_causal: bool = False):
+        super().__init__()
+        self.pre_layer_norm = config.pre_layer_norm
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.self_attn = SelfAttnAttention(config, layer_idx, is_causal=is_causal)
+        self.self_attn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.ffn = SelfAttnFeedForward(config)
+        self.ffn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def residual(self, hidden_states: torch.Tensor, layer_norm: nn.LayerNorm, sublayer: Callable) -> torch.Tensor:
+        """Apply one sub-layer with its dropout, residual connection and LayerNorm (before or after)."""
+        inputs = layer_norm(hidden_states) if self.pre_layer_norm else hidden_states
+        hidden_states = hidden_states + self.dropout(sublayer(inputs))
+        return hidden_states if self.pre_layer_norm else layer_norm(hidden_states)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        hidden_states = self.residual(
+            hidden_states,
+            self.self_attn_layer_norm,
+            lambda x: self.self_attn(x, attention_mask=attention_mask, cache=cache, **kwargs)[0],
+        )
+        return self.residual(hidden_states, self.ffn_layer_norm, self.ffn)
+
+
+class SelfAttnDecoderLayer(SelfAttnEncoderLayer):
+    """Causal self-attention, then cross-attention over the encoder output (absent in a decoder-only
+    model), then the FFN; each a residual sub-layer like the encoder's."""
+
+    def __init__(self, config: SelfAttnConfig, layer_idx: int | None = None, has_cross_attention: bool = True):
+        super().__init__(config, layer_idx, is_causal=True)
+        if has_cross_attention:
+            self.cross_attn = SelfAttnAttention(config, layer_idx, is_cross_attention=True)
+            self.cross_attn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        hidden_states = self.residual(
+            hidden_states,
+            self.self_attn_layer_norm,
+            lambda x: self.self_attn(x, attention_mask=attention_mask, cache=cache, **kwargs)[0],
+        )
+        if hasattr(self, "cross_attn"):
+            hidden_states = self.residual(
+                hidden_states,
+                self.cross_attn_layer_norm,
+                lambda x: self.cross_attn(
+                    x, attention_mask=encoder_attention_mask, key_value_states=encoder_hidden_states, cache=cache,
+                    **kwargs,
+                )[0],
+            )
+        return self.residual(hidden_states, self.ffn_layer_norm, self.ffn)
+
+
+class SelfAttnPreTrainedModel(PreTrainedModel):
+    config: SelfAttnConfig
+    config_class = SelfAttnConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["SelfAttnEmbeddings", "SelfAttnEncoderLayer", "SelfAttnDecoderLayer"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, SelfAttnEmbeddings) and hasattr(module, "sinusoidal_table"):
+            init.copy_(module.sinusoidal_table, sinusoidal_positions(*module.sinusoidal_table.shape))
+        elif isinstance(module, (SelfAttnForConditionalGeneration, SelfAttnForCausalLM)):
+            if module.final_logits_bias is not None:
+                init.zeros_(module.final_logits_bias)
+
+
+class SelfAttnEncoder(SelfAttnPreTrainedModel):
+    """Embeddings and `config.encoder_layers` bidirectional layers (plus a final LayerNorm if pre-LN)."""
+
+    _can_record_outputs = {
+        "hidden_states": OutputRecorder(SelfAttnEncoderLayer, num_hidden_layers_key="encoder_layers"),
+        "attentions": OutputRecorder(SelfAttnAttention, index=1, layer_name="self_attn"),
+    }
+
+    def __init__(self, config: SelfAttnConfig):
+        super().__init__(config)
+        self.embeddings = SelfAttnEmbeddings(config)
+        self.layers = nn.ModuleList([SelfAttnEncoderLayer(config, i) for i in range(config.encoder_layers)])
+        self.final_layer_norm = (
+            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pre_layer_norm else None
+        )
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings.word_embeddings = value
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds to the encoder.")
+        hidden_states = self.embeddings(input_ids, inputs_embeds, token_type_ids, position_ids)
+        check_attention_mask(attention_mask, tuple(hidden_states.shape[:2]), "attention_mask")
+        attention_mask = create_bidirectional_mask(
+            config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
+        )
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, attention_mask, **kwargs)
+        if self.final_layer_norm is not None:
+            hidden_states = self.final_layer_norm(hidden_states)
+        return BaseModelOutput(last_hidden_state=hidden_states)
+
+
+class SelfAttnDecoder(SelfAttnPreTrainedModel):
+    """Embeddings and `config.decoder_layers` causal layers with cross-attention over the encoder output
+    (none in a decoder-only model), plus a final LayerNorm if pre-LN."""
+
+    _can_record_outputs = {
+        "hidden_states": OutputRecorder(SelfAttnDecoderLayer, num_hidden_layers_key="decoder_layers"),
+        "attentions": OutputRecorder(SelfAttnAttention, index=1, layer_name="self_attn"),
+        "cross_attentions": OutputRecorder(SelfAttnAttention, index=1, layer_name="cross_attn"),
+    }
+
+    def __init__(self, config: SelfAttnConfig, word_embeddings: nn.Embedding | None = None):
+        super().__init__(config)
+        has_cross_attention = config.encoder_layers > 0
+        self.embeddings = SelfAttnEmbeddings(config, word_embeddings)
+        self.layers = nn.ModuleList(
+            [SelfAttnDecoderLayer(config, i, has_cross_attention) for i in range(config.decoder_layers)]
+        )
+        self.final_layer_norm = (
+            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pre_layer_norm else None
+        )
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings.word_embeddings = value
+
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPastAndCrossAttentions:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError(
+                "The decoder needs exactly one of input_ids or inputs_embeds (decoder_input_ids or labels for an "
+                "encoder-decoder model)."
+            )
+        is_encoder_decoder = self.config.encoder_layers > 0
+        if is_encoder_decoder and encoder_hidden_states is None:
+            raise ValueError("The decoder of an encoder-decoder model needs encoder_hidden_states.")
+        if use_cache and cache is None:
+            cache = (
+                EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
+                if is_encoder_decoder
+                else DynamicCache(config=self.config)
+            )
+        self_attention_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+        past_length = self_attention_cache.get_seq_length() if cache is not None else 0
+        if cache is not None:
+            check_cache_shape(cache, self.config)
+
+        hidden_states = self.embeddings(input_ids, inputs_embeds, token_type_ids, position_ids, past_length)
+        batch_size, seq_length = hidden_states.shape[:2]
+        check_attention_mask(attention_mask, (batch_size, past_length + seq_length), "decoder attention_mask")
+        attention_mask = create_causal_mask(
+            config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask, cache=self_attention_cache
+        )
+        if encoder_hidden_states is not None:
+            check_attention_mask(
+                encoder_attention_mask, tuple(encoder_hidden_states.shape[:2]), "encoder attention_mask"
+            )
+            encoder_attention_mask = create_bidirectional_mask(
+                config=self.config,
+                inputs_embeds=hidden_states,
+                attention_mask=encoder_attention_mask,
+                encoder_hidden_states=encoder_hidden_states,
+            )
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states,
+                attention_mask,
+                encoder_hidden_states,  # positional, so gradient checkpointing passes it through
+                encoder_attention_mask=encoder_attention_mask,
+                cache=cache,
+                **kwargs,
+            )
+        if self.final_layer_norm is not None:
+            hidden_states = self.final_layer_norm(hidden_states)
+        return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden_states, cache=cache)
+
+
+def check_cache_shape(cache: Cache, config: SelfAttnConfig) -> None:
+    """A cache built for another model shape fails later with an opaque size mismatch; name it here."""
+    self_attention_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+    for layer in self_attention_cache.layers:
+        keys = getattr(layer, "keys", None)
+        if keys is not None and keys.dim() == 4 and keys.numel() > 0:
+            expected = (config.num_attention_heads, config.hidden_size // config.num_attention_heads)
+            if tuple(keys.shape[1::2]) != expected:
+                raise ValueError(
+                    f"The cache holds keys with {keys.shape[1]} heads of size {keys.shape[3]} but this model has "
+                    f"{expected[0]} heads of size {expected[1]}: the cache was built for another model. Pass "
+                    "cache=None (or a new cache) to start decoding afresh."
+                )
+            break
+    if len(self_attention_cache.layers) > config.decoder_layers:
+        raise ValueError(
+            f"The cache has {len(self_attention_cache.layers)} layers but this decoder has {config.decoder_layers}: "
+            "it was built for another model. Pass cache=None to start afresh."
+        )
+
+
+class SelfAttnPooler(nn.Module):
+    """dense + activation on the first token: the sentence representation of BERT-style classifiers."""
+
+    def __init__(self, config: SelfAttnConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = ACT2FN[config.pooler_activation]
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.dense(hidden_states[:, 0]))
+
+
+class SelfAttnModel(SelfAttnPreTrainedModel):
+    """The bare model. Its shape follows the config: encoder-only (decoder_layers=0, returns the encoder
+    output and the pooled first token), encoder-decoder (both > 0, returns the decoder output with the
+    encoder's), or decoder-only (encoder_layers=0)."""
+
+    def __init__(self, config: SelfAttnConfig, add_pooling_layer: bool | None = None):
+        super().__init__(config)
+        config.check()
+        self.encoder = SelfAttnEncoder(config) if config.encoder_layers > 0 else None
+        shared = self.encoder.embeddings.word_embeddings if self.encoder is not None else None
+        self.decoder = SelfAttnDecoder(config, shared) if config.decoder_layers > 0 else None
+        if self.encoder is not None and self.decoder is not None:
+            # One token table for both stacks, as in the paper.
+            self._tied_weights_keys = {
+                "decoder.embeddings.word_embeddings.weight": "encoder.embeddings.word_embeddings.weight"
+            }
+        if add_pooling_layer is None:
+            add_pooling_layer = config.add_pooling_layer
+        self.pooler = SelfAttnPooler(config) if add_pooling_layer and self.decoder is None else None
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return (self.encoder or self.decoder).embeddings.word_embeddings
+
+    def set_input_embeddings(self, value):
+        for stack in (self.encoder, self.decoder):
+            if stack is not None:
+                stack.embeddings.word_embeddings = value
+
+    def get_encoder(self, modality=None):
+        return self.encoder
+
+    def get_decoder(self):
+        return self.decoder
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        decoder_position_ids: torch.Tensor | None = None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        encoder_outputs: tuple | BaseModelOutput | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPoolingAndCrossAttentions | Seq2SeqModelOutput | BaseModelOutputWithPastAndCrossAttentions:
+        if self.encoder is None:
+            return self.decoder(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                token_type_ids=token_type_ids,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                cache=cache,
+                use_cache=use_cache,
+                **kwargs,
+            )
+
+        if encoder_outputs is None:
+            encoder_outputs = self.encoder(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                token_type_ids=token_type_ids,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                **kwargs,
+            )
+        elif not isinstance(encoder_outputs, BaseModelOutput):
+            encoder_outputs = BaseModelOutput(*encoder_outputs)
+
+        if self.decoder is None:
+            sequence_output = encoder_outputs.last_hidden_state
+            return BaseModelOutputWithPoolingAndCrossAttentions(
+                last_hidden_state=sequence_output,
+                pooler_output=self.pooler(sequence_output) if self.pooler is not None else None,
+                hidden_states=encoder_outputs.hidden_states,
+                attentions=encoder_outputs.attentions,
+            )
+
+        if decoder_input_ids is None and decoder_inputs_embeds is None:
+            raise ValueError(
+                "This encoder-decoder model needs decoder inputs: pass decoder_input_ids (or "
+                "decoder_inputs_embeds), or labels to a SelfAttnForConditionalGeneration, which shifts them right "
+                "with config.decoder_start_token_id."
+            )
+        decoder_outputs = self.decoder(
+            input_ids=decoder_input_ids,
+            attention_mask=decoder_attention_mask,
+            position_ids=decoder_position_ids,
+            inputs_embeds=decoder_inputs_embeds,
+            encoder_hidden_states=encoder_outputs.last_hidden_state,
+            encoder_attention_mask=attention_mask,
+            cache=cache,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return Seq2SeqModelOutput(
+            last_hidden_state=decoder_outputs.last_hidden_state,
+            cache=decoder_outputs.cache,
+            decoder_hidden_states=decoder_outputs.hidden_states,
+            decoder_attentions=decoder_outputs.attentions,
+            cross_attentions=decoder_outputs.cross_attentions,
+            encoder_last_hidden_state=encoder_outputs.last_hidden_state,
+            encoder_hidden_states=encoder_outputs.hidden_states,
+            encoder_attentions=encoder_outputs.attentions,
+        )
+
+
+def require_encoder_only(model: nn.Module, config: SelfAttnConfig) -> None:
+    if config.encoder_layers == 0 or config.decoder_layers > 0:
+        raise ValueError(
+            f"{type(model).__name__} is an encoder head and needs encoder_layers > 0 and decoder_layers = 0 (got "
+            f"{config.encoder_layers} and {config.decoder_layers}); use SelfAttnForConditionalGeneration for an "
+            "encoder-decoder config and SelfAttnForCausalLM for a decoder-only one."
+        )
+
+
+class SelfAttnLMHead(nn.Module):
+    """BERT's MLM head: dense + activation + LayerNorm, then the decoder tied to the token embeddings."""
+
+    def __init__(self, config: SelfAttnConfig):
+        super().__init__()
+        embedding_size = config.embedding_size or config.hidden_size
+        self.dense = nn.Linear(config.hidden_size, embedding_size)
+        self.activation = ACT2FN[config.hidden_act]
+        self.layer_norm = nn.LayerNorm(embedding_size, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(embedding_size, config.vocab_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.layer_norm(self.activation(self.dense(hidden_states))))
+
+
+class SelfAttnForMaskedLM(SelfAttnPreTrainedModel):
+    _tied_weights_keys = {"lm_head.decoder.weight": "model.encoder.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: SelfAttnConfig):
+        super().__init__(config)
+        require_encoder_only(self, config)
+        self.model = SelfAttnModel(config, add_pooling_layer=False)
+        self.lm_head = SelfAttnLMHead(config)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head.decoder
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head.decoder = new_embeddings
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MaskedLMOutput:
+        r"""labels: token ids to predict, -100 where no prediction is scored."""
+        outputs = self.model(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, **kwargs)
+        logits = self.lm_head(outputs.last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+        return MaskedLMOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+class SelfAttnForSequenceClassification(SelfAttnPreTrainedModel):
+    """Classifier over the pooled first token; regression, single- or multi-label by `config.problem_type`."""
+
+    def __init__(self, config: SelfAttnConfig):
+        super().__init__(config)
+        require_encoder_only(self, config)
+        self.num_labels = config.num_labels
+        self.model = SelfAttnModel(config)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SequenceClassifierOutput:
+        r"""labels: class ids (batch,), floats for regression, or multi-hot floats (batch, num_labels)."""
+        outputs = self.model(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, **kwargs)
+        pooled = outputs.pooler_output if outputs.pooler_output is not None else outputs.last_hidden_state[:, 0]
+        logits = self.classifier(self.dropout(pooled))
+        loss = self.loss_function(labels, logits, self.config) if labels is not None else None
+        return SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+class SelfAttnForTokenClassification(SelfAttnPreTrainedModel):
+    def __init__(self, config: SelfAttnConfig):
+        super().__init__(config)
+        require_encoder_only(self, config)
+        self.num_labels = config.num_labels
+        self.model = SelfAttnModel(config, add_pooling_layer=False)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> TokenClassifierOutput:
+        r"""labels: a class id per token, -100 where no prediction is scored."""
+        outputs = self.model(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, **kwargs)
+        logits = self.classifier(self.dropout(outputs.last_hidden_state))
+        loss = self.loss_function(logits, labels, self.config) if labels is not None else None
+        return TokenClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+class SelfAttnForQuestionAnswering(SelfAttnPreTrainedModel):
+    """Extractive QA: start and end logits per token from `qa_outputs`."""
+
+    def __init__(self, config: SelfAttnConfig):
+        super().__init__(config)
+        require_encoder_only(self, config)
+        self.model = SelfAttnModel(config, add_pooling_layer=False)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        start_positions: torch.Tensor | None = None,
+        end_positions: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> QuestionAnsweringModelOutput:
+        r"""start_positions / end_positions: token index of the answer span's first and last token."""
+        outputs = self.model(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, **kwargs)
+        start_logits, end_logits = self.qa_outputs(outputs.last_hidden_state).split(1, dim=-1)
+        start_logits, end_logits = start_logits.squeeze(-1).contiguous(), end_logits.squeeze(-1).contiguous()
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            loss = self.loss_function(start_logits, end_logits, start_positions, end_positions, **kwargs)
+        return QuestionAnsweringModelOutput(
+            loss=loss,
+            start_logits=start_logits,
+            end_logits=end_logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+class SelfAttnForMultipleChoice(SelfAttnPreTrainedModel):
+    """Scores each (batch, choice) sequence with the pooled first token; softmax across choices."""
+
+    def __init__(self, config: SelfAttnConfig):
+        super().__init__(config)
+        require_encoder_only(self, config)
+        self.model = SelfAttnModel(config)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, 1)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MultipleChoiceModelOutput:
+        r"""Inputs have shape (batch, num_choices, length); labels: index of the right choice per example."""
+        reference = input_ids if input_ids is not None else inputs_embeds
+        num_choices = reference.shape[1]
+
+        def flatten(tensor):
+            return tensor.reshape(-1, *tensor.shape[2:]) if tensor is not None else None
+
+        outputs = self.model(
+            flatten(input_ids),
+            flatten(attention_mask),
+            flatten(token_type_ids),
+            flatten(position_ids),
+            flatten(inputs_embeds),
+            **kwargs,
+        )
+        pooled = outputs.pooler_output if outputs.pooler_output is not None else outputs.last_hidden_state[:, 0]
+        logits = self.classifier(self.dropout(pooled)).view(-1, num_choices)
+        loss = CrossEntropyLoss()(logits, labels.to(logits.device)) if labels is not None else None
+        return MultipleChoiceModelOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+def shift_tokens_right(labels: torch.Tensor, pad_token_id: int | None, decoder_start_token_id: int | None):
+    """Teacher forcing: the decoder sees <start> y1 ... y(n-1) and predicts y1 ... yn."""
+    if decoder_start_token_id is None:
+        raise ValueError("config.decoder_start_token_id must be set to train an encoder-decoder from labels.")
+    if pad_token_id is None:
+        raise ValueError("config.pad_token_id must be set to replace the -100 of labels in decoder inputs.")
+    shifted = labels.new_full(labels.shape, decoder_start_token_id)
+    shifted[:, 1:] = labels[:, :-1]
+    return shifted.masked_fill(shifted == -100, pad_token_id)
+
+
+class SelfAttnForConditionalGeneration(SelfAttnPreTrainedModel, GenerationMixin):
+    """The paper's encoder-decoder with an LM head over the shared token embeddings."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.encoder.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: SelfAttnConfig):
+        super().__init__(config)
+        if config.encoder_layers == 0 or config.decoder_layers == 0:
+            raise ValueError(
+                "SelfAttnForConditionalGeneration needs encoder_layers > 0 and decoder_layers > 0 (got "
+                f"{config.encoder_layers} and {config.decoder_layers})."
+            )
+        self.model = SelfAttnModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.register_buffer(
+            "final_logits_bias", torch.zeros(1, config.vocab_size) if config.add_final_logits_bias else None
+        )
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        resize_final_logits_bias(self, embeddings.num_embeddings)
+        return embeddings
+
+    def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor):
+        return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        decoder_position_ids: torch.Tensor | None = None,
+        encoder_outputs: tuple | BaseModelOutput | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        decoder_inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> Seq2SeqLMOutput:
+        r"""labels: target ids, -100 where no prediction is scored; shifted right to make the decoder inputs
+        when those are not given."""
+        if labels is not None:
+            use_cache = False
+            if decoder_input_ids is None and decoder_inputs_embeds is None:
+                decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+            decoder_position_ids=decoder_position_ids,
+            decoder_inputs_embeds=decoder_inputs_embeds,
+            encoder_outputs=encoder_outputs,
+            cache=cache,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        logits = self.lm_head(outputs.last_hidden_state)
+        if self.final_logits_bias is not None:
+            logits = logits + self.final_logits_bias
+        loss = None
+        if labels is not None:
+            # Labels are already aligned with the logits (the shift happened on the decoder inputs).
+            loss = self.loss_function(
+                logits, None, vocab_size=self.config.vocab_size, shift_labels=labels, **kwargs
+            )
+        return Seq2SeqLMOutput(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            decoder_hidden_states=outputs.decoder_hidden_states,
+            decoder_attentions=outputs.decoder_attentions,
+            cross_attentions=outputs.cross_attentions,
+            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+            encoder_hidden_states=outputs.encoder_hidden_states,
+            encoder_attentions=outputs.encoder_attentions,
+        )
+
+
+class SelfAttnForCausalLM(SelfAttnPreTrainedModel, GenerationMixin):
+    """Decoder-only language model (encoder_layers=0): causal self-attention layers and an LM head."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.decoder.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: SelfAttnConfig):
+        super().__init__(config)
+        if config.encoder_layers != 0 or config.decoder_layers == 0:
+            raise ValueError(
+                "SelfAttnForCausalLM is decoder-only: it needs encoder_layers=0 and decoder_layers > 0 (got "
+                f"{config.encoder_layers} and {config.decoder_layers})."
+            )
+        self.model = SelfAttnModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.register_buffer(
+            "final_logits_bias", torch.zeros(1, config.vocab_size) if config.add_final_logits_bias else None
+        )
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        resize_final_logits_bias(self, embeddings.num_embeddings)
+        return embeddings
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> CausalLMOutputWithCrossAttentions:
+        r"""labels: the input ids (shifted inside the loss), -100 where no prediction is scored."""
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError(
+                "SelfAttnForCausalLM needs input_ids or inputs_embeds; to generate from nothing, pass a prompt "
+                "such as [[config.bos_token_id]]."
+            )
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            cache=cache,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        if self.final_logits_bias is not None:
+            logits = logits + self.final_logits_bias
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithCrossAttentions(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+def resize_final_logits_bias(model: nn.Module, num_tokens: int) -> None:
+    bias = model.final_logits_bias
+    if bias is None:
+        return
+    if num_tokens <= bias.shape[-1]:
+        model.final_logits_bias = bias[:, :num_tokens].clone()
+    else:
+        model.final_logits_bias = torch.cat([bias, bias.new_zeros(1, num_tokens - bias.shape[-1])], dim=1)
+
+
+__all__ = [
+    "SelfAttnPreTrainedModel",
+    "SelfAttnEncoder",
+    "SelfAttnDecoder",
+    "SelfAttnModel",
+    "SelfAttnForMaskedLM",
+    "SelfAttnForSequenceClassification",
+    "SelfAttnForTokenClassification",
+    "SelfAttnForQuestionAnswering",
+    "SelfAttnForMultipleChoice",
+    "SelfAttnForConditionalGeneration",
+    "SelfAttnForCausalLM",
+]
