@@ -1,0 +1,153 @@
+import json
+import math
+
+import pytest
+import torch
+from transformers import BertTokenizerFast
+
+from modeling_selfattn import SelfAttnConfig, SelfAttnForConditionalGeneration, SelfAttnForSequenceClassification
+from modeling_selfattn import visualize as viz
+
+WORDS = "the a cat dog sat on mat movie was good bad not very and".split()
+
+
+@pytest.fixture
+def tokenizer():
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    return BertTokenizerFast(vocab={word: index for index, word in enumerate(vocab)})
+
+
+def tiny_config(tokenizer, **overrides):
+    settings = dict(
+        vocab_size=len(tokenizer), hidden_size=32, num_attention_heads=4, encoder_layers=2, intermediate_size=64,
+        max_position_embeddings=64, pad_token_id=0,
+    )
+    return SelfAttnConfig(**{**settings, **overrides})
+
+
+@pytest.fixture
+def classifier(tokenizer):
+    torch.manual_seed(0)
+    return SelfAttnForSequenceClassification(tiny_config(tokenizer)).eval()
+
+
+@pytest.fixture
+def translator(tokenizer):
+    torch.manual_seed(0)
+    config = tiny_config(
+        tokenizer, decoder_layers=2, bos_token_id=2, eos_token_id=3, decoder_start_token_id=2, type_vocab_size=0
+    )
+    return SelfAttnForConditionalGeneration(config).eval()
+
+
+def test_rows_are_probabilities_over_real_tokens(classifier, tokenizer):
+    record = viz.record_attention(classifier, tokenizer, "the cat sat on the mat")
+    layers, heads, queries, keys = record.attentions.shape
+    assert (layers, heads) == (2, 4) and queries == keys == len(record.tokens) == 8
+    torch.testing.assert_close(record.attentions.sum(-1), torch.ones(layers, heads, queries), atol=1e-5, rtol=0)
+    assert record.special_mask == [True] + [False] * 6 + [True]
+
+
+def test_rollout_of_identity_attention_is_identity():
+    identity = torch.eye(5).expand(3, 2, 5, 5)
+    torch.testing.assert_close(viz.attention_rollout(identity), torch.eye(5))
+
+
+def test_rollout_composes_layers_with_the_residual():
+    torch.manual_seed(0)
+    attentions = torch.softmax(torch.randn(2, 3, 4, 4), dim=-1)
+    expected = torch.eye(4)
+    for layer in attentions:
+        mixed = 0.5 * torch.eye(4) + 0.5 * layer.mean(0)
+        expected = (mixed / mixed.sum(-1, keepdim=True)) @ expected
+    rollout = viz.attention_rollout(attentions)
+    torch.testing.assert_close(rollout, expected)
+    torch.testing.assert_close(rollout.sum(-1), torch.ones(4))
+
+
+def test_rank_tokens_orders_by_relevance():
+    rollout = torch.tensor([[0.1, 0.6, 0.3], [0.3, 0.3, 0.4], [0.2, 0.2, 0.6]])
+    assert [token for token, _ in viz.rank_tokens(rollout, ["[CLS]", "good", "movie"])] == ["good", "movie", "[CLS]"]
+
+
+def test_alignment_recovers_a_hand_built_cross_attention():
+    permutation = torch.tensor([3, 0, 4, 1, 2])
+    torch.manual_seed(0)
+    cross = torch.rand(2, 4, 5, 5) * 0.1
+    cross[:, :, torch.arange(5), permutation] += 1.0
+    cross = cross / cross.sum(-1, keepdim=True)
+    assert torch.equal(viz.alignment(cross).argmax(-1), permutation)
+    assert torch.equal(viz.alignment(cross, layer=1).argmax(-1), permutation)
+
+
+def test_head_statistics_of_uniform_attention():
+    length = 6
+    record = viz.AttentionRecord(
+        tokens=[str(i) for i in range(length)],
+        attentions=torch.full((2, 3, length, length), 1.0 / length),
+        special_mask=[True] + [False] * (length - 2) + [True],
+    )
+    statistics = viz.head_statistics([record])
+    mean_distance = sum(abs(i - j) for i in range(length) for j in range(length)) / length**2
+    torch.testing.assert_close(statistics["entropy"], torch.full((2, 3), math.log(length)))
+    torch.testing.assert_close(statistics["distance"], torch.full((2, 3), mean_distance))
+    torch.testing.assert_close(statistics["special_share"], torch.full((2, 3), 2 / length))
+
+
+def png_size(path):
+    import matplotlib.image
+
+    height, width = matplotlib.image.imread(path).shape[:2]
+    return width, height
+
+
+def test_visualize_writes_plots_and_numbers(classifier, tokenizer, tmp_path):
+    written = viz.visualize(classifier, tokenizer, "the movie was not bad", tmp_path, layer=None)
+    assert set(written) == {"heads_layer0", "heads_layer1", "rollout", "numbers"}
+    assert png_size(written["heads_layer0"]) == (1280, 320)  # 4 heads in a row, 3.2 x 3.2 inches at 100 dpi
+    assert png_size(written["rollout"]) == (600, 600)
+    numbers = json.loads(written["numbers"].read_text())
+    assert numbers["tokens"][0] == "[CLS]" and len(numbers["attentions"]) == 2
+    assert len(numbers["relevance_to_first_token"]) == len(numbers["tokens"])
+
+
+def test_encoder_decoder_alignment(translator, tokenizer, tmp_path):
+    written = viz.visualize(translator, tokenizer, "the cat sat", tmp_path, target="a dog sat")
+    numbers = json.loads(written["numbers"].read_text())
+    alignment = torch.tensor(numbers["alignment"])
+    assert alignment.shape == (len(numbers["target_tokens"]), len(numbers["tokens"]))
+    torch.testing.assert_close(alignment.sum(-1), torch.ones(alignment.shape[0]), atol=1e-5, rtol=0)
+    assert png_size(written["alignment"]) == (600, 600)
+
+
+def test_statistics_plot_and_table(classifier, tokenizer, tmp_path):
+    statistics = viz.visualize_statistics(classifier, tokenizer, ["the cat sat", "a dog was very good", ""], tmp_path)
+    assert statistics["entropy"].shape == (2, 4)
+    assert (tmp_path / "head_statistics.png").exists() and (tmp_path / "head_statistics.json").exists()
+    assert len(viz.format_statistics(statistics).splitlines()) == 1 + 2 * 4
+
+
+@pytest.mark.parametrize(
+    "text,layer,message", [("   ", -1, "text is empty"), ("the cat", 2, "out of range"), ("the cat", -3, "out of range")]
+)
+def test_bad_input_is_named(classifier, tokenizer, tmp_path, text, layer, message):
+    with pytest.raises(ValueError, match=message):
+        viz.visualize(classifier, tokenizer, text, tmp_path, layer=layer)
+
+
+def test_missing_attentions_are_explained():
+    with pytest.raises(ValueError, match="eager"):
+        viz._stack((None, None))
+
+
+def test_command_line(classifier, tokenizer, tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    classifier.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("the cat sat\nthe movie was good\n")
+    out = tmp_path / "out"
+    assert viz.main([str(model_dir), "--text", "the dog sat", "--layer", "all", "--stats", str(texts), "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} >= {"heads_layer0.png", "heads_layer1.png", "rollout.png", "attention.json"}
+    assert "special_share" in capsys.readouterr().out
+    assert viz.main([str(model_dir), "--layer", "7", "--out", str(out)]) == 2
