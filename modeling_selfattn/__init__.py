@@ -11,6 +11,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
     AutoModelForMultipleChoice,
+    AutoModelForPreTraining,
     AutoModelForQuestionAnswering,
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
@@ -24,7 +25,9 @@ from .modeling_selfattn import (
     SelfAttnForConditionalGeneration,
     SelfAttnForMaskedLM,
     SelfAttnForMultipleChoice,
+    SelfAttnForPreTraining,
     SelfAttnForQuestionAnswering,
+    SelfAttnForReplacedTokenDetection,
     SelfAttnForSequenceClassification,
     SelfAttnForTokenClassification,
     SelfAttnModel,
@@ -43,6 +46,7 @@ HEADS = {
     AutoModelForMultipleChoice: (SelfAttnForMultipleChoice, "MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES"),
     AutoModelForSeq2SeqLM: (SelfAttnForConditionalGeneration, "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"),
     AutoModelForCausalLM: (SelfAttnForCausalLM, "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
+    AutoModelForPreTraining: (SelfAttnForPreTraining, "MODEL_FOR_PRETRAINING_MAPPING_NAMES"),
 }
 
 # Adapters go on the attention projections and the FFN, the usual choice for BERT- and BART-like models.
@@ -91,5 +95,7 @@ __all__ = [
     "SelfAttnForMultipleChoice",
     "SelfAttnForConditionalGeneration",
     "SelfAttnForCausalLM",
+    "SelfAttnForPreTraining",
+    "SelfAttnForReplacedTokenDetection",
     "register",
 ]

@@ -20,6 +20,7 @@ AUTO_MAP = {
     "AutoModelForMultipleChoice": "modeling_selfattn.SelfAttnForMultipleChoice",
     "AutoModelForSeq2SeqLM": "modeling_selfattn.SelfAttnForConditionalGeneration",
     "AutoModelForCausalLM": "modeling_selfattn.SelfAttnForCausalLM",
+    "AutoModelForPreTraining": "modeling_selfattn.SelfAttnForPreTraining",
 }
 
 
@@ -104,6 +105,17 @@ class SelfAttnConfig(PreTrainedConfig):
         self.is_encoder_decoder = self.encoder_layers > 0 and self.decoder_layers > 0
         self.check()
 
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """Also reads the config.json of a BERT-family checkpoint (bert, roberta, xlm-roberta, distilbert,
+        electra), translated to selfattn fields by `conversion.py`; any other foreign model_type is refused."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if config_dict.get("model_type", cls.model_type) != cls.model_type:
+            from .conversion import selfattn_config_dict
+
+            config_dict = selfattn_config_dict(config_dict)
+        return config_dict, kwargs
+
     @property
     def num_hidden_layers(self) -> int:
         """Depth of the main stack: the encoder's, or the decoder's in a decoder-only model."""
@@ -153,9 +165,11 @@ class SelfAttnConfig(PreTrainedConfig):
                 f"SelfAttnConfig.position_embedding_type={self.position_embedding_type!r} is not supported; use one "
                 f"of {POSITION_EMBEDDING_TYPES}."
             )
-        if self.position_embedding_type == "sinusoidal" and self.hidden_size % 2:
+        # The sinusoidal table is as wide as the token embeddings, which embedding_size may make narrower.
+        width_field = "embedding_size" if self.embedding_size is not None else "hidden_size"
+        if self.position_embedding_type == "sinusoidal" and getattr(self, width_field) % 2:
             raise ValueError(
-                f"SelfAttnConfig: sinusoidal positions need an even hidden_size, got {self.hidden_size}."
+                f"SelfAttnConfig: sinusoidal positions need an even {width_field}, got {getattr(self, width_field)}."
             )
         if self.padding_aware_positions and self.position_offset < 1:
             raise ValueError(

@@ -11,6 +11,7 @@ Only relative imports among the model files, so that `save_pretrained` can ship 
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -36,28 +37,29 @@ from transformers.modeling_outputs import (
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs
+from transformers.utils import ModelOutput, TransformersKwargs
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_selfattn import SelfAttnConfig
+from .hub_selfattn import SelfAttnHubMixin
 
 
-def check_input_ids(input_ids: torch.Tensor, vocab_size: int, name: str = "input_ids") -> None:
-    """An id outside the embedding table would index out of bounds (a crash deep in torch, or on GPU a
-    device-side assert); say which ids are wrong instead."""
-    if input_ids.numel() == 0:
+def check_ids(ids: torch.Tensor, table_size: int, name: str, fix: str) -> None:
+    """An id outside an embedding table would index out of bounds (a crash deep in torch, or on GPU a
+    device-side assert); say which ids are wrong instead. Skipped under torch.compile, where reading the ids
+    back would break the graph."""
+    if ids.numel() == 0 or torch.compiler.is_compiling():
         return
-    low, high = int(input_ids.min()), int(input_ids.max())
-    if low < 0 or high >= vocab_size:
-        raise ValueError(
-            f"{name} contains ids outside the vocabulary [0, {vocab_size - 1}] (min {low}, max {high}). Use the "
-            "tokenizer that belongs to this model, or resize the embeddings with "
-            "`model.resize_token_embeddings(len(tokenizer))`."
-        )
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= table_size:
+        raise ValueError(f"{name} contains ids outside [0, {table_size - 1}] (min {low}, max {high}). {fix}")
 
 
 def check_attention_mask(attention_mask: torch.Tensor | None, expected: tuple[int, int], name: str) -> None:
+    # A static cache's length is a tensor: comparing it under torch.compile would break the graph.
+    if torch.compiler.is_compiling():
+        return
     if attention_mask is not None and attention_mask.dim() == 2 and tuple(attention_mask.shape) != expected:
         raise ValueError(
             f"{name} has shape {tuple(attention_mask.shape)} but the inputs need (batch_size, key_length) = "
@@ -122,7 +124,9 @@ class SelfAttnEmbeddings(nn.Module):
         if self.padding_aware_positions and input_ids is not None:
             is_token = input_ids.ne(self.pad_token_id).long()
             return (torch.cumsum(is_token, dim=1) + past_length) * is_token + (self.position_offset - 1)
-        positions = torch.arange(past_length, past_length + seq_length, device=device) + self.position_offset
+        # arange(n) + past_length rather than arange(past_length, ...): a static cache's length is a tensor and
+        # must stay one for torch.compile.
+        positions = torch.arange(seq_length, device=device) + (past_length + self.position_offset)
         return positions.unsqueeze(0).expand(batch_size, -1)
 
     def forward(
@@ -134,11 +138,17 @@ class SelfAttnEmbeddings(nn.Module):
         past_length: int = 0,
     ) -> torch.Tensor:
         if inputs_embeds is None:
-            check_input_ids(input_ids, self.word_embeddings.num_embeddings)
+            check_ids(
+                input_ids,
+                self.word_embeddings.num_embeddings,
+                "input_ids",
+                "Use the tokenizer that belongs to this model, or resize the embeddings with "
+                "`model.resize_token_embeddings(len(tokenizer))`.",
+            )
             inputs_embeds = self.word_embeddings(input_ids)
         batch_size, seq_length = inputs_embeds.shape[:2]
         if position_ids is None:
-            if past_length + seq_length > self.max_positions:
+            if not torch.compiler.is_compiling() and past_length + seq_length > self.max_positions:
                 raise ValueError(
                     f"The sequence is {past_length + seq_length} tokens long (cached {past_length} + new "
                     f"{seq_length}) but this model has positions for {self.max_positions}. Truncate the input "
@@ -152,11 +162,21 @@ class SelfAttnEmbeddings(nn.Module):
             positions = self.position_embeddings(position_rows)
         else:
             positions = self.sinusoidal_table[position_rows]
-        embeddings = inputs_embeds + positions.to(inputs_embeds.dtype)
+        # Token types are added before positions, as BERT-family models do: float addition is not associative,
+        # and the other order drifts from converted checkpoints by about 1e-5 after a few layers.
+        embeddings = inputs_embeds
         if self.token_type_embeddings is not None:
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(position_rows)
+            else:
+                check_ids(
+                    token_type_ids,
+                    self.token_type_embeddings.num_embeddings,
+                    "token_type_ids",
+                    "This model has config.type_vocab_size segments; pass segment ids below it (or none).",
+                )
             embeddings = embeddings + self.token_type_embeddings(token_type_ids)
+        embeddings = embeddings + positions.to(inputs_embeds.dtype)
         if self.layer_norm is not None:
             embeddings = self.layer_norm(embeddings)
         embeddings = self.dropout(embeddings)
@@ -337,7 +357,7 @@ class SelfAttnDecoderLayer(SelfAttnEncoderLayer):
         return self.residual(hidden_states, self.ffn_layer_norm, self.ffn)
 
 
-class SelfAttnPreTrainedModel(PreTrainedModel):
+class SelfAttnPreTrainedModel(SelfAttnHubMixin, PreTrainedModel):
     config: SelfAttnConfig
     config_class = SelfAttnConfig
     base_model_prefix = "model"
@@ -348,6 +368,19 @@ class SelfAttnPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Also loads a BERT-family checkpoint (config.json model_type bert, roberta, xlm-roberta, distilbert or
+        electra) without a conversion step: its config and tensor names are translated on the fly by
+        `conversion.py`, then loading proceeds as usual (a head the checkpoint lacks is initialised and reported)."""
+        if pretrained_model_name_or_path is not None and kwargs.get("state_dict") is None:
+            from .conversion import foreign_checkpoint_kwargs
+
+            translated = foreign_checkpoint_kwargs(cls, pretrained_model_name_or_path, kwargs)
+            if translated is not None:
+                return super().from_pretrained(None, *model_args, **translated)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -502,6 +535,12 @@ class SelfAttnDecoder(SelfAttnPreTrainedModel):
 
 def check_cache_shape(cache: Cache, config: SelfAttnConfig) -> None:
     """A cache built for another model shape fails later with an opaque size mismatch; name it here."""
+    if config.encoder_layers > 0 and not isinstance(cache, EncoderDecoderCache):
+        raise ValueError(
+            f"An encoder-decoder model needs an EncoderDecoderCache (self- and cross-attention), got "
+            f"{type(cache).__name__}. Pass EncoderDecoderCache(DynamicCache(), DynamicCache()), or cache=None with "
+            "use_cache=True to let the model create one."
+        )
     self_attention_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
     for layer in self_attention_cache.layers:
         keys = getattr(layer, "keys", None)
@@ -594,6 +633,9 @@ class SelfAttnModel(SelfAttnPreTrainedModel):
                 inputs_embeds=inputs_embeds,
                 cache=cache,
                 use_cache=use_cache,
+                # Inner calls always return outputs objects (their fields are read here); this forward makes the
+                # tuple when config.return_dict or the caller asks for one.
+                return_dict=True,
                 **kwargs,
             )
 
@@ -604,6 +646,7 @@ class SelfAttnModel(SelfAttnPreTrainedModel):
                 token_type_ids=token_type_ids,
                 position_ids=position_ids,
                 inputs_embeds=inputs_embeds,
+                return_dict=True,
                 **kwargs,
             )
         elif not isinstance(encoder_outputs, BaseModelOutput):
@@ -633,6 +676,7 @@ class SelfAttnModel(SelfAttnPreTrainedModel):
             encoder_attention_mask=attention_mask,
             cache=cache,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
         return Seq2SeqModelOutput(
@@ -699,7 +743,9 @@ class SelfAttnForMaskedLM(SelfAttnPreTrainedModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> MaskedLMOutput:
         r"""labels: token ids to predict, -100 where no prediction is scored."""
-        outputs = self.model(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, **kwargs)
+        outputs = self.model(
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, return_dict=True, **kwargs
+        )
         logits = self.lm_head(outputs.last_hidden_state)
         loss = None
         if labels is not None:
@@ -734,7 +780,9 @@ class SelfAttnForSequenceClassification(SelfAttnPreTrainedModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> SequenceClassifierOutput:
         r"""labels: class ids (batch,), floats for regression, or multi-hot floats (batch, num_labels)."""
-        outputs = self.model(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, **kwargs)
+        outputs = self.model(
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, return_dict=True, **kwargs
+        )
         pooled = outputs.pooler_output if outputs.pooler_output is not None else outputs.last_hidden_state[:, 0]
         logits = self.classifier(self.dropout(pooled))
         loss = self.loss_function(labels, logits, self.config) if labels is not None else None
@@ -766,7 +814,9 @@ class SelfAttnForTokenClassification(SelfAttnPreTrainedModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> TokenClassifierOutput:
         r"""labels: a class id per token, -100 where no prediction is scored."""
-        outputs = self.model(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, **kwargs)
+        outputs = self.model(
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, return_dict=True, **kwargs
+        )
         logits = self.classifier(self.dropout(outputs.last_hidden_state))
         loss = self.loss_function(logits, labels, self.config) if labels is not None else None
         return TokenClassifierOutput(
@@ -797,7 +847,9 @@ class SelfAttnForQuestionAnswering(SelfAttnPreTrainedModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> QuestionAnsweringModelOutput:
         r"""start_positions / end_positions: token index of the answer span's first and last token."""
-        outputs = self.model(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, **kwargs)
+        outputs = self.model(
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, return_dict=True, **kwargs
+        )
         start_logits, end_logits = self.qa_outputs(outputs.last_hidden_state).split(1, dim=-1)
         start_logits, end_logits = start_logits.squeeze(-1).contiguous(), end_logits.squeeze(-1).contiguous()
         loss = None
@@ -837,6 +889,15 @@ class SelfAttnForMultipleChoice(SelfAttnPreTrainedModel):
     ) -> MultipleChoiceModelOutput:
         r"""Inputs have shape (batch, num_choices, length); labels: index of the right choice per example."""
         reference = input_ids if input_ids is not None else inputs_embeds
+        # Without the choice dimension the flattening below would silently merge tokens into "choices".
+        expected_dims = 3 if input_ids is not None else 4
+        if reference is None or reference.dim() != expected_dims:
+            got = "neither" if reference is None else f"shape {tuple(reference.shape)}"
+            raise ValueError(
+                "SelfAttnForMultipleChoice needs input_ids of shape (batch, num_choices, length) or inputs_embeds of "
+                f"shape (batch, num_choices, length, hidden_size), got {got}. Tokenize each (context, choice) pair "
+                "and stack the choices of one example along dimension 1."
+            )
         num_choices = reference.shape[1]
 
         def flatten(tensor):
@@ -848,6 +909,7 @@ class SelfAttnForMultipleChoice(SelfAttnPreTrainedModel):
             flatten(token_type_ids),
             flatten(position_ids),
             flatten(inputs_embeds),
+            return_dict=True,
             **kwargs,
         )
         pooled = outputs.pooler_output if outputs.pooler_output is not None else outputs.last_hidden_state[:, 0]
@@ -887,6 +949,16 @@ class SelfAttnForConditionalGeneration(SelfAttnPreTrainedModel, GenerationMixin)
             "final_logits_bias", torch.zeros(1, config.vocab_size) if config.add_final_logits_bias else None
         )
         self.post_init()
+
+    @classmethod
+    def from_encoder_decoder_pretrained(cls, encoder_source, decoder_source=None, **kwargs):
+        """Warm-start from encoder checkpoints (BERT-family or selfattn; BERT2BERT): the encoder from
+        `encoder_source`, the decoder's self-attention, FFN and embeddings from `decoder_source` (default: the same
+        checkpoint), the cross-attention newly initialised. Set `decoder_start_token_id` (e.g. the [CLS] id) to
+        train from labels."""
+        from .conversion import warm_start_kwargs
+
+        return cls.from_pretrained(None, **warm_start_kwargs(encoder_source, decoder_source, **kwargs))
 
     def get_output_embeddings(self):
         return self.lm_head
@@ -935,6 +1007,7 @@ class SelfAttnForConditionalGeneration(SelfAttnPreTrainedModel, GenerationMixin)
             encoder_outputs=encoder_outputs,
             cache=cache,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
         logits = self.lm_head(outputs.last_hidden_state)
@@ -1015,6 +1088,7 @@ class SelfAttnForCausalLM(SelfAttnPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             cache=cache,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -1044,6 +1118,144 @@ def resize_final_logits_bias(model: nn.Module, num_tokens: int) -> None:
         model.final_logits_bias = torch.cat([bias, bias.new_zeros(1, num_tokens - bias.shape[-1])], dim=1)
 
 
+
+@dataclass
+class SelfAttnForPreTrainingOutput(ModelOutput):
+    r"""
+    loss: masked-LM loss plus next-sentence loss, when `labels` and `next_sentence_label` are given.
+    prediction_logits: masked-LM scores over the vocabulary, (batch_size, sequence_length, vocab_size).
+    seq_relationship_logits: is-next / is-random scores of the sentence pair, (batch_size, 2).
+    """
+
+    loss: torch.Tensor | None = None
+    prediction_logits: torch.Tensor | None = None
+    seq_relationship_logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+class SelfAttnForPreTraining(SelfAttnPreTrainedModel):
+    """BERT's pre-training heads: masked-LM over every token and next-sentence prediction over the pooled
+    first token."""
+
+    _tied_weights_keys = {"lm_head.decoder.weight": "model.encoder.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: SelfAttnConfig):
+        super().__init__(config)
+        require_encoder_only(self, config)
+        self.model = SelfAttnModel(config, add_pooling_layer=True)
+        self.lm_head = SelfAttnLMHead(config)
+        self.next_sentence = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head.decoder
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head.decoder = new_embeddings
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        next_sentence_label: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SelfAttnForPreTrainingOutput:
+        r"""labels: token ids to predict, -100 where no prediction is scored. next_sentence_label: 0 if the second
+        segment continues the first, 1 if it is random. The loss needs both."""
+        outputs = self.model(
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, return_dict=True, **kwargs
+        )
+        prediction_logits = self.lm_head(outputs.last_hidden_state)
+        seq_relationship_logits = self.next_sentence(outputs.pooler_output)
+        loss = None
+        if labels is not None and next_sentence_label is not None:
+            cross_entropy = CrossEntropyLoss()
+            masked_lm_loss = cross_entropy(
+                prediction_logits.view(-1, self.config.vocab_size), labels.to(prediction_logits.device).view(-1)
+            )
+            next_sentence_loss = cross_entropy(
+                seq_relationship_logits.view(-1, 2), next_sentence_label.to(prediction_logits.device).view(-1)
+            )
+            loss = masked_lm_loss + next_sentence_loss
+        return SelfAttnForPreTrainingOutput(
+            loss=loss,
+            prediction_logits=prediction_logits,
+            seq_relationship_logits=seq_relationship_logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+@dataclass
+class SelfAttnForReplacedTokenDetectionOutput(ModelOutput):
+    r"""
+    loss: binary cross-entropy of the replaced-token scores over the attended tokens, when `labels` are given.
+    logits: one score per token, (batch_size, sequence_length); positive means "replaced".
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+class SelfAttnReplacedTokenHead(nn.Module):
+    """dense + activation + a one-unit projection: ELECTRA's discriminator head."""
+
+    def __init__(self, config: SelfAttnConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = ACT2FN[config.hidden_act]
+        self.out_proj = nn.Linear(config.hidden_size, 1)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(self.activation(self.dense(hidden_states))).squeeze(-1)
+
+
+class SelfAttnForReplacedTokenDetection(SelfAttnPreTrainedModel):
+    """ELECTRA's discriminator: scores every token as original or replaced (by a small generator MLM)."""
+
+    def __init__(self, config: SelfAttnConfig):
+        super().__init__(config)
+        require_encoder_only(self, config)
+        self.model = SelfAttnModel(config, add_pooling_layer=False)
+        self.discriminator = SelfAttnReplacedTokenHead(config)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SelfAttnForReplacedTokenDetectionOutput:
+        r"""labels: 1 where the token was replaced, 0 where it is original; padding (attention_mask 0) is not
+        scored."""
+        outputs = self.model(
+            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, return_dict=True, **kwargs
+        )
+        logits = self.discriminator(outputs.last_hidden_state)
+        loss = None
+        if labels is not None:
+            labels = labels.to(logits.device).float()
+            scored = torch.ones_like(labels, dtype=torch.bool)
+            if attention_mask is not None:
+                scored = attention_mask.to(logits.device) == 1
+            loss = nn.functional.binary_cross_entropy_with_logits(logits[scored], labels[scored])
+        return SelfAttnForReplacedTokenDetectionOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
 __all__ = [
     "SelfAttnPreTrainedModel",
     "SelfAttnEncoder",
@@ -1056,4 +1268,6 @@ __all__ = [
     "SelfAttnForMultipleChoice",
     "SelfAttnForConditionalGeneration",
     "SelfAttnForCausalLM",
+    "SelfAttnForPreTraining",
+    "SelfAttnForReplacedTokenDetection",
 ]

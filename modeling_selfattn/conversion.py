@@ -1,0 +1,1068 @@
+"""Convert BERT-family checkpoints of transformers (BERT, RoBERTa, XLM-RoBERTa, DistilBERT, ELECTRA, and
+BERT-layout models such as MiniLM) to selfattn, and back.
+
+A family is data, not code: a `Family` lists how tensor names map (`Rename` templates where `{layer}` is a
+layer index and `*` one name part such as `weight` or `bias`, plus `Drop` entries that say why a tensor has no
+place in selfattn), how config fields map (renamed fields, fields this layout always has, source fields
+required to hold a value), and which selfattn head each of its architectures becomes. One engine applies a
+family in both directions and returns a `ConversionReport` (tensors mapped, dropped with the reason, unused
+source tensors, missing target tensors, shape mismatches); a tensor is never dropped without a reason, and
+`ConversionReport.check()` raises on anything unexplained. To add a family, write its tables and add it to
+`FAMILIES`.
+
+Only the standard library, torch, safetensors and transformers, and relative imports: a saved model ships this
+file beside `modeling_selfattn.py`.
+"""
+
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .configuration_selfattn import SelfAttnConfig
+
+logger = logging.getLogger(__name__)
+
+
+class ConversionError(ValueError):
+    """A checkpoint or config that cannot be mapped; the message lists every problem found."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tables
+
+
+@dataclass(frozen=True)
+class Rename:
+    """Tensor name template in the source layout -> the selfattn name (`model.` prefix as in the head classes)."""
+
+    source: str
+    target: str
+
+
+@dataclass(frozen=True)
+class Drop:
+    """Source tensors with no selfattn counterpart, and why that loses nothing."""
+
+    source: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class SourceField:
+    """A selfattn config value copied from this field of the source config."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Head:
+    """What one source architecture becomes: the selfattn class, the config fields that class needs (values or
+    `SourceField`s), and source config fields the architecture requires to hold a value."""
+
+    target: str
+    config: dict = field(default_factory=dict)
+    requirements: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_type: str  # config.json "model_type"
+    class_prefix: str  # transformers' classes are class_prefix + suffix, e.g. "Bert" + "ForMaskedLM"
+    base_prefix: str  # where head models keep the backbone ("bert." in "bert.encoder...")
+    backbone: tuple  # Rename/Drop, names relative to the backbone
+    head_tensors: tuple  # Rename/Drop, names at the top of a head model
+    heads: dict  # class-name suffix ("Model", "ForMaskedLM", ...) -> Head
+    config_renames: tuple  # (source field, selfattn field)
+    config_fixed: dict  # selfattn fields this layout always has (checked when exporting)
+    config_requirements: dict  # source fields that must hold a value when present (e.g. is_decoder False)
+    config_to_selfattn: Callable[[dict], dict] | None = None  # fields derived from several source fields
+    config_from_selfattn: Callable[[dict], dict] | None = None  # and back
+    # transformers applies this activation in the MLM head whatever hidden_act is; selfattn uses hidden_act.
+    lm_head_activation: str | None = None
+
+    def architecture(self, suffix: str) -> str:
+        return self.class_prefix + suffix
+
+
+def same(*names: str) -> tuple:
+    return tuple((name, name) for name in names)
+
+
+def modules(prefix_source: str, prefix_target: str, pairs: Iterable[tuple[str, str]]) -> tuple:
+    """Rename every tensor (`*`) of each module pair under the two prefixes."""
+    return tuple(Rename(f"{prefix_source}{source}.*", f"{prefix_target}{target}.*") for source, target in pairs)
+
+
+LAYER = "model.encoder.layers.{layer}."
+EMBEDDINGS = "model.encoder.embeddings."
+POSITION_BUFFERS = (
+    Drop("embeddings.position_ids", "a buffer holding 0, 1, 2, ...; selfattn computes positions"),
+    Drop("embeddings.token_type_ids", "a buffer of zeros, the default token types; selfattn makes them"),
+)
+
+BERT_EMBEDDINGS = modules(
+    "embeddings.",
+    EMBEDDINGS,
+    same("word_embeddings", "position_embeddings", "token_type_embeddings") + (("LayerNorm", "layer_norm"),),
+)
+BERT_LAYERS = modules(
+    "encoder.layer.{layer}.",
+    LAYER,
+    (
+        ("attention.self.query", "self_attn.q_proj"),
+        ("attention.self.key", "self_attn.k_proj"),
+        ("attention.self.value", "self_attn.v_proj"),
+        ("attention.output.dense", "self_attn.o_proj"),
+        ("attention.output.LayerNorm", "self_attn_layer_norm"),
+        ("intermediate.dense", "ffn.fc1"),
+        ("output.dense", "ffn.fc2"),
+        ("output.LayerNorm", "ffn_layer_norm"),
+    ),
+)
+POOLER = (Rename("pooler.dense.*", "model.pooler.dense.*"),)
+
+
+def lm_head(transform: str, layer_norm: str, decoder: str, biases: tuple[str, ...]) -> tuple:
+    """An MLM head: transform dense + LayerNorm + decoder; `biases` name the decoder bias, first the one
+    transformers saves, then aliases older checkpoints hold (all equal)."""
+    return (
+        Rename(f"{transform}.*", "lm_head.dense.*"),
+        Rename(f"{layer_norm}.*", "lm_head.layer_norm.*"),
+        Rename(f"{decoder}.weight", "lm_head.decoder.weight"),
+    ) + tuple(Rename(bias, "lm_head.decoder.bias") for bias in biases)
+
+
+def classifier_head(dense: str, out_proj: str) -> tuple:
+    """dense + activation + out_proj on the first token: selfattn's pooler + classifier."""
+    return (Rename(f"{dense}.*", "model.pooler.dense.*"), Rename(f"{out_proj}.*", "classifier.*"))
+
+
+TASK_TENSORS = (Rename("classifier.*", "classifier.*"), Rename("qa_outputs.*", "qa_outputs.*"))
+
+POOLED = {"add_pooling_layer": True, "pooler_activation": "tanh"}
+RELU_POOLED = {"add_pooling_layer": True, "pooler_activation": "relu"}
+GELU_POOLED = {"add_pooling_layer": True, "pooler_activation": "gelu"}
+NOT_POOLED = {"add_pooling_layer": False}
+
+ENCODER_ONLY = {
+    "decoder_layers": 0,
+    "position_embedding_type": "learned",
+    "position_offset": 0,
+    "padding_aware_positions": False,
+    "embedding_size": None,
+    "embedding_layer_norm": True,
+    "scale_embedding": False,
+    "pre_layer_norm": False,
+    "add_final_logits_bias": False,
+    "activation_dropout": 0.0,
+}
+BERT_CONFIG_RENAMES = same(
+    "vocab_size",
+    "hidden_size",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "hidden_dropout_prob",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "layer_norm_eps",
+    "initializer_range",
+    "classifier_dropout",
+) + (("num_hidden_layers", "encoder_layers"), ("attention_probs_dropout_prob", "attention_dropout"))
+ENCODER_REQUIREMENTS = {"is_decoder": False, "add_cross_attention": False, "position_embedding_type": "absolute"}
+# PreTrainedConfig fields with the same meaning in every family.
+SHARED_CONFIG_FIELDS = (
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "tie_word_embeddings",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "dtype",
+)
+
+BERT = Family(
+    name="bert",
+    model_type="bert",
+    class_prefix="Bert",
+    base_prefix="bert",
+    backbone=BERT_EMBEDDINGS + BERT_LAYERS + POOLER + POSITION_BUFFERS,
+    head_tensors=lm_head(
+        "cls.predictions.transform.dense",
+        "cls.predictions.transform.LayerNorm",
+        "cls.predictions.decoder",
+        ("cls.predictions.bias", "cls.predictions.decoder.bias"),
+    )
+    + (Rename("cls.seq_relationship.*", "next_sentence.*"),)
+    + TASK_TENSORS,
+    heads={
+        "Model": Head("SelfAttnModel", POOLED),
+        "ForPreTraining": Head("SelfAttnForPreTraining", POOLED),
+        "ForMaskedLM": Head("SelfAttnForMaskedLM"),
+        "ForSequenceClassification": Head("SelfAttnForSequenceClassification", POOLED),
+        "ForTokenClassification": Head("SelfAttnForTokenClassification"),
+        "ForQuestionAnswering": Head("SelfAttnForQuestionAnswering"),
+        "ForMultipleChoice": Head("SelfAttnForMultipleChoice", POOLED),
+    },
+    config_renames=BERT_CONFIG_RENAMES,
+    config_fixed=ENCODER_ONLY,
+    config_requirements=ENCODER_REQUIREMENTS,
+)
+
+
+def roberta_positions(source: dict) -> dict:
+    # RoBERTa numbers positions from pad_token_id + 1 and gives padding row pad_token_id; its table counts those
+    # reserved rows in max_position_embeddings, selfattn's does not.
+    if source.get("pad_token_id") is None:
+        raise ConversionError("RoBERTa positions start after the padding row, so config.pad_token_id must be set.")
+    offset = source["pad_token_id"] + 1
+    return {"position_offset": offset, "max_position_embeddings": source["max_position_embeddings"] - offset}
+
+
+def roberta_positions_back(config: dict) -> dict:
+    if config["position_offset"] != config["pad_token_id"] + 1:
+        raise ConversionError(
+            f"RoBERTa reserves pad_token_id + 1 = {config['pad_token_id'] + 1} position rows, but this config has "
+            f"position_offset={config['position_offset']}; it has no RoBERTa equivalent."
+        )
+    return {"max_position_embeddings": config["max_position_embeddings"] + config["position_offset"]}
+
+
+ROBERTA = replace(
+    BERT,
+    name="roberta",
+    model_type="roberta",
+    class_prefix="Roberta",
+    base_prefix="roberta",
+    head_tensors=lm_head(
+        "lm_head.dense", "lm_head.layer_norm", "lm_head.decoder", ("lm_head.bias", "lm_head.decoder.bias")
+    )
+    + classifier_head("classifier.dense", "classifier.out_proj")
+    + TASK_TENSORS,
+    heads={
+        "Model": Head("SelfAttnModel", POOLED),
+        "ForMaskedLM": Head("SelfAttnForMaskedLM"),
+        "ForSequenceClassification": Head("SelfAttnForSequenceClassification", POOLED),
+        "ForTokenClassification": Head("SelfAttnForTokenClassification"),
+        "ForQuestionAnswering": Head("SelfAttnForQuestionAnswering"),
+        "ForMultipleChoice": Head("SelfAttnForMultipleChoice", POOLED),
+    },
+    # position_offset and max_position_embeddings come from roberta_positions.
+    config_fixed={**{k: v for k, v in ENCODER_ONLY.items() if k != "position_offset"}, "padding_aware_positions": True},
+    config_to_selfattn=roberta_positions,
+    config_from_selfattn=roberta_positions_back,
+    lm_head_activation="gelu",
+)
+
+XLM_ROBERTA = replace(ROBERTA, name="xlm-roberta", model_type="xlm-roberta", class_prefix="XLMRoberta")
+
+DISTILBERT = Family(
+    name="distilbert",
+    model_type="distilbert",
+    class_prefix="DistilBert",
+    base_prefix="distilbert",
+    backbone=modules(
+        "embeddings.", EMBEDDINGS, same("word_embeddings", "position_embeddings") + (("LayerNorm", "layer_norm"),)
+    )
+    + modules(
+        "transformer.layer.{layer}.",
+        LAYER,
+        (
+            ("attention.q_lin", "self_attn.q_proj"),
+            ("attention.k_lin", "self_attn.k_proj"),
+            ("attention.v_lin", "self_attn.v_proj"),
+            ("attention.out_lin", "self_attn.o_proj"),
+            ("sa_layer_norm", "self_attn_layer_norm"),
+            ("ffn.lin1", "ffn.fc1"),
+            ("ffn.lin2", "ffn.fc2"),
+            ("output_layer_norm", "ffn_layer_norm"),
+        ),
+    )
+    + POSITION_BUFFERS,
+    head_tensors=lm_head("vocab_transform", "vocab_layer_norm", "vocab_projector", ("vocab_projector.bias",))
+    + (Rename("pre_classifier.*", "model.pooler.dense.*"),)
+    + TASK_TENSORS,
+    heads={
+        "Model": Head("SelfAttnModel", NOT_POOLED),
+        "ForMaskedLM": Head("SelfAttnForMaskedLM"),
+        # pre_classifier + ReLU is a pooler with a ReLU.
+        "ForSequenceClassification": Head("SelfAttnForSequenceClassification", RELU_POOLED),
+        "ForTokenClassification": Head("SelfAttnForTokenClassification"),
+        "ForQuestionAnswering": Head("SelfAttnForQuestionAnswering"),
+        "ForMultipleChoice": Head("SelfAttnForMultipleChoice", RELU_POOLED),
+    },
+    config_renames=same("vocab_size", "max_position_embeddings", "initializer_range", "attention_dropout")
+    + (
+        ("dim", "hidden_size"),
+        ("n_heads", "num_attention_heads"),
+        ("n_layers", "encoder_layers"),
+        ("hidden_dim", "intermediate_size"),
+        ("activation", "hidden_act"),
+        ("dropout", "hidden_dropout_prob"),
+        ("seq_classif_dropout", "classifier_dropout"),
+    ),
+    # DistilBERT has no token types and fixes every LayerNorm epsilon.
+    config_fixed={**ENCODER_ONLY, "type_vocab_size": 0, "layer_norm_eps": 1e-12},
+    config_requirements={},
+)
+
+
+def electra_embedding_size(source: dict) -> dict:
+    size = source["embedding_size"]
+    return {"embedding_size": None if size == source["hidden_size"] else size}
+
+
+def electra_embedding_size_back(config: dict) -> dict:
+    return {"embedding_size": config["embedding_size"] or config["hidden_size"]}
+
+
+ELECTRA = replace(
+    BERT,
+    name="electra",
+    model_type="electra",
+    class_prefix="Electra",
+    base_prefix="electra",
+    backbone=BERT_EMBEDDINGS
+    + BERT_LAYERS
+    + (Rename("embeddings_project.*", EMBEDDINGS + "projection.*"),)
+    + POSITION_BUFFERS,
+    head_tensors=lm_head(
+        "generator_predictions.dense",
+        "generator_predictions.LayerNorm",
+        "generator_lm_head",
+        ("generator_lm_head.bias",),
+    )
+    + (
+        Rename("discriminator_predictions.dense.*", "discriminator.dense.*"),
+        Rename("discriminator_predictions.dense_prediction.*", "discriminator.out_proj.*"),
+        Rename("sequence_summary.summary.*", "model.pooler.dense.*"),
+    )
+    + classifier_head("classifier.dense", "classifier.out_proj")
+    + TASK_TENSORS,
+    heads={
+        "Model": Head("SelfAttnModel", NOT_POOLED),
+        "ForPreTraining": Head("SelfAttnForReplacedTokenDetection"),
+        "ForMaskedLM": Head("SelfAttnForMaskedLM"),
+        # ELECTRA's classification head uses gelu where BERT's pooler uses tanh.
+        "ForSequenceClassification": Head("SelfAttnForSequenceClassification", GELU_POOLED),
+        "ForTokenClassification": Head("SelfAttnForTokenClassification"),
+        "ForQuestionAnswering": Head("SelfAttnForQuestionAnswering"),
+        "ForMultipleChoice": Head(
+            "SelfAttnForMultipleChoice",
+            {"add_pooling_layer": True, "pooler_activation": SourceField("summary_activation")},
+            {"summary_type": "first", "summary_use_proj": True},
+        ),
+    },
+    config_fixed={key: value for key, value in ENCODER_ONLY.items() if key != "embedding_size"},
+    config_to_selfattn=electra_embedding_size,
+    config_from_selfattn=electra_embedding_size_back,
+    lm_head_activation="gelu",
+)
+
+FAMILIES = {family.model_type: family for family in (BERT, ROBERTA, XLM_ROBERTA, DISTILBERT, ELECTRA)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Looking things up
+
+
+def family_for(model_type: str | None) -> Family:
+    if model_type not in FAMILIES:
+        raise ConversionError(
+            f"Cannot convert model_type={model_type!r}: supported are {sorted(FAMILIES)} (and BERT-layout models "
+            "such as MiniLM, whose model_type is bert)."
+        )
+    return FAMILIES[model_type]
+
+
+def supported_architectures(family: Family) -> list[str]:
+    return [family.architecture(suffix) for suffix in family.heads]
+
+
+def head_for(family: Family, architecture: str) -> Head:
+    suffix = architecture.removeprefix(family.class_prefix)
+    if not architecture.startswith(family.class_prefix) or suffix not in family.heads:
+        raise ConversionError(
+            f"Unknown {family.name} architecture {architecture!r}; supported are {supported_architectures(family)}."
+        )
+    return family.heads[suffix]
+
+
+def architecture_for(family: Family, target_class: str) -> str:
+    """The source architecture whose selfattn head is `target_class` (for export and loading on the fly)."""
+    for suffix, head in family.heads.items():
+        if head.target == target_class:
+            return family.architecture(suffix)
+    supported = sorted({head.target for head in family.heads.values()})
+    raise ConversionError(f"{target_class} has no {family.name} counterpart; {family.name} has {supported}.")
+
+
+def target_class(name: str) -> type:
+    from . import modeling_selfattn
+
+    return getattr(modeling_selfattn, name)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config
+
+
+def full_source_config(config_dict: dict) -> dict:
+    """The source config with the family's defaults filled in, as transformers would read it."""
+    from transformers import AutoConfig
+
+    fields = {key: value for key, value in config_dict.items() if key != "model_type"}
+    return AutoConfig.for_model(config_dict["model_type"], **fields).to_dict()
+
+
+def check_requirements(source: dict, requirements: dict, what: str) -> None:
+    wrong = [
+        f"{name}={source[name]!r} (selfattn needs {value!r})"
+        for name, value in requirements.items()
+        if name in source and source[name] != value
+    ]
+    if wrong:
+        raise ConversionError(f"{what} cannot be converted: " + "; ".join(wrong) + ".")
+
+
+def selfattn_config_kwargs(config_dict: dict, architecture: str) -> tuple[dict, list[str]]:
+    """SelfAttnConfig fields for a source config and the head of `architecture`, and the source fields not
+    carried over (they only matter to code paths selfattn does not have)."""
+    family = family_for(config_dict.get("model_type"))
+    source = full_source_config(config_dict)
+    head = head_for(family, architecture)
+    check_requirements(source, {**family.config_requirements, **head.requirements}, f"This {family.name} config")
+
+    kwargs = {name: source[name] for name in SHARED_CONFIG_FIELDS if name in source}
+    kwargs.update({target_name: source[source_name] for source_name, target_name in family.config_renames})
+    fixed = {**family.config_fixed, **head.config}
+    kwargs.update(
+        {name: source[value.name] if isinstance(value, SourceField) else value for name, value in fixed.items()}
+    )
+    if family.config_to_selfattn is not None:
+        kwargs.update(family.config_to_selfattn(source))
+    if family.lm_head_activation and head.target in ("SelfAttnForMaskedLM", "SelfAttnForPreTraining"):
+        if kwargs["hidden_act"] != family.lm_head_activation:
+            raise ConversionError(
+                f"The {family.name} MLM head applies {family.lm_head_activation} whatever hidden_act is, but this "
+                f"config has hidden_act={kwargs['hidden_act']!r}; selfattn's MLM head uses hidden_act, so the "
+                "head cannot be converted exactly (the encoder alone can: convert it as the base model)."
+            )
+    used = {name for name, _ in family.config_renames} | set(SHARED_CONFIG_FIELDS) | set(family.config_requirements)
+    used |= set(head.requirements) | {value.name for value in fixed.values() if isinstance(value, SourceField)}
+    generic = set(generic_config_fields())
+    not_carried = sorted(name for name in source if name not in used and name not in generic)
+    return kwargs, not_carried
+
+
+def generic_config_fields() -> dict:
+    from transformers import PreTrainedConfig
+
+    return PreTrainedConfig().to_dict()
+
+
+def source_architecture(family: Family, config_dict: dict) -> str:
+    """The architecture config.json names; the bare model where it names none."""
+    return (config_dict.get("architectures") or [family.architecture("Model")])[0]
+
+
+def selfattn_config_dict(config_dict: dict) -> dict:
+    """A BERT-family config.json translated to a selfattn one (used by `SelfAttnConfig.from_pretrained`). The
+    head-specific fields follow the architecture config.json names when selfattn has it; a model class loading
+    the checkpoint sets its own."""
+    family = family_for(config_dict.get("model_type"))
+    architecture = source_architecture(family, config_dict)
+    if architecture.removeprefix(family.class_prefix) not in family.heads:
+        architecture = family.architecture("Model")
+    kwargs, _ = selfattn_config_kwargs(config_dict, architecture)
+    return {**kwargs, "model_type": SelfAttnConfig.model_type}
+
+
+def source_config_dict(config: SelfAttnConfig, family: Family) -> dict:
+    """The source family's config.json fields for a selfattn config (the inverse of `selfattn_config_kwargs`);
+    raises if the selfattn config uses something the family cannot express."""
+    values = config.to_dict()
+    architecture = architecture_for(family, (config.architectures or ["SelfAttnModel"])[0])
+    head = head_for(family, architecture)
+    source = {name: values[name] for name in SHARED_CONFIG_FIELDS if name in values}
+    source.update({source_name: values[target_name] for source_name, target_name in family.config_renames})
+    impossible = []
+    for name, value in {**family.config_fixed, **head.config}.items():
+        if isinstance(value, SourceField):
+            source[value.name] = values[name]
+        elif values[name] != value:
+            impossible.append(f"{name}={values[name]!r} ({family.name} always has {value!r})")
+    if impossible:
+        raise ConversionError(f"This selfattn config has no {family.name} equivalent: " + "; ".join(impossible) + ".")
+    if family.config_from_selfattn is not None:
+        source.update(family.config_from_selfattn(values))
+    source.update({**family.config_requirements, **head.requirements})
+    source.pop("position_embedding_type", None)  # no longer a field of transformers' configs
+    return {**source, "model_type": family.model_type, "architectures": [architecture]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tensor names
+
+
+def template_regex(template: str) -> str:
+    parts = re.split(r"(\{layer\}|\*)", template)
+    return "".join(
+        "(?P<layer>\\d+)" if part == "{layer}" else "(?P<leaf>[A-Za-z_]+)" if part == "*" else re.escape(part)
+        for part in parts
+    )
+
+
+def fill(template: str, match: re.Match) -> str:
+    groups = match.groupdict()
+    return template.replace("{layer}", groups.get("layer") or "").replace("*", groups.get("leaf") or "")
+
+
+def compile_rules(family: Family) -> list[tuple[re.Pattern, Rename | Drop]]:
+    """Backbone names may carry the base prefix (head checkpoints) or not (base checkpoints)."""
+    backbone_prefix = f"(?:{re.escape(family.base_prefix)}\\.)?"
+    return [
+        (re.compile(prefix + template_regex(rule.source)), rule)
+        for rules, prefix in ((family.backbone, backbone_prefix), (family.head_tensors, ""))
+        for rule in rules
+    ]
+
+
+# Checkpoints written before LayerNorm parameters were called weight and bias (TensorFlow ports).
+LEGACY_LAYER_NORM_NAMES = {"gamma": "weight", "beta": "bias"}
+
+
+def normalised_name(name: str) -> str:
+    module, _, leaf = name.rpartition(".")
+    if leaf in LEGACY_LAYER_NORM_NAMES and ("LayerNorm" in module or "layer_norm" in module):
+        return f"{module}.{LEGACY_LAYER_NORM_NAMES[leaf]}"
+    return name
+
+
+def head_prefix_for(class_name: str) -> str:
+    """Where a selfattn class keeps its SelfAttnModel: under `model.`, except the bare model itself."""
+    return "" if class_name == "SelfAttnModel" else "model."
+
+
+def rename(family: Family, names: Iterable[str], head_prefix: str) -> tuple[dict, dict, list]:
+    """Source names -> ({source: selfattn name}, {source: why dropped}, [names no rule matches]).
+    `head_prefix` is "model." for head classes and "" for the bare SelfAttnModel."""
+    rules = compile_rules(family)
+    mapped, dropped, unmatched = {}, {}, []
+    for name in names:
+        key = normalised_name(name)
+        for pattern, rule in rules:
+            match = pattern.fullmatch(key)
+            if match is None:
+                continue
+            if isinstance(rule, Drop):
+                dropped[name] = rule.reason
+            else:
+                target = fill(rule.target, match)
+                mapped[name] = target if head_prefix else target.removeprefix("model.")
+            break
+        else:
+            unmatched.append(name)
+    return mapped, dropped, unmatched
+
+
+def source_names(family: Family, name: str, with_base_prefix: bool) -> list[str]:
+    """The inverse: a selfattn name (head-class form) -> every source name a rule maps to it, in table order
+    (tables list the name transformers saves before its aliases). Several heads may share a target, e.g.
+    RoBERTa's pooler and its classification head's dense layer: the caller picks the one its class has."""
+    backbone_prefix = family.base_prefix + "." if with_base_prefix else ""
+    candidates = []
+    for rules, prefix in ((family.backbone, backbone_prefix), (family.head_tensors, "")):
+        for rule in rules:
+            if isinstance(rule, Rename):
+                match = re.fullmatch(template_regex(rule.target), name)
+                if match is not None:
+                    candidates.append(prefix + fill(rule.source, match))
+    return candidates
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
+    """The weight files of a checkpoint folder: one file, or the shards an index names (safetensors first)."""
+    folder = Path(folder)
+    for single, index in zip(SINGLE_FILES, INDEX_FILES):
+        if (folder / single).is_file():
+            return [folder / single]
+        if (folder / index).is_file():
+            shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+            missing = [shard for shard in shards if not (folder / shard).is_file()]
+            if missing:
+                raise ConversionError(f"{folder / index} names shards that are not in the folder: {missing}.")
+            return [folder / shard for shard in shards]
+    present = sorted(path.name for path in folder.iterdir()) if folder.is_dir() else []
+    raise ConversionError(
+        f"No weights in {folder}: expected one of {SINGLE_FILES + INDEX_FILES}; the folder holds {present}."
+    )
+
+
+def load_checkpoint(folder: str | os.PathLike, progress: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors or PyTorch (.bin, read with weights_only=True) checkpoint, sharded or not."""
+    from tqdm.auto import tqdm
+
+    files = checkpoint_files(folder)
+    state_dict = {}
+    for path in tqdm(files, desc="Reading shards", unit="file", disable=not progress or len(files) == 1):
+        if path.suffix == ".safetensors":
+            state_dict.update(load_file(path))
+        else:
+            state_dict.update(torch.load(path, map_location="cpu", weights_only=True))
+    return state_dict
+
+
+def read_config(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ConversionError(f"{folder} has no config.json; pass the folder of a transformers checkpoint.")
+    return json.loads(path.read_text())
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "sentencepiece.bpe.model",
+    "spiece.model",
+)
+HUB_FILE_PATTERNS = ["*.json", "*.txt", "*.model", "*.md"]
+
+
+def resolve_folder(source: str | os.PathLike, **download_kwargs) -> Path:
+    """A local folder as is; anything else is taken as a Hub repository id and downloaded (where a network is)."""
+    if Path(source).is_dir():
+        return Path(source)
+    from huggingface_hub import snapshot_download
+
+    hub_kwargs = {name: value for name, value in download_kwargs.items() if value is not None}
+    try:
+        for weights in ("*.safetensors", "*.bin"):  # PyTorch weights only where there are no safetensors
+            folder = Path(snapshot_download(str(source), allow_patterns=HUB_FILE_PATTERNS + [weights], **hub_kwargs))
+            if any(folder.glob(weights)):
+                break
+        return folder
+    except Exception as error:
+        raise ConversionError(
+            f"{source} is not a local folder and could not be fetched from the Hub ({type(error).__name__}: "
+            f"{error}). Pass the folder of a downloaded checkpoint."
+        ) from error
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The report
+
+
+@dataclass
+class ConversionReport:
+    source: str
+    architecture: str
+    target: str
+    mapped: dict = field(default_factory=dict)  # source name -> target name
+    dropped: dict = field(default_factory=dict)  # source name -> reason
+    unused: dict = field(default_factory=dict)  # source name -> why nothing takes it
+    missing: list = field(default_factory=list)  # target names no source tensor fills
+    mismatched: list = field(default_factory=list)  # (source name, target name, source shape, target shape)
+    conflicts: list = field(default_factory=list)  # (target name, source names) whose tensors differ
+    config_not_carried: list = field(default_factory=list)
+
+    def problems(self) -> list[str]:
+        problems = [f"unused source tensor {name}: {why}" for name, why in self.unused.items()]
+        problems += [f"missing target tensor {name}: no source tensor maps to it" for name in self.missing]
+        problems += [
+            f"shape mismatch: {source} {tuple(source_shape)} -> {target} expects {tuple(target_shape)}"
+            for source, target, source_shape, target_shape in self.mismatched
+        ]
+        problems += [
+            f"conflicting tensors {sources} all map to {target} but differ" for target, sources in self.conflicts
+        ]
+        return problems
+
+    def check(self) -> None:
+        problems = self.problems()
+        if problems:
+            supported = ""
+            if self.unused or self.missing:
+                family = next((f for f in FAMILIES.values() if self.architecture.startswith(f.class_prefix)), None)
+                if family is not None:
+                    supported = (
+                        " If the checkpoint holds another head, pass its architecture (one of "
+                        f"{supported_architectures(family)})."
+                    )
+            raise ConversionError(
+                f"Cannot convert {self.source} ({self.architecture} -> {self.target}), {len(problems)} problem(s):\n  "
+                + "\n  ".join(problems)
+                + supported
+            )
+
+    def summary(self) -> str:
+        lines = [
+            f"{self.source}: {self.architecture} -> {self.target}",
+            f"  {len(self.mapped)} tensors mapped, {len(self.dropped)} dropped, {len(self.unused)} unused, "
+            f"{len(self.missing)} missing, {len(self.mismatched)} shape mismatches",
+        ]
+        lines += [f"  dropped {name}: {why}" for name, why in self.dropped.items()]
+        lines += [f"  {problem}" for problem in self.problems()]
+        if self.config_not_carried:
+            lines.append(f"  config fields not carried over (no selfattn code uses them): {self.config_not_carried}")
+        return "\n".join(lines)
+
+
+def expected_tensors(model: torch.nn.Module) -> tuple[dict, dict]:
+    """Names and shapes a model's checkpoint holds, and its tied names ({tied name: the name it repeats})."""
+    tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    return shapes, tied
+
+
+def build_on_meta(model_class: type, config) -> torch.nn.Module:
+    with torch.device("meta"):
+        return model_class(config)
+
+
+def match_tensors(
+    report: ConversionReport, state_dict: dict, names: dict, shapes: dict, tied: dict, progress: bool = False
+) -> dict:
+    """Put the source tensors under their target names, recording in `report` everything that does not fit."""
+    from tqdm.auto import tqdm
+
+    converted, sources_of = {}, {}
+    for source, target in tqdm(names.items(), desc="Mapping tensors", unit="tensor", disable=not progress):
+        tensor = state_dict[source]
+        if target in tied:
+            report.dropped[source] = f"maps to {target}, tied to {tied[target]} (the source model ties them too)"
+        elif target not in shapes:
+            report.unused[source] = f"maps to {target}, which {report.target} does not have"
+        elif tuple(tensor.shape) != shapes[target]:
+            report.mismatched.append((source, target, tuple(tensor.shape), shapes[target]))
+        elif target in converted:
+            sources_of[target].append(source)
+            if not torch.equal(converted[target], tensor):
+                report.conflicts.append((target, sources_of[target]))
+            else:
+                report.dropped[source] = f"repeats {sources_of[target][0]} (both are {target})"
+        else:
+            converted[target] = tensor
+            sources_of[target] = [source]
+            report.mapped[source] = target
+    filled = set(converted) | {target for _, target, _, _ in report.mismatched}
+    report.missing = sorted(name for name in shapes if name not in filled and name not in tied)
+    return converted
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# BERT family -> selfattn
+
+
+def convert_checkpoint(
+    source: str | os.PathLike, architecture: str | None = None, progress: bool = False
+) -> tuple[torch.nn.Module, ConversionReport]:
+    """Load a BERT-family checkpoint folder (or Hub id) as the matching selfattn model, in eval mode.
+
+    `architecture` overrides config.json's (e.g. BertForPreTraining for a checkpoint that holds both pre-training
+    heads but names BertForMaskedLM). Raises ConversionError listing every unmapped, missing or mis-shaped tensor."""
+    folder = resolve_folder(source)
+    config_dict = read_config(folder)
+    family = family_for(config_dict.get("model_type"))
+    architecture = architecture or source_architecture(family, config_dict)
+    head = head_for(family, architecture)
+    kwargs, not_carried = selfattn_config_kwargs(config_dict, architecture)
+    config = SelfAttnConfig(**kwargs, architectures=[head.target])
+    model_class = target_class(head.target)
+    shapes, tied = expected_tensors(build_on_meta(model_class, config))
+
+    state_dict = load_checkpoint(folder, progress)
+    report = ConversionReport(str(source), architecture, head.target, config_not_carried=not_carried)
+    names, report.dropped, unmatched = rename(family, state_dict, head_prefix_for(head.target))
+    report.unused.update({name: f"no {family.name} rule maps it" for name in unmatched})
+    converted = match_tensors(report, state_dict, names, shapes, tied, progress)
+    report.check()
+    model = model_class.from_pretrained(None, config=config, state_dict=converted)
+    return model.eval(), report
+
+
+def foreign_checkpoint_kwargs(model_class: type, source, kwargs: dict) -> dict | None:
+    """from_pretrained arguments that load a BERT-family checkpoint into `model_class`, or None when `source` is
+    not one (then from_pretrained proceeds as usual). Tensors the class has no place for are left under their
+    source names, so that transformers reports them as unexpected, and missing heads are initialised as usual."""
+    download_kwargs = {name: kwargs.get(name) for name in ("revision", "cache_dir", "token", "local_files_only")}
+    if Path(source).is_dir():
+        config_path = Path(source) / "config.json"
+        if not config_path.is_file():
+            return None
+        model_type = json.loads(config_path.read_text()).get("model_type")
+    else:
+        from transformers.utils import cached_file
+
+        hub_kwargs = {name: value for name, value in download_kwargs.items() if value is not None}
+        try:
+            config_file = cached_file(
+                str(source), "config.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs
+            )
+        except OSError:
+            return None  # from_pretrained reports the unreachable source in its own words
+        if config_file is None:
+            return None
+        model_type = json.loads(Path(config_file).read_text()).get("model_type")
+    if model_type not in FAMILIES:
+        return None
+    folder = resolve_folder(source, **download_kwargs)
+    family = FAMILIES[model_type]
+    head = family.heads[architecture_for(family, model_class.__name__).removeprefix(family.class_prefix)]
+    state_dict = load_checkpoint(folder)
+    names, dropped, unmatched = rename(family, state_dict, head_prefix_for(model_class.__name__))
+    for name, reason in dropped.items():
+        logger.info("Not loading %s from %s: %s.", name, source, reason)
+    converted = {target: state_dict[name] for name, target in names.items()}
+    converted.update({name: state_dict[name] for name in unmatched})
+    if kwargs.get("config") is not None:
+        return {**kwargs, "state_dict": converted}
+    # The config is read from the folder (SelfAttnConfig translates it); the class's head fields override it.
+    config_fields = {name: value for name, value in head.config.items() if not isinstance(value, SourceField)}
+    return {**config_fields, **kwargs, "config": str(folder), "state_dict": converted}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Warm-starting an encoder-decoder from encoder checkpoints
+
+# One config describes both stacks, so the two checkpoints must agree on these.
+SHARED_STACK_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_act",
+    "max_position_embeddings",
+    "position_offset",
+    "padding_aware_positions",
+    "type_vocab_size",
+    "embedding_size",
+    "layer_norm_eps",
+)
+
+
+def encoder_checkpoint(source, download_kwargs: dict) -> tuple[dict, dict, str]:
+    """(SelfAttnConfig fields, {selfattn encoder name: tensor}, description) of a BERT-family or selfattn encoder
+    checkpoint; tensors outside the encoder (pooler, heads) are left out and logged."""
+    folder = resolve_folder(source, **download_kwargs)
+    config_dict = read_config(folder)
+    state_dict = load_checkpoint(folder)
+    if config_dict.get("model_type") == SelfAttnConfig.model_type:
+        config_kwargs = SelfAttnConfig.from_pretrained(folder).to_dict()
+        names = {name: name if name.startswith("model.") else f"model.{name}" for name in state_dict}
+    else:
+        family = family_for(config_dict.get("model_type"))
+        config_kwargs, _ = selfattn_config_kwargs(config_dict, family.architecture("Model"))
+        names, _, unmatched = rename(family, state_dict, head_prefix="model.")
+        names.update({name: name for name in unmatched})
+    encoder = {target: state_dict[name] for name, target in names.items() if target.startswith("model.encoder.")}
+    left_out = sorted(name for name, target in names.items() if not target.startswith("model.encoder."))
+    if left_out:
+        logger.info("Warm start from %s uses its encoder only; not used: %s.", source, left_out)
+    return config_kwargs, encoder, str(source)
+
+
+def warm_start_kwargs(encoder_source, decoder_source=None, **kwargs) -> dict:
+    """from_pretrained arguments for an encoder-decoder whose encoder comes from `encoder_source` and whose decoder
+    self-attention, FFN and embeddings come from `decoder_source` (the same checkpoint by default); the
+    cross-attention is left for from_pretrained to initialise (and report as newly initialised). The two stacks
+    share one token table, the encoder's. `kwargs` override config fields (e.g. decoder_start_token_id) or go
+    to from_pretrained (e.g. dtype)."""
+    download_kwargs = {name: kwargs.get(name) for name in ("revision", "cache_dir", "token", "local_files_only")}
+    encoder_config, encoder, _ = encoder_checkpoint(encoder_source, download_kwargs)
+    if decoder_source is None or str(decoder_source) == str(encoder_source):
+        decoder_config, decoder = encoder_config, encoder
+    else:
+        decoder_config, decoder, _ = encoder_checkpoint(decoder_source, download_kwargs)
+    disagreements = [
+        f"{name}: {encoder_config.get(name)!r} vs {decoder_config.get(name)!r}"
+        for name in SHARED_STACK_FIELDS
+        if encoder_config.get(name) != decoder_config.get(name)
+    ]
+    if disagreements:
+        raise ConversionError(
+            f"{encoder_source} and {decoder_source} cannot share one selfattn config: " + "; ".join(disagreements)
+            + ". Pick checkpoints of the same shape."
+        )
+    state_dict = dict(encoder)
+    shared_table = "model.encoder.embeddings.word_embeddings.weight"
+    for name, tensor in decoder.items():
+        if name == shared_table:
+            if not torch.equal(tensor, encoder[shared_table]):
+                logger.info("The decoder shares the encoder's token table; %s's own is not used.", decoder_source)
+            continue
+        state_dict["model.decoder." + name.removeprefix("model.encoder.")] = tensor
+    fields = SelfAttnConfig.__dataclass_fields__
+    config_fields = {name: value for name, value in encoder_config.items() if name in fields}
+    config_fields.update(
+        decoder_layers=decoder_config["encoder_layers"], tie_word_embeddings=True, add_pooling_layer=False
+    )
+    config_fields.update({name: kwargs.pop(name) for name in list(kwargs) if name in fields})
+    return {**kwargs, "config": SelfAttnConfig(**config_fields), "state_dict": state_dict}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# selfattn -> BERT family
+
+
+def export_family(config: SelfAttnConfig, family_name: str | None = None) -> Family:
+    """The family to export to: as named, or RoBERTa for padding-aware positions and BERT otherwise."""
+    if family_name is not None:
+        return family_for(family_name)
+    return ROBERTA if config.padding_aware_positions else BERT
+
+
+def export_checkpoint(source: str | os.PathLike, family_name: str | None = None, progress: bool = False):
+    """A selfattn encoder folder -> (transformers config, state dict in the family's layout, report)."""
+    from transformers import AutoConfig
+
+    folder = Path(source)
+    model_type = read_config(folder).get("model_type")
+    if model_type != SelfAttnConfig.model_type:
+        raise ConversionError(
+            f"{source} holds a {model_type!r} checkpoint, not a selfattn one; export takes the folder that "
+            "convert_bert.py or save_pretrained of a selfattn model wrote."
+        )
+    config = SelfAttnConfig.from_pretrained(folder)
+    if config.decoder_layers:
+        raise ConversionError(
+            f"{source} is an {'encoder-decoder' if config.encoder_layers else 'decoder-only'} model; only "
+            "encoder-only selfattn models have a BERT-family layout."
+        )
+    family = export_family(config, family_name)
+    source_fields = source_config_dict(config, family)
+    architecture = source_fields["architectures"][0]
+    source_config = AutoConfig.for_model(**source_fields)
+    import transformers
+
+    shapes, tied = expected_tensors(build_on_meta(getattr(transformers, architecture), source_config))
+    state_dict = load_checkpoint(folder, progress)
+    is_base = architecture == family.architecture("Model")
+    names, unmatched = {}, []
+    for name in state_dict:
+        candidates = source_names(family, name if not is_base else "model." + name, with_base_prefix=not is_base)
+        if candidates:
+            names[name] = next((candidate for candidate in candidates if candidate in shapes), candidates[0])
+        else:
+            unmatched.append(name)
+    source_class = config.architectures[0] if config.architectures else "SelfAttnModel"
+    report = ConversionReport(str(source), source_class, architecture)
+    report.unused.update({name: f"no {family.name} rule produces it" for name in unmatched})
+    converted = match_tensors(report, state_dict, names, shapes, tied, progress)
+    report.check()
+    return source_config, converted, report
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parity
+
+
+SAMPLE_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Attention is all you need.",
+    "A padded batch checks that masking matches: this sentence is the longest of the three by some way.",
+)
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def last_hidden_state(output) -> torch.Tensor:
+    return output.last_hidden_state if "last_hidden_state" in output else output.hidden_states[-1]
+
+
+def compare_outputs(reference, ours) -> dict[str, float]:
+    """Max abs difference of the last hidden state and of every output tensor both models return (logits,
+    pooled output, ...), by field name; transformers' heads and selfattn's use the same names. Both outputs
+    need hidden_states (run with output_hidden_states=True)."""
+    diffs = {"last_hidden_state": max_abs_diff(last_hidden_state(reference), last_hidden_state(ours))}
+    for name, value in reference.items():
+        if name in ("hidden_states", "attentions", "loss", "last_hidden_state") or not isinstance(value, torch.Tensor):
+            continue
+        if name not in ours:
+            raise ConversionError(f"The selfattn model returns no {name!r}, which the source model does.")
+        diffs[name] = max_abs_diff(value, ours[name])
+    return diffs
+
+
+def sample_inputs(folder: Path, config, texts=SAMPLE_TEXTS, multiple_choice: bool = False) -> dict:
+    """A padded batch of `texts` from the checkpoint's tokenizer (random ids where it has none)."""
+    if any((folder / name).is_file() for name in TOKENIZER_FILES):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        inputs = dict(tokenizer(list(texts), padding=True, truncation=True, max_length=64, return_tensors="pt"))
+    else:
+        generator = torch.Generator().manual_seed(0)
+        lengths = [12, 7, 9]
+        input_ids = torch.randint(3, config.vocab_size, (len(lengths), max(lengths)), generator=generator)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, length in enumerate(lengths):
+            attention_mask[row, :length] = 1
+        input_ids = input_ids.masked_fill(attention_mask == 0, config.pad_token_id)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if multiple_choice:
+        inputs = {name: tensor.unsqueeze(0) for name, tensor in inputs.items()}
+    return inputs
+
+
+def verify(source: str | os.PathLike, model: torch.nn.Module, texts=SAMPLE_TEXTS) -> dict[str, float]:
+    """Run the source transformers model and `model` on a padded batch of `texts`; max abs differences per output,
+    plus "mean_pooled" (the masked mean of the last hidden state: sentence embeddings)."""
+    import transformers
+
+    folder = resolve_folder(source)
+    config_dict = read_config(folder)
+    family = family_for(config_dict.get("model_type"))
+    architecture = architecture_for(family, type(model).__name__)
+    reference = getattr(transformers, architecture).from_pretrained(folder, dtype=torch.float32).eval()
+    inputs = sample_inputs(folder, reference.config, texts, multiple_choice=architecture.endswith("ForMultipleChoice"))
+    model = model.float().eval()
+    with torch.no_grad():
+        expected = reference(**inputs, output_hidden_states=True)
+        actual = model(**inputs, output_hidden_states=True)
+    diffs = compare_outputs(expected, actual)
+    mask = inputs["attention_mask"].reshape(-1, inputs["attention_mask"].shape[-1]).unsqueeze(-1).float()
+    pooled = [(last_hidden_state(out) * mask).sum(1) / mask.sum(1) for out in (expected, actual)]
+    diffs["mean_pooled"] = max_abs_diff(*pooled)
+    return diffs
+
+
+__all__ = [
+    "ConversionError",
+    "ConversionReport",
+    "FAMILIES",
+    "Family",
+    "Head",
+    "Rename",
+    "Drop",
+    "SourceField",
+    "convert_checkpoint",
+    "export_checkpoint",
+    "load_checkpoint",
+    "selfattn_config_kwargs",
+    "source_config_dict",
+    "verify",
+]

@@ -1,0 +1,157 @@
+"""What the selfattn models add for the Hub: a model card (README.md) generated from the config, written by
+`save_pretrained` and uploaded by `push_to_hub`.
+
+A model file imports this one relatively, so `save_pretrained` ships it with the remote code and a model
+loaded with `trust_remote_code=True` writes the same card. The template is `model_card.md` at the root of the
+selfattn repository; keep the two identical (a test checks).
+"""
+
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+
+# Marks a README.md that save_pretrained may rewrite; a card without it was written by a person and is kept.
+GENERATED_MARKER = "<!-- selfattn: generated from config.json by save_pretrained -->"
+
+MODEL_CARD_TEMPLATE = """---
+{metadata}
+---
+<!-- selfattn: generated from config.json by save_pretrained -->
+
+# {name}
+
+A `{class_name}` of the selfattn family: the multi-head self-attention Transformer of
+"Attention Is All You Need" (Vaswani et al., 2017) as a Hugging Face transformers model, here in its
+{shape} form. The model code ships with the weights.
+
+## Architecture
+
+| | |
+|---|---|
+| shape | {shape} |
+| layers | {layers} |
+| width | hidden size {hidden_size}, {num_attention_heads} attention heads of size {head_dim} |
+| feed-forward | inner size {intermediate_size}, {hidden_act} |
+| positions | {positions}, up to {max_position_embeddings} tokens |
+| normalisation | {normalisation} |
+| vocabulary | {vocab_size} tokens |
+| parameters | {num_parameters} ({parameters_in_millions} M) |
+
+## How to load
+
+```python
+from transformers import {auto_class}
+
+model = {auto_class}.from_pretrained("{repo_id}", trust_remote_code=True)
+```
+
+`trust_remote_code=True` runs the Python files stored beside the weights (`modeling_selfattn.py` and the
+files it imports): read them first, or pin a revision. Where the `selfattn` package is installed
+(`import modeling_selfattn`), the Auto classes find the model without it.
+
+## Intended use
+
+{intended_use}
+
+## Limits
+
+- This card is generated from the configuration: it describes the architecture, not the training. Before
+  relying on the model, add what it was trained on and how it was evaluated.
+- Inputs longer than {max_position_embeddings} tokens are refused; truncate them.
+- Use the tokenizer the model was trained with: ids outside its {vocab_size}-token vocabulary are refused.
+- A model trained on text reproduces the biases and errors of that text.
+"""
+
+# Head class -> (Hub pipeline tag, what it is for); the Hub has no tag for multiple choice.
+HEAD_USES = {
+    "SelfAttnModel": (
+        "feature-extraction",
+        "Contextual token representations, to pool into sentence embeddings or to feed a task head.",
+    ),
+    "SelfAttnForMaskedLM": (
+        "fill-mask",
+        "Predicting masked tokens; the usual starting point for fine-tuning an encoder on a downstream task.",
+    ),
+    "SelfAttnForSequenceClassification": (
+        "text-classification",
+        "Classifying a text or a text pair into the labels {labels}.",
+    ),
+    "SelfAttnForTokenClassification": (
+        "token-classification",
+        "Labelling each token (named entities, parts of speech) with the labels {labels}.",
+    ),
+    "SelfAttnForQuestionAnswering": (
+        "question-answering",
+        "Extractive question answering: finding the answer span in a context passage.",
+    ),
+    "SelfAttnForMultipleChoice": (None, "Choosing the best of several candidate continuations or answers."),
+    "SelfAttnForConditionalGeneration": (
+        "text2text-generation",
+        "Sequence-to-sequence generation such as translation or summarisation, with `model.generate`.",
+    ),
+    "SelfAttnForCausalLM": ("text-generation", "Left-to-right text generation with `model.generate`."),
+}
+
+
+def render_model_card(model, repo_id: str, tags: list[str] | None = None) -> str:
+    """The model card of `model` as it will be published under `repo_id`."""
+    config = model.config
+    class_name = type(model).__name__
+    # A user's subclass of a head is described as that head; the bare stacks as the base model.
+    head = next((cls.__name__ for cls in type(model).__mro__ if cls.__name__ in HEAD_USES), "SelfAttnModel")
+    pipeline_tag, intended_use = HEAD_USES[head]
+    auto_class = next(auto for auto, target in config.auto_map.items() if target.split(".")[-1] == head)
+    if config.encoder_layers and config.decoder_layers:
+        shape = "encoder-decoder"
+        layers = f"{config.encoder_layers} encoder + {config.decoder_layers} decoder"
+    elif config.encoder_layers:
+        shape, layers = "encoder-only (BERT-style)", f"{config.encoder_layers} encoder"
+    else:
+        shape, layers = "decoder-only", f"{config.decoder_layers} decoder"
+    num_parameters = model.num_parameters()
+    all_tags = ["selfattn", "custom_code"] + [tag for tag in tags or [] if tag not in ("selfattn", "custom_code")]
+    metadata = ModelCardData(library_name="transformers", pipeline_tag=pipeline_tag, tags=all_tags)
+    return MODEL_CARD_TEMPLATE.format(
+        metadata=metadata.to_yaml(),
+        name=repo_id.split("/")[-1],
+        class_name=class_name,
+        shape=shape,
+        layers=layers,
+        hidden_size=config.hidden_size,
+        num_attention_heads=config.num_attention_heads,
+        head_dim=config.hidden_size // config.num_attention_heads,
+        intermediate_size=config.intermediate_size,
+        hidden_act=config.hidden_act,
+        positions="learned" if config.position_embedding_type == "learned" else "sinusoidal (fixed)",
+        max_position_embeddings=config.max_position_embeddings,
+        normalisation="pre-LN" if config.pre_layer_norm else "post-LN",
+        vocab_size=config.vocab_size,
+        num_parameters=f"{num_parameters:,}",
+        parameters_in_millions=f"{num_parameters / 1e6:.3g}",
+        auto_class=auto_class,
+        repo_id=repo_id,
+        intended_use=intended_use.format(labels=", ".join(str(label) for label in config.id2label.values())),
+    )
+
+
+class SelfAttnHubMixin:
+    """Writes the model card beside the weights on `save_pretrained` and uploads it with `push_to_hub`."""
+
+    def save_pretrained(self, save_directory, is_main_process: bool = True, *args, **kwargs):
+        result = super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
+        readme = Path(save_directory) / "README.md"
+        if is_main_process and readme.parent.is_dir():
+            if not readme.exists() or GENERATED_MARKER in readme.read_text(encoding="utf-8"):
+                readme.write_text(render_model_card(self, Path(save_directory).resolve().name), encoding="utf-8")
+        return result
+
+    def _upload_modified_files(self, working_dir, repo_id, files_timestamps, *args, **kwargs):
+        # push_to_hub (and save_pretrained(push_to_hub=True)) has just written the Hub's current card, or a
+        # generic one, to README.md: publish the card generated from the config instead, keeping its tags.
+        readme = Path(working_dir) / "README.md"
+        tags = ModelCard.load(readme).data.tags if readme.exists() else None
+        readme.write_text(render_model_card(self, repo_id, tags), encoding="utf-8")
+        return super()._upload_modified_files(working_dir, repo_id, files_timestamps, *args, **kwargs)
+
+
+__all__ = ["SelfAttnHubMixin", "render_model_card"]

@@ -1,0 +1,71 @@
+"""Tiny configs shared by the test files: hidden 32, 4 heads, 2 layers, vocab 99, positions for 16 tokens.
+
+Dropout is off so that outputs are deterministic in train mode too (gradient checks, loss comparisons);
+tests about dropout turn it back on explicitly.
+"""
+
+import pytest
+
+from modeling_selfattn import SelfAttnConfig
+
+TINY_VOCAB_SIZE = 99
+TINY_MAX_POSITIONS = 16
+PAD_TOKEN_ID = 0
+BOS_TOKEN_ID = 1
+EOS_TOKEN_ID = 2
+DECODER_START_TOKEN_ID = 2
+
+# encoder_layers / decoder_layers for each of the three model shapes one config can describe.
+MODEL_SHAPES = {
+    "encoder": {"encoder_layers": 2, "decoder_layers": 0},
+    "encoder_decoder": {"encoder_layers": 2, "decoder_layers": 2},
+    "decoder": {"encoder_layers": 0, "decoder_layers": 2},
+}
+
+
+def make_tiny_config(shape: str = "encoder", **overrides) -> SelfAttnConfig:
+    """A tiny config of the given shape ("encoder", "encoder_decoder" or "decoder"); `overrides` replace
+    any field."""
+    fields = dict(
+        vocab_size=TINY_VOCAB_SIZE,
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=37,
+        hidden_act="gelu",
+        hidden_dropout_prob=0.0,
+        attention_dropout=0.0,
+        max_position_embeddings=TINY_MAX_POSITIONS,
+        type_vocab_size=2,
+        layer_norm_eps=1e-12,
+        pad_token_id=PAD_TOKEN_ID,
+        bos_token_id=BOS_TOKEN_ID,
+        eos_token_id=EOS_TOKEN_ID,
+        decoder_start_token_id=DECODER_START_TOKEN_ID,
+        **MODEL_SHAPES[shape],
+    )
+    fields.update(overrides)
+    return SelfAttnConfig(**fields)
+
+
+@pytest.fixture
+def tiny_encoder_config() -> SelfAttnConfig:
+    """Encoder-only (BERT-style) tiny config."""
+    return make_tiny_config("encoder")
+
+
+@pytest.fixture
+def tiny_encoder_decoder_config() -> SelfAttnConfig:
+    """Encoder-decoder (the paper's shape) tiny config."""
+    return make_tiny_config("encoder_decoder")
+
+
+@pytest.fixture
+def tiny_decoder_config() -> SelfAttnConfig:
+    """Decoder-only (causal LM) tiny config."""
+    return make_tiny_config("decoder")
+
+
+@pytest.fixture
+def tiny_config_factory():
+    """`make_tiny_config(shape, **overrides)`, for tests that build configs per parameter."""
+    return make_tiny_config

@@ -1,0 +1,88 @@
+"""Helpers shared by the integration tests: loading saved folders in a fresh Python process that cannot import
+the selfattn package, as a user of a Hub checkpoint without the package would, and comparing outputs."""
+
+import json
+import os
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+# Runs with `python -I -S`: no PYTHONPATH, no current directory, no .pth files (so no editable install), and
+# only the interpreter's site-packages on sys.path. Loads each case through its Auto class with
+# trust_remote_code=True and saves the outputs for the parent to compare.
+CHILD_SCRIPT = r"""
+import importlib.util, json, sys
+job = json.loads(sys.argv[1])
+sys.path.extend(job["site_packages"])
+spec = importlib.util.find_spec("modeling_selfattn")
+import torch, transformers
+results = {"package_found_at": spec.origin if spec else None, "cases": {}}
+for name, case in job["cases"].items():
+    model = getattr(transformers, case["auto_class"]).from_pretrained(case["folder"], trust_remote_code=True)
+    inputs = torch.load(case["inputs"])
+    with torch.no_grad():
+        outputs = {key: value for key, value in model(**inputs).items() if torch.is_tensor(value)}
+        if case["generate"]:
+            outputs["generated"] = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    results["cases"][name] = {"module": type(model).__module__, "training": model.training}
+    torch.save(outputs, case["outputs"])
+print("RESULTS " + json.dumps(results))
+"""
+
+
+def model_outputs(model, inputs: dict, generate: bool = False) -> dict[str, torch.Tensor]:
+    model.eval()
+    with torch.no_grad():
+        outputs = {key: value for key, value in model(**inputs).items() if torch.is_tensor(value)}
+        if generate:
+            outputs["generated"] = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    return outputs
+
+
+def load_without_package(cases: dict[str, dict], work_dir: Path) -> dict[str, dict]:
+    """cases: name -> {"auto_class", "folder", "inputs" (dict of tensors), "generate" (bool)}.
+
+    Returns name -> {"module": module of the loaded class, "training": its training flag, "outputs": tensors}.
+    """
+    job_cases = {}
+    for name, case in cases.items():
+        inputs_file = work_dir / f"{name}.inputs.pt"
+        torch.save(case["inputs"], inputs_file)
+        job_cases[name] = {
+            "auto_class": case["auto_class"],
+            "folder": str(case["folder"]),
+            "inputs": str(inputs_file),
+            "outputs": str(work_dir / f"{name}.outputs.pt"),
+            "generate": case.get("generate", False),
+        }
+    job = {"site_packages": site.getsitepackages(), "cases": job_cases}
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("PYTHON", "HF_", "TRANSFORMERS_"))}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(work_dir / "hf_home"))
+    completed = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", CHILD_SCRIPT, json.dumps(job)],
+        cwd=work_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, f"the fresh process failed:\n{completed.stderr[-4000:]}"
+    line = next(line for line in completed.stdout.splitlines() if line.startswith("RESULTS "))
+    results = json.loads(line.removeprefix("RESULTS "))
+    assert results["package_found_at"] is None, (
+        f"the fresh process could import modeling_selfattn from {results['package_found_at']}, so it does not test "
+        "remote code; install the package in editable mode (pip install -e .) rather than into site-packages."
+    )
+    for name, case in results["cases"].items():
+        case["outputs"] = torch.load(job_cases[name]["outputs"])
+    return results["cases"]
+
+
+def assert_same_outputs(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor], label: str) -> None:
+    """fp32 on the same machine: max abs diff <= 1e-5 (generated ids exactly)."""
+    assert sorted(expected) == sorted(actual), f"{label}: outputs {sorted(actual)}, expected {sorted(expected)}"
+    for key, value in expected.items():
+        torch.testing.assert_close(actual[key], value, rtol=0, atol=1e-5, msg=lambda m: f"{label}.{key}: {m}")

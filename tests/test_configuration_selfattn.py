@@ -1,0 +1,187 @@
+"""SelfAttnConfig: every field survives each serialisation route, the standard attribute names answer, and
+impossible configs fail at creation with a ValueError that names the field."""
+
+import json
+
+import pytest
+from transformers import AutoConfig
+
+from modeling_selfattn import SelfAttnConfig, SelfAttnModel
+
+# A non-default value for every field SelfAttnConfig declares (plus a few inherited ones), so that a
+# field dropped by any serialisation route shows up as a difference.
+NON_DEFAULT_FIELDS = dict(
+    vocab_size=101,
+    hidden_size=48,
+    num_attention_heads=6,
+    encoder_layers=3,
+    decoder_layers=2,
+    intermediate_size=50,
+    hidden_act="relu",
+    hidden_dropout_prob=0.2,
+    attention_dropout=0.3,
+    activation_dropout=0.15,
+    classifier_dropout=0.25,
+    max_position_embeddings=40,
+    position_embedding_type="sinusoidal",
+    position_offset=2,
+    padding_aware_positions=True,
+    type_vocab_size=0,
+    embedding_size=24,
+    embedding_layer_norm=False,
+    scale_embedding=True,
+    pre_layer_norm=True,
+    layer_norm_eps=1e-5,
+    add_pooling_layer=False,
+    pooler_activation="gelu",
+    add_final_logits_bias=True,
+    initializer_range=0.05,
+    pad_token_id=1,
+    bos_token_id=0,
+    eos_token_id=[2, 3],
+    decoder_start_token_id=2,
+    tie_word_embeddings=False,
+    use_cache=False,
+    # inherited from PreTrainedConfig
+    id2label={0: "neg", 1: "neutral", 2: "pos"},
+    problem_type="single_label_classification",
+    output_hidden_states=True,
+)
+
+
+def assert_same_fields(loaded: SelfAttnConfig, original: SelfAttnConfig) -> None:
+    for name, value in NON_DEFAULT_FIELDS.items():
+        assert getattr(loaded, name) == value, name
+    assert loaded.is_encoder_decoder == original.is_encoder_decoder
+    assert loaded.num_hidden_layers == original.num_hidden_layers
+    # where it was loaded from is the only thing allowed to differ
+    assert {**loaded.to_dict(), "_name_or_path": ""} == {**original.to_dict(), "_name_or_path": ""}
+
+
+def test_non_default_fields_cover_every_declared_field():
+    declared = set(SelfAttnConfig.__annotations__) - {"model_type", "keys_to_ignore_at_inference"}
+    assert declared <= set(NON_DEFAULT_FIELDS), f"add a non-default value for {declared - set(NON_DEFAULT_FIELDS)}"
+    defaults = SelfAttnConfig()
+    for name in declared:
+        assert getattr(defaults, name) != NON_DEFAULT_FIELDS[name], f"{name} value equals its default"
+
+
+def round_trip_dict(config, tmp_path):
+    return SelfAttnConfig.from_dict(config.to_dict())
+
+
+def round_trip_json_file(config, tmp_path):
+    path = tmp_path / "config.json"
+    config.to_json_file(path)
+    json.loads(path.read_text())  # valid JSON, not a repr
+    return SelfAttnConfig.from_json_file(path)
+
+
+def round_trip_pretrained(config, tmp_path):
+    config.save_pretrained(tmp_path)
+    return SelfAttnConfig.from_pretrained(tmp_path)
+
+
+def round_trip_auto_config(config, tmp_path):
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert type(loaded) is SelfAttnConfig
+    return loaded
+
+
+@pytest.mark.parametrize(
+    "round_trip", [round_trip_dict, round_trip_json_file, round_trip_pretrained, round_trip_auto_config]
+)
+def test_every_field_round_trips(round_trip, tmp_path):
+    config = SelfAttnConfig(**NON_DEFAULT_FIELDS)
+    assert_same_fields(round_trip(config, tmp_path), config)
+
+
+def test_saved_config_names_the_remote_code_classes(tmp_path):
+    SelfAttnConfig().save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "selfattn"
+    assert saved["auto_map"]["AutoConfig"] == "configuration_selfattn.SelfAttnConfig"
+    assert saved["auto_map"]["AutoModelForMaskedLM"] == "modeling_selfattn.SelfAttnForMaskedLM"
+
+
+@pytest.mark.parametrize(
+    ("layers", "main_depth", "is_encoder_decoder"),
+    [
+        ({"encoder_layers": 3, "decoder_layers": 0}, 3, False),
+        ({"encoder_layers": 3, "decoder_layers": 5}, 3, True),
+        ({"encoder_layers": 0, "decoder_layers": 5}, 5, False),
+    ],
+    ids=["encoder", "encoder_decoder", "decoder"],
+)
+def test_standard_attribute_names_answer(layers, main_depth, is_encoder_decoder):
+    config = SelfAttnConfig(vocab_size=77, hidden_size=64, num_attention_heads=8, intermediate_size=128, **layers)
+    assert config.num_hidden_layers == main_depth
+    assert config.is_encoder_decoder is is_encoder_decoder
+    assert (config.vocab_size, config.hidden_size, config.num_attention_heads, config.intermediate_size) == (
+        77,
+        64,
+        8,
+        128,
+    )
+    assert config.head_dim == 8
+
+    config.num_hidden_layers = 7
+    assert config.num_hidden_layers == 7
+    # the other stack keeps its depth
+    other_stack = "decoder_layers" if layers["encoder_layers"] > 0 else "encoder_layers"
+    assert getattr(config, other_stack) == layers[other_stack]
+
+
+@pytest.mark.parametrize(
+    ("layers", "expected"),
+    [({}, {"encoder_layers": 4}), ({"encoder_layers": 0, "decoder_layers": 1}, {"decoder_layers": 4})],
+    ids=["encoder", "decoder"],
+)
+def test_num_hidden_layers_keyword_sets_the_main_stack(layers, expected):
+    config = SelfAttnConfig(num_hidden_layers=4, **layers)
+    for name, value in expected.items():
+        assert getattr(config, name) == value
+    assert config.num_hidden_layers == 4
+    assert "num_hidden_layers" not in config.to_dict()  # derived, so never saved twice
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"hidden_size": 30, "num_attention_heads": 4}, "num_attention_heads"),
+        ({"hidden_act": "swishy"}, "hidden_act"),
+        ({"pooler_activation": "swishy"}, "pooler_activation"),
+        ({"position_embedding_type": "rotary"}, "position_embedding_type"),
+        ({"vocab_size": 0}, "vocab_size"),
+        ({"vocab_size": -5}, "vocab_size"),
+        ({"hidden_size": -32}, "hidden_size"),
+        ({"num_attention_heads": 0}, "num_attention_heads"),
+        ({"intermediate_size": -1}, "intermediate_size"),
+        ({"max_position_embeddings": 0}, "max_position_embeddings"),
+        ({"encoder_layers": -1}, "encoder_layers"),
+        ({"decoder_layers": -2}, "decoder_layers"),
+        ({"type_vocab_size": -1}, "type_vocab_size"),
+        ({"position_offset": -1}, "position_offset"),
+        ({"embedding_size": 0}, "embedding_size"),
+        ({"encoder_layers": 0, "decoder_layers": 0}, "encoder_layers"),
+        ({"num_hidden_layers": 0}, "encoder_layers"),
+        ({"position_embedding_type": "sinusoidal", "hidden_size": 33, "num_attention_heads": 3}, "hidden_size"),
+        ({"position_embedding_type": "sinusoidal", "embedding_size": 15}, "embedding_size"),
+        ({"padding_aware_positions": True, "position_offset": 0}, "position_offset"),
+        ({"hidden_dropout_prob": 1.5}, "hidden_dropout_prob"),
+        ({"classifier_dropout": -0.1}, "classifier_dropout"),
+        ({"layer_norm_eps": 0.0}, "layer_norm_eps"),
+    ],
+    ids=lambda value: "-".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else None,
+)
+def test_impossible_config_raises_value_error_naming_the_field(fields, named):
+    with pytest.raises(ValueError, match=named):
+        SelfAttnConfig(**fields)
+
+
+def test_hand_edited_config_is_checked_again_when_a_model_is_built():
+    config = SelfAttnConfig(vocab_size=99, hidden_size=32, num_attention_heads=4, encoder_layers=1)
+    config.num_attention_heads = 5
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        SelfAttnModel(config)

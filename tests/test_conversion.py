@@ -1,0 +1,362 @@
+"""BERT-family checkpoints -> selfattn and back: for every family and head of the conversion tables, a randomly
+initialised transformers model of a tiny config, saved, converted (or loaded on the fly) gives the source's
+outputs within 1e-5 (fp32 max abs diff) on a padded batch, and exporting it back gives bit-identical tensors.
+Bad input (unknown architecture, tensors that map nowhere or are missing, shape mismatches) fails with an
+error that lists every problem."""
+
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from modeling_selfattn import SelfAttnConfig, SelfAttnForMaskedLM, SelfAttnForSequenceClassification, SelfAttnModel
+from modeling_selfattn.conversion import (
+    FAMILIES,
+    ConversionError,
+    compare_outputs,
+    convert_checkpoint,
+    export_checkpoint,
+    load_checkpoint,
+    target_class,
+)
+
+TOLERANCE = 1e-5
+VOCAB_SIZE = 99
+MAX_POSITIONS = 24
+BATCH_LENGTHS = (11, 6, 8)  # a padded batch: rows shorter than the longest end in padding
+
+# Tiny config per family, in that family's own field names. Non-default activations check that they carry over
+# (RoBERTa's and ELECTRA's MLM heads fix gelu, so they keep it).
+TINY_CONFIGS = {
+    "bert": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, hidden_act="gelu_new"),
+    "roberta": dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, type_vocab_size=1,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2,
+    ),
+    "distilbert": dict(dim=32, n_layers=2, n_heads=4, hidden_dim=37, activation="relu"),
+    # embedding_size < hidden_size: the embeddings are projected up.
+    "electra": dict(embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37),
+}
+TINY_CONFIGS["xlm-roberta"] = TINY_CONFIGS["roberta"]
+
+CASES = [(model_type, suffix) for model_type, family in FAMILIES.items() for suffix in family.heads]
+
+
+def case_id(case):
+    model_type, suffix = case
+    return FAMILIES[model_type].architecture(suffix)
+
+
+def source_config(model_type: str, suffix: str = "Model", **overrides):
+    # Three labels for classifiers; extractive QA always has two outputs (start, end).
+    num_labels = 2 if suffix == "ForQuestionAnswering" else 3
+    fields = dict(TINY_CONFIGS[model_type], vocab_size=VOCAB_SIZE, num_labels=num_labels, **overrides)
+    positions = MAX_POSITIONS + (fields["pad_token_id"] + 1 if model_type.endswith("roberta") else 0)
+    return transformers.AutoConfig.for_model(model_type, max_position_embeddings=positions, **fields)
+
+
+def random_source_model(architecture: str, config, seed: int = 0):
+    """A transformers model whose every parameter (LayerNorms and biases too) is random, in eval mode."""
+    torch.manual_seed(seed)
+    model = getattr(transformers, architecture)(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    return model.eval()
+
+
+def padded_batch(config, multiple_choice: bool = False) -> dict:
+    generator = torch.Generator().manual_seed(1)
+    pad = config.pad_token_id
+    input_ids = torch.randint(3, VOCAB_SIZE, (len(BATCH_LENGTHS), max(BATCH_LENGTHS)), generator=generator)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, length in enumerate(BATCH_LENGTHS):
+        attention_mask[row, :length] = 1
+    inputs = {"input_ids": input_ids.masked_fill(attention_mask == 0, pad), "attention_mask": attention_mask}
+    if getattr(config, "type_vocab_size", 0) > 1:
+        inputs["token_type_ids"] = (torch.arange(input_ids.shape[1]) >= 4).long().expand_as(input_ids) * attention_mask
+    if multiple_choice:  # 3 examples become 1 question with 3 choices
+        inputs = {name: tensor.unsqueeze(0) for name, tensor in inputs.items()}
+    return inputs
+
+
+def max_diffs(source_model, model, architecture: str) -> dict[str, float]:
+    inputs = padded_batch(source_model.config, multiple_choice=architecture.endswith("ForMultipleChoice"))
+    with torch.no_grad():
+        return compare_outputs(
+            source_model(**inputs, output_hidden_states=True), model(**inputs, output_hidden_states=True)
+        )
+
+
+@pytest.fixture(scope="module")
+def saved_sources(tmp_path_factory):
+    """architecture -> (source model, its saved folder), built once per module."""
+    cache = {}
+
+    def get(model_type: str, suffix: str):
+        architecture = FAMILIES[model_type].architecture(suffix)
+        if architecture not in cache:
+            model = random_source_model(architecture, source_config(model_type, suffix))
+            folder = tmp_path_factory.mktemp(architecture)
+            model.save_pretrained(folder)
+            cache[architecture] = (model, folder)
+        return cache[architecture]
+
+    return get
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_converted_model_matches_source(case, saved_sources):
+    model_type, suffix = case
+    family = FAMILIES[model_type]
+    source_model, folder = saved_sources(model_type, suffix)
+    model, report = convert_checkpoint(folder)
+    assert type(model).__name__ == family.heads[suffix].target
+    assert not report.problems() and report.mapped
+    diffs = max_diffs(source_model, model, family.architecture(suffix))
+    assert "last_hidden_state" in diffs and (suffix == "Model" or len(diffs) >= 2), diffs  # and the head's output
+    assert max(diffs.values()) <= TOLERANCE, diffs
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_loads_without_conversion_step(case, saved_sources):
+    model_type, suffix = case
+    family = FAMILIES[model_type]
+    source_model, folder = saved_sources(model_type, suffix)
+    model_class = target_class(family.heads[suffix].target)
+    model, loading_info = model_class.from_pretrained(folder, output_loading_info=True)
+    assert not any(loading_info[kind] for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")), loading_info
+    diffs = max_diffs(source_model, model.eval(), family.architecture(suffix))
+    assert max(diffs.values()) <= TOLERANCE, diffs
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_round_trip_is_bit_exact(case, saved_sources, tmp_path):
+    model_type, suffix = case
+    source_model, folder = saved_sources(model_type, suffix)
+    model, _ = convert_checkpoint(folder)
+    model.save_pretrained(tmp_path)
+    config, state_dict, report = export_checkpoint(tmp_path, model_type)
+    assert not report.problems()
+    original = load_checkpoint(folder)
+    assert sorted(state_dict) == sorted(original)
+    unequal = [name for name in original if not torch.equal(state_dict[name], original[name])]
+    assert not unequal
+    assert config.architectures == [FAMILIES[model_type].architecture(suffix)]
+    original_config = source_model.config.to_dict()
+    changed = {
+        name: (value, original_config[name])
+        for name, value in config.to_diff_dict().items()
+        if name in original_config and name not in ("architectures", "transformers_version", "dtype")
+        and value != original_config[name]
+    }
+    assert not changed
+
+
+def test_head_missing_from_checkpoint_is_initialised_when_loading(saved_sources):
+    """Fine-tuning from a pre-trained encoder: the classifier is new, the MLM head is reported unexpected."""
+    source_model, folder = saved_sources("roberta", "ForMaskedLM")
+    model, info = SelfAttnForSequenceClassification.from_pretrained(folder, num_labels=5, output_loading_info=True)
+    assert model.config.num_labels == 5 and model.config.padding_aware_positions
+    assert {"classifier.weight", "model.pooler.dense.weight"} <= set(info["missing_keys"])
+    assert "lm_head.dense.weight" in info["unexpected_keys"]
+    torch.testing.assert_close(
+        model.model.encoder.embeddings.word_embeddings.weight, source_model.roberta.embeddings.word_embeddings.weight
+    )
+
+
+def test_translated_config(saved_sources):
+    _, folder = saved_sources("electra", "ForSequenceClassification")
+    config = SelfAttnConfig.from_pretrained(folder)
+    assert (config.embedding_size, config.hidden_size, config.pooler_activation) == (16, 32, "gelu")
+    _, folder = saved_sources("roberta", "Model")
+    config = SelfAttnConfig.from_pretrained(folder)
+    assert (config.position_offset, config.max_position_embeddings, config.type_vocab_size) == (2, MAX_POSITIONS, 1)
+
+
+def save_checkpoint(folder, config_dict: dict, state_dict: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config_dict))
+    save_file({name: tensor.contiguous() for name, tensor in state_dict.items()}, folder / "model.safetensors")
+
+
+def bert_checkpoint(saved_sources, suffix="ForMaskedLM"):
+    _, folder = saved_sources("bert", suffix)
+    return json.loads((folder / "config.json").read_text()), load_file(folder / "model.safetensors")
+
+
+def test_unknown_architecture_names_the_supported_ones(saved_sources, tmp_path):
+    config_dict, state_dict = bert_checkpoint(saved_sources)
+    save_checkpoint(tmp_path, {**config_dict, "architectures": ["BertLMHeadModel"]}, state_dict)
+    with pytest.raises(ConversionError, match="BertLMHeadModel.*BertForMaskedLM"):
+        convert_checkpoint(tmp_path)
+
+
+def test_unknown_model_type_names_the_supported_ones(tmp_path):
+    save_checkpoint(tmp_path, {"model_type": "gpt2", "architectures": ["GPT2Model"]}, {})
+    with pytest.raises(ConversionError, match="gpt2.*distilbert"):
+        convert_checkpoint(tmp_path)
+    with pytest.raises(ConversionError, match="gpt2"):
+        SelfAttnConfig.from_pretrained(tmp_path)
+
+
+def test_unused_and_missing_tensors_are_all_listed(saved_sources, tmp_path):
+    config_dict, state_dict = bert_checkpoint(saved_sources)
+    del state_dict["bert.encoder.layer.1.output.dense.weight"], state_dict["cls.predictions.bias"]
+    state_dict["bert.encoder.layer.0.attention.self.rotary.weight"] = torch.zeros(2)
+    save_checkpoint(tmp_path, config_dict, state_dict)
+    with pytest.raises(ConversionError) as error:
+        convert_checkpoint(tmp_path)
+    message = str(error.value)
+    for name in (
+        "unused source tensor bert.encoder.layer.0.attention.self.rotary.weight",
+        "missing target tensor model.encoder.layers.1.ffn.fc2.weight",
+        "missing target tensor lm_head.decoder.bias",
+    ):
+        assert name in message
+    assert "3 problem(s)" in message
+
+
+def test_other_head_in_checkpoint_needs_its_architecture(saved_sources, tmp_path):
+    """bert-base-uncased names BertForMaskedLM but also holds the pooler and next-sentence head."""
+    config_dict, state_dict = bert_checkpoint(saved_sources, "ForPreTraining")
+    save_checkpoint(tmp_path, {**config_dict, "architectures": ["BertForMaskedLM"]}, state_dict)
+    with pytest.raises(ConversionError, match="cls.seq_relationship.weight(.|\n)*BertForPreTraining"):
+        convert_checkpoint(tmp_path)
+    model, report = convert_checkpoint(tmp_path, architecture="BertForPreTraining")
+    assert type(model).__name__ == "SelfAttnForPreTraining" and not report.problems()
+
+
+def test_shape_mismatch_names_tensor_and_shapes(saved_sources, tmp_path):
+    config_dict, state_dict = bert_checkpoint(saved_sources)
+    save_checkpoint(tmp_path, {**config_dict, "intermediate_size": 40}, state_dict)
+    with pytest.raises(ConversionError, match=r"bert.encoder.layer.0.intermediate.dense.weight \(37, 32\) -> "
+                       r"model.encoder.layers.0.ffn.fc1.weight expects \(40, 32\)"):
+        convert_checkpoint(tmp_path)
+
+
+def test_pytorch_bin_with_legacy_names_and_buffers(saved_sources, tmp_path):
+    """Old checkpoints: a .bin file, LayerNorm gamma/beta, position_ids buffers and the tied decoder saved twice."""
+    source_model, folder = saved_sources("bert", "ForMaskedLM")
+    state_dict = {}
+    for name, tensor in source_model.state_dict().items():
+        if name.endswith("LayerNorm.weight"):
+            name = name.replace("LayerNorm.weight", "LayerNorm.gamma")
+        elif name.endswith("LayerNorm.bias"):
+            name = name.replace("LayerNorm.bias", "LayerNorm.beta")
+        state_dict[name] = tensor.clone()
+    state_dict["bert.embeddings.position_ids"] = torch.arange(MAX_POSITIONS)[None]
+    tmp_path.joinpath("config.json").write_text((folder / "config.json").read_text())
+    torch.save(state_dict, tmp_path / "pytorch_model.bin")
+    model, report = convert_checkpoint(tmp_path)
+    assert set(report.dropped) == {
+        "bert.embeddings.position_ids", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias"
+    }
+    assert max(max_diffs(source_model, model, "BertForMaskedLM").values()) <= TOLERANCE
+
+
+def test_sharded_checkpoint(saved_sources, tmp_path):
+    source_model, _ = saved_sources("distilbert", "ForSequenceClassification")
+    source_model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    model, _ = convert_checkpoint(tmp_path)
+    assert max(max_diffs(source_model, model, "DistilBertForSequenceClassification").values()) <= TOLERANCE
+
+
+def test_mlm_head_with_fixed_gelu_refuses_other_activation(tmp_path):
+    config = source_config("electra", "ForMaskedLM", hidden_act="relu")
+    random_source_model("ElectraForMaskedLM", config).save_pretrained(tmp_path)
+    with pytest.raises(ConversionError, match="gelu whatever hidden_act is.*'relu'"):
+        convert_checkpoint(tmp_path)
+
+
+def test_export_refuses_what_the_family_cannot_express(tmp_path, tiny_config_factory):
+    SelfAttnModel(tiny_config_factory("encoder", pre_layer_norm=True)).save_pretrained(tmp_path / "pre_ln")
+    with pytest.raises(ConversionError, match="pre_layer_norm=True"):
+        export_checkpoint(tmp_path / "pre_ln")
+    SelfAttnForMaskedLM(tiny_config_factory("encoder")).save_pretrained(tmp_path / "bert")
+    with pytest.raises(ConversionError, match="type_vocab_size=2.*distilbert always has 0"):
+        export_checkpoint(tmp_path / "bert", "distilbert")
+
+
+def test_no_weights_names_the_expected_files(tmp_path):
+    tmp_path.joinpath("config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    with pytest.raises(ConversionError, match="model.safetensors"):
+        convert_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("model_type", ["bert", "electra"])
+def test_pretraining_heads_give_the_source_loss(model_type, saved_sources):
+    """SelfAttnForPreTraining (MLM + next sentence) and SelfAttnForReplacedTokenDetection follow transformers'
+    losses and output names."""
+    source_model, folder = saved_sources(model_type, "ForPreTraining")
+    model, _ = convert_checkpoint(folder)
+    inputs = padded_batch(source_model.config)
+    batch, length = inputs["input_ids"].shape
+    if model_type == "bert":
+        labels = {"labels": inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100),
+                  "next_sentence_label": torch.tensor([0, 1, 0])}
+    else:
+        labels = {"labels": (torch.arange(batch * length).view(batch, length) % 3 == 0).long()}
+    with torch.no_grad():
+        expected, actual = source_model(**inputs, **labels), model(**inputs, **labels)
+    assert actual.loss is not None and abs(actual.loss.item() - expected.loss.item()) <= TOLERANCE
+    assert list(actual.keys()) == list(expected.keys())
+
+
+def test_pretraining_head_is_registered(tiny_encoder_config):
+    model = transformers.AutoModelForPreTraining.from_config(tiny_encoder_config)
+    assert type(model).__name__ == "SelfAttnForPreTraining"
+    assert tiny_encoder_config.auto_map["AutoModelForPreTraining"] == "modeling_selfattn.SelfAttnForPreTraining"
+
+
+def test_encoder_decoder_warm_started_from_two_bert_checkpoints(saved_sources, tmp_path):
+    from modeling_selfattn import SelfAttnForConditionalGeneration
+
+    encoder_model, encoder_folder = saved_sources("bert", "Model")
+    decoder_model = random_source_model("BertModel", source_config("bert", num_hidden_layers=1), seed=1)
+    decoder_model.save_pretrained(tmp_path / "decoder")
+    model, info = SelfAttnForConditionalGeneration.from_encoder_decoder_pretrained(
+        encoder_folder, tmp_path / "decoder", decoder_start_token_id=2, output_loading_info=True
+    )
+    assert (model.config.encoder_layers, model.config.decoder_layers) == (2, 1)
+    assert sorted(info["missing_keys"]) == sorted(
+        f"model.decoder.layers.0.{module}.{leaf}"
+        for module in ("cross_attn.q_proj", "cross_attn.k_proj", "cross_attn.v_proj", "cross_attn.o_proj", "cross_attn_layer_norm")
+        for leaf in ("weight", "bias")
+    )
+    inputs = padded_batch(encoder_model.config)
+    with torch.no_grad():
+        expected = encoder_model(**inputs).last_hidden_state
+        encoded = model.get_encoder()(**inputs).last_hidden_state
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+    assert (encoded - expected).abs().max() <= TOLERANCE and torch.isfinite(loss)
+    torch.testing.assert_close(
+        model.model.decoder.layers[0].ffn.fc1.weight, decoder_model.encoder.layer[0].intermediate.dense.weight
+    )
+    assert model.lm_head.weight is model.model.encoder.embeddings.word_embeddings.weight
+
+
+def test_warm_start_refuses_checkpoints_of_different_shapes(saved_sources, tmp_path):
+    from modeling_selfattn import SelfAttnForConditionalGeneration
+
+    _, encoder_folder = saved_sources("bert", "Model")
+    random_source_model("BertModel", source_config("bert", intermediate_size=40)).save_pretrained(tmp_path)
+    with pytest.raises(ConversionError, match="intermediate_size: 37 vs 40"):
+        SelfAttnForConditionalGeneration.from_encoder_decoder_pretrained(encoder_folder, tmp_path)
+
+
+def test_auto_class_with_selfattn_config_loads_bert_checkpoint(saved_sources):
+    source_model, folder = saved_sources("bert", "ForTokenClassification")
+    config = SelfAttnConfig.from_pretrained(folder)
+    model = transformers.AutoModelForTokenClassification.from_pretrained(folder, config=config)
+    assert type(model).__name__ == "SelfAttnForTokenClassification"
+    assert max(max_diffs(source_model, model.eval(), "BertForTokenClassification").values()) <= TOLERANCE
+
+
+def test_export_refuses_a_foreign_folder(saved_sources):
+    _, folder = saved_sources("bert", "Model")
+    with pytest.raises(ConversionError, match="'bert' checkpoint, not a selfattn one"):
+        export_checkpoint(folder)

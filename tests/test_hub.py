@@ -1,0 +1,188 @@
+"""push_to_hub end to end against a stand-in for the Hub's HTTP API: what would be uploaded is recorded to a
+folder, checked (weights, config with auto_map, code, model card) and loaded as remote code in a fresh process
+without the selfattn package."""
+
+import json
+import shutil
+from pathlib import Path
+
+import huggingface_hub
+import pytest
+import torch
+from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, RepoUrl
+from huggingface_hub.errors import EntryNotFoundError
+from safetensors.torch import load_file
+
+from conftest import make_tiny_config
+from integration_helpers import assert_same_outputs, load_without_package, model_outputs
+from modeling_selfattn import SelfAttnForCausalLM, SelfAttnForSequenceClassification
+from modeling_selfattn.configuration_selfattn import AUTO_MAP
+from modeling_selfattn.hub_selfattn import GENERATED_MARKER, MODEL_CARD_TEMPLATE
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CODE_FILES = {"configuration_selfattn.py", "modeling_selfattn.py", "hub_selfattn.py"}
+
+
+class StandInHub:
+    """Answers the Hub calls that push_to_hub makes and keeps each repository's files under `root`."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.created_repos: list[str] = []
+        self.commits: list[dict] = []
+
+    def repo_folder(self, repo_id: str) -> Path:
+        return self.root / repo_id
+
+    def create_repo(self, repo_id, *, token=None, private=None, repo_type=None, exist_ok=False, **kwargs):
+        if self.repo_folder(repo_id).exists() and not exist_ok:
+            raise AssertionError(f"{repo_id} exists and exist_ok=False")
+        self.repo_folder(repo_id).mkdir(parents=True, exist_ok=True)
+        self.created_repos.append(repo_id)
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_commit(self, repo_id, operations, *, commit_message, **kwargs):
+        assert repo_id in self.created_repos, f"commit to {repo_id} before create_repo"
+        paths = []
+        for operation in operations:
+            assert isinstance(operation, CommitOperationAdd), operation
+            destination = self.repo_folder(repo_id) / operation.path_in_repo
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(operation.path_or_fileobj, destination)
+            paths.append(operation.path_in_repo)
+        self.commits.append({"repo_id": repo_id, "paths": sorted(paths), "message": commit_message})
+        return f"https://huggingface.co/{repo_id}/commit/{len(self.commits)}"
+
+    def hf_hub_download(self, repo_id, filename, **kwargs):
+        # ModelCard.load reads the repository's current README.md through this.
+        path = self.repo_folder(repo_id) / filename
+        if not path.exists():
+            raise EntryNotFoundError(f"{filename} is not in {repo_id}")
+        return str(path)
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    stand_in = StandInHub(tmp_path / "hub")
+    monkeypatch.setattr(HfApi, "create_repo", lambda api, *args, **kwargs: stand_in.create_repo(*args, **kwargs))
+    monkeypatch.setattr(HfApi, "create_commit", lambda api, *args, **kwargs: stand_in.create_commit(*args, **kwargs))
+    monkeypatch.setattr(huggingface_hub.repocard, "hf_hub_download", stand_in.hf_hub_download)
+    # Any call the stand-in does not answer fails instead of reaching the network.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return stand_in
+
+
+def labelled_classifier():
+    torch.manual_seed(0)
+    labels = {"id2label": {0: "negative", 1: "positive"}, "label2id": {"negative": 0, "positive": 1}}
+    config = make_tiny_config("encoder", **labels)
+    return SelfAttnForSequenceClassification(config)
+
+
+def classifier_inputs():
+    return {"input_ids": torch.randint(3, 99, (2, 6)), "attention_mask": torch.tensor([[1] * 6, [1] * 4 + [0] * 2])}
+
+
+def test_push_to_hub_uploads_weights_config_code_and_card(hub, tmp_path):
+    classifier = labelled_classifier()
+    classifier.push_to_hub("someone/selfattn-sentiment", tags=["sentiment"])
+    torch.manual_seed(1)
+    causal_lm = SelfAttnForCausalLM(make_tiny_config("decoder"))
+    causal_lm.push_to_hub("someone/selfattn-lm")
+
+    assert hub.created_repos == ["someone/selfattn-sentiment", "someone/selfattn-lm"]
+    assert [commit["repo_id"] for commit in hub.commits] == hub.created_repos
+    uploaded = set(hub.commits[0]["paths"])
+    assert {"config.json", "model.safetensors", "README.md"} | CODE_FILES <= uploaded, uploaded
+    assert not any(path.endswith((".bin", ".pt")) for path in uploaded), uploaded
+    assert "generation_config.json" in hub.commits[1]["paths"]
+
+    folder = hub.repo_folder("someone/selfattn-sentiment")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"] == AUTO_MAP
+    assert config["architectures"] == ["SelfAttnForSequenceClassification"]
+    weights = load_file(folder / "model.safetensors")
+    for name, tensor in classifier.state_dict().items():
+        assert torch.equal(weights[name], tensor), name
+
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.library_name == "transformers"
+    assert card.data.pipeline_tag == "text-classification"
+    assert {"selfattn", "sentiment"} <= set(card.data.tags)
+    text = card.text
+    assert GENERATED_MARKER in text
+    assert f"{classifier.num_parameters():,}" in text
+    config = classifier.config
+    assert f"hidden size {config.hidden_size}, {config.num_attention_heads} attention heads" in text
+    assert 'from_pretrained("someone/selfattn-sentiment", trust_remote_code=True)' in text
+    assert "from transformers import AutoModelForSequenceClassification" in text
+    assert "negative, positive" in text
+    assert "## Intended use" in text and "## Limits" in text
+    assert "text-generation" == ModelCard.load(hub.repo_folder("someone/selfattn-lm") / "README.md").data.pipeline_tag
+
+    inputs = classifier_inputs()
+    cases = {
+        "classifier": {
+            "auto_class": "AutoModelForSequenceClassification",
+            "folder": folder,
+            "inputs": inputs,
+            "expected": model_outputs(classifier, inputs),
+        },
+        "causal_lm": {
+            "auto_class": "AutoModelForCausalLM",
+            "folder": hub.repo_folder("someone/selfattn-lm"),
+            "inputs": inputs,
+            "generate": True,
+            "expected": model_outputs(causal_lm, inputs, generate=True),
+        },
+    }
+    work_dir = tmp_path / "fresh"
+    work_dir.mkdir()
+    loaded = load_without_package(cases, work_dir)
+    for name, case in cases.items():
+        assert loaded[name]["module"].startswith("transformers_modules."), loaded[name]["module"]
+        assert_same_outputs(case["expected"], loaded[name]["outputs"], name)
+
+
+def test_a_second_push_replaces_the_card_and_keeps_its_tags(hub):
+    model = labelled_classifier()
+    model.push_to_hub("someone/selfattn-sentiment")
+    readme = hub.repo_folder("someone/selfattn-sentiment") / "README.md"
+    card = ModelCard.load(readme)
+    card.data.tags.append("added-on-the-hub")
+    card.text = "A card edited by hand on the Hub."
+    card.save(readme)
+
+    model.config.id2label = {0: "bad", 1: "good"}
+    model.push_to_hub("someone/selfattn-sentiment")
+    card = ModelCard.load(readme)
+    assert "added-on-the-hub" in card.data.tags and "selfattn" in card.data.tags
+    assert GENERATED_MARKER in card.text and "bad, good" in card.text
+
+
+def test_save_pretrained_with_push_to_hub_uploads_the_generated_card(hub, tmp_path):
+    labelled_classifier().save_pretrained(tmp_path / "local", push_to_hub=True, repo_id="someone/pushed-on-save")
+    card = (hub.repo_folder("someone/pushed-on-save") / "README.md").read_text()
+    assert GENERATED_MARKER in card and "someone/pushed-on-save" in card
+    assert CODE_FILES <= set(hub.commits[0]["paths"])
+
+
+def test_save_pretrained_refreshes_its_card_but_keeps_a_hand_written_one(tmp_path):
+    model = labelled_classifier()
+    model.save_pretrained(tmp_path / "generated")
+    model.config.id2label = {0: "bad", 1: "good"}
+    model.save_pretrained(tmp_path / "generated")
+    card = (tmp_path / "generated" / "README.md").read_text()
+    assert GENERATED_MARKER in card and "bad, good" in card
+
+    (tmp_path / "hand").mkdir()
+    (tmp_path / "hand" / "README.md").write_text("# My model\n")
+    model.save_pretrained(tmp_path / "hand")
+    assert (tmp_path / "hand" / "README.md").read_text() == "# My model\n"
+
+
+def test_model_card_template_matches_model_card_md():
+    assert (REPO_ROOT / "model_card.md").read_text() == MODEL_CARD_TEMPLATE, (
+        "model_card.md and MODEL_CARD_TEMPLATE in modeling_selfattn/hub_selfattn.py differ: make them identical"
+    )
+    assert GENERATED_MARKER in MODEL_CARD_TEMPLATE

