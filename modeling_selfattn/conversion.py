@@ -152,6 +152,21 @@ RELU_POOLED = {"add_pooling_layer": True, "pooler_activation": "relu"}
 GELU_POOLED = {"add_pooling_layer": True, "pooler_activation": "gelu"}
 NOT_POOLED = {"add_pooling_layer": False}
 
+def encoder_heads(base: dict, classification: dict, multiple_choice: Head | None = None, **extra: Head) -> dict:
+    """The heads every encoder family has: the bare model with the `base` pooler settings, sequence
+    classification and multiple choice with the `classification` ones (unless `multiple_choice` is given), and
+    `extra` heads by class-name suffix."""
+    return {
+        "Model": Head("SelfAttnModel", base),
+        "ForMaskedLM": Head("SelfAttnForMaskedLM"),
+        "ForSequenceClassification": Head("SelfAttnForSequenceClassification", classification),
+        "ForTokenClassification": Head("SelfAttnForTokenClassification"),
+        "ForQuestionAnswering": Head("SelfAttnForQuestionAnswering"),
+        "ForMultipleChoice": multiple_choice or Head("SelfAttnForMultipleChoice", classification),
+        **extra,
+    }
+
+
 ENCODER_ONLY = {
     "decoder_layers": 0,
     "position_embedding_type": "learned",
@@ -204,15 +219,7 @@ BERT = Family(
     )
     + (Rename("cls.seq_relationship.*", "next_sentence.*"),)
     + TASK_TENSORS,
-    heads={
-        "Model": Head("SelfAttnModel", POOLED),
-        "ForPreTraining": Head("SelfAttnForPreTraining", POOLED),
-        "ForMaskedLM": Head("SelfAttnForMaskedLM"),
-        "ForSequenceClassification": Head("SelfAttnForSequenceClassification", POOLED),
-        "ForTokenClassification": Head("SelfAttnForTokenClassification"),
-        "ForQuestionAnswering": Head("SelfAttnForQuestionAnswering"),
-        "ForMultipleChoice": Head("SelfAttnForMultipleChoice", POOLED),
-    },
+    heads=encoder_heads(POOLED, POOLED, ForPreTraining=Head("SelfAttnForPreTraining", POOLED)),
     config_renames=BERT_CONFIG_RENAMES,
     config_fixed=ENCODER_ONLY,
     config_requirements=ENCODER_REQUIREMENTS,
@@ -248,14 +255,8 @@ ROBERTA = replace(
     )
     + classifier_head("classifier.dense", "classifier.out_proj")
     + TASK_TENSORS,
-    heads={
-        "Model": Head("SelfAttnModel", POOLED),
-        "ForMaskedLM": Head("SelfAttnForMaskedLM"),
-        "ForSequenceClassification": Head("SelfAttnForSequenceClassification", POOLED),
-        "ForTokenClassification": Head("SelfAttnForTokenClassification"),
-        "ForQuestionAnswering": Head("SelfAttnForQuestionAnswering"),
-        "ForMultipleChoice": Head("SelfAttnForMultipleChoice", POOLED),
-    },
+    # The classification head's dense + tanh is a pooler.
+    heads=encoder_heads(POOLED, POOLED),
     # position_offset and max_position_embeddings come from roberta_positions.
     config_fixed={**{k: v for k, v in ENCODER_ONLY.items() if k != "position_offset"}, "padding_aware_positions": True},
     config_to_selfattn=roberta_positions,
@@ -291,15 +292,8 @@ DISTILBERT = Family(
     head_tensors=lm_head("vocab_transform", "vocab_layer_norm", "vocab_projector", ("vocab_projector.bias",))
     + (Rename("pre_classifier.*", "model.pooler.dense.*"),)
     + TASK_TENSORS,
-    heads={
-        "Model": Head("SelfAttnModel", NOT_POOLED),
-        "ForMaskedLM": Head("SelfAttnForMaskedLM"),
-        # pre_classifier + ReLU is a pooler with a ReLU.
-        "ForSequenceClassification": Head("SelfAttnForSequenceClassification", RELU_POOLED),
-        "ForTokenClassification": Head("SelfAttnForTokenClassification"),
-        "ForQuestionAnswering": Head("SelfAttnForQuestionAnswering"),
-        "ForMultipleChoice": Head("SelfAttnForMultipleChoice", RELU_POOLED),
-    },
+    # No pooler in the bare model; pre_classifier + ReLU is a pooler with a ReLU.
+    heads=encoder_heads(NOT_POOLED, RELU_POOLED),
     config_renames=same("vocab_size", "max_position_embeddings", "initializer_range", "attention_dropout")
     + (
         ("dim", "hidden_size"),
@@ -348,20 +342,18 @@ ELECTRA = replace(
     )
     + classifier_head("classifier.dense", "classifier.out_proj")
     + TASK_TENSORS,
-    heads={
-        "Model": Head("SelfAttnModel", NOT_POOLED),
-        "ForPreTraining": Head("SelfAttnForReplacedTokenDetection"),
-        "ForMaskedLM": Head("SelfAttnForMaskedLM"),
-        # ELECTRA's classification head uses gelu where BERT's pooler uses tanh.
-        "ForSequenceClassification": Head("SelfAttnForSequenceClassification", GELU_POOLED),
-        "ForTokenClassification": Head("SelfAttnForTokenClassification"),
-        "ForQuestionAnswering": Head("SelfAttnForQuestionAnswering"),
-        "ForMultipleChoice": Head(
+    # No pooler in the bare model; the classification head's dense uses gelu where BERT's pooler uses tanh, and
+    # the multiple-choice head's sequence summary (first token, dense, activation) is a pooler too.
+    heads=encoder_heads(
+        NOT_POOLED,
+        GELU_POOLED,
+        Head(
             "SelfAttnForMultipleChoice",
             {"add_pooling_layer": True, "pooler_activation": SourceField("summary_activation")},
             {"summary_type": "first", "summary_use_proj": True},
         ),
-    },
+        ForPreTraining=Head("SelfAttnForReplacedTokenDetection"),
+    ),
     config_fixed={key: value for key, value in ENCODER_ONLY.items() if key != "embedding_size"},
     config_to_selfattn=electra_embedding_size,
     config_from_selfattn=electra_embedding_size_back,
@@ -450,18 +442,22 @@ def selfattn_config_kwargs(config_dict: dict, architecture: str) -> tuple[dict, 
     )
     if family.config_to_selfattn is not None:
         kwargs.update(family.config_to_selfattn(source))
-    if family.lm_head_activation and head.target in ("SelfAttnForMaskedLM", "SelfAttnForPreTraining"):
-        if kwargs["hidden_act"] != family.lm_head_activation:
-            raise ConversionError(
-                f"The {family.name} MLM head applies {family.lm_head_activation} whatever hidden_act is, but this "
-                f"config has hidden_act={kwargs['hidden_act']!r}; selfattn's MLM head uses hidden_act, so the "
-                "head cannot be converted exactly (the encoder alone can: convert it as the base model)."
-            )
+    check_lm_head_activation(family, head, kwargs["hidden_act"])
     used = {name for name, _ in family.config_renames} | set(SHARED_CONFIG_FIELDS) | set(family.config_requirements)
     used |= set(head.requirements) | {value.name for value in fixed.values() if isinstance(value, SourceField)}
     generic = set(generic_config_fields())
     not_carried = sorted(name for name in source if name not in used and name not in generic)
     return kwargs, not_carried
+
+
+def check_lm_head_activation(family: Family, head: Head, hidden_act: str) -> None:
+    if family.lm_head_activation and head.target in ("SelfAttnForMaskedLM", "SelfAttnForPreTraining"):
+        if hidden_act != family.lm_head_activation:
+            raise ConversionError(
+                f"The {family.name} MLM head applies {family.lm_head_activation} whatever hidden_act is, but this "
+                f"config has hidden_act={hidden_act!r}; selfattn's MLM head uses hidden_act, so the head cannot be "
+                "converted exactly (the encoder alone can: convert it as the base model)."
+            )
 
 
 def generic_config_fields() -> dict:
@@ -493,6 +489,7 @@ def source_config_dict(config: SelfAttnConfig, family: Family) -> dict:
     values = config.to_dict()
     architecture = architecture_for(family, (config.architectures or ["SelfAttnModel"])[0])
     head = head_for(family, architecture)
+    check_lm_head_activation(family, head, values["hidden_act"])
     source = {name: values[name] for name in SHARED_CONFIG_FIELDS if name in values}
     source.update({source_name: values[target_name] for source_name, target_name in family.config_renames})
     impossible = []
