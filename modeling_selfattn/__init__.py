@@ -20,6 +20,7 @@ from transformers import (
 from transformers.models.auto import modeling_auto
 
 from .configuration_selfattn import SelfAttnConfig
+from .pipelines import register_pipelines
 from .modeling_selfattn import (
     SelfAttnForCausalLM,
     SelfAttnForConditionalGeneration,
@@ -83,6 +84,7 @@ def _register_with_peft() -> None:
 
 
 register()
+register_pipelines()
 
 __all__ = [
     "SelfAttnConfig",

@@ -1,0 +1,131 @@
+"""Pipelines for tasks that transformers 5 removed (it now refuses `question-answering`,
+`text2text-generation`, `translation` and `summarization` by name): extractive question answering over a
+QA head and generation with an encoder-decoder. Registered on import under names transformers does not
+reserve, so they work with `pipeline(...)` for selfattn and any model of the matching Auto class:
+
+    pipeline("extractive-question-answering", model=folder)(question=..., context=...)
+    pipeline("seq2seq-translation", model=folder)("a sentence", num_beams=4)
+
+The classes can also be built directly: QuestionAnsweringPipeline(model=model, tokenizer=tokenizer).
+"""
+
+import torch
+from transformers import AutoModelForQuestionAnswering, AutoModelForSeq2SeqLM, Pipeline
+from transformers.pipelines import PIPELINE_REGISTRY, SUPPORTED_TASKS
+
+
+class QuestionAnsweringPipeline(Pipeline):
+    """Finds the answer span of a question in a context. Long contexts are read in overlapping windows
+    (`doc_stride`); the best span over all windows wins. Returns {"answer", "score", "start", "end"} with
+    character offsets into the context, or a list of `top_k` of them."""
+
+    def _sanitize_parameters(self, top_k=None, max_answer_len=None, max_seq_len=None, doc_stride=None, **kwargs):
+        preprocess = {key: value for key, value in (("max_seq_len", max_seq_len), ("doc_stride", doc_stride)) if value}
+        postprocess = {key: value for key, value in (("top_k", top_k), ("max_answer_len", max_answer_len)) if value}
+        return preprocess, {}, postprocess
+
+    def __call__(self, question=None, context=None, **kwargs):
+        if question is not None and context is not None:
+            return super().__call__({"question": question, "context": context}, **kwargs)
+        return super().__call__(question if question is not None else kwargs.pop("inputs"), **kwargs)
+
+    def preprocess(self, inputs, max_seq_len=384, doc_stride=128):
+        question, context = inputs["question"], inputs["context"]
+        if not question.strip() or not context.strip():
+            raise ValueError("question-answering needs a non-empty question and context.")
+        if not self.tokenizer.is_fast:
+            raise ValueError("question-answering needs a fast tokenizer (it maps tokens back to characters).")
+        encoded = self.tokenizer(
+            question,
+            context,
+            truncation="only_second",
+            max_length=min(max_seq_len, self.tokenizer.model_max_length),
+            stride=min(doc_stride, max_seq_len // 2),
+            return_overflowing_tokens=True,
+            return_offsets_mapping=True,
+            padding=True,
+            return_tensors="pt",
+        )
+        in_context = torch.tensor(
+            [[sequence == 1 for sequence in encoded.sequence_ids(i)] for i in range(len(encoded["input_ids"]))]
+        )
+        model_inputs = {name: encoded[name] for name in self.tokenizer.model_input_names if name in encoded}
+        return {**model_inputs, "offsets": encoded["offset_mapping"], "in_context": in_context, "context": context}
+
+    def _forward(self, inputs):
+        model_inputs = {name: inputs[name] for name in self.tokenizer.model_input_names if name in inputs}
+        outputs = self.model(**model_inputs)
+        return {
+            "start_logits": outputs.start_logits,
+            "end_logits": outputs.end_logits,
+            **{name: inputs[name] for name in ("offsets", "in_context", "context")},
+        }
+
+    def postprocess(self, outputs, top_k=1, max_answer_len=30):
+        mask = outputs["in_context"]
+        start = outputs["start_logits"].float().masked_fill(~mask, float("-inf")).softmax(-1)
+        end = outputs["end_logits"].float().masked_fill(~mask, float("-inf")).softmax(-1)
+        # score[w, i, j] = p(start = i) * p(end = j), for spans i <= j shorter than max_answer_len
+        scores = start[:, :, None] * end[:, None, :]
+        length = scores.shape[-1]
+        allowed = torch.ones(length, length, dtype=torch.bool).triu().tril(max_answer_len - 1)
+        scores = scores.masked_fill(~allowed, 0.0)
+        best = torch.topk(scores.flatten(), k=min(top_k, scores.numel()))
+        answers = []
+        for score, index in zip(best.values.tolist(), best.indices.tolist()):
+            window, rest = divmod(index, length * length)
+            first, last = divmod(rest, length)
+            start_char = int(outputs["offsets"][window, first, 0])
+            end_char = int(outputs["offsets"][window, last, 1])
+            answers.append(
+                {"score": score, "start": start_char, "end": end_char, "answer": outputs["context"][start_char:end_char]}
+            )
+        return answers[0] if top_k == 1 else answers
+
+
+class Text2TextGenerationPipeline(Pipeline):
+    """Encodes the text, runs `generate()` with the model's generation config (overridable per call), and
+    decodes. The result key follows the task: generated_text, translation_text or summary_text."""
+
+    _pipeline_calls_generate = True
+    result_key = "generated_text"
+
+    def _sanitize_parameters(self, truncation=None, skip_special_tokens=None, **generate_kwargs):
+        preprocess = {"truncation": truncation} if truncation is not None else {}
+        postprocess = {"skip_special_tokens": skip_special_tokens} if skip_special_tokens is not None else {}
+        return preprocess, generate_kwargs, postprocess
+
+    def preprocess(self, text, truncation=True):
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{self.task or 'text2text-generation'} needs a non-empty string, got {text!r}.")
+        return self.tokenizer(text, truncation=truncation, return_tensors="pt")
+
+    def _forward(self, model_inputs, **generate_kwargs):
+        model_inputs = {name: value for name, value in model_inputs.items() if name != "token_type_ids"}
+        return {"output_ids": self.model.generate(**model_inputs, **generate_kwargs)}
+
+    def postprocess(self, outputs, skip_special_tokens=True):
+        texts = self.tokenizer.batch_decode(outputs["output_ids"], skip_special_tokens=skip_special_tokens)
+        return [{self.result_key: text.strip()} for text in texts]
+
+
+class TranslationPipeline(Text2TextGenerationPipeline):
+    result_key = "translation_text"
+
+
+class SummarizationPipeline(Text2TextGenerationPipeline):
+    result_key = "summary_text"
+
+
+TASKS = {
+    "extractive-question-answering": (QuestionAnsweringPipeline, AutoModelForQuestionAnswering),
+    "seq2seq-generation": (Text2TextGenerationPipeline, AutoModelForSeq2SeqLM),
+    "seq2seq-translation": (TranslationPipeline, AutoModelForSeq2SeqLM),
+    "seq2seq-summarization": (SummarizationPipeline, AutoModelForSeq2SeqLM),
+}
+
+
+def register_pipelines() -> None:
+    for task, (pipeline_class, auto_class) in TASKS.items():
+        if task not in SUPPORTED_TASKS:
+            PIPELINE_REGISTRY.register_pipeline(task, pipeline_class=pipeline_class, pt_model=auto_class, type="text")
