@@ -15,7 +15,7 @@ TORCH ?= torch==2.13.0
 TRANSFORMERS_FLOOR ?= 5.24.0
 TRANSFORMERS_RANGE ?= >=5.24,<6
 PYTEST_ARGS ?=
-PIP := python -m pip install --quiet --disable-pip-version-check
+PIP := python -m pip install --quiet --quiet --disable-pip-version-check
 
 .PHONY: demo test
 
@@ -29,7 +29,7 @@ endef
 
 # $(call pytest,VENV): pytest's exit 5 (no test collected) fails the run like any other error.
 define pytest
-	echo "== tests with transformers $$($(1)/bin/python -c 'import transformers; print(transformers.__version__)')"
+	@echo "== tests with transformers $$($(1)/bin/python -c 'import transformers; print(transformers.__version__)')"
 	status=0; $(1)/bin/python -m pytest $(PYTEST_ARGS) || status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; fi; \
 	exit $$status
@@ -42,7 +42,7 @@ demo:
 test:
 	$(call install,$(VENV),'transformers==$(TRANSFORMERS_FLOOR)')
 	$(call pytest,$(VENV))
-	newest=$$($(VENV)/bin/python -m pip install --quiet --dry-run --ignore-installed --no-deps --report - \
+	newest=$$($(VENV)/bin/$(PIP) --dry-run --ignore-installed --no-deps --report - \
 		'transformers$(TRANSFORMERS_RANGE)' | $(VENV)/bin/python -c \
 		'import json, sys; print(json.load(sys.stdin)["install"][0]["metadata"]["version"])'); \
 	if [ "$$newest" = "$(TRANSFORMERS_FLOOR)" ]; then \

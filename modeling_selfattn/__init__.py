@@ -50,7 +50,7 @@ HEADS = {
     AutoModelForPreTraining: (SelfAttnForPreTraining, "MODEL_FOR_PRETRAINING_MAPPING_NAMES"),
 }
 
-# Adapters go on the attention projections and the FFN, the usual choice for BERT- and BART-like models.
+# LoRA adapters go on the query and value projections, the usual default for BERT- and BART-like models.
 PEFT_TARGET_MODULES = ["q_proj", "v_proj"]
 
 

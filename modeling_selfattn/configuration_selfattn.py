@@ -62,6 +62,28 @@ class SelfAttnConfig(PreTrainedConfig):
 
     model_type = "selfattn"
     keys_to_ignore_at_inference = ["cache", "past_key_values"]
+    # Tensor parallelism (from_pretrained(..., distributed_config=DistributedConfig(tp_plan="auto"))), named from the
+    # bare model: each attention splits its heads across devices (q/k/v by output columns, o by input rows, one
+    # all-reduce after o_proj), each FFN its inner width (fc1 by columns, fc2 by rows). Embeddings, LayerNorms and
+    # task heads stay whole on every device. The plan needs num_attention_heads divisible by the number of devices.
+    base_model_tp_plan = {
+        "encoder.layers.*.self_attn.q_proj": "colwise",
+        "encoder.layers.*.self_attn.k_proj": "colwise",
+        "encoder.layers.*.self_attn.v_proj": "colwise",
+        "encoder.layers.*.self_attn.o_proj": "rowwise",
+        "encoder.layers.*.ffn.fc1": "colwise",
+        "encoder.layers.*.ffn.fc2": "rowwise",
+        "decoder.layers.*.self_attn.q_proj": "colwise",
+        "decoder.layers.*.self_attn.k_proj": "colwise",
+        "decoder.layers.*.self_attn.v_proj": "colwise",
+        "decoder.layers.*.self_attn.o_proj": "rowwise",
+        "decoder.layers.*.cross_attn.q_proj": "colwise",
+        "decoder.layers.*.cross_attn.k_proj": "colwise",
+        "decoder.layers.*.cross_attn.v_proj": "colwise",
+        "decoder.layers.*.cross_attn.o_proj": "rowwise",
+        "decoder.layers.*.ffn.fc1": "colwise",
+        "decoder.layers.*.ffn.fc2": "rowwise",
+    }
 
     vocab_size: int = 30522
     hidden_size: int = 768
@@ -103,6 +125,9 @@ class SelfAttnConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
         self.is_encoder_decoder = self.encoder_layers > 0 and self.decoder_layers > 0
+        # transformers 5 keeps the two label maps apart, and pipelines read both: derive the missing one.
+        if self.id2label is not None and self.label2id is None:
+            self.label2id = {label: index for index, label in self.id2label.items()}
         self.check()
 
     @classmethod

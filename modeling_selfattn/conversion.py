@@ -1,5 +1,6 @@
 """Convert BERT-family checkpoints of transformers (BERT, RoBERTa, XLM-RoBERTa, DistilBERT, ELECTRA, and
-BERT-layout models such as MiniLM) to selfattn, and back.
+BERT-layout models such as MiniLM) to selfattn, and back; and encoder-decoder checkpoints (Marian, BART) to
+selfattn.
 
 A family is data, not code: a `Family` lists how tensor names map (`Rename` templates where `{layer}` is a
 layer index and `*` one name part such as `weight` or `bias`, plus `Drop` entries that say why a tensor has no
@@ -87,6 +88,8 @@ class Family:
     config_from_selfattn: Callable[[dict], dict] | None = None  # and back
     # transformers applies this activation in the MLM head whatever hidden_act is; selfattn uses hidden_act.
     lm_head_activation: str | None = None
+    # Pairs of source fields that one selfattn field describes (e.g. encoder and decoder heads): they must agree.
+    config_same: tuple = ()
 
     def architecture(self, suffix: str) -> str:
         return self.class_prefix + suffix
@@ -360,7 +363,125 @@ ELECTRA = replace(
     lm_head_activation="gelu",
 )
 
-FAMILIES = {family.model_type: family for family in (BERT, ROBERTA, XLM_ROBERTA, DISTILBERT, ELECTRA)}
+
+def seq2seq_layers(stack: str) -> tuple:
+    """The layers of a BART-layout stack (Marian, BART): fairseq's names, cross-attention in the decoder."""
+    attention = (("q_proj", "q_proj"), ("k_proj", "k_proj"), ("v_proj", "v_proj"), ("out_proj", "o_proj"))
+    pairs = [(f"self_attn.{source}", f"self_attn.{target}") for source, target in attention]
+    if stack == "decoder":
+        pairs += [(f"encoder_attn.{source}", f"cross_attn.{target}") for source, target in attention]
+        pairs.append(("encoder_attn_layer_norm", "cross_attn_layer_norm"))
+    pairs += [
+        ("self_attn_layer_norm", "self_attn_layer_norm"),
+        ("fc1", "ffn.fc1"),
+        ("fc2", "ffn.fc2"),
+        ("final_layer_norm", "ffn_layer_norm"),  # the layer's last LayerNorm, after the FFN
+    ]
+    return modules(stack + ".layers.{layer}.", f"model.{stack}.layers.{{layer}}.", pairs)
+
+
+SEQ2SEQ_TOKENS = (
+    # One token table for both stacks (and, tied, the LM head): selfattn keeps it in the encoder's embeddings.
+    Rename("shared.weight", EMBEDDINGS + "word_embeddings.weight"),
+    Rename("encoder.embed_tokens.weight", EMBEDDINGS + "word_embeddings.weight"),
+    Rename("decoder.embed_tokens.weight", "model.decoder.embeddings.word_embeddings.weight"),
+)
+SEQ2SEQ_HEAD_TENSORS = (
+    Rename("lm_head.weight", "lm_head.weight"),
+    Rename("final_logits_bias", "final_logits_bias"),
+)
+SEQ2SEQ_CONFIG_RENAMES = same(
+    "vocab_size",
+    "encoder_layers",
+    "decoder_layers",
+    "max_position_embeddings",
+    "attention_dropout",
+    "activation_dropout",
+    "scale_embedding",
+    "decoder_start_token_id",
+) + (
+    ("d_model", "hidden_size"),
+    ("encoder_attention_heads", "num_attention_heads"),
+    ("encoder_ffn_dim", "intermediate_size"),
+    ("activation_function", "hidden_act"),
+    ("dropout", "hidden_dropout_prob"),
+    ("init_std", "initializer_range"),
+)
+SEQ2SEQ_CONFIG_SAME = (
+    ("decoder_attention_heads", "encoder_attention_heads"),
+    ("decoder_ffn_dim", "encoder_ffn_dim"),
+)
+ENCODER_DECODER = {
+    "padding_aware_positions": False,
+    "type_vocab_size": 0,
+    "embedding_size": None,
+    "pre_layer_norm": False,
+    "layer_norm_eps": 1e-5,  # nn.LayerNorm's default, which both families use
+    "add_pooling_layer": False,
+    "add_final_logits_bias": True,
+}
+SEQ2SEQ_HEADS = {"Model": Head("SelfAttnModel")}
+
+MARIAN = Family(
+    name="marian",
+    model_type="marian",
+    class_prefix="Marian",
+    base_prefix="model",
+    backbone=SEQ2SEQ_TOKENS
+    + seq2seq_layers("encoder")
+    + seq2seq_layers("decoder")
+    + tuple(
+        Drop(f"{stack}.embed_positions.weight", "the fixed sinusoidal table, which selfattn computes identically")
+        for stack in ("encoder", "decoder")
+    ),
+    head_tensors=SEQ2SEQ_HEAD_TENSORS,
+    heads={**SEQ2SEQ_HEADS, "MTModel": Head("SelfAttnForConditionalGeneration")},
+    config_renames=SEQ2SEQ_CONFIG_RENAMES,
+    # Sinusoidal positions from 0 (sines then cosines), no embedding LayerNorm, post-LN layers.
+    config_fixed={
+        **ENCODER_DECODER,
+        "position_embedding_type": "sinusoidal",
+        "position_offset": 0,
+        "embedding_layer_norm": False,
+    },
+    # A separate decoder vocabulary would need a second token table.
+    config_requirements={"share_encoder_decoder_embeddings": True, "is_decoder": False},
+    config_same=SEQ2SEQ_CONFIG_SAME + (("decoder_vocab_size", "vocab_size"),),
+)
+
+BART = Family(
+    name="bart",
+    model_type="bart",
+    class_prefix="Bart",
+    base_prefix="model",
+    backbone=SEQ2SEQ_TOKENS
+    + seq2seq_layers("encoder")
+    + seq2seq_layers("decoder")
+    + tuple(
+        rule
+        for stack in ("encoder", "decoder")
+        for rule in (
+            Rename(f"{stack}.embed_positions.weight", f"model.{stack}.embeddings.position_embeddings.weight"),
+            Rename(f"{stack}.layernorm_embedding.*", f"model.{stack}.embeddings.layer_norm.*"),
+        )
+    ),
+    head_tensors=SEQ2SEQ_HEAD_TENSORS,
+    heads={**SEQ2SEQ_HEADS, "ForConditionalGeneration": Head("SelfAttnForConditionalGeneration")},
+    config_renames=SEQ2SEQ_CONFIG_RENAMES,
+    # Learned positions with two reserved rows (fairseq's), a LayerNorm over the embeddings, post-LN layers.
+    config_fixed={
+        **ENCODER_DECODER,
+        "position_embedding_type": "learned",
+        "position_offset": 2,
+        "embedding_layer_norm": True,
+    },
+    config_requirements={"is_decoder": False},
+    config_same=SEQ2SEQ_CONFIG_SAME,
+)
+
+FAMILIES = {
+    family.model_type: family for family in (BERT, ROBERTA, XLM_ROBERTA, DISTILBERT, ELECTRA, MARIAN, BART)
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -433,6 +554,16 @@ def selfattn_config_kwargs(config_dict: dict, architecture: str) -> tuple[dict, 
     source = full_source_config(config_dict)
     head = head_for(family, architecture)
     check_requirements(source, {**family.config_requirements, **head.requirements}, f"This {family.name} config")
+    disagreements = [
+        f"{first}={source.get(first)!r} but {second}={source.get(second)!r}"
+        for first, second in family.config_same
+        if source.get(first) != source.get(second)
+    ]
+    if disagreements:
+        raise ConversionError(
+            f"This {family.name} config cannot be converted: " + "; ".join(disagreements) + ". selfattn gives both "
+            "stacks one value for each of these."
+        )
 
     kwargs = {name: source[name] for name in SHARED_CONFIG_FIELDS if name in source}
     kwargs.update({target_name: source[source_name] for source_name, target_name in family.config_renames})
@@ -445,6 +576,7 @@ def selfattn_config_kwargs(config_dict: dict, architecture: str) -> tuple[dict, 
     check_lm_head_activation(family, head, kwargs["hidden_act"])
     used = {name for name, _ in family.config_renames} | set(SHARED_CONFIG_FIELDS) | set(family.config_requirements)
     used |= set(head.requirements) | {value.name for value in fixed.values() if isinstance(value, SourceField)}
+    used |= {name for pair in family.config_same for name in pair}
     generic = set(generic_config_fields())
     not_carried = sorted(name for name in source if name not in used and name not in generic)
     return kwargs, not_carried
@@ -461,9 +593,11 @@ def check_lm_head_activation(family: Family, head: Head, hidden_act: str) -> Non
 
 
 def generic_config_fields() -> dict:
-    from transformers import PreTrainedConfig
+    """Fields every config has, and decoding settings (which travel in the generation config instead, see
+    `source_generation_config`)."""
+    from transformers import GenerationConfig, PreTrainedConfig
 
-    return PreTrainedConfig().to_dict()
+    return {**GenerationConfig().to_dict(), **PreTrainedConfig().to_dict()}
 
 
 def source_architecture(family: Family, config_dict: dict) -> str:
@@ -643,8 +777,10 @@ TOKENIZER_FILES = (
     "merges.txt",
     "sentencepiece.bpe.model",
     "spiece.model",
+    "source.spm",  # Marian: one SentencePiece model per language
+    "target.spm",
 )
-HUB_FILE_PATTERNS = ["*.json", "*.txt", "*.model", "*.md"]
+HUB_FILE_PATTERNS = ["*.json", "*.txt", "*.model", "*.spm", "*.md"]
 
 
 def resolve_folder(source: str | os.PathLike, **download_kwargs) -> Path:
@@ -796,7 +932,19 @@ def convert_checkpoint(
     converted = match_tensors(report, state_dict, names, shapes, tied, progress)
     report.check()
     model = model_class.from_pretrained(None, config=config, state_dict=converted)
+    if model.can_generate():
+        model.generation_config = source_generation_config(folder)
     return model.eval(), report
+
+
+def source_generation_config(folder: Path):
+    """The source's decoding defaults (generation_config.json, else those its config.json holds, as transformers
+    reads them), so that generate() on the converted model decodes as the source model does."""
+    from transformers import AutoConfig, GenerationConfig
+
+    if (Path(folder) / "generation_config.json").is_file():
+        return GenerationConfig.from_pretrained(folder)
+    return GenerationConfig.from_model_config(AutoConfig.from_pretrained(folder))
 
 
 def foreign_checkpoint_kwargs(model_class: type, source, kwargs: dict) -> dict | None:
@@ -889,7 +1037,8 @@ def warm_start_kwargs(encoder_source, decoder_source=None, **kwargs) -> dict:
     download_kwargs = {name: kwargs.get(name) for name in ("revision", "cache_dir", "token", "local_files_only")}
     encoder_config, encoder, _ = encoder_checkpoint(encoder_source, download_kwargs)
     if decoder_source is None or str(decoder_source) == str(encoder_source):
-        decoder_config, decoder = encoder_config, encoder
+        # Copies: from_pretrained keeps the given tensors, and shared ones would tie the two stacks together.
+        decoder_config, decoder = encoder_config, {name: tensor.clone() for name, tensor in encoder.items()}
     else:
         decoder_config, decoder, _ = encoder_checkpoint(decoder_source, download_kwargs)
     disagreements = [
@@ -1047,6 +1196,50 @@ def verify(source: str | os.PathLike, model: torch.nn.Module, texts=SAMPLE_TEXTS
     return diffs
 
 
+SEQ2SEQ_STRATEGIES = {"greedy": {"num_beams": 1, "do_sample": False}, "beam": {"num_beams": 4, "do_sample": False}}
+
+
+def verify_seq2seq(
+    source: str | os.PathLike, model: torch.nn.Module, texts=SAMPLE_TEXTS, max_new_tokens: int = 16
+) -> tuple[dict[str, float], dict[str, int]]:
+    """Run the source transformers encoder-decoder and `model` on a padded batch of `texts`. Returns the max abs
+    differences of the logits (teacher-forced on the source's greedy output) and of the encoder output, and, per
+    decoding strategy (greedy, 4-beam search), how many sequences of the batch differ in their tokens."""
+    import transformers
+
+    folder = resolve_folder(source)
+    family = family_for(read_config(folder).get("model_type"))
+    architecture = architecture_for(family, type(model).__name__)
+    reference = getattr(transformers, architecture).from_pretrained(folder, dtype=torch.float32).eval()
+    try:
+        inputs = sample_inputs(folder, reference.config, texts)
+    except (ImportError, OSError, ValueError) as error:
+        raise ConversionError(
+            f"The tokenizer of {source} does not load ({type(error).__name__}: {error}); install what it needs "
+            "(Marian tokenizers need `pip install sentencepiece`) to verify on sample text."
+        ) from error
+    model = model.float().eval()
+    with torch.no_grad():
+        tokens = {
+            name: [m.generate(**inputs, **options, max_new_tokens=max_new_tokens) for m in (reference, model)]
+            for name, options in SEQ2SEQ_STRATEGIES.items()
+        }
+        forced = dict(inputs, decoder_input_ids=tokens["greedy"][0])
+        expected, actual = reference(**forced), model(**forced)
+    mismatches = {
+        name: len(ours) if ours.shape != theirs.shape else int((ours != theirs).any(dim=1).sum())
+        for name, (theirs, ours) in tokens.items()
+    }
+    real = inputs["attention_mask"].bool()  # the encoder output at padding is read by nothing (selfattn zeroes it)
+    diffs = {
+        "logits": max_abs_diff(expected.logits, actual.logits),
+        "encoder_last_hidden_state": max_abs_diff(
+            expected.encoder_last_hidden_state[real], actual.encoder_last_hidden_state[real]
+        ),
+    }
+    return diffs, mismatches
+
+
 __all__ = [
     "ConversionError",
     "ConversionReport",
@@ -1062,4 +1255,5 @@ __all__ = [
     "selfattn_config_kwargs",
     "source_config_dict",
     "verify",
+    "verify_seq2seq",
 ]

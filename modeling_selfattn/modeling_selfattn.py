@@ -10,6 +10,7 @@ Only relative imports among the model files, so that `save_pretrained` can ship 
 """
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -206,6 +207,95 @@ def eager_attention_forward(
     return output, probabilities
 
 
+# Unpadding pays once padding is at least this share of a batch's tokens; below it, the attention calls per
+# distinct length (see PackedSequences.attend) cost about what the skipped padding would.
+MIN_PADDING_SHARE_TO_UNPAD = 0.2
+
+
+@dataclass
+class PackedSequences:
+    """A padded batch with its padding removed: the real tokens of every sequence, one sequence after another
+    (longest first), in one row of `num_tokens`. Linear layers, the FFN and LayerNorm treat tokens one at a time,
+    so they run on the packed row unchanged and skip the padding's cost; `attend` confines attention to each
+    sequence. The encoder packs after its embeddings and restores the padded layout at the end (zeros at padding).
+    """
+
+    token_indices: torch.Tensor  # where each packed token sits in the flattened (batch * length) padded layout
+    length_groups: list[tuple[int, int, int]]  # (first packed token, number of sequences, their length)
+    cu_seq_lens: torch.Tensor  # int32 start of each sequence in the row, then num_tokens: for varlen kernels
+    max_length: int
+    padded_shape: tuple[int, int]
+
+    @classmethod
+    def from_attention_mask(cls, attention_mask: torch.Tensor) -> "PackedSequences":
+        real = attention_mask.bool()
+        lengths = real.sum(1)
+        order = torch.argsort(lengths, descending=True, stable=True)
+        rows, columns = real[order].nonzero(as_tuple=True)  # row-major: sequence after sequence, tokens in order
+        token_indices = order[rows] * real.shape[1] + columns
+        sorted_lengths = [length for length in lengths[order].tolist() if length > 0]
+        length_groups, start = [], 0
+        for length in sorted_lengths:  # sequences of one length are adjacent: one group each
+            if length_groups and length_groups[-1][2] == length:
+                first, count, _ = length_groups[-1]
+                length_groups[-1] = (first, count + 1, length)
+            else:
+                length_groups.append((start, 1, length))
+            start += length
+        cu_seq_lens = torch.tensor([0, *sorted_lengths], device=attention_mask.device).cumsum(0).int()
+        return cls(token_indices, length_groups, cu_seq_lens, max(sorted_lengths, default=0), tuple(real.shape))
+
+    def pack(self, padded: torch.Tensor) -> torch.Tensor:
+        """(batch, length, features) -> (1, num_tokens, features)."""
+        return padded.flatten(0, 1).index_select(0, self.token_indices).unsqueeze(0)
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        """(1, num_tokens, features) -> (batch, length, features), zeros at padding."""
+        padded = packed.new_zeros(self.padded_shape[0] * self.padded_shape[1], packed.shape[-1])
+        return padded.index_copy(0, self.token_indices, packed[0]).view(*self.padded_shape, -1)
+
+    def attend(self, attention_interface: Callable, module: nn.Module, query, key, value, **kwargs):
+        """Attention of each sequence over itself, for query, key and value of shape (1, heads, num_tokens,
+        head_dim); returns the output as (1, num_tokens, heads, head_dim) and no probabilities."""
+        if module.config._attn_implementation.startswith("flash_attention"):
+            # transformers' flash integration runs the varlen kernel given the sequence offsets.
+            lengths = dict(cu_seq_lens_q=self.cu_seq_lens, cu_seq_lens_k=self.cu_seq_lens)
+            maxima = dict(max_length_q=self.max_length, max_length_k=self.max_length)
+            return attention_interface(module, query, key, value, None, **lengths, **maxima, **kwargs)
+        outputs = []
+        for start, count, length in self.length_groups:
+
+            def group(states: torch.Tensor) -> torch.Tensor:
+                # A view, no copy: (count, heads, length, head_dim) over the group's adjacent sequences.
+                return states[0, :, start : start + count * length].unflatten(1, (count, length)).transpose(0, 1)
+
+            output, _ = attention_interface(module, group(query), group(key), group(value), None, **kwargs)
+            outputs.append(output.flatten(0, 1))
+        return torch.cat(outputs).unsqueeze(0), None
+
+
+def packed_sequences_for(attention_mask: torch.Tensor | None, config: SelfAttnConfig, kwargs: dict):
+    """PackedSequences of the batch where unpadding applies and pays, else None (the padded path). It does not
+    apply when per-layer outputs are recorded (attention maps and hidden states keep the padded layout), under
+    torch.compile or tracing (shapes would depend on the data), or with attention implementations that cannot
+    take packed sequences (flex, custom kernels)."""
+    if attention_mask is None or attention_mask.dim() != 2 or attention_mask.numel() == 0:
+        return None
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return None
+    implementation = config._attn_implementation
+    if implementation not in ("eager", "sdpa") and not implementation.startswith("flash_attention"):
+        return None
+    for output in ("output_attentions", "output_hidden_states"):
+        if kwargs.get(output, getattr(config, output, False)):
+            return None
+    num_padding = attention_mask.numel() - int(attention_mask.bool().sum())
+    # A batch of padding only leaves nothing to pack; the padded path handles it.
+    if num_padding < MIN_PADDING_SHARE_TO_UNPAD * attention_mask.numel() or num_padding == attention_mask.numel():
+        return None
+    return PackedSequences.from_attention_mask(attention_mask)
+
+
 class SelfAttnAttention(nn.Module):
     """Multi-head attention. Self-attention when keys come from the same sequence, cross-attention when
     `key_value_states` (the encoder output) is given; `is_causal` marks the decoder's self-attention."""
@@ -251,6 +341,7 @@ class SelfAttnAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
         key_value_states: torch.Tensor | None = None,
         cache: Cache | None = None,
+        packed_sequences: PackedSequences | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         query = self.split_heads(self.q_proj(hidden_states))
@@ -260,16 +351,15 @@ class SelfAttnAttention(nn.Module):
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        output, probabilities = attention_interface(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-            **kwargs,
-        )
+        dropout = self.attention_dropout if self.training else 0.0
+        if packed_sequences is not None:
+            output, probabilities = packed_sequences.attend(
+                attention_interface, self, query, key, value, dropout=dropout, scaling=self.scaling, **kwargs
+            )
+        else:
+            output, probabilities = attention_interface(
+                self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
+            )
         output = output.reshape(*hidden_states.shape[:-1], -1).contiguous()
         return self.o_proj(output), probabilities
 
@@ -357,6 +447,40 @@ class SelfAttnDecoderLayer(SelfAttnEncoderLayer):
         return self.residual(hidden_states, self.ffn_layer_norm, self.ffn)
 
 
+class OneDNNInferenceLinear(nn.Linear):
+    """nn.Linear that runs CPU float32 inference through oneDNN on a copy of its weight packed once into the
+    layout oneDNN's kernels read fastest (plain nn.Linear reads the row-major weight anew on every call).
+    `SelfAttnPreTrainedModel.enable_onednn_inference` turns a model's linears into these. Anything else (a
+    gradient needed, another device or dtype, torch.compile, oneDNN disabled) takes nn.Linear's path. The packed
+    copy follows the weight: it is redone when the weight is changed in place (an optimizer step,
+    load_state_dict) or replaced."""
+
+    packed: tuple[tuple[int, int], torch.Tensor] | None = None  # ((weight storage, version), packed weight)
+
+    def __getstate__(self):
+        # oneDNN's packed tensors cannot be copied or pickled; the copy packs its own when first used.
+        return {name: value for name, value in super().__getstate__().items() if name != "packed"}
+
+    def packed_weight(self) -> torch.Tensor:
+        identity = (self.weight.data_ptr(), self.weight._version)
+        if self.packed is None or self.packed[0] != identity:
+            self.packed = (identity, torch.ops.mkldnn._reorder_linear_weight(self.weight.detach()))
+        return self.packed[1]
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        needs_gradient = torch.is_grad_enabled() and (input.requires_grad or self.weight.requires_grad)
+        if (
+            needs_gradient
+            or input.device.type != "cpu"
+            or input.dtype != torch.float32
+            or self.weight.dtype != torch.float32
+            or not torch.backends.mkldnn.enabled
+            or torch.compiler.is_compiling()
+        ):
+            return super().forward(input)
+        return torch.ops.mkldnn._linear_pointwise(input, self.packed_weight(), self.bias, "none", [], "")
+
+
 class SelfAttnPreTrainedModel(SelfAttnHubMixin, PreTrainedModel):
     config: SelfAttnConfig
     config_class = SelfAttnConfig
@@ -379,8 +503,37 @@ class SelfAttnPreTrainedModel(SelfAttnHubMixin, PreTrainedModel):
 
             translated = foreign_checkpoint_kwargs(cls, pretrained_model_name_or_path, kwargs)
             if translated is not None:
-                return super().from_pretrained(None, *model_args, **translated)
+                loaded = super().from_pretrained(None, *model_args, **translated)
+                # Loaded "from None", the model would name no source; PEFT and model cards read this name.
+                model = loaded[0] if isinstance(loaded, tuple) else loaded  # tuple with output_loading_info=True
+                model.name_or_path = model.config.name_or_path = str(pretrained_model_name_or_path)
+                return loaded
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    def init_parallel_plans(self):
+        super().init_parallel_plans()
+        # config.base_model_tp_plan names modules of SelfAttnModel ("encoder.layers.*.ffn.fc1"). The encoder and decoder
+        # stacks are pretrained models too, so transformers applies the plan to them as well and copies their rules,
+        # prefixed, into every parent: rules naming no module, which it would warn about. Keep the ones that do.
+        module_names = {re.sub(r"\.\d+(?=\.|$)", ".*", name) for name, _ in self.named_modules()}
+        self._tp_plan = {rule: style for rule, style in (self._tp_plan or {}).items() if rule in module_names}
+
+    def enable_onednn_inference(self, enabled: bool = True):
+        """Opt-in faster CPU inference in float32: every nn.Linear of the model becomes a OneDNNInferenceLinear
+        (the same module object with the same parameters, so hooks, tying and state_dict are untouched), which runs
+        on a prepacked copy of its weight through oneDNN. Results match the default path up to float32 rounding
+        (the kernels sum in another order); training and other devices or dtypes are unaffected, and no global torch
+        setting changes. Costs one packed copy of each weight in memory. `enable_onednn_inference(False)` restores
+        plain nn.Linear. Returns the model."""
+        if enabled and not torch.backends.mkldnn.is_available():
+            raise RuntimeError("This torch build has no oneDNN (mkldnn) support; enable_onednn_inference needs it.")
+        for module in self.modules():
+            if enabled and type(module) is nn.Linear:
+                module.__class__ = OneDNNInferenceLinear
+            elif not enabled and type(module) is OneDNNInferenceLinear:
+                module.__dict__.pop("packed", None)
+                module.__class__ = nn.Linear
+        return self
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -392,7 +545,10 @@ class SelfAttnPreTrainedModel(SelfAttnHubMixin, PreTrainedModel):
 
 
 class SelfAttnEncoder(SelfAttnPreTrainedModel):
-    """Embeddings and `config.encoder_layers` bidirectional layers (plus a final LayerNorm if pre-LN)."""
+    """Embeddings and `config.encoder_layers` bidirectional layers (plus a final LayerNorm if pre-LN).
+
+    A batch that is largely padding runs unpadded (PackedSequences): real tokens give the same outputs, padding
+    positions come out as zeros instead of values nothing should read."""
 
     _can_record_outputs = {
         "hidden_states": OutputRecorder(SelfAttnEncoderLayer, num_hidden_layers_key="encoder_layers"),
@@ -430,13 +586,19 @@ class SelfAttnEncoder(SelfAttnPreTrainedModel):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds to the encoder.")
         hidden_states = self.embeddings(input_ids, inputs_embeds, token_type_ids, position_ids)
         check_attention_mask(attention_mask, tuple(hidden_states.shape[:2]), "attention_mask")
-        attention_mask = create_bidirectional_mask(
-            config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
-        )
+        packed_sequences = packed_sequences_for(attention_mask, self.config, kwargs)
+        if packed_sequences is not None:
+            hidden_states, attention_mask = packed_sequences.pack(hidden_states), None
+        else:
+            attention_mask = create_bidirectional_mask(
+                config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
+            )
         for layer in self.layers:
-            hidden_states = layer(hidden_states, attention_mask, **kwargs)
+            hidden_states = layer(hidden_states, attention_mask, packed_sequences=packed_sequences, **kwargs)
         if self.final_layer_norm is not None:
             hidden_states = self.final_layer_norm(hidden_states)
+        if packed_sequences is not None:
+            hidden_states = packed_sequences.unpack(hidden_states)
         return BaseModelOutput(last_hidden_state=hidden_states)
 
 
@@ -545,11 +707,12 @@ def check_cache_shape(cache: Cache, config: SelfAttnConfig) -> None:
     for layer in self_attention_cache.layers:
         keys = getattr(layer, "keys", None)
         if keys is not None and keys.dim() == 4 and keys.numel() > 0:
-            expected = (config.num_attention_heads, config.hidden_size // config.num_attention_heads)
-            if tuple(keys.shape[1::2]) != expected:
+            heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+            # Under tensor parallelism each device caches an equal share of the heads.
+            if keys.shape[3] != head_dim or heads % keys.shape[1] != 0:
                 raise ValueError(
                     f"The cache holds keys with {keys.shape[1]} heads of size {keys.shape[3]} but this model has "
-                    f"{expected[0]} heads of size {expected[1]}: the cache was built for another model. Pass "
+                    f"{heads} heads of size {head_dim}: the cache was built for another model. Pass "
                     "cache=None (or a new cache) to start decoding afresh."
                 )
             break
@@ -715,6 +878,18 @@ class SelfAttnLMHead(nn.Module):
         return self.decoder(self.layer_norm(self.activation(self.dense(hidden_states))))
 
 
+def scored_token_logits(lm_head: nn.Module, hidden_states, logits, labels, ignore_index: int = -100):
+    """(logits, labels) of the tokens a masked-LM loss scores (labels != -100). When a gradient is needed the head
+    is applied again to those tokens alone, so that backpropagating the loss skips the vocabulary projection of
+    every unscored token (85% of them in BERT's masking) and its cross-entropy; `logits` stay whole and
+    differentiable for any other use, and the loss is the same mean over the same tokens."""
+    labels = labels.to(logits.device)
+    scored = labels != ignore_index
+    if logits.requires_grad:
+        return lm_head(hidden_states[scored]), labels[scored]
+    return logits[scored], labels[scored]
+
+
 class SelfAttnForMaskedLM(SelfAttnPreTrainedModel):
     _tied_weights_keys = {"lm_head.decoder.weight": "model.encoder.embeddings.word_embeddings.weight"}
 
@@ -749,7 +924,8 @@ class SelfAttnForMaskedLM(SelfAttnPreTrainedModel):
         logits = self.lm_head(outputs.last_hidden_state)
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+            scored_logits, scored_labels = scored_token_logits(self.lm_head, outputs.last_hidden_state, logits, labels)
+            loss = self.loss_function(scored_logits, scored_labels, vocab_size=self.config.vocab_size, **kwargs)
         return MaskedLMOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
@@ -757,6 +933,10 @@ class SelfAttnForMaskedLM(SelfAttnPreTrainedModel):
 
 class SelfAttnForSequenceClassification(SelfAttnPreTrainedModel):
     """Classifier over the pooled first token; regression, single- or multi-label by `config.problem_type`."""
+
+    # The loss is a mean over this process's batch and ignores `num_items_in_batch`. Trainer passes that count to
+    # any forward taking **kwargs and then multiplies the loss by the number of processes, unless told not to.
+    accepts_loss_kwargs = False
 
     def __init__(self, config: SelfAttnConfig):
         super().__init__(config)
@@ -818,7 +998,9 @@ class SelfAttnForTokenClassification(SelfAttnPreTrainedModel):
             input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, return_dict=True, **kwargs
         )
         logits = self.classifier(self.dropout(outputs.last_hidden_state))
-        loss = self.loss_function(logits, labels, self.config) if labels is not None else None
+        # kwargs carry Trainer's `num_items_in_batch`: the loss is then a sum over the scored tokens divided by their
+        # count over all processes, so several processes give the loss of one process with the whole batch.
+        loss = self.loss_function(logits, labels, self.config, **kwargs) if labels is not None else None
         return TokenClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
@@ -826,6 +1008,8 @@ class SelfAttnForTokenClassification(SelfAttnPreTrainedModel):
 
 class SelfAttnForQuestionAnswering(SelfAttnPreTrainedModel):
     """Extractive QA: start and end logits per token from `qa_outputs`."""
+
+    accepts_loss_kwargs = False  # a mean over this process's batch, as SelfAttnForSequenceClassification
 
     def __init__(self, config: SelfAttnConfig):
         super().__init__(config)
@@ -866,6 +1050,8 @@ class SelfAttnForQuestionAnswering(SelfAttnPreTrainedModel):
 
 class SelfAttnForMultipleChoice(SelfAttnPreTrainedModel):
     """Scores each (batch, choice) sequence with the pooled first token; softmax across choices."""
+
+    accepts_loss_kwargs = False  # a mean over this process's batch, as SelfAttnForSequenceClassification
 
     def __init__(self, config: SelfAttnConfig):
         super().__init__(config)
@@ -1138,6 +1324,8 @@ class SelfAttnForPreTraining(SelfAttnPreTrainedModel):
     """BERT's pre-training heads: masked-LM over every token and next-sentence prediction over the pooled
     first token."""
 
+    accepts_loss_kwargs = False  # a mean over this process's batch, as SelfAttnForSequenceClassification
+
     _tied_weights_keys = {"lm_head.decoder.weight": "model.encoder.embeddings.word_embeddings.weight"}
 
     def __init__(self, config: SelfAttnConfig):
@@ -1220,6 +1408,8 @@ class SelfAttnReplacedTokenHead(nn.Module):
 
 class SelfAttnForReplacedTokenDetection(SelfAttnPreTrainedModel):
     """ELECTRA's discriminator: scores every token as original or replaced (by a small generator MLM)."""
+
+    accepts_loss_kwargs = False  # a mean over this process's batch, as SelfAttnForSequenceClassification
 
     def __init__(self, config: SelfAttnConfig):
         super().__init__(config)

@@ -10,8 +10,8 @@ the rows of a batch.
 import pytest
 import torch
 from conftest import EOS_TOKEN_ID, PAD_TOKEN_ID, make_tiny_config
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import CompileConfig, PreTrainedTokenizerFast, StaticCache, pipeline
+from generation_helpers import word_tokenizer
+from transformers import CompileConfig, StaticCache, pipeline
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from modeling_selfattn import SelfAttnForCausalLM, SelfAttnForConditionalGeneration
@@ -403,18 +403,6 @@ def test_bad_calls_raise_clear_errors(case):
 # Pipelines
 
 
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over 96 made-up words, built offline."""
-    vocab = {"<pad>": PAD_TOKEN_ID, "<s>": 1, "</s>": EOS_TOKEN_ID}
-    vocab.update({f"w{index}": index for index in range(3, 99)})
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="w3"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="w3",
-        padding_side="left",
-    )
-
-
 def test_text_generation_pipeline_matches_generate():
     model = build_model("decoder")
     tokenizer = word_tokenizer()
@@ -432,8 +420,7 @@ def test_text_generation_pipeline_matches_generate():
 def test_tokenizer_generate_decode_round_trip_for_the_encoder_decoder():
     """What the translation / text2text-generation pipelines did; transformers 5 removed those tasks."""
     model = build_model("encoder_decoder")
-    tokenizer = word_tokenizer()
-    tokenizer.padding_side = "right"
+    tokenizer = word_tokenizer(padding_side="right")
     sources = ["w10 w11 w12 w13 w14", "w40 w41"]
     encoded = tokenizer(sources, return_tensors="pt", padding=True)
     texts = tokenizer.batch_decode(model.generate(**encoded, max_new_tokens=4), skip_special_tokens=True)

@@ -1,0 +1,414 @@
+"""What the example scripts share: argument dataclasses, data loading, tokenizer and model loading, LoRA, and
+the train / evaluate / save sequence.
+
+Every script trains through transformers' Trainer, so each runs unchanged on one CPU, on one GPU, or under
+`torchrun` / `accelerate launch` (several processes, FSDP): data preparation is done on the main process first
+and cached for the others, and only the main process writes the model.
+"""
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import transformers
+from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
+
+import modeling_selfattn  # noqa: F401  (registers model_type "selfattn" with the Auto classes)
+
+logger = logging.getLogger("examples")
+
+# File suffix -> (datasets builder, its keyword arguments)
+FILE_FORMATS = {
+    ".csv": ("csv", {}),
+    ".tsv": ("csv", {"delimiter": "\t"}),
+    ".json": ("json", {}),
+    ".jsonl": ("json", {}),
+}
+LORA_ADAPTER_FOLDER = "lora_adapter"
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Pretrained weights to start from: a selfattn folder, or a BERT-family checkpoint folder (bert, "
+            "roberta, xlm-roberta, distilbert, electra; e.g. all-MiniLM-L6-v2), which selfattn converts while loading."
+        },
+    )
+    config_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Train from scratch with this config instead: a JSON file (e.g. configuration/tiny.json) or a "
+            "folder holding config.json. Its vocab_size and special-token ids are set from the tokenizer."
+        },
+    )
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "Tokenizer folder (default: --model_name_or_path)."}
+    )
+    use_transformers_class: bool = field(
+        default=False,
+        metadata={
+            "help": "Load the model with transformers' own class for its model_type (e.g. "
+            "BertForSequenceClassification for a BERT checkpoint, MarianMTModel for a marian config) instead of "
+            "selfattn's: the reference runs of examples/RESULTS.md."
+        },
+    )
+    lora: bool = field(
+        default=False,
+        metadata={
+            "help": "Fine-tune LoRA adapters (PEFT) instead of all weights; the adapter is saved in "
+            f"OUTPUT_DIR/{LORA_ADAPTER_FOLDER}, and the model with the adapter merged in, in OUTPUT_DIR."
+        },
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (the update is scaled by alpha/r)."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA input."})
+
+    def __post_init__(self):
+        if (self.model_name_or_path is None) == (self.config_name is None):
+            raise ValueError(
+                "Give exactly one of --model_name_or_path (start from pretrained weights) and --config_name (train "
+                "from scratch from a config file such as configuration/tiny.json)."
+            )
+        if self.lora and self.model_name_or_path is None:
+            raise ValueError("--lora adapts pretrained weights: give --model_name_or_path instead of --config_name.")
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "A dataset on the Hugging Face Hub (datasets.load_dataset), instead of files."}
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub dataset's configuration."})
+    train_file: str | None = field(default=None, metadata={"help": "Training data: .csv, .tsv, .json or .jsonl."})
+    validation_file: str | None = field(
+        default=None, metadata={"help": "Evaluation data: .csv, .tsv, .json or .jsonl."}
+    )
+    validation_split_percentage: int | None = field(
+        default=None,
+        metadata={
+            "help": "Where the data has no validation split, hold out this percentage of the training examples "
+            "for evaluation."
+        },
+    )
+    validation_split_group_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hold out whole groups of examples sharing this column's value (e.g. title, so that no QA "
+            "context is on both sides)."
+        },
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training examples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation examples."})
+    max_seq_length: int = field(default=128, metadata={"help": "Inputs are truncated to this many tokens."})
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes for tokenizing the data (datasets.map num_proc)."}
+    )
+
+    def __post_init__(self):
+        if self.dataset_name is None and self.train_file is None and self.validation_file is None:
+            raise ValueError("Give --dataset_name, or local data with --train_file and/or --validation_file.")
+        for path in (self.train_file, self.validation_file):
+            if path is not None and Path(path).suffix not in FILE_FORMATS:
+                raise ValueError(f"{path}: use a file ending in one of {sorted(FILE_FORMATS)}.")
+        if self.validation_split_percentage is not None and not 0 < self.validation_split_percentage < 100:
+            raise ValueError(
+                f"--validation_split_percentage must be between 1 and 99, got {self.validation_split_percentage}."
+            )
+
+
+def parse_arguments(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
+    """Command-line options of the given dataclasses, or a single JSON file holding them."""
+    parser = HfArgumentParser(dataclass_types)
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def set_up(training_args: TrainingArguments) -> None:
+    """Logging (full on the main process, warnings only elsewhere) and the seed."""
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", handlers=[logging.StreamHandler()]
+    )
+    level = training_args.get_process_log_level()
+    logger.setLevel(level)
+    datasets.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(level)
+    transformers.set_seed(training_args.seed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def load_raw_datasets(data_args: DataArguments, training_args: TrainingArguments) -> datasets.DatasetDict:
+    """The "train" and "validation" splits the run needs, sized by --max_train_samples / --max_eval_samples."""
+    if data_args.dataset_name is not None:
+        raw = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name)
+    else:
+        raw = datasets.DatasetDict()
+        for split, path in (("train", data_args.train_file), ("validation", data_args.validation_file)):
+            if path is not None:
+                builder, options = FILE_FORMATS[Path(path).suffix]
+                raw[split] = datasets.load_dataset(builder, data_files={split: path}, **options)[split]
+    if "validation" not in raw and data_args.validation_split_percentage is not None:
+        if "train" not in raw:
+            raise ValueError("--validation_split_percentage splits the training data: give --train_file.")
+        raw["train"], raw["validation"] = split_off_validation(
+            raw["train"],
+            data_args.validation_split_percentage,
+            data_args.validation_split_group_column,
+            training_args.seed,
+        )
+    needed = [
+        name for name, wanted in (("train", training_args.do_train), ("validation", training_args.do_eval)) if wanted
+    ]
+    missing = [name for name in needed if name not in raw]
+    if missing:
+        raise ValueError(
+            f"--do_train / --do_eval need the splits {needed}, but the data has no {missing} (it has "
+            f"{sorted(raw)}). Give --train_file / --validation_file, or --validation_split_percentage to hold out "
+            "part of the training data."
+        )
+    limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples}
+    return datasets.DatasetDict({split: first(raw[split], limits[split]) for split in needed})
+
+
+def first(dataset: datasets.Dataset, count: int | None) -> datasets.Dataset:
+    return dataset if count is None else dataset.select(range(min(count, len(dataset))))
+
+
+def split_off_validation(
+    dataset: datasets.Dataset, percentage: int, group_column: str | None, seed: int
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(train, validation), the validation part holding about `percentage` % of the examples: whole groups of
+    `group_column` when it is given, so that related examples (questions on one text) never straddle the split."""
+    if group_column is None:
+        parts = dataset.train_test_split(test_size=percentage / 100, seed=seed)
+        return parts["train"], parts["test"]
+    require_columns(dataset, [group_column], "--validation_split_group_column")
+    groups = sorted(set(dataset[group_column]))
+    if len(groups) < 2:
+        raise ValueError(f"--validation_split_group_column {group_column} has a single value: nothing to split.")
+    held_out = set(
+        datasets.Dataset.from_dict({"group": groups}).train_test_split(
+            test_size=max(1, round(len(groups) * percentage / 100)), seed=seed
+        )["test"]["group"]
+    )
+    is_held_out = [value in held_out for value in dataset[group_column]]
+    train = dataset.select([index for index, out in enumerate(is_held_out) if not out])
+    validation = dataset.select([index for index, out in enumerate(is_held_out) if out])
+    return train, validation
+
+
+def require_columns(dataset: datasets.Dataset, columns: list[str], option: str) -> None:
+    missing = [column for column in columns if column not in dataset.column_names]
+    if missing:
+        raise ValueError(
+            f"The data has no column {missing} (it has {dataset.column_names}); name the right one with {option}."
+        )
+
+
+def pick_column(dataset: datasets.Dataset, given: str | None, candidates: tuple[str, ...], option: str) -> str:
+    """`given`, or the first of `candidates` the data has."""
+    if given is not None:
+        require_columns(dataset, [given], option)
+        return given
+    for candidate in candidates:
+        if candidate in dataset.column_names:
+            return candidate
+    raise ValueError(
+        f"Found none of the columns {list(candidates)} (the data has {dataset.column_names}); name one with {option}."
+    )
+
+
+class LabelEncoder:
+    """Label ids of a label column. A ClassLabel's values already are ids (in the order of its names). Other
+    values (names or numbers) keep the ids of the pretrained model's label2id when it names them all (so a
+    fine-tuned model is evaluated with its own ids), and are otherwise numbered in sorted order of their text."""
+
+    def __init__(self, feature, values, model_args: ModelArguments):
+        self.is_class_label = hasattr(feature, "names")
+        if self.is_class_label:
+            self.names = list(feature.names)
+        else:
+            found = {str(value) for value in values}
+            pretrained = pretrained_label2id(model_args)
+            if found <= set(pretrained):
+                self.names = sorted(pretrained, key=pretrained.get)
+            else:
+                self.names = sorted(found)
+        self.ids = {name: index for index, name in enumerate(self.names)}
+
+    def encode(self, values: list) -> list[int]:
+        if self.is_class_label:
+            return list(values)
+        unknown = {str(value) for value in values} - set(self.ids)
+        if unknown:
+            raise ValueError(f"Labels {sorted(unknown)} do not occur in the training data (its labels: {self.names}).")
+        return [self.ids[str(value)] for value in values]
+
+    def config_fields(self) -> dict:
+        return {"num_labels": len(self.names), "id2label": dict(enumerate(self.names)), "label2id": dict(self.ids)}
+
+
+def pretrained_label2id(model_args: ModelArguments) -> dict[str, int]:
+    if model_args.model_name_or_path is None:
+        return {}
+    return dict(AutoConfig.from_pretrained(model_args.model_name_or_path).label2id or {})
+
+
+def tokenize_splits(
+    raw: datasets.DatasetDict,
+    training_args: TrainingArguments,
+    data_args: DataArguments,
+    function: Callable,
+    splits: tuple[str, ...] = ("train", "validation"),
+    remove_columns: bool = True,
+) -> datasets.DatasetDict:
+    """`raw[split].map(function, batched=True)` for each split present, on the main process first (the others
+    then read the cache)."""
+    tokenized = datasets.DatasetDict()
+    with training_args.main_process_first(desc="tokenizing the data"):
+        for split in splits:
+            if split in raw:
+                tokenized[split] = raw[split].map(
+                    function,
+                    batched=True,
+                    num_proc=data_args.preprocessing_num_workers,
+                    remove_columns=raw[split].column_names if remove_columns else None,
+                    desc=f"tokenizing {split}",
+                )
+    return tokenized
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer and model
+
+
+def load_tokenizer(model_args: ModelArguments):
+    source = model_args.tokenizer_name or model_args.model_name_or_path
+    if source is None:
+        raise ValueError("Training from --config_name needs a tokenizer: give --tokenizer_name.")
+    return AutoTokenizer.from_pretrained(source)
+
+
+def sequence_length(data_args: DataArguments, tokenizer) -> int:
+    """--max_seq_length, capped at what the tokenizer declares it supports."""
+    limit = tokenizer.model_max_length
+    if data_args.max_seq_length > limit:
+        logger.warning("--max_seq_length %d exceeds the tokenizer's limit; using %d.", data_args.max_seq_length, limit)
+        return limit
+    return data_args.max_seq_length
+
+
+def load_model(model_args: ModelArguments, selfattn_class: type, auto_class: type, tokenizer, **config_fields):
+    """The model to train: pretrained weights through selfattn's class (which also reads BERT-family checkpoints)
+    or, with --use_transformers_class, through transformers' Auto class; or a new model from --config_name, whose
+    vocabulary and special tokens are the tokenizer's. `config_fields` (labels, generation ids) override the
+    config either way."""
+    if model_args.model_name_or_path is not None:
+        model_class = auto_class if model_args.use_transformers_class else selfattn_class
+        return model_class.from_pretrained(model_args.model_name_or_path, **config_fields)
+    special_tokens = {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id") for name in ("pad", "bos", "eos")}
+    config = AutoConfig.from_pretrained(
+        model_args.config_name, **{"vocab_size": len(tokenizer), **special_tokens, **config_fields}
+    )
+    if getattr(config, "decoder_vocab_size", None) is not None:
+        # Marian sizes its output layer separately from the (shared) input vocabulary.
+        config.decoder_vocab_size = len(tokenizer)
+    return auto_class.from_config(config)
+
+
+def add_lora(model, model_args: ModelArguments, task_type: str | None):
+    """Wraps the model in LoRA adapters when --lora is set. PEFT picks the target modules for the model_type
+    (selfattn: q_proj and v_proj), and for classification and QA task types also trains the head in full."""
+    if not model_args.lora:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora_config = LoraConfig(
+        task_type=task_type, r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout
+    )
+    peft_model = get_peft_model(model, lora_config)
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    logger.info("LoRA: training %s of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return peft_model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Train, evaluate, save
+
+
+def train_evaluate_save(
+    *,
+    model_args: ModelArguments,
+    training_args: TrainingArguments,
+    model,
+    build_model: Callable,
+    lora_task_type: str | None,
+    data: datasets.DatasetDict,
+    tokenizer,
+    data_collator,
+    compute_metrics: Callable | None = None,
+    derived_eval_metrics: Callable[[dict], dict] | None = None,
+    trainer_class: type = Trainer,
+) -> dict:
+    """Trains `model` (in LoRA adapters with --lora) on data["train"] (resuming from --resume_from_checkpoint if
+    given), saves it in --output_dir, evaluates it on data["validation"], and writes train_results.json /
+    eval_results.json / all_results.json there. Returns the metrics of both; `derived_eval_metrics(eval_metrics)`
+    adds metrics computed from the evaluation's (e.g. perplexity).
+
+    With --lora the adapter goes to OUTPUT_DIR/lora_adapter and the merged model to OUTPUT_DIR: the merge is
+    done on a freshly built base model (`build_model()`) with the saved adapter, which works however the
+    training was distributed."""
+    trainer = trainer_class(
+        model=add_lora(model, model_args, lora_task_type),
+        args=training_args,
+        train_dataset=data.get("train"),
+        eval_dataset=data.get("validation"),
+        processing_class=tokenizer,
+        data_collator=data_collator,
+        compute_metrics=compute_metrics,
+    )
+    metrics = {}
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        train_metrics = {**result.metrics, "train_samples": len(trainer.train_dataset)}
+        trainer.log_metrics("train", train_metrics)
+        trainer.save_metrics("train", train_metrics)
+        trainer.save_state()
+        metrics.update(train_metrics)
+        if model_args.lora:
+            save_merged_lora_model(trainer, build_model, tokenizer)
+        else:
+            trainer.save_model()
+    if training_args.do_eval:
+        eval_metrics = {**trainer.evaluate(), "eval_samples": len(trainer.eval_dataset)}
+        if derived_eval_metrics is not None:
+            eval_metrics.update(derived_eval_metrics(eval_metrics))
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    return metrics
+
+
+def save_merged_lora_model(trainer, build_model: Callable, tokenizer) -> None:
+    from peft import PeftModel
+
+    output_dir = Path(trainer.args.output_dir)
+    adapter_dir = output_dir / LORA_ADAPTER_FOLDER
+    trainer.save_model(str(adapter_dir))
+    trainer.accelerator.wait_for_everyone()
+    if trainer.args.should_save:
+        merged = PeftModel.from_pretrained(build_model(), adapter_dir).merge_and_unload()
+        merged.save_pretrained(output_dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(output_dir)
+        logger.info("LoRA adapter saved in %s, the merged model in %s", adapter_dir, output_dir)

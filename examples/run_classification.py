@@ -1,0 +1,102 @@
+"""Fine-tune a selfattn text classifier (single sentences or sentence pairs) and report accuracy and F1.
+
+    python examples/run_classification.py --model_name_or_path PATH_TO_all-MiniLM-L6-v2 \
+        --train_file train.tsv --validation_file dev.tsv --do_train --do_eval --output_dir out/sst2
+
+The data needs a text column (--text_column; default: sentence or text), optionally a second one for pairs
+(--text_pair_column), and a label column (--label_column) of class names or ids. `python
+examples/run_classification.py --help` lists every option, the Trainer's included.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from common import (
+    DataArguments,
+    LabelEncoder,
+    ModelArguments,
+    load_model,
+    load_raw_datasets,
+    load_tokenizer,
+    parse_arguments,
+    pick_column,
+    require_columns,
+    sequence_length,
+    set_up,
+    tokenize_splits,
+    train_evaluate_save,
+)
+from task_metrics import classification_metrics
+from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, TrainingArguments
+
+from modeling_selfattn import SelfAttnForSequenceClassification
+
+
+@dataclass
+class ClassificationArguments:
+    text_column: str | None = field(default=None, metadata={"help": "Text column (default: sentence or text)."})
+    text_pair_column: str | None = field(
+        default=None, metadata={"help": "Second text column, for sentence-pair tasks (entailment, paraphrase)."}
+    )
+    label_column: str = field(default="label", metadata={"help": "Label column: class names or integer ids."})
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, task_args, training_args = parse_arguments(
+        (ModelArguments, DataArguments, ClassificationArguments, TrainingArguments), argv
+    )
+    set_up(training_args)
+    raw = load_raw_datasets(data_args, training_args)
+    reference_split = raw["train"] if "train" in raw else raw["validation"]
+    text_column = pick_column(reference_split, task_args.text_column, ("sentence", "text"), "--text_column")
+    columns = [text_column, task_args.label_column] + (
+        [task_args.text_pair_column] if task_args.text_pair_column else []
+    )
+    for split in raw.values():
+        require_columns(split, columns, "--text_column / --text_pair_column / --label_column")
+
+    labels = LabelEncoder(
+        reference_split.features[task_args.label_column],
+        [value for split in raw.values() for value in split[task_args.label_column]],
+        model_args,
+    )
+    tokenizer = load_tokenizer(model_args)
+    max_length = sequence_length(data_args, tokenizer)
+
+    def tokenize(batch):
+        pairs = (batch[task_args.text_pair_column],) if task_args.text_pair_column else ()
+        encoded = tokenizer(batch[text_column], *pairs, truncation=True, max_length=max_length)
+        encoded["labels"] = labels.encode(batch[task_args.label_column])
+        return encoded
+
+    tokenized = tokenize_splits(raw, training_args, data_args, tokenize)
+
+    def build_model():
+        return load_model(
+            model_args,
+            SelfAttnForSequenceClassification,
+            AutoModelForSequenceClassification,
+            tokenizer,
+            **labels.config_fields(),
+        )
+
+    def compute_metrics(prediction):
+        return classification_metrics(
+            np.argmax(prediction.predictions, axis=-1), prediction.label_ids, len(labels.names)
+        )
+
+    return train_evaluate_save(
+        model_args=model_args,
+        training_args=training_args,
+        model=build_model(),
+        build_model=build_model,
+        lora_task_type="SEQ_CLS",
+        data=tokenized,
+        tokenizer=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=compute_metrics,
+    )
+
+
+if __name__ == "__main__":
+    main()

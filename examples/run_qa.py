@@ -1,0 +1,166 @@
+"""Fine-tune a selfattn extractive question-answering model and report SQuAD v1.1 exact match and F1.
+
+    python examples/run_qa.py --model_name_or_path PATH_TO_all-MiniLM-L6-v2 --train_file squad_train.jsonl \
+        --validation_file squad_dev.jsonl --do_train --do_eval --output_dir out/squad
+
+The data follows the SQuAD schema: id, question, context and answers = {"text": [...], "answer_start": [...]}
+(character offsets into the context). A context longer than --max_seq_length is cut into overlapping windows
+(--doc_stride tokens shared between neighbours); each window is trained to point at the answer, or at its first
+token when the answer is not inside it. At evaluation the best-scoring span over all windows of a question,
+mapped back to characters with the tokenizer's offsets, is its predicted answer.
+"""
+
+import collections
+from dataclasses import dataclass, field
+
+import numpy as np
+from common import (
+    DataArguments,
+    ModelArguments,
+    load_model,
+    load_raw_datasets,
+    load_tokenizer,
+    parse_arguments,
+    require_columns,
+    sequence_length,
+    set_up,
+    tokenize_splits,
+    train_evaluate_save,
+)
+from task_metrics import squad_metrics
+from transformers import AutoModelForQuestionAnswering, DataCollatorWithPadding, TrainingArguments
+
+from modeling_selfattn import SelfAttnForQuestionAnswering
+
+COLUMNS = ("id", "question", "context", "answers")
+# Kept with each evaluation window to map predictions back to text; not model inputs.
+WINDOW_COLUMNS = ["example_id", "offset_mapping"]
+
+
+@dataclass
+class QuestionAnsweringArguments:
+    doc_stride: int = field(default=128, metadata={"help": "Tokens shared by neighbouring windows of a long context."})
+    n_best_size: int = field(
+        default=20, metadata={"help": "Start and end candidates per window considered when picking the answer."}
+    )
+    max_answer_length: int = field(default=30, metadata={"help": "Longest answer predicted, in tokens."})
+
+
+def window_features(batch, tokenizer, max_length: int, doc_stride: int) -> dict:
+    """Tokenized (question, context window) pairs with the answer's token span (start_positions, end_positions;
+    0, 0 when the window does not hold the whole answer), the question id, and the character offsets of the
+    context tokens (None for question and special tokens)."""
+    encoded = tokenizer(
+        [question.lstrip() for question in batch["question"]],
+        batch["context"],
+        truncation="only_second",
+        max_length=max_length,
+        stride=doc_stride,
+        return_overflowing_tokens=True,
+        return_offsets_mapping=True,
+    )
+    window_to_example = encoded.pop("overflow_to_sample_mapping")
+    encoded["start_positions"], encoded["end_positions"], encoded["example_id"] = [], [], []
+    for window, offsets in enumerate(encoded["offset_mapping"]):
+        example = window_to_example[window]
+        sequence_ids = encoded.sequence_ids(window)
+        context_tokens = [index for index, sequence in enumerate(sequence_ids) if sequence == 1]
+        answers = batch["answers"][example]
+        start = end = 0
+        if answers["answer_start"] and context_tokens:
+            answer_start = answers["answer_start"][0]
+            answer_end = answer_start + len(answers["text"][0])
+            first, last = context_tokens[0], context_tokens[-1]
+            if offsets[first][0] <= answer_start and offsets[last][1] >= answer_end:
+                start = next(index for index in context_tokens if offsets[index][1] > answer_start)
+                end = next(index for index in reversed(context_tokens) if offsets[index][0] < answer_end)
+        encoded["start_positions"].append(start)
+        encoded["end_positions"].append(end)
+        encoded["example_id"].append(batch["id"][example])
+        encoded["offset_mapping"][window] = [
+            offset if sequence == 1 else None for offset, sequence in zip(offsets, sequence_ids)
+        ]
+    return encoded
+
+
+def best_answers(examples, windows, start_logits, end_logits, n_best_size: int, max_answer_length: int) -> dict:
+    """{question id: answer text}: the span with the highest start + end logit over all of a question's windows,
+    among spans inside the context, ending after they start and at most max_answer_length tokens long."""
+    windows_of = collections.defaultdict(list)
+    for window, example_id in enumerate(windows["example_id"]):
+        windows_of[example_id].append(window)
+    all_offsets = windows["offset_mapping"]
+    answers = {}
+    for example_id, context in zip(examples["id"], examples["context"]):
+        best_score, best_text = -np.inf, ""
+        for window in windows_of[example_id]:
+            offsets, starts, ends = all_offsets[window], start_logits[window], end_logits[window]
+            # Logits of a batch are padded to its longest window; positions past this window's end are skipped.
+            candidates_start = np.argsort(starts[: len(offsets)])[-n_best_size:]
+            candidates_end = np.argsort(ends[: len(offsets)])[-n_best_size:]
+            for start in candidates_start:
+                for end in candidates_end:
+                    if offsets[start] is None or offsets[end] is None:
+                        continue
+                    if end < start or end - start + 1 > max_answer_length:
+                        continue
+                    score = starts[start] + ends[end]
+                    if score > best_score:
+                        best_score, best_text = score, context[offsets[start][0] : offsets[end][1]]
+        answers[example_id] = best_text
+    return answers
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, task_args, training_args = parse_arguments(
+        (ModelArguments, DataArguments, QuestionAnsweringArguments, TrainingArguments), argv
+    )
+    set_up(training_args)
+    raw = load_raw_datasets(data_args, training_args)
+    for split in raw.values():
+        require_columns(split, list(COLUMNS), "the SQuAD schema (id, question, context, answers)")
+    tokenizer = load_tokenizer(model_args)
+    if not tokenizer.is_fast or tokenizer.padding_side != "right":
+        raise ValueError("run_qa.py needs a fast tokenizer (for offsets) that pads on the right.")
+    max_length = sequence_length(data_args, tokenizer)
+    if task_args.doc_stride >= max_length // 2:
+        raise ValueError(f"--doc_stride {task_args.doc_stride} must be below half of the sequence length {max_length}.")
+
+    windows = tokenize_splits(
+        raw, training_args, data_args, lambda batch: window_features(batch, tokenizer, max_length, task_args.doc_stride)
+    )
+
+    def build_model():
+        return load_model(model_args, SelfAttnForQuestionAnswering, AutoModelForQuestionAnswering, tokenizer)
+
+    def compute_metrics(prediction):
+        start_logits, end_logits = prediction.predictions
+        predicted = best_answers(
+            raw["validation"],
+            windows["validation"],
+            start_logits,
+            end_logits,
+            task_args.n_best_size,
+            task_args.max_answer_length,
+        )
+        gold = {
+            example_id: answers["text"]
+            for example_id, answers in zip(raw["validation"]["id"], raw["validation"]["answers"])
+        }
+        return squad_metrics(predicted, gold)
+
+    return train_evaluate_save(
+        model_args=model_args,
+        training_args=training_args,
+        model=build_model(),
+        build_model=build_model,
+        lora_task_type="QUESTION_ANS",
+        data=windows.remove_columns(WINDOW_COLUMNS),
+        tokenizer=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=compute_metrics,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""Train a selfattn encoder-decoder for translation or summarisation with Seq2SeqTrainer; with
+--predict_with_generate, evaluation generates text and scores it (translation: sacreBLEU BLEU and chrF;
+summarisation: ROUGE-1/2/L/Lsum).
+
+Translation (pairs in a column of {language: text} dicts), a Transformer trained from scratch with a BPE
+vocabulary learnt from the training data:
+
+    python examples/run_seq2seq.py --config_name examples/configs/transformer-small.json --train_tokenizer bpe \
+        --train_file train.jsonl --validation_file val.jsonl --source_lang en --target_lang de \
+        --do_train --do_eval --predict_with_generate --output_dir out/multi30k
+
+Summarisation (a document and a summary column), warm-started from an encoder checkpoint (BERT2BERT: both stacks
+start from its weights, the cross-attention is new):
+
+    python examples/run_seq2seq.py --model_name_or_path PATH_TO_all-MiniLM-L6-v2 --train_file train.jsonl \
+        --validation_file dev.jsonl --text_column document --summary_column summary --do_train --do_eval \
+        --predict_with_generate --output_dir out/scitldr
+
+--model_name_or_path takes an encoder-decoder (selfattn, or with --use_transformers_class any transformers
+seq2seq model) or an encoder-only checkpoint, which is warm-started as above.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from common import (
+    DataArguments,
+    ModelArguments,
+    load_model,
+    load_raw_datasets,
+    load_tokenizer,
+    logger,
+    parse_arguments,
+    pick_column,
+    require_columns,
+    sequence_length,
+    set_up,
+    tokenize_splits,
+    train_evaluate_save,
+)
+from task_metrics import rouge_metrics, translation_metrics
+from transformers import (
+    AutoConfig,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    EncoderDecoderModel,
+    PreTrainedTokenizerFast,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+)
+
+from modeling_selfattn import SelfAttnForConditionalGeneration
+
+TOKENIZER_KINDS = ("bpe", "unigram", "wordpiece")
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+NOT_SCORED = -100
+
+
+@dataclass
+class Seq2SeqArguments:
+    source_lang: str | None = field(
+        default=None, metadata={"help": "Translation: the source language, a key of the --translation_column dicts."}
+    )
+    target_lang: str | None = field(default=None, metadata={"help": "Translation: the target language."})
+    translation_column: str = field(
+        default="translation", metadata={"help": "Translation: column of {language: text} dicts."}
+    )
+    text_column: str | None = field(
+        default=None, metadata={"help": "Summarisation: document column (default: document or text)."}
+    )
+    summary_column: str | None = field(
+        default=None, metadata={"help": "Summarisation: summary column (default: summary or target)."}
+    )
+    references_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Column of reference lists to score against (each output against its best-matching reference), "
+            "instead of the single target."
+        },
+    )
+    max_target_length: int = field(default=128, metadata={"help": "Targets are truncated to this many tokens."})
+    train_tokenizer: str | None = field(
+        default=None,
+        metadata={
+            "help": "With --config_name: learn a shared source/target vocabulary of this kind from the training data "
+            "(saved in OUTPUT_DIR/tokenizer and with the model) instead of loading --tokenizer_name.",
+            "choices": TOKENIZER_KINDS,
+        },
+    )
+    tokenizer_vocab_size: int = field(default=8000, metadata={"help": "Vocabulary size of --train_tokenizer."})
+
+    def __post_init__(self):
+        if (self.source_lang is None) != (self.target_lang is None):
+            raise ValueError("Translation needs both --source_lang and --target_lang.")
+
+    @property
+    def is_translation(self) -> bool:
+        return self.source_lang is not None
+
+
+def new_tokenizer(texts, kind: str, vocab_size: int) -> PreTrainedTokenizerFast:
+    """A tokenizer learnt from `texts`: BPE or Unigram over words marked with a leading "▁" (SentencePiece style,
+    so decoding restores the spacing), or WordPiece over words and punctuation; NFKC-normalised, case kept,
+    </s> appended to every sequence, and the special tokens <pad>, <s>, </s>, <unk> as ids 0-3."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    special_tokens = [PAD, BOS, EOS, UNK]
+    if kind == "bpe":
+        tokenizer = Tokenizer(models.BPE(unk_token=UNK))
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens)
+    elif kind == "unigram":
+        tokenizer = Tokenizer(models.Unigram())
+        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=special_tokens, unk_token=UNK)
+    else:
+        tokenizer = Tokenizer(models.WordPiece(unk_token=UNK))
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special_tokens)
+    tokenizer.normalizer = normalizers.NFKC()
+    if kind == "wordpiece":
+        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tokenizer.decoder = decoders.WordPiece()
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+        tokenizer.decoder = decoders.Metaspace()
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"$A {EOS}", pair=f"$A {EOS} $B {EOS}", special_tokens=[(EOS, tokenizer.token_to_id(EOS))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    model_args, data_args, task_args, training_args = parse_arguments(
+        (ModelArguments, DataArguments, Seq2SeqArguments, Seq2SeqTrainingArguments), argv
+    )
+    set_up(training_args)
+    raw = load_raw_datasets(data_args, training_args)
+    reference_split = raw["train"] if "train" in raw else raw["validation"]
+    if task_args.is_translation:
+        text_column = summary_column = None
+        for split in raw.values():
+            require_columns(split, [task_args.translation_column], "--translation_column")
+    else:
+        text_column = pick_column(reference_split, task_args.text_column, ("document", "text"), "--text_column")
+        summary_column = pick_column(
+            reference_split, task_args.summary_column, ("summary", "target"), "--summary_column"
+        )
+        for split in raw.values():
+            require_columns(split, [text_column, summary_column], "--text_column / --summary_column")
+
+    def sources_and_targets(batch) -> tuple[list[str], list[str]]:
+        if task_args.is_translation:
+            try:
+                pairs = [
+                    (pair[task_args.source_lang], pair[task_args.target_lang])
+                    for pair in batch[task_args.translation_column]
+                ]
+            except KeyError as error:
+                raise ValueError(
+                    f"A {task_args.translation_column} entry has no language {error}; it has "
+                    f"{sorted(batch[task_args.translation_column][0])}. Check --source_lang / --target_lang."
+                ) from None
+            return [source for source, _ in pairs], [target for _, target in pairs]
+        return batch[text_column], batch[summary_column]
+
+    tokenizer = seq2seq_tokenizer(model_args, task_args, training_args, raw, sources_and_targets)
+    special_ids = {
+        "decoder_start_token_id": first_defined(tokenizer.bos_token_id, tokenizer.cls_token_id),
+        "eos_token_id": first_defined(tokenizer.eos_token_id, tokenizer.sep_token_id),
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    missing = [name for name, value in special_ids.items() if value is None]
+    if missing:
+        raise ValueError(
+            f"The tokenizer defines no token for {missing}: a seq2seq model needs a start, end and pad token."
+        )
+    max_source_length = sequence_length(data_args, tokenizer)
+
+    def tokenize(batch):
+        sources, targets = sources_and_targets(batch)
+        encoded = tokenizer(sources, max_length=max_source_length, truncation=True)
+        labels = tokenizer(text_target=targets, max_length=task_args.max_target_length, truncation=True)["input_ids"]
+        # The decoder is fed the start token itself; a tokenizer that adds it (BERT's [CLS]) must not make it a target.
+        start = special_ids["decoder_start_token_id"]
+        encoded["labels"] = [ids[1:] if ids and ids[0] == start else ids for ids in labels]
+        return encoded
+
+    tokenized = tokenize_splits(raw, training_args, data_args, tokenize)
+
+    def build_model():
+        model = load_seq2seq_model(model_args, tokenizer, special_ids)
+        model.generation_config.max_length = task_args.max_target_length
+        return model
+
+    def compute_metrics(prediction):
+        predicted = np.where(prediction.predictions != NOT_SCORED, prediction.predictions, tokenizer.pad_token_id)
+        hypotheses = [text.strip() for text in tokenizer.batch_decode(predicted, skip_special_tokens=True)]
+        validation = raw["validation"]
+        if task_args.references_column is not None:
+            references = [list(texts) for texts in validation[task_args.references_column]]
+        else:
+            references = [[target] for target in sources_and_targets(validation[:])[1]]
+        scores = (translation_metrics if task_args.is_translation else rouge_metrics)(hypotheses, references)
+        scores["generated_length"] = float(np.mean((predicted != tokenizer.pad_token_id).sum(axis=-1)))
+        return scores
+
+    if task_args.references_column is not None and "validation" in raw:
+        require_columns(raw["validation"], [task_args.references_column], "--references_column")
+    if training_args.do_eval and not training_args.predict_with_generate:
+        logger.warning("Without --predict_with_generate the evaluation reports the loss only, no BLEU or ROUGE.")
+    model = build_model()
+    return train_evaluate_save(
+        model_args=model_args,
+        training_args=training_args,
+        model=model,
+        build_model=build_model,
+        lora_task_type="SEQ_2_SEQ_LM",
+        data=tokenized,
+        tokenizer=tokenizer,
+        # Given the model, the collator makes the decoder inputs (needed when the Trainer smooths the labels itself).
+        data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=NOT_SCORED),
+        compute_metrics=compute_metrics if training_args.predict_with_generate else None,
+        trainer_class=Seq2SeqTrainer,
+    )
+
+
+def seq2seq_tokenizer(model_args, task_args, training_args, raw, sources_and_targets):
+    """--tokenizer_name's (or the model's) tokenizer, or with --train_tokenizer one learnt from the training
+    sources and targets, on the main process, which saves it for the other processes to load."""
+    if task_args.train_tokenizer is None:
+        return load_tokenizer(model_args)
+    if model_args.config_name is None or model_args.tokenizer_name is not None:
+        raise ValueError(
+            "--train_tokenizer makes the vocabulary of a model trained from scratch: use it with --config_name "
+            "and without --tokenizer_name."
+        )
+    if "train" not in raw:
+        raise ValueError("--train_tokenizer learns from the training data: give --train_file and --do_train.")
+    tokenizer_dir = Path(training_args.output_dir) / "tokenizer"
+    with training_args.main_process_first(desc="training the tokenizer"):
+        if training_args.local_process_index != 0:
+            return AutoTokenizer.from_pretrained(tokenizer_dir)
+        sources, targets = sources_and_targets(raw["train"][:])
+        tokenizer = new_tokenizer(sources + targets, task_args.train_tokenizer, task_args.tokenizer_vocab_size)
+        tokenizer.save_pretrained(tokenizer_dir)
+        logger.info(
+            "Learnt a %s tokenizer of %d tokens, saved in %s", task_args.train_tokenizer, len(tokenizer), tokenizer_dir
+        )
+        return tokenizer
+
+
+def first_defined(*values):
+    return next((value for value in values if value is not None), None)
+
+
+def load_seq2seq_model(model_args: ModelArguments, tokenizer, special_ids: dict):
+    """An encoder-decoder from --config_name or --model_name_or_path; an encoder-only checkpoint (BERT family or
+    selfattn) is warm-started into one: selfattn's from_encoder_decoder_pretrained, or with
+    --use_transformers_class transformers' EncoderDecoderModel."""
+    source = model_args.model_name_or_path
+    if source is None or AutoConfig.from_pretrained(source).is_encoder_decoder:
+        return load_model(model_args, SelfAttnForConditionalGeneration, AutoModelForSeq2SeqLM, tokenizer, **special_ids)
+    if not model_args.use_transformers_class:
+        return SelfAttnForConditionalGeneration.from_encoder_decoder_pretrained(source, **special_ids)
+    model = EncoderDecoderModel.from_encoder_decoder_pretrained(source, source)
+    for name, value in {**special_ids, "vocab_size": model.config.decoder.vocab_size}.items():
+        setattr(model.config, name, value)
+    for name, value in special_ids.items():
+        setattr(model.generation_config, name, value)
+    return model
+
+
+if __name__ == "__main__":
+    main()

