@@ -31,7 +31,8 @@ import torch
 import transformers
 from transformers import GenerationConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent), str(HERE)]  # this checkout's package (not another install), and pairs.py
 from pairs import (  # noqa: E402
     BERT_BASE_SHAPE,
     EOS_ID,

@@ -2,9 +2,10 @@
 """Greedy decoding speed on CPU: selfattn's encoder-decoder against transformers' MarianMTModel on identical
 weights (a random Transformer-base: 6+6 layers, width 512, 8 heads, FFN 2048, vocabulary 32000), converted with
 modeling_selfattn/conversion.py. Sources of 64 tokens, exactly 64 new tokens (min_new_tokens = max_new_tokens),
-batch 1 and 16. Prints the median time of --repeats runs, tokens per second and the ratio ours / Marian.
+batch 1 and 16. Prints the median time of --repeats runs (the two models take turns), tokens per second and
+the ratio ours / Marian.
 
-    python benchmarks/bench_generate.py [--repeats 3] [--batch-sizes 1 16]
+    python benchmarks/bench_generate.py [--repeats 5] [--batch-sizes 1 16]
 
 Not a test: figures depend on the machine and on what else it runs.
 """
@@ -46,7 +47,7 @@ NEW_TOKENS = 64
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per model and batch size (default 3)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per model and batch size (default 5)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     return parser.parse_args(argv)
 
@@ -60,17 +61,20 @@ def models() -> tuple[torch.nn.Module, torch.nn.Module]:
     return marian, ours.eval()
 
 
-def time_greedy(model, input_ids: torch.Tensor, repeats: int) -> tuple[float, torch.Tensor]:
-    """Median seconds of one generate() call (after a warm-up call), and the tokens."""
+def time_greedy(named_models: dict, input_ids: torch.Tensor, repeats: int) -> dict[str, tuple[float, torch.Tensor]]:
+    """name -> (median seconds of one generate() call, the tokens). The models take turns, in alternating order,
+    so that a change in the machine's load affects both alike; one untimed warm-up call each first."""
     options = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, num_beams=1, do_sample=False)
+    seconds = {name: [] for name in named_models}
     with torch.inference_mode():
-        tokens = model.generate(input_ids, **options)
-        seconds = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model.generate(input_ids, **options)
-            seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds), tokens
+        tokens = {name: model.generate(input_ids, **options) for name, model in named_models.items()}
+        for repeat in range(repeats):
+            order = list(named_models) if repeat % 2 == 0 else list(reversed(named_models))
+            for name in order:
+                start = time.perf_counter()
+                named_models[name].generate(input_ids, **options)
+                seconds[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(seconds[name]), tokens[name]) for name in named_models}
 
 
 def main(argv=None) -> int:
@@ -81,8 +85,7 @@ def main(argv=None) -> int:
     for batch_size in args.batch_sizes:
         input_ids = torch.randint(2, TRANSFORMER_BASE["vocab_size"], (batch_size, SOURCE_LENGTH),
                                   generator=torch.Generator().manual_seed(batch_size))
-        results = {name: time_greedy(model, input_ids, args.repeats) for name, model in (("marian", marian),
-                                                                                          ("selfattn", ours))}
+        results = time_greedy({"marian": marian, "selfattn": ours}, input_ids, args.repeats)
         same = torch.equal(results["marian"][1], results["selfattn"][1])
         speeds = {name: batch_size * NEW_TOKENS / seconds for name, (seconds, _) in results.items()}
         for name, (seconds, _) in results.items():

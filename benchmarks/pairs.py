@@ -1,9 +1,9 @@
 """Model pairs for the benchmarks: a transformers reference model and the selfattn model holding the same
 weights, both in eval mode and float32.
 
-BERT-layout models go through the conversion engine (the reference is saved, then loaded by selfattn's
-`from_pretrained`, which translates BERT checkpoints). Marian has no conversion family, so its mapping is
-written out here; `check_marian_pair` proves it on a forward pass.
+Weights go through the conversion engine (modeling_selfattn/conversion.py): the reference is saved, then BERT
+checkpoints are loaded by selfattn's `from_pretrained` (which translates them) and Marian ones converted by
+`convert_checkpoint`. The benchmark checks each pair's outputs before timing it.
 """
 
 import math
@@ -13,12 +13,8 @@ from pathlib import Path
 import torch
 import transformers
 
-from modeling_selfattn import (
-    SelfAttnConfig,
-    SelfAttnForConditionalGeneration,
-    SelfAttnForMaskedLM,
-    SelfAttnModel,
-)
+from modeling_selfattn import SelfAttnForMaskedLM, SelfAttnModel
+from modeling_selfattn.conversion import convert_checkpoint
 
 MINILM_SHAPE = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
 BERT_BASE_SHAPE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
@@ -84,58 +80,12 @@ def marian_reference(seed: int = 0) -> transformers.MarianMTModel:
     return model.eval()
 
 
-def marian_config(reference: transformers.MarianMTModel) -> SelfAttnConfig:
-    source = reference.config
-    return SelfAttnConfig(
-        vocab_size=source.vocab_size, hidden_size=source.d_model, num_attention_heads=source.encoder_attention_heads,
-        encoder_layers=source.encoder_layers, decoder_layers=source.decoder_layers,
-        intermediate_size=source.encoder_ffn_dim, hidden_act=source.activation_function,
-        hidden_dropout_prob=source.dropout, attention_dropout=source.attention_dropout,
-        activation_dropout=source.activation_dropout, max_position_embeddings=source.max_position_embeddings,
-        position_embedding_type="sinusoidal", type_vocab_size=0, embedding_layer_norm=False,
-        scale_embedding=source.scale_embedding, layer_norm_eps=1e-5, add_pooling_layer=False,
-        add_final_logits_bias=True, pad_token_id=source.pad_token_id, eos_token_id=source.eos_token_id,
-        decoder_start_token_id=source.decoder_start_token_id, tie_word_embeddings=True,
-    )
-
-
-# Marian layer module -> selfattn layer module; the decoder's cross-attention is Marian's encoder_attn.
-MARIAN_LAYER_MODULES = {
-    "self_attn.q_proj": "self_attn.q_proj", "self_attn.k_proj": "self_attn.k_proj",
-    "self_attn.v_proj": "self_attn.v_proj", "self_attn.out_proj": "self_attn.o_proj",
-    "self_attn_layer_norm": "self_attn_layer_norm",
-    "encoder_attn.q_proj": "cross_attn.q_proj", "encoder_attn.k_proj": "cross_attn.k_proj",
-    "encoder_attn.v_proj": "cross_attn.v_proj", "encoder_attn.out_proj": "cross_attn.o_proj",
-    "encoder_attn_layer_norm": "cross_attn_layer_norm",
-    "fc1": "ffn.fc1", "fc2": "ffn.fc2", "final_layer_norm": "ffn_layer_norm",
-}
-
-
-def marian_state_dict(reference: transformers.MarianMTModel) -> dict[str, torch.Tensor]:
-    converted = {
-        "model.encoder.embeddings.word_embeddings.weight": reference.model.shared.weight,
-        "final_logits_bias": reference.final_logits_bias,
-    }
-    for stack in ("encoder", "decoder"):
-        for index, layer in enumerate(getattr(reference.model, stack).layers):
-            for name, tensor in layer.state_dict().items():
-                module, leaf = name.rsplit(".", 1)
-                converted[f"model.{stack}.layers.{index}.{MARIAN_LAYER_MODULES[module]}.{leaf}"] = tensor
-    return converted
-
-
 def marian_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
     """(MarianMTModel, SelfAttnForConditionalGeneration) of the Transformer-base shape, same random weights."""
     reference = marian_reference()
-    ours = SelfAttnForConditionalGeneration(marian_config(reference))
-    missing, unexpected = ours.load_state_dict(marian_state_dict(reference), strict=False)
-    tied = {"lm_head.weight", "model.decoder.embeddings.word_embeddings.weight"}
-    if unexpected or set(missing) - tied:
-        raise RuntimeError(f"Marian mapping incomplete: missing {missing}, unexpected {unexpected}")
-    with torch.no_grad():  # Marian rounds its sinusoidal table through float32 numpy; use the very same values
-        for stack in ("encoder", "decoder"):
-            table = getattr(ours.model, stack).embeddings.sinusoidal_table
-            table.copy_(getattr(reference.model, stack).embed_positions.weight[: table.shape[0]])
+    with tempfile.TemporaryDirectory() as folder:
+        reference.save_pretrained(folder)
+        ours, _ = convert_checkpoint(folder)  # raises on any tensor it cannot place
     return reference, ours.eval()
 
 

@@ -265,27 +265,23 @@ def pretrained_label2id(model_args: ModelArguments) -> dict[str, int]:
 
 
 def tokenize_splits(
-    raw: datasets.DatasetDict,
-    training_args: TrainingArguments,
-    data_args: DataArguments,
-    function: Callable,
-    splits: tuple[str, ...] = ("train", "validation"),
-    remove_columns: bool = True,
+    raw: datasets.DatasetDict, training_args: TrainingArguments, data_args: DataArguments, function: Callable
 ) -> datasets.DatasetDict:
-    """`raw[split].map(function, batched=True)` for each split present, on the main process first (the others
-    then read the cache)."""
-    tokenized = datasets.DatasetDict()
+    """`raw[split].map(function, batched=True)` for each split, replacing the raw columns; on the main process
+    first, the others then read the cache."""
     with training_args.main_process_first(desc="tokenizing the data"):
-        for split in splits:
-            if split in raw:
-                tokenized[split] = raw[split].map(
+        return datasets.DatasetDict(
+            {
+                split: dataset.map(
                     function,
                     batched=True,
                     num_proc=data_args.preprocessing_num_workers,
-                    remove_columns=raw[split].column_names if remove_columns else None,
+                    remove_columns=dataset.column_names,
                     desc=f"tokenizing {split}",
                 )
-    return tokenized
+                for split, dataset in raw.items()
+            }
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------

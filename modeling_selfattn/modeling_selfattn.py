@@ -9,6 +9,7 @@ encoder output, FFN); the stacks; the pretrained base; then the task heads.
 Only relative imports among the model files, so that `save_pretrained` can ship them as remote code.
 """
 
+import importlib.util
 import math
 import re
 from collections.abc import Callable
@@ -46,7 +47,7 @@ from .configuration_selfattn import SelfAttnConfig
 from .hub_selfattn import SelfAttnHubMixin
 
 
-def check_ids(ids: torch.Tensor, table_size: int, name: str, fix: str) -> None:
+def check_ids(ids: torch.Tensor, table_size: int, name: str, table: str, fix: str) -> None:
     """An id outside an embedding table would index out of bounds (a crash deep in torch, or on GPU a
     device-side assert); say which ids are wrong instead. Skipped under torch.compile, where reading the ids
     back would break the graph."""
@@ -54,7 +55,7 @@ def check_ids(ids: torch.Tensor, table_size: int, name: str, fix: str) -> None:
         return
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= table_size:
-        raise ValueError(f"{name} contains ids outside [0, {table_size - 1}] (min {low}, max {high}). {fix}")
+        raise ValueError(f"{name} contains ids outside the {table} [0, {table_size - 1}] (min {low}, max {high}). {fix}")
 
 
 def check_attention_mask(attention_mask: torch.Tensor | None, expected: tuple[int, int], name: str) -> None:
@@ -143,6 +144,7 @@ class SelfAttnEmbeddings(nn.Module):
                 input_ids,
                 self.word_embeddings.num_embeddings,
                 "input_ids",
+                "vocabulary",
                 "Use the tokenizer that belongs to this model, or resize the embeddings with "
                 "`model.resize_token_embeddings(len(tokenizer))`.",
             )
@@ -174,6 +176,7 @@ class SelfAttnEmbeddings(nn.Module):
                     token_type_ids,
                     self.token_type_embeddings.num_embeddings,
                     "token_type_ids",
+                    "token types",
                     "This model has config.type_vocab_size segments; pass segment ids below it (or none).",
                 )
             embeddings = embeddings + self.token_type_embeddings(token_type_ids)
@@ -262,6 +265,15 @@ class PackedSequences:
             lengths = dict(cu_seq_lens_q=self.cu_seq_lens, cu_seq_lens_k=self.cu_seq_lens)
             maxima = dict(max_length_q=self.max_length, max_length_k=self.max_length)
             return attention_interface(module, query, key, value, None, **lengths, **maxima, **kwargs)
+        if uses_torch_varlen_kernel(module, query, kwargs.get("dropout", 0.0)):
+            from torch.nn.attention.varlen import varlen_attn
+
+            query, key, value = (states[0].transpose(0, 1) for states in (query, key, value))  # (tokens, heads, dim)
+            output = varlen_attn(
+                query, key, value, self.cu_seq_lens, self.cu_seq_lens, self.max_length, self.max_length,
+                scale=kwargs.get("scaling"),
+            )
+            return output.unsqueeze(0), None
         outputs = []
         for start, count, length in self.length_groups:
 
@@ -272,6 +284,19 @@ class PackedSequences:
             output, _ = attention_interface(module, group(query), group(key), group(value), None, **kwargs)
             outputs.append(output.flatten(0, 1))
         return torch.cat(outputs).unsqueeze(0), None
+
+
+def uses_torch_varlen_kernel(module: nn.Module, query: torch.Tensor, dropout: float) -> bool:
+    """torch's own varlen flash kernel (torch.nn.attention.varlen, torch >= 2.10) serves SDPA models on CUDA in half
+    precision; it has no dropout."""
+    return (
+        query.is_cuda
+        and query.dtype in (torch.float16, torch.bfloat16)
+        and module.config._attn_implementation == "sdpa"
+        and dropout == 0.0
+        and query.shape[-1] % 8 == 0
+        and importlib.util.find_spec("torch.nn.attention.varlen") is not None
+    )
 
 
 def packed_sequences_for(attention_mask: torch.Tensor | None, config: SelfAttnConfig, kwargs: dict):

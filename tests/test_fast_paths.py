@@ -271,11 +271,9 @@ def test_onednn_mode_trains_like_the_default_and_follows_weight_updates():
     assert fast.lm_head.decoder.weight is fast.model.encoder.embeddings.word_embeddings.weight  # still tied
     batch = padded_batch(lengths=(12, 7, 4))
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    losses = []
     for trained in (model, fast):  # a gradient is needed: nn.Linear's own path, the same numbers exactly
         trained.train()
-        torch.optim.SGD(trained.parameters(), lr=0.5).zero_grad()
-    losses = []
-    for trained in (model, fast):
         optimizer = torch.optim.SGD(trained.parameters(), lr=0.5)
         loss = trained(**batch, labels=labels).loss
         loss.backward()
@@ -307,3 +305,31 @@ def test_onednn_mode_copies_pickles_and_turns_off_without_touching_global_settin
         assert not any(type(module) is modeling.OneDNNInferenceLinear for module in fast.modules())
         assert torch.equal(fast(**batch).last_hidden_state, model(**batch).last_hidden_state)
     assert (torch.get_num_threads(), torch.backends.mkldnn.enabled, torch.get_float32_matmul_precision()) == settings
+
+
+# --- CUDA (skipped without a GPU) ------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def cuda_implementations() -> list[str]:
+    from transformers.utils import is_flash_attn_2_available
+
+    return ["sdpa", "eager"] + (["flash_attention_2"] if is_flash_attn_2_available() else [])
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, TOLERANCE), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("implementation", cuda_implementations())
+def test_unpadded_encoder_on_cuda_matches_the_padded_path(implementation, dtype, tolerance, never_unpad, count_packings):
+    if implementation.startswith("flash") and dtype == torch.float32:
+        pytest.skip("flash attention kernels take half precision only")
+    model = build(SelfAttnModel, hidden_size=64, intermediate_size=128).to("cuda", dtype)
+    model.set_attn_implementation(implementation)
+    batch = {name: tensor.cuda() for name, tensor in padded_batch().items()}
+    with torch.no_grad():
+        unpadded = model(**batch).last_hidden_state
+        never_unpad()
+        padded = model(**batch).last_hidden_state
+    assert len(count_packings) == 1
+    assert real_token_diff(unpadded.float(), padded.float(), batch["attention_mask"]) <= tolerance

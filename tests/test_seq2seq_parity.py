@@ -106,24 +106,23 @@ def generator_pair(pairs, family: str):
     return pairs[family, next(iter(FAMILIES[family][1])).__name__]
 
 
+def right_padded(lengths: tuple, pad_token_id: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ids (3..89, clear of every family's special tokens) of the given lengths, and their mask."""
+    ids = torch.randint(3, 90, (len(lengths), max(lengths)), generator=torch.Generator().manual_seed(seed))
+    mask = (torch.arange(max(lengths)) < torch.tensor(lengths).unsqueeze(1)).long()
+    return ids.masked_fill(mask == 0, pad_token_id), mask
+
+
 def padded_sources(config, lengths=(9, 6, 3)) -> dict:
-    generator = torch.Generator().manual_seed(1)
-    input_ids = torch.randint(3, 90, (len(lengths), max(lengths)), generator=generator)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, length in enumerate(lengths):
-        attention_mask[row, :length] = 1
-    return {"input_ids": input_ids.masked_fill(attention_mask == 0, config.pad_token_id), "attention_mask": attention_mask}
+    input_ids, attention_mask = right_padded(lengths, config.pad_token_id, seed=1)
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
 def padded_targets(config, lengths=(5, 3, 4)) -> dict:
     """Teacher-forced decoder inputs: the start token, then ids, right-padded."""
-    generator = torch.Generator().manual_seed(2)
-    ids = torch.randint(3, 90, (len(lengths), max(lengths)), generator=generator)
-    ids[:, 0] = config.decoder_start_token_id
-    mask = torch.zeros_like(ids)
-    for row, length in enumerate(lengths):
-        mask[row, :length] = 1
-    return {"decoder_input_ids": ids.masked_fill(mask == 0, config.pad_token_id), "decoder_attention_mask": mask}
+    decoder_input_ids, decoder_attention_mask = right_padded(lengths, config.pad_token_id, seed=2)
+    decoder_input_ids[:, 0] = config.decoder_start_token_id
+    return {"decoder_input_ids": decoder_input_ids, "decoder_attention_mask": decoder_attention_mask}
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

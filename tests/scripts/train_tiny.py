@@ -7,8 +7,9 @@ writes, from the main process, OUT/results.json ({head: {"losses": loss logged a
 and OUT/<head>/model.safetensors (the final weights). The data, the model initialisation and the seed are fixed,
 so two runs that see the same global batches must log the same losses.
 
-Every head gets labels in which the number of scored tokens differs from example to example, so a loss averaged
-per process instead of over the whole global batch, or scaled by the number of processes, shows in the losses.
+Token-level heads get labels in which the number of scored tokens differs from example to example, so a loss
+averaged per process instead of over the whole global batch, or scaled by the number of processes, shows in the
+losses. `--pause-after-checkpoint` and `--training-args` serve the resume test.
 """
 
 import argparse
