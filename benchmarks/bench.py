@@ -125,7 +125,8 @@ def real_token_diff(expected: torch.Tensor, actual: torch.Tensor, attention_mask
 def encoder_workload(name, description, shape, lengths, args, variants) -> Workload:
     reference, ours = bert_pair("BertModel", shape)
     reference, ours = reference.to(args.device, args.dtype), ours.to(args.device, args.dtype)
-    inputs = {name: tensor.to(args.device) for name, tensor in padded_batch(lengths, reference.config.vocab_size).items()}
+    batch = padded_batch(lengths, reference.config.vocab_size)
+    inputs = {name: tensor.to(args.device) for name, tensor in batch.items()}
     config = reference.config
     flops = encoder_flops(lengths, config.hidden_size, config.intermediate_size, config.num_hidden_layers)
     runners = {"reference": inference(reference, inputs)}
@@ -282,7 +283,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated, from: " + ", ".join(WORKLOADS))
+    parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated: " + ", ".join(WORKLOADS))
     parser.add_argument("--variants", default="selfattn,selfattn-onednn", help="selfattn, selfattn-onednn")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
@@ -314,8 +315,10 @@ def main(argv=None):
         workload = WORKLOADS[name](args, variants)
         times = time_alternating(workload.runners, args.repeats, args.warmup, args.device)
         reference_median = statistics.median(times["reference"])
-        entry = {"description": workload.description, "tokens_per_call": workload.tokens, "flops_per_call": workload.flops,
-                 "parity": workload.parity, "load_average": load_average(), "variants": {}}
+        entry = {
+            "description": workload.description, "tokens_per_call": workload.tokens, "flops_per_call": workload.flops,
+            "parity": workload.parity, "load_average": load_average(), "variants": {},
+        }
         for variant, samples in times.items():
             median = statistics.median(samples)
             entry["variants"][variant] = {
@@ -329,8 +332,8 @@ def main(argv=None):
             print(rows[-1], flush=True)
         print(f"{'':26} parity: {workload.parity}", flush=True)
         results["workloads"][name] = entry
-    results["environment"]["load_average_end"] = load_average()
-    Path(args.output).write_text(json.dumps(results, indent=2))
+        results["environment"]["load_average_end"] = load_average()
+        Path(args.output).write_text(json.dumps(results, indent=2))  # after each workload: partial runs count too
     print("\n".join(["", *rows, "", f"MFU against the best measured GEMM peak, {peak:.0f} GFLOP/s; load average "
                      f"{results['environment']['load_average_start']} -> {results['environment']['load_average_end']}; "
                      f"results in {args.output}"]))

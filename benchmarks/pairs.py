@@ -94,6 +94,7 @@ def check_marian_pair(reference, ours, batch_size: int = 2, length: int = 12) ->
     generator = torch.Generator().manual_seed(0)
     source = torch.randint(2, reference.config.vocab_size, (batch_size, length), generator=generator)
     target = torch.randint(2, reference.config.vocab_size, (batch_size, length // 2), generator=generator)
+    source, target = source.to(reference.device), target.to(reference.device)
     with torch.no_grad():
         expected = reference(input_ids=source, decoder_input_ids=target).logits
         actual = ours(input_ids=source, decoder_input_ids=target, use_cache=False).logits

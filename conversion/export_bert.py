@@ -21,14 +21,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 import transformers  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from modeling_selfattn.conversion import FAMILIES, TOKENIZER_FILES, ConversionError, export_checkpoint  # noqa: E402
+from modeling_selfattn.conversion import (  # noqa: E402
+    ENCODER_FAMILIES,
+    TOKENIZER_FILES,
+    ConversionError,
+    export_checkpoint,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", type=Path, help="selfattn model folder (encoder-only)")
     parser.add_argument("output", type=Path, help="transformers checkpoint folder to write")
-    parser.add_argument("--family", choices=sorted(FAMILIES), help="layout to write (default: bert or roberta)")
+    parser.add_argument("--family", choices=sorted(ENCODER_FAMILIES), help="layout to write (default: bert or roberta)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     return parser.parse_args(argv)
 

@@ -482,6 +482,8 @@ BART = Family(
 FAMILIES = {
     family.model_type: family for family in (BERT, ROBERTA, XLM_ROBERTA, DISTILBERT, ELECTRA, MARIAN, BART)
 }
+# The families export writes back to (selfattn encoder -> BERT family); Marian and BART convert one way.
+ENCODER_FAMILIES = {name: family for name, family in FAMILIES.items() if family.config_fixed.get("decoder_layers") == 0}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1075,6 +1077,11 @@ def warm_start_kwargs(encoder_source, decoder_source=None, **kwargs) -> dict:
 def export_family(config: SelfAttnConfig, family_name: str | None = None) -> Family:
     """The family to export to: as named, or RoBERTa for padding-aware positions and BERT otherwise."""
     if family_name is not None:
+        if family_for(family_name).model_type not in ENCODER_FAMILIES:
+            raise ConversionError(
+                f"Export writes an encoder layout, one of {sorted(ENCODER_FAMILIES)}; {family_name} is converted "
+                "to selfattn only."
+            )
         return family_for(family_name)
     return ROBERTA if config.padding_aware_positions else BERT
 
@@ -1243,6 +1250,7 @@ def verify_seq2seq(
 __all__ = [
     "ConversionError",
     "ConversionReport",
+    "ENCODER_FAMILIES",
     "FAMILIES",
     "Family",
     "Head",

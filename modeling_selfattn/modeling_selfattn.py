@@ -210,8 +210,8 @@ def eager_attention_forward(
     return output, probabilities
 
 
-# Unpadding pays once padding is at least this share of a batch's tokens; below it, the attention calls per
-# distinct length (see PackedSequences.attend) cost about what the skipped padding would.
+# Unpadding is used once padding is at least this share of a batch's tokens: below it, what the skipped padding
+# saves is small next to the packing's own costs (index copies, one attention call per distinct length).
 MIN_PADDING_SHARE_TO_UNPAD = 0.2
 
 
@@ -472,13 +472,19 @@ class SelfAttnDecoderLayer(SelfAttnEncoderLayer):
         return self.residual(hidden_states, self.ffn_layer_norm, self.ffn)
 
 
+# Measured on 2-core Xeon CPUs: with fewer input rows (tokens) than this, oneDNN's cost per call outweighs its faster
+# kernels, except on a weight this large (an LM head over the vocabulary), where streaming the weight dominates.
+ONEDNN_MIN_ROWS = 8
+ONEDNN_MIN_WEIGHT_FOR_FEW_ROWS = 4 * 2**20  # elements
+
+
 class OneDNNInferenceLinear(nn.Linear):
     """nn.Linear that runs CPU float32 inference through oneDNN on a copy of its weight packed once into the
     layout oneDNN's kernels read fastest (plain nn.Linear reads the row-major weight anew on every call).
     `SelfAttnPreTrainedModel.enable_onednn_inference` turns a model's linears into these. Anything else (a
-    gradient needed, another device or dtype, torch.compile, oneDNN disabled) takes nn.Linear's path. The packed
-    copy follows the weight: it is redone when the weight is changed in place (an optimizer step,
-    load_state_dict) or replaced."""
+    gradient needed, another device or dtype, torch.compile, oneDNN disabled, too few rows to pay) takes
+    nn.Linear's path. The packed copy follows the weight: it is redone when the weight is changed in place (an
+    optimizer step, load_state_dict) or replaced."""
 
     packed: tuple[tuple[int, int], torch.Tensor] | None = None  # ((weight storage, version), packed weight)
 
@@ -494,6 +500,7 @@ class OneDNNInferenceLinear(nn.Linear):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         needs_gradient = torch.is_grad_enabled() and (input.requires_grad or self.weight.requires_grad)
+        too_few_rows = input.numel() < ONEDNN_MIN_ROWS * self.in_features
         if (
             needs_gradient
             or input.device.type != "cpu"
@@ -501,6 +508,7 @@ class OneDNNInferenceLinear(nn.Linear):
             or self.weight.dtype != torch.float32
             or not torch.backends.mkldnn.enabled
             or torch.compiler.is_compiling()
+            or (too_few_rows and self.weight.numel() < ONEDNN_MIN_WEIGHT_FOR_FEW_ROWS)
         ):
             return super().forward(input)
         return torch.ops.mkldnn._linear_pointwise(input, self.packed_weight(), self.bias, "none", [], "")

@@ -6,6 +6,7 @@ script also runs a few steps on them."""
 import importlib
 import json
 import math
+import os
 import random
 import subprocess
 import sys
@@ -396,6 +397,7 @@ def test_classification_runs_as_a_command(data_dir, tokenizer_dir, encoder_confi
          "--tokenizer_name", str(tokenizer_dir), "--train_file", str(data_dir / "sentiment_train.jsonl"),
          "--validation_file", str(data_dir / "sentiment_dev.tsv"), *trainer_options(tmp_path, steps=1)],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "datasets_cache")},
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "eval_accuracy" in saved_results(tmp_path)

@@ -321,7 +321,9 @@ def cuda_implementations() -> list[str]:
 @needs_cuda
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, TOLERANCE), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("implementation", cuda_implementations())
-def test_unpadded_encoder_on_cuda_matches_the_padded_path(implementation, dtype, tolerance, never_unpad, count_packings):
+def test_unpadded_encoder_on_cuda_matches_the_padded_path(
+    implementation, dtype, tolerance, never_unpad, count_packings
+):
     if implementation.startswith("flash") and dtype == torch.float32:
         pytest.skip("flash attention kernels take half precision only")
     model = build(SelfAttnModel, hidden_size=64, intermediate_size=128).to("cuda", dtype)

@@ -418,7 +418,8 @@ def test_text_generation_pipeline_matches_generate():
 
 
 def test_tokenizer_generate_decode_round_trip_for_the_encoder_decoder():
-    """What the translation / text2text-generation pipelines did; transformers 5 removed those tasks."""
+    """Text in, text out over a right-padded batch gives each sentence's own output (the seq2seq-* pipelines
+    built on this are tested in test_task_pipelines.py)."""
     model = build_model("encoder_decoder")
     tokenizer = word_tokenizer(padding_side="right")
     sources = ["w10 w11 w12 w13 w14", "w40 w41"]

@@ -31,7 +31,7 @@ from transformers import (
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from modeling_selfattn import SelfAttnForConditionalGeneration
-from modeling_selfattn.conversion import ConversionError, convert_checkpoint
+from modeling_selfattn.conversion import ConversionError, convert_checkpoint, export_family
 
 TOLERANCE = 1e-5
 SCRIPT = Path(__file__).resolve().parents[1] / "conversion" / "convert_seq2seq.py"
@@ -243,6 +243,12 @@ def test_unsupported_architecture_names_the_supported_ones(tmp_path):
     folder = save_source(BartForCausalLM, source_config("bart", is_decoder=False), tmp_path)
     with pytest.raises(ConversionError, match="BartForConditionalGeneration"):
         convert_checkpoint(folder)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_export_refuses_the_one_way_families(family, tiny_encoder_config):
+    with pytest.raises(ConversionError, match="converted to selfattn only"):
+        export_family(tiny_encoder_config, family)
 
 
 # ---------------------------------------------------------------------------------------------------------
