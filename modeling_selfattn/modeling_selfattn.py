@@ -577,21 +577,13 @@ class SelfAttnPreTrainedModel(SelfAttnHubMixin, PreTrainedModel):
                 init.zeros_(module.final_logits_bias)
 
 
-class SelfAttnEncoder(SelfAttnPreTrainedModel):
-    """Embeddings and `config.encoder_layers` bidirectional layers (plus a final LayerNorm if pre-LN).
+class SelfAttnStack(SelfAttnPreTrainedModel):
+    """What the encoder and the decoder share: embeddings, the layers, and a final LayerNorm if pre-LN."""
 
-    A batch that is largely padding runs unpadded (PackedSequences): real tokens give the same outputs, padding
-    positions come out as zeros instead of values nothing should read."""
-
-    _can_record_outputs = {
-        "hidden_states": OutputRecorder(SelfAttnEncoderLayer, num_hidden_layers_key="encoder_layers"),
-        "attentions": OutputRecorder(SelfAttnAttention, index=1, layer_name="self_attn"),
-    }
-
-    def __init__(self, config: SelfAttnConfig):
+    def __init__(self, config: SelfAttnConfig, layers: list[nn.Module], word_embeddings: nn.Embedding | None = None):
         super().__init__(config)
-        self.embeddings = SelfAttnEmbeddings(config)
-        self.layers = nn.ModuleList([SelfAttnEncoderLayer(config, i) for i in range(config.encoder_layers)])
+        self.embeddings = SelfAttnEmbeddings(config, word_embeddings)
+        self.layers = nn.ModuleList(layers)
         self.final_layer_norm = (
             nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pre_layer_norm else None
         )
@@ -603,6 +595,21 @@ class SelfAttnEncoder(SelfAttnPreTrainedModel):
 
     def set_input_embeddings(self, value):
         self.embeddings.word_embeddings = value
+
+
+class SelfAttnEncoder(SelfAttnStack):
+    """Embeddings and `config.encoder_layers` bidirectional layers (plus a final LayerNorm if pre-LN).
+
+    A batch that is largely padding runs unpadded (PackedSequences): real tokens give the same outputs, padding
+    positions come out as zeros instead of values nothing should read."""
+
+    _can_record_outputs = {
+        "hidden_states": OutputRecorder(SelfAttnEncoderLayer, num_hidden_layers_key="encoder_layers"),
+        "attentions": OutputRecorder(SelfAttnAttention, index=1, layer_name="self_attn"),
+    }
+
+    def __init__(self, config: SelfAttnConfig):
+        super().__init__(config, [SelfAttnEncoderLayer(config, i) for i in range(config.encoder_layers)])
 
     @merge_with_config_defaults
     @capture_outputs
@@ -635,7 +642,7 @@ class SelfAttnEncoder(SelfAttnPreTrainedModel):
         return BaseModelOutput(last_hidden_state=hidden_states)
 
 
-class SelfAttnDecoder(SelfAttnPreTrainedModel):
+class SelfAttnDecoder(SelfAttnStack):
     """Embeddings and `config.decoder_layers` causal layers with cross-attention over the encoder output
     (none in a decoder-only model), plus a final LayerNorm if pre-LN."""
 
@@ -646,23 +653,9 @@ class SelfAttnDecoder(SelfAttnPreTrainedModel):
     }
 
     def __init__(self, config: SelfAttnConfig, word_embeddings: nn.Embedding | None = None):
-        super().__init__(config)
         has_cross_attention = config.encoder_layers > 0
-        self.embeddings = SelfAttnEmbeddings(config, word_embeddings)
-        self.layers = nn.ModuleList(
-            [SelfAttnDecoderLayer(config, i, has_cross_attention) for i in range(config.decoder_layers)]
-        )
-        self.final_layer_norm = (
-            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pre_layer_norm else None
-        )
-        self.gradient_checkpointing = False
-        self.post_init()
-
-    def get_input_embeddings(self):
-        return self.embeddings.word_embeddings
-
-    def set_input_embeddings(self, value):
-        self.embeddings.word_embeddings = value
+        layers = [SelfAttnDecoderLayer(config, i, has_cross_attention) for i in range(config.decoder_layers)]
+        super().__init__(config, layers, word_embeddings)
 
     @merge_with_config_defaults
     @capture_outputs
