@@ -220,7 +220,8 @@ class PackedSequences:
     """A padded batch with its padding removed: the real tokens of every sequence, one sequence after another
     (longest first), in one row of `num_tokens`. Linear layers, the FFN and LayerNorm treat tokens one at a time,
     so they run on the packed row unchanged and skip the padding's cost; `attend` confines attention to each
-    sequence. The encoder packs after its embeddings and restores the padded layout at the end (zeros at padding).
+    sequence. The encoder packs after its embeddings and restores the padded layout at the end, where padding
+    positions keep their embeddings.
     """
 
     token_indices: torch.Tensor  # where each packed token sits in the flattened (batch * length) padded layout
@@ -252,9 +253,10 @@ class PackedSequences:
         """(batch, length, features) -> (1, num_tokens, features)."""
         return padded.flatten(0, 1).index_select(0, self.token_indices).unsqueeze(0)
 
-    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
-        """(1, num_tokens, features) -> (batch, length, features), zeros at padding."""
-        padded = packed.new_zeros(self.padded_shape[0] * self.padded_shape[1], packed.shape[-1])
+    def unpack(self, packed: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
+        """(1, num_tokens, features) -> (batch, length, features), taking padding positions from `padding`.
+        Not zeros: a constant row makes LayerNorm's fp16 backward divide 0 by 0 in any head applied after."""
+        padded = padding.flatten(0, 1).to(packed.dtype)
         return padded.index_copy(0, self.token_indices, packed[0]).view(*self.padded_shape, -1)
 
     def attend(self, attention_interface: Callable, module: nn.Module, query, key, value, **kwargs):
@@ -601,7 +603,7 @@ class SelfAttnEncoder(SelfAttnStack):
     """Embeddings and `config.encoder_layers` bidirectional layers (plus a final LayerNorm if pre-LN).
 
     A batch that is largely padding runs unpadded (PackedSequences): real tokens give the same outputs, padding
-    positions come out as zeros instead of values nothing should read."""
+    positions keep their embeddings instead of values nothing should read."""
 
     _can_record_outputs = {
         "hidden_states": OutputRecorder(SelfAttnEncoderLayer, num_hidden_layers_key="encoder_layers"),
@@ -627,6 +629,7 @@ class SelfAttnEncoder(SelfAttnStack):
         hidden_states = self.embeddings(input_ids, inputs_embeds, token_type_ids, position_ids)
         check_attention_mask(attention_mask, tuple(hidden_states.shape[:2]), "attention_mask")
         packed_sequences = packed_sequences_for(attention_mask, self.config, kwargs)
+        embeddings = hidden_states
         if packed_sequences is not None:
             hidden_states, attention_mask = packed_sequences.pack(hidden_states), None
         else:
@@ -638,7 +641,7 @@ class SelfAttnEncoder(SelfAttnStack):
         if self.final_layer_norm is not None:
             hidden_states = self.final_layer_norm(hidden_states)
         if packed_sequences is not None:
-            hidden_states = packed_sequences.unpack(hidden_states)
+            hidden_states = packed_sequences.unpack(hidden_states, padding=embeddings)
         return BaseModelOutput(last_hidden_state=hidden_states)
 
 

@@ -96,7 +96,9 @@ def test_unpadded_encoder_matches_the_padded_path(variant, never_unpad, count_pa
     assert len(count_packings) == 1
     assert real_token_diff(unpadded.last_hidden_state, padded.last_hidden_state, batch["attention_mask"]) <= TOLERANCE
     padding = batch["attention_mask"] == 0
-    assert torch.equal(unpadded.last_hidden_state[padding], torch.zeros_like(padded.last_hidden_state[padding]))
+    with torch.no_grad():  # padding positions keep their embeddings
+        embedded = model.get_encoder().embeddings(batch["input_ids"], token_type_ids=batch["token_type_ids"])
+    assert torch.equal(unpadded.last_hidden_state[padding], embedded[padding])
     if padding_side == "right":  # the pooler reads the first token, real with right padding
         torch.testing.assert_close(unpadded.pooler_output, padded.pooler_output, rtol=0, atol=TOLERANCE)
 
@@ -179,10 +181,10 @@ def test_packed_sequences_pack_and_unpack_are_inverse():
     packed = modeling.PackedSequences.from_attention_mask(batch["attention_mask"])
     assert packed.cu_seq_lens.tolist() == [0, 16, 28, 37, 46, 49, 50]  # longest first
     assert packed.length_groups == [(0, 1, 16), (16, 1, 12), (28, 2, 9), (46, 1, 3), (49, 1, 1)]
-    values = torch.randn(len(LENGTHS), 16, 4)
-    restored = packed.unpack(packed.pack(values))
+    values, padding = torch.randn(len(LENGTHS), 16, 4), torch.randn(len(LENGTHS), 16, 4)
+    restored = packed.unpack(packed.pack(values), padding)
     real = batch["attention_mask"].bool()
-    assert torch.equal(restored[real], values[real]) and torch.equal(restored[~real], torch.zeros_like(values[~real]))
+    assert torch.equal(restored[real], values[real]) and torch.equal(restored[~real], padding[~real])
 
 
 # --- masked-LM loss over the scored tokens ---------------------------------------------------------------------
