@@ -13,6 +13,8 @@ utilisation (MFU) against GEMM peaks measured here, and writes everything to a J
 Variants timed against the reference:
   selfattn         the model as loaded (automatic fast paths only: unpadded encoding, fast decoding).
   selfattn-onednn  the same after `model.enable_onednn_inference()` (opt-in; CPU inference in float32).
+  selfattn-compiled  generation only: after `model.enable_compiled_decoding()` (opt-in; static cache and a
+                   torch.compile'd decoding step; compiled during warm-up, not timed).
 Both sides run under the same global torch settings, which this script never changes.
 """
 
@@ -105,7 +107,8 @@ def inference(model, inputs: dict) -> Callable[[], object]:
 
 
 def ours_variants(ours, variants: list[str]) -> dict[str, torch.nn.Module]:
-    """selfattn variants: the plain model and, on request, the opt-in oneDNN CPU inference mode (a copy)."""
+    """selfattn variants: the plain model and, on request, copies in an opt-in mode (oneDNN CPU inference;
+    compiled decoding for models that generate)."""
     import copy
 
     models = {}
@@ -114,6 +117,8 @@ def ours_variants(ours, variants: list[str]) -> dict[str, torch.nn.Module]:
             models[variant] = ours
         elif variant == "selfattn-onednn":
             models[variant] = copy.deepcopy(ours).enable_onednn_inference()
+        elif variant == "selfattn-compiled" and ours.can_generate():
+            models[variant] = copy.deepcopy(ours).enable_compiled_decoding()
     return models
 
 
@@ -284,7 +289,10 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated: " + ", ".join(WORKLOADS))
-    parser.add_argument("--variants", default="selfattn,selfattn-onednn", help="selfattn, selfattn-onednn")
+    parser.add_argument(
+        "--variants", default="selfattn,selfattn-onednn,selfattn-compiled",
+        help="selfattn, selfattn-onednn, selfattn-compiled",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--random-minilm", action="store_true", help="random MiniLM-shaped weights, not the checkpoint")
@@ -309,7 +317,7 @@ def main(argv=None):
         "workloads": {},
     }
     print(f"GEMM peaks (GFLOP/s): {', '.join(f'{route} {value:.0f}' for route, value in peaks.items())}")
-    header = f"{'workload':26} {'variant':16} {'median s':>9} {'tok/s':>9} {'ratio':>6} {'MFU':>6}"
+    header = f"{'workload':26} {'variant':17} {'median s':>9} {'tok/s':>9} {'ratio':>6} {'MFU':>6}"
     rows = [header, "-" * len(header)]
     for name in args.workloads.split(","):
         workload = WORKLOADS[name](args, variants)
@@ -326,7 +334,7 @@ def main(argv=None):
                 "ratio_to_reference": reference_median / median, "mfu": workload.flops / median / (peak * 1e9),
             }
             rows.append(
-                f"{name:26} {variant:16} {median:9.3f} {workload.tokens / median:9.0f} "
+                f"{name:26} {variant:17} {median:9.3f} {workload.tokens / median:9.0f} "
                 f"{reference_median / median:6.2f} {workload.flops / median / (peak * 1e9):6.1%}"
             )
             print(rows[-1], flush=True)

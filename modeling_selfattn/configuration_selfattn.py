@@ -56,6 +56,9 @@ class SelfAttnConfig(PreTrainedConfig):
             used by the sequence-classification and multiple-choice heads.
         pooler_activation: activation of the pooler, any key of ACT2FN (`tanh` for BERT).
         add_final_logits_bias: a fixed bias added to the LM logits of generating heads (Marian, BART).
+        lm_head_transform: generating heads use BERT's MLM head (dense + activation + LayerNorm, then the tied
+            projection with a trained bias) instead of projecting the decoder output onto the token table
+            directly; BERT2BERT warm starts set it, so that the decoder's outputs keep BERT's output layer.
         tie_word_embeddings: tie LM output weights to the input embeddings.
         initializer_range: std of the normal initialisation.
     """
@@ -109,6 +112,7 @@ class SelfAttnConfig(PreTrainedConfig):
     add_pooling_layer: bool = True
     pooler_activation: str = "tanh"
     add_final_logits_bias: bool = False
+    lm_head_transform: bool = False
     initializer_range: float = 0.02
     pad_token_id: int | None = 0
     bos_token_id: int | None = None

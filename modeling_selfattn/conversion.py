@@ -1009,40 +1009,50 @@ SHARED_STACK_FIELDS = (
 )
 
 
-def encoder_checkpoint(source, download_kwargs: dict) -> tuple[dict, dict, str]:
-    """(SelfAttnConfig fields, {selfattn encoder name: tensor}, description) of a BERT-family or selfattn encoder
-    checkpoint; tensors outside the encoder (pooler, heads) are left out and logged."""
+def encoder_checkpoint(source, download_kwargs: dict) -> tuple[dict, dict, dict]:
+    """(SelfAttnConfig fields, {selfattn encoder name: tensor}, {MLM head name: tensor}) of a BERT-family or
+    selfattn encoder checkpoint; the MLM head's tensors are there when the checkpoint has that head (its
+    projection, tied to the token table, left out); other tensors (pooler, task heads) are left out and logged."""
     folder = resolve_folder(source, **download_kwargs)
     config_dict = read_config(folder)
     state_dict = load_checkpoint(folder)
     if config_dict.get("model_type") == SelfAttnConfig.model_type:
         config_kwargs = SelfAttnConfig.from_pretrained(folder).to_dict()
-        names = {name: name if name.startswith("model.") else f"model.{name}" for name in state_dict}
+        names = {name: name if name.startswith(("model.", "lm_head.")) else f"model.{name}" for name in state_dict}
     else:
         family = family_for(config_dict.get("model_type"))
         config_kwargs, _ = selfattn_config_kwargs(config_dict, family.architecture("Model"))
         names, _, unmatched = rename(family, state_dict, head_prefix="model.")
         names.update({name: name for name in unmatched})
     encoder = {target: state_dict[name] for name, target in names.items() if target.startswith("model.encoder.")}
-    left_out = sorted(name for name, target in names.items() if not target.startswith("model.encoder."))
+    lm_head = {
+        target: state_dict[name]
+        for name, target in names.items()
+        if target.startswith("lm_head.") and target != "lm_head.decoder.weight"
+    }
+    left_out = sorted(
+        name for name, target in names.items() if not target.startswith("model.encoder.") and target not in lm_head
+    )
     if left_out:
-        logger.info("Warm start from %s uses its encoder only; not used: %s.", source, left_out)
-    return config_kwargs, encoder, str(source)
+        logger.info("Warm start from %s uses its encoder and MLM head only; not used: %s.", source, left_out)
+    return config_kwargs, encoder, lm_head
 
 
 def warm_start_kwargs(encoder_source, decoder_source=None, **kwargs) -> dict:
     """from_pretrained arguments for an encoder-decoder whose encoder comes from `encoder_source` and whose decoder
-    self-attention, FFN and embeddings come from `decoder_source` (the same checkpoint by default); the
-    cross-attention is left for from_pretrained to initialise (and report as newly initialised). The two stacks
-    share one token table, the encoder's. `kwargs` override config fields (e.g. decoder_start_token_id) or go
-    to from_pretrained (e.g. dtype)."""
+    self-attention, FFN and embeddings come from `decoder_source` (the same checkpoint by default), with BERT's
+    MLM head as the LM head (`lm_head_transform`: the decoder source's own where it has one); the cross-attention,
+    and a head the source lacks, are left for from_pretrained to initialise (and report as newly initialised).
+    The two stacks share one token table, the encoder's. `kwargs` override config fields (e.g.
+    decoder_start_token_id, or lm_head_transform=False for a plain projection) or go to from_pretrained (e.g.
+    dtype)."""
     download_kwargs = {name: kwargs.get(name) for name in ("revision", "cache_dir", "token", "local_files_only")}
-    encoder_config, encoder, _ = encoder_checkpoint(encoder_source, download_kwargs)
+    encoder_config, encoder, lm_head = encoder_checkpoint(encoder_source, download_kwargs)
     if decoder_source is None or str(decoder_source) == str(encoder_source):
         # Copies: from_pretrained keeps the given tensors, and shared ones would tie the two stacks together.
         decoder_config, decoder = encoder_config, {name: tensor.clone() for name, tensor in encoder.items()}
     else:
-        decoder_config, decoder, _ = encoder_checkpoint(decoder_source, download_kwargs)
+        decoder_config, decoder, lm_head = encoder_checkpoint(decoder_source, download_kwargs)
     disagreements = [
         f"{name}: {encoder_config.get(name)!r} vs {decoder_config.get(name)!r}"
         for name in SHARED_STACK_FIELDS
@@ -1064,9 +1074,12 @@ def warm_start_kwargs(encoder_source, decoder_source=None, **kwargs) -> dict:
     fields = SelfAttnConfig.__dataclass_fields__
     config_fields = {name: value for name, value in encoder_config.items() if name in fields}
     config_fields.update(
-        decoder_layers=decoder_config["encoder_layers"], tie_word_embeddings=True, add_pooling_layer=False
+        decoder_layers=decoder_config["encoder_layers"], tie_word_embeddings=True, add_pooling_layer=False,
+        lm_head_transform=True,
     )
     config_fields.update({name: kwargs.pop(name) for name in list(kwargs) if name in fields})
+    if config_fields["lm_head_transform"]:
+        state_dict.update(lm_head)
     return {**kwargs, "config": SelfAttnConfig(**config_fields), "state_dict": state_dict}
 
 

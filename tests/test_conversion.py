@@ -324,11 +324,15 @@ def test_encoder_decoder_warm_started_from_two_bert_checkpoints(saved_sources, t
         encoder_folder, tmp_path / "decoder", decoder_start_token_id=2, output_loading_info=True
     )
     assert (model.config.encoder_layers, model.config.decoder_layers) == (2, 1)
-    assert sorted(info["missing_keys"]) == sorted(
+    cross_attention = [
         f"model.decoder.layers.0.{module}.{leaf}"
         for module in ("cross_attn.q_proj", "cross_attn.k_proj", "cross_attn.v_proj", "cross_attn.o_proj", "cross_attn_layer_norm")
         for leaf in ("weight", "bias")
-    )
+    ]
+    # A BertModel checkpoint has no MLM head: BERT's LM-head transform and output bias start new.
+    mlm_head = ["lm_head.dense.weight", "lm_head.dense.bias", "lm_head.layer_norm.weight", "lm_head.layer_norm.bias",
+                "lm_head.decoder.bias"]
+    assert sorted(info["missing_keys"]) == sorted(cross_attention + mlm_head)
     inputs = padded_batch(encoder_model.config)
     with torch.no_grad():
         expected = encoder_model(**inputs).last_hidden_state
@@ -339,7 +343,32 @@ def test_encoder_decoder_warm_started_from_two_bert_checkpoints(saved_sources, t
     torch.testing.assert_close(
         model.model.decoder.layers[0].ffn.fc1.weight, decoder_model.encoder.layer[0].intermediate.dense.weight
     )
-    assert model.lm_head.weight is model.model.encoder.embeddings.word_embeddings.weight
+    assert model.lm_head.decoder.weight is model.model.encoder.embeddings.word_embeddings.weight
+    assert model.get_output_embeddings() is model.lm_head.decoder
+
+
+def test_warm_start_keeps_the_decoder_checkpoints_mlm_head(saved_sources, tmp_path):
+    from modeling_selfattn import SelfAttnForConditionalGeneration
+
+    source_model, folder = saved_sources("bert", "ForMaskedLM")
+    model, info = SelfAttnForConditionalGeneration.from_encoder_decoder_pretrained(
+        folder, decoder_start_token_id=2, output_loading_info=True
+    )
+    assert not [key for key in info["missing_keys"] if not key.startswith("model.decoder.layers.")]
+    predictions = source_model.cls.predictions
+    for ours, theirs in [
+        (model.lm_head.dense, predictions.transform.dense), (model.lm_head.layer_norm, predictions.transform.LayerNorm)
+    ]:
+        torch.testing.assert_close(ours.weight, theirs.weight, rtol=0, atol=0)
+        torch.testing.assert_close(ours.bias, theirs.bias, rtol=0, atol=0)
+    torch.testing.assert_close(model.lm_head.decoder.bias, predictions.bias, rtol=0, atol=0)
+    # The head maps the last decoder states as BertForMaskedLM's head maps the encoder's.
+    states = torch.randn(2, 3, source_model.config.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(model.lm_head(states), predictions(states), rtol=0, atol=1e-6)
+    plain = SelfAttnForConditionalGeneration.from_encoder_decoder_pretrained(folder, lm_head_transform=False)
+    assert isinstance(plain.lm_head, torch.nn.Linear)
+    assert plain.lm_head.weight is plain.model.encoder.embeddings.word_embeddings.weight
 
 
 def test_warm_start_refuses_checkpoints_of_different_shapes(saved_sources, tmp_path):

@@ -2,7 +2,8 @@
 
 - unpadded encoding (PackedSequences): a padded batch runs on its real tokens only;
 - the masked-LM loss over the scored tokens only (scored_token_logits);
-- the opt-in oneDNN CPU inference mode (enable_onednn_inference).
+- the opt-in oneDNN CPU inference mode (enable_onednn_inference);
+- the opt-in compiled decoding (enable_compiled_decoding: static cache, torch.compile'd decoding step).
 
 The plain path is forced by raising the padding share unpadding needs above 1 (`never_unpad`), by computing
 the loss from the full logits, or by leaving the mode off.
@@ -14,6 +15,7 @@ import io
 import pytest
 import torch
 from conftest import PAD_TOKEN_ID, make_tiny_config
+from transformers import GenerationConfig
 
 import modeling_selfattn.modeling_selfattn as modeling
 from modeling_selfattn import (
@@ -307,6 +309,34 @@ def test_onednn_mode_copies_pickles_and_turns_off_without_touching_global_settin
         assert not any(type(module) is modeling.OneDNNInferenceLinear for module in fast.modules())
         assert torch.equal(fast(**batch).last_hidden_state, model(**batch).last_hidden_state)
     assert (torch.get_num_threads(), torch.backends.mkldnn.enabled, torch.get_float32_matmul_precision()) == settings
+
+
+# --- compiled decoding ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "model_class, shape",
+    [(SelfAttnForConditionalGeneration, "encoder_decoder"), (SelfAttnForCausalLM, "decoder")],
+)
+def test_compiled_decoding_generates_the_same_tokens(model_class, shape):
+    torch._dynamo.reset()
+    model = build(model_class, shape, tie_word_embeddings=False, initializer_range=0.2, type_vocab_size=0)
+    batch = padded_batch(lengths=(8, 5, 3), padding_side="right" if shape == "encoder_decoder" else "left")
+    # A GenerationConfig of the caller's own leaves the cache and compile settings to the model's.
+    generation_config = GenerationConfig(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    expected = model.generate(**batch, generation_config=generation_config)
+    fast = copy.deepcopy(model).enable_compiled_decoding()
+    assert fast.generation_config.cache_implementation == "static"
+    assert torch.equal(fast.generate(**batch, generation_config=generation_config), expected)
+    assert hasattr(fast, "_compiled_call")  # the decoding steps did run compiled
+    assert torch.equal(fast.generate(**batch, generation_config=generation_config), expected)  # reused
+    fast.enable_compiled_decoding(False)
+    assert fast.generation_config.cache_implementation is None and fast.generation_config.compile_config is None
+
+
+def test_compiled_decoding_is_refused_by_a_model_that_does_not_generate():
+    with pytest.raises(ValueError, match="does not generate"):
+        build(SelfAttnForMaskedLM).enable_compiled_decoding()
 
 
 # --- CUDA (skipped without a GPU) ------------------------------------------------------------------------------

@@ -725,9 +725,10 @@ def assert_vocabulary_size(model, vocab_size: int) -> None:
         assert model.final_logits_bias.shape == (1, vocab_size)
 
 
+@pytest.mark.parametrize("lm_head_transform", [False, True], ids=["projection", "mlm_head"])
 @pytest.mark.parametrize("head_name", LM_HEADS)
-def test_lm_head_stays_tied_through_resizing_and_reloading(build_head, head_name, tmp_path):
-    model, config = build_head(head_name)
+def test_lm_head_stays_tied_through_resizing_and_reloading(build_head, head_name, lm_head_transform, tmp_path):
+    model, config = build_head(head_name, lm_head_transform=lm_head_transform)
     assert_lm_head_tied(model)
     sizes = (config.vocab_size + 13, config.vocab_size - 9)  # resizing updates config.vocab_size
     for new_size in sizes:
@@ -740,9 +741,10 @@ def test_lm_head_stays_tied_through_resizing_and_reloading(build_head, head_name
     assert_lm_head_tied(reloaded)
 
 
+@pytest.mark.parametrize("lm_head_transform", [False, True], ids=["projection", "mlm_head"])
 @pytest.mark.parametrize("head_name", LM_HEADS)
-def test_untied_lm_head_stays_separate(build_head, head_name, tmp_path):
-    model, _ = build_head(head_name, tie_word_embeddings=False)
+def test_untied_lm_head_stays_separate(build_head, head_name, lm_head_transform, tmp_path):
+    model, _ = build_head(head_name, tie_word_embeddings=False, lm_head_transform=lm_head_transform)
     embeddings, output = model.get_input_embeddings(), model.get_output_embeddings()
     assert output.weight.data_ptr() != embeddings.weight.data_ptr()
     assert not torch.equal(output.weight, embeddings.weight)
