@@ -13,8 +13,8 @@ utilisation (MFU) against GEMM peaks measured here, and writes everything to a J
 Variants timed against the reference:
   selfattn         the model as loaded (automatic fast paths only: unpadded encoding, fast decoding).
   selfattn-onednn  the same after `model.enable_onednn_inference()` (opt-in; CPU inference in float32).
-  selfattn-compiled  generation only: after `model.enable_compiled_decoding()` (opt-in; static cache and a
-                   torch.compile'd decoding step; compiled during warm-up, not timed).
+  selfattn-compiled  generation only: after `model.enable_compiled_decoding()` (opt-in; static cache,
+                   torch.compile'd decoding steps; compiled during warm-up, which is not timed).
 Both sides run under the same global torch settings, which this script never changes.
 """
 

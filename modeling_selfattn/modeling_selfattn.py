@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import CrossEntropyLoss
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache, StaticLayer
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -571,25 +571,49 @@ class SelfAttnPreTrainedModel(SelfAttnHubMixin, PreTrainedModel):
         return self
 
     def enable_compiled_decoding(self, enabled: bool = True, **compile_options):
-        """Opt-in faster generate(): decode with a static cache and a torch.compile'd decoding step, on CPU too
-        (transformers compiles it by itself only on CUDA). This removes the per-step Python work of the layers,
-        masks and cache, which dominates small-batch decoding. Tokens are the same as the default path's. The first
-        generate() of each new batch shape compiles (tens of seconds on CPU; a C++ compiler is needed there), later
-        ones reuse the compiled step. Sets `cache_implementation="static"` and `compile_config` on
-        `self.generation_config` (`compile_options` go to transformers' CompileConfig: mode, backend, ...), so a
-        GenerationConfig passed to generate() that leaves them unset uses them too; `enabled=False` unsets them.
-        Returns the model."""
-        from transformers import CompileConfig
-
+        """Opt-in faster generate(): decode with a static cache, each decoding step (one new token per sequence)
+        through a torch.compile'd call of the model, for every strategy (greedy, sampling, beam search; transformers
+        compiles by itself only greedy and sampling, and only on CUDA). This removes the per-step Python work of the
+        layers, masks and cache, which dominates small-batch decoding. Tokens are the same as the default path's.
+        The first generate() of each new shape compiles (tens of seconds on CPU, where a C++ compiler is needed),
+        later ones reuse it. Sets `cache_implementation="static"` on `self.generation_config` (so a GenerationConfig
+        passed to generate() that leaves it unset uses it too) and turns off transformers' own compilation of the
+        steps, which this replaces; `compile_options` go to torch.compile (mode, backend, ...).
+        `enabled=False` restores the defaults. Returns the model."""
         if not self.can_generate():
             raise ValueError(f"{type(self).__name__} does not generate; compiled decoding is for generate() models.")
+        self.__dict__.pop("compiled_decoding_step", None)
         if enabled:
-            compile_config = CompileConfig(**{"fullgraph": True, "dynamic": False, **compile_options})
-            compile_config._compile_all_devices = True  # transformers' switch for compiling off CUDA
-            self.generation_config.cache_implementation, self.generation_config.compile_config = "static", compile_config
+            self.compiled_decoding_options = {"fullgraph": True, "dynamic": False, **compile_options}
+            self.generation_config.cache_implementation, self.generation_config.disable_compile = "static", True
         else:
-            self.generation_config.cache_implementation = self.generation_config.compile_config = None
+            self.compiled_decoding_options = None
+            self.generation_config.cache_implementation, self.generation_config.disable_compile = None, False
         return self
+
+    def __call__(self, *args, **kwargs):
+        options = self.__dict__.get("compiled_decoding_options")
+        if options is None or torch.compiler.is_compiling() or not self.is_decoding_step(kwargs):
+            return super().__call__(*args, **kwargs)
+        step = self.__dict__.get("compiled_decoding_step")
+        if step is None or step[0] != id(self):  # a copy of the model compiles its own
+            step = (id(self), torch.compile(self.__call__, **options))
+            self.__dict__["compiled_decoding_step"] = step
+        return step[1](*args, **kwargs)
+
+    def is_decoding_step(self, kwargs: dict) -> bool:
+        """A generate() call past the prompt, on a static cache, asking for no attentions or hidden states."""
+        cache = kwargs.get("cache")
+        if isinstance(cache, EncoderDecoderCache):
+            cache = cache.self_attention_cache
+        return (
+            not self.training
+            and isinstance(cache, Cache)
+            and all(isinstance(layer, StaticLayer) for layer in cache.layers)
+            and cache.get_seq_length() > 0
+            and not kwargs.get("output_attentions")
+            and not kwargs.get("output_hidden_states")
+        )
 
     def _init_weights(self, module):
         super()._init_weights(module)

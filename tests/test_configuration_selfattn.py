@@ -35,6 +35,7 @@ NON_DEFAULT_FIELDS = dict(
     add_pooling_layer=False,
     pooler_activation="gelu",
     add_final_logits_bias=True,
+    lm_head_transform=True,
     initializer_range=0.05,
     pad_token_id=1,
     bos_token_id=0,

@@ -314,24 +314,30 @@ def test_onednn_mode_copies_pickles_and_turns_off_without_touching_global_settin
 # --- compiled decoding ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("num_beams", [1, 3], ids=["greedy", "beam3"])
 @pytest.mark.parametrize(
     "model_class, shape",
     [(SelfAttnForConditionalGeneration, "encoder_decoder"), (SelfAttnForCausalLM, "decoder")],
 )
-def test_compiled_decoding_generates_the_same_tokens(model_class, shape):
+def test_compiled_decoding_generates_the_same_tokens(model_class, shape, num_beams):
     torch._dynamo.reset()
     model = build(model_class, shape, tie_word_embeddings=False, initializer_range=0.2, type_vocab_size=0)
     batch = padded_batch(lengths=(8, 5, 3), padding_side="right" if shape == "encoder_decoder" else "left")
     # A GenerationConfig of the caller's own leaves the cache and compile settings to the model's.
-    generation_config = GenerationConfig(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    generation_config = GenerationConfig(max_new_tokens=6, min_new_tokens=6, num_beams=num_beams, do_sample=False)
     expected = model.generate(**batch, generation_config=generation_config)
     fast = copy.deepcopy(model).enable_compiled_decoding()
     assert fast.generation_config.cache_implementation == "static"
     assert torch.equal(fast.generate(**batch, generation_config=generation_config), expected)
-    assert hasattr(fast, "_compiled_call")  # the decoding steps did run compiled
-    assert torch.equal(fast.generate(**batch, generation_config=generation_config), expected)  # reused
+    assert fast.__dict__["compiled_decoding_step"][0] == id(fast)  # the decoding steps did run compiled
+    assert torch.equal(fast.generate(**batch, generation_config=generation_config), expected)  # and again
+    other = copy.deepcopy(fast)  # a copy compiles its own steps rather than calling the original's
+    assert torch.equal(other.generate(**batch, generation_config=generation_config), expected)
+    assert other.__dict__["compiled_decoding_step"][0] == id(other)
     fast.enable_compiled_decoding(False)
-    assert fast.generation_config.cache_implementation is None and fast.generation_config.compile_config is None
+    assert fast.generation_config.cache_implementation is None and "compiled_decoding_step" not in fast.__dict__
+    assert torch.equal(fast.generate(**batch, generation_config=generation_config), expected)
+    assert "compiled_decoding_step" not in fast.__dict__
 
 
 def test_compiled_decoding_is_refused_by_a_model_that_does_not_generate():
