@@ -574,12 +574,14 @@ class SelfAttnPreTrainedModel(SelfAttnHubMixin, PreTrainedModel):
         """Opt-in faster generate(): decode with a static cache, each decoding step (one new token per sequence)
         through a torch.compile'd call of the model, for every strategy (greedy, sampling, beam search; transformers
         compiles by itself only greedy and sampling, and only on CUDA). This removes the per-step Python work of the
-        layers, masks and cache, which dominates small-batch decoding. Tokens are the same as the default path's.
+        layers, masks and cache; the matrix products, bound by weight reads at small batches, stay as they are.
+        Tokens are the same as the default path's.
         The first generate() of each new shape compiles (tens of seconds on CPU, where a C++ compiler is needed),
         later ones reuse it. Sets `cache_implementation="static"` on `self.generation_config` (so a GenerationConfig
         passed to generate() that leaves it unset uses it too) and turns off transformers' own compilation of the
-        steps, which this replaces; `compile_options` go to torch.compile (mode, backend, ...).
-        `enabled=False` restores the defaults. Returns the model."""
+        steps, which this replaces; `compile_options` go to torch.compile (mode, backend, ...). Both settings are
+        saved with the generation config by save_pretrained; `enabled=False` restores the defaults. Returns the
+        model."""
         if not self.can_generate():
             raise ValueError(f"{type(self).__name__} does not generate; compiled decoding is for generate() models.")
         self.__dict__.pop("compiled_decoding_step", None)
@@ -596,10 +598,13 @@ class SelfAttnPreTrainedModel(SelfAttnHubMixin, PreTrainedModel):
         if options is None or torch.compiler.is_compiling() or not self.is_decoding_step(kwargs):
             return super().__call__(*args, **kwargs)
         step = self.__dict__.get("compiled_decoding_step")
-        if step is None or step[0] != id(self):  # a copy of the model compiles its own
-            step = (id(self), torch.compile(self.__call__, **options))
-            self.__dict__["compiled_decoding_step"] = step
-        return step[1](*args, **kwargs)
+        if step is None:
+            step = self.__dict__["compiled_decoding_step"] = torch.compile(self.__call__, **options)
+        return step(*args, **kwargs)
+
+    def __getstate__(self):
+        # A compiled step can be neither pickled nor shared by a copy (it calls this model): copies compile their own.
+        return {name: value for name, value in super().__getstate__().items() if name != "compiled_decoding_step"}
 
     def is_decoding_step(self, kwargs: dict) -> bool:
         """A generate() call past the prompt, on a static cache, asking for no attentions or hidden states."""
