@@ -553,6 +553,23 @@ class SelfAttnPreTrainedModel(SelfAttnHubMixin, PreTrainedModel):
         module_names = {re.sub(r"\.\d+(?=\.|$)", ".*", name) for name, _ in self.named_modules()}
         self._tp_plan = {rule: style for rule, style in (self._tp_plan or {}).items() if rule in module_names}
 
+    def get_output_embeddings(self):
+        # BERT's MLM head projects onto the vocabulary with its `decoder`; a plain LM head is the projection itself.
+        if isinstance(getattr(self, "lm_head", None), SelfAttnLMHead):
+            return self.lm_head.decoder
+        return super().get_output_embeddings()
+
+    def set_output_embeddings(self, new_embeddings):
+        if isinstance(getattr(self, "lm_head", None), SelfAttnLMHead):
+            self.lm_head.decoder = new_embeddings
+        else:
+            super().set_output_embeddings(new_embeddings)
+
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        resize_final_logits_bias(self, embeddings.num_embeddings)
+        return embeddings
+
     def enable_onednn_inference(self, enabled: bool = True):
         """Opt-in faster CPU inference in float32: every nn.Linear of the model becomes a OneDNNInferenceLinear
         (the same module object with the same parameters, so hooks, tying and state_dict are untouched), which runs
@@ -978,18 +995,6 @@ def generation_lm_head(model: nn.Module, config: SelfAttnConfig) -> nn.Module:
     return nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
 
-def output_projection(lm_head: nn.Module) -> nn.Linear:
-    """The vocabulary projection of an LM head: the head itself, or the decoder of BERT's MLM head."""
-    return lm_head.decoder if isinstance(lm_head, SelfAttnLMHead) else lm_head
-
-
-def set_output_projection(model: nn.Module, projection: nn.Linear) -> None:
-    if isinstance(model.lm_head, SelfAttnLMHead):
-        model.lm_head.decoder = projection
-    else:
-        model.lm_head = projection
-
-
 class SelfAttnForMaskedLM(SelfAttnPreTrainedModel):
     _tied_weights_keys = {"lm_head.decoder.weight": "model.encoder.embeddings.word_embeddings.weight"}
 
@@ -999,12 +1004,6 @@ class SelfAttnForMaskedLM(SelfAttnPreTrainedModel):
         self.model = SelfAttnModel(config, add_pooling_layer=False)
         self.lm_head = SelfAttnLMHead(config)
         self.post_init()
-
-    def get_output_embeddings(self):
-        return self.lm_head.decoder
-
-    def set_output_embeddings(self, new_embeddings):
-        self.lm_head.decoder = new_embeddings
 
     @can_return_tuple
     def forward(
@@ -1246,17 +1245,6 @@ class SelfAttnForConditionalGeneration(SelfAttnPreTrainedModel, GenerationMixin)
 
         return cls.from_pretrained(None, **warm_start_kwargs(encoder_source, decoder_source, **kwargs))
 
-    def get_output_embeddings(self):
-        return output_projection(self.lm_head)
-
-    def set_output_embeddings(self, new_embeddings):
-        set_output_projection(self, new_embeddings)
-
-    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
-        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
-        resize_final_logits_bias(self, embeddings.num_embeddings)
-        return embeddings
-
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor):
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
 
@@ -1337,17 +1325,6 @@ class SelfAttnForCausalLM(SelfAttnPreTrainedModel, GenerationMixin):
         )
         self.post_init()
 
-    def get_output_embeddings(self):
-        return output_projection(self.lm_head)
-
-    def set_output_embeddings(self, new_embeddings):
-        set_output_projection(self, new_embeddings)
-
-    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
-        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
-        resize_final_logits_bias(self, embeddings.num_embeddings)
-        return embeddings
-
     @can_return_tuple
     def forward(
         self,
@@ -1395,7 +1372,7 @@ class SelfAttnForCausalLM(SelfAttnPreTrainedModel, GenerationMixin):
 
 
 def resize_final_logits_bias(model: nn.Module, num_tokens: int) -> None:
-    bias = model.final_logits_bias
+    bias = getattr(model, "final_logits_bias", None)  # generating heads only, and set only for Marian/BART
     if bias is None:
         return
     if num_tokens <= bias.shape[-1]:
@@ -1435,12 +1412,6 @@ class SelfAttnForPreTraining(SelfAttnPreTrainedModel):
         self.lm_head = SelfAttnLMHead(config)
         self.next_sentence = nn.Linear(config.hidden_size, 2)
         self.post_init()
-
-    def get_output_embeddings(self):
-        return self.lm_head.decoder
-
-    def set_output_embeddings(self, new_embeddings):
-        self.lm_head.decoder = new_embeddings
 
     @can_return_tuple
     def forward(
