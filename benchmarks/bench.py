@@ -15,6 +15,7 @@ Variants timed against the reference:
   selfattn-onednn  the same after `model.enable_onednn_inference()` (opt-in; CPU inference in float32).
   selfattn-compiled  generation only: after `model.enable_compiled_decoding()` (opt-in; static cache,
                    torch.compile'd decoding steps; compiled during warm-up, which is not timed).
+  selfattn-onednn-compiled  generation only: both opt-ins (oneDNN linears inside the compiled steps).
 Both sides run under the same global torch settings, which this script never changes.
 """
 
@@ -107,8 +108,8 @@ def inference(model, inputs: dict) -> Callable[[], object]:
 
 
 def ours_variants(ours, variants: list[str]) -> dict[str, torch.nn.Module]:
-    """selfattn variants: the plain model and, on request, copies in an opt-in mode (oneDNN CPU inference;
-    compiled decoding for models that generate)."""
+    """selfattn variants: the plain model and, on request, copies in opt-in modes (oneDNN CPU inference;
+    compiled decoding for models that generate; both)."""
     import copy
 
     models = {}
@@ -119,6 +120,8 @@ def ours_variants(ours, variants: list[str]) -> dict[str, torch.nn.Module]:
             models[variant] = copy.deepcopy(ours).enable_onednn_inference()
         elif variant == "selfattn-compiled" and ours.can_generate():
             models[variant] = copy.deepcopy(ours).enable_compiled_decoding()
+        elif variant == "selfattn-onednn-compiled" and ours.can_generate():
+            models[variant] = copy.deepcopy(ours).enable_onednn_inference().enable_compiled_decoding()
     return models
 
 
@@ -290,8 +293,8 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated: " + ", ".join(WORKLOADS))
     parser.add_argument(
-        "--variants", default="selfattn,selfattn-onednn,selfattn-compiled",
-        help="selfattn, selfattn-onednn, selfattn-compiled",
+        "--variants", default="selfattn,selfattn-onednn,selfattn-compiled,selfattn-onednn-compiled",
+        help="selfattn, selfattn-onednn, selfattn-compiled, selfattn-onednn-compiled",
     )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
@@ -301,7 +304,7 @@ def main(argv=None):
     args.dtype = getattr(torch, args.dtype)
     variants = [variant for variant in args.variants.split(",") if variant]
     if args.device != "cpu" or args.dtype != torch.float32:
-        variants = [variant for variant in variants if variant != "selfattn-onednn"]  # CPU float32 only
+        variants = [variant for variant in variants if "onednn" not in variant]  # CPU float32 only
     transformers.logging.set_verbosity_error()
 
     peaks = gemm_peaks(args.device, args.dtype)
@@ -317,7 +320,7 @@ def main(argv=None):
         "workloads": {},
     }
     print(f"GEMM peaks (GFLOP/s): {', '.join(f'{route} {value:.0f}' for route, value in peaks.items())}")
-    header = f"{'workload':26} {'variant':17} {'median s':>9} {'tok/s':>9} {'ratio':>6} {'MFU':>6}"
+    header = f"{'workload':26} {'variant':24} {'median s':>9} {'tok/s':>9} {'ratio':>6} {'MFU':>6}"
     rows = [header, "-" * len(header)]
     for name in args.workloads.split(","):
         workload = WORKLOADS[name](args, variants)
@@ -334,7 +337,7 @@ def main(argv=None):
                 "ratio_to_reference": reference_median / median, "mfu": workload.flops / median / (peak * 1e9),
             }
             rows.append(
-                f"{name:26} {variant:17} {median:9.3f} {workload.tokens / median:9.0f} "
+                f"{name:26} {variant:24} {median:9.3f} {workload.tokens / median:9.0f} "
                 f"{reference_median / median:6.2f} {workload.flops / median / (peak * 1e9):6.1%}"
             )
             print(rows[-1], flush=True)

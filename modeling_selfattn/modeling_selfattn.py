@@ -12,6 +12,7 @@ Only relative imports among the model files, so that `save_pretrained` can ship 
 import importlib.util
 import math
 import re
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -474,6 +475,36 @@ class SelfAttnDecoderLayer(SelfAttnEncoderLayer):
         return self.residual(hidden_states, self.ffn_layer_norm, self.ffn)
 
 
+# oneDNN's packed copies of the weights, kept per storage so that they go when the weights go; within a storage
+# (several weights may be views of one, e.g. when loaded from a single file) by the weight's place in it, with the
+# weight's version when packed, so that an in-place change (optimizer step, load_state_dict) repacks.
+_onednn_packed_weights: "weakref.WeakKeyDictionary[torch.UntypedStorage, dict]" = weakref.WeakKeyDictionary()
+
+
+def onednn_packed_weight(weight: torch.Tensor) -> torch.Tensor:
+    packed = _onednn_packed_weights.setdefault(weight.untyped_storage(), {})
+    place = (weight.storage_offset(), tuple(weight.shape), tuple(weight.stride()))
+    if place not in packed or packed[place][0] != weight._version:
+        packed[place] = (weight._version, torch.ops.mkldnn._reorder_linear_weight(weight.detach()))
+    return packed[place][1]
+
+
+def onednn_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(input, onednn_packed_weight(weight), bias, "none", [], "")
+
+
+def onednn_linear_shape(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return input.new_empty(*input.shape[:-1], weight.shape[0])
+
+
+# torch.compile cannot trace oneDNN's packed tensors; as a custom op the call stays opaque inside a compiled graph.
+# The remote-code copy of this file may be imported beside the package: the op is registered once and shared.
+if not hasattr(torch.ops.selfattn, "onednn_linear"):
+    torch.library.custom_op("selfattn::onednn_linear", onednn_linear, mutates_args=()).register_fake(
+        onednn_linear_shape
+    )
+
+
 # Measured on 2-core Xeon CPUs: with fewer input rows (tokens) than this, oneDNN's cost per call outweighs its faster
 # kernels, except on a weight this large (an LM head over the vocabulary), where streaming the weight dominates.
 ONEDNN_MIN_ROWS = 8
@@ -482,23 +513,11 @@ ONEDNN_MIN_WEIGHT_FOR_FEW_ROWS = 4 * 2**20  # elements
 
 class OneDNNInferenceLinear(nn.Linear):
     """nn.Linear that runs CPU float32 inference through oneDNN on a copy of its weight packed once into the
-    layout oneDNN's kernels read fastest (plain nn.Linear reads the row-major weight anew on every call).
-    `SelfAttnPreTrainedModel.enable_onednn_inference` turns a model's linears into these. Anything else (a
-    gradient needed, another device or dtype, torch.compile, oneDNN disabled, too few rows to pay) takes
-    nn.Linear's path. The packed copy follows the weight: it is redone when the weight is changed in place (an
-    optimizer step, load_state_dict) or replaced."""
-
-    packed: tuple[tuple[int, int], torch.Tensor] | None = None  # ((weight storage, version), packed weight)
-
-    def __getstate__(self):
-        # oneDNN's packed tensors cannot be copied or pickled; the copy packs its own when first used.
-        return {name: value for name, value in super().__getstate__().items() if name != "packed"}
-
-    def packed_weight(self) -> torch.Tensor:
-        identity = (self.weight.data_ptr(), self.weight._version)
-        if self.packed is None or self.packed[0] != identity:
-            self.packed = (identity, torch.ops.mkldnn._reorder_linear_weight(self.weight.detach()))
-        return self.packed[1]
+    layout oneDNN's kernels read fastest (plain nn.Linear reads the row-major weight anew on every call), also
+    inside torch.compile'd code (compiled decoding). `SelfAttnPreTrainedModel.enable_onednn_inference` turns a
+    model's linears into these. Anything else (a gradient needed, another device or dtype, oneDNN disabled, too few
+    rows to pay) takes nn.Linear's path. The packed copy follows the weight: it is redone when the weight is changed
+    in place (an optimizer step, load_state_dict) or replaced, and freed with it."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         needs_gradient = torch.is_grad_enabled() and (input.requires_grad or self.weight.requires_grad)
@@ -509,11 +528,12 @@ class OneDNNInferenceLinear(nn.Linear):
             or input.dtype != torch.float32
             or self.weight.dtype != torch.float32
             or not torch.backends.mkldnn.enabled
-            or torch.compiler.is_compiling()
             or (too_few_rows and self.weight.numel() < ONEDNN_MIN_WEIGHT_FOR_FEW_ROWS)
         ):
             return super().forward(input)
-        return torch.ops.mkldnn._linear_pointwise(input, self.packed_weight(), self.bias, "none", [], "")
+        if torch.compiler.is_compiling():
+            return torch.ops.selfattn.onednn_linear(input, self.weight, self.bias)
+        return onednn_linear(input, self.weight, self.bias)
 
 
 class SelfAttnPreTrainedModel(SelfAttnHubMixin, PreTrainedModel):
@@ -575,15 +595,15 @@ class SelfAttnPreTrainedModel(SelfAttnHubMixin, PreTrainedModel):
         (the same module object with the same parameters, so hooks, tying and state_dict are untouched), which runs
         on a prepacked copy of its weight through oneDNN. Results match the default path up to float32 rounding
         (the kernels sum in another order); training and other devices or dtypes are unaffected, and no global torch
-        setting changes. Costs one packed copy of each weight in memory. `enable_onednn_inference(False)` restores
-        plain nn.Linear. Returns the model."""
+        setting changes. Costs one packed copy of each weight in memory. Combines with enable_compiled_decoding (the
+        compiled steps call oneDNN too). `enable_onednn_inference(False)` restores plain nn.Linear. Returns the
+        model."""
         if enabled and not torch.backends.mkldnn.is_available():
             raise RuntimeError("This torch build has no oneDNN (mkldnn) support; enable_onednn_inference needs it.")
         for module in self.modules():
             if enabled and type(module) is nn.Linear:
                 module.__class__ = OneDNNInferenceLinear
             elif not enabled and type(module) is OneDNNInferenceLinear:
-                module.__dict__.pop("packed", None)
                 module.__class__ = nn.Linear
         return self
 
@@ -591,8 +611,9 @@ class SelfAttnPreTrainedModel(SelfAttnHubMixin, PreTrainedModel):
         """Opt-in faster generate(): decode with a static cache, each decoding step (one new token per sequence)
         through a torch.compile'd call of the model, for every strategy (greedy, sampling, beam search; transformers
         compiles by itself only greedy and sampling, and only on CUDA). This removes the per-step Python work of the
-        layers, masks and cache; the matrix products, bound by weight reads at small batches, stay as they are.
-        Tokens are the same as the default path's.
+        layers, masks and cache; the matrix products, bound by weight reads at small batches, stay as they are
+        (after enable_onednn_inference they run through oneDNN inside the compiled step). Tokens are the same as
+        the default path's.
         The first generate() of each new shape compiles (tens of seconds on CPU, where a C++ compiler is needed),
         later ones reuse it. Sets `cache_implementation="static"` on `self.generation_config` (so a GenerationConfig
         passed to generate() that leaves it unset uses it too) and turns off transformers' own compilation of the
@@ -1247,6 +1268,17 @@ class SelfAttnForConditionalGeneration(SelfAttnPreTrainedModel, GenerationMixin)
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor):
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
+
+    def _reorder_cache(self, cache: Cache, beam_idx: torch.Tensor) -> Cache:
+        """Beam search's reordering of the cache after each step (generate() calls this hook when a model has it).
+        Only the self-attention cache moves: generate() repeats each encoder output once per beam and beams never
+        move between source sentences, so the cross-attention keys and values of all beams of a sentence are the
+        same, and reordering them would copy every layer's tensors to no effect."""
+        if isinstance(cache, EncoderDecoderCache):
+            cache.self_attention_cache.reorder_cache(beam_idx)
+        else:
+            cache.reorder_cache(beam_idx)
+        return cache
 
     @can_return_tuple
     def forward(

@@ -10,6 +10,7 @@ the loss from the full logits, or by leaving the mode off.
 """
 
 import copy
+import gc
 import io
 
 import pytest
@@ -343,6 +344,41 @@ def test_compiled_decoding_generates_the_same_tokens(model_class, shape, num_bea
     assert fast.generation_config.cache_implementation is None and "compiled_decoding_step" not in fast.__dict__
     assert torch.equal(fast.generate(**batch, generation_config=generation_config), expected)
     assert "compiled_decoding_step" not in fast.__dict__
+
+
+@needs_onednn
+@pytest.mark.parametrize("num_beams", [1, 3], ids=["greedy", "beam3"])
+def test_compiled_decoding_with_onednn_runs_onednn_inside_the_compiled_steps(num_beams):
+    torch._dynamo.reset()
+    model = build(
+        SelfAttnForConditionalGeneration, "encoder_decoder", tie_word_embeddings=False, initializer_range=0.2,
+        type_vocab_size=0,
+    )
+    # Eight sequences: a decoding step has enough rows (tokens) for the linears to take oneDNN's path.
+    batch = padded_batch(lengths=(8, 5, 3, 8, 2, 6, 7, 4))
+    generation_config = GenerationConfig(max_new_tokens=5, min_new_tokens=5, num_beams=num_beams, do_sample=False)
+    expected = model.generate(**batch, generation_config=generation_config)
+    fast = onednn_copy(model).enable_compiled_decoding()
+    assert torch.equal(fast.generate(**batch, generation_config=generation_config), expected)  # compiles
+    with torch.profiler.profile() as profile:
+        tokens = fast.generate(**batch, generation_config=generation_config)
+    assert torch.equal(tokens, expected)
+    events = {event.key for event in profile.key_averages()}
+    assert any("CompiledFxGraph" in key or "Torch-Compiled Region" in key for key in events)
+    assert "selfattn::onednn_linear" in events  # oneDNN called from the compiled steps
+
+
+@needs_onednn
+def test_onednn_packed_weights_are_freed_with_the_model():
+    gc.collect()
+    before = len(modeling._onednn_packed_weights)
+    model = onednn_copy(build(SelfAttnModel, add_pooling_layer=False))
+    with torch.no_grad():
+        model(**padded_batch())
+    assert len(modeling._onednn_packed_weights) == before + 6 * len(model.encoder.layers)  # q k v o fc1 fc2
+    del model
+    gc.collect()
+    assert len(modeling._onednn_packed_weights) == before
 
 
 def test_compiled_decoding_is_refused_by_a_model_that_does_not_generate():

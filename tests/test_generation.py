@@ -265,6 +265,26 @@ def test_beam_search_returns_ranked_sequences(shape):
     assert torch.equal(best, outputs.sequences[::3])
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_beam_search_leaves_the_cross_attention_cache_in_place(cache, monkeypatch):
+    model = build_model("encoder_decoder")
+    batch = padded_batch("encoder_decoder")
+    options = dict(num_beams=4, num_return_sequences=2, return_dict_in_generate=True, output_scores=True)
+    reordered = []  # calls of transformers' reordering of both caches
+    original = EncoderDecoderCache.reorder_cache
+    monkeypatch.setattr(EncoderDecoderCache, "reorder_cache", lambda *args: reordered.append(original(*args)))
+    ours = generate(model, batch, **options, **CACHES[cache])
+    assert reordered == []
+    cross = ours.cache.cross_attention_cache.layers[0].keys
+    # What the hook skips would be a no-op: the cross-attention rows of the four beams of each input are equal.
+    assert torch.equal(cross, cross[::4].repeat_interleave(4, dim=0))
+    monkeypatch.delattr(SelfAttnForConditionalGeneration, "_reorder_cache")
+    full = generate(model, batch, **options, **CACHES[cache])
+    assert len(reordered) == NEW_TOKENS  # once a step
+    assert torch.equal(ours.sequences, full.sequences)
+    assert torch.equal(ours.sequences_scores, full.sequences_scores)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_sampling_is_reproducible_with_a_seed(shape):
     model = build_model(shape)
