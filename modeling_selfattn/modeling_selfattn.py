@@ -1269,15 +1269,13 @@ class SelfAttnForConditionalGeneration(SelfAttnPreTrainedModel, GenerationMixin)
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor):
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
 
-    def _reorder_cache(self, cache: Cache, beam_idx: torch.Tensor) -> Cache:
+    def _reorder_cache(self, cache: EncoderDecoderCache, beam_idx: torch.Tensor) -> EncoderDecoderCache:
         """Beam search's reordering of the cache after each step (generate() calls this hook when a model has it).
         Only the self-attention cache moves: generate() repeats each encoder output once per beam and beams never
         move between source sentences, so the cross-attention keys and values of all beams of a sentence are the
-        same, and reordering them would copy every layer's tensors to no effect."""
-        if isinstance(cache, EncoderDecoderCache):
-            cache.self_attention_cache.reorder_cache(beam_idx)
-        else:
-            cache.reorder_cache(beam_idx)
+        same, and reordering them would copy every layer's tensors to no effect. (The model takes no other cache than
+        an EncoderDecoderCache.)"""
+        cache.self_attention_cache.reorder_cache(beam_idx)
         return cache
 
     @can_return_tuple
