@@ -7,25 +7,35 @@ such as MiniLM) to a selfattn folder ready for `from_pretrained` and the Hub.
 SOURCE is a checkpoint folder (safetensors or PyTorch .bin, sharded or not) or, where a network is, a Hub id.
 OUTPUT gets model.safetensors, config.json, the model code, the tokenizer files and a model card naming the
 source and, with --verify, the parity figures. The conversion report is printed; any tensor that maps nowhere,
-is missing or has the wrong shape stops the conversion. Exit status: 0 done, 1 conversion failed or parity
-beyond --tolerance, 2 bad arguments.
+is missing or has the wrong shape stops the conversion.
+
+OUTPUT is written in full beside itself and only then put in place, so a failed run (a conversion problem,
+parity beyond --tolerance, a write error) leaves an existing OUTPUT as it was and writes nothing; --overwrite
+replaces an existing OUTPUT folder that way. OUTPUT may not be SOURCE, contain it or lie inside it, and may not
+be a file or a symbolic link (conversion/output_folder.py says why). Exit status: 0 done, 1 conversion failed,
+parity beyond --tolerance or writing failed, 2 bad arguments.
 """
 
 import argparse
-import shutil
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, not another install
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from modeling_selfattn.conversion import (  # noqa: E402
-    TOKENIZER_FILES,
-    ConversionError,
-    convert_checkpoint,
-    resolve_folder,
-    verify,
+from output_folder import (  # noqa: E402
+    OutputFailed,
+    OutputRefused,
+    check_output,
+    check_parity,
+    check_tolerance,
+    copy_tokenizer_files,
+    failed,
+    write_output,
 )
+
+from modeling_selfattn.conversion import ConversionError, convert_checkpoint, resolve_folder, verify  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,8 +53,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--tolerance", type=float, default=1e-4, help="largest max abs difference --verify accepts (default 1e-4)"
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace OUTPUT if it exists (once the new folder is complete)"
+    )
+    args = parser.parse_args(argv)
+    check_tolerance(parser, args.tolerance)
+    return args
 
 
 def conversion_section(source: str, report, diffs: dict | None, seconds: float) -> str:
@@ -80,34 +94,36 @@ def write_model_card(output: Path, section: str) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.output.exists() and any(args.output.iterdir()) and not args.overwrite:
-        print(f"error: {args.output} exists and is not empty; pass --overwrite to replace it.", file=sys.stderr)
-        return 2
+    try:
+        target = check_output(args.output, args.source, args.overwrite)
+    except OutputRefused as error:
+        return failed(error, 2)
     start = time.perf_counter()
     try:
         model, report = convert_checkpoint(args.source, args.architecture, progress=True)
-    except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(report.summary())
-    diffs = None
-    if args.verify:
-        diffs = verify(args.source, model)
-        for name, value in diffs.items():
-            print(f"max abs diff {name}: {value:.3e}")
-    if args.output.exists():
-        shutil.rmtree(args.output)
-    model.save_pretrained(args.output)
-    source_folder = resolve_folder(args.source)
-    for name in TOKENIZER_FILES:
-        if (source_folder / name).is_file():
-            shutil.copy2(source_folder / name, args.output / name)
-    seconds = time.perf_counter() - start
-    write_model_card(args.output, conversion_section(args.source, report, diffs, seconds))
-    print(f"wrote {args.output} in {seconds:.1f} s")
-    if diffs is not None and max(diffs.values()) > args.tolerance:
-        print(f"error: parity {max(diffs.values()):.3e} exceeds --tolerance {args.tolerance:g}", file=sys.stderr)
-        return 1
+        print(report.summary())
+        diffs = None
+        if args.verify:
+            diffs = verify(args.source, model)
+            for name, value in diffs.items():
+                print(f"max abs diff {name}: {value:.3e}")
+            check_parity(diffs, args.tolerance)
+        source_folder = resolve_folder(args.source)
+
+        def write(folder: Path) -> None:
+            model.save_pretrained(folder)
+            copy_tokenizer_files(source_folder, folder)
+            seconds = time.perf_counter() - start
+            write_model_card(folder, conversion_section(args.source, report, diffs, seconds))
+
+        write_output(target, write, source_folder)
+    except OutputRefused as error:
+        return failed(error, 2)
+    except (ConversionError, OutputFailed) as error:
+        return failed(error, 1, target)
+    except OSError as error:  # reading SOURCE: writing errors arrive as OutputFailed
+        return failed(f"Cannot read SOURCE {args.source} ({error}); make its files readable and run again.", 1, target)
+    print(f"wrote {args.output} in {time.perf_counter() - start:.1f} s")
     return 0
 
 

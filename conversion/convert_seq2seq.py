@@ -9,12 +9,16 @@ OUTPUT gets model.safetensors, config.json, the source's generation settings (ge
 code, the tokenizer files and a model card naming the source and, with --verify, the parity figures: max abs
 difference of the logits and of the encoder output, and whether generate() gives the source's tokens with greedy
 and 4-beam search. The conversion report is printed; any tensor that maps nowhere, is missing or has the wrong
-shape stops the conversion. Exit status: 0 done, 1 conversion failed, parity beyond --tolerance or tokens that
-differ, 2 bad arguments.
+shape stops the conversion.
+
+OUTPUT is written in full beside itself and only then put in place, so a failed run (a conversion problem, a
+failed --verify, a write error) leaves an existing OUTPUT as it was and writes nothing; --overwrite replaces an
+existing OUTPUT folder that way. OUTPUT may not be SOURCE, contain it or lie inside it, and may not be a file or
+a symbolic link (conversion/output_folder.py says why). Exit status: 0 done, 1 conversion failed, parity beyond
+--tolerance, tokens that differ or writing failed, 2 bad arguments.
 """
 
 import argparse
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -23,9 +27,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from convert_bert import write_model_card  # noqa: E402
+from output_folder import (  # noqa: E402
+    OutputFailed,
+    OutputRefused,
+    check_output,
+    check_parity,
+    check_tolerance,
+    copy_tokenizer_files,
+    failed,
+    write_output,
+)
 
 from modeling_selfattn.conversion import (  # noqa: E402
-    TOKENIZER_FILES,
     ConversionError,
     convert_checkpoint,
     read_config,
@@ -51,8 +64,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--tolerance", type=float, default=1e-4, help="largest max abs difference --verify accepts (default 1e-4)"
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace OUTPUT if it exists (once the new folder is complete)"
+    )
+    args = parser.parse_args(argv)
+    check_tolerance(parser, args.tolerance)
+    return args
 
 
 def conversion_section(source: str, report, verification: tuple | None, seconds: float) -> str:
@@ -81,7 +98,7 @@ def conversion_section(source: str, report, verification: tuple | None, seconds:
 
 
 def convert(args: argparse.Namespace):
-    """(model, report, verification or None); raises ConversionError."""
+    """(model, report, verification or None); raises ConversionError, for a failed --verify too."""
     model_type = read_config(resolve_folder(args.source)).get("model_type")
     if model_type not in SEQ2SEQ_MODEL_TYPES:
         raise ConversionError(
@@ -93,44 +110,49 @@ def convert(args: argparse.Namespace):
     if not args.verify:
         return model, report, None
     if not model.can_generate():
-        raise ConversionError(f"--verify runs generate(); {report.target} is the bare model, which cannot.")
+        raise ConversionError(
+            f"--verify runs generate(), which {report.target}, the bare model, cannot; leave out --verify, or convert "
+            "a checkpoint with the generation head (MarianMTModel, BartForConditionalGeneration)."
+        )
     diffs, mismatches = verify_seq2seq(args.source, model)
     for name, value in diffs.items():
         print(f"max abs diff {name}: {value:.3e}")
     for name, count in mismatches.items():
         print(f"generate() {name}: {count} sequence(s) differ from the source's")
+    check_parity(diffs, args.tolerance)
+    if any(mismatches.values()):
+        raise ConversionError(
+            f"--verify: generate() gives other tokens than the source model (sequences that differ: {mismatches}), "
+            "so nothing is written. Check that --architecture fits the checkpoint."
+        )
     return model, report, (diffs, mismatches)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.output.exists() and any(args.output.iterdir()) and not args.overwrite:
-        print(f"error: {args.output} exists and is not empty; pass --overwrite to replace it.", file=sys.stderr)
-        return 2
+    try:
+        target = check_output(args.output, args.source, args.overwrite)
+    except OutputRefused as error:
+        return failed(error, 2)
     start = time.perf_counter()
     try:
         model, report, verification = convert(args)
-    except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    if args.output.exists():
-        shutil.rmtree(args.output)
-    model.save_pretrained(args.output)  # generation_config.json holds the source's settings
-    source_folder = resolve_folder(args.source)
-    for name in TOKENIZER_FILES:
-        if (source_folder / name).is_file():
-            shutil.copy2(source_folder / name, args.output / name)
-    seconds = time.perf_counter() - start
-    write_model_card(args.output, conversion_section(args.source, report, verification, seconds))
-    print(f"wrote {args.output} in {seconds:.1f} s")
-    if verification is not None:
-        diffs, mismatches = verification
-        if max(diffs.values()) > args.tolerance:
-            print(f"error: parity {max(diffs.values()):.3e} exceeds --tolerance {args.tolerance:g}", file=sys.stderr)
-            return 1
-        if any(mismatches.values()):
-            print(f"error: generate() gives other tokens than the source: {mismatches}", file=sys.stderr)
-            return 1
+        source_folder = resolve_folder(args.source)
+
+        def write(folder: Path) -> None:
+            model.save_pretrained(folder)  # generation_config.json holds the source's settings
+            copy_tokenizer_files(source_folder, folder)
+            seconds = time.perf_counter() - start
+            write_model_card(folder, conversion_section(args.source, report, verification, seconds))
+
+        write_output(target, write, source_folder)
+    except OutputRefused as error:
+        return failed(error, 2)
+    except (ConversionError, OutputFailed) as error:
+        return failed(error, 1, target)
+    except OSError as error:  # reading SOURCE: writing errors arrive as OutputFailed
+        return failed(f"Cannot read SOURCE {args.source} ({error}); make its files readable and run again.", 1, target)
+    print(f"wrote {args.output} in {time.perf_counter() - start:.1f} s")
     return 0
 
 

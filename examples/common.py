@@ -17,7 +17,7 @@ import datasets
 import transformers
 from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
 
-import modeling_selfattn  # noqa: F401  (registers model_type "selfattn" with the Auto classes)
+import modeling_selfattn  # also registers model_type "selfattn" with the Auto classes
 
 logger = logging.getLogger("examples")
 
@@ -295,13 +295,37 @@ def load_tokenizer(model_args: ModelArguments):
     return AutoTokenizer.from_pretrained(source)
 
 
-def sequence_length(data_args: DataArguments, tokenizer) -> int:
-    """--max_seq_length, capped at what the tokenizer declares it supports."""
-    limit = tokenizer.model_max_length
-    if data_args.max_seq_length > limit:
-        logger.warning("--max_seq_length %d exceeds the tokenizer's limit; using %d.", data_args.max_seq_length, limit)
+def position_limit(model_args: ModelArguments) -> int | None:
+    """How many token positions the model the run trains has, from its config (the data is tokenized before
+    the model is built). A checkpoint selfattn converts is read as the selfattn config it becomes, whose
+    max_position_embeddings leaves out the rows RoBERTa reserves; that count holds for transformers' own class
+    too. Other configs are read as they are; None where they set no limit (relative positions)."""
+    source = model_args.config_name or model_args.model_name_or_path
+    try:
+        config = modeling_selfattn.SelfAttnConfig.from_pretrained(source)
+    except ValueError:  # a model_type selfattn does not convert, trained with --use_transformers_class
+        config = AutoConfig.from_pretrained(source)
+    return getattr(config, "max_position_embeddings", None)
+
+
+def capped_length(option: str, requested: int, tokenizer, model_args: ModelArguments) -> int:
+    """The token count `option` asks for, capped at what the tokenizer and the model support: longer inputs
+    would fail at the first step, on the model's position table. Like transformers' run_glue, the cap is
+    taken with a warning rather than refused."""
+    limits = [
+        (tokenizer.model_max_length, "the tokenizer's model_max_length"),
+        (position_limit(model_args), "the model's max_position_embeddings"),
+    ]
+    limit, source = min((limit, source) for limit, source in limits if limit is not None)
+    if requested > limit:
+        logger.warning("%s %d is more than %s (%d); using %d.", option, requested, source, limit, limit)
         return limit
-    return data_args.max_seq_length
+    return requested
+
+
+def sequence_length(data_args: DataArguments, tokenizer, model_args: ModelArguments) -> int:
+    """--max_seq_length, capped at what the tokenizer and the model support."""
+    return capped_length("--max_seq_length", data_args.max_seq_length, tokenizer, model_args)
 
 
 def load_model(model_args: ModelArguments, selfattn_class: type, auto_class: type, tokenizer, **config_fields):

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
         model_args,
     )
     tokenizer = load_tokenizer(model_args)
-    max_length = sequence_length(data_args, tokenizer)
+    max_length = sequence_length(data_args, tokenizer, model_args)
 
     def tokenize(batch):
         pairs = (batch[task_args.text_pair_column],) if task_args.text_pair_column else ()

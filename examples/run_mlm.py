@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = load_tokenizer(model_args)
     if tokenizer.mask_token is None:
         raise ValueError("Masked-LM training needs a tokenizer with a mask token (e.g. BERT's [MASK]).")
-    block_length = sequence_length(data_args, tokenizer)
+    block_length = sequence_length(data_args, tokenizer, model_args)
 
     def tokenize(batch):
         return tokenizer(batch[text_column], return_special_tokens_mask=True)

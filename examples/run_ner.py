@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = load_tokenizer(model_args)
     if not tokenizer.is_fast:
         raise ValueError("run_ner.py maps word pieces back to words with a fast tokenizer's word_ids(); use one.")
-    max_length = sequence_length(data_args, tokenizer)
+    max_length = sequence_length(data_args, tokenizer, model_args)
 
     def tokenize(batch):
         encoded = tokenizer(

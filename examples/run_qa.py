@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = load_tokenizer(model_args)
     if not tokenizer.is_fast or tokenizer.padding_side != "right":
         raise ValueError("run_qa.py needs a fast tokenizer (for offsets) that pads on the right.")
-    max_length = sequence_length(data_args, tokenizer)
+    max_length = sequence_length(data_args, tokenizer, model_args)
     if task_args.doc_stride >= max_length // 2:
         raise ValueError(f"--doc_stride {task_args.doc_stride} must be below half of the sequence length {max_length}.")
 

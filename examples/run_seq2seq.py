@@ -27,6 +27,7 @@ import numpy as np
 from common import (
     DataArguments,
     ModelArguments,
+    capped_length,
     load_model,
     load_raw_datasets,
     load_tokenizer,
@@ -177,12 +178,14 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(
             f"The tokenizer defines no token for {missing}: a seq2seq model needs a start, end and pad token."
         )
-    max_source_length = sequence_length(data_args, tokenizer)
+    max_source_length = sequence_length(data_args, tokenizer, model_args)
+    # The decoder reads the targets (and generates up to this length) on the same position table.
+    max_target_length = capped_length("--max_target_length", task_args.max_target_length, tokenizer, model_args)
 
     def tokenize(batch):
         sources, targets = sources_and_targets(batch)
         encoded = tokenizer(sources, max_length=max_source_length, truncation=True)
-        labels = tokenizer(text_target=targets, max_length=task_args.max_target_length, truncation=True)["input_ids"]
+        labels = tokenizer(text_target=targets, max_length=max_target_length, truncation=True)["input_ids"]
         # The decoder is fed the start token itself; a tokenizer that adds it (BERT's [CLS]) must not make it a target.
         start = special_ids["decoder_start_token_id"]
         encoded["labels"] = [ids[1:] if ids and ids[0] == start else ids for ids in labels]
@@ -192,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def build_model():
         model = load_seq2seq_model(model_args, tokenizer, special_ids)
-        model.generation_config.max_length = task_args.max_target_length
+        model.generation_config.max_length = max_target_length
         return model
 
     def compute_metrics(prediction):

@@ -5,50 +5,20 @@ static name tables, which pipelines and Trainer consult), marks every class for 
 tells PEFT which modules its adapters target by default.
 """
 
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForMaskedLM,
-    AutoModelForMultipleChoice,
-    AutoModelForPreTraining,
-    AutoModelForQuestionAnswering,
-    AutoModelForSeq2SeqLM,
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
-)
+import transformers
+from transformers import AutoConfig
 from transformers.models.auto import modeling_auto
 
+from . import modeling_selfattn
 from .configuration_selfattn import SelfAttnConfig
+from .heads import HEADS
+from .modeling_selfattn import SelfAttnPreTrainedModel
 from .pipelines import register_pipelines
-from .modeling_selfattn import (
-    SelfAttnForCausalLM,
-    SelfAttnForConditionalGeneration,
-    SelfAttnForMaskedLM,
-    SelfAttnForMultipleChoice,
-    SelfAttnForPreTraining,
-    SelfAttnForQuestionAnswering,
-    SelfAttnForReplacedTokenDetection,
-    SelfAttnForSequenceClassification,
-    SelfAttnForTokenClassification,
-    SelfAttnModel,
-    SelfAttnPreTrainedModel,
-)
+
+# The head classes under the package's name (`from modeling_selfattn import SelfAttnForMaskedLM`).
+globals().update({head.class_name: getattr(modeling_selfattn, head.class_name) for head in HEADS})
 
 MODEL_TYPE = SelfAttnConfig.model_type
-
-# Auto class -> (our class, transformers' static name table for that task)
-HEADS = {
-    AutoModel: (SelfAttnModel, "MODEL_MAPPING_NAMES"),
-    AutoModelForMaskedLM: (SelfAttnForMaskedLM, "MODEL_FOR_MASKED_LM_MAPPING_NAMES"),
-    AutoModelForSequenceClassification: (SelfAttnForSequenceClassification, "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
-    AutoModelForTokenClassification: (SelfAttnForTokenClassification, "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"),
-    AutoModelForQuestionAnswering: (SelfAttnForQuestionAnswering, "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES"),
-    AutoModelForMultipleChoice: (SelfAttnForMultipleChoice, "MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES"),
-    AutoModelForSeq2SeqLM: (SelfAttnForConditionalGeneration, "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"),
-    AutoModelForCausalLM: (SelfAttnForCausalLM, "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
-    AutoModelForPreTraining: (SelfAttnForPreTraining, "MODEL_FOR_PRETRAINING_MAPPING_NAMES"),
-}
 
 # LoRA adapters go on the query and value projections, the usual default for BERT- and BART-like models.
 PEFT_TARGET_MODULES = ["q_proj", "v_proj"]
@@ -58,10 +28,13 @@ def register() -> None:
     """Idempotent: safe to call again (e.g. after importlib.reload)."""
     AutoConfig.register(MODEL_TYPE, SelfAttnConfig, exist_ok=True)
     SelfAttnConfig.register_for_auto_class()
-    for auto_class, (model_class, names_table) in HEADS.items():
-        auto_class.register(SelfAttnConfig, model_class, exist_ok=True)
-        model_class.register_for_auto_class(auto_class.__name__)
-        getattr(modeling_auto, names_table)[MODEL_TYPE] = model_class.__name__
+    for head in HEADS:
+        model_class = getattr(modeling_selfattn, head.class_name)
+        # Every head ships its code with save_pretrained, and names itself in its saved config's auto_map.
+        model_class.register_for_auto_class(head.auto_class)
+        if head.mapping_names is not None:
+            getattr(transformers, head.auto_class).register(SelfAttnConfig, model_class, exist_ok=True)
+            getattr(modeling_auto, head.mapping_names)[MODEL_TYPE] = head.class_name
     _register_with_peft()
 
 
@@ -86,18 +59,4 @@ def _register_with_peft() -> None:
 register()
 register_pipelines()
 
-__all__ = [
-    "SelfAttnConfig",
-    "SelfAttnPreTrainedModel",
-    "SelfAttnModel",
-    "SelfAttnForMaskedLM",
-    "SelfAttnForSequenceClassification",
-    "SelfAttnForTokenClassification",
-    "SelfAttnForQuestionAnswering",
-    "SelfAttnForMultipleChoice",
-    "SelfAttnForConditionalGeneration",
-    "SelfAttnForCausalLM",
-    "SelfAttnForPreTraining",
-    "SelfAttnForReplacedTokenDetection",
-    "register",
-]
+__all__ = ["SelfAttnConfig", "SelfAttnPreTrainedModel", *(head.class_name for head in HEADS), "register"]

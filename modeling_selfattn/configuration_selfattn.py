@@ -6,23 +6,9 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 
+from .heads import AUTO_MAP
+
 POSITION_EMBEDDING_TYPES = ("learned", "sinusoidal")
-
-# Written into every saved config.json so that each head loads as remote code (trust_remote_code=True)
-# where this package is not installed; save_pretrained itself only records the class being saved.
-AUTO_MAP = {
-    "AutoConfig": "configuration_selfattn.SelfAttnConfig",
-    "AutoModel": "modeling_selfattn.SelfAttnModel",
-    "AutoModelForMaskedLM": "modeling_selfattn.SelfAttnForMaskedLM",
-    "AutoModelForSequenceClassification": "modeling_selfattn.SelfAttnForSequenceClassification",
-    "AutoModelForTokenClassification": "modeling_selfattn.SelfAttnForTokenClassification",
-    "AutoModelForQuestionAnswering": "modeling_selfattn.SelfAttnForQuestionAnswering",
-    "AutoModelForMultipleChoice": "modeling_selfattn.SelfAttnForMultipleChoice",
-    "AutoModelForSeq2SeqLM": "modeling_selfattn.SelfAttnForConditionalGeneration",
-    "AutoModelForCausalLM": "modeling_selfattn.SelfAttnForCausalLM",
-    "AutoModelForPreTraining": "modeling_selfattn.SelfAttnForPreTraining",
-}
-
 
 @strict
 class SelfAttnConfig(PreTrainedConfig):
@@ -122,6 +108,16 @@ class SelfAttnConfig(PreTrainedConfig):
     use_cache: bool = True
 
     def __post_init__(self, **kwargs):
+        # A config.json of another family would otherwise build a BERT-base-sized default that only carries the
+        # foreign model_type: refuse it. (from_pretrained translates BERT-family configs before they reach here.)
+        model_type = kwargs.pop("model_type", self.model_type)
+        if model_type != self.model_type:
+            raise ValueError(
+                f"This config has model_type={model_type!r}; SelfAttnConfig reads selfattn configs only. Load a "
+                "BERT, RoBERTa, XLM-RoBERTa, DistilBERT or ELECTRA folder with SelfAttnConfig.from_pretrained(folder) "
+                "(it translates them), or convert other checkpoints first (conversion/convert_bert.py, "
+                "conversion/convert_seq2seq.py)."
+            )
         # `num_hidden_layers` is the name transformers' tooling reads; it sets the depth of the main stack.
         num_hidden_layers = kwargs.pop("num_hidden_layers", None)
         if num_hidden_layers is not None:
@@ -211,6 +207,13 @@ class SelfAttnConfig(PreTrainedConfig):
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
                 raise ValueError(f"SelfAttnConfig.{name} must be within [0, 1], got {value}.")
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            # nn.Embedding reads a negative padding index from the end of the table: -1 would zero and freeze the
+            # last real token's embedding.
+            raise ValueError(
+                f"SelfAttnConfig.pad_token_id must be a token id in [0, {self.vocab_size - 1}] or None, got "
+                f"{self.pad_token_id}; use the tokenizer's pad_token_id, or None for a model without padding."
+            )
         if self.layer_norm_eps <= 0:
             raise ValueError(f"SelfAttnConfig.layer_norm_eps must be positive, got {self.layer_norm_eps}.")
 

@@ -737,7 +737,13 @@ def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
         if (folder / single).is_file():
             return [folder / single]
         if (folder / index).is_file():
-            shards = sorted(set(json.loads((folder / index).read_text())["weight_map"].values()))
+            weight_map = read_json(folder / index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConversionError(
+                    f"{folder / index} has no \"weight_map\" of tensor names to shard files; re-download or "
+                    "re-save the checkpoint."
+                )
+            shards = sorted(set(weight_map.values()))
             missing = [shard for shard in shards if not (folder / shard).is_file()]
             if missing:
                 raise ConversionError(f"{folder / index} names shards that are not in the folder: {missing}.")
@@ -755,18 +761,58 @@ def load_checkpoint(folder: str | os.PathLike, progress: bool = False) -> dict[s
     files = checkpoint_files(folder)
     state_dict = {}
     for path in tqdm(files, desc="Reading shards", unit="file", disable=not progress or len(files) == 1):
-        if path.suffix == ".safetensors":
-            state_dict.update(load_file(path))
-        else:
-            state_dict.update(torch.load(path, map_location="cpu", weights_only=True))
+        state_dict.update(read_weights(path))
     return state_dict
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one weight file. A damaged file (a download cut short, a disk error) raises
+    ConversionError naming the file, not the reader's bare error, which does not say which file it read."""
+    from safetensors import SafetensorError
+
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as error:
+        raise ConversionError(
+            f"Cannot read the weight file {path} ({error}); make it readable and run again."
+        ) from error
+    except SafetensorError as error:
+        raise ConversionError(
+            f"The weight file {path} is not a valid safetensors file ({error}); it is damaged or incomplete, "
+            "e.g. a download cut short: re-download or re-save it."
+        ) from error
+    except Exception as error:  # torch.load's errors have no common base: zip, pickle, EOF, weights_only refusals
+        raise ConversionError(
+            f"The weight file {path} does not load as a PyTorch checkpoint with weights_only=True "
+            f"({type(error).__name__}: {error}); if it is damaged or incomplete, re-download or re-save it "
+            "(as safetensors where possible)."
+        ) from error
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from a checkpoint file, or ConversionError naming the file and what is wrong with it."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConversionError(f"Cannot read {path} ({error}); make it readable and run again.") from error
+    except ValueError as error:  # JSONDecodeError, and UnicodeDecodeError for bytes that are not text
+        raise ConversionError(
+            f"{path} is not valid JSON ({error}); it is damaged or incomplete: re-download or re-save it."
+        ) from error
+    if not isinstance(value, dict):
+        raise ConversionError(
+            f"{path} holds a JSON {type(value).__name__}, not an object; re-download or re-save it."
+        )
+    return value
 
 
 def read_config(folder: str | os.PathLike) -> dict:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise ConversionError(f"{folder} has no config.json; pass the folder of a transformers checkpoint.")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 TOKENIZER_FILES = (
@@ -958,7 +1004,7 @@ def foreign_checkpoint_kwargs(model_class: type, source, kwargs: dict) -> dict |
         config_path = Path(source) / "config.json"
         if not config_path.is_file():
             return None
-        model_type = json.loads(config_path.read_text()).get("model_type")
+        model_type = read_json(config_path).get("model_type")
     else:
         from transformers.utils import cached_file
 
@@ -971,7 +1017,7 @@ def foreign_checkpoint_kwargs(model_class: type, source, kwargs: dict) -> dict |
             return None  # from_pretrained reports the unreachable source in its own words
         if config_file is None:
             return None
-        model_type = json.loads(Path(config_file).read_text()).get("model_type")
+        model_type = read_json(Path(config_file)).get("model_type")
     if model_type not in FAMILIES:
         return None
     folder = resolve_folder(source, **download_kwargs)
@@ -1159,17 +1205,26 @@ def last_hidden_state(output) -> torch.Tensor:
     return output.last_hidden_state if "last_hidden_state" in output else output.hidden_states[-1]
 
 
-def compare_outputs(reference, ours) -> dict[str, float]:
+def compare_outputs(reference, ours, attention_mask: torch.Tensor) -> dict[str, float]:
     """Max abs difference of the last hidden state and of every output tensor both models return (logits,
-    pooled output, ...), by field name; transformers' heads and selfattn's use the same names. Both outputs
-    need hidden_states (run with output_hidden_states=True)."""
-    diffs = {"last_hidden_state": max_abs_diff(last_hidden_state(reference), last_hidden_state(ours))}
+    pooled output, ...), by field name; transformers' heads and selfattn's use the same names. Per-token outputs
+    are compared at real tokens only: at padding positions selfattn defines its output as the embedding output,
+    while transformers' models leave whatever their layers computed there. Both outputs need hidden_states (run
+    with output_hidden_states=True)."""
+    real = attention_mask.reshape(-1, attention_mask.shape[-1]).bool()
+
+    def diff(expected: torch.Tensor, actual: torch.Tensor) -> float:
+        if tuple(expected.shape[:2]) == tuple(real.shape):
+            expected, actual = expected[real], actual[real]
+        return max_abs_diff(expected, actual)
+
+    diffs = {"last_hidden_state": diff(last_hidden_state(reference), last_hidden_state(ours))}
     for name, value in reference.items():
         if name in ("hidden_states", "attentions", "loss", "last_hidden_state") or not isinstance(value, torch.Tensor):
             continue
         if name not in ours:
             raise ConversionError(f"The selfattn model returns no {name!r}, which the source model does.")
-        diffs[name] = max_abs_diff(value, ours[name])
+        diffs[name] = diff(value, ours[name])
     return diffs
 
 
@@ -1209,7 +1264,7 @@ def verify(source: str | os.PathLike, model: torch.nn.Module, texts=SAMPLE_TEXTS
     with torch.no_grad():
         expected = reference(**inputs, output_hidden_states=True)
         actual = model(**inputs, output_hidden_states=True)
-    diffs = compare_outputs(expected, actual)
+    diffs = compare_outputs(expected, actual, inputs["attention_mask"])
     mask = inputs["attention_mask"].reshape(-1, inputs["attention_mask"].shape[-1]).unsqueeze(-1).float()
     pooled = [(last_hidden_state(out) * mask).sum(1) / mask.sum(1) for out in (expected, actual)]
     diffs["mean_pooled"] = max_abs_diff(*pooled)
@@ -1250,7 +1305,8 @@ def verify_seq2seq(
         name: len(ours) if ours.shape != theirs.shape else int((ours != theirs).any(dim=1).sum())
         for name, (theirs, ours) in tokens.items()
     }
-    real = inputs["attention_mask"].bool()  # the encoder output at padding is read by nothing (selfattn zeroes it)
+    # At padding the encoder outputs differ by definition (selfattn: the embedding output), and nothing reads them.
+    real = inputs["attention_mask"].bool()
     diffs = {
         "logits": max_abs_diff(expected.logits, actual.logits),
         "encoder_last_hidden_state": max_abs_diff(

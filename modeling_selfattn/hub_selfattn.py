@@ -6,9 +6,14 @@ loaded with `trust_remote_code=True` writes the same card. The template is `mode
 selfattn repository; keep the two identical (a test checks).
 """
 
+import os
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+from .heads import HEADS_BY_CLASS
 
 # Marks a README.md that save_pretrained may rewrite; a card without it was written by a person and is kept.
 GENERATED_MARKER = "<!-- selfattn: generated from config.json by save_pretrained -->"
@@ -62,45 +67,14 @@ files it imports): read them first, or pin a revision. Where the `selfattn` pack
 - A model trained on text reproduces the biases and errors of that text.
 """
 
-# Head class -> (Hub pipeline tag, what it is for); the Hub has no tag for multiple choice.
-HEAD_USES = {
-    "SelfAttnModel": (
-        "feature-extraction",
-        "Contextual token representations, to pool into sentence embeddings or to feed a task head.",
-    ),
-    "SelfAttnForMaskedLM": (
-        "fill-mask",
-        "Predicting masked tokens; the usual starting point for fine-tuning an encoder on a downstream task.",
-    ),
-    "SelfAttnForSequenceClassification": (
-        "text-classification",
-        "Classifying a text or a text pair into the labels {labels}.",
-    ),
-    "SelfAttnForTokenClassification": (
-        "token-classification",
-        "Labelling each token (named entities, parts of speech) with the labels {labels}.",
-    ),
-    "SelfAttnForQuestionAnswering": (
-        "question-answering",
-        "Extractive question answering: finding the answer span in a context passage.",
-    ),
-    "SelfAttnForMultipleChoice": (None, "Choosing the best of several candidate continuations or answers."),
-    "SelfAttnForConditionalGeneration": (
-        "text2text-generation",
-        "Sequence-to-sequence generation such as translation or summarisation, with `model.generate`.",
-    ),
-    "SelfAttnForCausalLM": ("text-generation", "Left-to-right text generation with `model.generate`."),
-}
-
-
 def render_model_card(model, repo_id: str, tags: list[str] | None = None) -> str:
     """The model card of `model` as it will be published under `repo_id`."""
     config = model.config
     class_name = type(model).__name__
     # A user's subclass of a head is described as that head; the bare stacks as the base model.
-    head = next((cls.__name__ for cls in type(model).__mro__ if cls.__name__ in HEAD_USES), "SelfAttnModel")
-    pipeline_tag, intended_use = HEAD_USES[head]
-    auto_class = next(auto for auto, target in config.auto_map.items() if target.split(".")[-1] == head)
+    head = HEADS_BY_CLASS[
+        next((cls.__name__ for cls in type(model).__mro__ if cls.__name__ in HEADS_BY_CLASS), "SelfAttnModel")
+    ]
     if config.encoder_layers and config.decoder_layers:
         shape = "encoder-decoder"
         layers = f"{config.encoder_layers} encoder + {config.decoder_layers} decoder"
@@ -110,7 +84,7 @@ def render_model_card(model, repo_id: str, tags: list[str] | None = None) -> str
         shape, layers = "decoder-only", f"{config.decoder_layers} decoder"
     num_parameters = model.num_parameters()
     all_tags = ["selfattn", "custom_code"] + [tag for tag in tags or [] if tag not in ("selfattn", "custom_code")]
-    metadata = ModelCardData(library_name="transformers", pipeline_tag=pipeline_tag, tags=all_tags)
+    metadata = ModelCardData(library_name="transformers", pipeline_tag=head.pipeline_tag, tags=all_tags)
     return MODEL_CARD_TEMPLATE.format(
         metadata=metadata.to_yaml(),
         name=repo_id.split("/")[-1],
@@ -128,10 +102,33 @@ def render_model_card(model, repo_id: str, tags: list[str] | None = None) -> str
         vocab_size=config.vocab_size,
         num_parameters=f"{num_parameters:,}",
         parameters_in_millions=f"{num_parameters / 1e6:.3g}",
-        auto_class=auto_class,
+        auto_class=head.auto_class,
         repo_id=repo_id,
-        intended_use=intended_use.format(labels=", ".join(str(label) for label in config.id2label.values())),
+        intended_use=head.intended_use.format(labels=", ".join(str(label) for label in config.id2label.values())),
     )
+
+
+def refuse_missing_local_path(source, argument: str = "pretrained_model_name_or_path") -> None:
+    """Raise at once for a source meant as a local path that does not exist: a path object, a string that cannot be
+    a Hub repository id (absolute, relative with ./ or ../, ~, more than one /), or one whose first folder exists
+    here. Anything else may be a Hub id and is left to the Hub (which, without a network, retries for half a minute)."""
+    if source is None:
+        return
+    path = Path(source).expanduser()
+    if path.exists():
+        return
+    try:
+        validate_repo_id(str(source))
+        could_be_hub_id = not isinstance(source, os.PathLike)
+    except HFValidationError:
+        could_be_hub_id = False
+    if not could_be_hub_id or (len(path.parts) > 1 and Path(path.parts[0]).is_dir()):
+        raise OSError(
+            f"{argument}={str(source)!r} names no existing folder ({path.absolute()} does not exist), and reads as a "
+            "local path, not a Hub repo id. Give the folder of a saved model (the one holding config.json, as "
+            "written by save_pretrained; relative paths start from the current folder), or a Hub repo id such as "
+            "'username/model-name'."
+        )
 
 
 class SelfAttnHubMixin:
@@ -154,4 +151,4 @@ class SelfAttnHubMixin:
         return super()._upload_modified_files(working_dir, repo_id, files_timestamps, *args, **kwargs)
 
 
-__all__ = ["SelfAttnHubMixin", "render_model_card"]
+__all__ = ["SelfAttnHubMixin", "refuse_missing_local_path", "render_model_card"]

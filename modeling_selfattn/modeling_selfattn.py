@@ -9,7 +9,9 @@ encoder output, FFN); the stacks; the pretrained base; then the task heads.
 Only relative imports among the model files, so that `save_pretrained` can ship them as remote code.
 """
 
+import functools
 import importlib.util
+import inspect
 import math
 import re
 import weakref
@@ -41,11 +43,13 @@ from transformers.modeling_outputs import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_selfattn import SelfAttnConfig
-from .hub_selfattn import SelfAttnHubMixin
+from .heads import HEADS
+from .hub_selfattn import SelfAttnHubMixin, refuse_missing_local_path
 
 
 def check_ids(ids: torch.Tensor, table_size: int, name: str, table: str, fix: str) -> None:
@@ -60,13 +64,79 @@ def check_ids(ids: torch.Tensor, table_size: int, name: str, table: str, fix: st
 
 
 def check_attention_mask(attention_mask: torch.Tensor | None, expected: tuple[int, int], name: str) -> None:
+    """A 2-D mask must have one 0/1 entry per token. Prepared 4-D masks (and flex attention's block masks), which
+    generate() builds for a static cache, pass as they are."""
     # A static cache's length is a tensor: comparing it under torch.compile would break the graph.
-    if torch.compiler.is_compiling():
+    if attention_mask is None or not isinstance(attention_mask, torch.Tensor) or torch.compiler.is_compiling():
         return
-    if attention_mask is not None and attention_mask.dim() == 2 and tuple(attention_mask.shape) != expected:
+    if attention_mask.dim() == 4:
+        return
+    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != expected:
         raise ValueError(
             f"{name} has shape {tuple(attention_mask.shape)} but the inputs need (batch_size, key_length) = "
             f"{expected}: one entry per token (1 = attend, 0 = padding), covering any cached tokens too."
+        )
+    if attention_mask.dtype != torch.bool and attention_mask.numel() > 0:
+        low, high = attention_mask.min().item(), attention_mask.max().item()
+        if low < 0 or high > 1 or not torch.all((attention_mask == 0) | (attention_mask == 1)):
+            raise ValueError(
+                f"{name} may hold only 1 (attend) and 0 (padding), but holds values from {low} to {high}; pass the "
+                "tokenizer's attention_mask, or (mask > 0).long() for a mask of another scale."
+            )
+
+
+# What forward() takes through **kwargs besides its named parameters: the keywords transformers itself passes on
+# (output flags, return_dict, Trainer's item count, flash attention's offsets of packed sequences). Anything else is
+# refused: a misspelt or misplaced argument would otherwise be dropped without a word.
+FORWARDED_KWARGS = frozenset(
+    {
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "num_items_in_batch",
+        "cu_seq_lens_q",
+        "cu_seq_lens_k",
+        "max_length_q",
+        "max_length_k",
+    }
+)
+
+
+def refuse_unknown_kwargs(forward: Callable) -> Callable:
+    """Wraps a forward() so that a keyword it neither names nor passes on to transformers raises a TypeError. Its
+    signature says so too (the passed-on keywords as keyword-only parameters, no **kwargs): generate() hands an
+    encoder only what its signature names, and Trainer keeps the data columns the signature names."""
+    signature = inspect.signature(forward)
+    named = frozenset(signature.parameters) - {"self", "kwargs"}
+
+    @functools.wraps(forward)
+    def checked_forward(self, *args, **kwargs):
+        unknown = kwargs.keys() - named - FORWARDED_KWARGS
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__}.forward() got unexpected keyword argument(s) {sorted(unknown)}. It takes "
+                f"{sorted(named)}, and passes on {sorted(FORWARDED_KWARGS)}. Check the spelling, and that the "
+                "argument belongs to this kind of model."
+            )
+        return forward(self, *args, **kwargs)
+
+    parameters = [parameter for parameter in signature.parameters.values() if parameter.kind != parameter.VAR_KEYWORD]
+    passed_on = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in sorted(FORWARDED_KWARGS)]
+    checked_forward.__signature__ = signature.replace(parameters=parameters + passed_on)
+    return checked_forward
+
+
+# transformers 5.24 renamed the cache argument; the old name still works, with a FutureWarning, as in transformers'
+# own models, and passing both names is an error.
+accepts_past_key_values = deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)
+
+
+def check_cache_type(cache) -> None:
+    if cache is not None and not isinstance(cache, Cache):
+        raise TypeError(
+            f"cache must be a transformers Cache, got {type(cache).__name__}. The tuple-of-tuples cache of older "
+            "transformers versions is not accepted: pass the `cache` a previous call returned, or a new "
+            "DynamicCache() (EncoderDecoderCache(DynamicCache(), DynamicCache()) for an encoder-decoder model)."
         )
 
 
@@ -141,6 +211,11 @@ class SelfAttnEmbeddings(nn.Module):
         past_length: int = 0,
     ) -> torch.Tensor:
         if inputs_embeds is None:
+            if input_ids.dim() != 2 or input_ids.numel() == 0:
+                raise ValueError(
+                    f"input_ids has shape {tuple(input_ids.shape)}; the model needs (batch_size, sequence_length) "
+                    "with at least one sequence of at least one token. Tokenize a list of non-empty texts."
+                )
             check_ids(
                 input_ids,
                 self.word_embeddings.num_embeddings,
@@ -150,6 +225,12 @@ class SelfAttnEmbeddings(nn.Module):
                 "`model.resize_token_embeddings(len(tokenizer))`.",
             )
             inputs_embeds = self.word_embeddings(input_ids)
+        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.word_embeddings.embedding_dim or 0 in inputs_embeds.shape:
+            raise ValueError(
+                f"inputs_embeds has shape {tuple(inputs_embeds.shape)}; the model needs (batch_size, sequence_length, "
+                f"{self.word_embeddings.embedding_dim}) with at least one token: vectors as wide as the token "
+                "embeddings (model.get_input_embeddings()(input_ids) makes them)."
+            )
         batch_size, seq_length = inputs_embeds.shape[:2]
         if position_ids is None:
             if not torch.compiler.is_compiling() and past_length + seq_length > self.max_positions:
@@ -160,6 +241,15 @@ class SelfAttnEmbeddings(nn.Module):
                 )
             position_rows = self.position_ids_for(input_ids, batch_size, seq_length, past_length, inputs_embeds.device)
         else:
+            check_ids(
+                position_ids,
+                self.max_positions,
+                "position_ids",
+                "position table",
+                f"Positions run from 0 to {self.max_positions - 1}: truncate the input "
+                f"(tokenizer(..., truncation=True, max_length={self.max_positions})) or generate fewer tokens "
+                "(max_new_tokens).",
+            )
             position_rows = position_ids + self.position_offset
 
         if hasattr(self, "position_embeddings"):
@@ -173,6 +263,12 @@ class SelfAttnEmbeddings(nn.Module):
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(position_rows)
             else:
+                if tuple(token_type_ids.shape) != (batch_size, seq_length):
+                    raise ValueError(
+                        f"token_type_ids has shape {tuple(token_type_ids.shape)} but the inputs have (batch_size, "
+                        f"sequence_length) = {(batch_size, seq_length)}: pass one segment id per token, as the "
+                        "tokenizer returns them."
+                    )
                 check_ids(
                     token_type_ids,
                     self.token_type_embeddings.num_embeddings,
@@ -557,6 +653,7 @@ class SelfAttnPreTrainedModel(SelfAttnHubMixin, PreTrainedModel):
         """Also loads a BERT-family checkpoint (config.json model_type bert, roberta, xlm-roberta, distilbert or
         electra) without a conversion step: its config and tensor names are translated on the fly by
         `conversion.py`, then loading proceeds as usual (a head the checkpoint lacks is initialised and reported)."""
+        refuse_missing_local_path(pretrained_model_name_or_path)
         if pretrained_model_name_or_path is not None and kwargs.get("state_dict") is None:
             from .conversion import foreign_checkpoint_kwargs
 
@@ -568,6 +665,19 @@ class SelfAttnPreTrainedModel(SelfAttnHubMixin, PreTrainedModel):
                 model.name_or_path = model.config.name_or_path = str(pretrained_model_name_or_path)
                 return loaded
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    def mark_tied_weights_as_initialized(self, loading_info):
+        # The decoder of an encoder-decoder holds the encoder's token table module itself (one table, as in the
+        # paper), and the table is also declared tied. transformers marks tied targets as loaded, which with a shared
+        # module marks the table itself, and would then drop it from missing_keys when the checkpoint lacks it (left
+        # on the meta device, never initialised). Keep every parameter that was not actually loaded reported missing.
+        not_loaded = {
+            key
+            for key in loading_info.missing_keys
+            if not getattr(self.get_parameter_or_buffer(key), "_is_hf_initialized", False)
+        }
+        super().mark_tied_weights_as_initialized(loading_info)
+        loading_info.missing_keys |= not_loaded
 
     def init_parallel_plans(self):
         super().init_parallel_plans()
@@ -691,11 +801,16 @@ class SelfAttnStack(SelfAttnPreTrainedModel):
         self.embeddings.word_embeddings = value
 
 
+def is_padding_mask(attention_mask) -> bool:
+    return isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
+
+
 class SelfAttnEncoder(SelfAttnStack):
     """Embeddings and `config.encoder_layers` bidirectional layers (plus a final LayerNorm if pre-LN).
 
-    A batch that is largely padding runs unpadded (PackedSequences): real tokens give the same outputs, padding
-    positions keep their embeddings instead of values nothing should read."""
+    A batch that is largely padding runs unpadded (PackedSequences). The output at padding positions (attention_mask
+    0) is defined once for every path: the embedding output there (the input of the first layer), not values nothing
+    should read. Recorded per-layer hidden states and attentions are the layers' own outputs."""
 
     _can_record_outputs = {
         "hidden_states": OutputRecorder(SelfAttnEncoderLayer, num_hidden_layers_key="encoder_layers"),
@@ -705,6 +820,7 @@ class SelfAttnEncoder(SelfAttnStack):
     def __init__(self, config: SelfAttnConfig):
         super().__init__(config, [SelfAttnEncoderLayer(config, i) for i in range(config.encoder_layers)])
 
+    @refuse_unknown_kwargs
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -722,6 +838,9 @@ class SelfAttnEncoder(SelfAttnStack):
         check_attention_mask(attention_mask, tuple(hidden_states.shape[:2]), "attention_mask")
         packed_sequences = packed_sequences_for(attention_mask, self.config, kwargs)
         embeddings = hidden_states
+        # Padding positions hold the embedding output on every path: the unpadded one never computes them, and the
+        # padded one (light padding, recorded outputs, torch.compile/export) overwrites what it computed there.
+        padding_mask = attention_mask.bool().unsqueeze(-1) if is_padding_mask(attention_mask) else None
         if packed_sequences is not None:
             hidden_states, attention_mask = packed_sequences.pack(hidden_states), None
         else:
@@ -734,6 +853,8 @@ class SelfAttnEncoder(SelfAttnStack):
             hidden_states = self.final_layer_norm(hidden_states)
         if packed_sequences is not None:
             hidden_states = packed_sequences.unpack(hidden_states, padding=embeddings)
+        elif padding_mask is not None:
+            hidden_states = torch.where(padding_mask, hidden_states, embeddings)
         return BaseModelOutput(last_hidden_state=hidden_states)
 
 
@@ -752,6 +873,8 @@ class SelfAttnDecoder(SelfAttnStack):
         layers = [SelfAttnDecoderLayer(config, i, has_cross_attention) for i in range(config.decoder_layers)]
         super().__init__(config, layers, word_embeddings)
 
+    @accepts_past_key_values
+    @refuse_unknown_kwargs
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -772,6 +895,7 @@ class SelfAttnDecoder(SelfAttnStack):
                 "The decoder needs exactly one of input_ids or inputs_embeds (decoder_input_ids or labels for an "
                 "encoder-decoder model)."
             )
+        check_cache_type(cache)
         is_encoder_decoder = self.config.encoder_layers > 0
         if is_encoder_decoder and encoder_hidden_states is None:
             raise ValueError("The decoder of an encoder-decoder model needs encoder_hidden_states.")
@@ -891,7 +1015,9 @@ class SelfAttnModel(SelfAttnPreTrainedModel):
     def get_decoder(self):
         return self.decoder
 
+    @accepts_past_key_values
     @can_return_tuple
+    @refuse_unknown_kwargs
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -935,6 +1061,12 @@ class SelfAttnModel(SelfAttnPreTrainedModel):
             )
         elif not isinstance(encoder_outputs, BaseModelOutput):
             encoder_outputs = BaseModelOutput(*encoder_outputs)
+        encoder_width = encoder_outputs.last_hidden_state.shape[-1]
+        if encoder_width != self.config.hidden_size:
+            raise ValueError(
+                f"encoder_outputs hold states {encoder_width} wide but this model is {self.config.hidden_size} wide: "
+                "pass the outputs of this model's own encoder (model.get_encoder()(input_ids, attention_mask))."
+            )
 
         if self.decoder is None:
             sequence_output = encoder_outputs.last_hidden_state
@@ -1021,6 +1153,8 @@ def generation_lm_head(model: nn.Module, config: SelfAttnConfig) -> nn.Module:
 
 
 class SelfAttnForMaskedLM(SelfAttnPreTrainedModel):
+    # The loss divides by Trainer's `num_items_in_batch` (the scored tokens of all processes and accumulated steps).
+    accepts_loss_kwargs = True
     _tied_weights_keys = {"lm_head.decoder.weight": "model.encoder.embeddings.word_embeddings.weight"}
 
     def __init__(self, config: SelfAttnConfig):
@@ -1031,6 +1165,7 @@ class SelfAttnForMaskedLM(SelfAttnPreTrainedModel):
         self.post_init()
 
     @can_return_tuple
+    @refuse_unknown_kwargs
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -1058,8 +1193,8 @@ class SelfAttnForMaskedLM(SelfAttnPreTrainedModel):
 class SelfAttnForSequenceClassification(SelfAttnPreTrainedModel):
     """Classifier over the pooled first token; regression, single- or multi-label by `config.problem_type`."""
 
-    # The loss is a mean over this process's batch and ignores `num_items_in_batch`. Trainer passes that count to
-    # any forward taking **kwargs and then multiplies the loss by the number of processes, unless told not to.
+    # The loss is a mean over this process's batch and ignores `num_items_in_batch`: Trainer must not pass that count
+    # and then scale the loss by the number of processes.
     accepts_loss_kwargs = False
 
     def __init__(self, config: SelfAttnConfig):
@@ -1073,6 +1208,7 @@ class SelfAttnForSequenceClassification(SelfAttnPreTrainedModel):
         self.post_init()
 
     @can_return_tuple
+    @refuse_unknown_kwargs
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -1096,6 +1232,9 @@ class SelfAttnForSequenceClassification(SelfAttnPreTrainedModel):
 
 
 class SelfAttnForTokenClassification(SelfAttnPreTrainedModel):
+    # The loss divides by Trainer's `num_items_in_batch` (the scored tokens of all processes and accumulated steps).
+    accepts_loss_kwargs = True
+
     def __init__(self, config: SelfAttnConfig):
         super().__init__(config)
         require_encoder_only(self, config)
@@ -1107,6 +1246,7 @@ class SelfAttnForTokenClassification(SelfAttnPreTrainedModel):
         self.post_init()
 
     @can_return_tuple
+    @refuse_unknown_kwargs
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -1143,6 +1283,7 @@ class SelfAttnForQuestionAnswering(SelfAttnPreTrainedModel):
         self.post_init()
 
     @can_return_tuple
+    @refuse_unknown_kwargs
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -1187,6 +1328,7 @@ class SelfAttnForMultipleChoice(SelfAttnPreTrainedModel):
         self.post_init()
 
     @can_return_tuple
+    @refuse_unknown_kwargs
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -1244,6 +1386,8 @@ def shift_tokens_right(labels: torch.Tensor, pad_token_id: int | None, decoder_s
 class SelfAttnForConditionalGeneration(SelfAttnPreTrainedModel, GenerationMixin):
     """The paper's encoder-decoder with an LM head over the shared token embeddings."""
 
+    # The loss divides by Trainer's `num_items_in_batch` (the scored tokens of all processes and accumulated steps).
+    accepts_loss_kwargs = True
     _tied_weights_keys = {"lm_head.weight": "model.encoder.embeddings.word_embeddings.weight"}
 
     def __init__(self, config: SelfAttnConfig):
@@ -1282,11 +1426,15 @@ class SelfAttnForConditionalGeneration(SelfAttnPreTrainedModel, GenerationMixin)
         cache.self_attention_cache.reorder_cache(beam_idx)
         return cache
 
+    @accepts_past_key_values
     @can_return_tuple
+    @refuse_unknown_kwargs
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
         decoder_input_ids: torch.Tensor | None = None,
         decoder_attention_mask: torch.Tensor | None = None,
         decoder_position_ids: torch.Tensor | None = None,
@@ -1307,6 +1455,8 @@ class SelfAttnForConditionalGeneration(SelfAttnPreTrainedModel, GenerationMixin)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             decoder_input_ids=decoder_input_ids,
             decoder_attention_mask=decoder_attention_mask,
@@ -1343,6 +1493,8 @@ class SelfAttnForConditionalGeneration(SelfAttnPreTrainedModel, GenerationMixin)
 class SelfAttnForCausalLM(SelfAttnPreTrainedModel, GenerationMixin):
     """Decoder-only language model (encoder_layers=0): causal self-attention layers and an LM head."""
 
+    # The loss divides by Trainer's `num_items_in_batch` (the scored tokens of all processes and accumulated steps).
+    accepts_loss_kwargs = True
     _tied_weights_keys = {"lm_head.weight": "model.decoder.embeddings.word_embeddings.weight"}
 
     def __init__(self, config: SelfAttnConfig):
@@ -1359,11 +1511,14 @@ class SelfAttnForCausalLM(SelfAttnPreTrainedModel, GenerationMixin):
         )
         self.post_init()
 
+    @accepts_past_key_values
     @can_return_tuple
+    @refuse_unknown_kwargs
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         cache: Cache | None = None,
@@ -1381,6 +1536,7 @@ class SelfAttnForCausalLM(SelfAttnPreTrainedModel, GenerationMixin):
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             cache=cache,
@@ -1448,6 +1604,7 @@ class SelfAttnForPreTraining(SelfAttnPreTrainedModel):
         self.post_init()
 
     @can_return_tuple
+    @refuse_unknown_kwargs
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -1524,6 +1681,7 @@ class SelfAttnForReplacedTokenDetection(SelfAttnPreTrainedModel):
         self.post_init()
 
     @can_return_tuple
+    @refuse_unknown_kwargs
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -1542,6 +1700,12 @@ class SelfAttnForReplacedTokenDetection(SelfAttnPreTrainedModel):
         logits = self.discriminator(outputs.last_hidden_state)
         loss = None
         if labels is not None:
+            if labels.numel() and not torch.compiler.is_compiling() and not torch.all((labels == 0) | (labels == 1)):
+                raise ValueError(
+                    f"labels of SelfAttnForReplacedTokenDetection may hold only 0 (original token) and 1 (replaced), "
+                    f"got values {sorted(set(labels.unique().tolist()))[:10]}; padding is left out through "
+                    "attention_mask, not through a label value."
+                )
             labels = labels.to(logits.device).float()
             scored = torch.ones_like(labels, dtype=torch.bool)
             if attention_mask is not None:
@@ -1551,18 +1715,4 @@ class SelfAttnForReplacedTokenDetection(SelfAttnPreTrainedModel):
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
 
-__all__ = [
-    "SelfAttnPreTrainedModel",
-    "SelfAttnEncoder",
-    "SelfAttnDecoder",
-    "SelfAttnModel",
-    "SelfAttnForMaskedLM",
-    "SelfAttnForSequenceClassification",
-    "SelfAttnForTokenClassification",
-    "SelfAttnForQuestionAnswering",
-    "SelfAttnForMultipleChoice",
-    "SelfAttnForConditionalGeneration",
-    "SelfAttnForCausalLM",
-    "SelfAttnForPreTraining",
-    "SelfAttnForReplacedTokenDetection",
-]
+__all__ = ["SelfAttnPreTrainedModel", "SelfAttnEncoder", "SelfAttnDecoder", *(head.class_name for head in HEADS)]

@@ -25,22 +25,35 @@ class QuestionAnsweringPipeline(Pipeline):
         return preprocess, {}, postprocess
 
     def __call__(self, question=None, context=None, **kwargs):
-        if question is not None and context is not None:
+        if isinstance(question, str) or context is not None:
             return super().__call__({"question": question, "context": context}, **kwargs)
         return super().__call__(question if question is not None else kwargs.pop("inputs"), **kwargs)
 
     def preprocess(self, inputs, max_seq_len=384, doc_stride=128):
+        if not isinstance(inputs, dict):
+            raise ValueError(
+                f"question-answering takes question=... and context=... (or a dict with those keys), got {inputs!r}."
+            )
+        missing = [name for name in ("question", "context") if not isinstance(inputs.get(name), str)]
+        if missing:
+            raise ValueError(
+                f"question-answering needs a non-empty question and context, but got no {' and no '.join(missing)}: "
+                "call it as reader(question='...', context='the text to find the answer in')."
+            )
         question, context = inputs["question"], inputs["context"]
         if not question.strip() or not context.strip():
             raise ValueError("question-answering needs a non-empty question and context.")
         if not self.tokenizer.is_fast:
             raise ValueError("question-answering needs a fast tokenizer (it maps tokens back to characters).")
+        max_length = min(max_seq_len, self.tokenizer.model_max_length)
+        stride = min(doc_stride, max_seq_len // 2)
+        self._check_question_fits(question, max_seq_len, doc_stride, max_length, stride)
         encoded = self.tokenizer(
             question,
             context,
             truncation="only_second",
-            max_length=min(max_seq_len, self.tokenizer.model_max_length),
-            stride=min(doc_stride, max_seq_len // 2),
+            max_length=max_length,
+            stride=stride,
             return_overflowing_tokens=True,
             return_offsets_mapping=True,
             padding=True,
@@ -51,6 +64,30 @@ class QuestionAnsweringPipeline(Pipeline):
         )
         model_inputs = {name: encoded[name] for name in self.tokenizer.model_input_names if name in encoded}
         return {**model_inputs, "offsets": encoded["offset_mapping"], "in_context": in_context, "context": context}
+
+    def _check_question_fits(self, question: str, max_seq_len: int, doc_stride: int, max_length: int, stride: int):
+        """Every window repeats the whole question, so the question must leave room for context tokens, and
+        for more of them than the windows overlap by; the tokenizer would otherwise fail (or panic) deep
+        inside its truncation."""
+        question_tokens = len(self.tokenizer(question, add_special_tokens=False)["input_ids"])
+        special_tokens = self.tokenizer.num_special_tokens_to_add(pair=True)
+        room = max_length - question_tokens - special_tokens
+        if max_length == max_seq_len:
+            window, longer = f"max_seq_len={max_seq_len}", ", or a larger max_seq_len"
+        else:  # a larger max_seq_len would not help
+            window, longer = f"the tokenizer's model_max_length, below max_seq_len={max_seq_len}", ""
+        problem = (
+            f"The question is {question_tokens} tokens long: with its {special_tokens} special tokens it leaves "
+            f"{max(room, 0)} context tokens in a window of {max_length} ({window})"
+        )
+        if room < 1:
+            raise ValueError(f"{problem}. Give a shorter question{longer}.")
+        if stride >= room:
+            overlap = f"doc_stride={doc_stride}" + (", capped at max_seq_len // 2" if stride < doc_stride else "")
+            raise ValueError(
+                f"{problem}, no more than the {stride} tokens that windows overlap by ({overlap}). Give a doc_stride "
+                f"below {room}, or a shorter question{longer}."
+            )
 
     def _forward(self, inputs):
         model_inputs = {name: inputs[name] for name in self.tokenizer.model_input_names if name in inputs}

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .hub_selfattn import refuse_missing_local_path
+
 DEFAULT_TEXT = "The movie was not bad at all, and the actors clearly enjoyed themselves."
 
 
@@ -32,15 +34,33 @@ class AttentionRecord:
     special_mask: list[bool] = field(default_factory=list)
 
 
+def local_model_dir(model: str) -> str:
+    """`model` with a leading ~ expanded when it names an existing path; a mistyped local path fails here at once
+    (see refuse_missing_local_path); anything else is left for the Hub to resolve."""
+    refuse_missing_local_path(model, "MODEL")
+    path = Path(model).expanduser()
+    return str(path) if path.exists() else model
+
+
 def load_model(model_dir: str):
     """A selfattn folder (any head) or a checkpoint our conversion loads, with eager attention so that
     the real probabilities come back."""
+    model_dir = local_model_dir(model_dir)
     from transformers import AutoConfig, AutoTokenizer
 
     import modeling_selfattn
     from modeling_selfattn import SelfAttnConfig
 
-    config = AutoConfig.from_pretrained(model_dir)
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except OSError as error:
+        if Path(model_dir).exists():
+            raise
+        # A name that could be either: say that the local reading was considered too.
+        raise OSError(
+            f"MODEL {model_dir!r}: there is no local folder {Path(model_dir).absolute()}, and the Hub did not "
+            f"provide a repo of that name ({error})"
+        ) from error
     head_class = modeling_selfattn.SelfAttnModel
     if isinstance(config, SelfAttnConfig):
         for name in config.architectures or []:
@@ -270,7 +290,11 @@ def main(argv=None) -> int:
         "rollout (encoders) and cross-attention alignments (encoder-decoders), with the numbers as JSON; or "
         "per-head statistics over a file of texts.",
     )
-    parser.add_argument("model", help="a selfattn model folder, or a BERT-style folder that selfattn loads")
+    parser.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a selfattn model folder, or a BERT-style folder that selfattn loads (or a Hub repo id)",
+    )
     parser.add_argument("--text", default=DEFAULT_TEXT, help="the input text (default: a sample sentence)")
     parser.add_argument("--target", help="encoder-decoder only: the target text (default: greedy generation)")
     parser.add_argument("--layer", default="-1", help="layer index to draw (negative counts from the top), or 'all'")

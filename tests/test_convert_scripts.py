@@ -1,9 +1,18 @@
-"""conversion/convert_bert.py and conversion/export_bert.py as a user runs them: --help, a conversion with
---verify into a folder with tokenizer and model card, refusal to overwrite, a non-zero exit on failure, and the
-export back to BERT with bit-identical tensors."""
+"""conversion/convert_bert.py, convert_seq2seq.py and export_bert.py as a user runs them: --help, a conversion
+with --verify into a folder with tokenizer and model card, refusal to overwrite, a non-zero exit on failure, and
+the export back to BERT with bit-identical tensors.
 
+Nothing lost, nothing silent: an OUTPUT that is SOURCE, contains it or lies inside it, a file, a symbolic link
+or a place that cannot be written is refused before anything is read or written; and a run that fails anywhere
+(a tokenizer file that cannot be read, a full disk, a failed --verify, a failed final rename) leaves SOURCE and
+an existing OUTPUT byte-identical (sha256 of every file) and no partial folder behind."""
+
+import errno
+import hashlib
 import importlib.util
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +23,10 @@ import transformers
 from safetensors.torch import load_file
 
 from modeling_selfattn import SelfAttnForSequenceClassification
+from modeling_selfattn.conversion import convert_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = {name: ROOT / "conversion" / f"{name}.py" for name in ("convert_bert", "export_bert")}
+SCRIPTS = {name: ROOT / "conversion" / f"{name}.py" for name in ("convert_bert", "convert_seq2seq", "export_bert")}
 WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "and", "ran", "far", "away", "quick", "brown", "fox"]
 
 
@@ -27,7 +37,7 @@ def load_script(name: str):
     return module
 
 
-@pytest.mark.parametrize("name", sorted(SCRIPTS))
+@pytest.mark.parametrize("name", ["convert_bert", "export_bert"])  # test_seq2seq_parity.py runs convert_seq2seq's
 def test_help(name):
     result = subprocess.run([sys.executable, str(SCRIPTS[name]), "--help"], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
@@ -77,6 +87,7 @@ def test_existing_output_needs_overwrite(bert_folder, tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err and (output / "keep.txt").exists()
     assert convert.main([str(bert_folder), str(output), "--overwrite"]) == 0
     assert not (output / "keep.txt").exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]  # no partial or old folder left beside it
     assert load_script("export_bert").main([str(output), str(output)]) == 2
 
 
@@ -88,3 +99,354 @@ def test_failures_exit_non_zero(bert_folder, tmp_path, capsys):
     assert convert.main([str(tmp_path / "missing"), str(tmp_path / "b")]) == 1
     assert "not a local folder" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Nothing lost: SOURCE and an existing OUTPUT survive every refusal and every failure byte for byte
+
+
+def tree_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder` by relative path, with folders and symbolic links (not followed)
+    listed too, so that a file or folder added, removed or changed shows."""
+    hashes = {}
+    for root, folders, files in os.walk(folder):
+        for name in folders + files:
+            path = Path(root, name)
+            key = str(path.relative_to(folder))
+            if path.is_symlink():
+                hashes[key] = f"link to {os.readlink(path)}"
+            elif path.is_dir():
+                hashes[key] = "folder"
+            else:
+                hashes[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return hashes
+
+
+@pytest.fixture(scope="module")
+def selfattn_folder(bert_folder, tmp_path_factory) -> Path:
+    """bert_folder converted: export_bert.py's SOURCE."""
+    folder = tmp_path_factory.mktemp("selfattn")
+    model, _ = convert_checkpoint(bert_folder)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bart_folder(tmp_path_factory) -> Path:
+    """A tiny random BartForConditionalGeneration (no tokenizer): convert_seq2seq.py's SOURCE."""
+    folder = tmp_path_factory.mktemp("bart")
+    config = transformers.BartConfig(
+        vocab_size=99, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    transformers.BartForConditionalGeneration(config).save_pretrained(folder)
+    return folder
+
+
+SOURCE_OF = {"convert_bert": "bert_folder", "convert_seq2seq": "bart_folder", "export_bert": "selfattn_folder"}
+
+
+def source_copy(request, script: str, folder: Path) -> Path:
+    """A private copy of the script's source checkpoint: the code under test must not be able to damage the
+    module's shared one for the next test."""
+    shutil.copytree(request.getfixturevalue(SOURCE_OF[script]), folder)
+    return folder
+
+
+def overlap_case(case: str, tmp_path: Path, source: Path) -> tuple[str, str]:
+    """(SOURCE argument, OUTPUT argument) of one way to point OUTPUT at SOURCE or at a folder that holds it."""
+    parent = source.parent
+    if case == "same":
+        return str(source), str(source)
+    if case == "parent":
+        return str(source), str(parent)
+    if case == "parent via ..":
+        return str(source), f"{source}/.."
+    if case == "parent via symlinked SOURCE":
+        (tmp_path / "link").symlink_to(source, target_is_directory=True)
+        return str(tmp_path / "link"), str(parent)
+    if case == "SOURCE via symlinked parent and ..":
+        (tmp_path / "alias").symlink_to(parent, target_is_directory=True)
+        return str(source), f"{tmp_path / 'alias' / source.name / 'sub'}/.."
+    if case == "inside":
+        return str(source), str(source / "selfattn")
+    raise ValueError(case)
+
+
+OVERLAPS = [
+    ("convert_bert", "same"),
+    ("convert_bert", "parent"),
+    ("convert_bert", "parent via .."),
+    ("convert_bert", "parent via symlinked SOURCE"),
+    ("convert_bert", "SOURCE via symlinked parent and .."),
+    ("convert_bert", "inside"),
+    ("convert_seq2seq", "same"),
+    ("convert_seq2seq", "parent"),
+    ("export_bert", "same"),
+    ("export_bert", "parent via .."),
+]
+
+
+@pytest.mark.parametrize("script, case", OVERLAPS, ids=[f"{script}-{case}" for script, case in OVERLAPS])
+def test_output_over_source_is_refused(script, case, request, tmp_path, capsys):
+    source = source_copy(request, script, tmp_path / "models" / "source")
+    (tmp_path / "models" / "notes.txt").write_text("unrelated, kept")
+    source_arg, output_arg = overlap_case(case, tmp_path, source)
+    before = tree_hashes(tmp_path)
+    assert load_script(script).main([source_arg, output_arg, "--overwrite"]) == 2
+    error = capsys.readouterr().err
+    assert f"OUTPUT {Path(output_arg)}" in error and "SOURCE" in error and "Pass" in error, error
+    assert tree_hashes(tmp_path) == before
+
+
+def test_output_inside_source_names_the_rule(bert_folder, tmp_path, capsys):
+    source = shutil.copytree(bert_folder, tmp_path / "source")
+    assert load_script("convert_bert").main([str(source), str(source / "selfattn")]) == 2
+    assert "lies inside SOURCE" in capsys.readouterr().err and not (source / "selfattn").exists()
+
+
+def test_output_containing_a_downloaded_source_is_refused(bert_folder, tmp_path, monkeypatch, capsys):
+    """A Hub id becomes a folder only once downloaded: OUTPUT is checked against that folder too (here a
+    cache folder that OUTPUT contains), before anything is replaced."""
+    import modeling_selfattn.conversion as conversion
+
+    cache = tmp_path / "cache"
+    snapshot = shutil.copytree(bert_folder, cache / "models--org--bert" / "snapshot")
+    convert = load_script("convert_bert")
+    hub = lambda source, **kwargs: snapshot if source == "org/bert" else Path(source)  # noqa: E731
+    monkeypatch.setattr(conversion, "resolve_folder", hub)
+    monkeypatch.setattr(convert, "resolve_folder", hub)
+    before = tree_hashes(tmp_path)
+    assert convert.main(["org/bert", str(cache), "--overwrite"]) == 2
+    assert "contains SOURCE" in capsys.readouterr().err
+    assert tree_hashes(tmp_path) == before
+
+
+@pytest.fixture
+def existing_output(tmp_path) -> Path:
+    """An OUTPUT folder from an earlier run, to be replaced with --overwrite."""
+    output = tmp_path / "out" / "model"
+    output.mkdir(parents=True)
+    (output / "model.safetensors").write_bytes(b"the previous model")
+    (output / "nested").mkdir()
+    (output / "nested" / "notes.txt").write_text("kept until the new model is complete")
+    return output
+
+
+def deny_writing(monkeypatch, folder: Path) -> None:
+    """Make `folder` not writable: by its permissions for a normal user, and, as root ignores those, by what
+    os.access answers."""
+    folder.chmod(0o555)
+
+    def access(path, mode, *args, _access=os.access, **kwargs):
+        if Path(path).resolve() == folder.resolve() and mode & os.W_OK:
+            return False
+        return _access(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+
+
+def refused_output(kind: str, tmp_path: Path, existing: Path, monkeypatch) -> Path:
+    if kind == "file":
+        (tmp_path / "out" / "model.safetensors").write_bytes(b"weights, not a folder")
+        return tmp_path / "out" / "model.safetensors"
+    if kind == "symlink":
+        (tmp_path / "out" / "link").symlink_to(existing, target_is_directory=True)
+        return tmp_path / "out" / "link"
+    if kind == "read-only folder":
+        deny_writing(monkeypatch, existing)
+        return existing
+    if kind == "read-only parent":
+        deny_writing(monkeypatch, existing.parent)
+        return existing
+    if kind == "new, read-only parent":
+        deny_writing(monkeypatch, existing.parent)
+        return existing.parent / "new"
+    if kind == "new, beneath a file":
+        (tmp_path / "out" / "config.json").write_text("{}")
+        return tmp_path / "out" / "config.json" / "model"
+    raise ValueError(kind)
+
+
+REFUSED = {
+    "file": "is a file, not a folder",
+    "symlink": "is a symbolic link",
+    "read-only folder": "is not writable",
+    "read-only parent": "is not writable",
+    "new, read-only parent": "is not writable",
+    "new, beneath a file": "is a file, not a folder",
+}
+
+
+@pytest.mark.parametrize("kind", REFUSED)
+def test_unusable_output_is_refused(kind, bert_folder, existing_output, tmp_path, monkeypatch, capsys):
+    source = shutil.copytree(bert_folder, tmp_path / "source")
+    output = refused_output(kind, tmp_path, existing_output, monkeypatch)
+    before = tree_hashes(tmp_path)
+    try:
+        assert load_script("convert_bert").main([str(source), str(output), "--overwrite"]) == 2
+        assert tree_hashes(tmp_path) == before
+    finally:
+        for folder in (existing_output, existing_output.parent):
+            folder.chmod(0o755)
+    error = capsys.readouterr().err
+    assert f"OUTPUT {output}" in error and REFUSED[kind] in error and "pass" in error.lower(), error
+
+
+def fail_copying(name: str, error: OSError):
+    """shutil.copy2 that fails for the file `name`: a tokenizer file that cannot be read (tests run as root,
+    where chmod 000 does not stop reading)."""
+
+    def copy2(source, destination, *args, _copy2=shutil.copy2, **kwargs):
+        if Path(source).name == name:
+            raise error
+        return _copy2(source, destination, *args, **kwargs)
+
+    return copy2
+
+
+def fail_renaming_in(source, destination, _rename=os.rename):
+    if ".partial-" in Path(source).name:  # the new folder moving into OUTPUT's place
+        raise OSError(errno.EXDEV, "Invalid cross-device link", str(source))
+    return _rename(source, destination)
+
+
+FAILURES = ["unreadable tokenizer file", "tokenizer file is a folder", "disk full", "failed --verify", "final rename"]
+
+
+def break_run(failure: str, script, source: Path, monkeypatch) -> list[str]:
+    """Make the run fail as `failure` says; extra arguments for it."""
+    if failure == "unreadable tokenizer file":
+        unreadable = PermissionError(errno.EACCES, "Permission denied")
+        monkeypatch.setattr(shutil, "copy2", fail_copying("vocab.txt", unreadable))
+    elif failure == "tokenizer file is a folder":
+        (source / "vocab.txt").unlink()
+        (source / "vocab.txt").mkdir()
+    elif failure == "disk full":
+        def full(folder, section):
+            raise OSError(errno.ENOSPC, "No space left on device", str(folder / "README.md"))
+
+        monkeypatch.setattr(script, "write_model_card", full)
+    elif failure == "failed --verify":
+        monkeypatch.setattr(script, "verify", lambda source, model: {"last_hidden_state": 2e-6, "logits": 0.25})
+        return ["--verify"]
+    elif failure == "final rename":
+        monkeypatch.setattr(os, "rename", fail_renaming_in)
+    return []
+
+
+FAILURE_MESSAGES = {
+    "unreadable tokenizer file": "Permission denied",
+    "tokenizer file is a folder": "vocab.txt is a folder",
+    "disk full": "No space left on device",
+    "failed --verify": "logits 2.500e-01",
+    "final rename": "Cannot move the new folder into OUTPUT",
+}
+
+
+@pytest.mark.parametrize("failure", FAILURES)
+def test_failed_run_leaves_existing_output_as_it_was(
+    failure, bert_folder, existing_output, tmp_path, monkeypatch, capsys
+):
+    source = shutil.copytree(bert_folder, tmp_path / "source")
+    convert = load_script("convert_bert")
+    extra = break_run(failure, convert, source, monkeypatch)
+    before_source, before_output = tree_hashes(source), tree_hashes(tmp_path / "out")
+    assert convert.main([str(source), str(existing_output), "--overwrite", *extra]) == 1
+    error = capsys.readouterr().err
+    assert FAILURE_MESSAGES[failure] in error and f"OUTPUT {existing_output} is unchanged." in error, error
+    assert tree_hashes(source) == before_source
+    assert tree_hashes(tmp_path / "out") == before_output  # the old model, and nothing partial beside it
+
+
+@pytest.mark.parametrize("failure", ["unreadable tokenizer file", "tokenizer file is a folder", "failed --verify"])
+def test_failed_run_leaves_no_new_output(failure, bert_folder, tmp_path, monkeypatch, capsys):
+    """Nothing that looks like a model, and no parent folder made for it."""
+    source = shutil.copytree(bert_folder, tmp_path / "source")
+    convert = load_script("convert_bert")
+    extra = break_run(failure, convert, source, monkeypatch)
+    output = tmp_path / "new" / "deeper" / "model"
+    assert convert.main([str(source), str(output), *extra]) == 1
+    assert f"OUTPUT {output} was not created." in capsys.readouterr().err
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["source"]
+
+
+def test_seq2seq_failed_verify_leaves_existing_output(bart_folder, existing_output, tmp_path, monkeypatch, capsys):
+    source = shutil.copytree(bart_folder, tmp_path / "source")
+    convert = load_script("convert_seq2seq")
+    monkeypatch.setattr(
+        convert, "verify_seq2seq", lambda source, model: ({"logits": 1e-6, "encoder_last_hidden_state": 1e-6},
+                                                          {"greedy": 0, "beam": 2})
+    )
+    before = tree_hashes(tmp_path)
+    assert convert.main([str(source), str(existing_output), "--overwrite", "--verify"]) == 1
+    error = capsys.readouterr().err
+    assert "generate() gives other tokens" in error and "'beam': 2" in error and "nothing is written" in error
+    assert tree_hashes(tmp_path) == before
+
+
+def test_export_failed_write_leaves_existing_output(selfattn_folder, existing_output, tmp_path, monkeypatch, capsys):
+    source = shutil.copytree(selfattn_folder, tmp_path / "source")
+    export = load_script("export_bert")
+
+    def full(tensors, path, metadata=None):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(export, "save_file", full)
+    before = tree_hashes(tmp_path)
+    assert export.main([str(source), str(existing_output), "--overwrite"]) == 1
+    error = capsys.readouterr().err
+    assert "No space left on device" in error and f"OUTPUT {existing_output} is unchanged." in error
+    assert tree_hashes(tmp_path) == before
+
+
+def test_overwrite_keeps_the_folder_permissions(bert_folder, existing_output, tmp_path):
+    existing_output.chmod(0o750)
+    assert load_script("convert_bert").main([str(bert_folder), str(existing_output), "--overwrite"]) == 0
+    assert existing_output.stat().st_mode & 0o777 == 0o750
+    assert (existing_output / "model.safetensors").read_bytes() != b"the previous model"
+    assert sorted(path.name for path in existing_output.parent.iterdir()) == ["model"]
+
+
+def test_corrupt_weights_are_named(bert_folder, tmp_path, capsys):
+    source = shutil.copytree(bert_folder, tmp_path / "source")
+    (source / "model.safetensors").write_bytes((source / "model.safetensors").read_bytes()[:100])
+    assert load_script("convert_bert").main([str(source), str(tmp_path / "out")]) == 1
+    error = capsys.readouterr().err
+    assert str(source / "model.safetensors") in error and "re-download or re-save it" in error, error
+    assert not (tmp_path / "out").exists()
+
+
+def test_verify_that_gives_nan_fails(bert_folder, tmp_path, monkeypatch, capsys):
+    """nan compares false with everything: a check written as `diff > tolerance` would let it through."""
+    convert = load_script("convert_bert")
+    monkeypatch.setattr(convert, "verify", lambda source, model: {"logits": float("nan")})
+    assert convert.main([str(bert_folder), str(tmp_path / "out"), "--verify"]) == 1
+    assert "logits nan" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "-1e-4"])
+def test_tolerance_must_be_a_non_negative_number(value, capsys):
+    with pytest.raises(SystemExit) as exit_status:
+        load_script("convert_bert").parse_args(["source", "output", f"--tolerance={value}"])
+    assert exit_status.value.code == 2
+    assert "argument --tolerance" in capsys.readouterr().err
+
+
+def test_converted_electra_discriminator_ships_its_code(tmp_path):
+    # The ELECTRA discriminator becomes SelfAttnForReplacedTokenDetection, which has no Auto class slot of its own in
+    # the package: its folder must still carry the model code its auto_map points at.
+    source, converted = tmp_path / "electra", tmp_path / "selfattn"
+    config = transformers.ElectraConfig(
+        vocab_size=40, embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=37, max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    transformers.ElectraForPreTraining(config).save_pretrained(source)
+    assert load_script("convert_bert").main([str(source), str(converted), "--verify"]) == 0
+    auto_map = json.loads((converted / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForPreTraining"] == "modeling_selfattn.SelfAttnForReplacedTokenDetection"
+    for target in auto_map.values():
+        module, class_name = target.split(".")
+        assert f"class {class_name}(" in (converted / f"{module}.py").read_text(), target

@@ -2,8 +2,10 @@
 real probabilities, padding changes nothing for real tokens, every head computes its loss and trains,
 save/reload and resizing keep outputs and weight tying, bad inputs fail clearly.
 
-Tolerances: fp32 comparisons between different computations of the same function use max abs diff <= 1e-5;
-identical computations (reload, determinism, checkpointing forward) must match exactly or to 1e-6.
+Tolerances: fp32 comparisons between different computations of the same function use max abs diff <= 1e-5.
+Weights (saved, reloaded, initialised, tied) must match exactly, and so must one model run twice on the same
+tensors. The outputs of a reloaded or copied model match the original's to 1e-5, not bit for bit: MKL's fp32
+GEMM does not promise identical rounding for separately allocated copies of the same weights on every CPU.
 """
 
 import math
@@ -242,11 +244,26 @@ def max_abs_diff(first, second) -> float:
     return max((first[name].float() - second[name].float()).abs().max().item() for name in first)
 
 
-def assert_outputs_equal(first, second) -> None:
+def assert_outputs_close(first, second) -> None:
     first, second = output_tensors(first), output_tensors(second)
     assert first.keys() == second.keys()
     for name in first:
-        assert torch.equal(first[name], second[name]), name
+        torch.testing.assert_close(first[name], second[name], rtol=0, atol=FP32_TOLERANCE, msg=name)
+
+
+def assert_same_weights(model, reloaded) -> None:
+    """Every saved tensor comes back bit for bit; tables rebuilt on load (not saved) are computed, so they are
+    compared within the tolerance."""
+    original_state, reloaded_state = model.state_dict(), reloaded.state_dict()
+    assert original_state.keys() == reloaded_state.keys()
+    for name, tensor in original_state.items():
+        assert torch.equal(reloaded_state[name], tensor), name
+    original_buffers, reloaded_buffers = dict(model.named_buffers()), dict(reloaded.named_buffers())
+    assert original_buffers.keys() == reloaded_buffers.keys()
+    for name in original_buffers.keys() - original_state.keys():
+        torch.testing.assert_close(
+            reloaded_buffers[name], original_buffers[name], rtol=0, atol=FP32_TOLERANCE, msg=name
+        )
 
 
 def test_the_config_shape_decides_which_stacks_exist(
@@ -547,7 +564,8 @@ def test_conditional_generation_decoder_inputs_are_the_labels_shifted_right(buil
     assert torch.equal(decoder_input_ids[:, 1:], labels[:, :-1].masked_fill(labels[:, :-1] == -100, config.pad_token_id))
     from_labels = model(**batch)
     explicit = model(**batch, decoder_input_ids=decoder_input_ids)
-    assert torch.equal(from_labels.logits, explicit.logits)
+    # the ids are checked exactly above; the two forwards run on separately made id tensors
+    torch.testing.assert_close(from_labels.logits, explicit.logits, rtol=0, atol=FP32_TOLERANCE)
 
 
 @pytest.mark.parametrize("head_name", HEADS_WITH_LOSS)
@@ -602,13 +620,14 @@ def save_and_reload(model, directory):
 
 
 @pytest.mark.parametrize("head_name", sorted(HEADS))
-def test_save_and_reload_gives_identical_outputs(build_head, head_name, tmp_path):
+def test_save_and_reload_gives_the_same_weights_and_outputs(build_head, head_name, tmp_path):
     model, config = build_head(head_name)
     batch = make_inputs(head_name, config, with_labels=True)
     reloaded, loading_info = save_and_reload(model, tmp_path)
     assert not any(loading_info.values()), loading_info  # no missing, unexpected or mismatched keys
-    assert_outputs_equal(model(**batch), reloaded(**batch))
-    original_state, reloaded_state = model.state_dict(), reloaded.state_dict()
+    assert_same_weights(model, reloaded)
+    assert_outputs_close(model(**batch), reloaded(**batch))
+    original_state = model.state_dict()
     # tied weights are stored once, under one of their names
     with safe_open(tmp_path / "model.safetensors", framework="pt") as saved:
         saved_names = set(saved.keys())
@@ -616,8 +635,6 @@ def test_save_and_reload_gives_identical_outputs(build_head, head_name, tmp_path
     assert saved_names <= storage.keys()
     assert {storage[name] for name in saved_names} == set(storage.values())
     assert len(saved_names) == len(set(storage.values()))
-    assert original_state.keys() == reloaded_state.keys()
-    assert all(torch.equal(original_state[name], reloaded_state[name]) for name in original_state)
 
 
 @pytest.mark.parametrize("variant", ["pre_ln_sinusoidal", "padding_aware_positions", "narrow_embeddings"])
@@ -628,7 +645,8 @@ def test_save_and_reload_keeps_config_variants(build_head, shape, variant, tmp_p
     batch = make_inputs(f"model_{shape}", config)
     reloaded, loading_info = save_and_reload(model, tmp_path)
     assert not any(loading_info.values()), loading_info
-    assert_outputs_equal(model(**batch, use_cache=False), reloaded(**batch, use_cache=False))
+    assert_same_weights(model, reloaded)
+    assert_outputs_close(model(**batch, use_cache=False), reloaded(**batch, use_cache=False))
 
 
 def test_base_weights_load_into_a_head_and_back(build_head, tmp_path):
@@ -944,10 +962,13 @@ def test_bfloat16_forward_and_loading(build_head, head_name, tmp_path):
     half = output_tensors(model(**batch, use_cache=False))
     loaded = type(model).from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
     assert {param.dtype for param in loaded.parameters()} == {torch.bfloat16}
+    assert_same_weights(model, loaded)  # loading in bf16 rounds the weights as casting does
     loaded_half = output_tensors(loaded(**batch, use_cache=False))
     for name, tensor in half.items():
         assert tensor.dtype == torch.bfloat16 and torch.isfinite(tensor).all(), name
-        assert torch.equal(loaded_half[name], tensor), name
+        # separately allocated bf16 weights may take another GEMM path: a few bf16 rounding steps (1/128 at
+        # |x| near 1) apart after two layers, the bound the CUDA tests use for bf16
+        torch.testing.assert_close(loaded_half[name], tensor, rtol=0, atol=3e-2, msg=name)
         # bf16 keeps ~3 significant digits; the tiny model's activations are O(1)
         torch.testing.assert_close(tensor.float(), reference[name], rtol=0, atol=0.1, msg=name)
 

@@ -73,10 +73,12 @@ def test_fill_mask(saved, tokenizer):
     encoded = tokenizer(text, return_tensors="pt")
     with torch.no_grad():
         logits = model(**encoded).logits[0, encoded.input_ids[0].tolist().index(tokenizer.mask_token_id)]
-    expected_scores, expected_ids = logits.softmax(-1).topk(3)
-    for prediction, score, token_id in zip(predictions, expected_scores, expected_ids):
+    probabilities = logits.softmax(-1)
+    # Each prediction is the token holding its rank's probability: tokens within the tolerance of each other
+    # may swap ranks between the pipeline's copy of the weights and this model.
+    for prediction, score in zip(predictions, probabilities.topk(3).values):
         assert set(prediction) == {"score", "token", "token_str", "sequence"}
-        assert prediction["token"] == token_id.item()
+        assert prediction["score"] == pytest.approx(probabilities[prediction["token"]].item(), abs=1e-5)
         assert prediction["score"] == pytest.approx(score.item(), abs=1e-5)
         assert prediction["token_str"] == tokenizer.decode([prediction["token"]])
         assert prediction["token_str"] in prediction["sequence"]

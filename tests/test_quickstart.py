@@ -52,7 +52,9 @@ def test_quickstart_trains_saves_reloads_and_predicts(quickstart, options, tmp_p
     with torch.no_grad():
         probabilities = model(**inputs).logits.softmax(-1)
     for prediction, row in zip(result["predictions"], probabilities):
-        assert prediction["label"] == model.config.id2label[int(row.argmax())]
+        # the printed label is a most probable one: its probability is the row's best (two labels within the
+        # tolerance may come out either way from two copies of the weights)
+        assert row[model.config.label2id[prediction["label"]]].item() == pytest.approx(row.max().item(), abs=1e-5)
         assert prediction["score"] == pytest.approx(row.max().item(), abs=1e-5)
         assert prediction["label"] in printed
 

@@ -13,14 +13,16 @@ from modeling_selfattn import (
     SelfAttnForConditionalGeneration,
     SelfAttnForMaskedLM,
     SelfAttnForMultipleChoice,
+    SelfAttnForPreTraining,
     SelfAttnForQuestionAnswering,
+    SelfAttnForReplacedTokenDetection,
     SelfAttnForSequenceClassification,
     SelfAttnForTokenClassification,
     SelfAttnModel,
 )
-from modeling_selfattn.configuration_selfattn import AUTO_MAP
+from modeling_selfattn.heads import AUTO_MAP, HEADS as REGISTRY
 
-CODE_FILES = ("configuration_selfattn.py", "modeling_selfattn.py", "hub_selfattn.py")
+CODE_FILES = ("configuration_selfattn.py", "modeling_selfattn.py", "hub_selfattn.py", "heads.py")
 
 
 def encoder_config():
@@ -78,7 +80,18 @@ HEADS = {
     "seq2seq_model": (SelfAttnModel, "AutoModel", seq2seq_config, seq2seq_inputs, False),
     "seq2seq_lm": (SelfAttnForConditionalGeneration, "AutoModelForSeq2SeqLM", seq2seq_config, seq2seq_inputs, True),
     "causal_lm": (SelfAttnForCausalLM, "AutoModelForCausalLM", causal_config, encoder_inputs, True),
+    "pretraining": (SelfAttnForPreTraining, "AutoModelForPreTraining", encoder_config, encoder_inputs, False),
+    # ELECTRA's discriminator: its saved auto_map points AutoModelForPreTraining at it, as ElectraForPreTraining is.
+    "replaced_token_detection": (
+        SelfAttnForReplacedTokenDetection, "AutoModelForPreTraining", encoder_config, encoder_inputs, False
+    ),
 }
+
+
+def test_every_registered_head_is_covered():
+    # A head added to the registry without a case here would ship untested.
+    covered = {(model_class.__name__, auto_class) for model_class, auto_class, *_ in HEADS.values()}
+    assert {(head.class_name, head.auto_class) for head in REGISTRY} <= covered
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +107,7 @@ def saved_heads(tmp_path_factory):
         inputs = make_inputs()
         saved[name] = {
             "auto_class": auto_class,
+            "class_name": model_class.__name__,
             "folder": folder,
             "inputs": inputs,
             "generate": generate,
@@ -109,7 +123,8 @@ def test_saved_folder_has_code_and_auto_map_for_every_head(saved_heads):
         assert set(CODE_FILES) <= files, f"{name}: code files missing from {sorted(files)}"
         assert "model.safetensors" in files, f"{name}: no safetensors weights in {sorted(files)}"
         auto_map = json.loads((case["folder"] / "config.json").read_text())["auto_map"]
-        assert auto_map == AUTO_MAP, f"{name}: auto_map {auto_map}"
+        own_entry = {case["auto_class"]: f"modeling_selfattn.{case['class_name']}"}
+        assert auto_map == {**AUTO_MAP, **own_entry}, f"{name}: auto_map {auto_map}"
         for target in auto_map.values():
             module, class_name = target.split(".")
             assert f"class {class_name}(" in (case["folder"] / f"{module}.py").read_text(), target

@@ -60,6 +60,41 @@ def test_question_answering_pipeline_end_to_end(qa_model, tokenizer):
 
 
 @pytest.mark.parametrize(
+    "call",
+    [lambda reader: reader(question="where is paris"), lambda reader: reader({"question": "where is paris"}),
+     lambda reader: reader(question="where is paris", context=None)],
+    ids=["keyword", "dict", "none"],
+)
+def test_question_answering_without_a_context_says_so(qa_model, tokenizer, call):
+    reader = pipeline("extractive-question-answering", model=qa_model, tokenizer=tokenizer)
+    message = r"non-empty question and context, but got no context: call it as reader\(question="
+    with pytest.raises(ValueError, match=message):
+        call(reader)
+
+
+# The question below is 15 tokens; with [CLS] and two [SEP] it fills 18 of the window's tokens.
+LONG_QUESTION = "where is paris " * 5
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [({"max_seq_len": 16}, r"^The question is 15 tokens long: with its 3 special tokens it leaves 0 context tokens in "
+                           r"a window of 16 \(max_seq_len=16\)\. Give a shorter question, or a larger max_seq_len\.$"),
+     ({"max_seq_len": 24, "doc_stride": 8}, r"leaves 6 context tokens in a window of 24 \(max_seq_len=24\), no more "
+                                            r"than the 8 tokens that windows overlap by \(doc_stride=8\)\. Give a "
+                                            r"doc_stride below 6, or a shorter question, or a larger max_seq_len\.$"),
+     ({"max_seq_len": 24, "doc_stride": 100}, r"no more than the 12 tokens that windows overlap by \(doc_stride=100, "
+                                              r"capped at max_seq_len // 2\)")],
+    ids=["question_longer_than_the_window", "no_room_beyond_the_stride", "no_room_beyond_the_capped_stride"],
+)
+def test_question_answering_with_a_question_too_long_for_the_window_says_so(qa_model, tokenizer, options, message):
+    reader = pipeline("extractive-question-answering", model=qa_model, tokenizer=tokenizer)
+    context = " ".join(["the old bridge of paris lies on the river seine"] * 6)
+    with pytest.raises(ValueError, match=message):
+        reader(question=LONG_QUESTION, context=context, **options)
+
+
+@pytest.mark.parametrize(
     "task,key", [("seq2seq-generation", "generated_text"), ("seq2seq-translation", "translation_text"), ("seq2seq-summarization", "summary_text")]
 )
 def test_seq2seq_pipelines_match_generate(tokenizer, task, key):

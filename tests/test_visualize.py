@@ -1,5 +1,6 @@
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,3 +152,37 @@ def test_command_line(classifier, tokenizer, tmp_path, capsys):
     assert {p.name for p in out.iterdir()} >= {"heads_layer0.png", "heads_layer1.png", "rollout.png", "attention.json"}
     assert "special_share" in capsys.readouterr().out
     assert viz.main([str(model_dir), "--layer", "7", "--out", str(out)]) == 2
+
+
+@pytest.fixture
+def hub_unreachable(monkeypatch):
+    """Any attempt to resolve a model name, locally or on the Hub, fails the test at once."""
+    import transformers
+
+    def refuse(name, *args, **kwargs):
+        raise AssertionError(f"{name!r} was looked up instead of being refused as a missing local path")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", refuse)
+
+
+@pytest.mark.parametrize("written", ["./no_such_model", "../no_such_model", "~/no_such_model", "{tmp}/x/y/model"])
+def test_a_missing_local_model_folder_is_named_at_once(hub_unreachable, tmp_path, monkeypatch, capsys, written):
+    monkeypatch.chdir(tmp_path)
+    written = written.format(tmp=tmp_path)
+    assert viz.main([written, "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert f"MODEL={written!r}" in error  # the argument, as the user wrote it
+    assert f"{Path(written).expanduser().absolute()} does not exist" in error
+    assert "config.json" in error and "Hub repo id" in error  # what to give instead
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_local_folder_is_read_from_disk_even_when_the_name_could_be_a_hub_repo(
+    classifier, tokenizer, tmp_path, monkeypatch
+):
+    folder = tmp_path / "model"
+    classifier.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    monkeypatch.chdir(tmp_path)
+    model, _ = viz.load_model("model")  # also a valid repo id
+    assert type(model) is SelfAttnForSequenceClassification

@@ -1,0 +1,266 @@
+"""OUTPUT of the conversion scripts (convert_bert.py, convert_seq2seq.py, export_bert.py), in one place: checked
+before any work starts, written beside, and put in place only once every step has succeeded.
+
+The rules, and why:
+
+- SOURCE is never written to. An OUTPUT that is SOURCE or a folder containing it is refused, since replacing
+  it would delete the checkpoint being converted. An OUTPUT inside SOURCE is refused too: it would lose no
+  data, but it would change the checkpoint folder (a copy or Hub upload of SOURCE would carry the converted
+  model along, and for a Hub id the source is a snapshot in the Hub cache). Paths are compared after
+  resolving symbolic links and `..`.
+- OUTPUT is a new path or an existing folder. A file is refused, and so is a symbolic link: the folder is
+  replaced as a whole, which would replace the link rather than the folder it names. So is a place that
+  cannot be written: the new folder needs a writable parent, and an existing one must be writable for its
+  old contents to be deleted.
+- The new folder is built in a hidden sibling of OUTPUT. Being in the same parent keeps it on the same
+  filesystem, so both renames are atomic. It replaces OUTPUT only after weights, config, code, tokenizer, model
+  card and checks have all been written: the old OUTPUT is renamed aside, the new one renamed in, and then the
+  old one is deleted. On any failure the sibling is deleted, and OUTPUT is as it was, or absent if it was new.
+"""
+
+import os
+import secrets
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, not another install
+
+from modeling_selfattn.conversion import TOKENIZER_FILES, ConversionError  # noqa: E402
+
+
+class OutputRefused(Exception):
+    """OUTPUT cannot be used, found before anything was read or written (the scripts' exit status 2)."""
+
+
+class OutputFailed(Exception):
+    """Writing OUTPUT failed; it is as it was (exit status 1)."""
+
+
+@dataclass(frozen=True)
+class Output:
+    given: Path  # as the user wrote it, for messages
+    path: Path  # absolute, with symbolic links and `..` resolved
+
+    def untouched(self) -> str:
+        """What a failed run left of OUTPUT, for the last line of its error message."""
+        if self.path.exists():
+            return f"OUTPUT {self.given} is unchanged."
+        return f"OUTPUT {self.given} was not created."
+
+
+def writable(folder: Path) -> bool:
+    # Creating and removing entries needs search (X) as well as write permission.
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def refuse_overlap(given: Path, path: Path, source, source_path: Path) -> None:
+    if path == source_path:
+        raise OutputRefused(
+            f"OUTPUT {given} is SOURCE {source}; writing it would replace the checkpoint being read. "
+            "Pass another OUTPUT folder."
+        )
+    if path in source_path.parents:
+        raise OutputRefused(
+            f"OUTPUT {given} contains SOURCE {source} ({source_path}); replacing it would delete the source. "
+            "Pass an OUTPUT folder outside it, e.g. a new folder beside SOURCE."
+        )
+    if source_path in path.parents:
+        raise OutputRefused(
+            f"OUTPUT {given} lies inside SOURCE {source} ({source_path}); the scripts leave SOURCE as it is. "
+            "Pass an OUTPUT folder outside it, e.g. a new folder beside SOURCE."
+        )
+
+
+def check_output(output, source, overwrite: bool) -> Output:
+    """The OUTPUT argument, checked against SOURCE (a local folder; a Hub id is checked once downloaded, by
+    write_output). Raises OutputRefused naming the problem and the fix."""
+    given = Path(output)
+    path = given.resolve()
+    if path.parent == path:
+        raise OutputRefused(f"OUTPUT {given} is the filesystem root; pass a folder to write the model to.")
+    if Path(source).exists():
+        refuse_overlap(given, path, source, Path(source).resolve())
+    if given.is_symlink():
+        raise OutputRefused(
+            f"OUTPUT {given} is a symbolic link (to {os.readlink(given)}); the folder is replaced as a whole, "
+            f"which would replace the link, not what it points to. Pass the folder itself ({path}) or a new path."
+        )
+    if path.exists() and not path.is_dir():
+        raise OutputRefused(
+            f"OUTPUT {given} is a file, not a folder; pass the path of a new folder, or of an existing model "
+            "folder to replace with --overwrite."
+        )
+    if path.is_dir():
+        if any(path.iterdir()) and not overwrite:
+            raise OutputRefused(
+                f"OUTPUT {given} exists and is not empty; pass --overwrite to replace it (it is replaced only "
+                "once the new folder has been written in full), or pass a new folder."
+            )
+        for folder in (path.parent, path):
+            if not writable(folder):
+                raise OutputRefused(
+                    f"OUTPUT {given} cannot be replaced: {folder} is not writable. Change its permissions or "
+                    "pass another OUTPUT folder."
+                )
+        return Output(given, path)
+    existing = next(folder for folder in path.parents if folder.exists())
+    if not existing.is_dir():
+        raise OutputRefused(
+            f"OUTPUT {given} cannot be created: {existing} is a file, not a folder. Pass another OUTPUT folder."
+        )
+    if not writable(existing):
+        raise OutputRefused(
+            f"OUTPUT {given} cannot be created: {existing} is not writable. Change its permissions or pass "
+            "another OUTPUT folder."
+        )
+    return Output(given, path)
+
+
+def unique_sibling(path: Path, label: str) -> Path:
+    # Hidden, and named for what it is, so that one left by a killed run is not taken for a model.
+    while True:
+        sibling = path.with_name(f".{path.name}.{label}-{secrets.token_hex(4)}")
+        if not sibling.exists() and not sibling.is_symlink():
+            return sibling
+
+
+def remove(folder: Path) -> None:
+    if not folder.exists():
+        return
+    try:
+        shutil.rmtree(folder)
+    except OSError as error:
+        print(f"warning: could not delete the temporary folder {folder} ({error}); delete it by hand.", file=sys.stderr)
+
+
+def write_output(target: Output, write: Callable[[Path], None], source_folder: Path | None = None) -> None:
+    """Call `write(folder)` on a new sibling of OUTPUT, then put that folder in OUTPUT's place. `source_folder`,
+    SOURCE as read, is checked again here: a Hub id becomes a folder only once downloaded. An exception from
+    `write` propagates (as OutputFailed unless it is a ConversionError) with OUTPUT as it was."""
+    if source_folder is not None:
+        refuse_overlap(target.given, target.path, source_folder, Path(source_folder).resolve())
+    created = [folder for folder in (target.path.parent, *target.path.parent.parents) if not folder.exists()]
+    try:
+        for folder in reversed(created):
+            folder.mkdir()
+        staging = unique_sibling(target.path, "partial")
+        staging.mkdir()
+    except OSError as error:
+        remove_empty(created)
+        raise OutputFailed(
+            f"Cannot create a folder beside OUTPUT {target.given} ({error}); check the permissions of its "
+            f"parent folder or pass another OUTPUT. {target.untouched()}"
+        ) from error
+    try:
+        if target.path.is_dir():
+            shutil.copymode(target.path, staging)  # a replaced folder keeps its permissions
+        write(staging)
+    except BaseException as error:
+        remove(staging)
+        remove_empty(created)
+        if isinstance(error, ConversionError) or not isinstance(error, Exception):
+            raise  # a ConversionError says what is wrong already; Ctrl-C stays Ctrl-C
+        # Anything else here is the writing itself failing: disk full, permissions, an unreadable source file;
+        # safetensors reports a failed write as its own error type, not as OSError.
+        raise OutputFailed(
+            f"Writing OUTPUT {target.given} failed ({type(error).__name__}: {error}); fix the cause (disk space, "
+            f"permissions, an unreadable source file) and run again. {target.untouched()}"
+        ) from error
+    swap_in(target, staging)
+
+
+def remove_empty(created: list[Path]) -> None:
+    """Remove the parent folders write_output made for OUTPUT, deepest first, as far as they are empty."""
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def swap_in(target: Output, staging: Path) -> None:
+    aside = unique_sibling(target.path, "old") if target.path.exists() else None
+    try:
+        if aside is not None:
+            os.rename(target.path, aside)
+        os.rename(staging, target.path)
+    except BaseException as error:
+        remove(staging)
+        if aside is not None and aside.exists() and not target.path.exists():
+            try:
+                os.rename(aside, target.path)  # put the old folder back where it was
+            except OSError as restoring:
+                raise OutputFailed(
+                    f"Cannot move the new folder into OUTPUT {target.given} ({error}), nor the previous one back "
+                    f"({restoring}); the previous contents of OUTPUT are in {aside}: move them back by hand."
+                ) from error
+        if isinstance(error, OSError):
+            raise OutputFailed(
+                f"Cannot move the new folder into OUTPUT {target.given} ({error}); check that "
+                f"{target.path.parent} is writable and OUTPUT is not a mount point, or pass another OUTPUT. "
+                f"{target.untouched()}"
+            ) from error
+        raise
+    if aside is not None:
+        try:
+            shutil.rmtree(aside)
+        except OSError as error:
+            print(
+                f"warning: OUTPUT {target.given} holds the new model, but its previous contents, moved to {aside}, "
+                f"could not be deleted ({error}); delete that folder by hand.",
+                file=sys.stderr,
+            )
+
+
+def copy_tokenizer_files(source_folder: Path, folder: Path) -> list[str]:
+    """Copy SOURCE's tokenizer files into `folder`; the names copied. An entry of a tokenizer file's name that
+    is not a file stops the run: skipping it would give a model whose tokenizer is silently incomplete."""
+    source_folder = Path(source_folder)
+    copied = []
+    for name in TOKENIZER_FILES:
+        path = source_folder / name
+        if not path.exists() and not path.is_symlink():
+            continue
+        if not path.is_file():
+            what = "a folder" if path.is_dir() else "a broken symbolic link" if path.is_symlink() else "not a file"
+            raise ConversionError(
+                f"SOURCE's tokenizer file {path} is {what}, so the tokenizer cannot be copied. Put the "
+                f"tokenizer's {name} there, or remove the entry if the tokenizer does not use it."
+            )
+        shutil.copy2(path, folder / name)
+        copied.append(name)
+    if not copied:
+        print(
+            f"note: SOURCE {source_folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:5])}, ...), so OUTPUT "
+            "has none either; copy the tokenizer in by hand before using OUTPUT on text."
+        )
+    return copied
+
+
+def check_parity(diffs: dict[str, float], tolerance: float) -> None:
+    """Raise ConversionError when a --verify difference exceeds --tolerance."""
+    beyond = {name: value for name, value in diffs.items() if not value <= tolerance}  # nan is beyond too
+    if beyond:
+        figures = ", ".join(f"{name} {value:.3e}" for name, value in beyond.items())
+        raise ConversionError(
+            f"--verify: the converted model differs from the source beyond --tolerance {tolerance:g} (max abs "
+            f"diff {figures}), so nothing is written. Check that --architecture fits the checkpoint, or pass a "
+            "larger --tolerance if this difference is acceptable."
+        )
+
+
+def check_tolerance(parser, tolerance: float) -> None:
+    # `not >=` also catches nan, with which every comparison is false and --verify would pass anything.
+    if not tolerance >= 0:
+        parser.error(f"argument --tolerance: {tolerance} is not a number >= 0; pass e.g. --tolerance 1e-4.")
+
+
+def failed(error: BaseException | str, status: int, target: Output | None = None) -> int:
+    """Print the error (and, once OUTPUT has been checked, what became of it); the exit status."""
+    print(f"error: {error}", file=sys.stderr)
+    if target is not None and not isinstance(error, OutputFailed):  # OutputFailed says it already
+        print(target.untouched(), file=sys.stderr)
+    return status
