@@ -131,6 +131,18 @@ def refuse_unknown_kwargs(forward: Callable) -> Callable:
 accepts_past_key_values = deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)
 
 
+def check_flash_offsets(config: SelfAttnConfig, kwargs: dict) -> None:
+    """Offsets of packed sequences (cu_seq_lens_q/k, from DataCollatorWithFlattening) confine attention to each
+    sequence only in the flash kernels; any other attention would mix the sequences without a word."""
+    given = sorted(name for name in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k") if name in kwargs)
+    if given and not config._attn_implementation.startswith("flash_attention"):
+        raise ValueError(
+            f"{given} describe packed sequences, which only flash attention keeps apart, but this model uses "
+            f"attn_implementation={config._attn_implementation!r}. Load it with attn_implementation="
+            "'flash_attention_2', or pass padded batches with an attention_mask instead."
+        )
+
+
 def check_cache_type(cache) -> None:
     if cache is not None and not isinstance(cache, Cache):
         raise TypeError(
@@ -834,6 +846,7 @@ class SelfAttnEncoder(SelfAttnStack):
     ) -> BaseModelOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds to the encoder.")
+        check_flash_offsets(self.config, kwargs)
         hidden_states = self.embeddings(input_ids, inputs_embeds, token_type_ids, position_ids)
         check_attention_mask(attention_mask, tuple(hidden_states.shape[:2]), "attention_mask")
         packed_sequences = packed_sequences_for(attention_mask, self.config, kwargs)
@@ -896,6 +909,7 @@ class SelfAttnDecoder(SelfAttnStack):
                 "encoder-decoder model)."
             )
         check_cache_type(cache)
+        check_flash_offsets(self.config, kwargs)
         is_encoder_decoder = self.config.encoder_layers > 0
         if is_encoder_decoder and encoder_hidden_states is None:
             raise ValueError("The decoder of an encoder-decoder model needs encoder_hidden_states.")
@@ -1525,9 +1539,12 @@ class SelfAttnForCausalLM(SelfAttnPreTrainedModel, GenerationMixin):
         labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        shift_labels: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithCrossAttentions:
-        r"""labels: the input ids (shifted inside the loss), -100 where no prediction is scored."""
+        r"""labels: the input ids (shifted inside the loss), -100 where no prediction is scored.
+        shift_labels: targets already aligned with the logits, used instead of shifting `labels` (Trainer passes them
+        under context parallelism, where the sequence is split before the model sees it)."""
         if input_ids is None and inputs_embeds is None:
             raise ValueError(
                 "SelfAttnForCausalLM needs input_ids or inputs_embeds; to generate from nothing, pass a prompt "
@@ -1550,8 +1567,10 @@ class SelfAttnForCausalLM(SelfAttnPreTrainedModel, GenerationMixin):
         if self.final_logits_bias is not None:
             logits = logits + self.final_logits_bias
         loss = None
-        if labels is not None:
-            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+        if labels is not None or shift_labels is not None:
+            loss = self.loss_function(
+                logits, labels, vocab_size=self.config.vocab_size, shift_labels=shift_labels, **kwargs
+            )
         return CausalLMOutputWithCrossAttentions(
             loss=loss,
             logits=logits,

@@ -283,3 +283,11 @@ def test_legacy_tuple_cache_is_refused():
     legacy = tuple((layer.keys, layer.values) for layer in cache.layers)
     with pytest.raises(TypeError, match="cache must be a transformers Cache, got tuple"):
         model(ids[:, 5:], cache=legacy)
+
+
+def test_packed_sequence_offsets_need_flash_attention():
+    # With SDPA or eager attention the offsets would be ignored and the packed sequences attend to each other.
+    model = tiny(SelfAttnModel, "encoder")
+    offsets = torch.tensor([0, 3, 5], dtype=torch.int32)
+    with pytest.raises(ValueError, match="only flash attention keeps apart.*attn_implementation='sdpa'"):
+        model(random_ids(1, 5), cu_seq_lens_q=offsets, cu_seq_lens_k=offsets, max_length_q=3, max_length_k=3)
