@@ -12,8 +12,8 @@ utilisation (MFU) against GEMM peaks measured here, and writes everything to a J
 
 Variants timed against the reference:
   selfattn         the model as loaded (automatic fast paths only: unpadded encoding, fast decoding).
-  selfattn-onednn  the same after `model.enable_onednn_inference()` (opt-in; CPU inference in float32).
-  selfattn-compiled  generation only: after `model.enable_compiled_decoding()` (opt-in; static cache,
+  selfattn-onednn  the same after `enable_onednn_inference(model)` (opt-in; CPU inference in float32).
+  selfattn-compiled  generation only: after `enable_compiled_decoding(model)` (opt-in; static cache,
                    torch.compile'd decoding steps; compiled during warm-up, which is not timed).
   selfattn-onednn-compiled  generation only: both opt-ins (oneDNN linears inside the compiled steps).
 Both sides run under the same global torch settings, which this script never changes.
@@ -48,6 +48,7 @@ from pairs import (  # noqa: E402
     padded_batch,
     skewed_lengths,
 )
+from modeling_selfattn.fast_paths import enable_compiled_decoding, enable_onednn_inference  # noqa: E402
 
 SOURCE_LENGTH, NEW_TOKENS = 64, 64
 
@@ -117,11 +118,11 @@ def ours_variants(ours, variants: list[str]) -> dict[str, torch.nn.Module]:
         if variant == "selfattn":
             models[variant] = ours
         elif variant == "selfattn-onednn":
-            models[variant] = copy.deepcopy(ours).enable_onednn_inference()
+            models[variant] = enable_onednn_inference(copy.deepcopy(ours))
         elif variant == "selfattn-compiled" and ours.can_generate():
-            models[variant] = copy.deepcopy(ours).enable_compiled_decoding()
+            models[variant] = enable_compiled_decoding(copy.deepcopy(ours))
         elif variant == "selfattn-onednn-compiled" and ours.can_generate():
-            models[variant] = copy.deepcopy(ours).enable_onednn_inference().enable_compiled_decoding()
+            models[variant] = enable_compiled_decoding(enable_onednn_inference(copy.deepcopy(ours)))
     return models
 
 

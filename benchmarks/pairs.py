@@ -1,7 +1,7 @@
 """Model pairs for the benchmarks: a transformers reference model and the selfattn model holding the same
 weights, both in eval mode and float32.
 
-Weights go through the conversion engine (modeling_selfattn/conversion.py): the reference is saved, then BERT
+Weights go through the conversion engine (modeling_selfattn/checkpoints.py): the reference is saved, then BERT
 checkpoints are loaded by selfattn's `from_pretrained` (which translates them) and Marian ones converted by
 `convert_checkpoint`. The benchmark checks each pair's outputs before timing it.
 """
@@ -14,7 +14,7 @@ import torch
 import transformers
 
 from modeling_selfattn import SelfAttnForMaskedLM, SelfAttnModel
-from modeling_selfattn.conversion import convert_checkpoint
+from modeling_selfattn.checkpoints import convert_checkpoint
 
 MINILM_SHAPE = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
 BERT_BASE_SHAPE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)

@@ -53,6 +53,7 @@ from transformers import (
 )
 
 from modeling_selfattn import SelfAttnForConditionalGeneration
+from modeling_selfattn.checkpoints import warm_start_encoder_decoder
 
 TOKENIZER_KINDS = ("bpe", "unigram", "wordpiece")
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
@@ -261,13 +262,13 @@ def first_defined(*values):
 
 def load_seq2seq_model(model_args: ModelArguments, tokenizer, special_ids: dict):
     """An encoder-decoder from --config_name or --model_name_or_path; an encoder-only checkpoint (BERT family or
-    selfattn) is warm-started into one: selfattn's from_encoder_decoder_pretrained, or with
+    selfattn) is warm-started into one: selfattn's warm_start_encoder_decoder, or with
     --use_transformers_class transformers' EncoderDecoderModel."""
     source = model_args.model_name_or_path
     if source is None or AutoConfig.from_pretrained(source).is_encoder_decoder:
         return load_model(model_args, SelfAttnForConditionalGeneration, AutoModelForSeq2SeqLM, tokenizer, **special_ids)
     if not model_args.use_transformers_class:
-        return SelfAttnForConditionalGeneration.from_encoder_decoder_pretrained(source, **special_ids)
+        return warm_start_encoder_decoder(source, **special_ids)
     model = EncoderDecoderModel.from_encoder_decoder_pretrained(source, source)
     for name, value in {**special_ids, "vocab_size": model.config.decoder.vocab_size}.items():
         setattr(model.config, name, value)

@@ -1,62 +1,23 @@
 """selfattn: the multi-head self-attention Transformer as a transformers model family.
 
-Importing this package registers `model_type="selfattn"` with transformers' Auto classes (and their
-static name tables, which pipelines and Trainer consult), marks every class for remote-code saving, and
-tells PEFT which modules its adapters target by default.
+Importing this package registers `model_type="selfattn"` with transformers (see registration.py). The modules:
+
+- shipped with every saved model (they import only each other): `config.py`, `model.py`, `packing.py`, `hub.py`,
+  `heads.py`;
+- package-only: `checkpoints.py` (conversion of BERT-family and Marian/BART checkpoints, export, verification,
+  warm starts), `convert_cli.py` (the selfattn-convert command), `fast_paths.py` (opt-in oneDNN inference and
+  compiled decoding), `registration.py`, `pipelines.py`, `visualize.py`.
 """
 
-import transformers
-from transformers import AutoConfig
-from transformers.models.auto import modeling_auto
-
-from . import modeling_selfattn
-from .configuration_selfattn import SelfAttnConfig
+from . import model
+from .config import SelfAttnConfig
 from .heads import HEADS
-from .modeling_selfattn import SelfAttnPreTrainedModel
-from .pipelines import register_pipelines
+from .model import SelfAttnPreTrainedModel
+from .registration import register
 
 # The head classes under the package's name (`from modeling_selfattn import SelfAttnForMaskedLM`).
-globals().update({head.class_name: getattr(modeling_selfattn, head.class_name) for head in HEADS})
-
-MODEL_TYPE = SelfAttnConfig.model_type
-
-# LoRA adapters go on the query and value projections, the usual default for BERT- and BART-like models.
-PEFT_TARGET_MODULES = ["q_proj", "v_proj"]
-
-
-def register() -> None:
-    """Idempotent: safe to call again (e.g. after importlib.reload)."""
-    AutoConfig.register(MODEL_TYPE, SelfAttnConfig, exist_ok=True)
-    SelfAttnConfig.register_for_auto_class()
-    for head in HEADS:
-        model_class = getattr(modeling_selfattn, head.class_name)
-        # Every head ships its code with save_pretrained, and names itself in its saved config's auto_map.
-        model_class.register_for_auto_class(head.auto_class)
-        if head.mapping_names is not None:
-            getattr(transformers, head.auto_class).register(SelfAttnConfig, model_class, exist_ok=True)
-            getattr(modeling_auto, head.mapping_names)[MODEL_TYPE] = head.class_name
-    _register_with_peft()
-
-
-def _register_with_peft() -> None:
-    try:
-        from peft.utils import constants
-    except ImportError:  # PEFT is optional
-        return
-    for name in dir(constants):
-        table = getattr(constants, name)
-        if name.startswith("TRANSFORMERS_MODELS_TO_") and name.endswith("_TARGET_MODULES_MAPPING"):
-            if isinstance(table, dict) and "bart" in table and table["bart"] == ["q_proj", "v_proj"]:
-                table.setdefault(MODEL_TYPE, list(PEFT_TARGET_MODULES))
-    constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.setdefault(MODEL_TYPE, list(PEFT_TARGET_MODULES))
-    constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING.setdefault(MODEL_TYPE, ["k_proj", "v_proj", "fc2"])
-    constants.TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING.setdefault(MODEL_TYPE, ["fc2"])
-    constants.TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING.setdefault(
-        MODEL_TYPE, ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
-    )
-
+globals().update({head.class_name: getattr(model, head.class_name) for head in HEADS})
 
 register()
-register_pipelines()
 
 __all__ = ["SelfAttnConfig", "SelfAttnPreTrainedModel", *(head.class_name for head in HEADS), "register"]

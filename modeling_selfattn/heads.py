@@ -103,6 +103,6 @@ HEADS_BY_CLASS = {head.class_name: head for head in HEADS}
 # Written into every saved config.json so that each head loads as remote code (trust_remote_code=True) where the
 # package is not installed; save_pretrained itself records only the class being saved.
 AUTO_MAP = {
-    "AutoConfig": "configuration_selfattn.SelfAttnConfig",
-    **{head.auto_class: f"modeling_selfattn.{head.class_name}" for head in HEADS if head.mapping_names is not None},
+    "AutoConfig": "config.SelfAttnConfig",
+    **{head.auto_class: f"model.{head.class_name}" for head in HEADS if head.mapping_names is not None},
 }

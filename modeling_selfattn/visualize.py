@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .hub_selfattn import refuse_missing_local_path
+from .hub import refuse_missing_local_path
 
 DEFAULT_TEXT = "The movie was not bad at all, and the actors clearly enjoyed themselves."
 

@@ -102,8 +102,8 @@ def test_saved_config_names_the_remote_code_classes(tmp_path):
     SelfAttnConfig().save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["model_type"] == "selfattn"
-    assert saved["auto_map"]["AutoConfig"] == "configuration_selfattn.SelfAttnConfig"
-    assert saved["auto_map"]["AutoModelForMaskedLM"] == "modeling_selfattn.SelfAttnForMaskedLM"
+    assert saved["auto_map"]["AutoConfig"] == "config.SelfAttnConfig"
+    assert saved["auto_map"]["AutoModelForMaskedLM"] == "model.SelfAttnForMaskedLM"
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from modeling_selfattn import SelfAttnConfig, SelfAttnForMaskedLM, SelfAttnForSequenceClassification, SelfAttnModel
-from modeling_selfattn.conversion import (
+from modeling_selfattn.checkpoints import (
     ENCODER_FAMILIES,
     FAMILIES,
     ConversionError,
@@ -22,6 +22,7 @@ from modeling_selfattn.conversion import (
     export_checkpoint,
     load_checkpoint,
     target_class,
+    warm_start_encoder_decoder,
 )
 
 TOLERANCE = 1e-5
@@ -357,7 +358,7 @@ def test_pretraining_heads_give_the_source_loss(model_type, saved_sources):
 def test_pretraining_head_is_registered(tiny_encoder_config):
     model = transformers.AutoModelForPreTraining.from_config(tiny_encoder_config)
     assert type(model).__name__ == "SelfAttnForPreTraining"
-    assert tiny_encoder_config.auto_map["AutoModelForPreTraining"] == "modeling_selfattn.SelfAttnForPreTraining"
+    assert tiny_encoder_config.auto_map["AutoModelForPreTraining"] == "model.SelfAttnForPreTraining"
 
 
 def test_encoder_decoder_warm_started_from_two_bert_checkpoints(saved_sources, tmp_path):
@@ -366,7 +367,7 @@ def test_encoder_decoder_warm_started_from_two_bert_checkpoints(saved_sources, t
     encoder_model, encoder_folder = saved_sources("bert", "Model")
     decoder_model = random_source_model("BertModel", source_config("bert", num_hidden_layers=1), seed=1)
     decoder_model.save_pretrained(tmp_path / "decoder")
-    model, info = SelfAttnForConditionalGeneration.from_encoder_decoder_pretrained(
+    model, info = warm_start_encoder_decoder(
         encoder_folder, tmp_path / "decoder", decoder_start_token_id=2, output_loading_info=True
     )
     assert (model.config.encoder_layers, model.config.decoder_layers) == (2, 1)
@@ -398,7 +399,7 @@ def test_warm_start_keeps_the_decoder_checkpoints_mlm_head(saved_sources, tmp_pa
     from modeling_selfattn import SelfAttnForConditionalGeneration
 
     source_model, folder = saved_sources("bert", "ForMaskedLM")
-    model, info = SelfAttnForConditionalGeneration.from_encoder_decoder_pretrained(
+    model, info = warm_start_encoder_decoder(
         folder, decoder_start_token_id=2, output_loading_info=True
     )
     assert not [key for key in info["missing_keys"] if not key.startswith("model.decoder.layers.")]
@@ -415,7 +416,7 @@ def test_warm_start_keeps_the_decoder_checkpoints_mlm_head(saved_sources, tmp_pa
     states = torch.randn(2, 3, source_model.config.hidden_size)
     with torch.no_grad():
         torch.testing.assert_close(model.lm_head(states), predictions(states), rtol=0, atol=TOLERANCE)
-    plain = SelfAttnForConditionalGeneration.from_encoder_decoder_pretrained(folder, lm_head_transform=False)
+    plain = warm_start_encoder_decoder(folder, lm_head_transform=False)
     assert isinstance(plain.lm_head, torch.nn.Linear)
     assert plain.lm_head.weight is plain.model.encoder.embeddings.word_embeddings.weight
 
@@ -426,7 +427,7 @@ def test_warm_start_refuses_checkpoints_of_different_shapes(saved_sources, tmp_p
     _, encoder_folder = saved_sources("bert", "Model")
     random_source_model("BertModel", source_config("bert", intermediate_size=40)).save_pretrained(tmp_path)
     with pytest.raises(ConversionError, match="intermediate_size: 37 vs 40"):
-        SelfAttnForConditionalGeneration.from_encoder_decoder_pretrained(encoder_folder, tmp_path)
+        warm_start_encoder_decoder(encoder_folder, tmp_path)
 
 
 def test_auto_class_with_selfattn_config_loads_bert_checkpoint(saved_sources):

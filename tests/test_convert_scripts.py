@@ -1,6 +1,7 @@
-"""conversion/convert_bert.py, convert_seq2seq.py and export_bert.py as a user runs them: --help, a conversion
-with --verify into a folder with tokenizer and model card, refusal to overwrite, a non-zero exit on failure, and
-the export back to BERT with bit-identical tensors.
+"""`selfattn-convert` (modeling_selfattn/convert_cli.py) and its wrappers conversion/convert_bert.py,
+convert_seq2seq.py and export_bert.py as a user runs them: --help, a conversion with --verify into a folder with
+tokenizer and model card, refusal to overwrite, a non-zero exit on failure, and the export back to BERT with
+bit-identical tensors.
 
 Nothing lost, nothing silent: an OUTPUT that is SOURCE, contains it or lies inside it, a file, a symbolic link
 or a place that cannot be written is refused before anything is read or written; and a run that fails anywhere
@@ -12,6 +13,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,8 +24,8 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from modeling_selfattn import SelfAttnForSequenceClassification
-from modeling_selfattn.conversion import convert_checkpoint
+from modeling_selfattn import SelfAttnForSequenceClassification, convert_cli
+from modeling_selfattn.checkpoints import convert_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {name: ROOT / "conversion" / f"{name}.py" for name in ("convert_bert", "convert_seq2seq", "export_bert")}
@@ -42,6 +44,36 @@ def test_help(name):
     result = subprocess.run([sys.executable, str(SCRIPTS[name]), "--help"], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert "usage:" in result.stdout and "--overwrite" in result.stdout
+
+
+def test_cli_help_lists_the_commands():
+    command = [sys.executable, "-m", "modeling_selfattn.convert_cli"]
+    result = subprocess.run([*command, "--help"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "usage: selfattn-convert" in result.stdout
+    for name in ("bert", "seq2seq", "export"):
+        assert re.search(rf"^\s+{name}\s", result.stdout, re.MULTILINE), result.stdout
+    result = subprocess.run([*command, "bert", "--help"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "usage: selfattn-convert bert" in result.stdout
+    assert all(option in result.stdout for option in ("--architecture", "--verify", "--tolerance", "--overwrite"))
+
+
+def test_installed_console_script_help():
+    executable = Path(sys.executable).with_name("selfattn-convert")
+    if not executable.exists():
+        pytest.skip("selfattn-convert is not installed in this environment (pip install -e . installs it)")
+    result = subprocess.run([str(executable), "--help"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert all(name in result.stdout for name in ("bert", "seq2seq", "export"))
+
+
+def test_wrapper_usage_leaves_out_the_command():
+    """The wrapper supplies the command itself, so its usage line must not tell the user to type it."""
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS["convert_bert"]), "--help"], capture_output=True, text=True, check=False
+    )
+    assert result.stdout.startswith("usage: convert_bert.py [-h]"), result.stdout
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +99,9 @@ def test_convert_verify_and_export_back(bert_folder, tmp_path, capsys):
     assert "BertForSequenceClassification -> SelfAttnForSequenceClassification" in printed
     assert "max abs diff last_hidden_state" in printed and "max abs diff logits" in printed
     assert {"vocab.txt", "tokenizer_config.json", "README.md", "model.safetensors"} <= {p.name for p in converted.iterdir()}
-    assert "| logits |" in (converted / "README.md").read_text()
+    card = (converted / "README.md").read_text()
+    assert "| logits |" in card
+    assert "\n# selfattn\n" in card and ".partial-" not in card  # named for OUTPUT, not the folder written first
     assert SelfAttnForSequenceClassification.from_pretrained(converted).config.num_labels == 3
 
     assert load_script("export_bert").main([str(converted), str(exported)]) == 0
@@ -76,6 +110,25 @@ def test_convert_verify_and_export_back(bert_folder, tmp_path, capsys):
     assert all(torch.equal(original[name], back[name]) for name in original)
     assert json.loads((exported / "config.json").read_text())["architectures"] == ["BertForSequenceClassification"]
     assert (exported / "vocab.txt").read_text() == (bert_folder / "vocab.txt").read_text()
+
+
+def test_cli_and_wrapper_write_the_same_folder(bert_folder, tmp_path):
+    from_cli, from_wrapper = tmp_path / "cli" / "model", tmp_path / "wrapper" / "model"
+    assert convert_cli.main(["bert", str(bert_folder), str(from_cli), "--verify"]) == 0
+    assert load_script("convert_bert").main([str(bert_folder), str(from_wrapper), "--verify"]) == 0
+    names = sorted(path.name for path in from_cli.iterdir())
+    assert names == sorted(path.name for path in from_wrapper.iterdir())
+    for name in names:
+        if name == "model.safetensors":
+            ours, theirs = load_file(from_cli / name), load_file(from_wrapper / name)
+            assert sorted(ours) == sorted(theirs)
+            assert all(torch.equal(ours[key], theirs[key]) for key in ours)
+        elif name == "README.md":  # the card records how long the run took
+            seconds = re.compile(r"in \d+\.\d s")
+            card = [seconds.sub("in _ s", (folder / name).read_text()) for folder in (from_cli, from_wrapper)]
+            assert card[0] == card[1]
+        else:
+            assert (from_cli / name).read_bytes() == (from_wrapper / name).read_bytes(), name
 
 
 def test_existing_output_needs_overwrite(bert_folder, tmp_path, capsys):
@@ -209,14 +262,14 @@ def test_output_inside_source_names_the_rule(bert_folder, tmp_path, capsys):
 def test_output_containing_a_downloaded_source_is_refused(bert_folder, tmp_path, monkeypatch, capsys):
     """A Hub id becomes a folder only once downloaded: OUTPUT is checked against that folder too (here a
     cache folder that OUTPUT contains), before anything is replaced."""
-    import modeling_selfattn.conversion as conversion
+    import modeling_selfattn.checkpoints as conversion
 
     cache = tmp_path / "cache"
     snapshot = shutil.copytree(bert_folder, cache / "models--org--bert" / "snapshot")
     convert = load_script("convert_bert")
     hub = lambda source, **kwargs: snapshot if source == "org/bert" else Path(source)  # noqa: E731
     monkeypatch.setattr(conversion, "resolve_folder", hub)
-    monkeypatch.setattr(convert, "resolve_folder", hub)
+    monkeypatch.setattr(convert_cli, "resolve_folder", hub)
     before = tree_hashes(tmp_path)
     assert convert.main(["org/bert", str(cache), "--overwrite"]) == 2
     assert "contains SOURCE" in capsys.readouterr().err
@@ -315,7 +368,7 @@ def fail_renaming_in(source, destination, _rename=os.rename):
 FAILURES = ["unreadable tokenizer file", "tokenizer file is a folder", "disk full", "failed --verify", "final rename"]
 
 
-def break_run(failure: str, script, source: Path, monkeypatch) -> list[str]:
+def break_run(failure: str, source: Path, monkeypatch) -> list[str]:
     """Make the run fail as `failure` says; extra arguments for it."""
     if failure == "unreadable tokenizer file":
         unreadable = PermissionError(errno.EACCES, "Permission denied")
@@ -327,9 +380,10 @@ def break_run(failure: str, script, source: Path, monkeypatch) -> list[str]:
         def full(folder, section):
             raise OSError(errno.ENOSPC, "No space left on device", str(folder / "README.md"))
 
-        monkeypatch.setattr(script, "write_model_card", full)
+        monkeypatch.setattr(convert_cli, "write_model_card", full)
     elif failure == "failed --verify":
-        monkeypatch.setattr(script, "verify", lambda source, model: {"last_hidden_state": 2e-6, "logits": 0.25})
+        diffs = {"last_hidden_state": 2e-6, "logits": 0.25}
+        monkeypatch.setattr(convert_cli, "verify", lambda source, model: diffs)
         return ["--verify"]
     elif failure == "final rename":
         monkeypatch.setattr(os, "rename", fail_renaming_in)
@@ -351,7 +405,7 @@ def test_failed_run_leaves_existing_output_as_it_was(
 ):
     source = shutil.copytree(bert_folder, tmp_path / "source")
     convert = load_script("convert_bert")
-    extra = break_run(failure, convert, source, monkeypatch)
+    extra = break_run(failure, source, monkeypatch)
     before_source, before_output = tree_hashes(source), tree_hashes(tmp_path / "out")
     assert convert.main([str(source), str(existing_output), "--overwrite", *extra]) == 1
     error = capsys.readouterr().err
@@ -365,7 +419,7 @@ def test_failed_run_leaves_no_new_output(failure, bert_folder, tmp_path, monkeyp
     """Nothing that looks like a model, and no parent folder made for it."""
     source = shutil.copytree(bert_folder, tmp_path / "source")
     convert = load_script("convert_bert")
-    extra = break_run(failure, convert, source, monkeypatch)
+    extra = break_run(failure, source, monkeypatch)
     output = tmp_path / "new" / "deeper" / "model"
     assert convert.main([str(source), str(output), *extra]) == 1
     assert f"OUTPUT {output} was not created." in capsys.readouterr().err
@@ -375,10 +429,8 @@ def test_failed_run_leaves_no_new_output(failure, bert_folder, tmp_path, monkeyp
 def test_seq2seq_failed_verify_leaves_existing_output(bart_folder, existing_output, tmp_path, monkeypatch, capsys):
     source = shutil.copytree(bart_folder, tmp_path / "source")
     convert = load_script("convert_seq2seq")
-    monkeypatch.setattr(
-        convert, "verify_seq2seq", lambda source, model: ({"logits": 1e-6, "encoder_last_hidden_state": 1e-6},
-                                                          {"greedy": 0, "beam": 2})
-    )
+    verification = ({"logits": 1e-6, "encoder_last_hidden_state": 1e-6}, {"greedy": 0, "beam": 2})
+    monkeypatch.setattr(convert_cli, "verify_seq2seq", lambda source, model: verification)
     before = tree_hashes(tmp_path)
     assert convert.main([str(source), str(existing_output), "--overwrite", "--verify"]) == 1
     error = capsys.readouterr().err
@@ -393,7 +445,7 @@ def test_export_failed_write_leaves_existing_output(selfattn_folder, existing_ou
     def full(tensors, path, metadata=None):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(export, "save_file", full)
+    monkeypatch.setattr(convert_cli, "save_file", full)
     before = tree_hashes(tmp_path)
     assert export.main([str(source), str(existing_output), "--overwrite"]) == 1
     error = capsys.readouterr().err
@@ -421,7 +473,7 @@ def test_corrupt_weights_are_named(bert_folder, tmp_path, capsys):
 def test_verify_that_gives_nan_fails(bert_folder, tmp_path, monkeypatch, capsys):
     """nan compares false with everything: a check written as `diff > tolerance` would let it through."""
     convert = load_script("convert_bert")
-    monkeypatch.setattr(convert, "verify", lambda source, model: {"logits": float("nan")})
+    monkeypatch.setattr(convert_cli, "verify", lambda source, model: {"logits": float("nan")})
     assert convert.main([str(bert_folder), str(tmp_path / "out"), "--verify"]) == 1
     assert "logits nan" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
@@ -429,7 +481,7 @@ def test_verify_that_gives_nan_fails(bert_folder, tmp_path, monkeypatch, capsys)
 @pytest.mark.parametrize("value", ["nan", "-1e-4"])
 def test_tolerance_must_be_a_non_negative_number(value, capsys):
     with pytest.raises(SystemExit) as exit_status:
-        load_script("convert_bert").parse_args(["source", "output", f"--tolerance={value}"])
+        convert_cli.parse_args(["bert", "source", "output", f"--tolerance={value}"])
     assert exit_status.value.code == 2
     assert "argument --tolerance" in capsys.readouterr().err
 
@@ -446,7 +498,7 @@ def test_converted_electra_discriminator_ships_its_code(tmp_path):
     transformers.ElectraForPreTraining(config).save_pretrained(source)
     assert load_script("convert_bert").main([str(source), str(converted), "--verify"]) == 0
     auto_map = json.loads((converted / "config.json").read_text())["auto_map"]
-    assert auto_map["AutoModelForPreTraining"] == "modeling_selfattn.SelfAttnForReplacedTokenDetection"
+    assert auto_map["AutoModelForPreTraining"] == "model.SelfAttnForReplacedTokenDetection"
     for target in auto_map.values():
         module, class_name = target.split(".")
         assert f"class {class_name}(" in (converted / f"{module}.py").read_text(), target

@@ -23,7 +23,8 @@ import torch
 from conftest import PAD_TOKEN_ID, make_tiny_config
 from transformers import GenerationConfig
 
-import modeling_selfattn.modeling_selfattn as modeling
+import modeling_selfattn.fast_paths as fast_paths
+import modeling_selfattn.packing as packing
 from modeling_selfattn import (
     SelfAttnForCausalLM,
     SelfAttnForConditionalGeneration,
@@ -31,6 +32,7 @@ from modeling_selfattn import (
     SelfAttnForSequenceClassification,
     SelfAttnModel,
 )
+from modeling_selfattn.fast_paths import enable_compiled_decoding, enable_onednn_inference
 
 TOLERANCE = 1e-5
 LENGTHS = (16, 9, 9, 3, 12, 1)  # repeated and single lengths: several attention groups, one of a lone token
@@ -51,20 +53,20 @@ def padded_batch(lengths=LENGTHS, padding_side="right", vocab_size=99, seed=0) -
 @pytest.fixture
 def never_unpad(monkeypatch):
     """Within the test, call never_unpad() to make every later forward take the padded path."""
-    return lambda: monkeypatch.setattr(modeling, "MIN_PADDING_SHARE_TO_UNPAD", 2.0)
+    return lambda: monkeypatch.setattr(packing, "MIN_PADDING_SHARE_TO_UNPAD", 2.0)
 
 
 @pytest.fixture
 def count_packings(monkeypatch):
     """A list that grows by one entry each time a batch is packed."""
     packings = []
-    original = modeling.PackedSequences.from_attention_mask.__func__
+    original = packing.PackedSequences.from_attention_mask.__func__
 
     def counting(cls, attention_mask):
         packings.append(tuple(attention_mask.shape))
         return original(cls, attention_mask)
 
-    monkeypatch.setattr(modeling.PackedSequences, "from_attention_mask", classmethod(counting))
+    monkeypatch.setattr(packing.PackedSequences, "from_attention_mask", classmethod(counting))
     return packings
 
 
@@ -185,7 +187,7 @@ def test_encoder_decoder_generates_the_same_tokens_from_an_unpadded_encoder(neve
         unpadded = model.generate(**batch, max_new_tokens=5, min_new_tokens=5, num_beams=num_beams)
         assert len(count_packings) == 1
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(modeling, "MIN_PADDING_SHARE_TO_UNPAD", 2.0)
+            patch.setattr(packing, "MIN_PADDING_SHARE_TO_UNPAD", 2.0)
             padded = model.generate(**batch, max_new_tokens=5, min_new_tokens=5, num_beams=num_beams)
         assert torch.equal(unpadded, padded)
         count_packings.clear()
@@ -193,7 +195,7 @@ def test_encoder_decoder_generates_the_same_tokens_from_an_unpadded_encoder(neve
 
 def test_packed_sequences_pack_and_unpack_are_inverse():
     batch = padded_batch(padding_side="left")
-    packed = modeling.PackedSequences.from_attention_mask(batch["attention_mask"])
+    packed = packing.PackedSequences.from_attention_mask(batch["attention_mask"])
     assert packed.cu_seq_lens.tolist() == [0, 16, 28, 37, 46, 49, 50]  # longest first
     assert packed.length_groups == [(0, 1, 16), (16, 1, 12), (28, 2, 9), (46, 1, 3), (49, 1, 1)]
     values, padding = torch.randn(len(LENGTHS), 16, 4), torch.randn(len(LENGTHS), 16, 4)
@@ -236,7 +238,7 @@ needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reas
 
 
 def onednn_copy(model):
-    return copy.deepcopy(model).enable_onednn_inference()
+    return enable_onednn_inference(copy.deepcopy(model))
 
 
 def max_output_diff(first, second) -> float:
@@ -257,7 +259,7 @@ def max_output_diff(first, second) -> float:
 def test_onednn_inference_matches_the_default_path(model_class, shape):
     model = build(model_class, shape, type_vocab_size=0)
     fast = onednn_copy(model)
-    assert any(type(module) is modeling.OneDNNInferenceLinear for module in fast.modules())
+    assert any(type(module) is fast_paths.OneDNNInferenceLinear for module in fast.modules())
     assert not any(type(module) is torch.nn.Linear for module in fast.modules())
     batch = padded_batch(lengths=(12, 7, 4))
     if shape == "encoder_decoder":
@@ -289,8 +291,8 @@ def test_onednn_mode_trains_like_the_default_and_follows_weight_updates(monkeypa
     batch = padded_batch(lengths=(12, 7, 4))
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     onednn_calls = []
-    original = modeling.onednn_linear
-    monkeypatch.setattr(modeling, "onednn_linear", lambda *args: onednn_calls.append(1) or original(*args))
+    original = fast_paths.onednn_linear
+    monkeypatch.setattr(fast_paths, "onednn_linear", lambda *args: onednn_calls.append(1) or original(*args))
     losses = []
     for trained in (model, fast):
         trained.train()
@@ -324,8 +326,8 @@ def test_onednn_mode_copies_pickles_and_turns_off_without_touching_global_settin
         for other in (torch.load(buffer, weights_only=False), copy.deepcopy(fast)):
             assert_same_weights(fast, other)
             torch.testing.assert_close(other(**batch).last_hidden_state, expected, rtol=0, atol=TOLERANCE)
-        fast.enable_onednn_inference(False)
-        assert not any(type(module) is modeling.OneDNNInferenceLinear for module in fast.modules())
+        enable_onednn_inference(fast, False)
+        assert not any(type(module) is fast_paths.OneDNNInferenceLinear for module in fast.modules())
         assert_same_weights(model, fast)
         plain = model(**batch).last_hidden_state
         torch.testing.assert_close(fast(**batch).last_hidden_state, plain, rtol=0, atol=TOLERANCE)
@@ -333,6 +335,11 @@ def test_onednn_mode_copies_pickles_and_turns_off_without_touching_global_settin
 
 
 # --- compiled decoding ------------------------------------------------------------------------------------------
+
+
+def compiled_steps_ran(model) -> bool:
+    forward = model.__dict__.get("forward")
+    return isinstance(forward, fast_paths.CompiledDecodingForward) and forward.compiled_step is not None
 
 
 @pytest.mark.parametrize("num_beams", [1, 3], ids=["greedy", "beam3"])
@@ -347,23 +354,22 @@ def test_compiled_decoding_generates_the_same_tokens(model_class, shape, num_bea
     # A GenerationConfig of the caller's own leaves the cache and compile settings to the model's.
     generation_config = GenerationConfig(max_new_tokens=6, min_new_tokens=6, num_beams=num_beams, do_sample=False)
     expected = model.generate(**batch, generation_config=generation_config)
-    fast = copy.deepcopy(model).enable_compiled_decoding()
+    fast = enable_compiled_decoding(copy.deepcopy(model))
     assert fast.generation_config.cache_implementation == "static"
     assert torch.equal(fast.generate(**batch, generation_config=generation_config), expected)
-    assert "compiled_decoding_step" in fast.__dict__  # the decoding steps did run compiled
+    assert compiled_steps_ran(fast)  # the decoding steps did run compiled
     assert torch.equal(fast.generate(**batch, generation_config=generation_config), expected)  # and again
     buffer = io.BytesIO()
     torch.save(fast, buffer)
     buffer.seek(0)
     # Copies, pickled or not, compile their own steps rather than calling the original's.
     for other in (copy.deepcopy(fast), torch.load(buffer, weights_only=False)):
-        assert "compiled_decoding_step" not in other.__dict__
+        assert not compiled_steps_ran(other) and other.forward.model is other
         assert torch.equal(other.generate(**batch, generation_config=generation_config), expected)
-        assert "compiled_decoding_step" in other.__dict__
-    fast.enable_compiled_decoding(False)
-    assert fast.generation_config.cache_implementation is None and "compiled_decoding_step" not in fast.__dict__
+        assert compiled_steps_ran(other)
+    enable_compiled_decoding(fast, False)
+    assert fast.generation_config.cache_implementation is None and "forward" not in fast.__dict__
     assert torch.equal(fast.generate(**batch, generation_config=generation_config), expected)
-    assert "compiled_decoding_step" not in fast.__dict__
 
 
 @needs_onednn
@@ -378,7 +384,7 @@ def test_compiled_decoding_with_onednn_runs_onednn_inside_the_compiled_steps(num
     batch = padded_batch(lengths=(8, 5, 3, 8, 2, 6, 7, 4))
     generation_config = GenerationConfig(max_new_tokens=5, min_new_tokens=5, num_beams=num_beams, do_sample=False)
     expected = model.generate(**batch, generation_config=generation_config)
-    fast = onednn_copy(model).enable_compiled_decoding()
+    fast = enable_compiled_decoding(onednn_copy(model))
     assert torch.equal(fast.generate(**batch, generation_config=generation_config), expected)  # compiles
     with torch.profiler.profile() as profile:
         tokens = fast.generate(**batch, generation_config=generation_config)
@@ -391,19 +397,19 @@ def test_compiled_decoding_with_onednn_runs_onednn_inside_the_compiled_steps(num
 @needs_onednn
 def test_onednn_packed_weights_are_freed_with_the_model():
     gc.collect()
-    before = len(modeling._onednn_packed_weights)
+    before = len(fast_paths._onednn_packed_weights)
     model = onednn_copy(build(SelfAttnModel, add_pooling_layer=False))
     with torch.no_grad():
         model(**padded_batch())
-    assert len(modeling._onednn_packed_weights) == before + 6 * len(model.encoder.layers)  # q k v o fc1 fc2
+    assert len(fast_paths._onednn_packed_weights) == before + 6 * len(model.encoder.layers)  # q k v o fc1 fc2
     del model
     gc.collect()
-    assert len(modeling._onednn_packed_weights) == before
+    assert len(fast_paths._onednn_packed_weights) == before
 
 
 def test_compiled_decoding_is_refused_by_a_model_that_does_not_generate():
     with pytest.raises(ValueError, match="does not generate"):
-        build(SelfAttnForMaskedLM).enable_compiled_decoding()
+        enable_compiled_decoding(build(SelfAttnForMaskedLM))
 
 
 # --- CUDA (skipped without a GPU) ------------------------------------------------------------------------------

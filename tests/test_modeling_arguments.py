@@ -25,7 +25,7 @@ from modeling_selfattn import (
     SelfAttnForSequenceClassification,
     SelfAttnModel,
 )
-from modeling_selfattn.modeling_selfattn import MIN_PADDING_SHARE_TO_UNPAD
+from modeling_selfattn.packing import MIN_PADDING_SHARE_TO_UNPAD
 
 ATOL = 1e-5
 
@@ -291,3 +291,12 @@ def test_packed_sequence_offsets_need_flash_attention():
     offsets = torch.tensor([0, 3, 5], dtype=torch.int32)
     with pytest.raises(ValueError, match="only flash attention keeps apart.*attn_implementation='sdpa'"):
         model(random_ids(1, 5), cu_seq_lens_q=offsets, cu_seq_lens_k=offsets, max_length_q=3, max_length_k=3)
+
+
+@pytest.mark.parametrize("shape, keyword", [("encoder", "decoder_input_ids"), ("decoder", "encoder_outputs")])
+def test_bare_model_refuses_arguments_its_shape_does_not_use(shape, keyword):
+    model = tiny(SelfAttnModel, shape)
+    ids = random_ids(1, 4)
+    value = (torch.randn(1, 4, 32),) if keyword == "encoder_outputs" else ids
+    with pytest.raises(ValueError, match=rf"\['{keyword}'\] have no use in this {shape}-only SelfAttnModel"):
+        model(ids, **{keyword: value})

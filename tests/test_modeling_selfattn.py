@@ -30,7 +30,7 @@ from modeling_selfattn import (
     SelfAttnForTokenClassification,
     SelfAttnModel,
 )
-from modeling_selfattn.modeling_selfattn import SelfAttnEncoderLayer, shift_tokens_right
+from modeling_selfattn.model import SelfAttnEncoderLayer, shift_tokens_right
 
 FP32_TOLERANCE = 1e-5
 BATCH_SIZE = 2

@@ -13,7 +13,7 @@ from modeling_selfattn import (
     SelfAttnForSequenceClassification,
     SelfAttnForTokenClassification,
 )
-from modeling_selfattn.modeling_selfattn import SelfAttnAttention
+from modeling_selfattn.model import SelfAttnAttention
 
 # task type -> (head class, the head PEFT trains in full and saves with the adapter, labels for a batch of 4 x 6)
 ENCODER_TASKS = {

@@ -42,7 +42,7 @@ def test_quickstart_trains_saves_reloads_and_predicts(quickstart, options, tmp_p
     assert 0.0 <= result["accuracy"] <= 1.0
 
     model_dir = result["model_dir"]
-    assert {"README.md", "config.json", "model.safetensors", "modeling_selfattn.py"} <= {
+    assert {"README.md", "config.json", "model.safetensors", "model.py"} <= {
         path.name for path in model_dir.iterdir()
     }
     # The saved model alone reproduces the printed predictions.

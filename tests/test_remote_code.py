@@ -22,7 +22,7 @@ from modeling_selfattn import (
 )
 from modeling_selfattn.heads import AUTO_MAP, HEADS as REGISTRY
 
-CODE_FILES = ("configuration_selfattn.py", "modeling_selfattn.py", "hub_selfattn.py", "heads.py")
+CODE_FILES = ("config.py", "model.py", "packing.py", "hub.py", "heads.py")
 
 
 def encoder_config():
@@ -123,7 +123,7 @@ def test_saved_folder_has_code_and_auto_map_for_every_head(saved_heads):
         assert set(CODE_FILES) <= files, f"{name}: code files missing from {sorted(files)}"
         assert "model.safetensors" in files, f"{name}: no safetensors weights in {sorted(files)}"
         auto_map = json.loads((case["folder"] / "config.json").read_text())["auto_map"]
-        own_entry = {case["auto_class"]: f"modeling_selfattn.{case['class_name']}"}
+        own_entry = {case["auto_class"]: f"model.{case['class_name']}"}
         assert auto_map == {**AUTO_MAP, **own_entry}, f"{name}: auto_map {auto_map}"
         for target in auto_map.values():
             module, class_name = target.split(".")

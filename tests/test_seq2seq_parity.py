@@ -1,4 +1,4 @@
-"""Marian and BART checkpoints converted to selfattn (modeling_selfattn/conversion.py, conversion/convert_seq2seq.py)
+"""Marian and BART checkpoints converted to selfattn (modeling_selfattn/checkpoints.py, conversion/convert_seq2seq.py)
 against transformers' own MarianMTModel and BartForConditionalGeneration on identical weights: logits on padded
 batches (one pass and step by step through the cache), the loss, and generate() tokens for greedy and 4-beam
 search with dynamic and static caches. fp32, max abs diff <= 1e-5.
@@ -31,7 +31,7 @@ from transformers import (
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from modeling_selfattn import SelfAttnForConditionalGeneration
-from modeling_selfattn.conversion import ConversionError, convert_checkpoint, export_family
+from modeling_selfattn.checkpoints import ConversionError, convert_checkpoint, export_family
 
 TOLERANCE = 1e-5
 SCRIPT = Path(__file__).resolve().parents[1] / "conversion" / "convert_seq2seq.py"

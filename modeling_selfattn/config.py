@@ -115,8 +115,8 @@ class SelfAttnConfig(PreTrainedConfig):
             raise ValueError(
                 f"This config has model_type={model_type!r}; SelfAttnConfig reads selfattn configs only. Load a "
                 "BERT, RoBERTa, XLM-RoBERTa, DistilBERT or ELECTRA folder with SelfAttnConfig.from_pretrained(folder) "
-                "(it translates them), or convert other checkpoints first (conversion/convert_bert.py, "
-                "conversion/convert_seq2seq.py)."
+                "(it translates them), or convert other checkpoints first (selfattn-convert bert|seq2seq SOURCE "
+                "OUTPUT)."
             )
         # `num_hidden_layers` is the name transformers' tooling reads; it sets the depth of the main stack.
         num_hidden_layers = kwargs.pop("num_hidden_layers", None)
@@ -130,15 +130,24 @@ class SelfAttnConfig(PreTrainedConfig):
             self.label2id = {label: index for index, label in self.id2label.items()}
         self.check()
 
+    # Set by the selfattn package when imported (its checkpoint conversion, which saved models do not ship): a
+    # function from a BERT-family config dict to a selfattn one, refusing any other family.
+    foreign_config_translator = None
+
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
-        """Also reads the config.json of a BERT-family checkpoint (bert, roberta, xlm-roberta, distilbert,
-        electra), translated to selfattn fields by `conversion.py`; any other foreign model_type is refused."""
+        """With the selfattn package installed, also reads the config.json of a BERT-family checkpoint (bert,
+        roberta, xlm-roberta, distilbert, electra), translated to selfattn fields."""
         config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
-        if config_dict.get("model_type", cls.model_type) != cls.model_type:
-            from .conversion import selfattn_config_dict
-
-            config_dict = selfattn_config_dict(config_dict)
+        model_type = config_dict.get("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            if cls.foreign_config_translator is None:
+                raise ValueError(
+                    f"{pretrained_model_name_or_path} holds a {model_type!r} model, not a selfattn one. Install the "
+                    "selfattn package (pip install selfattn) to load BERT-family folders directly, or convert the "
+                    "folder first (selfattn-convert bert SOURCE OUTPUT)."
+                )
+            config_dict = cls.foreign_config_translator(config_dict)
         return config_dict, kwargs
 
     @property

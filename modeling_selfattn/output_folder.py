@@ -1,5 +1,5 @@
-"""OUTPUT of the conversion scripts (convert_bert.py, convert_seq2seq.py, export_bert.py), in one place: checked
-before any work starts, written beside, and put in place only once every step has succeeded.
+"""OUTPUT of `selfattn-convert` (modeling_selfattn/convert_cli.py), in one place: checked before any work
+starts, written beside, and put in place only once every step has succeeded.
 
 The rules, and why:
 
@@ -26,13 +26,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's package, not another install
-
-from modeling_selfattn.conversion import TOKENIZER_FILES, ConversionError  # noqa: E402
+from .checkpoints import ConversionError
 
 
 class OutputRefused(Exception):
-    """OUTPUT cannot be used, found before anything was read or written (the scripts' exit status 2)."""
+    """OUTPUT cannot be used, found before anything was read or written (exit status 2)."""
 
 
 class OutputFailed(Exception):
@@ -69,7 +67,7 @@ def refuse_overlap(given: Path, path: Path, source, source_path: Path) -> None:
         )
     if source_path in path.parents:
         raise OutputRefused(
-            f"OUTPUT {given} lies inside SOURCE {source} ({source_path}); the scripts leave SOURCE as it is. "
+            f"OUTPUT {given} lies inside SOURCE {source} ({source_path}); selfattn-convert leaves SOURCE as it is. "
             "Pass an OUTPUT folder outside it, e.g. a new folder beside SOURCE."
         )
 
@@ -214,53 +212,3 @@ def swap_in(target: Output, staging: Path) -> None:
                 file=sys.stderr,
             )
 
-
-def copy_tokenizer_files(source_folder: Path, folder: Path) -> list[str]:
-    """Copy SOURCE's tokenizer files into `folder`; the names copied. An entry of a tokenizer file's name that
-    is not a file stops the run: skipping it would give a model whose tokenizer is silently incomplete."""
-    source_folder = Path(source_folder)
-    copied = []
-    for name in TOKENIZER_FILES:
-        path = source_folder / name
-        if not path.exists() and not path.is_symlink():
-            continue
-        if not path.is_file():
-            what = "a folder" if path.is_dir() else "a broken symbolic link" if path.is_symlink() else "not a file"
-            raise ConversionError(
-                f"SOURCE's tokenizer file {path} is {what}, so the tokenizer cannot be copied. Put the "
-                f"tokenizer's {name} there, or remove the entry if the tokenizer does not use it."
-            )
-        shutil.copy2(path, folder / name)
-        copied.append(name)
-    if not copied:
-        print(
-            f"note: SOURCE {source_folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:5])}, ...), so OUTPUT "
-            "has none either; copy the tokenizer in by hand before using OUTPUT on text."
-        )
-    return copied
-
-
-def check_parity(diffs: dict[str, float], tolerance: float) -> None:
-    """Raise ConversionError when a --verify difference exceeds --tolerance."""
-    beyond = {name: value for name, value in diffs.items() if not value <= tolerance}  # nan is beyond too
-    if beyond:
-        figures = ", ".join(f"{name} {value:.3e}" for name, value in beyond.items())
-        raise ConversionError(
-            f"--verify: the converted model differs from the source beyond --tolerance {tolerance:g} (max abs "
-            f"diff {figures}), so nothing is written. Check that --architecture fits the checkpoint, or pass a "
-            "larger --tolerance if this difference is acceptable."
-        )
-
-
-def check_tolerance(parser, tolerance: float) -> None:
-    # `not >=` also catches nan, with which every comparison is false and --verify would pass anything.
-    if not tolerance >= 0:
-        parser.error(f"argument --tolerance: {tolerance} is not a number >= 0; pass e.g. --tolerance 1e-4.")
-
-
-def failed(error: BaseException | str, status: int, target: Output | None = None) -> int:
-    """Print the error (and, once OUTPUT has been checked, what became of it); the exit status."""
-    print(f"error: {error}", file=sys.stderr)
-    if target is not None and not isinstance(error, OutputFailed):  # OutputFailed says it already
-        print(target.untouched(), file=sys.stderr)
-    return status

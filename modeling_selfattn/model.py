@@ -10,21 +10,19 @@ Only relative imports among the model files, so that `save_pretrained` can ship 
 """
 
 import functools
-import importlib.util
 import inspect
 import math
 import re
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import CrossEntropyLoss
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache, StaticLayer
 from transformers.generation import GenerationMixin
+from transformers.loss.loss_utils import ForMaskedLMLoss, fixed_cross_entropy
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -47,9 +45,10 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .configuration_selfattn import SelfAttnConfig
+from .config import SelfAttnConfig
 from .heads import HEADS
-from .hub_selfattn import SelfAttnHubMixin, refuse_missing_local_path
+from .hub import SelfAttnHubMixin, refuse_missing_local_path
+from .packing import PackedSequences, packed_sequences_for
 
 
 def check_ids(ids: torch.Tensor, table_size: int, name: str, table: str, fix: str) -> None:
@@ -319,119 +318,6 @@ def eager_attention_forward(
     return output, probabilities
 
 
-# Unpadding is used once padding is at least this share of a batch's tokens: below it, what the skipped padding
-# saves is small next to the packing's own costs (index copies, one attention call per distinct length).
-MIN_PADDING_SHARE_TO_UNPAD = 0.2
-
-
-@dataclass
-class PackedSequences:
-    """A padded batch with its padding removed: the real tokens of every sequence, one sequence after another
-    (longest first), in one row of `num_tokens`. Linear layers, the FFN and LayerNorm treat tokens one at a time,
-    so they run on the packed row unchanged and skip the padding's cost; `attend` confines attention to each
-    sequence. The encoder packs after its embeddings and restores the padded layout at the end, where padding
-    positions keep their embeddings.
-    """
-
-    token_indices: torch.Tensor  # where each packed token sits in the flattened (batch * length) padded layout
-    length_groups: list[tuple[int, int, int]]  # (first packed token, number of sequences, their length)
-    cu_seq_lens: torch.Tensor  # int32 start of each sequence in the row, then num_tokens: for varlen kernels
-    max_length: int
-    padded_shape: tuple[int, int]
-
-    @classmethod
-    def from_attention_mask(cls, attention_mask: torch.Tensor) -> "PackedSequences":
-        real = attention_mask.bool()
-        lengths = real.sum(1)
-        order = torch.argsort(lengths, descending=True, stable=True)
-        rows, columns = real[order].nonzero(as_tuple=True)  # row-major: sequence after sequence, tokens in order
-        token_indices = order[rows] * real.shape[1] + columns
-        sorted_lengths = [length for length in lengths[order].tolist() if length > 0]
-        length_groups, start = [], 0
-        for length in sorted_lengths:  # sequences of one length are adjacent: one group each
-            if length_groups and length_groups[-1][2] == length:
-                first, count, _ = length_groups[-1]
-                length_groups[-1] = (first, count + 1, length)
-            else:
-                length_groups.append((start, 1, length))
-            start += length
-        cu_seq_lens = torch.tensor([0, *sorted_lengths], device=attention_mask.device).cumsum(0).int()
-        return cls(token_indices, length_groups, cu_seq_lens, max(sorted_lengths, default=0), tuple(real.shape))
-
-    def pack(self, padded: torch.Tensor) -> torch.Tensor:
-        """(batch, length, features) -> (1, num_tokens, features)."""
-        return padded.flatten(0, 1).index_select(0, self.token_indices).unsqueeze(0)
-
-    def unpack(self, packed: torch.Tensor, padding: torch.Tensor) -> torch.Tensor:
-        """(1, num_tokens, features) -> (batch, length, features), taking padding positions from `padding`.
-        Not zeros: a constant row makes LayerNorm's fp16 backward divide 0 by 0 in any head applied after."""
-        padded = padding.flatten(0, 1).to(packed.dtype)
-        return padded.index_copy(0, self.token_indices, packed[0]).view(*self.padded_shape, -1)
-
-    def attend(self, attention_interface: Callable, module: nn.Module, query, key, value, **kwargs):
-        """Attention of each sequence over itself, for query, key and value of shape (1, heads, num_tokens,
-        head_dim); returns the output as (1, num_tokens, heads, head_dim) and no probabilities."""
-        if module.config._attn_implementation.startswith("flash_attention"):
-            # transformers' flash integration runs the varlen kernel given the sequence offsets.
-            lengths = dict(cu_seq_lens_q=self.cu_seq_lens, cu_seq_lens_k=self.cu_seq_lens)
-            maxima = dict(max_length_q=self.max_length, max_length_k=self.max_length)
-            return attention_interface(module, query, key, value, None, **lengths, **maxima, **kwargs)
-        if uses_torch_varlen_kernel(module, query, kwargs.get("dropout", 0.0)):
-            from torch.nn.attention.varlen import varlen_attn
-
-            query, key, value = (states[0].transpose(0, 1) for states in (query, key, value))  # (tokens, heads, dim)
-            output = varlen_attn(
-                query, key, value, self.cu_seq_lens, self.cu_seq_lens, self.max_length, self.max_length,
-                scale=kwargs.get("scaling"),
-            )
-            return output.unsqueeze(0), None
-        outputs = []
-        for start, count, length in self.length_groups:
-
-            def group(states: torch.Tensor) -> torch.Tensor:
-                # A view, no copy: (count, heads, length, head_dim) over the group's adjacent sequences.
-                return states[0, :, start : start + count * length].unflatten(1, (count, length)).transpose(0, 1)
-
-            output, _ = attention_interface(module, group(query), group(key), group(value), None, **kwargs)
-            outputs.append(output.flatten(0, 1))
-        return torch.cat(outputs).unsqueeze(0), None
-
-
-def uses_torch_varlen_kernel(module: nn.Module, query: torch.Tensor, dropout: float) -> bool:
-    """torch's own varlen flash kernel (torch.nn.attention.varlen, torch >= 2.10) serves SDPA models on CUDA in half
-    precision; it has no dropout."""
-    return (
-        query.is_cuda
-        and query.dtype in (torch.float16, torch.bfloat16)
-        and module.config._attn_implementation == "sdpa"
-        and dropout == 0.0
-        and query.shape[-1] % 8 == 0
-        and importlib.util.find_spec("torch.nn.attention.varlen") is not None
-    )
-
-
-def packed_sequences_for(attention_mask: torch.Tensor | None, config: SelfAttnConfig, kwargs: dict):
-    """PackedSequences of the batch where unpadding applies and pays, else None (the padded path). It does not
-    apply when per-layer outputs are recorded (attention maps and hidden states keep the padded layout), under
-    torch.compile or tracing (shapes would depend on the data), or with attention implementations that cannot
-    take packed sequences (flex, custom kernels)."""
-    if attention_mask is None or attention_mask.dim() != 2 or attention_mask.numel() == 0:
-        return None
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return None
-    implementation = config._attn_implementation
-    if implementation not in ("eager", "sdpa") and not implementation.startswith("flash_attention"):
-        return None
-    for output in ("output_attentions", "output_hidden_states"):
-        if kwargs.get(output, getattr(config, output, False)):
-            return None
-    num_padding = attention_mask.numel() - int(attention_mask.bool().sum())
-    # A batch of padding only leaves nothing to pack; the padded path handles it.
-    if num_padding < MIN_PADDING_SHARE_TO_UNPAD * attention_mask.numel() or num_padding == attention_mask.numel():
-        return None
-    return PackedSequences.from_attention_mask(attention_mask)
-
-
 class SelfAttnAttention(nn.Module):
     """Multi-head attention. Self-attention when keys come from the same sequence, cross-attention when
     `key_value_states` (the encoder output) is given; `is_causal` marks the decoder's self-attention."""
@@ -445,7 +331,7 @@ class SelfAttnAttention(nn.Module):
         # SDPA and flash read `is_causal` from the module and would otherwise assume causal.
         self.is_causal = is_causal
         self.is_cross_attention = is_cross_attention
-        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.head_dim = config.head_dim
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
@@ -583,71 +469,6 @@ class SelfAttnDecoderLayer(SelfAttnEncoderLayer):
         return self.residual(hidden_states, self.ffn_layer_norm, self.ffn)
 
 
-# oneDNN's packed copies of the weights, kept per storage so that they go when the weights go; within a storage
-# (several weights may be views of one, e.g. when loaded from a single file) by the weight's place in it, with the
-# weight's version when packed, so that an in-place change (optimizer step, load_state_dict) repacks.
-_onednn_packed_weights: "weakref.WeakKeyDictionary[torch.UntypedStorage, dict]" = weakref.WeakKeyDictionary()
-
-
-def onednn_packed_weight(weight: torch.Tensor) -> torch.Tensor:
-    storage = weight.untyped_storage()
-    packed = _onednn_packed_weights.get(storage)
-    if packed is None:  # not setdefault: this runs on every call, and would build a dict each time
-        packed = _onednn_packed_weights[storage] = {}
-    place = (weight.storage_offset(), tuple(weight.shape), tuple(weight.stride()))
-    if place not in packed or packed[place][0] != weight._version:
-        packed[place] = (weight._version, torch.ops.mkldnn._reorder_linear_weight(weight.detach()))
-    return packed[place][1]
-
-
-def onednn_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(input, onednn_packed_weight(weight), bias, "none", [], "")
-
-
-def onednn_linear_shape(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return input.new_empty(*input.shape[:-1], weight.shape[0])
-
-
-# torch.compile cannot trace oneDNN's packed tensors; as a custom op the call stays opaque inside a compiled graph.
-# The remote-code copy of this file may be imported beside the package: the op is registered once and shared.
-if not hasattr(torch.ops.selfattn, "onednn_linear"):
-    torch.library.custom_op("selfattn::onednn_linear", onednn_linear, mutates_args=()).register_fake(
-        onednn_linear_shape
-    )
-
-
-# Measured on 2-core Xeon CPUs: with fewer input rows (tokens) than this, oneDNN's cost per call outweighs its faster
-# kernels, except on a weight this large (an LM head over the vocabulary), where streaming the weight dominates.
-ONEDNN_MIN_ROWS = 8
-ONEDNN_MIN_WEIGHT_FOR_FEW_ROWS = 4 * 2**20  # elements
-
-
-class OneDNNInferenceLinear(nn.Linear):
-    """nn.Linear that runs CPU float32 inference through oneDNN on a copy of its weight packed once into the
-    layout oneDNN's kernels read fastest (plain nn.Linear reads the row-major weight anew on every call), also
-    inside torch.compile'd code (compiled decoding). `SelfAttnPreTrainedModel.enable_onednn_inference` turns a
-    model's linears into these. Anything else (a gradient needed, another device or dtype, oneDNN disabled, too few
-    rows to pay) takes nn.Linear's path. The packed copy follows the weight: it is redone when the weight is changed
-    in place (an optimizer step, load_state_dict) or replaced, and freed with it."""
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        needs_gradient = torch.is_grad_enabled() and (input.requires_grad or self.weight.requires_grad)
-        too_few_rows = input.numel() < ONEDNN_MIN_ROWS * self.in_features
-        if (
-            needs_gradient
-            or input.device.type != "cpu"
-            or input.dtype != torch.float32
-            or self.weight.dtype != torch.float32
-            or not torch.backends.mkldnn.enabled
-            or (too_few_rows and self.weight.numel() < ONEDNN_MIN_WEIGHT_FOR_FEW_ROWS)
-        ):
-            return super().forward(input)
-        if torch.compiler.is_compiling():
-            return torch.ops.selfattn.onednn_linear(input, self.weight, self.bias)
-        # The same function without the custom op's dispatch, which costs ~18 us a call (measured) outside compile.
-        return onednn_linear(input, self.weight, self.bias)
-
-
 class SelfAttnPreTrainedModel(SelfAttnHubMixin, PreTrainedModel):
     config: SelfAttnConfig
     config_class = SelfAttnConfig
@@ -659,17 +480,21 @@ class SelfAttnPreTrainedModel(SelfAttnHubMixin, PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True
+    # Set by the selfattn package when imported (its checkpoint conversion, which saved models do not ship): a
+    # function (model class, source, from_pretrained kwargs) -> the kwargs that load a BERT-family folder into the
+    # class, or None for a selfattn folder. Without the package, from_pretrained reads selfattn folders only.
+    foreign_checkpoint_loader: Callable | None = None
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """Also loads a BERT-family checkpoint (config.json model_type bert, roberta, xlm-roberta, distilbert or
-        electra) without a conversion step: its config and tensor names are translated on the fly by
-        `conversion.py`, then loading proceeds as usual (a head the checkpoint lacks is initialised and reported)."""
+        """With the selfattn package installed, also loads a BERT-family checkpoint (config.json model_type bert,
+        roberta, xlm-roberta, distilbert or electra) without a conversion step: its config and tensor names are
+        translated on the fly, then loading proceeds as usual (a head the checkpoint lacks is initialised and
+        reported)."""
         refuse_missing_local_path(pretrained_model_name_or_path)
-        if pretrained_model_name_or_path is not None and kwargs.get("state_dict") is None:
-            from .conversion import foreign_checkpoint_kwargs
-
-            translated = foreign_checkpoint_kwargs(cls, pretrained_model_name_or_path, kwargs)
+        loader = cls.foreign_checkpoint_loader
+        if loader is not None and pretrained_model_name_or_path is not None and kwargs.get("state_dict") is None:
+            translated = loader(cls, pretrained_model_name_or_path, kwargs)
             if translated is not None:
                 loaded = super().from_pretrained(None, *model_args, **translated)
                 # Loaded "from None", the model would name no source; PEFT and model cards read this name.
@@ -700,97 +525,32 @@ class SelfAttnPreTrainedModel(SelfAttnHubMixin, PreTrainedModel):
         self._tp_plan = {rule: style for rule, style in (self._tp_plan or {}).items() if rule in module_names}
 
     def get_output_embeddings(self):
-        # BERT's MLM head projects onto the vocabulary with its `decoder`; a plain LM head is the projection itself.
-        if isinstance(getattr(self, "lm_head", None), SelfAttnLMHead):
-            return self.lm_head.decoder
-        return super().get_output_embeddings()
+        # An LM head is either the projection onto the vocabulary itself, or BERT's MLM head, which projects with its
+        # `decoder` after a transform.
+        lm_head = getattr(self, "lm_head", None)
+        return getattr(lm_head, "decoder", lm_head)
 
     def set_output_embeddings(self, new_embeddings):
-        if isinstance(getattr(self, "lm_head", None), SelfAttnLMHead):
+        if hasattr(self.lm_head, "decoder"):
             self.lm_head.decoder = new_embeddings
         else:
-            super().set_output_embeddings(new_embeddings)
+            self.lm_head = new_embeddings
 
     def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
         embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
-        resize_final_logits_bias(self, embeddings.num_embeddings)
+        # The fixed logits bias of converted Marian/BART models follows the vocabulary: kept, cut or zero-extended.
+        bias = getattr(self, "final_logits_bias", None)
+        if bias is not None:
+            extension = bias.new_zeros(1, max(0, embeddings.num_embeddings - bias.shape[-1]))
+            self.final_logits_bias = torch.cat([bias[:, : embeddings.num_embeddings], extension], dim=1)
         return embeddings
-
-    def enable_onednn_inference(self, enabled: bool = True):
-        """Opt-in faster CPU inference in float32: every nn.Linear of the model becomes a OneDNNInferenceLinear
-        (the same module object with the same parameters, so hooks, tying and state_dict are untouched), which runs
-        on a prepacked copy of its weight through oneDNN. Results match the default path up to float32 rounding
-        (the kernels sum in another order); training and other devices or dtypes are unaffected, and no global torch
-        setting changes. Costs one packed copy of each weight in memory. Combines with enable_compiled_decoding (the
-        compiled steps call oneDNN too). `enable_onednn_inference(False)` restores plain nn.Linear. Returns the
-        model."""
-        if enabled and not torch.backends.mkldnn.is_available():
-            raise RuntimeError("This torch build has no oneDNN (mkldnn) support; enable_onednn_inference needs it.")
-        for module in self.modules():
-            if enabled and type(module) is nn.Linear:
-                module.__class__ = OneDNNInferenceLinear
-            elif not enabled and type(module) is OneDNNInferenceLinear:
-                module.__class__ = nn.Linear
-        return self
-
-    def enable_compiled_decoding(self, enabled: bool = True, **compile_options):
-        """Opt-in faster generate(): decode with a static cache, each decoding step (one new token per sequence)
-        through a torch.compile'd call of the model, for every strategy (greedy, sampling, beam search; transformers
-        compiles by itself only greedy and sampling, and only on CUDA). This removes the per-step Python work of the
-        layers, masks and cache; the matrix products, bound by weight reads at small batches, stay as they are
-        (after enable_onednn_inference they run through oneDNN inside the compiled step). Tokens are the same as
-        the default path's.
-        The first generate() of each new shape compiles (tens of seconds on CPU, where a C++ compiler is needed),
-        later ones reuse it. Sets `cache_implementation="static"` on `self.generation_config` (so a GenerationConfig
-        passed to generate() that leaves it unset uses it too) and turns off transformers' own compilation of the
-        steps, which this replaces; `compile_options` go to torch.compile (mode, backend, ...). Both settings are
-        saved with the generation config by save_pretrained; `enabled=False` restores the defaults. Returns the
-        model."""
-        if not self.can_generate():
-            raise ValueError(f"{type(self).__name__} does not generate; compiled decoding is for generate() models.")
-        self.__dict__.pop("compiled_decoding_step", None)
-        if enabled:
-            self.compiled_decoding_options = {"fullgraph": True, "dynamic": False, **compile_options}
-            self.generation_config.cache_implementation, self.generation_config.disable_compile = "static", True
-        else:
-            self.compiled_decoding_options = None
-            self.generation_config.cache_implementation, self.generation_config.disable_compile = None, False
-        return self
-
-    def __call__(self, *args, **kwargs):
-        options = self.__dict__.get("compiled_decoding_options")
-        if options is None or torch.compiler.is_compiling() or not self.is_decoding_step(kwargs):
-            return super().__call__(*args, **kwargs)
-        step = self.__dict__.get("compiled_decoding_step")
-        if step is None:
-            step = self.__dict__["compiled_decoding_step"] = torch.compile(self.__call__, **options)
-        return step(*args, **kwargs)
-
-    def __getstate__(self):
-        # A compiled step can be neither pickled nor shared by a copy (it calls this model): copies compile their own.
-        return {name: value for name, value in super().__getstate__().items() if name != "compiled_decoding_step"}
-
-    def is_decoding_step(self, kwargs: dict) -> bool:
-        """A generate() call past the prompt, on a static cache, asking for no attentions or hidden states."""
-        cache = kwargs.get("cache")
-        if isinstance(cache, EncoderDecoderCache):
-            cache = cache.self_attention_cache
-        return (
-            not self.training
-            and isinstance(cache, Cache)
-            and all(isinstance(layer, StaticLayer) for layer in cache.layers)
-            and cache.get_seq_length() > 0
-            and not kwargs.get("output_attentions")
-            and not kwargs.get("output_hidden_states")
-        )
 
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, SelfAttnEmbeddings) and hasattr(module, "sinusoidal_table"):
             init.copy_(module.sinusoidal_table, sinusoidal_positions(*module.sinusoidal_table.shape))
-        elif isinstance(module, (SelfAttnForConditionalGeneration, SelfAttnForCausalLM)):
-            if module.final_logits_bias is not None:
-                init.zeros_(module.final_logits_bias)
+        elif getattr(module, "final_logits_bias", None) is not None:
+            init.zeros_(module.final_logits_bias)
 
 
 class SelfAttnStack(SelfAttnPreTrainedModel):
@@ -966,7 +726,7 @@ def check_cache_shape(cache: Cache, config: SelfAttnConfig) -> None:
     for layer in self_attention_cache.layers:
         keys = getattr(layer, "keys", None)
         if keys is not None and keys.dim() == 4 and keys.numel() > 0:
-            heads, head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+            heads, head_dim = config.num_attention_heads, config.head_dim
             # Under tensor parallelism each device caches an equal share of the heads.
             if keys.shape[3] != head_dim or heads % keys.shape[1] != 0:
                 raise ValueError(
@@ -1048,6 +808,24 @@ class SelfAttnModel(SelfAttnPreTrainedModel):
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPoolingAndCrossAttentions | Seq2SeqModelOutput | BaseModelOutputWithPastAndCrossAttentions:
+        if self.encoder is None or self.decoder is None:
+            unused = {
+                "decoder_input_ids": decoder_input_ids,
+                "decoder_attention_mask": decoder_attention_mask,
+                "decoder_position_ids": decoder_position_ids,
+                "decoder_inputs_embeds": decoder_inputs_embeds,
+                # a decoder-only model encodes nothing; an encoder-only one caches nothing
+                "encoder_outputs": encoder_outputs if self.encoder is None else None,
+                "cache": cache if self.decoder is None else None,
+            }
+            given = sorted(name for name, value in unused.items() if value is not None)
+            if given:
+                shape = "decoder-only" if self.encoder is None else "encoder-only"
+                raise ValueError(
+                    f"{given} have no use in this {shape} SelfAttnModel, which takes input_ids (or inputs_embeds) "
+                    "and attention_mask; they belong to an encoder-decoder config (encoder_layers and decoder_layers "
+                    "both > 0)."
+                )
         if self.encoder is None:
             return self.decoder(
                 input_ids=input_ids,
@@ -1157,13 +935,13 @@ def scored_token_logits(lm_head: nn.Module, hidden_states, logits, labels, ignor
     return logits[scored], labels[scored]
 
 
-def generation_lm_head(model: nn.Module, config: SelfAttnConfig) -> nn.Module:
-    """The LM head of a generating model: a plain projection onto the token table, or BERT's MLM head with
-    `config.lm_head_transform` (its projection, not the head, is then what ties to the table)."""
+def generation_lm_head(config: SelfAttnConfig, token_table: str) -> tuple[nn.Module, dict[str, str]]:
+    """The LM head of a generating model and its tie to `token_table` (the table's parameter name): a plain
+    projection onto the token table, or BERT's MLM head with `config.lm_head_transform` (its projection, not the
+    head, is then what ties to the table)."""
     if config.lm_head_transform:
-        model._tied_weights_keys = {"lm_head.decoder.weight": model._tied_weights_keys["lm_head.weight"]}
-        return SelfAttnLMHead(config)
-    return nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        return SelfAttnLMHead(config), {"lm_head.decoder.weight": token_table}
+    return nn.Linear(config.hidden_size, config.vocab_size, bias=False), {"lm_head.weight": token_table}
 
 
 class SelfAttnForMaskedLM(SelfAttnPreTrainedModel):
@@ -1380,7 +1158,7 @@ class SelfAttnForMultipleChoice(SelfAttnPreTrainedModel):
         )
         pooled = outputs.pooler_output if outputs.pooler_output is not None else outputs.last_hidden_state[:, 0]
         logits = self.classifier(self.dropout(pooled)).view(-1, num_choices)
-        loss = CrossEntropyLoss()(logits, labels.to(logits.device)) if labels is not None else None
+        loss = fixed_cross_entropy(logits, labels.to(logits.device)) if labels is not None else None
         return MultipleChoiceModelOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
@@ -1402,7 +1180,6 @@ class SelfAttnForConditionalGeneration(SelfAttnPreTrainedModel, GenerationMixin)
 
     # The loss divides by Trainer's `num_items_in_batch` (the scored tokens of all processes and accumulated steps).
     accepts_loss_kwargs = True
-    _tied_weights_keys = {"lm_head.weight": "model.encoder.embeddings.word_embeddings.weight"}
 
     def __init__(self, config: SelfAttnConfig):
         super().__init__(config)
@@ -1412,21 +1189,13 @@ class SelfAttnForConditionalGeneration(SelfAttnPreTrainedModel, GenerationMixin)
                 f"{config.encoder_layers} and {config.decoder_layers})."
             )
         self.model = SelfAttnModel(config)
-        self.lm_head = generation_lm_head(self, config)
+        # One token table for the encoder, the decoder and the output layer, as in the paper.
+        token_table = "model.encoder.embeddings.word_embeddings.weight"
+        self.lm_head, self._tied_weights_keys = generation_lm_head(config, token_table)
         self.register_buffer(
             "final_logits_bias", torch.zeros(1, config.vocab_size) if config.add_final_logits_bias else None
         )
         self.post_init()
-
-    @classmethod
-    def from_encoder_decoder_pretrained(cls, encoder_source, decoder_source=None, **kwargs):
-        """Warm-start from encoder checkpoints (BERT-family or selfattn; BERT2BERT): the encoder from
-        `encoder_source`, the decoder's self-attention, FFN and embeddings from `decoder_source` (default: the same
-        checkpoint), the cross-attention newly initialised. Set `decoder_start_token_id` (e.g. the [CLS] id) to
-        train from labels."""
-        from .conversion import warm_start_kwargs
-
-        return cls.from_pretrained(None, **warm_start_kwargs(encoder_source, decoder_source, **kwargs))
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor):
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
@@ -1509,7 +1278,6 @@ class SelfAttnForCausalLM(SelfAttnPreTrainedModel, GenerationMixin):
 
     # The loss divides by Trainer's `num_items_in_batch` (the scored tokens of all processes and accumulated steps).
     accepts_loss_kwargs = True
-    _tied_weights_keys = {"lm_head.weight": "model.decoder.embeddings.word_embeddings.weight"}
 
     def __init__(self, config: SelfAttnConfig):
         super().__init__(config)
@@ -1519,7 +1287,9 @@ class SelfAttnForCausalLM(SelfAttnPreTrainedModel, GenerationMixin):
                 f"{config.encoder_layers} and {config.decoder_layers})."
             )
         self.model = SelfAttnModel(config)
-        self.lm_head = generation_lm_head(self, config)
+        self.lm_head, self._tied_weights_keys = generation_lm_head(
+            config, "model.decoder.embeddings.word_embeddings.weight"
+        )
         self.register_buffer(
             "final_logits_bias", torch.zeros(1, config.vocab_size) if config.add_final_logits_bias else None
         )
@@ -1580,16 +1350,6 @@ class SelfAttnForCausalLM(SelfAttnPreTrainedModel, GenerationMixin):
         )
 
 
-def resize_final_logits_bias(model: nn.Module, num_tokens: int) -> None:
-    bias = getattr(model, "final_logits_bias", None)  # generating heads only, and set only for Marian/BART
-    if bias is None:
-        return
-    if num_tokens <= bias.shape[-1]:
-        model.final_logits_bias = bias[:, :num_tokens].clone()
-    else:
-        model.final_logits_bias = torch.cat([bias, bias.new_zeros(1, num_tokens - bias.shape[-1])], dim=1)
-
-
 
 @dataclass
 class SelfAttnForPreTrainingOutput(ModelOutput):
@@ -1644,11 +1404,8 @@ class SelfAttnForPreTraining(SelfAttnPreTrainedModel):
         seq_relationship_logits = self.next_sentence(outputs.pooler_output)
         loss = None
         if labels is not None and next_sentence_label is not None:
-            cross_entropy = CrossEntropyLoss()
-            masked_lm_loss = cross_entropy(
-                prediction_logits.view(-1, self.config.vocab_size), labels.to(prediction_logits.device).view(-1)
-            )
-            next_sentence_loss = cross_entropy(
+            masked_lm_loss = ForMaskedLMLoss(prediction_logits, labels, self.config.vocab_size)
+            next_sentence_loss = fixed_cross_entropy(
                 seq_relationship_logits.view(-1, 2), next_sentence_label.to(prediction_logits.device).view(-1)
             )
             loss = masked_lm_loss + next_sentence_loss

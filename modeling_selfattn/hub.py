@@ -2,8 +2,8 @@
 `save_pretrained` and uploaded by `push_to_hub`.
 
 A model file imports this one relatively, so `save_pretrained` ships it with the remote code and a model
-loaded with `trust_remote_code=True` writes the same card. The template is `model_card.md` at the root of the
-selfattn repository; keep the two identical (a test checks).
+loaded with `trust_remote_code=True` writes the same card. MODEL_CARD_TEMPLATE below is the template's one copy
+(model_card.md at the root of the selfattn repository describes it).
 """
 
 import os
@@ -50,7 +50,7 @@ from transformers import {auto_class}
 model = {auto_class}.from_pretrained("{repo_id}", trust_remote_code=True)
 ```
 
-`trust_remote_code=True` runs the Python files stored beside the weights (`modeling_selfattn.py` and the
+`trust_remote_code=True` runs the Python files stored beside the weights (`model.py` and the
 files it imports): read them first, or pin a revision. Where the `selfattn` package is installed
 (`import modeling_selfattn`), the Auto classes find the model without it.
 
@@ -93,7 +93,7 @@ def render_model_card(model, repo_id: str, tags: list[str] | None = None) -> str
         layers=layers,
         hidden_size=config.hidden_size,
         num_attention_heads=config.num_attention_heads,
-        head_dim=config.hidden_size // config.num_attention_heads,
+        head_dim=config.head_dim,
         intermediate_size=config.intermediate_size,
         hidden_act=config.hidden_act,
         positions="learned" if config.position_embedding_type == "learned" else "sinusoidal (fixed)",

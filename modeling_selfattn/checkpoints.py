@@ -11,8 +11,8 @@ source tensors, missing target tensors, shape mismatches); a tensor is never dro
 `ConversionReport.check()` raises on anything unexplained. To add a family, write its tables and add it to
 `FAMILIES`.
 
-Only the standard library, torch, safetensors and transformers, and relative imports: a saved model ships this
-file beside `modeling_selfattn.py`.
+Package-only: saved models do not ship it. Importing the package plugs `foreign_checkpoint_kwargs` and
+`selfattn_config_dict` into the model classes, so that their from_pretrained reads BERT-family folders directly.
 """
 
 import json
@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .configuration_selfattn import SelfAttnConfig
+from . import model as selfattn_model
+from .config import SelfAttnConfig
 
 logger = logging.getLogger(__name__)
 
@@ -522,9 +523,7 @@ def architecture_for(family: Family, target_class: str) -> str:
 
 
 def target_class(name: str) -> type:
-    from . import modeling_selfattn
-
-    return getattr(modeling_selfattn, name)
+    return getattr(selfattn_model, name)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1129,6 +1128,16 @@ def warm_start_kwargs(encoder_source, decoder_source=None, **kwargs) -> dict:
     return {**kwargs, "config": SelfAttnConfig(**config_fields), "state_dict": state_dict}
 
 
+def warm_start_encoder_decoder(encoder_source, decoder_source=None, **kwargs):
+    """A SelfAttnForConditionalGeneration warm-started from encoder checkpoints (BERT-family or selfattn; BERT2BERT):
+    the encoder from `encoder_source`, the decoder's self-attention, FFN and embeddings from `decoder_source`
+    (default: the same checkpoint), the cross-attention newly initialised. Set `decoder_start_token_id` (e.g. the
+    [CLS] id) to train from labels. transformers' EncoderDecoderModel.from_encoder_decoder_pretrained does the same
+    for its own classes."""
+    model_class = selfattn_model.SelfAttnForConditionalGeneration
+    return model_class.from_pretrained(None, **warm_start_kwargs(encoder_source, decoder_source, **kwargs))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # selfattn -> BERT family
 
@@ -1154,7 +1163,7 @@ def export_checkpoint(source: str | os.PathLike, family_name: str | None = None,
     if model_type != SelfAttnConfig.model_type:
         raise ConversionError(
             f"{source} holds a {model_type!r} checkpoint, not a selfattn one; export takes the folder that "
-            "convert_bert.py or save_pretrained of a selfattn model wrote."
+            "selfattn-convert bert or save_pretrained of a selfattn model wrote."
         )
     config = SelfAttnConfig.from_pretrained(folder)
     if config.decoder_layers:
@@ -1333,4 +1342,5 @@ __all__ = [
     "source_config_dict",
     "verify",
     "verify_seq2seq",
+    "warm_start_encoder_decoder",
 ]

@@ -1,0 +1,459 @@
+"""`selfattn-convert`: checkpoints into selfattn and back, one command per direction.
+
+    selfattn-convert bert SOURCE OUTPUT [--architecture NAME] [--verify] [--overwrite]
+    selfattn-convert seq2seq SOURCE OUTPUT [--architecture NAME] [--verify] [--overwrite]
+    selfattn-convert export SELFATTN_DIR OUTPUT [--family NAME] [--overwrite]
+
+Also `python -m modeling_selfattn.convert_cli`. The scripts in conversion/ run the same commands under the
+paths the README gave before there was a console script. The conversion itself is modeling_selfattn/checkpoints.py;
+how OUTPUT is checked and replaced is modeling_selfattn/output_folder.py.
+"""
+
+import argparse
+import shutil
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import transformers
+from safetensors.torch import save_file
+
+from .checkpoints import (
+    ENCODER_FAMILIES,
+    TOKENIZER_FILES,
+    ConversionError,
+    convert_checkpoint,
+    export_checkpoint,
+    read_config,
+    resolve_folder,
+    verify,
+    verify_seq2seq,
+)
+from .hub import render_model_card
+from .output_folder import Output, OutputFailed, OutputRefused, check_output, write_output
+
+PROG = "selfattn-convert"
+SEQ2SEQ_MODEL_TYPES = ("marian", "bart")
+
+
+def reflowed(text: str) -> str:
+    """`text` with each paragraph wrapped anew: the descriptions are put together from shared sentences, and
+    --help prints them as they are (RawDescriptionHelpFormatter keeps the paragraphs apart)."""
+    return "\n\n".join(textwrap.fill(" ".join(part.split()), 115) for part in text.strip().split("\n\n")) + "\n"
+
+
+DESCRIPTION = """\
+Convert BERT-family and encoder-decoder checkpoints to selfattn folders, and export selfattn encoders back to
+transformers' BERT-family layout. `selfattn-convert COMMAND --help` describes a command's arguments.
+
+Every command writes OUTPUT in full beside itself and only then puts it in place, so a failed run leaves an
+existing OUTPUT as it was and writes nothing. Exit status: 0 done, 1 the command failed, 2 bad arguments.
+"""
+
+SAFE_OUTPUT = """\
+OUTPUT is written in full beside itself and only then put in place, so a failed run ({failures}) leaves an
+existing OUTPUT as it was and writes nothing; --overwrite replaces an existing OUTPUT folder that way. OUTPUT may
+not be {source}, contain it or lie inside it, and may not be a file or a symbolic link
+(modeling_selfattn/output_folder.py says why). Exit status: 0 done, 1 {status_1}, 2 bad arguments.
+"""
+
+BERT_DESCRIPTION = reflowed(
+    """\
+Convert a BERT-family checkpoint (BERT, RoBERTa, XLM-RoBERTa, DistilBERT, ELECTRA, or a BERT-layout model such
+as MiniLM) to a selfattn folder ready for `from_pretrained` and the Hub.
+
+SOURCE is a checkpoint folder (safetensors or PyTorch .bin, sharded or not) or, where a network is, a Hub id.
+OUTPUT gets model.safetensors, config.json, the model code, the tokenizer files and a model card naming the
+source and, with --verify, the parity figures. The conversion report is printed; any tensor that maps nowhere,
+is missing or has the wrong shape stops the conversion.
+
+"""
+    + SAFE_OUTPUT.format(
+        failures="a conversion problem, parity beyond --tolerance, a write error",
+        source="SOURCE",
+        status_1="conversion failed, parity beyond --tolerance or writing failed",
+    )
+)
+
+SEQ2SEQ_DESCRIPTION = reflowed(
+    """\
+Convert an encoder-decoder checkpoint (Marian: MarianMTModel or MarianModel; BART: BartForConditionalGeneration
+or BartModel) to a selfattn folder ready for `from_pretrained`, `generate()` and the Hub.
+
+SOURCE is a checkpoint folder (safetensors or PyTorch .bin, sharded or not) or, where a network is, a Hub id.
+OUTPUT gets model.safetensors, config.json, the source's generation settings (generation_config.json), the model
+code, the tokenizer files and a model card naming the source and, with --verify, the parity figures: max abs
+difference of the logits and of the encoder output, and whether generate() gives the source's tokens with greedy
+and 4-beam search. The conversion report is printed; any tensor that maps nowhere, is missing or has the wrong
+shape stops the conversion.
+
+"""
+    + SAFE_OUTPUT.format(
+        failures="a conversion problem, a failed --verify, a write error",
+        source="SOURCE",
+        status_1="conversion failed, parity beyond --tolerance, tokens that differ or writing failed",
+    )
+)
+
+EXPORT_DESCRIPTION = reflowed(
+    """\
+Export an encoder-only selfattn folder back to transformers' BERT-family layout (BERT or RoBERTa, or the other
+families of the conversion tables).
+
+The family defaults to RoBERTa for a model with RoBERTa's padding-aware positions and BERT otherwise. OUTPUT gets
+config.json, model.safetensors and the tokenizer files; it is then loaded with transformers' own class to check
+that every tensor fits. Converting a BERT checkpoint and exporting it back gives bit-identical tensors.
+
+"""
+    + SAFE_OUTPUT.format(
+        failures="a failed export or load check, a write error",
+        source="SELFATTN_DIR",
+        status_1="export or writing failed",
+    )
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Arguments
+
+
+def non_negative_tolerance(text: str) -> float:
+    # `not >=` also catches nan, with which every comparison is false and --verify would pass anything.
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a number >= 0; pass e.g. --tolerance 1e-4.")
+    return value
+
+
+def add_overwrite(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace OUTPUT if it exists (once the new folder is complete)"
+    )
+
+
+def add_conversion_arguments(parser: argparse.ArgumentParser, architecture_help: str, verify_help: str) -> None:
+    parser.add_argument("source", help="checkpoint folder, or Hub id where a network is")
+    parser.add_argument("output", type=Path, help="selfattn folder to write")
+    parser.add_argument("--architecture", help=architecture_help)
+    parser.add_argument("--verify", action="store_true", help=verify_help)
+    parser.add_argument(
+        "--tolerance",
+        type=non_negative_tolerance,
+        default=1e-4,
+        help="largest max abs difference --verify accepts (default 1e-4)",
+    )
+    add_overwrite(parser)
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", type=Path, help="selfattn model folder (encoder-only)")
+    parser.add_argument("output", type=Path, help="transformers checkpoint folder to write")
+    parser.add_argument("--family", choices=sorted(ENCODER_FAMILIES), help="layout to write (default: bert or roberta)")
+    add_overwrite(parser)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What goes into OUTPUT
+
+
+def copy_tokenizer_files(source_folder: Path, folder: Path) -> list[str]:
+    """Copy SOURCE's tokenizer files into `folder`; the names copied. An entry of a tokenizer file's name that
+    is not a file stops the run: skipping it would give a model whose tokenizer is silently incomplete."""
+    source_folder = Path(source_folder)
+    copied = []
+    for name in TOKENIZER_FILES:
+        path = source_folder / name
+        if not path.exists() and not path.is_symlink():
+            continue
+        if not path.is_file():
+            what = "a folder" if path.is_dir() else "a broken symbolic link" if path.is_symlink() else "not a file"
+            raise ConversionError(
+                f"SOURCE's tokenizer file {path} is {what}, so the tokenizer cannot be copied. Put the "
+                f"tokenizer's {name} there, or remove the entry if the tokenizer does not use it."
+            )
+        shutil.copy2(path, folder / name)
+        copied.append(name)
+    if not copied:
+        print(
+            f"note: SOURCE {source_folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:5])}, ...), so OUTPUT "
+            "has none either; copy the tokenizer in by hand before using OUTPUT on text."
+        )
+    return copied
+
+
+def write_model_card(output: Path, section: str) -> None:
+    """Append the conversion section to the generated card, and keep the card from being regenerated
+    (it is now partly written by hand)."""
+    readme = output / "README.md"
+    card = readme.read_text(encoding="utf-8") if readme.exists() else ""
+    card = "\n".join(line for line in card.splitlines() if "selfattn: generated from config.json" not in line)
+    readme.write_text(card.rstrip() + "\n\n" + section, encoding="utf-8")
+
+
+def conversion_header(command: str, source: str, report, seconds: float, extra: str = "") -> list[str]:
+    return [
+        "## Conversion",
+        "",
+        f"Converted from `{source}` (`{report.architecture}`) to `{report.target}` with `{PROG} {command}` of the "
+        f"selfattn package in {seconds:.1f} s: {len(report.mapped)} tensors mapped, {len(report.dropped)} dropped "
+        f"(no selfattn counterpart needed).{extra}",
+        "",
+    ]
+
+
+UNMEASURED = "Parity with the source model was not measured (convert with `--verify` to measure it)."
+
+
+def bert_card_section(source: str, report, diffs: dict | None, seconds: float) -> str:
+    lines = conversion_header("bert", source, report, seconds)
+    if diffs is None:
+        lines.append(UNMEASURED)
+    else:
+        lines += [
+            "Parity with the source transformers model on a padded batch of sample sentences (fp32, max abs diff):",
+            "",
+            "| output | max abs diff |",
+            "|---|---|",
+        ]
+        lines += [f"| {name} | {value:.2e} |" for name, value in diffs.items()]
+    return "\n".join(lines) + "\n"
+
+
+def seq2seq_card_section(source: str, report, verification: tuple | None, seconds: float) -> str:
+    kept = " The source's generation settings are kept in generation_config.json."
+    lines = conversion_header("seq2seq", source, report, seconds, kept)
+    if verification is None:
+        lines.append(UNMEASURED)
+        return "\n".join(lines) + "\n"
+    diffs, mismatches = verification
+    lines += [
+        "Parity with the source transformers model on a padded batch of sample sentences (fp32):",
+        "",
+        "| check | result |",
+        "|---|---|",
+    ]
+    lines += [f"| {name} max abs diff | {value:.2e} |" for name, value in diffs.items()]
+    lines += [f"| generate(), {name}: sequences that differ | {count} |" for name, count in mismatches.items()]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The commands: each does its work and hands back how to write OUTPUT; `run` does the rest
+
+
+@dataclass(frozen=True)
+class Prepared:
+    write: Callable[[Path], None]  # fills the new folder that then replaces OUTPUT
+    source_folder: Path | None  # SOURCE as read, checked against OUTPUT once more before writing
+    written: str  # what OUTPUT holds, for the last line printed
+
+
+def check_parity(diffs: dict[str, float], tolerance: float) -> None:
+    """Raise ConversionError when a --verify difference exceeds --tolerance."""
+    beyond = {name: value for name, value in diffs.items() if not value <= tolerance}  # nan is beyond too
+    if beyond:
+        figures = ", ".join(f"{name} {value:.3e}" for name, value in beyond.items())
+        raise ConversionError(
+            f"--verify: the converted model differs from the source beyond --tolerance {tolerance:g} (max abs "
+            f"diff {figures}), so nothing is written. Check that --architecture fits the checkpoint, or pass a "
+            "larger --tolerance if this difference is acceptable."
+        )
+
+
+def converted_model(args: argparse.Namespace, model, report, card_section: Callable[[float], str], start: float):
+    source_folder = resolve_folder(args.source)
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)  # a seq2seq model's generation_config.json holds the source's settings
+        # save_pretrained names the card after the folder it writes, the hidden sibling that becomes OUTPUT.
+        card = render_model_card(model, Path(args.output).resolve().name)
+        (folder / "README.md").write_text(card, encoding="utf-8")
+        copy_tokenizer_files(source_folder, folder)
+        write_model_card(folder, card_section(time.perf_counter() - start))
+
+    return Prepared(write, source_folder, report.target)
+
+
+def convert_bert(args: argparse.Namespace, start: float) -> Prepared:
+    model, report = convert_checkpoint(args.source, args.architecture, progress=True)
+    print(report.summary())
+    diffs = None
+    if args.verify:
+        diffs = verify(args.source, model)
+        for name, value in diffs.items():
+            print(f"max abs diff {name}: {value:.3e}")
+        check_parity(diffs, args.tolerance)
+    section = partial(bert_card_section, args.source, report, diffs)
+    return converted_model(args, model, report, section, start)
+
+
+def convert_seq2seq(args: argparse.Namespace, start: float) -> Prepared:
+    model_type = read_config(resolve_folder(args.source)).get("model_type")
+    if model_type not in SEQ2SEQ_MODEL_TYPES:
+        raise ConversionError(
+            f"{args.source} holds a {model_type!r} checkpoint; `{PROG} seq2seq` converts "
+            f"{list(SEQ2SEQ_MODEL_TYPES)} encoder-decoders (`{PROG} bert`, or conversion/convert_bert.py, converts "
+            "BERT-family encoders)."
+        )
+    model, report = convert_checkpoint(args.source, args.architecture, progress=True)
+    print(report.summary())
+    verification = None
+    if args.verify:
+        if not model.can_generate():
+            raise ConversionError(
+                f"--verify runs generate(), which {report.target}, the bare model, cannot; leave out --verify, or "
+                "convert a checkpoint with the generation head (MarianMTModel, BartForConditionalGeneration)."
+            )
+        diffs, mismatches = verify_seq2seq(args.source, model)
+        for name, value in diffs.items():
+            print(f"max abs diff {name}: {value:.3e}")
+        for name, count in mismatches.items():
+            print(f"generate() {name}: {count} sequence(s) differ from the source's")
+        check_parity(diffs, args.tolerance)
+        if any(mismatches.values()):
+            raise ConversionError(
+                f"--verify: generate() gives other tokens than the source model (sequences that differ: "
+                f"{mismatches}), so nothing is written. Check that --architecture fits the checkpoint."
+            )
+        verification = (diffs, mismatches)
+    section = partial(seq2seq_card_section, args.source, report, verification)
+    return converted_model(args, model, report, section, start)
+
+
+def check_loads(config, folder: Path) -> None:
+    """Load `folder` with transformers' own class; raise ConversionError unless every tensor fits."""
+    architecture = config.architectures[0]
+    _, loading_info = getattr(transformers, architecture).from_pretrained(folder, output_loading_info=True)
+    problems = {kind: sorted(keys) for kind, keys in loading_info.items() if kind != "error_msgs" and keys}
+    if problems:
+        raise ConversionError(
+            f"{architecture} does not load the exported tensors cleanly: {problems}; nothing is written. This is "
+            "a gap in the conversion tables of modeling_selfattn/checkpoints.py: please report it."
+        )
+
+
+def export(args: argparse.Namespace, start: float) -> Prepared:
+    config, state_dict, report = export_checkpoint(args.source, args.family, progress=True)
+    print(report.summary())
+
+    def write(folder: Path) -> None:
+        config.save_pretrained(folder)
+        tensors = {name: tensor.contiguous() for name, tensor in state_dict.items()}
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        copy_tokenizer_files(args.source, folder)
+        check_loads(config, folder)
+
+    return Prepared(write, args.source, config.architectures[0])
+
+
+@dataclass(frozen=True)
+class Command:
+    summary: str  # its line in `selfattn-convert --help`
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    prepare: Callable[[argparse.Namespace, float], Prepared]
+    source_name: str = "SOURCE"  # in messages, as the description calls it
+
+
+COMMANDS = {
+    "bert": Command(
+        "BERT, RoBERTa, XLM-RoBERTa, DistilBERT, ELECTRA or MiniLM checkpoint -> selfattn folder",
+        BERT_DESCRIPTION,
+        partial(
+            add_conversion_arguments,
+            architecture_help="source architecture to convert (default: config.json's), e.g. BertForPreTraining for "
+            "a checkpoint that holds both pre-training heads",
+            verify_help="run the source transformers model and the converted one on sample text",
+        ),
+        convert_bert,
+    ),
+    "seq2seq": Command(
+        "Marian or BART encoder-decoder checkpoint -> selfattn folder",
+        SEQ2SEQ_DESCRIPTION,
+        partial(
+            add_conversion_arguments,
+            architecture_help="source architecture to convert (default: config.json's), e.g. MarianModel",
+            verify_help="run the source transformers model and the converted one on sample text: logits and "
+            "generate()",
+        ),
+        convert_seq2seq,
+    ),
+    "export": Command(
+        "encoder-only selfattn folder -> transformers BERT-family checkpoint",
+        EXPORT_DESCRIPTION,
+        add_export_arguments,
+        export,
+        source_name="SELFATTN_DIR",
+    ),
+}
+
+
+def failed(error: BaseException | str, status: int, target: Output | None = None) -> int:
+    """Print the error (and, once OUTPUT has been checked, what became of it); the exit status."""
+    print(f"error: {error}", file=sys.stderr)
+    if target is not None and not isinstance(error, OutputFailed):  # OutputFailed says it already
+        print(target.untouched(), file=sys.stderr)
+    return status
+
+
+def run(command: Command, args: argparse.Namespace) -> int:
+    try:
+        target = check_output(args.output, args.source, args.overwrite)
+    except OutputRefused as error:
+        return failed(error, 2)
+    start = time.perf_counter()
+    try:
+        prepared = command.prepare(args, start)
+        write_output(target, prepared.write, prepared.source_folder)
+    except OutputRefused as error:
+        return failed(error, 2)
+    except (ConversionError, OutputFailed) as error:
+        return failed(error, 1, target)
+    except OSError as error:  # reading SOURCE: writing errors arrive as OutputFailed
+        return failed(
+            f"Cannot read {command.source_name} {args.source} ({error}); make its files readable and run again.",
+            1,
+            target,
+        )
+    print(f"wrote {args.output} ({prepared.written}) in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def build_parser(script_name: str | None = None) -> argparse.ArgumentParser:
+    """`script_name`, for the scripts in conversion/ that each run one command, stands in usage and error
+    messages for `selfattn-convert COMMAND`, since their users leave out the command."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    for name, command in COMMANDS.items():
+        subparser = commands.add_parser(
+            name,
+            prog=script_name,
+            help=command.summary,
+            description=command.description,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        command.add_arguments(subparser)
+        subparser.set_defaults(command=command)
+    return parser
+
+
+def parse_args(argv=None, script_name: str | None = None) -> argparse.Namespace:
+    return build_parser(script_name).parse_args(argv)
+
+
+def main(argv=None, script_name: str | None = None) -> int:
+    args = parse_args(argv, script_name)
+    return run(args.command, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
