@@ -2,8 +2,8 @@
 
 Importing this package registers `model_type="selfattn"` with transformers (see registration.py). The modules:
 
-- shipped with every saved model (they import only each other): `config.py`, `model.py`, `packing.py`, `hub.py`,
-  `heads.py`;
+- shipped with every saved model (they import only each other): `config.py`, `model.py`, `input_checks.py`,
+  `packing.py`, `hub.py`, `heads.py`;
 - package-only: `checkpoints.py` (conversion of BERT-family and Marian/BART checkpoints, export, verification,
   warm starts), `convert_cli.py` (the selfattn-convert command), `fast_paths.py` (opt-in oneDNN inference and
   compiled decoding), `registration.py`, `pipelines.py`, `visualize.py`.

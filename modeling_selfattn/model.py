@@ -9,8 +9,6 @@ encoder output, FFN); the stacks; the pretrained base; then the task heads.
 Only relative imports among the model files, so that `save_pretrained` can ship them as remote code.
 """
 
-import functools
-import inspect
 import math
 import re
 from collections.abc import Callable
@@ -20,7 +18,7 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache, StaticLayer
+from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.generation import GenerationMixin
 from transformers.loss.loss_utils import ForMaskedLMLoss, fixed_cross_entropy
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
@@ -41,114 +39,22 @@ from transformers.modeling_outputs import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs
-from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .config import SelfAttnConfig
 from .heads import HEADS
 from .hub import SelfAttnHubMixin, refuse_missing_local_path
-from .packing import PackedSequences, packed_sequences_for
-
-
-def check_ids(ids: torch.Tensor, table_size: int, name: str, table: str, fix: str) -> None:
-    """An id outside an embedding table would index out of bounds (a crash deep in torch, or on GPU a
-    device-side assert); say which ids are wrong instead. Skipped under torch.compile, where reading the ids
-    back would break the graph."""
-    if ids.numel() == 0 or torch.compiler.is_compiling():
-        return
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0 or high >= table_size:
-        raise ValueError(f"{name} contains ids outside the {table} [0, {table_size - 1}] (min {low}, max {high}). {fix}")
-
-
-def check_attention_mask(attention_mask: torch.Tensor | None, expected: tuple[int, int], name: str) -> None:
-    """A 2-D mask must have one 0/1 entry per token. Prepared 4-D masks (and flex attention's block masks), which
-    generate() builds for a static cache, pass as they are."""
-    # A static cache's length is a tensor: comparing it under torch.compile would break the graph.
-    if attention_mask is None or not isinstance(attention_mask, torch.Tensor) or torch.compiler.is_compiling():
-        return
-    if attention_mask.dim() == 4:
-        return
-    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != expected:
-        raise ValueError(
-            f"{name} has shape {tuple(attention_mask.shape)} but the inputs need (batch_size, key_length) = "
-            f"{expected}: one entry per token (1 = attend, 0 = padding), covering any cached tokens too."
-        )
-    if attention_mask.dtype != torch.bool and attention_mask.numel() > 0:
-        low, high = attention_mask.min().item(), attention_mask.max().item()
-        if low < 0 or high > 1 or not torch.all((attention_mask == 0) | (attention_mask == 1)):
-            raise ValueError(
-                f"{name} may hold only 1 (attend) and 0 (padding), but holds values from {low} to {high}; pass the "
-                "tokenizer's attention_mask, or (mask > 0).long() for a mask of another scale."
-            )
-
-
-# What forward() takes through **kwargs besides its named parameters: the keywords transformers itself passes on
-# (output flags, return_dict, Trainer's item count, flash attention's offsets of packed sequences). Anything else is
-# refused: a misspelt or misplaced argument would otherwise be dropped without a word.
-FORWARDED_KWARGS = frozenset(
-    {
-        "output_attentions",
-        "output_hidden_states",
-        "return_dict",
-        "num_items_in_batch",
-        "cu_seq_lens_q",
-        "cu_seq_lens_k",
-        "max_length_q",
-        "max_length_k",
-    }
+from .input_checks import (
+    accepts_past_key_values,
+    check_attention_mask,
+    check_cache_shape,
+    check_cache_type,
+    check_flash_offsets,
+    check_ids,
+    refuse_unknown_kwargs,
 )
-
-
-def refuse_unknown_kwargs(forward: Callable) -> Callable:
-    """Wraps a forward() so that a keyword it neither names nor passes on to transformers raises a TypeError. Its
-    signature says so too (the passed-on keywords as keyword-only parameters, no **kwargs): generate() hands an
-    encoder only what its signature names, and Trainer keeps the data columns the signature names."""
-    signature = inspect.signature(forward)
-    named = frozenset(signature.parameters) - {"self", "kwargs"}
-
-    @functools.wraps(forward)
-    def checked_forward(self, *args, **kwargs):
-        unknown = kwargs.keys() - named - FORWARDED_KWARGS
-        if unknown:
-            raise TypeError(
-                f"{type(self).__name__}.forward() got unexpected keyword argument(s) {sorted(unknown)}. It takes "
-                f"{sorted(named)}, and passes on {sorted(FORWARDED_KWARGS)}. Check the spelling, and that the "
-                "argument belongs to this kind of model."
-            )
-        return forward(self, *args, **kwargs)
-
-    parameters = [parameter for parameter in signature.parameters.values() if parameter.kind != parameter.VAR_KEYWORD]
-    passed_on = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in sorted(FORWARDED_KWARGS)]
-    checked_forward.__signature__ = signature.replace(parameters=parameters + passed_on)
-    return checked_forward
-
-
-# transformers 5.24 renamed the cache argument; the old name still works, with a FutureWarning, as in transformers'
-# own models, and passing both names is an error.
-accepts_past_key_values = deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)
-
-
-def check_flash_offsets(config: SelfAttnConfig, kwargs: dict) -> None:
-    """Offsets of packed sequences (cu_seq_lens_q/k, from DataCollatorWithFlattening) confine attention to each
-    sequence only in the flash kernels; any other attention would mix the sequences without a word."""
-    given = sorted(name for name in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k") if name in kwargs)
-    if given and not config._attn_implementation.startswith("flash_attention"):
-        raise ValueError(
-            f"{given} describe packed sequences, which only flash attention keeps apart, but this model uses "
-            f"attn_implementation={config._attn_implementation!r}. Load it with attn_implementation="
-            "'flash_attention_2', or pass padded batches with an attention_mask instead."
-        )
-
-
-def check_cache_type(cache) -> None:
-    if cache is not None and not isinstance(cache, Cache):
-        raise TypeError(
-            f"cache must be a transformers Cache, got {type(cache).__name__}. The tuple-of-tuples cache of older "
-            "transformers versions is not accepted: pass the `cache` a previous call returned, or a new "
-            "DynamicCache() (EncoderDecoderCache(DynamicCache(), DynamicCache()) for an encoder-decoder model)."
-        )
+from .packing import PackedSequences, packed_sequences_for
 
 
 def sinusoidal_positions(num_positions: int, dim: int) -> torch.Tensor:
@@ -714,34 +620,6 @@ class SelfAttnDecoder(SelfAttnStack):
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden_states, cache=cache)
 
 
-def check_cache_shape(cache: Cache, config: SelfAttnConfig) -> None:
-    """A cache built for another model shape fails later with an opaque size mismatch; name it here."""
-    if config.encoder_layers > 0 and not isinstance(cache, EncoderDecoderCache):
-        raise ValueError(
-            f"An encoder-decoder model needs an EncoderDecoderCache (self- and cross-attention), got "
-            f"{type(cache).__name__}. Pass EncoderDecoderCache(DynamicCache(), DynamicCache()), or cache=None with "
-            "use_cache=True to let the model create one."
-        )
-    self_attention_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
-    for layer in self_attention_cache.layers:
-        keys = getattr(layer, "keys", None)
-        if keys is not None and keys.dim() == 4 and keys.numel() > 0:
-            heads, head_dim = config.num_attention_heads, config.head_dim
-            # Under tensor parallelism each device caches an equal share of the heads.
-            if keys.shape[3] != head_dim or heads % keys.shape[1] != 0:
-                raise ValueError(
-                    f"The cache holds keys with {keys.shape[1]} heads of size {keys.shape[3]} but this model has "
-                    f"{heads} heads of size {head_dim}: the cache was built for another model. Pass "
-                    "cache=None (or a new cache) to start decoding afresh."
-                )
-            break
-    if len(self_attention_cache.layers) > config.decoder_layers:
-        raise ValueError(
-            f"The cache has {len(self_attention_cache.layers)} layers but this decoder has {config.decoder_layers}: "
-            "it was built for another model. Pass cache=None to start afresh."
-        )
-
-
 class SelfAttnPooler(nn.Module):
     """dense + activation on the first token: the sentence representation of BERT-style classifiers."""
 
@@ -899,15 +777,6 @@ class SelfAttnModel(SelfAttnPreTrainedModel):
         )
 
 
-def require_encoder_only(model: nn.Module, config: SelfAttnConfig) -> None:
-    if config.encoder_layers == 0 or config.decoder_layers > 0:
-        raise ValueError(
-            f"{type(model).__name__} is an encoder head and needs encoder_layers > 0 and decoder_layers = 0 (got "
-            f"{config.encoder_layers} and {config.decoder_layers}); use SelfAttnForConditionalGeneration for an "
-            "encoder-decoder config and SelfAttnForCausalLM for a decoder-only one."
-        )
-
-
 class SelfAttnLMHead(nn.Module):
     """BERT's MLM head: dense + activation + LayerNorm, then the decoder tied to the token embeddings."""
 
@@ -944,17 +813,29 @@ def generation_lm_head(config: SelfAttnConfig, token_table: str) -> tuple[nn.Mod
     return nn.Linear(config.hidden_size, config.vocab_size, bias=False), {"lm_head.weight": token_table}
 
 
-class SelfAttnForMaskedLM(SelfAttnPreTrainedModel):
-    # The loss divides by Trainer's `num_items_in_batch` (the scored tokens of all processes and accumulated steps).
-    accepts_loss_kwargs = True
-    _tied_weights_keys = {"lm_head.decoder.weight": "model.encoder.embeddings.word_embeddings.weight"}
+class SelfAttnEncoderHeadModel(SelfAttnPreTrainedModel):
+    """What the encoder heads share: an encoder-only SelfAttnModel under `model` and, for the heads that score
+    `labels` from the encoder outputs alone, one forward that runs the model and hands its outputs to the head's
+    `head_outputs`."""
+
+    # Whether the model gets a pooler (dense + activation over the first token): False, True, or None for
+    # config.add_pooling_layer (heads that read the pooler where the checkpoint has one, the first token otherwise).
+    add_pooling_layer: bool | None = False
 
     def __init__(self, config: SelfAttnConfig):
         super().__init__(config)
-        require_encoder_only(self, config)
-        self.model = SelfAttnModel(config, add_pooling_layer=False)
-        self.lm_head = SelfAttnLMHead(config)
-        self.post_init()
+        if config.encoder_layers == 0 or config.decoder_layers > 0:
+            raise ValueError(
+                f"{type(self).__name__} is an encoder head and needs encoder_layers > 0 and decoder_layers = 0 (got "
+                f"{config.encoder_layers} and {config.decoder_layers}); use SelfAttnForConditionalGeneration for an "
+                "encoder-decoder config and SelfAttnForCausalLM for a decoder-only one."
+            )
+        self.model = SelfAttnModel(config, add_pooling_layer=self.add_pooling_layer)
+
+    def classifier_dropout(self) -> nn.Dropout:
+        """The dropout before a classifier: config.classifier_dropout, or hidden_dropout_prob where unset."""
+        dropout = self.config.classifier_dropout
+        return nn.Dropout(dropout if dropout is not None else self.config.hidden_dropout_prob)
 
     @can_return_tuple
     @refuse_unknown_kwargs
@@ -967,11 +848,30 @@ class SelfAttnForMaskedLM(SelfAttnPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> MaskedLMOutput:
-        r"""labels: token ids to predict, -100 where no prediction is scored."""
+    ) -> ModelOutput:
+        r"""labels: what the head scores (its class docstring says which)."""
         outputs = self.model(
             input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, return_dict=True, **kwargs
         )
+        return self.head_outputs(outputs, labels, attention_mask, **kwargs)
+
+    def head_outputs(self, outputs, labels, attention_mask, **kwargs) -> ModelOutput:
+        raise NotImplementedError(f"{type(self).__name__} runs the encoder in a forward of its own.")
+
+
+class SelfAttnForMaskedLM(SelfAttnEncoderHeadModel):
+    """BERT's masked-LM head. labels: token ids to predict, -100 where no prediction is scored."""
+
+    # The loss divides by Trainer's `num_items_in_batch` (the scored tokens of all processes and accumulated steps).
+    accepts_loss_kwargs = True
+    _tied_weights_keys = {"lm_head.decoder.weight": "model.encoder.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: SelfAttnConfig):
+        super().__init__(config)
+        self.lm_head = SelfAttnLMHead(config)
+        self.post_init()
+
+    def head_outputs(self, outputs, labels, attention_mask, **kwargs) -> MaskedLMOutput:
         logits = self.lm_head(outputs.last_hidden_state)
         loss = None
         if labels is not None:
@@ -982,39 +882,23 @@ class SelfAttnForMaskedLM(SelfAttnPreTrainedModel):
         )
 
 
-class SelfAttnForSequenceClassification(SelfAttnPreTrainedModel):
-    """Classifier over the pooled first token; regression, single- or multi-label by `config.problem_type`."""
+class SelfAttnForSequenceClassification(SelfAttnEncoderHeadModel):
+    """Classifier over the pooled first token; regression, single- or multi-label by `config.problem_type`.
+    labels: class ids (batch,), floats for regression, or multi-hot floats (batch, num_labels)."""
 
     # The loss is a mean over this process's batch and ignores `num_items_in_batch`: Trainer must not pass that count
     # and then scale the loss by the number of processes.
     accepts_loss_kwargs = False
+    add_pooling_layer = None
 
     def __init__(self, config: SelfAttnConfig):
         super().__init__(config)
-        require_encoder_only(self, config)
         self.num_labels = config.num_labels
-        self.model = SelfAttnModel(config)
-        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = self.classifier_dropout()
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
-    @can_return_tuple
-    @refuse_unknown_kwargs
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> SequenceClassifierOutput:
-        r"""labels: class ids (batch,), floats for regression, or multi-hot floats (batch, num_labels)."""
-        outputs = self.model(
-            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, return_dict=True, **kwargs
-        )
+    def head_outputs(self, outputs, labels, attention_mask, **kwargs) -> SequenceClassifierOutput:
         pooled = outputs.pooler_output if outputs.pooler_output is not None else outputs.last_hidden_state[:, 0]
         logits = self.classifier(self.dropout(pooled))
         loss = self.loss_function(labels, logits, self.config) if labels is not None else None
@@ -1023,36 +907,20 @@ class SelfAttnForSequenceClassification(SelfAttnPreTrainedModel):
         )
 
 
-class SelfAttnForTokenClassification(SelfAttnPreTrainedModel):
+class SelfAttnForTokenClassification(SelfAttnEncoderHeadModel):
+    """A classifier over every token. labels: a class id per token, -100 where no prediction is scored."""
+
     # The loss divides by Trainer's `num_items_in_batch` (the scored tokens of all processes and accumulated steps).
     accepts_loss_kwargs = True
 
     def __init__(self, config: SelfAttnConfig):
         super().__init__(config)
-        require_encoder_only(self, config)
         self.num_labels = config.num_labels
-        self.model = SelfAttnModel(config, add_pooling_layer=False)
-        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = self.classifier_dropout()
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
-    @can_return_tuple
-    @refuse_unknown_kwargs
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> TokenClassifierOutput:
-        r"""labels: a class id per token, -100 where no prediction is scored."""
-        outputs = self.model(
-            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, return_dict=True, **kwargs
-        )
+    def head_outputs(self, outputs, labels, attention_mask, **kwargs) -> TokenClassifierOutput:
         logits = self.classifier(self.dropout(outputs.last_hidden_state))
         # kwargs carry Trainer's `num_items_in_batch`: the loss is then a sum over the scored tokens divided by their
         # count over all processes, so several processes give the loss of one process with the whole batch.
@@ -1062,15 +930,13 @@ class SelfAttnForTokenClassification(SelfAttnPreTrainedModel):
         )
 
 
-class SelfAttnForQuestionAnswering(SelfAttnPreTrainedModel):
+class SelfAttnForQuestionAnswering(SelfAttnEncoderHeadModel):
     """Extractive QA: start and end logits per token from `qa_outputs`."""
 
     accepts_loss_kwargs = False  # a mean over this process's batch, as SelfAttnForSequenceClassification
 
     def __init__(self, config: SelfAttnConfig):
         super().__init__(config)
-        require_encoder_only(self, config)
-        self.model = SelfAttnModel(config, add_pooling_layer=False)
         self.qa_outputs = nn.Linear(config.hidden_size, 2)
         self.post_init()
 
@@ -1105,17 +971,15 @@ class SelfAttnForQuestionAnswering(SelfAttnPreTrainedModel):
         )
 
 
-class SelfAttnForMultipleChoice(SelfAttnPreTrainedModel):
+class SelfAttnForMultipleChoice(SelfAttnEncoderHeadModel):
     """Scores each (batch, choice) sequence with the pooled first token; softmax across choices."""
 
     accepts_loss_kwargs = False  # a mean over this process's batch, as SelfAttnForSequenceClassification
+    add_pooling_layer = None
 
     def __init__(self, config: SelfAttnConfig):
         super().__init__(config)
-        require_encoder_only(self, config)
-        self.model = SelfAttnModel(config)
-        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = self.classifier_dropout()
         self.classifier = nn.Linear(config.hidden_size, 1)
         self.post_init()
 
@@ -1366,18 +1230,16 @@ class SelfAttnForPreTrainingOutput(ModelOutput):
     attentions: tuple[torch.Tensor, ...] | None = None
 
 
-class SelfAttnForPreTraining(SelfAttnPreTrainedModel):
+class SelfAttnForPreTraining(SelfAttnEncoderHeadModel):
     """BERT's pre-training heads: masked-LM over every token and next-sentence prediction over the pooled
     first token."""
 
     accepts_loss_kwargs = False  # a mean over this process's batch, as SelfAttnForSequenceClassification
-
+    add_pooling_layer = True
     _tied_weights_keys = {"lm_head.decoder.weight": "model.encoder.embeddings.word_embeddings.weight"}
 
     def __init__(self, config: SelfAttnConfig):
         super().__init__(config)
-        require_encoder_only(self, config)
-        self.model = SelfAttnModel(config, add_pooling_layer=True)
         self.lm_head = SelfAttnLMHead(config)
         self.next_sentence = nn.Linear(config.hidden_size, 2)
         self.post_init()
@@ -1444,35 +1306,18 @@ class SelfAttnReplacedTokenHead(nn.Module):
         return self.out_proj(self.activation(self.dense(hidden_states))).squeeze(-1)
 
 
-class SelfAttnForReplacedTokenDetection(SelfAttnPreTrainedModel):
-    """ELECTRA's discriminator: scores every token as original or replaced (by a small generator MLM)."""
+class SelfAttnForReplacedTokenDetection(SelfAttnEncoderHeadModel):
+    """ELECTRA's discriminator: scores every token as original or replaced (by a small generator MLM).
+    labels: 1 where the token was replaced, 0 where it is original; padding (attention_mask 0) is not scored."""
 
     accepts_loss_kwargs = False  # a mean over this process's batch, as SelfAttnForSequenceClassification
 
     def __init__(self, config: SelfAttnConfig):
         super().__init__(config)
-        require_encoder_only(self, config)
-        self.model = SelfAttnModel(config, add_pooling_layer=False)
         self.discriminator = SelfAttnReplacedTokenHead(config)
         self.post_init()
 
-    @can_return_tuple
-    @refuse_unknown_kwargs
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        token_type_ids: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> SelfAttnForReplacedTokenDetectionOutput:
-        r"""labels: 1 where the token was replaced, 0 where it is original; padding (attention_mask 0) is not
-        scored."""
-        outputs = self.model(
-            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, return_dict=True, **kwargs
-        )
+    def head_outputs(self, outputs, labels, attention_mask, **kwargs) -> SelfAttnForReplacedTokenDetectionOutput:
         logits = self.discriminator(outputs.last_hidden_state)
         loss = None
         if labels is not None:
@@ -1490,5 +1335,6 @@ class SelfAttnForReplacedTokenDetection(SelfAttnPreTrainedModel):
         return SelfAttnForReplacedTokenDetectionOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
+
 
 __all__ = ["SelfAttnPreTrainedModel", "SelfAttnEncoder", "SelfAttnDecoder", *(head.class_name for head in HEADS)]

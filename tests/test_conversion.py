@@ -362,8 +362,6 @@ def test_pretraining_head_is_registered(tiny_encoder_config):
 
 
 def test_encoder_decoder_warm_started_from_two_bert_checkpoints(saved_sources, tmp_path):
-    from modeling_selfattn import SelfAttnForConditionalGeneration
-
     encoder_model, encoder_folder = saved_sources("bert", "Model")
     decoder_model = random_source_model("BertModel", source_config("bert", num_hidden_layers=1), seed=1)
     decoder_model.save_pretrained(tmp_path / "decoder")
@@ -396,8 +394,6 @@ def test_encoder_decoder_warm_started_from_two_bert_checkpoints(saved_sources, t
 
 
 def test_warm_start_keeps_the_decoder_checkpoints_mlm_head(saved_sources, tmp_path):
-    from modeling_selfattn import SelfAttnForConditionalGeneration
-
     source_model, folder = saved_sources("bert", "ForMaskedLM")
     model, info = warm_start_encoder_decoder(
         folder, decoder_start_token_id=2, output_loading_info=True
@@ -422,7 +418,6 @@ def test_warm_start_keeps_the_decoder_checkpoints_mlm_head(saved_sources, tmp_pa
 
 
 def test_warm_start_refuses_checkpoints_of_different_shapes(saved_sources, tmp_path):
-    from modeling_selfattn import SelfAttnForConditionalGeneration
 
     _, encoder_folder = saved_sources("bert", "Model")
     random_source_model("BertModel", source_config("bert", intermediate_size=40)).save_pretrained(tmp_path)

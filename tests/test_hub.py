@@ -19,7 +19,7 @@ from modeling_selfattn import SelfAttnForCausalLM, SelfAttnForSequenceClassifica
 from modeling_selfattn.config import AUTO_MAP
 from modeling_selfattn.hub import GENERATED_MARKER
 
-CODE_FILES = {"config.py", "model.py", "packing.py", "hub.py", "heads.py"}
+CODE_FILES = {"config.py", "model.py", "input_checks.py", "packing.py", "hub.py", "heads.py"}
 
 
 class StandInHub:

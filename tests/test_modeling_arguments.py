@@ -6,10 +6,7 @@ Tolerances: outputs computed on two different paths are compared within 1e-5 (fp
 """
 
 import json
-import subprocess
-import sys
 import time
-import warnings
 
 import pytest
 import torch

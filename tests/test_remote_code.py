@@ -22,7 +22,7 @@ from modeling_selfattn import (
 )
 from modeling_selfattn.heads import AUTO_MAP, HEADS as REGISTRY
 
-CODE_FILES = ("config.py", "model.py", "packing.py", "hub.py", "heads.py")
+CODE_FILES = ("config.py", "model.py", "input_checks.py", "packing.py", "hub.py", "heads.py")
 
 
 def encoder_config():

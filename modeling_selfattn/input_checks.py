@@ -1,0 +1,141 @@
+"""Checks of what a forward() is given, so that bad input fails with an error that names the argument, the problem
+and the fix rather than deep inside torch, and no keyword is dropped without a word. Shipped with saved models: the
+model calls them at run time."""
+
+import functools
+import inspect
+from collections.abc import Callable
+
+import torch
+from transformers.cache_utils import Cache, EncoderDecoderCache
+from transformers.utils.deprecation import deprecate_kwarg
+
+from .config import SelfAttnConfig
+
+
+def check_ids(ids: torch.Tensor, table_size: int, name: str, table: str, fix: str) -> None:
+    """An id outside an embedding table would index out of bounds (a crash deep in torch, or on GPU a
+    device-side assert); say which ids are wrong instead. Skipped under torch.compile, where reading the ids
+    back would break the graph."""
+    if ids.numel() == 0 or torch.compiler.is_compiling():
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= table_size:
+        raise ValueError(f"{name} contains ids outside the {table} [0, {table_size - 1}] (min {low}, max {high}). {fix}")
+
+
+def check_attention_mask(attention_mask: torch.Tensor | None, expected: tuple[int, int], name: str) -> None:
+    """A 2-D mask must have one 0/1 entry per token. Prepared 4-D masks (and flex attention's block masks), which
+    generate() builds for a static cache, pass as they are."""
+    # A static cache's length is a tensor: comparing it under torch.compile would break the graph.
+    if attention_mask is None or not isinstance(attention_mask, torch.Tensor) or torch.compiler.is_compiling():
+        return
+    if attention_mask.dim() == 4:
+        return
+    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != expected:
+        raise ValueError(
+            f"{name} has shape {tuple(attention_mask.shape)} but the inputs need (batch_size, key_length) = "
+            f"{expected}: one entry per token (1 = attend, 0 = padding), covering any cached tokens too."
+        )
+    if attention_mask.dtype != torch.bool and attention_mask.numel() > 0:
+        low, high = attention_mask.min().item(), attention_mask.max().item()
+        if low < 0 or high > 1 or not torch.all((attention_mask == 0) | (attention_mask == 1)):
+            raise ValueError(
+                f"{name} may hold only 1 (attend) and 0 (padding), but holds values from {low} to {high}; pass the "
+                "tokenizer's attention_mask, or (mask > 0).long() for a mask of another scale."
+            )
+
+
+# What forward() takes through **kwargs besides its named parameters: the keywords transformers itself passes on
+# (output flags, return_dict, Trainer's item count, flash attention's offsets of packed sequences). Anything else is
+# refused: a misspelt or misplaced argument would otherwise be dropped without a word.
+FORWARDED_KWARGS = frozenset(
+    {
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "num_items_in_batch",
+        "cu_seq_lens_q",
+        "cu_seq_lens_k",
+        "max_length_q",
+        "max_length_k",
+    }
+)
+
+
+def refuse_unknown_kwargs(forward: Callable) -> Callable:
+    """Wraps a forward() so that a keyword it neither names nor passes on to transformers raises a TypeError. Its
+    signature says so too (the passed-on keywords as keyword-only parameters, no **kwargs): generate() hands an
+    encoder only what its signature names, and Trainer keeps the data columns the signature names."""
+    signature = inspect.signature(forward)
+    named = frozenset(signature.parameters) - {"self", "kwargs"}
+
+    @functools.wraps(forward)
+    def checked_forward(self, *args, **kwargs):
+        unknown = kwargs.keys() - named - FORWARDED_KWARGS
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__}.forward() got unexpected keyword argument(s) {sorted(unknown)}. It takes "
+                f"{sorted(named)}, and passes on {sorted(FORWARDED_KWARGS)}. Check the spelling, and that the "
+                "argument belongs to this kind of model."
+            )
+        return forward(self, *args, **kwargs)
+
+    parameters = [parameter for parameter in signature.parameters.values() if parameter.kind != parameter.VAR_KEYWORD]
+    passed_on = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in sorted(FORWARDED_KWARGS)]
+    checked_forward.__signature__ = signature.replace(parameters=parameters + passed_on)
+    return checked_forward
+
+
+# transformers 5.24 renamed the cache argument; the old name still works, with a FutureWarning, as in transformers'
+# own models, and passing both names is an error.
+accepts_past_key_values = deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)
+
+
+def check_flash_offsets(config: SelfAttnConfig, kwargs: dict) -> None:
+    """Offsets of packed sequences (cu_seq_lens_q/k, from DataCollatorWithFlattening) confine attention to each
+    sequence only in the flash kernels; any other attention would mix the sequences without a word."""
+    given = sorted(name for name in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k") if name in kwargs)
+    if given and not config._attn_implementation.startswith("flash_attention"):
+        raise ValueError(
+            f"{given} describe packed sequences, which only flash attention keeps apart, but this model uses "
+            f"attn_implementation={config._attn_implementation!r}. Load it with attn_implementation="
+            "'flash_attention_2', or pass padded batches with an attention_mask instead."
+        )
+
+
+def check_cache_type(cache) -> None:
+    if cache is not None and not isinstance(cache, Cache):
+        raise TypeError(
+            f"cache must be a transformers Cache, got {type(cache).__name__}. The tuple-of-tuples cache of older "
+            "transformers versions is not accepted: pass the `cache` a previous call returned, or a new "
+            "DynamicCache() (EncoderDecoderCache(DynamicCache(), DynamicCache()) for an encoder-decoder model)."
+        )
+
+
+def check_cache_shape(cache: Cache, config: SelfAttnConfig) -> None:
+    """A cache built for another model shape fails later with an opaque size mismatch; name it here."""
+    if config.encoder_layers > 0 and not isinstance(cache, EncoderDecoderCache):
+        raise ValueError(
+            f"An encoder-decoder model needs an EncoderDecoderCache (self- and cross-attention), got "
+            f"{type(cache).__name__}. Pass EncoderDecoderCache(DynamicCache(), DynamicCache()), or cache=None with "
+            "use_cache=True to let the model create one."
+        )
+    self_attention_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+    for layer in self_attention_cache.layers:
+        keys = getattr(layer, "keys", None)
+        if keys is not None and keys.dim() == 4 and keys.numel() > 0:
+            heads, head_dim = config.num_attention_heads, config.head_dim
+            # Under tensor parallelism each device caches an equal share of the heads.
+            if keys.shape[3] != head_dim or heads % keys.shape[1] != 0:
+                raise ValueError(
+                    f"The cache holds keys with {keys.shape[1]} heads of size {keys.shape[3]} but this model has "
+                    f"{heads} heads of size {head_dim}: the cache was built for another model. Pass "
+                    "cache=None (or a new cache) to start decoding afresh."
+                )
+            break
+    if len(self_attention_cache.layers) > config.decoder_layers:
+        raise ValueError(
+            f"The cache has {len(self_attention_cache.layers)} layers but this decoder has {config.decoder_layers}: "
+            "it was built for another model. Pass cache=None to start afresh."
+        )
