@@ -193,14 +193,12 @@ def main(argv=None) -> dict:
 
 
 def convert_and_verify(output: Path) -> Path:
-    """The README's conversion step: conversion/convert_bert.py SOURCE OUTPUT --verify, as a call."""
-    import importlib.util
+    """The README's conversion step: selfattn-convert bert SOURCE OUTPUT --verify, as a call."""
+    from modeling_selfattn import convert_cli
 
-    spec = importlib.util.spec_from_file_location("convert_bert", REPO_ROOT / "conversion" / "convert_bert.py")
-    convert_bert = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(convert_bert)
     print(f"converting {minilm_path().name} (BertModel) -> {output}, verifying against transformers' BertModel")
-    status = convert_bert.main([str(minilm_path()), str(output), "--verify", "--tolerance", "1e-5", "--overwrite"])
+    arguments = [str(minilm_path()), str(output), "--verify", "--tolerance", "1e-5", "--overwrite"]
+    status = convert_cli.main(["bert", *arguments])
     if status != 0:
         raise SystemExit(f"conversion failed (exit status {status})")
     return output

@@ -10,6 +10,7 @@ from .heads import AUTO_MAP
 
 POSITION_EMBEDDING_TYPES = ("learned", "sinusoidal")
 
+
 @strict
 class SelfAttnConfig(PreTrainedConfig):
     r"""
@@ -123,7 +124,15 @@ class SelfAttnConfig(PreTrainedConfig):
         if num_hidden_layers is not None:
             self.num_hidden_layers = num_hidden_layers
         super().__post_init__(**kwargs)
-        self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
+        # A saved config's own entries stay (an ELECTRA discriminator names itself under AutoModelForPreTraining), and
+        # so do other Auto classes' (a tokenizer's); entries naming files an older release wrote under other names
+        # give way to ours.
+        our_modules = {target.split(".")[0] for target in AUTO_MAP.values()}
+        saved = getattr(self, "auto_map", None) or {}
+        kept = {
+            key: target for key, target in saved.items() if key not in AUTO_MAP or target.split(".")[0] in our_modules
+        }
+        self.auto_map = {**AUTO_MAP, **kept}
         self.is_encoder_decoder = self.encoder_layers > 0 and self.decoder_layers > 0
         # transformers 5 keeps the two label maps apart, and pipelines read both: derive the missing one.
         if self.id2label is not None and self.label2id is None:

@@ -43,7 +43,7 @@ def onednn_linear_shape(input: torch.Tensor, weight: torch.Tensor, bias: torch.T
 
 
 # torch.compile cannot trace oneDNN's packed tensors; as a custom op the call stays opaque inside a compiled graph.
-# The remote-code copy of this file may be imported beside the package: the op is registered once and shared.
+# Registered once per process: torch refuses a second registration, e.g. from importlib.reload of this module.
 if not hasattr(torch.ops.selfattn, "onednn_linear"):
     torch.library.custom_op("selfattn::onednn_linear", onednn_linear, mutates_args=()).register_fake(
         onednn_linear_shape
@@ -116,15 +116,20 @@ def is_decoding_step(model: nn.Module, kwargs: dict) -> bool:
 class CompiledDecodingForward:
     """Stands in for a model's `forward` (an instance attribute, which nn.Module's call prefers to the class's):
     decoding steps go through one torch.compile'd forward, every other call (the prompt, training, outputs recorded)
-    through the plain one. Its signature is the model's, which generate() and Trainer read."""
+    through the plain one. The plain one is what `forward` was before: the class's, or a wrapper already installed
+    on the instance (accelerate's device hooks), which keeps working inside the compiled step too. Its signature is
+    the model's, which generate() and Trainer read."""
 
     def __init__(self, model: nn.Module, compile_options: dict):
         self.model = model
         self.compile_options = compile_options
         self.compiled_step = None
+        self.instance_forward = model.__dict__.get("forward")
 
     @property
     def plain_forward(self):
+        if self.instance_forward is not None:
+            return self.instance_forward
         return functools.partial(type(self.model).forward, self.model)
 
     @property
@@ -155,7 +160,12 @@ def enable_compiled_decoding(model: nn.Module, enabled: bool = True, **compile_o
     `compile_options` go to torch.compile (mode, backend, ...); `enabled=False` restores the defaults."""
     if not model.can_generate():
         raise ValueError(f"{type(model).__name__} does not generate; compiled decoding is for generate() models.")
-    model.__dict__.pop("forward", None)
+    current = model.__dict__.get("forward")
+    if isinstance(current, CompiledDecodingForward):  # enabled before: start again from the forward it wrapped
+        if current.instance_forward is None:
+            del model.forward
+        else:
+            model.forward = current.instance_forward
     if enabled:
         model.forward = CompiledDecodingForward(model, {"fullgraph": True, "dynamic": False, **compile_options})
         model.generation_config.cache_implementation, model.generation_config.disable_compile = "static", True

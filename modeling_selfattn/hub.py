@@ -67,6 +67,7 @@ files it imports): read them first, or pin a revision. Where the `selfattn` pack
 - A model trained on text reproduces the biases and errors of that text.
 """
 
+
 def render_model_card(model, repo_id: str, tags: list[str] | None = None) -> str:
     """The model card of `model` as it will be published under `repo_id`."""
     config = model.config

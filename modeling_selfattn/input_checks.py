@@ -19,9 +19,11 @@ def check_ids(ids: torch.Tensor, table_size: int, name: str, table: str, fix: st
     back would break the graph."""
     if ids.numel() == 0 or torch.compiler.is_compiling():
         return
-    low, high = int(ids.min()), int(ids.max())
+    low, high = torch.stack(torch.aminmax(ids)).tolist()  # one read back from the device, not two
     if low < 0 or high >= table_size:
-        raise ValueError(f"{name} contains ids outside the {table} [0, {table_size - 1}] (min {low}, max {high}). {fix}")
+        raise ValueError(
+            f"{name} contains ids outside the {table} [0, {table_size - 1}] (min {low}, max {high}). {fix}"
+        )
 
 
 def check_attention_mask(attention_mask: torch.Tensor | None, expected: tuple[int, int], name: str) -> None:
@@ -37,29 +39,22 @@ def check_attention_mask(attention_mask: torch.Tensor | None, expected: tuple[in
             f"{name} has shape {tuple(attention_mask.shape)} but the inputs need (batch_size, key_length) = "
             f"{expected}: one entry per token (1 = attend, 0 = padding), covering any cached tokens too."
         )
-    if attention_mask.dtype != torch.bool and attention_mask.numel() > 0:
+    # One read back from the device per call; the range for the message only when the mask is wrong.
+    if attention_mask.dtype != torch.bool and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
         low, high = attention_mask.min().item(), attention_mask.max().item()
-        if low < 0 or high > 1 or not torch.all((attention_mask == 0) | (attention_mask == 1)):
-            raise ValueError(
-                f"{name} may hold only 1 (attend) and 0 (padding), but holds values from {low} to {high}; pass the "
-                "tokenizer's attention_mask, or (mask > 0).long() for a mask of another scale."
-            )
+        raise ValueError(
+            f"{name} may hold only 1 (attend) and 0 (padding), but holds values from {low} to {high}; pass the "
+            "tokenizer's attention_mask, or (mask > 0).long() for a mask of another scale."
+        )
 
 
 # What forward() takes through **kwargs besides its named parameters: the keywords transformers itself passes on
 # (output flags, return_dict, Trainer's item count, flash attention's offsets of packed sequences). Anything else is
 # refused: a misspelt or misplaced argument would otherwise be dropped without a word.
+# Offsets of packed sequences, which transformers' flash-attention integration reads.
+FLASH_OFFSET_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 FORWARDED_KWARGS = frozenset(
-    {
-        "output_attentions",
-        "output_hidden_states",
-        "return_dict",
-        "num_items_in_batch",
-        "cu_seq_lens_q",
-        "cu_seq_lens_k",
-        "max_length_q",
-        "max_length_k",
-    }
+    {"output_attentions", "output_hidden_states", "return_dict", "num_items_in_batch", *FLASH_OFFSET_KWARGS}
 )
 
 
@@ -82,7 +77,9 @@ def refuse_unknown_kwargs(forward: Callable) -> Callable:
         return forward(self, *args, **kwargs)
 
     parameters = [parameter for parameter in signature.parameters.values() if parameter.kind != parameter.VAR_KEYWORD]
-    passed_on = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in sorted(FORWARDED_KWARGS)]
+    passed_on = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None) for name in sorted(FORWARDED_KWARGS)
+    ]
     checked_forward.__signature__ = signature.replace(parameters=parameters + passed_on)
     return checked_forward
 
@@ -95,7 +92,7 @@ accepts_past_key_values = deprecate_kwarg("past_key_values", "5.40.0", new_name=
 def check_flash_offsets(config: SelfAttnConfig, kwargs: dict) -> None:
     """Offsets of packed sequences (cu_seq_lens_q/k, from DataCollatorWithFlattening) confine attention to each
     sequence only in the flash kernels; any other attention would mix the sequences without a word."""
-    given = sorted(name for name in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k") if name in kwargs)
+    given = sorted(name for name in FLASH_OFFSET_KWARGS if name in kwargs)
     if given and not config._attn_implementation.startswith("flash_attention"):
         raise ValueError(
             f"{given} describe packed sequences, which only flash attention keeps apart, but this model uses "

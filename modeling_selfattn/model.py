@@ -142,7 +142,11 @@ class SelfAttnEmbeddings(nn.Module):
                 "`model.resize_token_embeddings(len(tokenizer))`.",
             )
             inputs_embeds = self.word_embeddings(input_ids)
-        elif inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.word_embeddings.embedding_dim or 0 in inputs_embeds.shape:
+        elif (
+            inputs_embeds.dim() != 3
+            or inputs_embeds.shape[-1] != self.word_embeddings.embedding_dim
+            or 0 in inputs_embeds.shape
+        ):
             raise ValueError(
                 f"inputs_embeds has shape {tuple(inputs_embeds.shape)}; the model needs (batch_size, sequence_length, "
                 f"{self.word_embeddings.embedding_dim}) with at least one token: vectors as wide as the token "
@@ -488,7 +492,8 @@ class SelfAttnEncoder(SelfAttnStack):
 
     A batch that is largely padding runs unpadded (PackedSequences). The output at padding positions (attention_mask
     0) is defined once for every path: the embedding output there (the input of the first layer), not values nothing
-    should read. Recorded per-layer hidden states and attentions are the layers' own outputs."""
+    should read. Recorded per-layer hidden states are the layers' own outputs, except the last, which transformers sets
+    to last_hidden_state."""
 
     _can_record_outputs = {
         "hidden_states": OutputRecorder(SelfAttnEncoderLayer, num_hidden_layers_key="encoder_layers"),
@@ -1212,7 +1217,6 @@ class SelfAttnForCausalLM(SelfAttnPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
-
 
 
 @dataclass

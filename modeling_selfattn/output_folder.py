@@ -97,6 +97,13 @@ def check_output(output, source, overwrite: bool) -> Output:
                 f"OUTPUT {given} exists and is not empty; pass --overwrite to replace it (it is replaced only "
                 "once the new folder has been written in full), or pass a new folder."
             )
+        # --overwrite replaces a model folder as a whole: a folder of other things (a project, the current folder)
+        # would go with it.
+        if any(path.iterdir()) and not (path / "config.json").is_file():
+            raise OutputRefused(
+                f"OUTPUT {given} holds files but no config.json, so it is not a model folder; --overwrite replaces "
+                "model folders only. Pass a new folder, or the folder of a model written before."
+            )
         for folder in (path.parent, path):
             if not writable(folder):
                 raise OutputRefused(

@@ -115,7 +115,12 @@ class QuestionAnsweringPipeline(Pipeline):
             start_char = int(outputs["offsets"][window, first, 0])
             end_char = int(outputs["offsets"][window, last, 1])
             answers.append(
-                {"score": score, "start": start_char, "end": end_char, "answer": outputs["context"][start_char:end_char]}
+                {
+                    "score": score,
+                    "start": start_char,
+                    "end": end_char,
+                    "answer": outputs["context"][start_char:end_char],
+                }
             )
         return answers[0] if top_k == 1 else answers
 

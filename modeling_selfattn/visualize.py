@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from . import model as selfattn_model
+from .config import SelfAttnConfig
 from .hub import refuse_missing_local_path
 
 DEFAULT_TEXT = "The movie was not bad at all, and the actors clearly enjoyed themselves."
@@ -48,9 +50,6 @@ def load_model(model_dir: str):
     model_dir = local_model_dir(model_dir)
     from transformers import AutoConfig, AutoTokenizer
 
-    import modeling_selfattn
-    from modeling_selfattn import SelfAttnConfig
-
     try:
         config = AutoConfig.from_pretrained(model_dir)
     except OSError as error:
@@ -61,12 +60,12 @@ def load_model(model_dir: str):
             f"MODEL {model_dir!r}: there is no local folder {Path(model_dir).absolute()}, and the Hub did not "
             f"provide a repo of that name ({error})"
         ) from error
-    head_class = modeling_selfattn.SelfAttnModel
+    head_class = selfattn_model.SelfAttnModel
     if isinstance(config, SelfAttnConfig):
         for name in config.architectures or []:
-            head_class = getattr(modeling_selfattn, name, head_class)
+            head_class = getattr(selfattn_model, name, head_class)
         if config.is_encoder_decoder:
-            head_class = modeling_selfattn.SelfAttnForConditionalGeneration
+            head_class = selfattn_model.SelfAttnForConditionalGeneration
     model = head_class.from_pretrained(model_dir, attn_implementation="eager").eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return model, tokenizer

@@ -440,3 +440,25 @@ def test_unpadded_encoder_on_cuda_matches_the_padded_path(
         padded = model(**batch).last_hidden_state
     assert len(count_packings) == 1
     assert real_token_diff(unpadded.float(), padded.float(), batch["attention_mask"]) <= tolerance
+
+
+def test_compiled_decoding_keeps_a_forward_installed_on_the_instance():
+    # accelerate's device hooks (device_map=..., dispatch_model) wrap the instance's forward; compiled decoding must
+    # call through them, and put them back when turned off.
+    model = build(SelfAttnForCausalLM, "decoder", type_vocab_size=0)
+    calls = []
+    plain = model.forward
+
+    def hooked_forward(*args, **kwargs):
+        calls.append(1)
+        return plain(*args, **kwargs)
+
+    model.forward = hooked_forward
+    ids = torch.randint(3, 99, (1, 4))
+    enable_compiled_decoding(model)
+    model(ids)
+    assert len(calls) == 1 and model.forward.instance_forward is hooked_forward
+    enable_compiled_decoding(model, False)
+    assert model.forward is hooked_forward
+    model(ids)
+    assert len(calls) == 2

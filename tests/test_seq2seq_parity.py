@@ -142,7 +142,7 @@ def test_converted_model_matches_source_on_padded_batches(case, pairs):
     with torch.no_grad():
         expected, actual = source(**batch, use_cache=False), converted(**batch, use_cache=False)
     real_source, real_target = batch["attention_mask"].bool(), batch["decoder_attention_mask"].bool()
-    # padding positions are read by nothing (selfattn's encoder zeroes them): compare real tokens
+    # padding positions are read by nothing (selfattn's encoder gives the embedding output there): compare real tokens
     assert max_diff(expected.encoder_last_hidden_state[real_source], actual.encoder_last_hidden_state[real_source]) \
         <= TOLERANCE
     assert max_diff(expected[0][real_target], actual[0][real_target]) <= TOLERANCE  # logits, or the decoder output

@@ -3,7 +3,7 @@
 `load_common_tests()`:
 1. downloads the source distribution of `transformers==<transformers.__version__>` from PyPI
    (`pip download --no-binary :all: --no-deps`) the first time, and keeps only its `tests/` folder, in
-   `<repo>/.cache/transformers-sdist/<version>/tests` (git-ignored; `SELFATTN_TRANSFORMERS_SDIST_CACHE` moves it);
+   `<repo>/.cache/transformers-sdist/<version>/tests` (git-ignored);
 2. imports that folder as the package `hf_transformers_tests` (by file location, never through `sys.path`), so
    its relative imports (`from .generation.test_utils import ...`) work and this repository's own `tests/` is not
    touched;
@@ -32,7 +32,6 @@ import transformers
 
 PACKAGE = "hf_transformers_tests"
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CACHE_ENV = "SELFATTN_TRANSFORMERS_SDIST_CACHE"
 SKIP_ENV = "SELFATTN_SKIP_TRANSFORMERS_COMMON"
 DOWNLOAD_TIMEOUT_S = 600
 
@@ -56,7 +55,7 @@ class CommonTestsUnavailable(Exception):
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or REPO_ROOT / ".cache" / "transformers-sdist")
+    return REPO_ROOT / ".cache" / "transformers-sdist"
 
 
 def sdist_tests_folder(version: str) -> Path:

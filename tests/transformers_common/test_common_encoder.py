@@ -7,14 +7,12 @@ import torch
 from modeling_selfattn import (
     SelfAttnConfig,
     SelfAttnForMaskedLM,
-    SelfAttnForMultipleChoice,
     SelfAttnForPreTraining,
-    SelfAttnForQuestionAnswering,
     SelfAttnForReplacedTokenDetection,
-    SelfAttnForSequenceClassification,
-    SelfAttnForTokenClassification,
     SelfAttnModel,
+    model,
 )
+from modeling_selfattn.heads import HEADS
 
 from .sdist import CommonTestsUnavailable, load_common_tests, unavailable_test
 from .testers import (
@@ -38,15 +36,11 @@ else:
         *training_mixin,
         unittest.TestCase,
     ):
-        all_model_classes = (
-            SelfAttnModel,
-            SelfAttnForMaskedLM,
-            SelfAttnForSequenceClassification,
-            SelfAttnForTokenClassification,
-            SelfAttnForQuestionAnswering,
-            SelfAttnForMultipleChoice,
-            SelfAttnForPreTraining,
-            SelfAttnForReplacedTokenDetection,
+        # The bare model and every encoder head of the registry, so that a new head cannot miss these tests.
+        all_model_classes = (SelfAttnModel,) + tuple(
+            getattr(model, head.class_name)
+            for head in HEADS
+            if issubclass(getattr(model, head.class_name), model.SelfAttnEncoderHeadModel)
         )
 
         def setUp(self):

@@ -4,9 +4,10 @@ impossible configs fail at creation with a ValueError that names the field."""
 import json
 
 import pytest
+from conftest import make_tiny_config
 from transformers import AutoConfig
 
-from modeling_selfattn import SelfAttnConfig, SelfAttnModel
+from modeling_selfattn import SelfAttnConfig, SelfAttnForMaskedLM, SelfAttnModel
 
 # A non-default value for every field SelfAttnConfig declares (plus a few inherited ones), so that a
 # field dropped by any serialisation route shows up as a difference.
@@ -186,3 +187,22 @@ def test_hand_edited_config_is_checked_again_when_a_model_is_built():
     config.num_attention_heads = 5
     with pytest.raises(ValueError, match="num_attention_heads"):
         SelfAttnModel(config)
+
+
+def test_saved_auto_map_names_only_files_the_folder_has(tmp_path):
+    # A config saved by an older release names its classes in files that no longer exist (modeling_selfattn.py);
+    # re-saving must point every entry at the files written now, and keep entries of other Auto classes.
+    old_auto_map = {
+        "AutoConfig": "configuration_selfattn.SelfAttnConfig",
+        "AutoModel": "modeling_selfattn.SelfAttnModel",
+        "AutoModelForMaskedLM": "modeling_selfattn.SelfAttnForMaskedLM",
+        "AutoTokenizer": ["tokenization_mine.MyTokenizer", None],
+    }
+    config = make_tiny_config("encoder", auto_map=old_auto_map)
+    SelfAttnForMaskedLM(config).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert saved["AutoTokenizer"] == ["tokenization_mine.MyTokenizer", None]
+    for auto_class, target in saved.items():
+        if auto_class != "AutoTokenizer":
+            module, class_name = target.split(".")
+            assert f"class {class_name}(" in (tmp_path / f"{module}.py").read_text(), (auto_class, target)

@@ -134,7 +134,8 @@ def test_cli_and_wrapper_write_the_same_folder(bert_folder, tmp_path):
 def test_existing_output_needs_overwrite(bert_folder, tmp_path, capsys):
     output = tmp_path / "out"
     output.mkdir()
-    (output / "keep.txt").write_text("not a model")
+    (output / "config.json").write_text("{}")  # a model folder from an earlier run
+    (output / "keep.txt").write_text("replaced with the folder")
     convert = load_script("convert_bert")
     assert convert.main([str(bert_folder), str(output)]) == 2
     assert "--overwrite" in capsys.readouterr().err and (output / "keep.txt").exists()
@@ -266,6 +267,7 @@ def test_output_containing_a_downloaded_source_is_refused(bert_folder, tmp_path,
 
     cache = tmp_path / "cache"
     snapshot = shutil.copytree(bert_folder, cache / "models--org--bert" / "snapshot")
+    (cache / "config.json").write_text("{}")  # passes the up-front check of a model folder to replace
     convert = load_script("convert_bert")
     hub = lambda source, **kwargs: snapshot if source == "org/bert" else Path(source)  # noqa: E731
     monkeypatch.setattr(conversion, "resolve_folder", hub)
@@ -281,6 +283,7 @@ def existing_output(tmp_path) -> Path:
     """An OUTPUT folder from an earlier run, to be replaced with --overwrite."""
     output = tmp_path / "out" / "model"
     output.mkdir(parents=True)
+    (output / "config.json").write_text('{"model_type": "selfattn"}')
     (output / "model.safetensors").write_bytes(b"the previous model")
     (output / "nested").mkdir()
     (output / "nested" / "notes.txt").write_text("kept until the new model is complete")
@@ -502,3 +505,13 @@ def test_converted_electra_discriminator_ships_its_code(tmp_path):
     for target in auto_map.values():
         module, class_name = target.split(".")
         assert f"class {class_name}(" in (converted / f"{module}.py").read_text(), target
+
+
+def test_overwrite_refuses_a_folder_that_holds_no_model(bert_folder, tmp_path, capsys):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("mine")
+    before = tree_hashes(project)
+    assert load_script("convert_bert").main([str(bert_folder), str(project), "--overwrite"]) == 2
+    assert "not a model folder" in capsys.readouterr().err
+    assert tree_hashes(project) == before
