@@ -1,12 +1,11 @@
-"""Every fast path against the plain path it replaces, on tiny random models (float32, tolerance 1e-5):
+"""Every fast path against the plain path it replaces, on tiny random models (float32, tolerance 1e-5); unpadding
+has its own file, test_packing.py:
 
-- unpadded encoding (PackedSequences): a padded batch runs on its real tokens only;
 - the masked-LM loss over the scored tokens only (scored_token_logits);
 - the opt-in oneDNN CPU inference mode (enable_onednn_inference);
 - the opt-in compiled decoding (enable_compiled_decoding: static cache, torch.compile'd decoding step).
 
-The plain path is forced by raising the padding share unpadding needs above 1 (`never_unpad`), by computing
-the loss from the full logits, or by leaving the mode off.
+The plain path is computing the loss from the full logits, or leaving the mode off.
 
 Generated tokens must be identical (that is what the fast paths promise); the models that generate have large
 weights (initializer_range=0.2) so that their logits are far from ties. A copied, pickled or reloaded model
@@ -20,191 +19,23 @@ import io
 
 import pytest
 import torch
-from conftest import PAD_TOKEN_ID, make_tiny_config
+from batch_helpers import TOLERANCE, build, padded_batch
 from transformers import GenerationConfig
 
 import modeling_selfattn.fast_paths as fast_paths
-import modeling_selfattn.packing as packing
 from modeling_selfattn import (
     SelfAttnForCausalLM,
     SelfAttnForConditionalGeneration,
     SelfAttnForMaskedLM,
-    SelfAttnForSequenceClassification,
     SelfAttnModel,
 )
 from modeling_selfattn.fast_paths import enable_compiled_decoding, enable_onednn_inference
-
-TOLERANCE = 1e-5
-LENGTHS = (16, 9, 9, 3, 12, 1)  # repeated and single lengths: several attention groups, one of a lone token
-
-
-def padded_batch(lengths=LENGTHS, padding_side="right", vocab_size=99, seed=0) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-    longest = max(lengths)
-    positions = torch.arange(longest)
-    if padding_side == "right":
-        attention_mask = (positions < torch.tensor(lengths).unsqueeze(1)).long()
-    else:
-        attention_mask = (positions >= longest - torch.tensor(lengths).unsqueeze(1)).long()
-    input_ids = torch.randint(3, vocab_size, attention_mask.shape, generator=generator)
-    return {"input_ids": input_ids.masked_fill(attention_mask == 0, PAD_TOKEN_ID), "attention_mask": attention_mask}
-
-
-@pytest.fixture
-def never_unpad(monkeypatch):
-    """Within the test, call never_unpad() to make every later forward take the padded path."""
-    return lambda: monkeypatch.setattr(packing, "MIN_PADDING_SHARE_TO_UNPAD", 2.0)
-
-
-@pytest.fixture
-def count_packings(monkeypatch):
-    """A list that grows by one entry each time a batch is packed."""
-    packings = []
-    original = packing.PackedSequences.from_attention_mask.__func__
-
-    def counting(cls, attention_mask):
-        packings.append(tuple(attention_mask.shape))
-        return original(cls, attention_mask)
-
-    monkeypatch.setattr(packing.PackedSequences, "from_attention_mask", classmethod(counting))
-    return packings
-
-
-def build(model_class, shape="encoder", seed=0, **overrides):
-    torch.manual_seed(seed)
-    config = make_tiny_config(shape, **overrides)
-    return model_class(config).eval()
-
 
 def assert_same_weights(model, other) -> None:
     expected, actual = model.state_dict(), other.state_dict()
     assert actual.keys() == expected.keys()
     for name, tensor in expected.items():
         assert torch.equal(actual[name], tensor), name
-
-
-def real_token_diff(first: torch.Tensor, second: torch.Tensor, attention_mask: torch.Tensor) -> float:
-    real = attention_mask.bool()
-    return (first[real] - second[real]).abs().max().item()
-
-
-# --- unpadded encoding -----------------------------------------------------------------------------------------
-
-ENCODER_VARIANTS = {
-    "post_ln_sdpa": ({}, "sdpa", "right"),
-    "post_ln_eager": ({}, "eager", "right"),
-    "pre_ln_sinusoidal": ({"pre_layer_norm": True, "position_embedding_type": "sinusoidal"}, "sdpa", "right"),
-    "roberta_positions_left_padding": ({"padding_aware_positions": True, "position_offset": 1}, "sdpa", "left"),
-}
-
-
-@pytest.mark.parametrize("variant", list(ENCODER_VARIANTS))
-def test_unpadded_encoder_matches_the_padded_path(variant, never_unpad, count_packings):
-    overrides, attn_implementation, padding_side = ENCODER_VARIANTS[variant]
-    model = build(SelfAttnModel, **overrides)
-    model.set_attn_implementation(attn_implementation)
-    batch = padded_batch(padding_side=padding_side)
-    batch["token_type_ids"] = (torch.arange(16) >= 5).long().expand(len(LENGTHS), -1) * batch["attention_mask"]
-    with torch.no_grad():
-        unpadded = model(**batch)
-        assert len(count_packings) == 1
-        never_unpad()
-        padded = model(**batch)
-    assert len(count_packings) == 1
-    assert real_token_diff(unpadded.last_hidden_state, padded.last_hidden_state, batch["attention_mask"]) <= TOLERANCE
-    padding = batch["attention_mask"] == 0
-    with torch.no_grad():  # padding positions keep their embeddings
-        embedded = model.get_encoder().embeddings(batch["input_ids"], token_type_ids=batch["token_type_ids"])
-    assert torch.equal(unpadded.last_hidden_state[padding], embedded[padding])
-    if padding_side == "right":  # the pooler reads the first token, real with right padding
-        torch.testing.assert_close(unpadded.pooler_output, padded.pooler_output, rtol=0, atol=TOLERANCE)
-
-
-def test_unpadded_training_gives_the_same_loss_and_gradients(never_unpad, count_packings):
-    model = build(SelfAttnForMaskedLM).train()  # dropout is 0 in the tiny configs
-    batch = padded_batch()
-    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-
-    def loss_and_gradients():
-        model.zero_grad(set_to_none=True)
-        loss = model(**batch).loss
-        loss.backward()
-        return loss.detach(), {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
-
-    unpadded_loss, unpadded_gradients = loss_and_gradients()
-    never_unpad()
-    padded_loss, padded_gradients = loss_and_gradients()
-    assert len(count_packings) == 1
-    assert abs(unpadded_loss - padded_loss) <= TOLERANCE
-    for name, gradient in padded_gradients.items():
-        torch.testing.assert_close(unpadded_gradients[name], gradient, rtol=0, atol=TOLERANCE, msg=name)
-
-
-def test_sequence_classification_logits_match_the_padded_path(never_unpad, count_packings):
-    model = build(SelfAttnForSequenceClassification, num_labels=3)
-    batch = padded_batch()
-    with torch.no_grad():
-        unpadded = model(**batch).logits
-        never_unpad()
-        padded = model(**batch).logits
-    assert len(count_packings) == 1
-    torch.testing.assert_close(unpadded, padded, rtol=0, atol=TOLERANCE)
-
-
-@pytest.mark.parametrize(
-    "case",
-    ["output_attentions", "output_hidden_states", "little_padding", "no_mask", "flex_attention"],
-)
-def test_padded_path_is_kept_where_unpadding_does_not_apply(case, count_packings):
-    model = build(SelfAttnModel)
-    model.set_attn_implementation("eager")  # the one that returns attention maps
-    batch = padded_batch()
-    kwargs = {}
-    if case in ("output_attentions", "output_hidden_states"):
-        kwargs[case] = True
-    elif case == "little_padding":  # one padding token in 6 x 16: not worth packing
-        batch = padded_batch(lengths=(16, 16, 16, 16, 16, 15))
-    elif case == "no_mask":
-        batch.pop("attention_mask")
-    elif case == "flex_attention":
-        model.set_attn_implementation("flex_attention")
-    with torch.no_grad():
-        output = model(**batch, **kwargs)
-    assert count_packings == []
-    if case == "output_attentions":  # the maps keep the padded layout
-        assert output.attentions[0].shape[-2:] == (16, 16)
-    if case == "output_hidden_states":
-        assert all(state.shape[:2] == (len(LENGTHS), 16) for state in output.hidden_states)
-
-
-def test_encoder_decoder_generates_the_same_tokens_from_an_unpadded_encoder(never_unpad, count_packings):
-    model = build(
-        SelfAttnForConditionalGeneration, "encoder_decoder", tie_word_embeddings=False, initializer_range=0.2,
-        type_vocab_size=0,
-    )
-    batch = padded_batch()
-    for num_beams in (1, 3):
-        unpadded = model.generate(**batch, max_new_tokens=5, min_new_tokens=5, num_beams=num_beams)
-        assert len(count_packings) == 1
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(packing, "MIN_PADDING_SHARE_TO_UNPAD", 2.0)
-            padded = model.generate(**batch, max_new_tokens=5, min_new_tokens=5, num_beams=num_beams)
-        assert torch.equal(unpadded, padded)
-        count_packings.clear()
-
-
-def test_packed_sequences_pack_and_unpack_are_inverse():
-    batch = padded_batch(padding_side="left")
-    packed = packing.PackedSequences.from_attention_mask(batch["attention_mask"])
-    assert packed.cu_seq_lens.tolist() == [0, 16, 28, 37, 46, 49, 50]  # longest first
-    assert packed.length_groups == [(0, 1, 16), (16, 1, 12), (28, 2, 9), (46, 1, 3), (49, 1, 1)]
-    values, padding = torch.randn(len(LENGTHS), 16, 4), torch.randn(len(LENGTHS), 16, 4)
-    restored = packed.unpack(packed.pack(values), padding)
-    real = batch["attention_mask"].bool()
-    assert torch.equal(restored[real], values[real]) and torch.equal(restored[~real], padding[~real])
-
-
-# --- masked-LM loss over the scored tokens ---------------------------------------------------------------------
 
 
 def test_masked_lm_loss_and_gradients_match_the_full_cross_entropy():
@@ -410,36 +241,6 @@ def test_onednn_packed_weights_are_freed_with_the_model():
 def test_compiled_decoding_is_refused_by_a_model_that_does_not_generate():
     with pytest.raises(ValueError, match="does not generate"):
         enable_compiled_decoding(build(SelfAttnForMaskedLM))
-
-
-# --- CUDA (skipped without a GPU) ------------------------------------------------------------------------------
-
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def cuda_implementations() -> list[str]:
-    from transformers.utils import is_flash_attn_2_available
-
-    return ["sdpa", "eager"] + (["flash_attention_2"] if is_flash_attn_2_available() else [])
-
-
-@needs_cuda
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, TOLERANCE), (torch.bfloat16, 3e-2)])
-@pytest.mark.parametrize("implementation", cuda_implementations())
-def test_unpadded_encoder_on_cuda_matches_the_padded_path(
-    implementation, dtype, tolerance, never_unpad, count_packings
-):
-    if implementation.startswith("flash") and dtype == torch.float32:
-        pytest.skip("flash attention kernels take half precision only")
-    model = build(SelfAttnModel, hidden_size=64, intermediate_size=128).to("cuda", dtype)
-    model.set_attn_implementation(implementation)
-    batch = {name: tensor.cuda() for name, tensor in padded_batch().items()}
-    with torch.no_grad():
-        unpadded = model(**batch).last_hidden_state
-        never_unpad()
-        padded = model(**batch).last_hidden_state
-    assert len(count_packings) == 1
-    assert real_token_diff(unpadded.float(), padded.float(), batch["attention_mask"]) <= tolerance
 
 
 def test_compiled_decoding_keeps_a_forward_installed_on_the_instance():

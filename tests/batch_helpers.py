@@ -1,0 +1,25 @@
+"""Batches and models shared by the test files of the fast paths (test_fast_paths.py, test_packing.py)."""
+
+import torch
+from conftest import PAD_TOKEN_ID, make_tiny_config
+
+TOLERANCE = 1e-5
+LENGTHS = (16, 9, 9, 3, 12, 1)  # repeated and single lengths: several attention groups, one of a lone token
+
+
+def padded_batch(lengths=LENGTHS, padding_side="right", vocab_size=99, seed=0) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    longest = max(lengths)
+    positions = torch.arange(longest)
+    if padding_side == "right":
+        attention_mask = (positions < torch.tensor(lengths).unsqueeze(1)).long()
+    else:
+        attention_mask = (positions >= longest - torch.tensor(lengths).unsqueeze(1)).long()
+    input_ids = torch.randint(3, vocab_size, attention_mask.shape, generator=generator)
+    return {"input_ids": input_ids.masked_fill(attention_mask == 0, PAD_TOKEN_ID), "attention_mask": attention_mask}
+
+
+def build(model_class, shape="encoder", seed=0, **overrides):
+    torch.manual_seed(seed)
+    config = make_tiny_config(shape, **overrides)
+    return model_class(config).eval()
