@@ -110,14 +110,14 @@ class SelfAttnConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         # A config.json of another family would otherwise build a BERT-base-sized default that only carries the
-        # foreign model_type: refuse it. (from_pretrained translates BERT-family configs before they reach here.)
+        # foreign model_type: refuse it. (With the package, get_config_dict translates BERT-family configs first.)
         model_type = kwargs.pop("model_type", self.model_type)
         if model_type != self.model_type:
             raise ValueError(
-                f"This config has model_type={model_type!r}; SelfAttnConfig reads selfattn configs only. Load a "
-                "BERT, RoBERTa, XLM-RoBERTa, DistilBERT or ELECTRA folder with SelfAttnConfig.from_pretrained(folder) "
-                "(it translates them), or convert other checkpoints first (selfattn-convert bert|seq2seq SOURCE "
-                "OUTPUT)."
+                f"This config has model_type={model_type!r}; SelfAttnConfig reads selfattn configs only. With the "
+                "selfattn package installed, from_pretrained reads BERT, RoBERTa, XLM-RoBERTa, DistilBERT and ELECTRA "
+                "folders directly (it translates them); otherwise, or for another family, convert the checkpoint "
+                "first (selfattn-convert bert|seq2seq SOURCE OUTPUT)."
             )
         # `num_hidden_layers` is the name transformers' tooling reads; it sets the depth of the main stack.
         num_hidden_layers = kwargs.pop("num_hidden_layers", None)
@@ -148,14 +148,8 @@ class SelfAttnConfig(PreTrainedConfig):
         """With the selfattn package installed, also reads the config.json of a BERT-family checkpoint (bert,
         roberta, xlm-roberta, distilbert, electra), translated to selfattn fields."""
         config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
-        model_type = config_dict.get("model_type", cls.model_type)
-        if model_type != cls.model_type:
-            if cls.foreign_config_translator is None:
-                raise ValueError(
-                    f"{pretrained_model_name_or_path} holds a {model_type!r} model, not a selfattn one. Install the "
-                    "selfattn package (pip install selfattn) to load BERT-family folders directly, or convert the "
-                    "folder first (selfattn-convert bert SOURCE OUTPUT)."
-                )
+        # Without the translator a foreign config reaches __post_init__, which refuses it.
+        if config_dict.get("model_type", cls.model_type) != cls.model_type and cls.foreign_config_translator:
             config_dict = cls.foreign_config_translator(config_dict)
         return config_dict, kwargs
 

@@ -101,17 +101,15 @@ def check_flash_offsets(config: SelfAttnConfig, kwargs: dict) -> None:
         )
 
 
-def check_cache_type(cache) -> None:
-    if cache is not None and not isinstance(cache, Cache):
+def check_cache(cache, config: SelfAttnConfig) -> None:
+    """A cache given to the decoder: a transformers Cache built for this model. One of another kind or built for
+    another model shape would fail later with an opaque attribute or size error; name it here."""
+    if not isinstance(cache, Cache):
         raise TypeError(
             f"cache must be a transformers Cache, got {type(cache).__name__}. The tuple-of-tuples cache of older "
             "transformers versions is not accepted: pass the `cache` a previous call returned, or a new "
             "DynamicCache() (EncoderDecoderCache(DynamicCache(), DynamicCache()) for an encoder-decoder model)."
         )
-
-
-def check_cache_shape(cache: Cache, config: SelfAttnConfig) -> None:
-    """A cache built for another model shape fails later with an opaque size mismatch; name it here."""
     if config.encoder_layers > 0 and not isinstance(cache, EncoderDecoderCache):
         raise ValueError(
             f"An encoder-decoder model needs an EncoderDecoderCache (self- and cross-attention), got "

@@ -48,8 +48,7 @@ from .hub import SelfAttnHubMixin, refuse_missing_local_path
 from .input_checks import (
     accepts_past_key_values,
     check_attention_mask,
-    check_cache_shape,
-    check_cache_type,
+    check_cache,
     check_flash_offsets,
     check_ids,
     refuse_unknown_kwargs,
@@ -483,10 +482,6 @@ class SelfAttnStack(SelfAttnPreTrainedModel):
         self.embeddings.word_embeddings = value
 
 
-def is_padding_mask(attention_mask) -> bool:
-    return isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
-
-
 class SelfAttnEncoder(SelfAttnStack):
     """Embeddings and `config.encoder_layers` bidirectional layers (plus a final LayerNorm if pre-LN).
 
@@ -521,13 +516,14 @@ class SelfAttnEncoder(SelfAttnStack):
         hidden_states = self.embeddings(input_ids, inputs_embeds, token_type_ids, position_ids)
         check_attention_mask(attention_mask, tuple(hidden_states.shape[:2]), "attention_mask")
         packed_sequences = packed_sequences_for(attention_mask, self.config, kwargs)
-        embeddings = hidden_states
         # Padding positions hold the embedding output on every path: the unpadded one never computes them, and the
         # padded one (light padding, recorded outputs, torch.compile/export) overwrites what it computed there.
-        padding_mask = attention_mask.bool().unsqueeze(-1) if is_padding_mask(attention_mask) else None
+        embeddings, padding_mask = hidden_states, None
         if packed_sequences is not None:
             hidden_states, attention_mask = packed_sequences.pack(hidden_states), None
         else:
+            if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+                padding_mask = attention_mask.bool().unsqueeze(-1)
             attention_mask = create_bidirectional_mask(
                 config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
             )
@@ -579,7 +575,8 @@ class SelfAttnDecoder(SelfAttnStack):
                 "The decoder needs exactly one of input_ids or inputs_embeds (decoder_input_ids or labels for an "
                 "encoder-decoder model)."
             )
-        check_cache_type(cache)
+        if cache is not None:
+            check_cache(cache, self.config)
         check_flash_offsets(self.config, kwargs)
         is_encoder_decoder = self.config.encoder_layers > 0
         if is_encoder_decoder and encoder_hidden_states is None:
@@ -592,8 +589,6 @@ class SelfAttnDecoder(SelfAttnStack):
             )
         self_attention_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
         past_length = self_attention_cache.get_seq_length() if cache is not None else 0
-        if cache is not None:
-            check_cache_shape(cache, self.config)
 
         hidden_states = self.embeddings(input_ids, inputs_embeds, token_type_ids, position_ids, past_length)
         batch_size, seq_length = hidden_states.shape[:2]
