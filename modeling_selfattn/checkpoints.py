@@ -91,6 +91,13 @@ class Family:
     lm_head_activation: str | None = None
     # Pairs of source fields that one selfattn field describes (e.g. encoder and decoder heads): they must agree.
     config_same: tuple = ()
+    # selfattn fields import sets but export does not check: every value has an equivalent in the family (an
+    # encoder-decoder builds no pooler whatever add_pooling_layer says; no logits bias is a bias of zeros).
+    config_import_only: dict = field(default_factory=dict)
+    # Tensors the family's checkpoints hold that selfattn computes rather than stores, made on export from the
+    # selfattn config dict: {name in the head model's layout: (tensor, why)}. Used only where no stored tensor fills
+    # the name.
+    export_tensors: Callable[[dict], dict] | None = None
 
     def architecture(self, suffix: str) -> str:
         return self.class_prefix + suffix
@@ -418,10 +425,27 @@ ENCODER_DECODER = {
     "embedding_size": None,
     "pre_layer_norm": False,
     "layer_norm_eps": 1e-5,  # nn.LayerNorm's default, which both families use
-    "add_pooling_layer": False,
-    "add_final_logits_bias": True,
+    "lm_head_transform": False,  # the LM head projects onto the token table directly
 }
+SEQ2SEQ_IMPORT_ONLY = {"add_pooling_layer": False, "add_final_logits_bias": True}
 SEQ2SEQ_HEADS = {"Model": Head("SelfAttnModel")}
+
+
+def zero_logits_bias(config: dict) -> dict:
+    return {
+        "final_logits_bias": (
+            torch.zeros(1, config["vocab_size"]),
+            "zeros: this model adds no bias to its logits (add_final_logits_bias=False)",
+        )
+    }
+
+
+def marian_computed_tensors(config: dict) -> dict:
+    # selfattn's own table (the one its model adds), so that the exported model computes what selfattn computes.
+    table = selfattn_model.sinusoidal_positions(config["max_position_embeddings"], config["hidden_size"])
+    why = "the fixed sinusoidal table, as selfattn computes it"
+    positions = {f"model.{stack}.embed_positions.weight": (table.clone(), why) for stack in ("encoder", "decoder")}
+    return {**positions, **zero_logits_bias(config)}
 
 MARIAN = Family(
     name="marian",
@@ -448,6 +472,8 @@ MARIAN = Family(
     # A separate decoder vocabulary would need a second token table.
     config_requirements={"share_encoder_decoder_embeddings": True, "is_decoder": False},
     config_same=SEQ2SEQ_CONFIG_SAME + (("decoder_vocab_size", "vocab_size"),),
+    config_import_only=SEQ2SEQ_IMPORT_ONLY,
+    export_tensors=marian_computed_tensors,
 )
 
 BART = Family(
@@ -478,13 +504,17 @@ BART = Family(
     },
     config_requirements={"is_decoder": False},
     config_same=SEQ2SEQ_CONFIG_SAME,
+    config_import_only=SEQ2SEQ_IMPORT_ONLY,
+    export_tensors=zero_logits_bias,
 )
 
 FAMILIES = {
     family.model_type: family for family in (BERT, ROBERTA, XLM_ROBERTA, DISTILBERT, ELECTRA, MARIAN, BART)
 }
-# The families export writes back to (selfattn encoder -> BERT family); Marian and BART convert one way.
+# The encoder-only families (BERT layout) and the encoder-decoder ones; export writes every one of them.
 ENCODER_FAMILIES = {name: family for name, family in FAMILIES.items() if family.config_fixed.get("decoder_layers") == 0}
+SEQ2SEQ_FAMILIES = {name: family for name, family in FAMILIES.items() if name not in ENCODER_FAMILIES}
+EXPORT_FAMILIES = FAMILIES
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -568,7 +598,7 @@ def selfattn_config_kwargs(config_dict: dict, architecture: str) -> tuple[dict, 
 
     kwargs = {name: source[name] for name in SHARED_CONFIG_FIELDS if name in source}
     kwargs.update({target_name: source[source_name] for source_name, target_name in family.config_renames})
-    fixed = {**family.config_fixed, **head.config}
+    fixed = {**family.config_fixed, **family.config_import_only, **head.config}
     kwargs.update(
         {name: source[value.name] if isinstance(value, SourceField) else value for name, value in fixed.items()}
     )
@@ -638,7 +668,14 @@ def source_config_dict(config: SelfAttnConfig, family: Family) -> dict:
     if family.config_from_selfattn is not None:
         source.update(family.config_from_selfattn(values))
     source.update({**family.config_requirements, **head.requirements})
-    source.pop("position_embedding_type", None)  # no longer a field of transformers' configs
+    # Both fields of a pair take the one value selfattn has for them (e.g. encoder and decoder heads).
+    for first, second in family.config_same:
+        if second in source:
+            source.setdefault(first, source[second])
+        elif first in source:
+            source[second] = source[first]
+    # position_embedding_type="absolute" is no longer a field of transformers' BERT configs, but stays in the file
+    # as in the checkpoints transformers itself publishes: tools such as CTranslate2's converter still read it.
     return {**source, "model_type": family.model_type, "architectures": [architecture]}
 
 
@@ -829,6 +866,74 @@ TOKENIZER_FILES = (
 )
 HUB_FILE_PATTERNS = ["*.json", "*.txt", "*.model", "*.spm", "*.md"]
 
+# sentence-transformers keeps its pipeline beside the transformer's files: modules.json lists the modules (the
+# transformer at the top of the folder, pooling, normalisation, dense layers... each in its own folder), and
+# config_sentence_transformers.json and the transformer module's settings (sentence_bert_config.json, or the older
+# per-architecture names its loader still reads) lie at the top.
+SENTENCE_TRANSFORMERS_MODULES = "modules.json"
+SENTENCE_TRANSFORMERS_TOP_FILES = ("config_sentence_transformers.json", "sentence_*_config.json")
+
+
+def sentence_transformers_files(folder: str | os.PathLike) -> list[str]:
+    """The sentence-transformers files of a checkpoint folder, relative to it: modules.json, the settings at the
+    top, and the folder of every module modules.json places below the top; [] for a folder without modules.json.
+    The transformer module at the top is the checkpoint the conversion reads and writes itself. Raises
+    ConversionError where modules.json cannot be followed, rather than leave part of the pipeline behind."""
+    folder = Path(folder)
+    modules_file = folder / SENTENCE_TRANSFORMERS_MODULES
+    if not modules_file.exists() and not modules_file.is_symlink():
+        return []
+    try:
+        modules = json.loads(modules_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ConversionError(
+            f"Cannot read {modules_file} ({error}), the list of the sentence-transformers modules; make it readable "
+            "valid JSON (re-download or re-save the model) and run again."
+        ) from error
+    if not isinstance(modules, list) or not all(
+        isinstance(module, dict) and isinstance(module.get("path"), str) and isinstance(module.get("type"), str)
+        for module in modules
+    ):
+        raise ConversionError(
+            f"{modules_file} is not a list of modules with a \"path\" and a \"type\" each, as sentence-transformers "
+            "writes it; re-download or re-save the model."
+        )
+    files = [SENTENCE_TRANSFORMERS_MODULES]
+    for pattern in SENTENCE_TRANSFORMERS_TOP_FILES:
+        files += sorted(path.name for path in folder.glob(pattern) if path.name not in files)
+    for module in modules:
+        path, kind = module["path"].strip("/"), module["type"]
+        is_transformer = kind.rsplit(".", 1)[-1].endswith("Transformer")
+        parts = Path(path).parts
+        if Path(module["path"]).is_absolute() or ".." in parts:
+            raise ConversionError(
+                f"{modules_file} places the module {kind} at {module['path']!r}, outside the model folder; "
+                "sentence-transformers refuses such paths too. Fix modules.json."
+            )
+        if not path:
+            if not is_transformer:
+                raise ConversionError(
+                    f"{modules_file} places {kind} at the top of {folder}, where the conversion expects the "
+                    "transformer; which of the files there belong to it cannot be told, so nothing is converted."
+                )
+            continue
+        if is_transformer:
+            raise ConversionError(
+                f"{modules_file} places the transformer module ({kind}) in {path}/, so the weights sentence-"
+                f"transformers runs are there, not the checkpoint at the top of {folder} that this command converts. "
+                f"Convert {folder / path} instead, and copy the other sentence-transformers files into OUTPUT by hand."
+            )
+        location = folder / path
+        if not location.exists() and not location.is_symlink():
+            continue  # a module without files of its own (Normalize): it loads from the output as from the source
+        if not location.is_dir() and not location.is_file():
+            raise ConversionError(
+                f"{location}, the folder of the sentence-transformers module {kind}, is a broken link or not a "
+                "folder; put the module's files there and run again."
+            )
+        files.append(path)
+    return files
+
 
 def resolve_folder(source: str | os.PathLike, **download_kwargs) -> Path:
     """A local folder as is; anything else is taken as a Hub repository id and downloaded (where a network is)."""
@@ -866,6 +971,7 @@ class ConversionReport:
     mismatched: list = field(default_factory=list)  # (source name, target name, source shape, target shape)
     conflicts: list = field(default_factory=list)  # (target name, source names) whose tensors differ
     config_not_carried: list = field(default_factory=list)
+    computed: dict = field(default_factory=dict)  # target name -> what export filled it with (no tensor of its own)
 
     def problems(self) -> list[str]:
         problems = [f"unused source tensor {name}: {why}" for name, why in self.unused.items()]
@@ -903,6 +1009,7 @@ class ConversionReport:
             f"{len(self.missing)} missing, {len(self.mismatched)} shape mismatches",
         ]
         lines += [f"  dropped {name}: {why}" for name, why in self.dropped.items()]
+        lines += [f"  computed {name}: {why}" for name, why in self.computed.items()]
         lines += [f"  {problem}" for problem in self.problems()]
         if self.config_not_carried:
             lines.append(f"  config fields not carried over (no selfattn code uses them): {self.config_not_carried}")
@@ -1143,19 +1250,49 @@ def warm_start_encoder_decoder(encoder_source, decoder_source=None, **kwargs):
 
 
 def export_family(config: SelfAttnConfig, family_name: str | None = None) -> Family:
-    """The family to export to: as named, or RoBERTa for padding-aware positions and BERT otherwise."""
-    if family_name is not None:
-        if family_for(family_name).model_type not in ENCODER_FAMILIES:
-            raise ConversionError(
-                f"Export writes an encoder layout, one of {sorted(ENCODER_FAMILIES)}; {family_name} is converted "
-                "to selfattn only."
-            )
-        return family_for(family_name)
-    return ROBERTA if config.padding_aware_positions else BERT
+    """The family to export to: as named, or by the model's shape: for an encoder, RoBERTa for padding-aware
+    positions and BERT otherwise; for an encoder-decoder, BART for learned positions and Marian otherwise."""
+    shape = "encoder-decoder" if config.encoder_layers and config.decoder_layers else (
+        "encoder-only" if config.encoder_layers else "decoder-only"
+    )
+    if shape == "decoder-only":
+        raise ConversionError(
+            "This is a decoder-only selfattn model (encoder_layers=0); export writes encoder layouts "
+            f"({sorted(ENCODER_FAMILIES)}) and encoder-decoder ones ({sorted(SEQ2SEQ_FAMILIES)}), none of which it has."
+        )
+    fitting = ENCODER_FAMILIES if shape == "encoder-only" else SEQ2SEQ_FAMILIES
+    if family_name is None:
+        if shape == "encoder-only":
+            return ROBERTA if config.padding_aware_positions else BERT
+        return BART if config.position_embedding_type == "learned" else MARIAN
+    family = family_for(family_name)
+    if family.model_type not in fitting:
+        raise ConversionError(
+            f"This selfattn model is {shape}, and {family_name} is not: pick one of {sorted(fitting)} with --family "
+            "(or leave --family out to let export choose)."
+        )
+    return family
+
+
+def computed_tensors(family: Family, config: SelfAttnConfig, report: "ConversionReport", is_base: bool) -> dict:
+    """The family's computed tensors (`Family.export_tensors`) for the names `report` lists as missing; those names
+    move from `report.missing` to `report.computed`."""
+    if family.export_tensors is None:
+        return {}
+    filled = {}
+    for name, (tensor, why) in family.export_tensors(config.to_dict()).items():
+        if is_base:
+            name = name.removeprefix(family.base_prefix + ".")
+        if name in report.missing:
+            filled[name] = tensor
+            report.computed[name] = why
+    report.missing = [name for name in report.missing if name not in filled]
+    return filled
 
 
 def export_checkpoint(source: str | os.PathLike, family_name: str | None = None, progress: bool = False):
-    """A selfattn encoder folder -> (transformers config, state dict in the family's layout, report)."""
+    """A selfattn folder -> (transformers config, state dict in the family's layout, report). Encoder-only models
+    export to the BERT families, encoder-decoders to Marian or BART."""
     from transformers import AutoConfig
 
     folder = Path(source)
@@ -1166,10 +1303,14 @@ def export_checkpoint(source: str | os.PathLike, family_name: str | None = None,
             "selfattn-convert bert or save_pretrained of a selfattn model wrote."
         )
     config = SelfAttnConfig.from_pretrained(folder)
-    if config.decoder_layers:
+    if config.pruned_heads:
+        # transformers 5 dropped pruned_heads from its configs: the models export writes build every layer with all
+        # heads.
+        pruned = ", ".join(f"{key}: heads {heads}" for key, heads in config.pruned_heads.items())
         raise ConversionError(
-            f"{source} is an {'encoder-decoder' if config.encoder_layers else 'decoder-only'} model; only "
-            "encoder-only selfattn models have a BERT-family layout."
+            f"{source} has pruned attention heads ({pruned}); transformers' models cannot express pruned heads "
+            "(every layer has num_attention_heads), so there is no layout to export to. Export the model before "
+            "pruning, or keep the pruned model as a selfattn folder (it loads with trust_remote_code)."
         )
     family = export_family(config, family_name)
     source_fields = source_config_dict(config, family)
@@ -1191,8 +1332,37 @@ def export_checkpoint(source: str | os.PathLike, family_name: str | None = None,
     report = ConversionReport(str(source), source_class, architecture)
     report.unused.update({name: f"no {family.name} rule produces it" for name in unmatched})
     converted = match_tensors(report, state_dict, names, shapes, tied, progress)
+    converted.update(shared_copies(family, config, state_dict, report, is_base))
+    converted.update(computed_tensors(family, config, report, is_base))
     report.check()
     return source_config, converted, report
+
+
+def shared_copies(family: Family, config: SelfAttnConfig, state_dict: dict, report, is_base: bool) -> dict:
+    """selfattn saves a tensor its model shares (one token table for both stacks and, tied, the LM head) once; a
+    family that keeps copies under several names (Marian and BART with tie_word_embeddings=False) gets it under
+    each name `report` lists as missing; those names move to `report.computed`."""
+    model = build_on_meta(target_class((config.architectures or ["SelfAttnModel"])[0]), config)
+    _, tied = expected_tensors(model)
+    # Shared by construction (the decoder takes the encoder's embedding module) or tied by transformers.
+    groups = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(parameter), []).append(name)
+    for name, repeated in tied.items():
+        groups.setdefault(("tied", repeated), [repeated]).append(name)
+    names = {name: name for name in state_dict}
+    for group in groups.values():
+        stored = next((name for name in group if name in state_dict), None)
+        if stored is not None:
+            names.update({name: stored for name in group})
+    filled = {}
+    for name, stored in names.items():
+        for candidate in source_names(family, name if not is_base else "model." + name, with_base_prefix=not is_base):
+            if candidate in report.missing and candidate not in filled:
+                filled[candidate] = state_dict[stored].clone()  # safetensors writes no shared memory
+                report.computed[candidate] = f"a copy of {stored}, which the selfattn model shares"
+    report.missing = [name for name in report.missing if name not in filled]
+    return filled
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1329,7 +1499,9 @@ __all__ = [
     "ConversionError",
     "ConversionReport",
     "ENCODER_FAMILIES",
+    "EXPORT_FAMILIES",
     "FAMILIES",
+    "SEQ2SEQ_FAMILIES",
     "Family",
     "Head",
     "Rename",
@@ -1339,6 +1511,7 @@ __all__ = [
     "export_checkpoint",
     "load_checkpoint",
     "selfattn_config_kwargs",
+    "sentence_transformers_files",
     "source_config_dict",
     "verify",
     "verify_seq2seq",

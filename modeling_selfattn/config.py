@@ -48,6 +48,11 @@ class SelfAttnConfig(PreTrainedConfig):
             directly; BERT2BERT warm starts set it, so that the decoder's outputs keep BERT's output layer.
         tie_word_embeddings: tie LM output weights to the input embeddings.
         initializer_range: std of the normal initialisation.
+        pruned_heads: attention heads removed by `model.prune_heads`, as {attention: sorted head indices}, the
+            indices counted among the `num_attention_heads` heads the module had before any pruning. An
+            attention is named "encoder.L" (self-attention of encoder layer L), "decoder.L" (self-attention of
+            decoder layer L) or "decoder.L.cross_attn" (cross-attention of decoder layer L). The model builds
+            each attention with the heads left, so a pruned model reloads from its config.
     """
 
     model_type = "selfattn"
@@ -107,6 +112,7 @@ class SelfAttnConfig(PreTrainedConfig):
     decoder_start_token_id: int | None = None
     tie_word_embeddings: bool = True
     use_cache: bool = True
+    pruned_heads: dict[str, list[int]] | None = None
 
     def __post_init__(self, **kwargs):
         # A config.json of another family would otherwise build a BERT-base-sized default that only carries the
@@ -169,6 +175,86 @@ class SelfAttnConfig(PreTrainedConfig):
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    def attention_keys(self) -> list[str]:
+        """The names `pruned_heads` and `prune_heads` use for this shape's attention modules, bottom to top:
+        "encoder.L", then "decoder.L" and (encoder-decoder) "decoder.L.cross_attn"."""
+        keys = [attention_key("encoder", layer) for layer in range(self.encoder_layers)]
+        for layer in range(self.decoder_layers):
+            keys.append(attention_key("decoder", layer))
+            if self.encoder_layers > 0:
+                keys.append(attention_key("decoder", layer, cross_attention=True))
+        return keys
+
+    def kept_heads(self, key: str | None) -> list[int]:
+        """Indices (among the original `num_attention_heads`) of the heads the attention `key` still has."""
+        pruned = set((self.pruned_heads or {}).get(key, ())) if key is not None else set()
+        return [head for head in range(self.num_attention_heads) if head not in pruned]
+
+    def resolve_heads_to_prune(self, heads_to_prune: dict) -> dict[str, list[int]]:
+        """`heads_to_prune` of `prune_heads` with every key named as in `pruned_heads`, checked against this config:
+        a ValueError (TypeError for wrong types) names any key, layer or head that cannot be pruned."""
+        if not isinstance(heads_to_prune, dict):
+            raise TypeError(
+                f"heads_to_prune must be a dict {{layer: [heads]}}, got {type(heads_to_prune).__name__}; e.g. "
+                "{0: [1, 3]} prunes heads 1 and 3 of layer 0."
+            )
+        keys = self.attention_keys()
+        one_stack = "encoder" if self.decoder_layers == 0 else "decoder" if self.encoder_layers == 0 else None
+        resolved = {}
+        for key, heads in heads_to_prune.items():
+            if isinstance(key, int) and not isinstance(key, bool):
+                if one_stack is None:
+                    raise ValueError(
+                        f"heads_to_prune key {key!r}: an encoder-decoder model has several attentions per layer "
+                        "index; name one: 'encoder.L', 'decoder.L' (decoder self-attention) or 'decoder.L.cross_attn'."
+                    )
+                layers = self.encoder_layers if one_stack == "encoder" else self.decoder_layers
+                if not 0 <= key < layers:
+                    raise ValueError(
+                        f"heads_to_prune key {key}: layer out of range, this model's {one_stack} has layers 0.."
+                        f"{layers - 1}."
+                    )
+                name = attention_key(one_stack, key)
+            elif isinstance(key, str):
+                if key not in keys:
+                    raise ValueError(
+                        f"heads_to_prune key {key!r} names no attention of this model; use a layer index "
+                        f"(int) or one of {keys}."
+                    )
+                name = key
+            else:
+                raise TypeError(
+                    f"heads_to_prune keys are layer indices (int) or attention names such as 'encoder.0', got "
+                    f"{key!r} ({type(key).__name__})."
+                )
+            if name in resolved:
+                raise ValueError(f"heads_to_prune names the attention {name!r} twice ({key!r} and another key).")
+            if isinstance(heads, (str, bytes)) or not hasattr(heads, "__iter__"):
+                raise TypeError(f"heads_to_prune[{key!r}] must be a list of head indices, got {heads!r}.")
+            heads = list(heads)
+            wrong_type = [head for head in heads if not isinstance(head, int) or isinstance(head, bool)]
+            if wrong_type:
+                raise TypeError(f"heads_to_prune[{key!r}] holds non-integer heads {wrong_type}; give head indices.")
+            out_of_range = [head for head in heads if not 0 <= head < self.num_attention_heads]
+            if out_of_range:
+                raise ValueError(
+                    f"heads_to_prune[{key!r}] has heads {out_of_range} out of range: heads are numbered 0.."
+                    f"{self.num_attention_heads - 1} (as before any pruning)."
+                )
+            repeated = sorted({head for head in heads if heads.count(head) > 1})
+            if repeated:
+                raise ValueError(f"heads_to_prune[{key!r}] lists heads {repeated} more than once.")
+            already = sorted(set(heads) - set(self.kept_heads(name)))
+            if already:
+                raise ValueError(
+                    f"heads_to_prune[{key!r}]: heads {already} of {name!r} are already pruned (config.pruned_heads"
+                    f"[{name!r}] = {self.pruned_heads[name]}); head indices count the original "
+                    f"{self.num_attention_heads} heads, so name only heads still there."
+                )
+            if heads:
+                resolved[name] = sorted(heads)
+        return resolved
+
     def check(self):
         """Raise a ValueError naming the field and the fix for any config no model can be built from.
 
@@ -228,6 +314,23 @@ class SelfAttnConfig(PreTrainedConfig):
             )
         if self.layer_norm_eps <= 0:
             raise ValueError(f"SelfAttnConfig.layer_norm_eps must be positive, got {self.layer_norm_eps}.")
+        keys = self.attention_keys()
+        for key, heads in (self.pruned_heads or {}).items():
+            if key not in keys:
+                raise ValueError(
+                    f"SelfAttnConfig.pruned_heads has the key {key!r}, which names no attention of this shape; keys "
+                    f"are {keys}. Leave pruned_heads as model.prune_heads wrote it."
+                )
+            if sorted(set(heads)) != heads or not all(0 <= head < self.num_attention_heads for head in heads):
+                raise ValueError(
+                    f"SelfAttnConfig.pruned_heads[{key!r}] = {heads}: it must list distinct heads in increasing order, "
+                    f"each within 0..{self.num_attention_heads - 1}. Leave pruned_heads as model.prune_heads wrote it."
+                )
+
+
+def attention_key(stack: str, layer: int, cross_attention: bool = False) -> str:
+    """The name of one attention module in `pruned_heads`: "encoder.L", "decoder.L" or "decoder.L.cross_attn"."""
+    return f"{stack}.{layer}.cross_attn" if cross_attention else f"{stack}.{layer}"
 
 
 __all__ = ["SelfAttnConfig"]

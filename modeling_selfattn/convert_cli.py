@@ -2,7 +2,8 @@
 
     selfattn-convert bert SOURCE OUTPUT [--architecture NAME] [--verify] [--overwrite]
     selfattn-convert seq2seq SOURCE OUTPUT [--architecture NAME] [--verify] [--overwrite]
-    selfattn-convert export SELFATTN_DIR OUTPUT [--family NAME] [--overwrite]
+    selfattn-convert export SELFATTN_DIR OUTPUT [--family NAME] [--verify] [--overwrite]
+    selfattn-convert onnx MODEL OUTPUT [--optimize] [--tolerance T] [--overwrite]
 
 Also `python -m modeling_selfattn.convert_cli`. The scripts in conversion/ run the same commands under the
 paths the README gave before there was a console script. The conversion itself is modeling_selfattn/checkpoints.py;
@@ -23,16 +24,19 @@ import transformers
 from safetensors.torch import save_file
 
 from .checkpoints import (
-    ENCODER_FAMILIES,
+    EXPORT_FAMILIES,
     TOKENIZER_FILES,
     ConversionError,
     convert_checkpoint,
     export_checkpoint,
     read_config,
     resolve_folder,
+    sentence_transformers_files,
+    target_class,
     verify,
     verify_seq2seq,
 )
+from . import onnx_export
 from .hub import render_model_card
 from .output_folder import Output, OutputFailed, OutputRefused, check_output, write_output
 
@@ -101,21 +105,53 @@ shape stops the conversion.
 
 EXPORT_DESCRIPTION = reflowed(
     """\
-Export an encoder-only selfattn folder back to transformers' BERT-family layout (BERT or RoBERTa, or the other
-families of the conversion tables).
+Export a selfattn folder to a transformers layout: an encoder-only model to the BERT family (BERT or RoBERTa, or
+the other encoder families of the conversion tables), an encoder-decoder to Marian (MarianMTModel, which
+CTranslate2 converts) or BART. A shape the family cannot express (pre-LN, learned positions for Marian, ...) is
+refused, naming the config field.
 
-The family defaults to RoBERTa for a model with RoBERTa's padding-aware positions and BERT otherwise. OUTPUT gets
-config.json, model.safetensors and the tokenizer files; it is then loaded with transformers' own class to check
-that every tensor fits. Converting a BERT checkpoint and exporting it back gives bit-identical tensors.
+The family defaults to RoBERTa for an encoder with RoBERTa's padding-aware positions and BERT otherwise, and to
+BART for an encoder-decoder with learned positions and Marian otherwise. OUTPUT gets config.json,
+model.safetensors, the tokenizer files, the generation settings of an encoder-decoder and the sentence-transformers
+files of a sentence-transformers model; it is then loaded with transformers' own class to check that every tensor
+fits, and with --verify run beside the selfattn model on sample text. Converting a BERT checkpoint and exporting it
+back gives bit-identical tensors.
 
 """
     + SAFE_OUTPUT.format(
-        failures="a failed export or load check, a write error",
+        failures="a failed export, load check or --verify, a write error",
         source="SELFATTN_DIR",
-        status_1="export or writing failed",
+        status_1="export failed, parity beyond --tolerance, tokens that differ or writing failed",
     )
 )
 
+
+ONNX_DESCRIPTION = reflowed(
+    """\
+Export a selfattn model folder to ONNX for ONNX Runtime, in the files and with the input and output names of
+Hugging Face optimum.
+
+Encoder heads (SelfAttnModel of an encoder-only config, MaskedLM, SequenceClassification, TokenClassification,
+QuestionAnswering, MultipleChoice, PreTraining, ReplacedTokenDetection) give model.onnx: inputs input_ids,
+attention_mask and, where the model has token types, token_type_ids; outputs named after the head's output fields
+(last_hidden_state, logits, start_logits and end_logits, ...). SelfAttnForConditionalGeneration gives
+encoder_model.onnx, decoder_model.onnx and decoder_with_past_model.onnx (past_key_values.N.decoder/encoder.key/value
+in, present.N.decoder.key/value out); SelfAttnForCausalLM gives model.onnx with position_ids and
+past_key_values.N.key/value in (0 tokens long at the first step) and present.N.key/value out. Batch and sequence
+axes are dynamic. OUTPUT also gets config.json and the tokenizer files of MODEL.
+
+Each graph is run with ONNX Runtime on inputs of other sizes than traced and compared with PyTorch; a max abs
+difference beyond --tolerance stops the export. --optimize adds model_optimized.onnx (encoder heads only): ONNX
+Runtime's transformer optimizer with its BERT fusions (attention, LayerNorm, GELU). Needs onnx and onnxruntime
+(pip install 'selfattn[onnx]').
+
+"""
+    + SAFE_OUTPUT.format(
+        failures="a failed export or check, a write error",
+        source="MODEL",
+        status_1="export, check or writing failed",
+    )
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Arguments
@@ -152,10 +188,43 @@ def add_conversion_arguments(parser: argparse.ArgumentParser, architecture_help:
     add_overwrite(parser)
 
 
+def add_onnx_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", metavar="MODEL", type=Path, help="selfattn model folder")
+    parser.add_argument("output", metavar="OUTPUT", type=Path, help="folder to write the ONNX files to")
+    parser.add_argument(
+        "--optimize",
+        action="store_true",
+        help="also write model_optimized.onnx, fused by ONNX Runtime's transformer optimizer (encoder heads)",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=non_negative_tolerance,
+        default=1e-4,
+        help="largest max abs difference between ONNX Runtime and PyTorch accepted (default 1e-4)",
+    )
+    add_overwrite(parser)
+
+
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", type=Path, help="selfattn model folder (encoder-only)")
+    parser.add_argument("source", type=Path, help="selfattn model folder (encoder-only or encoder-decoder)")
     parser.add_argument("output", type=Path, help="transformers checkpoint folder to write")
-    parser.add_argument("--family", choices=sorted(ENCODER_FAMILIES), help="layout to write (default: bert or roberta)")
+    parser.add_argument(
+        "--family",
+        choices=sorted(EXPORT_FAMILIES),
+        help="layout to write (default: bert or roberta for an encoder, marian or bart for an encoder-decoder)",
+    )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="run transformers' model on OUTPUT and the selfattn model on sample text (encoder-decoders: logits "
+        "and generate())",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=non_negative_tolerance,
+        default=1e-4,
+        help="largest max abs difference --verify accepts (default 1e-4)",
+    )
     add_overwrite(parser)
 
 
@@ -186,6 +255,24 @@ def copy_tokenizer_files(source_folder: Path, folder: Path) -> list[str]:
             "has none either; copy the tokenizer in by hand before using OUTPUT on text."
         )
     return copied
+
+
+def copy_sentence_transformers_files(source_folder: Path, folder: Path) -> list[str]:
+    """Copy SOURCE's sentence-transformers pipeline into `folder` (modules.json, its settings and every module
+    folder it names; checkpoints.sentence_transformers_files lists them), so that SentenceTransformer(OUTPUT)
+    runs the source's pooling, normalisation, dense layers and sequence length around the converted transformer,
+    rather than a default mean pooling of its own. The names copied."""
+    source_folder = Path(source_folder)
+    names = sentence_transformers_files(source_folder)
+    for name in names:
+        path = source_folder / name
+        if path.is_dir():
+            shutil.copytree(path, folder / name)  # files linked into a Hub cache are copied, not linked
+        else:
+            shutil.copy2(path, folder / name)
+    if names:
+        print(f"kept the sentence-transformers pipeline: {', '.join(names)}")
+    return names
 
 
 def write_model_card(output: Path, section: str) -> None:
@@ -276,6 +363,7 @@ def converted_model(args: argparse.Namespace, model, report, card_section: Calla
         card = render_model_card(model, Path(args.output).resolve().name)
         (folder / "README.md").write_text(card, encoding="utf-8")
         copy_tokenizer_files(source_folder, folder)
+        copy_sentence_transformers_files(source_folder, folder)
         write_model_card(folder, card_section(time.perf_counter() - start))
 
     return Prepared(write, source_folder, report.target)
@@ -339,18 +427,112 @@ def check_loads(config, folder: Path) -> None:
         )
 
 
+def ctranslate2_notes(config, state_dict: dict) -> list[str]:
+    """What keeps a Marian export from translating exactly as the selfattn model with CTranslate2, whose Marian
+    converter drops the last vocabulary entry as <pad> and starts the decoder from a zero vector instead of the
+    embedding of a start token."""
+    if config.model_type != "marian":
+        return []
+    notes = []
+    pad = config.pad_token_id
+    if pad != config.vocab_size - 1:
+        notes.append(
+            f"pad_token_id is {pad}, not the last id ({config.vocab_size - 1}): CTranslate2's Marian converter removes "
+            "the last token as <pad>, so its vocabulary and weights would no longer match"
+        )
+    if config.decoder_start_token_id != pad:
+        notes.append(
+            f"decoder_start_token_id is {config.decoder_start_token_id}, not pad_token_id ({pad}): CTranslate2 starts "
+            "Marian decoders from a zero vector, which only the padding row can be"
+        )
+    table = state_dict.get("model.shared.weight", state_dict.get("shared.weight"))
+    if table is not None and pad is not None and 0 <= pad < len(table) and table[pad].any():
+        notes.append(
+            f"the padding row (id {pad}) of the token table is not zero (training moves it when the output layer "
+            "shares the table), while CTranslate2 starts the decoder from a zero vector"
+        )
+    return notes
+
+
 def export(args: argparse.Namespace, start: float) -> Prepared:
     config, state_dict, report = export_checkpoint(args.source, args.family, progress=True)
     print(report.summary())
+    for note in ctranslate2_notes(config, state_dict):
+        print(f"note: {note}; CTranslate2's translations would differ (README, CTranslate2).")
 
     def write(folder: Path) -> None:
         config.save_pretrained(folder)
         tensors = {name: tensor.contiguous() for name, tensor in state_dict.items()}
         save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        generation_config = Path(args.source) / "generation_config.json"
+        if config.is_encoder_decoder and generation_config.is_file():
+            # The decoding settings (start, end and padding tokens, lengths, beams) mean the same in every family.
+            shutil.copy2(generation_config, folder / generation_config.name)
         copy_tokenizer_files(args.source, folder)
+        copy_sentence_transformers_files(args.source, folder)
         check_loads(config, folder)
+        if args.verify:
+            verify_export(args, folder)
 
     return Prepared(write, args.source, config.architectures[0])
+
+
+def verify_export(args: argparse.Namespace, folder: Path) -> None:
+    """Run transformers' model on the exported `folder` and the selfattn model of SELFATTN_DIR on sample text;
+    raise ConversionError beyond --tolerance or on other tokens."""
+    selfattn_config = read_config(args.source)
+    model = target_class((selfattn_config.get("architectures") or ["SelfAttnModel"])[0]).from_pretrained(args.source)
+    if model.config.is_encoder_decoder and not model.can_generate():
+        raise ConversionError(
+            "--verify runs generate(), which the bare encoder-decoder (SelfAttnModel) cannot; leave out --verify, or "
+            "export a model with the generation head (SelfAttnForConditionalGeneration)."
+        )
+    try:
+        if model.config.is_encoder_decoder:
+            # The start token takes a position too.
+            max_new_tokens = min(16, model.config.max_position_embeddings - 1)
+            diffs, mismatches = verify_seq2seq(folder, model, max_new_tokens=max_new_tokens)
+        else:
+            diffs, mismatches = verify(folder, model), {}
+    except ConversionError:
+        raise
+    except Exception as error:  # from either model's forward or generate()
+        raise ConversionError(
+            f"--verify could not run the two models on sample text ({type(error).__name__}: {error}); nothing is "
+            "written. Export without --verify and compare them on your own inputs."
+        ) from error
+    for name, value in diffs.items():
+        print(f"max abs diff {name}: {value:.3e}")
+    for name, count in mismatches.items():
+        print(f"generate() {name}: {count} sequence(s) differ from the selfattn model's")
+    beyond = {name: value for name, value in diffs.items() if not value <= args.tolerance}  # nan is beyond too
+    if beyond or any(mismatches.values()):
+        figures = ", ".join(f"{name} {value:.3e}" for name, value in beyond.items())
+        raise ConversionError(
+            f"--verify: the exported model differs from the selfattn model (max abs diff beyond --tolerance "
+            f"{args.tolerance:g}: {figures or 'none'}; sequences generated differently: {mismatches or 'none'}), so "
+            "nothing is written. For a difference, pass a larger --tolerance if it is acceptable; other tokens are a "
+            "gap in the conversion tables of modeling_selfattn/checkpoints.py: please report them."
+        )
+
+
+def export_onnx(args: argparse.Namespace, start: float) -> Prepared:
+    onnx_export.require_onnx_runtime()
+    model = onnx_export.load_for_export(args.source)
+
+    def write(folder: Path) -> None:
+        report = onnx_export.export_onnx(model, folder, optimize=args.optimize, tolerance=args.tolerance)
+        for file_name, figures in onnx_export.summarized_differences(report.differences).items():
+            print(f"{file_name}, ONNX Runtime vs PyTorch, max abs diff: {figures}")
+        if report.fused_operators is not None:
+            fused = ", ".join(f"{name} {count}" for name, count in report.fused_operators.items()) or "none"
+            print(f"fused by ONNX Runtime's optimizer: {fused}")
+        model.config.save_pretrained(folder)
+        if model.can_generate():
+            model.generation_config.save_pretrained(folder)
+        copy_tokenizer_files(args.source, folder)
+
+    return Prepared(write, args.source, f"{type(model).__name__} as ONNX")
 
 
 @dataclass(frozen=True)
@@ -391,6 +573,13 @@ COMMANDS = {
         add_export_arguments,
         export,
         source_name="SELFATTN_DIR",
+    ),
+    "onnx": Command(
+        "selfattn model folder -> ONNX graphs for ONNX Runtime (optimum's layout and names)",
+        ONNX_DESCRIPTION,
+        add_onnx_arguments,
+        export_onnx,
+        source_name="MODEL",
     ),
 }
 

@@ -10,7 +10,7 @@ import torch
 from transformers.cache_utils import Cache, EncoderDecoderCache
 from transformers.utils.deprecation import deprecate_kwarg
 
-from .config import SelfAttnConfig
+from .config import SelfAttnConfig, attention_key
 
 
 def check_ids(ids: torch.Tensor, table_size: int, name: str, table: str, fix: str) -> None:
@@ -52,7 +52,9 @@ def check_attention_mask(attention_mask: torch.Tensor | None, expected: tuple[in
 # (output flags, return_dict, Trainer's item count, flash attention's offsets of packed sequences). Anything else is
 # refused: a misspelt or misplaced argument would otherwise be dropped without a word.
 # Offsets of packed sequences, which transformers' flash-attention integration reads.
-FLASH_OFFSET_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+# seq_idx (each token's sequence) says again what cu_seq_lens says; DataCollatorWithFlattening and
+# sentence-transformers' unpadded encoding pass it beside them.
+FLASH_OFFSET_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 FORWARDED_KWARGS = frozenset(
     {"output_attentions", "output_hidden_states", "return_dict", "num_items_in_batch", *FLASH_OFFSET_KWARGS}
 )
@@ -99,6 +101,12 @@ def check_flash_offsets(config: SelfAttnConfig, kwargs: dict) -> None:
             f"attn_implementation={config._attn_implementation!r}. Load it with attn_implementation="
             "'flash_attention_2', or pass padded batches with an attention_mask instead."
         )
+    if "seq_idx" in kwargs and "cu_seq_lens_q" not in kwargs:
+        raise ValueError(
+            "seq_idx was given without cu_seq_lens_q/cu_seq_lens_k: flash attention keeps packed sequences apart by "
+            "their offsets, which seq_idx alone does not give. Pass the offsets too (DataCollatorWithFlattening("
+            "return_flash_attn_kwargs=True) does)."
+        )
 
 
 def check_cache(cache, config: SelfAttnConfig) -> None:
@@ -117,10 +125,11 @@ def check_cache(cache, config: SelfAttnConfig) -> None:
             "use_cache=True to let the model create one."
         )
     self_attention_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
-    for layer in self_attention_cache.layers:
+    for index, layer in enumerate(self_attention_cache.layers):
         keys = getattr(layer, "keys", None)
         if keys is not None and keys.dim() == 4 and keys.numel() > 0:
-            heads, head_dim = config.num_attention_heads, config.head_dim
+            # The layer's own heads: prune_heads may have left it fewer than num_attention_heads.
+            heads, head_dim = len(config.kept_heads(attention_key("decoder", index))), config.head_dim
             # Under tensor parallelism each device caches an equal share of the heads.
             if keys.shape[3] != head_dim or heads % keys.shape[1] != 0:
                 raise ValueError(

@@ -42,7 +42,7 @@ from transformers.utils import ModelOutput, TransformersKwargs
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .config import SelfAttnConfig
+from .config import SelfAttnConfig, attention_key
 from .heads import HEADS
 from .hub import SelfAttnHubMixin, refuse_missing_local_path
 from .input_checks import (
@@ -53,6 +53,7 @@ from .input_checks import (
     check_ids,
     refuse_unknown_kwargs,
 )
+from .kernels import Linear, linear_then_activation
 from .packing import PackedSequences, packed_sequences_for
 
 
@@ -105,7 +106,7 @@ class SelfAttnEmbeddings(nn.Module):
         )
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.projection = (
-            nn.Linear(embedding_size, config.hidden_size) if embedding_size != config.hidden_size else None
+            Linear(embedding_size, config.hidden_size) if embedding_size != config.hidden_size else None
         )
 
     def position_ids_for(self, input_ids, batch_size, seq_length, past_length, device) -> torch.Tensor:
@@ -243,13 +244,58 @@ class SelfAttnAttention(nn.Module):
         self.head_dim = config.head_dim
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
-        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
-        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
-        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
-        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        # Its name in config.pruned_heads; the heads left (original indices) size the projections.
+        self.pruning_key = (
+            attention_key("decoder" if is_causal or is_cross_attention else "encoder", layer_idx, is_cross_attention)
+            if layer_idx is not None
+            else None
+        )
+        self.kept_heads = config.kept_heads(self.pruning_key)
+        heads_width = len(self.kept_heads) * self.head_dim
+        self.q_proj = Linear(config.hidden_size, heads_width)
+        self.k_proj = Linear(config.hidden_size, heads_width)
+        self.v_proj = Linear(config.hidden_size, heads_width)
+        self.o_proj = Linear(heads_width, config.hidden_size)
 
     def split_heads(self, states: torch.Tensor) -> torch.Tensor:
-        return states.view(*states.shape[:-1], -1, self.head_dim).transpose(1, 2)
+        # -1, not len(kept_heads): under tensor parallelism each device holds a share of the heads. A layer whose heads
+        # were all pruned has no elements to infer the count from.
+        heads = -1 if self.kept_heads else 0
+        return states.view(*states.shape[:-1], heads, self.head_dim).transpose(1, 2)
+
+    @torch.no_grad()
+    def prune(self, heads: list[int]) -> None:
+        """Remove `heads` (original indices, still present): their rows of q/k/v and columns of o_proj go. The
+        Linear modules stay (their class and hooks too); their parameters are replaced by smaller ones."""
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            linear = getattr(self, name)
+            weight = getattr(linear, "weight", None)
+            if not isinstance(linear, nn.Linear) or type(weight.detach()) is not torch.Tensor:
+                kind = type(weight.detach()).__name__ if torch.is_tensor(weight) else "no"
+                raise TypeError(
+                    f"{name} of attention {self.pruning_key!r} is a {type(linear).__name__} with {kind} weight; heads "
+                    "can be pruned from plain linear layers only. Prune before quantizing or adding adapters (or merge "
+                    "the adapters first)."
+                )
+        removed = set(heads)
+        positions = [position for position, head in enumerate(self.kept_heads) if head not in removed]
+        columns = torch.tensor(
+            [position * self.head_dim + offset for position in positions for offset in range(self.head_dim)],
+            dtype=torch.long,
+            device=self.q_proj.weight.device,
+        )
+
+        def shrunk(parameter: nn.Parameter, dim: int) -> nn.Parameter:
+            return nn.Parameter(parameter.index_select(dim, columns).clone(), requires_grad=parameter.requires_grad)
+
+        for linear in (self.q_proj, self.k_proj, self.v_proj):
+            linear.weight = shrunk(linear.weight, 0)
+            if linear.bias is not None:
+                linear.bias = shrunk(linear.bias, 0)
+            linear.out_features = len(columns)
+        self.o_proj.weight = shrunk(self.o_proj.weight, 1)
+        self.o_proj.in_features = len(columns)
+        self.kept_heads = [self.kept_heads[position] for position in positions]
 
     def keys_and_values(self, source: torch.Tensor, cache: Cache | None) -> tuple[torch.Tensor, torch.Tensor]:
         if cache is None:
@@ -291,7 +337,8 @@ class SelfAttnAttention(nn.Module):
             output, probabilities = attention_interface(
                 self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
             )
-        output = output.reshape(*hidden_states.shape[:-1], -1).contiguous()
+        # flatten, not reshape(..., -1): a layer whose heads were all pruned has no elements to infer the width from.
+        output = output.flatten(-2).contiguous()
         return self.o_proj(output), probabilities
 
 
@@ -300,13 +347,14 @@ class SelfAttnFeedForward(nn.Module):
 
     def __init__(self, config: SelfAttnConfig):
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
         self.activation = ACT2FN[config.hidden_act]
         self.activation_dropout = nn.Dropout(config.activation_dropout)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.activation_dropout(self.activation(self.fc1(hidden_states))))
+        # act(fc1(x)) is one oneDNN call where kernels.Linear runs oneDNN (CPU float32 inference)
+        return self.fc2(self.activation_dropout(linear_then_activation(self.fc1, self.activation, hidden_states)))
 
 
 class SelfAttnEncoderLayer(GradientCheckpointingLayer):
@@ -454,12 +502,55 @@ class SelfAttnPreTrainedModel(SelfAttnHubMixin, PreTrainedModel):
             self.final_logits_bias = torch.cat([bias[:, : embeddings.num_embeddings], extension], dim=1)
         return embeddings
 
+    def prune_heads(self, heads_to_prune: dict[int | str, list[int]]) -> None:
+        """Remove attention heads for good: their rows of q/k/v and columns of o_proj go, and `config.pruned_heads`
+        records them, so the pruned model saves, reloads (also as remote code) and trains on as it is.
+
+        heads_to_prune: {layer: [heads]} as transformers 4 took it for BERT, layer an int for a model with one stack
+        (the encoder, or the decoder of a causal LM); or keyed by attention name, "encoder.L", "decoder.L" (decoder
+        self-attention) or "decoder.L.cross_attn", which an encoder-decoder needs. Heads are numbered as before any
+        pruning, so pruning twice accumulates. A layer may lose all its heads: its attention then adds only o_proj's
+        bias. Prune before creating an optimizer (the parameters are replaced) and before quantizing."""
+        resolved = self.config.resolve_heads_to_prune(heads_to_prune)
+        attentions = {
+            module.pruning_key: module
+            for module in self.modules()
+            if isinstance(module, SelfAttnAttention) and module.pruning_key is not None
+        }
+        absent = sorted(set(resolved) - set(attentions))
+        if absent:
+            raise ValueError(
+                f"heads_to_prune names {absent}, which this {type(self).__name__} does not hold (it has "
+                f"{sorted(attentions)}); call prune_heads on the model that holds them."
+            )
+        for key, heads in resolved.items():
+            attentions[key].prune(heads)
+        # Submodules share the config; any that holds its own is kept in step.
+        configs = {id(self.config): self.config}
+        configs.update({id(module.config): module.config for module in attentions.values()})
+        for config in configs.values():
+            pruned = dict(config.pruned_heads or {})
+            for key, heads in resolved.items():
+                pruned[key] = sorted({*pruned.get(key, ()), *heads})
+            config.pruned_heads = {key: pruned[key] for key in config.attention_keys() if key in pruned}
+
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, SelfAttnEmbeddings) and hasattr(module, "sinusoidal_table"):
             init.copy_(module.sinusoidal_table, sinusoidal_positions(*module.sinusoidal_table.shape))
         elif getattr(module, "final_logits_bias", None) is not None:
             init.zeros_(module.final_logits_bias)
+
+    # None, or the mode quantize() applied ("int8" or "bf16").
+    quantization_mode: str | None = None
+
+    def quantize(self, mode: str, keep_float32=()) -> "SelfAttnPreTrainedModel":
+        """In place, for inference: "int8" (CPU: int8 linear layers with per-channel weight scales, through torch's
+        dynamic quantization; inference only, not saved; `keep_float32`: fnmatch patterns of linear layers' names to
+        leave in float32) or "bf16" (every weight in bfloat16, any device). Returns the model. See quantization.py."""
+        from .quantization import quantize  # torch.ao is imported only by models that quantize
+
+        return quantize(self, mode, keep_float32)
 
 
 class SelfAttnStack(SelfAttnPreTrainedModel):
@@ -625,7 +716,7 @@ class SelfAttnPooler(nn.Module):
 
     def __init__(self, config: SelfAttnConfig):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = Linear(config.hidden_size, config.hidden_size)
         self.activation = ACT2FN[config.pooler_activation]
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -783,10 +874,10 @@ class SelfAttnLMHead(nn.Module):
     def __init__(self, config: SelfAttnConfig):
         super().__init__()
         embedding_size = config.embedding_size or config.hidden_size
-        self.dense = nn.Linear(config.hidden_size, embedding_size)
+        self.dense = Linear(config.hidden_size, embedding_size)
         self.activation = ACT2FN[config.hidden_act]
         self.layer_norm = nn.LayerNorm(embedding_size, eps=config.layer_norm_eps)
-        self.decoder = nn.Linear(embedding_size, config.vocab_size)
+        self.decoder = Linear(embedding_size, config.vocab_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.layer_norm(self.activation(self.dense(hidden_states))))
@@ -810,7 +901,7 @@ def generation_lm_head(config: SelfAttnConfig, token_table: str) -> tuple[nn.Mod
     head, is then what ties to the table)."""
     if config.lm_head_transform:
         return SelfAttnLMHead(config), {"lm_head.decoder.weight": token_table}
-    return nn.Linear(config.hidden_size, config.vocab_size, bias=False), {"lm_head.weight": token_table}
+    return Linear(config.hidden_size, config.vocab_size, bias=False), {"lm_head.weight": token_table}
 
 
 class SelfAttnEncoderHeadModel(SelfAttnPreTrainedModel):
@@ -895,7 +986,7 @@ class SelfAttnForSequenceClassification(SelfAttnEncoderHeadModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.dropout = self.classifier_dropout()
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.classifier = Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
     def head_outputs(self, outputs, labels, attention_mask, **kwargs) -> SequenceClassifierOutput:
@@ -917,7 +1008,7 @@ class SelfAttnForTokenClassification(SelfAttnEncoderHeadModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.dropout = self.classifier_dropout()
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.classifier = Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
     def head_outputs(self, outputs, labels, attention_mask, **kwargs) -> TokenClassifierOutput:
@@ -937,7 +1028,7 @@ class SelfAttnForQuestionAnswering(SelfAttnEncoderHeadModel):
 
     def __init__(self, config: SelfAttnConfig):
         super().__init__(config)
-        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.qa_outputs = Linear(config.hidden_size, 2)
         self.post_init()
 
     @can_return_tuple
@@ -980,7 +1071,7 @@ class SelfAttnForMultipleChoice(SelfAttnEncoderHeadModel):
     def __init__(self, config: SelfAttnConfig):
         super().__init__(config)
         self.dropout = self.classifier_dropout()
-        self.classifier = nn.Linear(config.hidden_size, 1)
+        self.classifier = Linear(config.hidden_size, 1)
         self.post_init()
 
     @can_return_tuple
@@ -1240,7 +1331,7 @@ class SelfAttnForPreTraining(SelfAttnEncoderHeadModel):
     def __init__(self, config: SelfAttnConfig):
         super().__init__(config)
         self.lm_head = SelfAttnLMHead(config)
-        self.next_sentence = nn.Linear(config.hidden_size, 2)
+        self.next_sentence = Linear(config.hidden_size, 2)
         self.post_init()
 
     @can_return_tuple
@@ -1297,9 +1388,9 @@ class SelfAttnReplacedTokenHead(nn.Module):
 
     def __init__(self, config: SelfAttnConfig):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = Linear(config.hidden_size, config.hidden_size)
         self.activation = ACT2FN[config.hidden_act]
-        self.out_proj = nn.Linear(config.hidden_size, 1)
+        self.out_proj = Linear(config.hidden_size, 1)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.out_proj(self.activation(self.dense(hidden_states))).squeeze(-1)

@@ -16,8 +16,44 @@ from .config import SelfAttnConfig
 
 
 # Unpadding is used once padding is at least this share of a batch's tokens: below it, what the skipped padding
-# saves is small next to the packing's own costs (index copies, one attention call per distinct length).
+# saves is small next to the packing's own costs (index copies, a few attention calls instead of one).
 MIN_PADDING_SHARE_TO_UNPAD = 0.2
+
+# Without a varlen kernel, attention runs per bucket of sequences of similar length, each padded to its longest.
+# One call per distinct length costs more than it saves on real text (measured on CPU: 64 SST-2 sentences have 30
+# lengths, and 30 small SDPA calls per layer took half the encoder's time); padding within a bucket costs
+# attention FLOPs only, which are small next to the linears' for short sequences. So a bucket takes every sequence
+# at least half as long as its longest (at most 4x the attention work for the shortest), and any length while its
+# longest is at most BUCKET_ANY_LENGTH_UP_TO tokens.
+BUCKET_MIN_LENGTH_RATIO = 0.5
+BUCKET_ANY_LENGTH_UP_TO = 64
+
+
+@dataclass
+class AttentionBucket:
+    """Adjacent packed sequences attended in one call, padded to the longest: `count` sequences from packed token
+    `first`, `length` slots each. For sequences of unequal length, `gather` gives the packed token each slot reads
+    (padding slots read a real token of their sequence, masked out as keys), `key_mask` (count, 1, 1, length) is
+    True at real tokens and `real_slots` picks the real tokens' outputs back out, in packed order."""
+
+    first: int
+    count: int
+    length: int
+    gather: torch.Tensor | None = None
+    key_mask: torch.Tensor | None = None
+    real_slots: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, first: int, lengths: list[int], device: torch.device) -> "AttentionBucket":
+        longest = lengths[0]
+        if lengths[-1] == longest:
+            return cls(first, len(lengths), longest)
+        starts = torch.tensor([0, *lengths[:-1]], device=device).cumsum(0) + first
+        sizes = torch.tensor(lengths, device=device)
+        slots = torch.arange(longest, device=device)
+        real = slots < sizes[:, None]
+        gather = starts[:, None] + torch.minimum(slots, sizes[:, None] - 1)
+        return cls(first, len(lengths), longest, gather.flatten(), real[:, None, None, :], real.flatten().nonzero()[:, 0])
 
 
 @dataclass
@@ -30,7 +66,7 @@ class PackedSequences:
     """
 
     token_indices: torch.Tensor  # where each packed token sits in the flattened (batch * length) padded layout
-    length_groups: list[tuple[int, int, int]]  # (first packed token, number of sequences, their length)
+    buckets: list[AttentionBucket]
     cu_seq_lens: torch.Tensor  # int32 start of each sequence in the row, then num_tokens: for varlen kernels
     max_length: int
     padded_shape: tuple[int, int]
@@ -43,16 +79,18 @@ class PackedSequences:
         rows, columns = real[order].nonzero(as_tuple=True)  # row-major: sequence after sequence, tokens in order
         token_indices = order[rows] * real.shape[1] + columns
         sorted_lengths = [length for length in lengths[order].tolist() if length > 0]
-        length_groups, start = [], 0
-        for length in sorted_lengths:  # sequences of one length are adjacent: one group each
-            if length_groups and length_groups[-1][2] == length:
-                first, count, _ = length_groups[-1]
-                length_groups[-1] = (first, count + 1, length)
-            else:
-                length_groups.append((start, 1, length))
-            start += length
+        buckets, start, bucket_lengths = [], 0, []
+        for length in sorted_lengths + [0]:  # a last 0 closes the last bucket
+            if bucket_lengths and (
+                length == 0
+                or (length < BUCKET_MIN_LENGTH_RATIO * bucket_lengths[0] and bucket_lengths[0] > BUCKET_ANY_LENGTH_UP_TO)
+            ):
+                buckets.append(AttentionBucket.of(start, bucket_lengths, attention_mask.device))
+                start += sum(bucket_lengths)
+                bucket_lengths = []
+            bucket_lengths.append(length)
         cu_seq_lens = torch.tensor([0, *sorted_lengths], device=attention_mask.device).cumsum(0).int()
-        return cls(token_indices, length_groups, cu_seq_lens, max(sorted_lengths, default=0), tuple(real.shape))
+        return cls(token_indices, buckets, cu_seq_lens, max(sorted_lengths, default=0), tuple(real.shape))
 
     def pack(self, padded: torch.Tensor) -> torch.Tensor:
         """(batch, length, features) -> (1, num_tokens, features)."""
@@ -82,15 +120,33 @@ class PackedSequences:
             )
             return output.unsqueeze(0), None
         outputs = []
-        for start, count, length in self.length_groups:
+        for bucket in self.buckets:
 
-            def group(states: torch.Tensor) -> torch.Tensor:
-                # A view, no copy: (count, heads, length, head_dim) over the group's adjacent sequences.
-                return states[0, :, start : start + count * length].unflatten(1, (count, length)).transpose(0, 1)
+            def padded(states: torch.Tensor) -> torch.Tensor:
+                """(count, heads, length, head_dim) over the bucket's sequences: a view where they are all as long
+                as the bucket, else a copy gathered by token (whole rows of the projections' output)."""
+                tokens = states[0].transpose(0, 1)  # (num_tokens, heads, head_dim)
+                if bucket.gather is None:
+                    slots = tokens[bucket.first : bucket.first + bucket.count * bucket.length]
+                else:
+                    # on two dimensions: index_select copies whole rows there, several times faster than on three
+                    # sized, not -1: an attention whose heads were all pruned has no elements to infer it from
+                    rows = tokens.flatten(1).index_select(0, bucket.gather)
+                    slots = rows.view(len(bucket.gather), *tokens.shape[1:])
+                return slots.unflatten(0, (bucket.count, bucket.length)).transpose(1, 2)
 
-            output, _ = attention_interface(module, group(query), group(key), group(value), None, **kwargs)
-            outputs.append(output.flatten(0, 1))
-        return torch.cat(outputs).unsqueeze(0), None
+            mask = bucket.key_mask
+            if mask is not None and module.config._attn_implementation == "eager":  # eager adds the mask
+                mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                    ~mask, torch.finfo(query.dtype).min
+                )
+            output, _ = attention_interface(module, padded(query), padded(key), padded(value), mask, **kwargs)
+            output = output.flatten(0, 1)
+            if bucket.real_slots is not None:
+                real = output.flatten(1).index_select(0, bucket.real_slots)
+                output = real.view(len(bucket.real_slots), *output.shape[1:])
+            outputs.append(output)
+        return (outputs[0] if len(outputs) == 1 else torch.cat(outputs)).unsqueeze(0), None
 
 
 def uses_torch_varlen_kernel(module: nn.Module, query: torch.Tensor, dropout: float) -> bool:

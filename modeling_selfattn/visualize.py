@@ -3,9 +3,11 @@
     python -m modeling_selfattn.visualize MODEL_DIR --text "a sentence" --out attention/
     python -m modeling_selfattn.visualize MODEL_DIR --text "source" --target "target" --out attention/
     python -m modeling_selfattn.visualize MODEL_DIR --stats texts.txt --out attention/
+    python -m modeling_selfattn.visualize CLASSIFIER_DIR --importance labelled.tsv --out attention/
 
 Every plot is written with a JSON file holding the numbers behind it. Padding never appears: each
-sequence is run on its own, so every position shown is a real token.
+sequence is run on its own, so every position shown is a real token. Heads removed by `prune_heads` are
+kept in their places as NaN (blank in the plots, null in the JSON), so head h is head h in every layer.
 """
 
 import argparse
@@ -18,7 +20,7 @@ from pathlib import Path
 import torch
 
 from . import model as selfattn_model
-from .config import SelfAttnConfig
+from .config import SelfAttnConfig, attention_key
 from .hub import refuse_missing_local_path
 
 DEFAULT_TEXT = "The movie was not bad at all, and the actors clearly enjoyed themselves."
@@ -71,13 +73,30 @@ def load_model(model_dir: str):
     return model, tokenizer
 
 
-def _stack(layers) -> torch.Tensor:
+def _stack(layers, config: SelfAttnConfig | None = None, attention: str = "encoder") -> torch.Tensor:
+    """(layers, num_attention_heads, queries, keys) of the first sequence; with `config`, the heads of each layer
+    are put back at their original indices and pruned ones are NaN."""
     if not layers or any(layer is None for layer in layers):
         raise ValueError(
             "The model returned no attention probabilities. Load it with attn_implementation='eager' (SDPA and "
             "flash kernels never form them) and use a model whose forward supports output_attentions."
         )
-    return torch.stack([layer[0] for layer in layers]).float().cpu()
+    if config is None or not config.pruned_heads:
+        return torch.stack([layer[0] for layer in layers]).float().cpu()
+    stack, cross = ("decoder", True) if attention == "cross_attn" else (attention, False)
+    stacked = torch.full((len(layers), config.num_attention_heads, *layers[0].shape[-2:]), float("nan"))
+    for index, layer in enumerate(layers):
+        stacked[index, config.kept_heads(attention_key(stack, index, cross))] = layer[0].float().cpu()
+    return stacked
+
+
+def _json_ready(values: torch.Tensor) -> list:
+    """Nested lists with NaN (pruned heads) as None, which JSON can hold."""
+
+    def clean(item):
+        return [clean(entry) for entry in item] if isinstance(item, list) else None if math.isnan(item) else item
+
+    return clean(values.tolist())
 
 
 @torch.no_grad()
@@ -94,9 +113,11 @@ def record_attention(model, tokenizer, text: str, target: str | None = None, max
     special = set(tokenizer.all_special_ids)
     special_mask = [int(i) in special for i in encoded["input_ids"][0]]
 
-    if not model.config.is_encoder_decoder:
+    config = model.config
+    if not config.is_encoder_decoder:
         outputs = model(**encoded, output_attentions=True)
-        return AttentionRecord(tokens, _stack(outputs.attentions), special_mask=special_mask)
+        main_stack = "encoder" if config.encoder_layers > 0 else "decoder"
+        return AttentionRecord(tokens, _stack(outputs.attentions, config, main_stack), special_mask=special_mask)
 
     encoded.pop("token_type_ids", None)
     if target is None:
@@ -107,10 +128,10 @@ def record_attention(model, tokenizer, text: str, target: str | None = None, max
     outputs = model(**encoded, decoder_input_ids=decoder_input_ids, output_attentions=True)
     return AttentionRecord(
         tokens,
-        _stack(outputs.encoder_attentions),
+        _stack(outputs.encoder_attentions, config, "encoder"),
         target_tokens=tokenizer.convert_ids_to_tokens(decoder_input_ids[0]),
-        decoder_attentions=_stack(outputs.decoder_attentions),
-        cross_attentions=_stack(outputs.cross_attentions),
+        decoder_attentions=_stack(outputs.decoder_attentions, config, "decoder"),
+        cross_attentions=_stack(outputs.cross_attentions, config, "cross_attn"),
         special_mask=special_mask,
     )
 
@@ -118,12 +139,15 @@ def record_attention(model, tokenizer, text: str, target: str | None = None, max
 def attention_rollout(attentions: torch.Tensor, residual_weight: float = 0.5) -> torch.Tensor:
     """Abnar & Zuidema (2020): average the heads, mix in the residual connection as identity, renormalise
     the rows, and multiply layer by layer from the input upwards. Row i says how much each input token
-    flows into position i at the top."""
+    flows into position i at the top. Pruned heads (NaN) are left out of the average; a layer without heads
+    mixes nothing across tokens."""
     num_layers, _, length, _ = attentions.shape
     identity = torch.eye(length, dtype=attentions.dtype)
     rollout = identity
     for layer in range(num_layers):
-        mixed = residual_weight * identity + (1 - residual_weight) * attentions[layer].mean(dim=0)
+        heads = attentions[layer][~attentions[layer].isnan().flatten(1).all(1)]
+        averaged = heads.mean(dim=0) if len(heads) else identity
+        mixed = residual_weight * identity + (1 - residual_weight) * averaged
         mixed = mixed / mixed.sum(dim=-1, keepdim=True)
         rollout = mixed @ rollout
     return rollout
@@ -140,7 +164,7 @@ def alignment(cross_attentions: torch.Tensor, layer: int | None = None) -> torch
     """Target-by-source alignment: cross-attention averaged over heads (and over layers unless one is
     chosen). Its row-wise argmax is the source token each target token looks at most."""
     chosen = cross_attentions if layer is None else cross_attentions[layer : layer + 1]
-    return chosen.mean(dim=(0, 1))
+    return chosen.flatten(0, 1).nanmean(dim=0)  # pruned heads (NaN) left out
 
 
 def head_statistics(records: list[AttentionRecord]) -> dict[str, torch.Tensor]:
@@ -196,7 +220,10 @@ def plot_heads(attentions: torch.Tensor, tokens, path, layer: int, query_tokens=
     figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.2 * rows), squeeze=False)
     for head in range(rows * columns):
         axis = axes[head // columns][head % columns]
-        if head < num_heads:
+        if head < num_heads and attentions[layer, head].isnan().all():
+            axis.set_title(f"{title} {layer} head {head}: pruned", fontsize=9)
+            axis.axis("off")
+        elif head < num_heads:
             _heatmap(axis, attentions[layer, head], query_tokens or tokens, tokens, f"{title} {layer} head {head}")
         else:
             axis.axis("off")
@@ -240,7 +267,7 @@ def visualize(model, tokenizer, text: str, out_dir, target: str | None = None, l
         path = out_dir / f"heads_layer{index}.png"
         plot_heads(record.attentions, record.tokens, path, index)
         written[path.stem] = path
-    numbers["attentions"] = {str(index): record.attentions[index].tolist() for index in layers}
+    numbers["attentions"] = {str(index): _json_ready(record.attentions[index]) for index in layers}
 
     rollout = attention_rollout(record.attentions)
     plot_matrix(rollout, record.tokens, record.tokens, out_dir / "rollout.png", "attention rollout")
@@ -267,9 +294,86 @@ def visualize_statistics(model, tokenizer, texts: list[str], out_dir):
     out_dir.mkdir(parents=True, exist_ok=True)
     statistics = head_statistics([record_attention(model, tokenizer, text) for text in texts if text.strip()])
     plot_head_statistics(statistics, out_dir / "head_statistics.png")
-    table = {name: values.tolist() for name, values in statistics.items()}
+    table = {name: _json_ready(values) for name, values in statistics.items()}
     (out_dir / "head_statistics.json").write_text(json.dumps(table, indent=1))
     return statistics
+
+
+def plot_head_importance(importance: torch.Tensor, path, title: str = "head importance"):
+    """Layers (rows, layer 0 at the top) by heads (columns), each cell with its value; pruned heads (NaN) blank."""
+    plt = _pyplot()
+    num_layers, num_heads = importance.shape
+    figure, axis = plt.subplots(figsize=(1.0 + 0.55 * num_heads, 1.0 + 0.45 * num_layers))
+    image = axis.imshow(importance, cmap="viridis", vmin=0.0, aspect="auto")
+    axis.set_title(title, fontsize=10)
+    axis.set_xlabel("head")
+    axis.set_ylabel("layer")
+    axis.set_xticks(range(num_heads))
+    axis.set_yticks(range(num_layers))
+    if num_layers * num_heads <= 400:
+        high = float(importance.nan_to_num(0.0).max())
+        for layer in range(num_layers):
+            for head in range(num_heads):
+                value = float(importance[layer, head])
+                text, color = ("pruned", "grey") if math.isnan(value) else (f"{value:.2f}", "black")
+                if not math.isnan(value) and value < 0.5 * high:
+                    color = "white"  # on viridis' dark end
+                axis.text(head, layer, text, ha="center", va="center", fontsize=6, color=color)
+    figure.colorbar(image, ax=axis)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def read_labelled_texts(path, config: SelfAttnConfig) -> list[tuple[str, int]]:
+    """(text, label id) from a tab-separated file of `text<TAB>label` lines (GLUE's layout: a first line
+    `sentence<TAB>label` is a header). A label is an id or a name of config.label2id."""
+    pairs = []
+    label2id = {str(name): index for name, index in (config.label2id or {}).items()}
+    lines = Path(path).read_text().splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip() or (number == 1 and line.rstrip().endswith("\tlabel")):
+            continue
+        text, tab, label = line.rstrip("\n").rpartition("\t")
+        label = label.strip()
+        if not tab or not text.strip():
+            raise ValueError(f"{path} line {number}: expected 'text<TAB>label', got {line[:80]!r}.")
+        if label.isdigit() and int(label) < config.num_labels:
+            pairs.append((text, int(label)))
+        elif label in label2id:
+            pairs.append((text, label2id[label]))
+        else:
+            raise ValueError(
+                f"{path} line {number}: label {label!r} is neither a class id below num_labels={config.num_labels} "
+                f"nor a name in the model's label2id {sorted(label2id)}."
+            )
+    if not pairs:
+        raise ValueError(f"{path} holds no labelled texts; write one 'text<TAB>label' line per example.")
+    return pairs
+
+
+def visualize_importance(model, tokenizer, pairs: list[tuple[str, int]], out_dir, batch_size: int = 16):
+    """Michel et al.'s head importance (layer-normalised) of a sequence classifier over labelled texts, drawn as a
+    layers x heads heatmap (head_importance.png) with its numbers (head_importance.json). Returns the importance."""
+    from .head_importance import head_importance
+
+    if not type(model).__name__.endswith("ForSequenceClassification"):
+        raise ValueError(
+            f"--importance scores a sequence classifier from labelled texts; this model is {type(model).__name__}. "
+            "For other heads call modeling_selfattn.head_importance.head_importance with batches that hold labels."
+        )
+    batches = []
+    for start in range(0, len(pairs), batch_size):
+        texts, labels = zip(*pairs[start : start + batch_size])
+        batch = tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt")
+        batches.append({**batch, "labels": torch.tensor(labels)})
+    importance = head_importance(model, batches)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot_head_importance(importance, out_dir / "head_importance.png", f"head importance ({len(pairs)} texts)")
+    numbers = {"importance": _json_ready(importance), "texts": len(pairs), "normalized_per_layer": True}
+    (out_dir / "head_importance.json").write_text(json.dumps(numbers, indent=1))
+    return importance
 
 
 def format_statistics(statistics: dict[str, torch.Tensor]) -> str:
@@ -298,6 +402,12 @@ def main(argv=None) -> int:
     parser.add_argument("--target", help="encoder-decoder only: the target text (default: greedy generation)")
     parser.add_argument("--layer", default="-1", help="layer index to draw (negative counts from the top), or 'all'")
     parser.add_argument("--stats", metavar="TEXTS_FILE", help="also compute head statistics over these lines")
+    parser.add_argument(
+        "--importance",
+        metavar="LABELLED_TSV",
+        help="sequence classifiers: also draw each head's importance (Michel et al. 2019, normalised per layer) over "
+        "these 'text<TAB>label' lines as head_importance.png",
+    )
     parser.add_argument("--out", default="attention", help="output folder (default: ./attention)")
     args = parser.parse_args(argv)
     try:
@@ -310,6 +420,9 @@ def main(argv=None) -> int:
         if args.stats:
             texts = Path(args.stats).read_text().splitlines()
             print(format_statistics(visualize_statistics(model, tokenizer, texts, args.out)))
+        if args.importance:
+            visualize_importance(model, tokenizer, read_labelled_texts(args.importance, model.config), args.out)
+            written["head_importance"] = Path(args.out) / "head_importance.png"
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -2,7 +2,6 @@
 has its own file, test_packing.py:
 
 - the masked-LM loss over the scored tokens only (scored_token_logits);
-- the opt-in oneDNN CPU inference mode (enable_onednn_inference);
 - the opt-in compiled decoding (enable_compiled_decoding: static cache, torch.compile'd decoding step).
 
 The plain path is computing the loss from the full logits, or leaving the mode off.
@@ -14,7 +13,6 @@ rounding for separately allocated copies of the same weights on every CPU.
 """
 
 import copy
-import gc
 import io
 
 import pytest
@@ -29,7 +27,8 @@ from modeling_selfattn import (
     SelfAttnForMaskedLM,
     SelfAttnModel,
 )
-from modeling_selfattn.fast_paths import enable_compiled_decoding, enable_onednn_inference
+from modeling_selfattn.fast_paths import enable_compiled_decoding
+from modeling_selfattn.kernels import ONEDNN_BY_DEFAULT
 
 def assert_same_weights(model, other) -> None:
     expected, actual = model.state_dict(), other.state_dict()
@@ -61,108 +60,6 @@ def test_masked_lm_loss_and_gradients_match_the_full_cross_entropy():
     summed = model(input_ids, labels=labels, num_items_in_batch=torch.tensor(7)).loss
     expected = torch.nn.functional.cross_entropy(logits.view(-1, 99), labels.view(-1), reduction="sum") / 7
     assert abs(summed.item() - expected.item()) <= TOLERANCE
-
-
-# --- oneDNN CPU inference mode ---------------------------------------------------------------------------------
-
-needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
-
-
-def onednn_copy(model):
-    return enable_onednn_inference(copy.deepcopy(model))
-
-
-def max_output_diff(first, second) -> float:
-    diffs = [
-        (value - second[name]).abs().max().item()
-        for name, value in first.items()
-        if isinstance(value, torch.Tensor) and value.is_floating_point()
-    ]
-    return max(diffs)
-
-
-@needs_onednn
-@pytest.mark.parametrize(
-    "model_class, shape",
-    [(SelfAttnForMaskedLM, "encoder"), (SelfAttnForConditionalGeneration, "encoder_decoder"),
-     (SelfAttnForCausalLM, "decoder")],
-)
-def test_onednn_inference_matches_the_default_path(model_class, shape):
-    model = build(model_class, shape, type_vocab_size=0)
-    fast = onednn_copy(model)
-    assert any(type(module) is fast_paths.OneDNNInferenceLinear for module in fast.modules())
-    assert not any(type(module) is torch.nn.Linear for module in fast.modules())
-    batch = padded_batch(lengths=(12, 7, 4))
-    if shape == "encoder_decoder":
-        batch.update(decoder_input_ids=batch["input_ids"][:, :5])
-    with torch.no_grad():
-        assert max_output_diff(model(**batch), fast(**batch)) <= TOLERANCE
-    with torch.inference_mode():
-        assert max_output_diff(model(**batch), fast(**batch)) <= TOLERANCE
-    assert fast.state_dict().keys() == model.state_dict().keys()
-
-
-@needs_onednn
-@pytest.mark.parametrize("num_beams", [1, 3])
-def test_onednn_inference_generates_the_same_tokens(num_beams):
-    model = build(
-        SelfAttnForConditionalGeneration, "encoder_decoder", tie_word_embeddings=False, initializer_range=0.2,
-        type_vocab_size=0,
-    )
-    batch = padded_batch(lengths=(12, 7, 4))
-    kwargs = dict(max_new_tokens=6, min_new_tokens=6, num_beams=num_beams)
-    assert torch.equal(model.generate(**batch, **kwargs), onednn_copy(model).generate(**batch, **kwargs))
-
-
-@needs_onednn
-def test_onednn_mode_trains_like_the_default_and_follows_weight_updates(monkeypatch):
-    model = build(SelfAttnForMaskedLM)
-    fast = onednn_copy(model)
-    assert fast.lm_head.decoder.weight is fast.model.encoder.embeddings.word_embeddings.weight  # still tied
-    batch = padded_batch(lengths=(12, 7, 4))
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    onednn_calls = []
-    original = fast_paths.onednn_linear
-    monkeypatch.setattr(fast_paths, "onednn_linear", lambda *args: onednn_calls.append(1) or original(*args))
-    losses = []
-    for trained in (model, fast):
-        trained.train()
-        optimizer = torch.optim.SGD(trained.parameters(), lr=0.5)
-        loss = trained(**batch, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert onednn_calls == []  # a gradient is needed: nn.Linear's own path
-    assert abs(losses[0] - losses[1]) <= TOLERANCE
-    for trained in (model, fast):
-        trained.eval()
-    with torch.no_grad():  # inference after the update uses the updated weights, repacked
-        assert max_output_diff(model(**batch), fast(**batch)) <= TOLERANCE
-        fast.load_state_dict(build(SelfAttnForMaskedLM, seed=1).state_dict())
-        assert max_output_diff(build(SelfAttnForMaskedLM, seed=1)(**batch), fast(**batch)) <= TOLERANCE
-    assert onednn_calls, "inference never reached oneDNN: the check on training above proves nothing"
-
-
-@needs_onednn
-def test_onednn_mode_copies_pickles_and_turns_off_without_touching_global_settings():
-    settings = (torch.get_num_threads(), torch.backends.mkldnn.enabled, torch.get_float32_matmul_precision())
-    model = build(SelfAttnModel)
-    fast = onednn_copy(model)
-    batch = padded_batch(lengths=(12, 7, 4))
-    with torch.no_grad():
-        expected = fast(**batch).last_hidden_state
-        buffer = io.BytesIO()
-        torch.save(fast, buffer)
-        buffer.seek(0)
-        for other in (torch.load(buffer, weights_only=False), copy.deepcopy(fast)):
-            assert_same_weights(fast, other)
-            torch.testing.assert_close(other(**batch).last_hidden_state, expected, rtol=0, atol=TOLERANCE)
-        enable_onednn_inference(fast, False)
-        assert not any(type(module) is fast_paths.OneDNNInferenceLinear for module in fast.modules())
-        assert_same_weights(model, fast)
-        plain = model(**batch).last_hidden_state
-        torch.testing.assert_close(fast(**batch).last_hidden_state, plain, rtol=0, atol=TOLERANCE)
-    assert (torch.get_num_threads(), torch.backends.mkldnn.enabled, torch.get_float32_matmul_precision()) == settings
 
 
 # --- compiled decoding ------------------------------------------------------------------------------------------
@@ -203,9 +100,9 @@ def test_compiled_decoding_generates_the_same_tokens(model_class, shape, num_bea
     assert torch.equal(fast.generate(**batch, generation_config=generation_config), expected)
 
 
-@needs_onednn
+@pytest.mark.skipif(not ONEDNN_BY_DEFAULT, reason="oneDNN is the default kernel on x86 CPUs only")
 @pytest.mark.parametrize("num_beams", [1, 3], ids=["greedy", "beam3"])
-def test_compiled_decoding_with_onednn_runs_onednn_inside_the_compiled_steps(num_beams):
+def test_compiled_decoding_runs_the_onednn_kernel_inside_the_compiled_steps(num_beams):
     torch._dynamo.reset()
     model = build(
         SelfAttnForConditionalGeneration, "encoder_decoder", tie_word_embeddings=False, initializer_range=0.2,
@@ -215,7 +112,7 @@ def test_compiled_decoding_with_onednn_runs_onednn_inside_the_compiled_steps(num
     batch = padded_batch(lengths=(8, 5, 3, 8, 2, 6, 7, 4))
     generation_config = GenerationConfig(max_new_tokens=5, min_new_tokens=5, num_beams=num_beams, do_sample=False)
     expected = model.generate(**batch, generation_config=generation_config)
-    fast = enable_compiled_decoding(onednn_copy(model))
+    fast = enable_compiled_decoding(copy.deepcopy(model))
     assert torch.equal(fast.generate(**batch, generation_config=generation_config), expected)  # compiles
     with torch.profiler.profile() as profile:
         tokens = fast.generate(**batch, generation_config=generation_config)
@@ -223,19 +120,6 @@ def test_compiled_decoding_with_onednn_runs_onednn_inside_the_compiled_steps(num
     events = {event.key for event in profile.key_averages()}
     assert any("CompiledFxGraph" in key or "Torch-Compiled Region" in key for key in events)
     assert "selfattn::onednn_linear" in events  # oneDNN called from the compiled steps
-
-
-@needs_onednn
-def test_onednn_packed_weights_are_freed_with_the_model():
-    gc.collect()
-    before = len(fast_paths._onednn_packed_weights)
-    model = onednn_copy(build(SelfAttnModel, add_pooling_layer=False))
-    with torch.no_grad():
-        model(**padded_batch())
-    assert len(fast_paths._onednn_packed_weights) == before + 6 * len(model.encoder.layers)  # q k v o fc1 fc2
-    del model
-    gc.collect()
-    assert len(fast_paths._onednn_packed_weights) == before
 
 
 def test_compiled_decoding_is_refused_by_a_model_that_does_not_generate():

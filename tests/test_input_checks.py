@@ -288,6 +288,15 @@ def test_packed_sequence_offsets_need_flash_attention():
     offsets = torch.tensor([0, 3, 5], dtype=torch.int32)
     with pytest.raises(ValueError, match="only flash attention keeps apart.*attn_implementation='sdpa'"):
         model(random_ids(1, 5), cu_seq_lens_q=offsets, cu_seq_lens_k=offsets, max_length_q=3, max_length_k=3)
+    with pytest.raises(ValueError, match="only flash attention keeps apart"):
+        model(random_ids(1, 5), seq_idx=torch.tensor([[0, 0, 0, 1, 1]]))
+
+
+def test_sequence_index_without_offsets_is_refused_under_flash_attention():
+    model = tiny(SelfAttnModel, "encoder")
+    model.config._attn_implementation = "flash_attention_2"  # the check runs before any kernel is looked up
+    with pytest.raises(ValueError, match="seq_idx was given without cu_seq_lens_q"):
+        model(random_ids(1, 5), seq_idx=torch.tensor([[0, 0, 0, 1, 1]]))
 
 
 @pytest.mark.parametrize("shape, keyword", [("encoder", "decoder_input_ids"), ("decoder", "encoder_outputs")])

@@ -50,8 +50,17 @@ ENCODER_VARIANTS = {
 }
 
 
+# How attention buckets the packed sequences (packing.BUCKET_MIN_LENGTH_RATIO, BUCKET_ANY_LENGTH_UP_TO): the default
+# puts LENGTHS in one bucket, padded and masked; "split" makes buckets of mixed lengths and lone ones; "per_length"
+# one bucket per distinct length, each a view without mask.
+BUCKET_RULES = {"one_bucket": (0.5, 64), "split": (0.5, 0), "per_length": (1.0, 0)}
+
+
+@pytest.mark.parametrize("bucket_rule", list(BUCKET_RULES))
 @pytest.mark.parametrize("variant", list(ENCODER_VARIANTS))
-def test_unpadded_encoder_matches_the_padded_path(variant, never_unpad, count_packings):
+def test_unpadded_encoder_matches_the_padded_path(variant, bucket_rule, never_unpad, count_packings, monkeypatch):
+    monkeypatch.setattr(packing, "BUCKET_MIN_LENGTH_RATIO", BUCKET_RULES[bucket_rule][0])
+    monkeypatch.setattr(packing, "BUCKET_ANY_LENGTH_UP_TO", BUCKET_RULES[bucket_rule][1])
     overrides, attn_implementation, padding_side = ENCODER_VARIANTS[variant]
     model = build(SelfAttnModel, **overrides)
     model.set_attn_implementation(attn_implementation)
@@ -145,11 +154,26 @@ def test_encoder_decoder_generates_the_same_tokens_from_an_unpadded_encoder(neve
         count_packings.clear()
 
 
+def test_attention_buckets_group_sequences_of_similar_length():
+    lengths = (200, 30, 90, 150, 40, 150)
+    attention_mask = (torch.arange(200) < torch.tensor(lengths)[:, None]).long()
+    packed = packing.PackedSequences.from_attention_mask(attention_mask)
+    # 200 and 150 (at least half of 200) share one bucket, 90 does not; 90 is over 64 long, so 40 starts a bucket
+    # that also takes 30.
+    assert [(bucket.first, bucket.count, bucket.length) for bucket in packed.buckets] == [
+        (0, 3, 200), (500, 1, 90), (590, 2, 40)
+    ]
+    first = packed.buckets[0]
+    assert first.gather.shape == (600,) and first.real_slots.tolist() == [*range(350), *range(400, 550)]
+    assert first.key_mask[:, 0, 0].sum(1).tolist() == [200, 150, 150]
+    assert packed.buckets[1].gather is None  # one length: a view
+
+
 def test_packed_sequences_pack_and_unpack_are_inverse():
     batch = padded_batch(padding_side="left")
     packed = packing.PackedSequences.from_attention_mask(batch["attention_mask"])
     assert packed.cu_seq_lens.tolist() == [0, 16, 28, 37, 46, 49, 50]  # longest first
-    assert packed.length_groups == [(0, 1, 16), (16, 1, 12), (28, 2, 9), (46, 1, 3), (49, 1, 1)]
+    assert [(bucket.first, bucket.count, bucket.length) for bucket in packed.buckets] == [(0, 6, 16)]
     values, padding = torch.randn(len(LENGTHS), 16, 4), torch.randn(len(LENGTHS), 16, 4)
     restored = packed.unpack(packed.pack(values), padding)
     real = batch["attention_mask"].bool()

@@ -1,0 +1,169 @@
+"""The kernel behind the model's linear layers. For float32 inference on an x86 CPU: oneDNN, with bias and the
+feed-forward activation in the same pass; everywhere else (training, other devices and dtypes, tracing for export)
+nn.Linear's own.
+
+Why oneDNN by default: nn.Linear goes through the BLAS torch was built with (MKL on x86). On AMD CPUs MKL takes an
+AVX2-class path, about 41% of the measured float32 GEMM peak, where oneDNN reaches about 90%; on Intel Xeons both
+are near the peak for large products, and oneDNN is ahead on the few-row products of batched decoding (measured on
+a 2-core Xeon with AVX-512: 1.3-1.5x on 16 rows). With fewer than ONEDNN_MIN_ROWS rows (batch-1 decoding) MKL was
+faster on both, so such calls keep it. The rule is fixed, not timed at run time, so that the same inputs take the
+same kernel in every process.
+
+The default reads the weight as it is at every call: nothing is cached, so no change to the weights (an optimizer
+step, load_state_dict, PEFT's merge through `.data`) can leave a stale copy behind. "onednn-packed" keeps, per
+weight, a copy in the layout oneDNN reads fastest: quicker for few-row products (1.7-2.4x MKL on 16 rows, against
+1.3-1.5x), at the cost of a second copy of each weight and of a rule: a change that bypasses autograd's version
+counter (`weight.data` edits) is not seen until `set_linear_kernel` is called again, which drops the copies.
+
+`set_linear_kernel(model, "auto" | "onednn-packed" | "aten")` chooses. Shipped with saved models (imported by
+model.py); no global torch setting is read or changed beyond whether oneDNN is enabled.
+"""
+
+import platform
+import weakref
+
+import torch
+from torch import nn
+from transformers.activations import GELUActivation
+
+# The packed copies of "onednn-packed", kept per storage so that they go when the weights go; within a storage
+# (several weights may be views of one, e.g. when loaded from a single file) by the weight's place in it, with the
+# weight's version when packed, so that an in-place change through autograd (optimizer step, load_state_dict)
+# repacks.
+_onednn_packed_weights: "weakref.WeakKeyDictionary[torch.UntypedStorage, dict]" = weakref.WeakKeyDictionary()
+
+
+def onednn_packed_weight(weight: torch.Tensor) -> torch.Tensor:
+    storage = weight.untyped_storage()
+    packed = _onednn_packed_weights.get(storage)
+    if packed is None:  # not setdefault: this runs on every call, and would build a dict each time
+        packed = _onednn_packed_weights[storage] = {}
+    place = (weight.storage_offset(), tuple(weight.shape), tuple(weight.stride()))
+    if place not in packed or packed[place][0] != weight._version:
+        packed[place] = (weight._version, torch.ops.mkldnn._reorder_linear_weight(weight.detach()))
+    return packed[place][1]
+
+
+def onednn_linear(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str, packed: bool
+) -> torch.Tensor:
+    """input @ weight.T + bias, then `activation` ("none", "gelu" with erf, "relu") in the same pass over the
+    output; on the packed copy of the weight if `packed`."""
+    algorithm = "none" if activation == "gelu" else ""
+    weight = onednn_packed_weight(weight) if packed else weight
+    return torch.ops.mkldnn._linear_pointwise(input, weight, bias, activation, [], algorithm)
+
+
+def onednn_linear_shape(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str, packed: bool
+) -> torch.Tensor:
+    return input.new_empty(*input.shape[:-1], weight.shape[0])
+
+
+# torch.compile cannot trace oneDNN's packed tensors; as a custom op the call stays opaque inside a compiled graph.
+# Registered once per process: torch refuses a second registration (this file may be imported twice, as the package
+# and as a saved model's remote code, or reloaded).
+if not hasattr(torch.ops.selfattn, "onednn_linear"):
+    torch.library.custom_op("selfattn::onednn_linear", onednn_linear, mutates_args=()).register_fake(
+        onednn_linear_shape
+    )
+
+
+# With fewer input rows (tokens) than this, oneDNN's cost per call outweighs its faster kernels (measured: 0.5-0.8x
+# MKL on one row, LM heads included).
+ONEDNN_MIN_ROWS = 8
+
+# Measured on x86 CPUs only (AMD Zen 5; Intel Xeons with and without AMX); elsewhere "auto" keeps nn.Linear's kernel.
+ONEDNN_BY_DEFAULT = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+
+LINEAR_KERNELS = ("auto", "onednn-packed", "aten")
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, state dict, training and autograd) whose CPU float32 inference runs on oneDNN
+    as `kernel` says: "auto" (the default) on x86 CPUs with at least ONEDNN_MIN_ROWS rows, "onednn-packed" the
+    same on a packed copy of the weight (see above), "aten" never. oneDNN runs only when no gradient is needed,
+    input and weight are plain float32 CPU tensors (not a quantised or other tensor subclass), oneDNN is enabled
+    and CPU autocast is not, and never while tracing or exporting, so that exported graphs hold standard linear
+    ops. Results match nn.Linear's up to float32 rounding (the kernels sum in another order)."""
+
+    kernel: str = "auto"
+
+    def runs_onednn(self, input: torch.Tensor) -> bool:
+        if self.kernel == "aten" or not ONEDNN_BY_DEFAULT:
+            return False
+        weight = self.weight
+        return not (
+            input.dtype != torch.float32
+            or weight.dtype != torch.float32
+            or input.device.type != "cpu"
+            or weight.device.type != "cpu"
+            or type(weight) is not nn.Parameter
+            or weight.numel() == 0  # an attention whose heads were all pruned; oneDNN takes no empty weight
+            or (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad))
+            or not torch.backends.mkldnn.enabled
+            or torch.is_autocast_enabled("cpu")  # autocast casts nn.Linear's inputs: leave them to it
+            or torch.jit.is_tracing()
+            or torch.compiler.is_exporting()
+            or input.numel() < ONEDNN_MIN_ROWS * self.in_features
+        )
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.runs_onednn(input):
+            return super().forward(input)
+        return self.onednn_forward(input)
+
+    def onednn_forward(self, input: torch.Tensor, activation: str = "none") -> torch.Tensor:
+        packed = self.kernel == "onednn-packed"
+        if torch.compiler.is_compiling():
+            return torch.ops.selfattn.onednn_linear(input, self.weight, self.bias, activation, packed)
+        # The same function without the custom op's dispatch, which costs ~18 us a call (measured) outside compile.
+        return onednn_linear(input, self.weight, self.bias, activation, packed)
+
+
+# The activations oneDNN applies in the product's own pass, with results equal to torch's (measured: identical bits).
+ONEDNN_ACTIVATIONS = {GELUActivation: "gelu", nn.ReLU: "relu"}
+
+
+def unobserved(module: nn.Module) -> bool:
+    return not (
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or nn.modules.module._global_forward_hooks
+        or nn.modules.module._global_forward_pre_hooks
+    )
+
+
+def linear_then_activation(linear: nn.Module, activation: nn.Module, input: torch.Tensor) -> torch.Tensor:
+    """activation(linear(input)), as one oneDNN call where `linear` runs oneDNN, the activation is one it fuses
+    (GELUActivation on torch's own gelu, not its Python formula) and no hook observes either module. A wrapped
+    layer (LoRA, a quantised one) is not a selfattn Linear and runs as it is."""
+    fused = ONEDNN_ACTIVATIONS.get(type(activation))
+    if fused == "gelu" and activation.act is not nn.functional.gelu:
+        fused = None
+    if (
+        fused is None
+        or type(linear) is not Linear
+        or not (unobserved(linear) and unobserved(activation))
+        or not linear.runs_onednn(input)
+    ):
+        return activation(linear(input))
+    return linear.onednn_forward(input, fused)
+
+
+def set_linear_kernel(model: nn.Module, kernel: str) -> nn.Module:
+    """Choose the kernel of every selfattn Linear in `model` (returned): "auto" (the default: oneDNN for CPU float32
+    inference on x86), "onednn-packed" (the same on packed copies of the weights) or "aten" (nn.Linear's own).
+    Drops the packed copies made so far of the model's weights."""
+    if kernel not in LINEAR_KERNELS:
+        raise ValueError(f"kernel={kernel!r} is not one of {LINEAR_KERNELS}.")
+    if kernel == "onednn-packed" and not ONEDNN_BY_DEFAULT:
+        raise RuntimeError(
+            "kernel='onednn-packed' runs on x86 CPUs with a torch build that has oneDNN (mkldnn); this machine or "
+            "build is not one. Use 'auto' or 'aten'."
+        )
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.kernel = kernel
+            _onednn_packed_weights.pop(module.weight.untyped_storage(), None)
+    return model

@@ -1,0 +1,249 @@
+"""kernels.Linear: CPU float32 inference on oneDNN (the default on x86) against nn.Linear's own kernel ("aten"), on
+tiny random models (float32, tolerance 1e-5: the kernels sum in another order). Generated tokens must be identical;
+the models that generate have large weights (initializer_range=0.2) so that their logits are far from ties."""
+
+import copy
+import gc
+import io
+
+import pytest
+import torch
+from batch_helpers import TOLERANCE, build, padded_batch
+
+import modeling_selfattn.kernels as kernels
+from modeling_selfattn import (
+    SelfAttnForCausalLM,
+    SelfAttnForConditionalGeneration,
+    SelfAttnForMaskedLM,
+    SelfAttnModel,
+)
+from modeling_selfattn.kernels import set_linear_kernel
+
+needs_onednn = pytest.mark.skipif(
+    not kernels.ONEDNN_BY_DEFAULT, reason="oneDNN is the default kernel on x86 CPUs with a oneDNN build of torch only"
+)
+
+
+@pytest.fixture
+def onednn_calls(monkeypatch) -> list:
+    calls = []
+    original = kernels.onednn_linear
+    monkeypatch.setattr(kernels, "onednn_linear", lambda *args: calls.append(args[1].shape) or original(*args))
+    return calls
+
+
+def aten_copy(model):
+    return set_linear_kernel(copy.deepcopy(model), "aten")
+
+
+def max_output_diff(first, second) -> float:
+    return max(
+        (value - second[name]).abs().max().item()
+        for name, value in first.items()
+        if isinstance(value, torch.Tensor) and value.is_floating_point()
+    )
+
+
+def assert_same_weights(model, other) -> None:
+    expected, actual = model.state_dict(), other.state_dict()
+    assert actual.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(actual[name], tensor), name
+
+
+def test_every_linear_of_the_model_chooses_its_kernel():
+    for model_class, shape in ((SelfAttnForMaskedLM, "encoder"), (SelfAttnForConditionalGeneration, "encoder_decoder")):
+        model = build(model_class, shape)
+        assert not any(type(module) is torch.nn.Linear for module in model.modules())
+        assert all(module.kernel == "auto" for module in model.modules() if isinstance(module, kernels.Linear))
+
+
+@needs_onednn
+@pytest.mark.parametrize(
+    "model_class, shape",
+    [(SelfAttnForMaskedLM, "encoder"), (SelfAttnForConditionalGeneration, "encoder_decoder"),
+     (SelfAttnForCausalLM, "decoder")],
+)
+@pytest.mark.parametrize("kernel", ["auto", "onednn-packed"])
+def test_onednn_inference_matches_the_aten_kernel(model_class, shape, kernel, onednn_calls):
+    model = set_linear_kernel(build(model_class, shape, type_vocab_size=0), kernel)
+    plain = aten_copy(model)
+    batch = padded_batch(lengths=(12, 7, 4))
+    if shape == "encoder_decoder":
+        batch.update(decoder_input_ids=batch["input_ids"][:, :5])
+    for mode in (torch.no_grad, torch.inference_mode):
+        onednn_calls.clear()
+        with mode():
+            expected = plain(**batch)
+            assert not onednn_calls
+            assert max_output_diff(expected, model(**batch)) <= TOLERANCE
+            assert onednn_calls, "oneDNN never ran: the comparison above proves nothing"
+    assert plain.state_dict().keys() == model.state_dict().keys()
+
+
+@needs_onednn
+@pytest.mark.parametrize("kernel", ["auto", "onednn-packed"])
+def test_onednn_runs_from_eight_rows(kernel, onednn_calls):
+    layer = set_linear_kernel(kernels.Linear(64, 32), kernel)
+    with torch.no_grad():
+        layer(torch.randn(2, kernels.ONEDNN_MIN_ROWS // 2, 64))  # one call of 8 rows
+        assert len(onednn_calls) == 1
+        layer(torch.randn(1, kernels.ONEDNN_MIN_ROWS - 1, 64))  # fewer: nn.Linear's kernel
+        assert len(onednn_calls) == 1
+
+
+@needs_onednn
+def test_the_default_kernel_sees_weights_changed_through_data(onednn_calls):
+    # PEFT merges adapters with `weight.data += delta`, which autograd's version counter does not see.
+    layer = kernels.Linear(16, 16)
+    inputs = torch.randn(16, 16)
+    with torch.no_grad():
+        layer(inputs)
+        layer.weight.data += 1.0
+        torch.testing.assert_close(layer(inputs), set_linear_kernel(copy.deepcopy(layer), "aten")(inputs))
+        # The packed copy is made again when the kernel is set again, as its documentation says.
+        set_linear_kernel(layer, "onednn-packed")(inputs)
+        layer.weight.data += 1.0
+        set_linear_kernel(layer, "onednn-packed")
+        torch.testing.assert_close(layer(inputs), set_linear_kernel(copy.deepcopy(layer), "aten")(inputs))
+    assert len(onednn_calls) == 4
+
+
+@needs_onednn
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_onednn_inference_generates_the_same_tokens(num_beams, onednn_calls):
+    model = build(
+        SelfAttnForConditionalGeneration, "encoder_decoder", tie_word_embeddings=False, initializer_range=0.2,
+        type_vocab_size=0,
+    )
+    batch = padded_batch(lengths=(12, 7, 4))
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, num_beams=num_beams)
+    expected = aten_copy(model).generate(**batch, **kwargs)
+    assert not onednn_calls
+    assert torch.equal(model.generate(**batch, **kwargs), expected)
+    assert onednn_calls
+
+
+@needs_onednn
+def test_training_takes_the_aten_kernel_and_inference_follows_weight_updates(onednn_calls):
+    model = build(SelfAttnForMaskedLM)
+    plain = aten_copy(model)
+    assert model.lm_head.decoder.weight is model.model.encoder.embeddings.word_embeddings.weight  # still tied
+    batch = padded_batch(lengths=(12, 7, 4))
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    losses = []
+    for trained in (plain, model):
+        trained.train()
+        optimizer = torch.optim.SGD(trained.parameters(), lr=0.5)
+        loss = trained(**batch, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert onednn_calls == []  # a gradient is needed: nn.Linear's own path
+    assert abs(losses[0] - losses[1]) <= TOLERANCE
+    for trained in (plain, model):
+        trained.eval()
+    with torch.no_grad():  # inference after the update uses the updated weights, repacked
+        assert max_output_diff(plain(**batch), model(**batch)) <= TOLERANCE
+        model.load_state_dict(build(SelfAttnForMaskedLM, seed=1).state_dict())
+        assert max_output_diff(aten_copy(build(SelfAttnForMaskedLM, seed=1))(**batch), model(**batch)) <= TOLERANCE
+    assert onednn_calls, "inference never reached oneDNN: the check on training above proves nothing"
+
+
+class WeightSubclass(torch.Tensor):
+    pass
+
+
+@needs_onednn
+def test_tracing_exporting_autocast_and_quantised_weights_take_the_aten_kernel(onednn_calls):
+    model = build(SelfAttnModel, add_pooling_layer=False)
+    batch = padded_batch(lengths=(12, 12, 12))
+    with torch.no_grad():
+        exported = torch.export.export(model, (), dict(batch))
+        assert not any("onednn" in str(node.target) for node in exported.graph.nodes)
+        torch.jit.trace(model, (batch["input_ids"], batch["attention_mask"]), strict=False, check_trace=False)
+        assert onednn_calls == []
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's casts apply, as to nn.Linear
+            assert torch.equal(model(**batch).last_hidden_state, aten_copy(model)(**batch).last_hidden_state)
+        assert onednn_calls == []
+        layer = kernels.Linear(16, 16)
+        expected = layer(torch.randn(16, 16, generator=torch.Generator().manual_seed(0)))
+        assert len(onednn_calls) == 1
+        # A weight of a tensor subclass (as quantisation back-ends install) goes to nn.Linear, which dispatches on it.
+        layer.weight = torch.nn.Parameter(layer.weight.detach().as_subclass(WeightSubclass), requires_grad=False)
+        torch.testing.assert_close(
+            layer(torch.randn(16, 16, generator=torch.Generator().manual_seed(0))).as_subclass(torch.Tensor),
+            expected, rtol=0, atol=TOLERANCE,
+        )
+        assert len(onednn_calls) == 1
+
+
+@needs_onednn
+def test_kernels_copy_pickle_switch_and_leave_global_settings_alone(onednn_calls):
+    settings = (torch.get_num_threads(), torch.backends.mkldnn.enabled, torch.get_float32_matmul_precision())
+    model = build(SelfAttnModel)
+    batch = padded_batch(lengths=(12, 7, 4))
+    with torch.no_grad():
+        expected = model(**batch).last_hidden_state
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        for other in (torch.load(buffer, weights_only=False), copy.deepcopy(model)):
+            assert_same_weights(model, other)
+            torch.testing.assert_close(other(**batch).last_hidden_state, expected, rtol=0, atol=TOLERANCE)
+        calls = len(onednn_calls)
+        set_linear_kernel(model, "aten")
+        torch.testing.assert_close(model(**batch).last_hidden_state, expected, rtol=0, atol=TOLERANCE)
+        assert len(onednn_calls) == calls
+        with torch.backends.mkldnn.flags(enabled=False):  # the user's switch is obeyed
+            set_linear_kernel(model, "auto")(**batch)
+        assert len(onednn_calls) == calls
+    assert (torch.get_num_threads(), torch.backends.mkldnn.enabled, torch.get_float32_matmul_precision()) == settings
+
+
+def test_auto_keeps_the_aten_kernel_where_onednn_was_not_measured(monkeypatch, onednn_calls):
+    monkeypatch.setattr(kernels, "ONEDNN_BY_DEFAULT", False)
+    with torch.no_grad():
+        build(SelfAttnModel)(**padded_batch(lengths=(12, 7, 4)))
+    assert onednn_calls == []
+
+
+def test_an_unknown_kernel_is_refused():
+    with pytest.raises(ValueError, match=r"kernel='mkl' is not one of \('auto', 'onednn-packed', 'aten'\)"):
+        set_linear_kernel(build(SelfAttnModel), "mkl")
+
+
+@needs_onednn
+def test_onednn_packed_weights_are_freed_with_the_model():
+    gc.collect()
+    before = len(kernels._onednn_packed_weights)
+    model = set_linear_kernel(build(SelfAttnModel, add_pooling_layer=False), "onednn-packed")
+    with torch.no_grad():
+        model(**padded_batch())
+    assert len(kernels._onednn_packed_weights) == before + 6 * len(model.encoder.layers)  # q k v o fc1 fc2
+    del model
+    gc.collect()
+    assert len(kernels._onednn_packed_weights) == before
+
+
+@needs_onednn
+@pytest.mark.parametrize("hidden_act, fused", [("gelu", "gelu"), ("relu", "relu"), ("gelu_python", None)])
+def test_the_feed_forward_fuses_the_activations_onednn_computes_alike(hidden_act, fused, monkeypatch):
+    model = build(SelfAttnModel, hidden_act=hidden_act)
+    plain = aten_copy(model)
+    batch = padded_batch(lengths=(12, 12, 12))
+    activations = []
+    original = kernels.onednn_linear
+    monkeypatch.setattr(
+        kernels, "onednn_linear", lambda *args: activations.append(args[3] if len(args) > 3 else "none") or original(*args)
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(**batch).last_hidden_state, plain(**batch).last_hidden_state, rtol=0, atol=TOLERANCE
+        )
+        assert activations.count(fused) == (len(model.encoder.layers) if fused else 0)
+        activations.clear()
+        seen = []  # a hook on fc1 must see fc1's own output: that layer is not fused then
+        model.encoder.layers[0].ffn.fc1.register_forward_hook(lambda module, args, output: seen.append(output))
+        model(**batch)
+        assert len(seen) == 1 and activations.count(fused) == (len(model.encoder.layers) - 1 if fused else 0)

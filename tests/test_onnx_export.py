@@ -1,0 +1,295 @@
+"""`selfattn-convert onnx` (modeling_selfattn/onnx_export.py): every encoder head exported and run with ONNX Runtime
+on padded batches of other sizes than traced, against the PyTorch model loaded as users load it (SDPA attention, so
+the unpadded path too) within 1e-4; the padding rule kept in the graph; ONNX Runtime's BERT fusions on the exported
+graph; greedy decoding through the encoder-decoder's and the causal LM's graphs token-identical to generate(); and
+the refusals of the command. Skipped without onnx and onnxruntime (`pip install 'selfattn[onnx]'`)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+import modeling_selfattn  # noqa: E402
+from conftest import EOS_TOKEN_ID, PAD_TOKEN_ID, make_tiny_config  # noqa: E402
+from modeling_selfattn import convert_cli, onnx_export  # noqa: E402
+from modeling_selfattn.heads import HEADS  # noqa: E402
+from modeling_selfattn.model import SelfAttnEncoderHeadModel  # noqa: E402
+
+TOLERANCE = 1e-4  # ONNX Runtime against PyTorch, fp32
+WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "and", "ran", "far", "away", "quick", "brown", "fox"]
+
+
+def session(path: Path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def run(onnx_session, **inputs) -> dict[str, torch.Tensor]:
+    names = [output.name for output in onnx_session.get_outputs()]
+    values = onnx_session.run(None, {name: tensor.numpy() for name, tensor in inputs.items()})
+    return {name: torch.from_numpy(value) for name, value in zip(names, values)}
+
+
+def padded_batch(config, batch_size: int, length: int, seed: int, choices: int | None = None) -> dict:
+    """Random ids with rows of different lengths (row 0 full, the last a third as long), padding at the end."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.linspace(length, max(1, length // 3), batch_size).round().long()
+    mask = (torch.arange(length) < lengths.unsqueeze(1)).long()
+    shape = (batch_size, length) if choices is None else (batch_size, choices, length)
+    if choices is not None:
+        mask = mask.unsqueeze(1).expand(shape).contiguous()
+    ids = torch.randint(3, config.vocab_size, shape, generator=generator).masked_fill(mask == 0, PAD_TOKEN_ID)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if config.type_vocab_size > 0:
+        batch["token_type_ids"] = torch.randint(0, config.type_vocab_size, shape, generator=generator) * mask
+    return batch
+
+
+def saved_model(class_name: str, shape: str, folder: Path, **overrides) -> Path:
+    torch.manual_seed(0)
+    config = make_tiny_config(shape, num_labels=3, **overrides)
+    getattr(modeling_selfattn, class_name)(config).save_pretrained(folder)
+    return folder
+
+
+def encoder_head_names() -> set[str]:
+    return {
+        head.class_name
+        for head in HEADS
+        if issubclass(getattr(modeling_selfattn, head.class_name), SelfAttnEncoderHeadModel)
+    } | {"SelfAttnModel"}
+
+
+def test_every_head_is_exported():
+    """A head added to heads.HEADS must get its ONNX outputs here, or this fails."""
+    assert set(onnx_export.ENCODER_HEAD_OUTPUTS) == encoder_head_names()
+    assert set(onnx_export.SUPPORTED_CLASSES) == {head.class_name for head in HEADS}
+
+
+@pytest.mark.parametrize("class_name", sorted(onnx_export.ENCODER_HEAD_OUTPUTS))
+def test_encoder_head_matches_pytorch_on_other_shapes(class_name, tmp_path):
+    # Dropout on in the config: the graph must be of the model in eval mode, and export must leave it so.
+    folder = saved_model(class_name, "encoder", tmp_path / "model", hidden_dropout_prob=0.1, attention_dropout=0.1)
+    model = onnx_export.load_for_export(folder)
+    assert model.config._attn_implementation == "eager"
+    onnx_export.export_onnx(model, tmp_path)
+    assert not model.training
+    reference = getattr(modeling_selfattn, class_name).from_pretrained(folder).eval()  # SDPA, as users load it
+    assert reference.config._attn_implementation == "sdpa"
+    onnx_session = session(tmp_path / "model.onnx")
+    names = [entry.name for entry in onnx_session.get_inputs()]
+    assert names == ["input_ids", "attention_mask", "token_type_ids"]
+    expected_outputs = set(onnx_export.ENCODER_HEAD_OUTPUTS[class_name])
+    assert {entry.name for entry in onnx_session.get_outputs()} == expected_outputs
+    choices = 3 if class_name == "SelfAttnForMultipleChoice" else None
+    for batch_size, length, seed in ((3, 9, 1), (1, 4, 2)):  # traced: batch 2, length 6
+        inputs = padded_batch(model.config, batch_size, length, seed, choices)
+        produced = run(onnx_session, **inputs)
+        with torch.no_grad():
+            expected = reference(**inputs)
+        for name, value in produced.items():
+            assert value.shape == expected[name].shape, name
+            assert (value - expected[name]).abs().max().item() <= TOLERANCE, name
+
+
+def test_graph_keeps_padding_rule_and_needs_no_token_types(tmp_path):
+    """Where attention_mask is 0, last_hidden_state is the embedding output; a model without token types has no
+    token_type_ids input."""
+    folder = saved_model("SelfAttnModel", "encoder", tmp_path / "model", type_vocab_size=0)
+    model = modeling_selfattn.SelfAttnModel.from_pretrained(folder).eval()  # SDPA: the export traces eager attention
+    report = onnx_export.export_onnx(model, tmp_path, optimize=True)
+    assert report.fused_operators["Attention"] == model.config.encoder_layers
+    assert model.config._attn_implementation == "sdpa"  # as it was
+    inputs = padded_batch(model.config, 4, 10, seed=3)
+    for name in ("model.onnx", "model_optimized.onnx"):
+        onnx_session = session(tmp_path / name)
+        assert [entry.name for entry in onnx_session.get_inputs()] == ["input_ids", "attention_mask"]
+        hidden = run(onnx_session, **inputs)["last_hidden_state"]
+        with torch.no_grad():
+            embeddings = model.encoder.embeddings(inputs["input_ids"])
+        padding = inputs["attention_mask"] == 0
+        assert padding.sum() > 0
+        assert (hidden[padding] - embeddings[padding]).abs().max().item() <= 1e-5, name
+        assert not torch.allclose(hidden[~padding], embeddings[~padding], atol=1e-2), name
+
+
+@pytest.fixture(scope="module")
+def classifier_folder(tmp_path_factory) -> Path:
+    """A tiny SelfAttnForSequenceClassification with a WordPiece tokenizer of its own vocabulary."""
+    folder = tmp_path_factory.mktemp("classifier")
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    transformers.BertTokenizer(str(vocab)).save_pretrained(folder)
+    return saved_model("SelfAttnForSequenceClassification", "encoder", folder, vocab_size=len(WORDS) + 5)
+
+
+def test_cli_optimize_fuses_and_matches(classifier_folder, tmp_path, capsys):
+    output = tmp_path / "onnx"
+    assert convert_cli.main(["onnx", str(classifier_folder), str(output), "--optimize"]) == 0
+    printed = capsys.readouterr().out
+    assert "model.onnx, ONNX Runtime vs PyTorch, max abs diff: logits " in printed
+    assert "model_optimized.onnx, ONNX Runtime vs PyTorch, max abs diff: logits " in printed
+    assert "fused by ONNX Runtime's optimizer: " in printed
+    written = {path.name for path in output.iterdir()}
+    assert {"model.onnx", "model_optimized.onnx", "config.json", "vocab.txt", "tokenizer_config.json"} <= written
+    assert json.loads((output / "config.json").read_text())["architectures"] == ["SelfAttnForSequenceClassification"]
+
+    import onnx
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    operators = {node.op_type for node in OnnxModel(onnx.load(output / "model_optimized.onnx")).nodes()}
+    config = transformers.AutoConfig.from_pretrained(output)
+    assert {"Attention", "SkipLayerNormalization", "LayerNormalization"} <= operators
+    assert operators & {"Gelu", "BiasGelu", "FastGelu"}
+    assert sum(node.op_type == "Attention" for node in onnx.load(output / "model_optimized.onnx").graph.node) == (
+        config.encoder_layers
+    )
+
+    # What an ONNX Runtime user does: tokenize with OUTPUT's tokenizer, run the graphs.
+    tokenizer = transformers.AutoTokenizer.from_pretrained(output)
+    texts = ["the quick brown fox ran far away and the dog sat on the mat", "a cat", "the dog ran"]
+    inputs = tokenizer(texts, padding=True, return_tensors="pt")
+    reference = modeling_selfattn.SelfAttnForSequenceClassification.from_pretrained(classifier_folder).eval()
+    with torch.no_grad():
+        expected = reference(**inputs).logits
+    for name in ("model.onnx", "model_optimized.onnx"):
+        logits = run(session(output / name), **inputs)["logits"]
+        assert (logits - expected).abs().max().item() <= TOLERANCE, name
+
+
+def as_past(output_name: str) -> str:
+    """A cache output's name as the next step's input (present.0.decoder.key -> past_key_values.0.decoder.key)."""
+    return output_name.replace("present.", "past_key_values.", 1)
+
+
+def greedy_seq2seq(folder: Path, input_ids, attention_mask, max_new_tokens: int, config) -> torch.Tensor:
+    """Greedy decoding the way an ONNX Runtime user runs the three graphs: the encoder once, decoder_model.onnx for
+    the first step, decoder_with_past_model.onnx with the cache after it; finished rows get padding."""
+    encoder, decoder, with_past = (
+        session(folder / name) for name in ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx")
+    )
+    hidden = run(encoder, input_ids=input_ids, attention_mask=attention_mask)["last_hidden_state"]
+    tokens = torch.full((input_ids.shape[0], 1), config.decoder_start_token_id)
+    outputs = run(decoder, input_ids=tokens, encoder_attention_mask=attention_mask, encoder_hidden_states=hidden)
+    cross = {as_past(name): value for name, value in outputs.items() if ".encoder." in name}
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+    for step in range(max_new_tokens):
+        next_tokens = outputs["logits"][:, -1].argmax(-1).masked_fill(finished, config.pad_token_id)
+        tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
+        finished |= next_tokens == config.eos_token_id
+        if finished.all() or step == max_new_tokens - 1:
+            return tokens
+        past = {as_past(name): value for name, value in outputs.items() if ".decoder." in name}
+        outputs = run(with_past, input_ids=next_tokens[:, None], encoder_attention_mask=attention_mask, **past, **cross)
+    return tokens
+
+
+def test_seq2seq_greedy_through_onnx_runtime_equals_generate(tmp_path):
+    # Larger weights than the default: logits far apart, so that float rounding cannot flip a greedy choice.
+    folder = saved_model(
+        "SelfAttnForConditionalGeneration", "encoder_decoder", tmp_path / "model", initializer_range=0.2
+    )
+    model = onnx_export.load_for_export(folder)
+    report = onnx_export.export_onnx(model, tmp_path)
+    assert report.files == ["encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx"]
+    with_past = session(tmp_path / "decoder_with_past_model.onnx")
+    layers = range(model.config.decoder_layers)
+    assert [entry.name for entry in with_past.get_outputs()] == ["logits"] + [
+        f"present.{layer}.decoder.{part}" for layer in layers for part in ("key", "value")
+    ]
+    reference = modeling_selfattn.SelfAttnForConditionalGeneration.from_pretrained(folder).eval()
+    batch = padded_batch(model.config, 3, 11, seed=4)
+    with torch.no_grad():
+        expected = reference.generate(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=False, num_beams=1,
+            max_new_tokens=10,
+        )
+    produced = greedy_seq2seq(tmp_path, batch["input_ids"], batch["attention_mask"], 10, model.config)
+    assert expected.shape[1] > 3
+    assert torch.equal(produced, expected)
+
+
+def test_causal_lm_greedy_through_onnx_runtime_equals_generate(tmp_path):
+    folder = saved_model("SelfAttnForCausalLM", "decoder", tmp_path / "model", initializer_range=0.2)
+    model = onnx_export.load_for_export(folder)
+    onnx_export.export_onnx(model, tmp_path)
+    onnx_session = session(tmp_path / "model.onnx")
+    heads, head_dim = model.config.num_attention_heads, model.config.head_dim
+    # Left-padded prompts, as generate() wants them for decoder-only models.
+    prompts = torch.tensor([[5, 6, 7, 8, 9], [PAD_TOKEN_ID, PAD_TOKEN_ID, 10, 11, 12]])
+    mask = (prompts != PAD_TOKEN_ID).long()
+    reference = modeling_selfattn.SelfAttnForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        expected = reference.generate(
+            input_ids=prompts, attention_mask=mask, do_sample=False, num_beams=1, max_new_tokens=8
+        )
+
+    tokens, new = prompts, prompts
+    past = {
+        f"past_key_values.{layer}.{part}": torch.zeros(2, heads, 0, head_dim)
+        for layer in range(model.config.decoder_layers)
+        for part in ("key", "value")
+    }
+    finished = torch.zeros(2, dtype=torch.bool)
+    for _ in range(8):
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -new.shape[1] :]
+        outputs = run(onnx_session, input_ids=new, attention_mask=mask, position_ids=positions, **past)
+        new = outputs["logits"][:, -1].argmax(-1).masked_fill(finished, PAD_TOKEN_ID)[:, None]
+        finished |= new[:, 0] == EOS_TOKEN_ID
+        tokens, mask = torch.cat([tokens, new], dim=1), torch.cat([mask, torch.ones_like(new)], dim=1)
+        past = {as_past(name): value for name, value in outputs.items() if name != "logits"}
+        if finished.all():
+            break
+    assert torch.equal(tokens, expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Refusals: a clear error, exit status 1, nothing written
+
+
+def refused(argv: list[str], capsys) -> str:
+    assert convert_cli.main(argv) == 1
+    return capsys.readouterr().err
+
+
+def test_refuses_a_folder_without_a_model(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    error = refused(["onnx", str(tmp_path / "empty"), str(tmp_path / "out")], capsys)
+    assert "has no config.json" in error and "selfattn model folder" in error
+    error = refused(["onnx", str(tmp_path / "missing"), str(tmp_path / "out")], capsys)
+    assert "is not a folder" in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_refuses_other_checkpoints_and_classes(tmp_path, capsys):
+    bert = tmp_path / "bert"
+    bert_config = transformers.BertConfig(vocab_size=20, hidden_size=32, num_hidden_layers=1, num_attention_heads=4)
+    bert_config.save_pretrained(bert)
+    error = refused(["onnx", str(bert), str(tmp_path / "out")], capsys)
+    assert "'bert' checkpoint" in error and "selfattn-convert bert" in error
+
+    bare_seq2seq = saved_model("SelfAttnModel", "encoder_decoder", tmp_path / "bare")
+    error = refused(["onnx", str(bare_seq2seq), str(tmp_path / "out")], capsys)
+    assert "without an LM head" in error and "SelfAttnForConditionalGeneration" in error
+
+    config = json.loads((bare_seq2seq / "config.json").read_text())
+    config["architectures"] = ["SelfAttnForSomethingElse"]
+    (bare_seq2seq / "config.json").write_text(json.dumps(config))
+    error = refused(["onnx", str(bare_seq2seq), str(tmp_path / "out")], capsys)
+    assert "SelfAttnForSomethingElse, which is not a selfattn head" in error and "SelfAttnForMaskedLM" in error
+
+    causal = saved_model("SelfAttnForCausalLM", "decoder", tmp_path / "causal")
+    error = refused(["onnx", str(causal), str(tmp_path / "out"), "--optimize"], capsys)
+    assert "--optimize" in error and "SelfAttnForCausalLM" in error
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.*"))  # no partial folder left behind
+
+
+def test_missing_onnx_runtime_names_the_extra(monkeypatch):
+    monkeypatch.setattr(onnx_export, "REQUIRED_MODULES", ("onnx", "no_such_module_selfattn"))
+    with pytest.raises(onnx_export.ConversionError, match=r"no_such_module_selfattn.*selfattn\[onnx\]"):
+        onnx_export.require_onnx_runtime()

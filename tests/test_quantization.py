@@ -1,0 +1,395 @@
+"""model.quantize("int8") and model.quantize("bf16") (modeling_selfattn/quantization.py) on tiny random models of
+every head: outputs against the float32 model on the same weights, generate() after quantizing, and the refusals.
+
+Tolerances are relative to the largest float32 value of each output tensor: int8 0.05, bf16 0.03. Measured over every
+head with seeds 0-4: int8 at most 0.035 (the multiple-choice head's one logit per choice; the others at most 0.023),
+bf16 at most 0.017. Real-model quality (SST-2 accuracy, embedding cosine, BLEU) is measured by
+benchmarks/quantized_quality.py, not here.
+"""
+
+import copy
+import json
+import os
+import site
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import make_tiny_config
+from modeling_selfattn import (
+    SelfAttnForCausalLM,
+    SelfAttnForConditionalGeneration,
+    SelfAttnForMaskedLM,
+    SelfAttnForMultipleChoice,
+    SelfAttnForPreTraining,
+    SelfAttnForQuestionAnswering,
+    SelfAttnForReplacedTokenDetection,
+    SelfAttnForSequenceClassification,
+    SelfAttnForTokenClassification,
+    SelfAttnModel,
+)
+from modeling_selfattn.heads import HEADS as REGISTRY
+from modeling_selfattn.quantization import Int8DynamicLinear, int8_activations_use_full_range, int8_linear
+
+INT8_RELATIVE_TOLERANCE = 0.05
+BF16_RELATIVE_TOLERANCE = 0.03
+
+
+def encoder_config():
+    return make_tiny_config("encoder", num_labels=3)
+
+
+def seq2seq_config():
+    return make_tiny_config(
+        "encoder_decoder",
+        hidden_act="relu",
+        position_embedding_type="sinusoidal",
+        scale_embedding=True,
+        embedding_layer_norm=False,
+        type_vocab_size=0,
+    )
+
+
+def causal_config():
+    return make_tiny_config("decoder", pre_layer_norm=True, type_vocab_size=0)
+
+
+def encoder_inputs():
+    input_ids = torch.randint(3, 99, (2, 7))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 5:] = 0
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def seq2seq_inputs():
+    return {**encoder_inputs(), "decoder_input_ids": torch.randint(3, 99, (2, 4))}
+
+
+# name -> (class, config factory, inputs factory)
+HEADS = {
+    "model": (SelfAttnModel, encoder_config, encoder_inputs),
+    "masked_lm": (SelfAttnForMaskedLM, encoder_config, encoder_inputs),
+    "sequence_classification": (SelfAttnForSequenceClassification, encoder_config, encoder_inputs),
+    "token_classification": (SelfAttnForTokenClassification, encoder_config, encoder_inputs),
+    "question_answering": (SelfAttnForQuestionAnswering, encoder_config, encoder_inputs),
+    "multiple_choice": (
+        SelfAttnForMultipleChoice, encoder_config, lambda: {"input_ids": torch.randint(3, 99, (2, 3, 6))}
+    ),
+    "seq2seq_model": (SelfAttnModel, seq2seq_config, seq2seq_inputs),
+    "seq2seq_lm": (SelfAttnForConditionalGeneration, seq2seq_config, seq2seq_inputs),
+    "causal_lm": (SelfAttnForCausalLM, causal_config, encoder_inputs),
+    "pretraining": (SelfAttnForPreTraining, encoder_config, encoder_inputs),
+    "replaced_token_detection": (SelfAttnForReplacedTokenDetection, encoder_config, encoder_inputs),
+}
+
+
+def test_every_registered_head_is_covered():
+    assert {head.class_name for head in REGISTRY} <= {model_class.__name__ for model_class, *_ in HEADS.values()}
+
+
+def make_model(name: str, seed: int = 0) -> tuple[nn.Module, dict]:
+    model_class, make_config, make_inputs = HEADS[name]
+    torch.manual_seed(seed)
+    return model_class(make_config()).eval(), make_inputs()
+
+
+def float_outputs(model: nn.Module, inputs: dict) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        outputs = model(**inputs)
+    tensors = {key: value for key, value in outputs.items() if torch.is_tensor(value)}
+    return {key: value.float() for key, value in tensors.items() if value.is_floating_point()}
+
+
+def largest_relative_error(expected: dict, actual: dict) -> dict[str, float]:
+    assert sorted(expected) == sorted(actual)
+    return {key: ((actual[key] - value).abs().max() / value.abs().max()).item() for key, value in expected.items()}
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_int8_outputs_are_close_to_float32(name):
+    model, inputs = make_model(name)
+    expected = float_outputs(model, inputs)
+    quantized = copy.deepcopy(model)
+    assert quantized.quantize("int8") is quantized
+    linears = [module for module in quantized.modules() if isinstance(module, nn.Linear)]
+    assert not linears, f"left in float32: {linears}"
+    assert quantized.quantization_mode == "int8"
+    errors = largest_relative_error(expected, float_outputs(quantized, inputs))
+    assert max(errors.values()) <= INT8_RELATIVE_TOLERANCE, errors
+    # Quantization changed something: a comparison that could not fail would prove nothing.
+    assert max(errors.values()) > 0
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_bf16_outputs_are_close_to_float32(name):
+    model, inputs = make_model(name)
+    expected = float_outputs(model, inputs)
+    quantized = copy.deepcopy(model).quantize("bf16")
+    dtypes = {tensor.dtype for tensor in [*quantized.parameters(), *quantized.buffers()] if tensor.is_floating_point()}
+    assert dtypes == {torch.bfloat16}
+    errors = largest_relative_error(expected, float_outputs(quantized, inputs))
+    assert 0 < max(errors.values()) <= BF16_RELATIVE_TOLERANCE, errors
+
+
+def test_int8_tied_lm_head_gets_its_own_copy_and_the_token_table_stays_float32():
+    model, _ = make_model("seq2seq_lm")
+    table = model.get_input_embeddings().weight
+    assert model.lm_head.weight is table
+    saved_table = table.detach().clone()
+    model.quantize("int8")
+    assert isinstance(model.lm_head, Int8DynamicLinear)
+    assert model.get_input_embeddings().weight is table and table.dtype == torch.float32
+    assert torch.equal(table, saved_table)
+    # The int8 copy is the table, per output channel: dequantized, each row within half a step of the original.
+    int8_weight = model.lm_head.weight()
+    steps = int8_weight.q_per_channel_scales().float().unsqueeze(1)
+    assert int8_weight.qscheme() in (torch.per_channel_symmetric, torch.per_channel_affine)
+    assert ((int8_weight.dequantize() - table).abs() <= steps / 2 + 1e-7).all()
+
+
+def test_int8_layer_computes_exactly_what_its_int8_values_mean():
+    # The activation range (8 bits with VNNI, 7 without) is one this CPU's kernel sums without saturating: the layer
+    # equals float arithmetic on its own dequantized weight and activation, to float32 rounding.
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    layer = int8_linear(linear, reduce_range=not int8_activations_use_full_range())
+    assert layer.reduce_range == (not int8_activations_use_full_range())
+    x = torch.randn(32, 64) * 4
+    levels = 127 if layer.reduce_range else 255
+    low, high = x.min().clamp(max=0), x.max().clamp(min=0)
+    scale = (high - low) / levels
+    zero_point = torch.round(-low / scale)
+    x_int8 = (torch.clamp(torch.round(x / scale) + zero_point, 0, levels) - zero_point) * scale
+    with torch.no_grad():
+        expected = x_int8 @ layer.weight().dequantize().T + linear.bias
+        actual = layer(x)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-4 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("mode", ["int8", "bf16"])
+@pytest.mark.parametrize("name", ["seq2seq_lm", "causal_lm"])
+def test_generate_after_quantize(name, mode):
+    """Greedy generate() runs after quantize, and each step's logits are the float32 model's for the same prefix
+    (teacher-forced, no cache) within the tolerance: the cache works with the quantized layers. Beam search runs
+    too."""
+    model, inputs = make_model(name)
+    reference = copy.deepcopy(model)
+    model.quantize(mode)
+    if name == "seq2seq_lm":
+        prompt = {key: value for key, value in inputs.items() if key != "decoder_input_ids"}
+    else:
+        prompt = {"input_ids": inputs["input_ids"]}  # unpadded: a decoder-only model pads on the left
+    new_tokens = 5
+    options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    with torch.no_grad():
+        generated = model.generate(
+            **prompt, **options, output_scores=True, output_logits=True, return_dict_in_generate=True
+        )
+        beams = model.generate(**prompt, **options, num_beams=3)
+    sequences = generated.sequences
+    assert beams.shape == sequences.shape
+    assert torch.equal(sequences[:, -new_tokens:], torch.stack(generated.scores, dim=1).argmax(-1))
+    with torch.no_grad():
+        if name == "seq2seq_lm":
+            logits = reference(**prompt, decoder_input_ids=sequences[:, :-1]).logits
+        else:
+            logits = reference(input_ids=sequences[:, :-1]).logits
+    expected = logits[:, -new_tokens:]
+    actual = torch.stack(generated.logits, dim=1).float()
+    tolerance = INT8_RELATIVE_TOLERANCE if mode == "int8" else BF16_RELATIVE_TOLERANCE
+    error = ((actual - expected).abs().max() / expected.abs().max()).item()
+    assert 0 < error <= tolerance, error
+
+
+def test_keep_float32_leaves_the_named_linears_in_float32():
+    model, inputs = make_model("seq2seq_lm")
+    expected = float_outputs(model, inputs)
+    model.quantize("int8", keep_float32=["lm_head", "*.ffn.fc2"])
+    kept = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    fc2s = {f"model.{stack}.layers.{i}.ffn.fc2" for stack in ("encoder", "decoder") for i in (0, 1)}
+    assert kept == {"lm_head"} | fc2s
+    assert model.lm_head.weight is model.get_input_embeddings().weight  # still tied
+    assert isinstance(model.model.encoder.layers[0].ffn.fc1, Int8DynamicLinear)
+    errors = largest_relative_error(expected, float_outputs(model, inputs))
+    assert 0 < max(errors.values()) <= INT8_RELATIVE_TOLERANCE, errors
+
+
+def test_subclasses_of_linear_are_quantized():
+    class SubclassLinear(nn.Linear):
+        pass
+
+    model, inputs = make_model("sequence_classification")
+    expected = float_outputs(model, inputs)
+    model.classifier.__class__ = SubclassLinear
+    assert type(model.classifier) is not nn.Linear
+    model.quantize("int8")
+    assert not [module for module in model.modules() if isinstance(module, nn.Linear)]
+    errors = largest_relative_error(expected, float_outputs(model, inputs))
+    assert max(errors.values()) <= INT8_RELATIVE_TOLERANCE, errors
+
+
+def test_unknown_mode_is_refused():
+    model, _ = make_model("model")
+    for mode in ("int4", "INT8", "fp16", None):
+        with pytest.raises(ValueError, match=r"quantize\(mode=.*mode must be one of 'int8', 'bf16'"):
+            model.quantize(mode)
+    assert model.quantization_mode is None
+
+
+@pytest.mark.parametrize(
+    "keep_float32, error, message",
+    [
+        ("lm_head", TypeError, "pass a list of module-name patterns"),
+        ([3], TypeError, "pass a list of module-name patterns"),
+        (["*.ffn.fc3"], ValueError, r"the pattern '\*.ffn.fc3' matches no linear layer"),
+    ],
+)
+def test_bad_keep_float32_is_refused(keep_float32, error, message):
+    model, _ = make_model("seq2seq_lm")
+    with pytest.raises(error, match=message):
+        model.quantize("int8", keep_float32=keep_float32)
+    assert not [module for module in model.modules() if isinstance(module, Int8DynamicLinear)]
+
+
+def test_keep_float32_with_bf16_is_refused():
+    model, _ = make_model("model")
+    with pytest.raises(ValueError, match="keep_float32 applies to int8 only"):
+        model.quantize("bf16", keep_float32=["*.fc2"])
+
+
+@pytest.mark.parametrize("mode", ["int8", "bf16"])
+def test_quantize_in_training_mode_is_refused(mode):
+    model, _ = make_model("sequence_classification")
+    model.train()
+    with pytest.raises(RuntimeError, match=r"in training mode; call model.eval\(\) first"):
+        model.quantize(mode)
+
+
+@pytest.mark.parametrize("first, second", [("int8", "int8"), ("int8", "bf16"), ("bf16", "int8"), ("bf16", "bf16")])
+def test_quantizing_twice_is_refused(first, second):
+    model, _ = make_model("sequence_classification")
+    model.quantize(first)
+    with pytest.raises(RuntimeError, match=f"already quantized \\('{first}'\\).*Load the float32 model again"):
+        model.quantize(second)
+
+
+def test_quantize_of_a_model_not_in_float32_is_refused():
+    model, _ = make_model("model")
+    model.half()
+    with pytest.raises(ValueError, match=r"starts from float32 weights, but SelfAttnModel holds \['float16'\]"):
+        model.quantize("bf16")
+
+
+def test_int8_of_a_model_off_the_cpu_is_refused():
+    # A GPU is not needed to reach the check: any device but the CPU is refused the same way.
+    model, _ = make_model("model")
+    model.to("meta")
+    with pytest.raises(ValueError, match=r"needs the model on CPU.*'meta'.*runs on CPU only.*quantize\('bf16'\)"):
+        model.quantize("int8")
+
+
+def test_int8_training_is_refused():
+    model, inputs = make_model("sequence_classification")
+    model.quantize("int8")
+    with pytest.raises(RuntimeError, match="for inference only.*no gradient would pass through"):
+        model.train()
+    with pytest.raises(RuntimeError, match="for inference only"):
+        model.model.train()  # the inner stacks too
+    assert not model.training
+    model.eval()  # still allowed
+    assert not any(parameter.requires_grad for parameter in model.parameters())
+    # Re-enabling gradients by hand, as a training loop or an adapter library would, is refused at the first int8 layer.
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="requires a gradient.*for inference only"):
+        model(**inputs, labels=torch.tensor([0, 1]))
+    # Inference outside torch.no_grad() still works.
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    assert model(**inputs).logits.shape == (2, 3)
+
+
+def test_int8_forward_on_another_device_is_refused():
+    layer = Int8DynamicLinear(4, 3)
+    with pytest.raises(RuntimeError, match="runs on CPU only"):
+        layer(torch.zeros(2, 4, device="meta"))
+
+
+def test_int8_save_and_push_are_refused(tmp_path):
+    model, _ = make_model("seq2seq_lm")
+    model.quantize("int8")
+    for save in (model.save_pretrained, model.model.save_pretrained):
+        with pytest.raises(RuntimeError, match=r"Save the float32 model instead.*quantize\('int8'\) after loading"):
+            save(tmp_path / "int8")
+    with pytest.raises(RuntimeError, match="Save the float32 model instead"):
+        model.push_to_hub("someone/int8-model")
+    assert not (tmp_path / "int8").exists()
+
+
+@pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")  # torch.load of a pickled model
+def test_int8_model_survives_deepcopy_and_pickling(tmp_path):
+    # torch.save(model) is how torch's own quantized models are kept; the copy computes the same and still refuses.
+    model, inputs = make_model("seq2seq_lm")
+    model.quantize("int8")
+    torch.save(model, tmp_path / "int8.pt")
+    for copied in (copy.deepcopy(model), torch.load(tmp_path / "int8.pt", weights_only=False)):
+        assert torch.equal(copied(**inputs).logits, model(**inputs).logits)
+        assert copied.quantization_mode == "int8"
+        with pytest.raises(RuntimeError, match="for inference only"):
+            copied.train()
+        with pytest.raises(RuntimeError, match="Save the float32 model instead"):
+            copied.save_pretrained(tmp_path / "copy")
+
+
+def test_bf16_saves_and_reloads(tmp_path):
+    model, inputs = make_model("seq2seq_lm")
+    model.quantize("bf16")
+    model.save_pretrained(tmp_path)
+    reloaded = SelfAttnForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert reloaded.dtype == torch.bfloat16
+    expected, actual = float_outputs(model, inputs), float_outputs(reloaded, inputs)
+    for key, value in expected.items():
+        assert torch.equal(actual[key], value), key
+
+
+CHILD_SCRIPT = r"""
+import importlib.util, json, sys
+job = json.loads(sys.argv[1])
+sys.path.extend(job["site_packages"])
+assert importlib.util.find_spec("modeling_selfattn") is None, "the package is importable: not a remote-code test"
+import torch, transformers
+model = transformers.AutoModelForSequenceClassification.from_pretrained(job["folder"], trust_remote_code=True).eval()
+inputs = torch.load(job["inputs"])
+model.quantize("int8")
+with torch.no_grad():
+    torch.save(model(**inputs).logits, job["outputs"])
+print("QUANTIZED", type(model.classifier).__name__)
+"""
+
+
+def test_quantize_works_as_remote_code(tmp_path):
+    """save_pretrained ships quantization.py (model.py imports it), and a model loaded with trust_remote_code=True
+    where the package cannot be imported quantizes to the same outputs."""
+    model, inputs = make_model("sequence_classification")
+    model.save_pretrained(tmp_path / "model")
+    assert (tmp_path / "model" / "quantization.py").is_file()
+    torch.save(inputs, tmp_path / "inputs.pt")
+    expected = copy.deepcopy(model).quantize("int8")(**inputs).logits
+    job = {
+        "site_packages": site.getsitepackages(),
+        "folder": str(tmp_path / "model"),
+        "inputs": str(tmp_path / "inputs.pt"),
+        "outputs": str(tmp_path / "outputs.pt"),
+    }
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("PYTHON", "HF_", "TRANSFORMERS_"))}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    completed = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", CHILD_SCRIPT, json.dumps(job)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert "QUANTIZED Int8DynamicLinear" in completed.stdout
+    torch.testing.assert_close(torch.load(tmp_path / "outputs.pt"), expected, rtol=0, atol=1e-6)
