@@ -90,7 +90,8 @@ class Linear(nn.Linear):
     kernel: str = "auto"
 
     def runs_onednn(self, input: torch.Tensor) -> bool:
-        if self.kernel == "aten" or not ONEDNN_BY_DEFAULT:
+        # Cheapest first: this runs on every call, and a decoding step makes dozens of calls of one row each.
+        if self.kernel == "aten" or not ONEDNN_BY_DEFAULT or input.numel() < ONEDNN_MIN_ROWS * self.in_features:
             return False
         weight = self.weight
         return not (
@@ -105,7 +106,6 @@ class Linear(nn.Linear):
             or torch.is_autocast_enabled("cpu")  # autocast casts nn.Linear's inputs: leave them to it
             or torch.jit.is_tracing()
             or torch.compiler.is_exporting()
-            or input.numel() < ONEDNN_MIN_ROWS * self.in_features
         )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -138,15 +138,12 @@ def linear_then_activation(linear: nn.Module, activation: nn.Module, input: torc
     """activation(linear(input)), as one oneDNN call where `linear` runs oneDNN, the activation is one it fuses
     (GELUActivation on torch's own gelu, not its Python formula) and no hook observes either module. A wrapped
     layer (LoRA, a quantised one) is not a selfattn Linear and runs as it is."""
+    if type(linear) is not Linear or not linear.runs_onednn(input):
+        return activation(linear(input))
     fused = ONEDNN_ACTIVATIONS.get(type(activation))
     if fused == "gelu" and activation.act is not nn.functional.gelu:
         fused = None
-    if (
-        fused is None
-        or type(linear) is not Linear
-        or not (unobserved(linear) and unobserved(activation))
-        or not linear.runs_onednn(input)
-    ):
+    if fused is None or not (unobserved(linear) and unobserved(activation)):
         return activation(linear(input))
     return linear.onednn_forward(input, fused)
 
