@@ -35,7 +35,7 @@ A `{class_name}` of the selfattn family: the multi-head self-attention Transform
 |---|---|
 | shape | {shape} |
 | layers | {layers} |
-| width | hidden size {hidden_size}, {num_attention_heads} attention heads of size {head_dim} |
+| width | hidden size {hidden_size}, {attention_heads} |
 | feed-forward | inner size {intermediate_size}, {hidden_act} |
 | positions | {positions}, up to {max_position_embeddings} tokens |
 | normalisation | {normalisation} |
@@ -68,6 +68,14 @@ files it imports): read them first, or pin a revision. Where the `selfattn` pack
 """
 
 
+def attention_heads_text(config) -> str:
+    heads = f"{config.num_attention_heads} attention heads of size {config.head_dim}"
+    removed = sum(len(pruned) for pruned in (config.pruned_heads or {}).values())
+    if removed:
+        heads += f" per attention before pruning, {removed} of them removed (`config.pruned_heads`)"
+    return heads
+
+
 def render_model_card(model, repo_id: str, tags: list[str] | None = None) -> str:
     """The model card of `model` as it will be published under `repo_id`."""
     config = model.config
@@ -93,8 +101,7 @@ def render_model_card(model, repo_id: str, tags: list[str] | None = None) -> str
         shape=shape,
         layers=layers,
         hidden_size=config.hidden_size,
-        num_attention_heads=config.num_attention_heads,
-        head_dim=config.head_dim,
+        attention_heads=attention_heads_text(config),
         intermediate_size=config.intermediate_size,
         hidden_act=config.hidden_act,
         positions="learned" if config.position_embedding_type == "learned" else "sinusoidal (fixed)",

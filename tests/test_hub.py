@@ -178,3 +178,14 @@ def test_save_pretrained_refreshes_its_card_but_keeps_a_hand_written_one(tmp_pat
     (tmp_path / "hand" / "README.md").write_text("# My model\n")
     model.save_pretrained(tmp_path / "hand")
     assert (tmp_path / "hand" / "README.md").read_text() == "# My model\n"
+
+
+def test_the_card_of_a_pruned_model_counts_the_heads_removed(tmp_path):
+    model = SelfAttnForSequenceClassification(make_tiny_config("encoder"))
+    heads = model.config.num_attention_heads
+    model.save_pretrained(tmp_path / "whole")
+    assert f"{heads} attention heads of size" in (tmp_path / "whole" / "README.md").read_text()
+    model.prune_heads({0: [0, 1], 1: [0]})
+    model.save_pretrained(tmp_path / "pruned")
+    card = (tmp_path / "pruned" / "README.md").read_text()
+    assert "3 of them removed (`config.pruned_heads`)" in card
