@@ -174,17 +174,21 @@ def add_overwrite(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_tolerance(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--tolerance",
+        type=non_negative_tolerance,
+        default=1e-4,
+        help=f"largest max abs difference {what} (default 1e-4)",
+    )
+
+
 def add_conversion_arguments(parser: argparse.ArgumentParser, architecture_help: str, verify_help: str) -> None:
     parser.add_argument("source", help="checkpoint folder, or Hub id where a network is")
     parser.add_argument("output", type=Path, help="selfattn folder to write")
     parser.add_argument("--architecture", help=architecture_help)
     parser.add_argument("--verify", action="store_true", help=verify_help)
-    parser.add_argument(
-        "--tolerance",
-        type=non_negative_tolerance,
-        default=1e-4,
-        help="largest max abs difference --verify accepts (default 1e-4)",
-    )
+    add_tolerance(parser, "--verify accepts")
     add_overwrite(parser)
 
 
@@ -196,12 +200,7 @@ def add_onnx_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also write model_optimized.onnx, fused by ONNX Runtime's transformer optimizer (encoder heads)",
     )
-    parser.add_argument(
-        "--tolerance",
-        type=non_negative_tolerance,
-        default=1e-4,
-        help="largest max abs difference between ONNX Runtime and PyTorch accepted (default 1e-4)",
-    )
+    add_tolerance(parser, "between ONNX Runtime and PyTorch accepted")
     add_overwrite(parser)
 
 
@@ -219,12 +218,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         help="run transformers' model on OUTPUT and the selfattn model on sample text (encoder-decoders: logits "
         "and generate())",
     )
-    parser.add_argument(
-        "--tolerance",
-        type=non_negative_tolerance,
-        default=1e-4,
-        help="largest max abs difference --verify accepts (default 1e-4)",
-    )
+    add_tolerance(parser, "--verify accepts")
     add_overwrite(parser)
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
+from conftest import make_tiny_config
 
 # Runs with `python -I -S`: no PYTHONPATH, no current directory, no .pth files (so no editable install), and
 # only the interpreter's site-packages on sys.path. Loads each case through its Auto class with
@@ -86,3 +87,38 @@ def assert_same_outputs(expected: dict[str, torch.Tensor], actual: dict[str, tor
     assert sorted(expected) == sorted(actual), f"{label}: outputs {sorted(actual)}, expected {sorted(expected)}"
     for key, value in expected.items():
         torch.testing.assert_close(actual[key], value, rtol=0, atol=1e-5, msg=lambda m: f"{label}.{key}: {m}")
+
+
+# Tiny configs and inputs of the three shapes, shared by the tests that run every head (remote code, quantization).
+
+
+def encoder_config():
+    return make_tiny_config("encoder", num_labels=3)
+
+
+def seq2seq_config():
+    # The paper's choices, so that the sinusoidal table and the embedding scale travel too.
+    return make_tiny_config(
+        "encoder_decoder",
+        hidden_act="relu",
+        position_embedding_type="sinusoidal",
+        scale_embedding=True,
+        embedding_layer_norm=False,
+        type_vocab_size=0,
+    )
+
+
+def causal_config():
+    return make_tiny_config("decoder", pre_layer_norm=True, type_vocab_size=0)
+
+
+def encoder_inputs():
+    input_ids = torch.randint(3, 99, (2, 7))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 5:] = 0
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def seq2seq_inputs():
+    # generate() continues the given decoder prefix.
+    return {**encoder_inputs(), "decoder_input_ids": torch.randint(3, 99, (2, 4))}

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_tiny_config
+from integration_helpers import causal_config, encoder_config, encoder_inputs, seq2seq_config, seq2seq_inputs
 from modeling_selfattn import (
     SelfAttnForCausalLM,
     SelfAttnForConditionalGeneration,
@@ -36,36 +36,6 @@ from modeling_selfattn.quantization import Int8DynamicLinear, int8_activations_u
 
 INT8_RELATIVE_TOLERANCE = 0.05
 BF16_RELATIVE_TOLERANCE = 0.03
-
-
-def encoder_config():
-    return make_tiny_config("encoder", num_labels=3)
-
-
-def seq2seq_config():
-    return make_tiny_config(
-        "encoder_decoder",
-        hidden_act="relu",
-        position_embedding_type="sinusoidal",
-        scale_embedding=True,
-        embedding_layer_norm=False,
-        type_vocab_size=0,
-    )
-
-
-def causal_config():
-    return make_tiny_config("decoder", pre_layer_norm=True, type_vocab_size=0)
-
-
-def encoder_inputs():
-    input_ids = torch.randint(3, 99, (2, 7))
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, 5:] = 0
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-
-def seq2seq_inputs():
-    return {**encoder_inputs(), "decoder_input_ids": torch.randint(3, 99, (2, 4))}
 
 
 # name -> (class, config factory, inputs factory)

@@ -6,8 +6,16 @@ import json
 import pytest
 import torch
 
-from conftest import make_tiny_config
-from integration_helpers import assert_same_outputs, load_without_package, model_outputs
+from integration_helpers import (
+    assert_same_outputs,
+    causal_config,
+    encoder_config,
+    encoder_inputs,
+    load_without_package,
+    model_outputs,
+    seq2seq_config,
+    seq2seq_inputs,
+)
 from modeling_selfattn import (
     SelfAttnForCausalLM,
     SelfAttnForConditionalGeneration,
@@ -22,39 +30,9 @@ from modeling_selfattn import (
 )
 from modeling_selfattn.heads import AUTO_MAP, HEADS as REGISTRY
 
-CODE_FILES = ("config.py", "model.py", "input_checks.py", "packing.py", "hub.py", "heads.py")
-
-
-def encoder_config():
-    return make_tiny_config("encoder", num_labels=3)
-
-
-def seq2seq_config():
-    # The paper's choices, so that the sinusoidal table and the embedding scale travel too.
-    return make_tiny_config(
-        "encoder_decoder",
-        hidden_act="relu",
-        position_embedding_type="sinusoidal",
-        scale_embedding=True,
-        embedding_layer_norm=False,
-        type_vocab_size=0,
-    )
-
-
-def causal_config():
-    return make_tiny_config("decoder", pre_layer_norm=True, type_vocab_size=0)
-
-
-def encoder_inputs():
-    input_ids = torch.randint(3, 99, (2, 7))
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, 5:] = 0
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-
-def seq2seq_inputs():
-    # generate() continues the given decoder prefix.
-    return {**encoder_inputs(), "decoder_input_ids": torch.randint(3, 99, (2, 4))}
+CODE_FILES = (
+    "config.py", "model.py", "input_checks.py", "kernels.py", "quantization.py", "packing.py", "hub.py", "heads.py"
+)
 
 
 # name -> (class, Auto class, config factory, inputs factory, check generate too)
