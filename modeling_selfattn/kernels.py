@@ -1,25 +1,31 @@
-"""The kernel behind the model's linear layers. For float32 inference on an x86 CPU: oneDNN, with bias and the
-feed-forward activation in the same pass; everywhere else (training, other devices and dtypes, tracing for export)
-nn.Linear's own.
+"""The kernel behind the model's linear layers. For float32 inference on an x86 CPU: the faster of oneDNN (with
+bias and the feed-forward activation in the same pass) and nn.Linear's own, timed once per shape; everywhere else
+(training, other devices and dtypes, tracing for export) nn.Linear's own.
 
-Why oneDNN by default: nn.Linear goes through the BLAS torch was built with (MKL on x86). On AMD CPUs MKL takes an
-AVX2-class path, about 41% of the measured float32 GEMM peak, where oneDNN reaches about 90%; on Intel Xeons both
-are near the peak for large products, and oneDNN is ahead on the few-row products of batched decoding (measured on
-a 2-core Xeon with AVX-512: 1.3-1.5x on 16 rows). With fewer than ONEDNN_MIN_ROWS rows (batch-1 decoding) MKL was
-faster on both, so such calls keep it. The rule is fixed, not timed at run time, so that the same inputs take the
-same kernel in every process.
+Why time it: nn.Linear goes through the BLAS torch was built with (MKL on x86). On AMD CPUs MKL takes an AVX2-class
+path, about 41% of the measured float32 GEMM peak, where oneDNN reaches about 90%; on Intel Xeons both are near the
+peak, and which one wins depends on the shape (measured on a 2-core Xeon with AVX-512: oneDNN 1.3-1.9x on 16-32
+rows, MKL up to 1.25x on 384-wide products of a few hundred rows). No fixed rule wins on every CPU and shape, so the
+default ("auto") times both kernels on the first call of each (input width, output width, activation, row count
+rounded up to a power of two, thread count) and keeps the faster for the rest of the process. The first call of
+each such shape costs the few extra products of the timing; its result is the chosen kernel's, like every later
+call's. The two kernels sum in another order, so results agree to float32 rounding (within 1e-5), not to the bit,
+and another process may choose otherwise. With fewer than ONEDNN_MIN_ROWS rows (batch-1 decoding) MKL was faster
+on every CPU measured, so such calls keep it without timing.
 
-The default reads the weight as it is at every call: nothing is cached, so no change to the weights (an optimizer
-step, load_state_dict, PEFT's merge through `.data`) can leave a stale copy behind. "onednn-packed" keeps, per
-weight, a copy in the layout oneDNN reads fastest: quicker for few-row products (1.7-2.4x MKL on 16 rows, against
-1.3-1.5x), at the cost of a second copy of each weight and of a rule: a change that bypasses autograd's version
-counter (`weight.data` edits) is not seen until `set_linear_kernel` is called again, which drops the copies.
+The weights are read as they are at every call: nothing is cached but the choice, so no change to the weights (an
+optimizer step, load_state_dict, PEFT's merge through `.data`) can leave a stale copy behind. "onednn-packed" keeps,
+per weight, a copy in the layout oneDNN reads fastest: quicker for few-row products (1.7-2.4x MKL on 16 rows,
+against 1.3-1.5x), at the cost of a second copy of each weight and of a rule: a change that bypasses autograd's
+version counter (`weight.data` edits) is not seen until `set_linear_kernel` is called again, which drops the copies.
 
-`set_linear_kernel(model, "auto" | "onednn-packed" | "aten")` chooses. Shipped with saved models (imported by
-model.py); no global torch setting is read or changed beyond whether oneDNN is enabled.
+`set_linear_kernel(model, "auto" | "onednn" | "onednn-packed" | "aten")` chooses; "onednn" forces oneDNN on the
+weights as they are. Shipped with saved models (imported by model.py); no global torch setting is read or changed
+beyond whether oneDNN is enabled and the thread count (part of the timed shape).
 """
 
 import platform
+import time
 import weakref
 
 import torch
@@ -69,27 +75,60 @@ if not hasattr(torch.ops.selfattn, "onednn_linear"):
     )
 
 
-# With fewer input rows (tokens) than this, oneDNN's cost per call outweighs its faster kernels (measured: 0.5-0.8x
-# MKL on one row, LM heads included).
+# With fewer input rows (tokens) than this, oneDNN's cost per call outweighs its faster kernels (measured: 0.15-0.8x
+# MKL from one to eight rows, LM heads included).
 ONEDNN_MIN_ROWS = 8
 
 # Measured on x86 CPUs only (AMD Zen 5; Intel Xeons with and without AMX); elsewhere "auto" keeps nn.Linear's kernel.
 ONEDNN_BY_DEFAULT = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
 
-LINEAR_KERNELS = ("auto", "onednn-packed", "aten")
+LINEAR_KERNELS = ("auto", "onednn", "onednn-packed", "aten")
+
+# nn.Linear's path with the activation as the feed-forward applies it unfused (GELUActivation calls torch's gelu).
+ATEN_ACTIVATIONS = {"none": lambda x: x, "gelu": nn.functional.gelu, "relu": nn.functional.relu}
+
+
+def aten_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
+    return ATEN_ACTIVATIONS[activation](nn.functional.linear(input, weight, bias))
+
+
+# "auto"'s choices for this process: (in_features, out_features, activation, row bucket, threads) -> "onednn" | "aten".
+_chosen_kernels: dict[tuple, str] = {}
+
+# Each kernel runs once untimed (oneDNN builds its primitive on a shape's first call), then this many times,
+# alternating; the fastest run of each decides.
+TIMED_RUNS = 3
+
+
+def row_bucket(rows: int) -> int:
+    """`rows` rounded up to a power of two: the kernels' relative speed changes slowly with the row count."""
+    return 1 << (rows - 1).bit_length()
+
+
+def time_kernels(runs: dict) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """Seconds of the fastest of TIMED_RUNS runs of each callable in `runs`, and each one's output."""
+    outputs = {name: run() for name, run in runs.items()}
+    seconds = dict.fromkeys(runs, float("inf"))
+    for _ in range(TIMED_RUNS):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            outputs[name] = run()
+            seconds[name] = min(seconds[name], time.perf_counter() - start)
+    return seconds, outputs
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, state dict, training and autograd) whose CPU float32 inference runs on oneDNN
-    as `kernel` says: "auto" (the default) on x86 CPUs with at least ONEDNN_MIN_ROWS rows, "onednn-packed" the
-    same on a packed copy of the weight (see above), "aten" never. oneDNN runs only when no gradient is needed,
-    input and weight are plain float32 CPU tensors (not a quantised or other tensor subclass), oneDNN is enabled
-    and CPU autocast is not, and never while tracing or exporting, so that exported graphs hold standard linear
-    ops. Results match nn.Linear's up to float32 rounding (the kernels sum in another order)."""
+    """nn.Linear (same parameters, state dict, training and autograd) whose CPU float32 inference on x86 with at
+    least ONEDNN_MIN_ROWS rows runs as `kernel` says: "auto" (the default) the faster of oneDNN and nn.Linear's own,
+    timed once per shape (see above), "onednn" oneDNN, "onednn-packed" oneDNN on a packed copy of the weight,
+    "aten" nn.Linear's own. oneDNN can run only when no gradient is needed, input and weight are plain float32 CPU
+    tensors (not a quantised or other tensor subclass), oneDNN is enabled and CPU autocast is not, and never while
+    tracing or exporting, so that exported graphs hold standard linear ops. Results match nn.Linear's up to float32
+    rounding (the kernels sum in another order)."""
 
     kernel: str = "auto"
 
-    def runs_onednn(self, input: torch.Tensor) -> bool:
+    def may_run_onednn(self, input: torch.Tensor) -> bool:
         # Cheapest first: this runs on every call, and a decoding step makes dozens of calls of one row each.
         if self.kernel == "aten" or not ONEDNN_BY_DEFAULT or input.numel() < ONEDNN_MIN_ROWS * self.in_features:
             return False
@@ -109,16 +148,40 @@ class Linear(nn.Linear):
         )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not self.runs_onednn(input):
+        if not self.may_run_onednn(input):
             return super().forward(input)
-        return self.onednn_forward(input)
+        return self.fast_forward(input)
 
-    def onednn_forward(self, input: torch.Tensor, activation: str = "none") -> torch.Tensor:
+    def fast_forward(self, input: torch.Tensor, activation: str = "none") -> torch.Tensor:
+        """activation(input @ weight.T + bias) on the kernel `self.kernel` gives, where may_run_onednn(input)."""
         packed = self.kernel == "onednn-packed"
         if torch.compiler.is_compiling():
+            # Timing inside a trace would time nothing: compiled graphs call oneDNN through the custom op.
             return torch.ops.selfattn.onednn_linear(input, self.weight, self.bias, activation, packed)
+        if self.kernel == "auto":
+            kernel, output = self.timed_kernel(input, activation)
+            if output is not None:
+                return output
+            if kernel == "aten":
+                return aten_linear(input, self.weight, self.bias, activation)
         # The same function without the custom op's dispatch, which costs ~18 us a call (measured) outside compile.
         return onednn_linear(input, self.weight, self.bias, activation, packed)
+
+    def timed_kernel(self, input: torch.Tensor, activation: str) -> tuple[str, torch.Tensor | None]:
+        """The kernel "auto" chose for this call's shape, timing both on this call (and then with its output) if
+        none was chosen yet in this process."""
+        rows = input.numel() // self.in_features
+        shape = (self.in_features, self.out_features, activation, row_bucket(rows), torch.get_num_threads())
+        kernel = _chosen_kernels.get(shape)
+        if kernel is not None:
+            return kernel, None
+        weight, bias = self.weight, self.bias
+        seconds, outputs = time_kernels({
+            "onednn": lambda: onednn_linear(input, weight, bias, activation, False),
+            "aten": lambda: aten_linear(input, weight, bias, activation),
+        })  # fmt: skip
+        kernel = _chosen_kernels[shape] = min(seconds, key=seconds.get)
+        return kernel, outputs[kernel]
 
 
 # The activations oneDNN applies in the product's own pass, with results equal to torch's (measured: identical bits).
@@ -135,29 +198,30 @@ def unobserved(module: nn.Module) -> bool:
 
 
 def linear_then_activation(linear: nn.Module, activation: nn.Module, input: torch.Tensor) -> torch.Tensor:
-    """activation(linear(input)), as one oneDNN call where `linear` runs oneDNN, the activation is one it fuses
+    """activation(linear(input)), as one oneDNN call where `linear` may run oneDNN, the activation is one it fuses
     (GELUActivation on torch's own gelu, not its Python formula) and no hook observes either module. A wrapped
     layer (LoRA, a quantised one) is not a selfattn Linear and runs as it is."""
-    if type(linear) is not Linear or not linear.runs_onednn(input):
+    if type(linear) is not Linear or not linear.may_run_onednn(input):
         return activation(linear(input))
     fused = ONEDNN_ACTIVATIONS.get(type(activation))
     if fused == "gelu" and activation.act is not nn.functional.gelu:
         fused = None
     if fused is None or not (unobserved(linear) and unobserved(activation)):
         return activation(linear(input))
-    return linear.onednn_forward(input, fused)
+    return linear.fast_forward(input, fused)
 
 
 def set_linear_kernel(model: nn.Module, kernel: str) -> nn.Module:
-    """Choose the kernel of every selfattn Linear in `model` (returned): "auto" (the default: oneDNN for CPU float32
-    inference on x86), "onednn-packed" (the same on packed copies of the weights) or "aten" (nn.Linear's own).
-    Drops the packed copies made so far of the model's weights."""
+    """Choose the kernel of every selfattn Linear in `model` (returned): "auto" (the default: for CPU float32
+    inference on x86, the faster of oneDNN and nn.Linear's own, timed once per shape), "onednn" (oneDNN),
+    "onednn-packed" (oneDNN on packed copies of the weights) or "aten" (nn.Linear's own). Drops the packed copies
+    made so far of the model's weights."""
     if kernel not in LINEAR_KERNELS:
         raise ValueError(f"kernel={kernel!r} is not one of {LINEAR_KERNELS}.")
-    if kernel == "onednn-packed" and not ONEDNN_BY_DEFAULT:
+    if kernel.startswith("onednn") and not ONEDNN_BY_DEFAULT:
         raise RuntimeError(
-            "kernel='onednn-packed' runs on x86 CPUs with a torch build that has oneDNN (mkldnn); this machine or "
-            "build is not one. Use 'auto' or 'aten'."
+            f"kernel={kernel!r} runs on x86 CPUs with a torch build that has oneDNN (mkldnn); this machine or build is "
+            "not one. Use 'auto' or 'aten'."
         )
     for module in model.modules():
         if isinstance(module, Linear):

@@ -1,7 +1,10 @@
-"""kernels.Linear: CPU float32 inference on oneDNN (the default on x86) against nn.Linear's own kernel ("aten"), on
-tiny random models (float32, tolerance 1e-5: the kernels sum in another order). Generated tokens must be identical;
-the models that generate have large weights (initializer_range=0.2) so that their logits are far from ties."""
+"""kernels.Linear: CPU float32 inference on oneDNN against nn.Linear's own kernel ("aten"), and the default ("auto")
+that times both once per shape, on tiny random models (float32, tolerance 1e-5: the kernels sum in another order).
+Generated tokens must be identical; the models that generate have large weights (initializer_range=0.2) so that
+their logits are far from ties. Where a test needs "auto" to pick a given kernel, the timing is replaced by one that
+reports that kernel faster (the real timing runs in every other test of the suite, whose models use "auto")."""
 
+import contextlib
 import copy
 import gc
 import io
@@ -30,6 +33,27 @@ def onednn_calls(monkeypatch) -> list:
     original = kernels.onednn_linear
     monkeypatch.setattr(kernels, "onednn_linear", lambda *args: calls.append(args[1].shape) or original(*args))
     return calls
+
+
+@pytest.fixture
+def auto_finds_faster(monkeypatch):
+    """Call with "onednn" or "aten": from then on, "auto" chooses afresh (an empty record of choices) and its timing
+    reports that kernel the faster. Returns the list of timings made, one list of kernel names each."""
+    timings = []
+
+    def choose(faster: str) -> list:
+        monkeypatch.setattr(kernels, "_chosen_kernels", {})
+        real_timing = kernels.time_kernels
+
+        def reported(runs):
+            timings.append(sorted(runs))
+            seconds, outputs = real_timing(runs)
+            return {name: 1.0 if name == faster else 2.0 for name in seconds}, outputs
+
+        monkeypatch.setattr(kernels, "time_kernels", reported)
+        return timings
+
+    return choose
 
 
 def aten_copy(model):
@@ -64,8 +88,9 @@ def test_every_linear_of_the_model_chooses_its_kernel():
     [(SelfAttnForMaskedLM, "encoder"), (SelfAttnForConditionalGeneration, "encoder_decoder"),
      (SelfAttnForCausalLM, "decoder")],
 )
-@pytest.mark.parametrize("kernel", ["auto", "onednn-packed"])
-def test_onednn_inference_matches_the_aten_kernel(model_class, shape, kernel, onednn_calls):
+@pytest.mark.parametrize("kernel", ["auto", "onednn", "onednn-packed"])
+def test_onednn_inference_matches_the_aten_kernel(model_class, shape, kernel, onednn_calls, auto_finds_faster):
+    auto_finds_faster("onednn")
     model = set_linear_kernel(build(model_class, shape, type_vocab_size=0), kernel)
     plain = aten_copy(model)
     batch = padded_batch(lengths=(12, 7, 4))
@@ -82,7 +107,7 @@ def test_onednn_inference_matches_the_aten_kernel(model_class, shape, kernel, on
 
 
 @needs_onednn
-@pytest.mark.parametrize("kernel", ["auto", "onednn-packed"])
+@pytest.mark.parametrize("kernel", ["onednn", "onednn-packed"])
 def test_onednn_runs_from_eight_rows(kernel, onednn_calls):
     layer = set_linear_kernel(kernels.Linear(64, 32), kernel)
     with torch.no_grad():
@@ -93,9 +118,9 @@ def test_onednn_runs_from_eight_rows(kernel, onednn_calls):
 
 
 @needs_onednn
-def test_the_default_kernel_sees_weights_changed_through_data(onednn_calls):
+def test_the_onednn_kernel_sees_weights_changed_through_data(onednn_calls):
     # PEFT merges adapters with `weight.data += delta`, which autograd's version counter does not see.
-    layer = kernels.Linear(16, 16)
+    layer = set_linear_kernel(kernels.Linear(16, 16), "onednn")
     inputs = torch.randn(16, 16)
     with torch.no_grad():
         layer(inputs)
@@ -111,7 +136,8 @@ def test_the_default_kernel_sees_weights_changed_through_data(onednn_calls):
 
 @needs_onednn
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_onednn_inference_generates_the_same_tokens(num_beams, onednn_calls):
+def test_onednn_inference_generates_the_same_tokens(num_beams, onednn_calls, auto_finds_faster):
+    auto_finds_faster("onednn")
     model = build(
         SelfAttnForConditionalGeneration, "encoder_decoder", tie_word_embeddings=False, initializer_range=0.2,
         type_vocab_size=0,
@@ -126,7 +152,7 @@ def test_onednn_inference_generates_the_same_tokens(num_beams, onednn_calls):
 
 @needs_onednn
 def test_training_takes_the_aten_kernel_and_inference_follows_weight_updates(onednn_calls):
-    model = build(SelfAttnForMaskedLM)
+    model = set_linear_kernel(build(SelfAttnForMaskedLM), "onednn")
     plain = aten_copy(model)
     assert model.lm_head.decoder.weight is model.model.encoder.embeddings.word_embeddings.weight  # still tied
     batch = padded_batch(lengths=(12, 7, 4))
@@ -166,7 +192,7 @@ def test_tracing_exporting_autocast_and_quantised_weights_take_the_aten_kernel(o
         with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's casts apply, as to nn.Linear
             assert torch.equal(model(**batch).last_hidden_state, aten_copy(model)(**batch).last_hidden_state)
         assert onednn_calls == []
-        layer = kernels.Linear(16, 16)
+        layer = set_linear_kernel(kernels.Linear(16, 16), "onednn")
         expected = layer(torch.randn(16, 16, generator=torch.Generator().manual_seed(0)))
         assert len(onednn_calls) == 1
         # A weight of a tensor subclass (as quantisation back-ends install) goes to nn.Linear, which dispatches on it.
@@ -209,7 +235,7 @@ def test_auto_keeps_the_aten_kernel_where_onednn_was_not_measured(monkeypatch, o
 
 
 def test_an_unknown_kernel_is_refused():
-    with pytest.raises(ValueError, match=r"kernel='mkl' is not one of \('auto', 'onednn-packed', 'aten'\)"):
+    with pytest.raises(ValueError, match=r"kernel='mkl' is not one of \('auto', 'onednn', 'onednn-packed', 'aten'\)"):
         set_linear_kernel(build(SelfAttnModel), "mkl")
 
 
@@ -229,7 +255,7 @@ def test_onednn_packed_weights_are_freed_with_the_model():
 @needs_onednn
 @pytest.mark.parametrize("hidden_act, fused", [("gelu", "gelu"), ("relu", "relu"), ("gelu_python", None)])
 def test_the_feed_forward_fuses_the_activations_onednn_computes_alike(hidden_act, fused, monkeypatch):
-    model = build(SelfAttnModel, hidden_act=hidden_act)
+    model = set_linear_kernel(build(SelfAttnModel, hidden_act=hidden_act), "onednn")
     plain = aten_copy(model)
     batch = padded_batch(lengths=(12, 12, 12))
     activations = []
@@ -247,3 +273,75 @@ def test_the_feed_forward_fuses_the_activations_onednn_computes_alike(hidden_act
         model.encoder.layers[0].ffn.fc1.register_forward_hook(lambda module, args, output: seen.append(output))
         model(**batch)
         assert len(seen) == 1 and activations.count(fused) == (len(model.encoder.layers) - 1 if fused else 0)
+
+
+@needs_onednn
+@pytest.mark.parametrize("faster", ["onednn", "aten"])
+def test_auto_times_each_shape_once_and_keeps_the_faster_kernel(faster, onednn_calls, auto_finds_faster):
+    timings = auto_finds_faster(faster)
+    layer = kernels.Linear(64, 32)
+    plain = set_linear_kernel(copy.deepcopy(layer), "aten")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for rows in (17, 20, 32, 25):  # one bucket (17-32 rows): timed on its first call only
+            inputs = torch.randn(rows, 64, generator=generator)
+            onednn_calls.clear()
+            torch.testing.assert_close(layer(inputs), plain(inputs), rtol=0, atol=TOLERANCE)
+        assert timings == [["aten", "onednn"]]
+        assert bool(onednn_calls) == (faster == "onednn")  # after the choice, only the chosen kernel runs
+        layer(torch.randn(33, 64, generator=generator))  # the next bucket is timed apart
+        assert len(timings) == 2
+        layer(torch.randn(kernels.ONEDNN_MIN_ROWS - 1, 64, generator=generator))
+        assert len(timings) == 2  # too few rows: nn.Linear's kernel, without timing
+        relu = torch.nn.ReLU()
+        inputs = torch.randn(20, 64, generator=generator)
+        # With the activation in the same pass it is another product: timed apart, and equal to the unfused one.
+        fused = kernels.linear_then_activation(layer, relu, inputs)
+        assert len(timings) == 3
+        torch.testing.assert_close(fused, relu(plain(inputs)), rtol=0, atol=TOLERANCE)
+        with thread_count(torch.get_num_threads() % 2 + 1):
+            layer(inputs)  # the speeds depend on the thread count
+        assert len(timings) == 4
+
+
+@contextlib.contextmanager
+def thread_count(count: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@needs_onednn
+@pytest.mark.parametrize("faster", ["onednn", "aten"])
+def test_auto_gives_the_aten_outputs_and_tokens_whichever_kernel_it_chose(faster, auto_finds_faster):
+    auto_finds_faster(faster)
+    model = build(
+        SelfAttnForConditionalGeneration, "encoder_decoder", tie_word_embeddings=False, initializer_range=0.2,
+        type_vocab_size=0,
+    )
+    plain = aten_copy(model)
+    batch = padded_batch(lengths=(12, 7, 4))
+    with torch.no_grad():
+        # The first call times and returns the chosen kernel's output, the second reuses the choice.
+        for _ in range(2):
+            outputs = model(**batch, decoder_input_ids=batch["input_ids"][:, :5])
+            expected = plain(**batch, decoder_input_ids=batch["input_ids"][:, :5])
+            assert max_output_diff(expected, outputs) <= TOLERANCE
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, num_beams=2)
+    assert torch.equal(model.generate(**batch, **kwargs), plain.generate(**batch, **kwargs))
+
+
+def test_the_real_timing_returns_each_kernels_output_and_a_time():
+    calls = []
+
+    def run(name):
+        calls.append(name)
+        return torch.full((1,), float(len(calls)))
+
+    seconds, outputs = kernels.time_kernels({"a": lambda: run("a"), "b": lambda: run("b")})
+    assert calls == ["a", "b"] * (kernels.TIMED_RUNS + 1)  # one untimed run each, then alternating
+    assert set(seconds) == {"a", "b"} and all(0 <= value < 1 for value in seconds.values())
+    assert outputs["a"].item() == 2 * kernels.TIMED_RUNS + 1 and outputs["b"].item() == 2 * kernels.TIMED_RUNS + 2
