@@ -18,9 +18,15 @@ start from its weights, the cross-attention is new):
 
 --model_name_or_path takes an encoder-decoder (selfattn, or with --use_transformers_class any transformers
 seq2seq model) or an encoder-only checkpoint, which is warm-started as above.
+
+A model trained from scratch with --train_tokenizer follows CTranslate2's rules for Marian models (README.md,
+"CTranslate2"), so that `selfattn-convert export` and CTranslate2 translate with it as generate() does: <pad> is
+the last id, decoding starts from <pad>, whose row of the token table stays zero, and <pad> is never generated.
+translate_with_ctranslate2.py here converts such a model and compares the two.
 """
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +62,7 @@ from modeling_selfattn import SelfAttnForConditionalGeneration
 from modeling_selfattn.checkpoints import warm_start_encoder_decoder
 
 TOKENIZER_KINDS = ("bpe", "unigram", "wordpiece")
-PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
 NOT_SCORED = -100
 
 
@@ -91,7 +97,9 @@ class Seq2SeqArguments:
             "choices": TOKENIZER_KINDS,
         },
     )
-    tokenizer_vocab_size: int = field(default=8000, metadata={"help": "Vocabulary size of --train_tokenizer."})
+    tokenizer_vocab_size: int = field(
+        default=8000, metadata={"help": "Vocabulary size of --train_tokenizer, special tokens included."}
+    )
 
     def __post_init__(self):
         if (self.source_lang is None) != (self.target_lang is None):
@@ -103,12 +111,14 @@ class Seq2SeqArguments:
 
 
 def new_tokenizer(texts, kind: str, vocab_size: int) -> PreTrainedTokenizerFast:
-    """A tokenizer learnt from `texts`: BPE or Unigram over words marked with a leading "▁" (SentencePiece style,
-    so decoding restores the spacing), or WordPiece over words and punctuation; NFKC-normalised, case kept,
-    </s> appended to every sequence, and the special tokens <pad>, <s>, </s>, <unk> as ids 0-3."""
+    """A tokenizer of at most `vocab_size` tokens learnt from `texts`: BPE or Unigram over words marked with a
+    leading "▁" (SentencePiece style, so decoding restores the spacing), or WordPiece over words and punctuation;
+    NFKC-normalised, case kept, </s> appended to every sequence; </s> and <unk> are ids 0 and 1, and <pad> the
+    last id. No <s>: the decoder starts from <pad>, as Marian's does (CTranslate2's rules, README.md)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-    special_tokens = [PAD, BOS, EOS, UNK]
+    special_tokens = [EOS, UNK]
+    vocab_size -= 1  # the room for <pad>, added after training
     if kind == "bpe":
         tokenizer = Tokenizer(models.BPE(unk_token=UNK))
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens)
@@ -126,12 +136,13 @@ def new_tokenizer(texts, kind: str, vocab_size: int) -> PreTrainedTokenizerFast:
         tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
         tokenizer.decoder = decoders.Metaspace()
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    # CTranslate2's Marian converter drops the last vocabulary entry (and that row of the weights) as <pad>; a token
+    # added after training takes the next id, the last.
+    tokenizer.add_special_tokens([PAD])
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"$A {EOS}", pair=f"$A {EOS} $B {EOS}", special_tokens=[(EOS, tokenizer.token_to_id(EOS))]
     )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token=PAD, eos_token=EOS, unk_token=UNK)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -170,7 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     tokenizer = seq2seq_tokenizer(model_args, task_args, training_args, raw, sources_and_targets)
     special_ids = {
-        "decoder_start_token_id": first_defined(tokenizer.bos_token_id, tokenizer.cls_token_id),
+        # <s> or [CLS]; with neither (Marian's, T5's and the learnt tokenizers), <pad>, as those models start from.
+        "decoder_start_token_id": first_defined(tokenizer.bos_token_id, tokenizer.cls_token_id, tokenizer.pad_token_id),
         "eos_token_id": first_defined(tokenizer.eos_token_id, tokenizer.sep_token_id),
         "pad_token_id": tokenizer.pad_token_id,
     }
@@ -197,6 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
     def build_model():
         model = load_seq2seq_model(model_args, tokenizer, special_ids)
         model.generation_config.max_length = max_target_length
+        keep_zero_start_row(model)
         return model
 
     def compute_metrics(prediction):
@@ -258,6 +271,33 @@ def seq2seq_tokenizer(model_args, task_args, training_args, raw, sources_and_tar
 
 def first_defined(*values):
     return next((value for value in values if value is not None), None)
+
+
+def keep_zero_start_row(model) -> None:
+    """For a model that decodes from <pad> whose row of the token table is zero (a new model: nn.Embedding's padding
+    row; Marian checkpoints), keep that row exactly zero through training and never generate <pad>: CTranslate2
+    starts Marian decoders from a zero vector and drops <pad> from the vocabulary (README.md, "CTranslate2"). The
+    row gets no gradient as an input, but an output layer tied to the table gives it one; with a zero gradient,
+    AdamW (decay included) and SGD leave it zero. Other models are left as they are."""
+    pad = model.config.pad_token_id
+    table = model.get_input_embeddings().weight
+    if model.config.decoder_start_token_id != pad or table[pad].any():
+        return
+    if table.requires_grad:
+        table.register_hook(partial(without_row, pad))
+    bad_words = list(model.generation_config.bad_words_ids or [])
+    model.generation_config.bad_words_ids = bad_words if [pad] in bad_words else [*bad_words, [pad]]
+    logger.info(
+        "Decoding starts from <pad> (id %d): its zero row of the token table stays zero, and it is never generated, "
+        "as CTranslate2 requires.",
+        pad,
+    )
+
+
+def without_row(row: int, gradient):
+    gradient = gradient.clone()
+    gradient[row] = 0
+    return gradient
 
 
 def load_seq2seq_model(model_args: ModelArguments, tokenizer, special_ids: dict):

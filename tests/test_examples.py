@@ -1,7 +1,8 @@
 """The fine-tuning examples in examples/ run end to end for a few steps on tiny data written here, with tiny models
 and a WordPiece tokenizer learnt here: each reports its metrics, saves a model that reloads, and that model
-reproduces the reported evaluation. Where ../shared/data (beside the repository) holds the real data sets, each
-script also runs a few steps on them."""
+reproduces the reported evaluation. The translator run_seq2seq.py trains from scratch follows CTranslate2's rules,
+and CTranslate2 (where installed) translates with it as generate() does, also through translate_with_ctranslate2.py.
+Where ../shared/data (beside the repository) holds the real data sets, each script also runs a few steps on them."""
 
 import importlib
 import json
@@ -15,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_ctranslate2 import ctranslate2, real_tokens
 from transformers import (
+    AutoConfig,
     AutoModelForMaskedLM,
     AutoModelForQuestionAnswering,
     AutoModelForSeq2SeqLM,
@@ -32,6 +35,7 @@ from modeling_selfattn import (
     SelfAttnForQuestionAnswering,
     SelfAttnForSequenceClassification,
     SelfAttnForTokenClassification,
+    convert_cli,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -219,14 +223,14 @@ def encoder_config(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def encoder_decoder_config(tmp_path_factory) -> Path:
-    return tiny_config_file(
-        tmp_path_factory.mktemp("configs"),
-        decoder_layers=2,
-        position_embedding_type="sinusoidal",
-        scale_embedding=True,
-        type_vocab_size=0,
-        add_pooling_layer=False,
-    )
+    """The Multi30k recipe's configs/transformer-small.json (the paper's Transformer, in the shape Marian and
+    CTranslate2 take), at the tiny size."""
+    recipe = json.loads((EXAMPLES / "configs" / "transformer-small.json").read_text())
+    tiny = {"hidden_size": 32, "num_attention_heads": 4, "encoder_layers": 2, "decoder_layers": 2,
+            "intermediate_size": 37, "max_position_embeddings": 64}  # fmt: skip
+    path = tmp_path_factory.mktemp("configs") / "transformer-tiny.json"
+    path.write_text(json.dumps({**recipe, **tiny}))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -264,10 +268,10 @@ def examples(tmp_path_factory):
         sys.path.remove(str(EXAMPLES))
 
 
-def trainer_options(output_dir: Path, steps: int = 2) -> list[str]:
+def trainer_options(output_dir: Path, steps: int = 2, learning_rate: float = 1e-3) -> list[str]:
     return [
         "--output_dir", str(output_dir), "--do_train", "--do_eval", "--max_steps", str(steps),
-        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--learning_rate", "1e-3",
+        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--learning_rate", str(learning_rate),
         "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true",
         "--dataloader_pin_memory", "false",
     ]  # fmt: skip
@@ -586,30 +590,144 @@ def test_trained_tokenizer_round_trips_text(examples, kind):
     encoded = tokenizer("the small cat sees die Katze")["input_ids"]
     assert encoded[-1] == tokenizer.eos_token_id and tokenizer.unk_token_id not in encoded
     assert tokenizer.decode(encoded, skip_special_tokens=True) == "the small cat sees die Katze"
-    assert [tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id] == [
-        0,
-        1,
-        2,
-        3,
-    ]
+    # CTranslate2's rules: <pad> last; no <s>, the decoder starts from <pad>
+    assert [tokenizer.eos_token_id, tokenizer.unk_token_id, tokenizer.pad_token_id] == [0, 1, len(tokenizer) - 1]
+    assert tokenizer.bos_token is None and len(tokenizer) <= 60
 
 
-def test_translation_from_scratch_with_a_trained_tokenizer(examples, data_dir, encoder_decoder_config, tmp_path):
+@pytest.fixture(scope="module")
+def trained_translator(examples, data_dir, encoder_decoder_config, tmp_path_factory) -> tuple[dict, Path]:
+    """The Multi30k recipe on the toy corpus (a learnt BPE vocabulary, weight decay and label smoothing as in
+    RESULTS.md): (its metrics, its output folder). 400 steps (5 s) make a model that translates (toy BLEU about
+    66), whose greedy choices are decisive (best two logits 0.15 or more apart) rather than near-ties."""
+    output_dir = tmp_path_factory.mktemp("translator")
     metrics = examples["run_seq2seq"].main(
         ["--config_name", str(encoder_decoder_config), "--train_tokenizer", "bpe", "--tokenizer_vocab_size", "80",
          "--train_file", str(data_dir / "translation_train.jsonl"), "--validation_file", str(data_dir / "translation_dev.jsonl"),
          "--source_lang", "en", "--target_lang", "de", "--max_target_length", "12", "--predict_with_generate",
-         *trainer_options(tmp_path)]
+         "--weight_decay", "0.01", "--label_smoothing_factor", "0.1",
+         *trainer_options(output_dir, steps=400, learning_rate=3e-3)]
     )  # fmt: skip
+    return metrics, output_dir
+
+
+def test_translation_from_scratch_with_a_trained_tokenizer(trained_translator):
+    metrics, output_dir = trained_translator
     assert 0.0 <= metrics["eval_bleu"] <= 100.0 and 0.0 <= metrics["eval_chrf"] <= 100.0
     assert 1 <= metrics["eval_generated_length"] <= 12
-    assert (tmp_path / "tokenizer" / "tokenizer.json").is_file()
-    model = AutoModelForSeq2SeqLM.from_pretrained(tmp_path).eval()
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert (output_dir / "tokenizer" / "tokenizer.json").is_file()
+    model = AutoModelForSeq2SeqLM.from_pretrained(output_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
     assert type(model) is SelfAttnForConditionalGeneration and model.config.vocab_size == len(tokenizer)
-    assert model.config.decoder_start_token_id == tokenizer.bos_token_id
+    # CTranslate2's rules: decoding starts from <pad>, the last id, which is never generated
+    pad = tokenizer.pad_token_id
+    assert model.config.decoder_start_token_id == model.config.pad_token_id == pad == len(tokenizer) - 1
+    assert model.generation_config.bad_words_ids == [[pad]]
     generated = model.generate(**tokenizer(["the cat sees the river"], return_tensors="pt"), max_length=12)
-    assert generated[0, 0] == tokenizer.bos_token_id
+    assert generated[0, 0] == pad and pad not in generated[0, 1:].tolist()
+
+
+def test_the_trained_translator_keeps_its_start_row_at_zero(trained_translator):
+    """The tied output layer gives the <pad> row a gradient; the recipe zeroes it, so the trained row is exactly
+    zero, as CTranslate2's zero start vector is."""
+    model = SelfAttnForConditionalGeneration.from_pretrained(trained_translator[1])
+    pad = model.config.pad_token_id
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tied
+    assert torch.equal(model.get_input_embeddings().weight[pad], torch.zeros(model.config.hidden_size))
+
+
+def test_a_zero_start_row_stays_zero_under_adamw_with_weight_decay(examples, encoder_decoder_config):
+    """Without the hook keep_zero_start_row registers, AdamW steps move the <pad> row through the tied output
+    layer; with it, the row stays exactly zero."""
+    pad = 19
+    config = AutoConfig.from_pretrained(
+        encoder_decoder_config, vocab_size=pad + 1, pad_token_id=pad, eos_token_id=0, decoder_start_token_id=pad
+    )
+    input_ids = torch.tensor([[3, 4, 5, 0], [6, 7, 0, pad]])
+    labels = torch.tensor([[8, 9, 0], [10, 0, -100]])
+    batch = {"input_ids": input_ids, "attention_mask": (input_ids != pad).long(), "labels": labels}
+    rows = {}
+    for keep in (False, True):
+        torch.manual_seed(0)
+        model = SelfAttnForConditionalGeneration(config)
+        assert not model.get_input_embeddings().weight[pad].any()  # nn.Embedding's padding row, after init
+        if keep:
+            examples["run_seq2seq"].keep_zero_start_row(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+        for _ in range(3):
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        rows[keep] = model.get_input_embeddings().weight[pad].detach().clone()
+    assert rows[False].abs().max() > 1e-4
+    assert torch.equal(rows[True], torch.zeros_like(rows[True]))
+    assert model.generation_config.bad_words_ids == [[pad]]
+
+
+def trained_translator_inputs(output_dir: Path) -> tuple:
+    """The saved translator, its tokenizer, and the toy dev sources as a padded batch."""
+    model = SelfAttnForConditionalGeneration.from_pretrained(output_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    sources = [row["translation"]["en"] for row in translation_rows(8, 2)]
+    return model, tokenizer, dict(tokenizer(sources, padding=True, return_tensors="pt"))
+
+
+def test_ctranslate2_translates_the_trained_translator_as_generate_does(trained_translator, tmp_path, capsys):
+    ct2 = ctranslate2()
+    from ctranslate2.converters import TransformersConverter
+
+    output_dir = trained_translator[1]
+    assert convert_cli.main(["export", str(output_dir), str(tmp_path / "marian"), "--verify"]) == 0
+    assert "note:" not in capsys.readouterr().out  # no CTranslate2 rule broken
+    TransformersConverter(str(tmp_path / "marian")).convert(str(tmp_path / "ct2"))
+    translator = ct2.Translator(str(tmp_path / "ct2"), device="cpu", compute_type="float32")
+    model, tokenizer, batch = trained_translator_inputs(output_dir)
+    with torch.no_grad():
+        ours = model.generate(**batch, num_beams=1, do_sample=False, max_new_tokens=11)
+    results = translator.translate_batch(
+        real_tokens(tokenizer, batch), beam_size=1, max_decoding_length=11, min_decoding_length=0
+    )
+    eos = tokenizer.eos_token_id
+    expected = [row[: row.index(eos)] if eos in row else row for row in ours[:, 1:].tolist()]
+    assert [tokenizer.convert_tokens_to_ids(result.hypotheses[0]) for result in results] == expected
+    assert len({token for row in expected for token in row}) >= 10  # translations that say something
+
+
+def test_translate_with_ctranslate2_reports_identical_translations(
+    examples, trained_translator, data_dir, tmp_path, capsys
+):
+    ctranslate2()
+    script = importlib.import_module("translate_with_ctranslate2")
+    metrics, model_dir = trained_translator
+    output = tmp_path / "ct2"
+    arguments = ["--model", str(model_dir), "--output_dir", str(output), "--data", str(data_dir / "translation_dev.jsonl"),
+                 "--source_lang", "en", "--target_lang", "de", "--batch_size", "3"]  # fmt: skip
+    report = script.main(arguments)
+    assert (report["sentences"], report["identical"], report["differing"]) == (8, 8, [])
+    assert report["max_new_tokens"] == 11  # the recipe's --max_target_length 12, less the start token
+    # the recipe's own evaluation decoded the same sentences greedily
+    assert report["bleu"]["generate"] == report["bleu"]["ctranslate2"] == pytest.approx(metrics["eval_bleu"])
+    assert report["seconds"]["generate"] > 0 and report["seconds"]["ctranslate2"] > 0
+    assert json.loads((output / "comparison.json").read_text()) == report
+    assert {"model.bin", "shared_vocabulary.json", "tokenizer.json"} <= {path.name for path in output.iterdir()}
+    assert "note:" not in capsys.readouterr().out
+
+    # Where two decodings part, the report gives our gap between the two best logits at that step.
+    model, tokenizer, batch = trained_translator_inputs(model_dir)
+    source_ids = [token for token in batch["input_ids"][0].tolist() if token != tokenizer.pad_token_id]
+    with torch.no_grad():
+        greedy = model.generate(input_ids=torch.tensor([source_ids]), num_beams=1, do_sample=False, max_new_tokens=11,
+                                output_scores=True, return_dict_in_generate=True)  # fmt: skip
+    ours = greedy.sequences[0, 1:].tolist()
+    best_two = greedy.scores[2][0].topk(2).values
+    split = script.first_split_gap(model, source_ids, ours, [*ours[:2], tokenizer.unk_token_id])
+    assert split["step"] == 2
+    assert split["top2_logit_gap"] == pytest.approx((best_two[0] - best_two[1]).item(), abs=1e-5)
+
+    with pytest.raises(SystemExit):  # an existing folder is never written over
+        script.main(arguments)
+    assert f"--output_dir {output} exists" in capsys.readouterr().err
+    assert json.loads((output / "comparison.json").read_text()) == report
 
 
 def test_summarisation_warm_started_from_a_bert_checkpoint(examples, data_dir, bert_dir, tmp_path):
