@@ -1,8 +1,8 @@
 """Opt-in speed for generation, applied to a model from outside its class (the model file holds the model only):
 `enable_compiled_decoding(model)` runs generate() with a static cache, each decoding step through torch.compile, for
 every strategy (greedy, sampling, beam search). It changes no global torch setting, keeps tokens equal to the default
-path's and returns the model. Package-only: a saved model does not carry it. (The linear layers' kernel, oneDNN for
-CPU float32 inference by default, is chosen in kernels.py, shipped with the model.)
+path's and returns the model. Package-only: a saved model does not carry it. (The linear layers' kernel for CPU
+float32 inference, oneDNN or nn.Linear's own as timed per shape, is chosen in kernels.py, shipped with the model.)
 """
 
 import functools
