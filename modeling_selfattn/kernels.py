@@ -8,8 +8,10 @@ peak, and which one wins depends on the shape (measured on a 2-core Xeon with AV
 rows, MKL up to 1.25x on 384-wide products of a few hundred rows). No fixed rule wins on every CPU and shape, so the
 default ("auto") times both kernels on the first call of each (input width, output width, activation, row count
 rounded up to a power of two, thread count) and keeps the faster for the rest of the process. The first call of
-each such shape costs the few extra products of the timing; its result is the chosen kernel's, like every later
-call's. The two kernels sum in another order, so results agree to float32 rounding (within 1e-5), not to the bit,
+each such shape costs the timing: each kernel runs once untimed, then alternately until each has run for
+MIN_TIMED_SECONDS (at least once, at most MAX_TIMED_RUNS times), so a large product runs four times, a small one up
+to 42; its result is the chosen kernel's, like every later call's. Compiled graphs (torch.compile) take the choice
+made so far in eager mode, and oneDNN for a shape not yet timed, since a trace cannot time. The two kernels sum in another order, so results agree to float32 rounding (within 1e-5), not to the bit,
 and another process may choose otherwise. With fewer than ONEDNN_MIN_ROWS rows (batch-1 decoding) MKL was faster
 on every CPU measured, so such calls keep it without timing.
 
@@ -76,11 +78,11 @@ if not hasattr(torch.ops.selfattn, "onednn_linear"):
 
 
 # With fewer input rows (tokens) than this, oneDNN's cost per call outweighs its faster kernels (measured: 0.15-0.8x
-# MKL from one to eight rows, LM heads included).
+# MKL below eight rows, LM heads included; from eight, "auto" times them).
 ONEDNN_MIN_ROWS = 8
 
 # Measured on x86 CPUs only (AMD Zen 5; Intel Xeons with and without AMX); elsewhere "auto" keeps nn.Linear's kernel.
-ONEDNN_BY_DEFAULT = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+ONEDNN_AVAILABLE = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
 
 LINEAR_KERNELS = ("auto", "onednn", "onednn-packed", "aten")
 
@@ -92,12 +94,16 @@ def aten_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return ATEN_ACTIVATIONS[activation](nn.functional.linear(input, weight, bias))
 
 
-# "auto"'s choices for this process: (in_features, out_features, activation, row bucket, threads) -> "onednn" | "aten".
-_chosen_kernels: dict[tuple, str] = {}
+# "auto"'s choices for this process, per thread count: {threads: {(in_features, out_features, activation, row bucket):
+# "onednn" | "aten"}}; and the thread count of the latest eager call, which compiled graphs (that cannot read it) use.
+_chosen_kernels: dict[int, dict[tuple, str]] = {}
+_eager_threads = [torch.get_num_threads()]
 
-# Each kernel runs once untimed (oneDNN builds its primitive on a shape's first call), then this many times,
-# alternating; the fastest run of each decides.
-TIMED_RUNS = 3
+# Each kernel runs once untimed (oneDNN builds its primitive on a shape's first call), then alternately until each
+# has run this long in all (at least once, at most MAX_TIMED_RUNS times); the fastest run of each decides. Products of
+# a few microseconds need many runs for their fastest to be stable; large ones, one.
+MIN_TIMED_SECONDS = 2e-3
+MAX_TIMED_RUNS = 20
 
 
 def row_bucket(rows: int) -> int:
@@ -106,15 +112,19 @@ def row_bucket(rows: int) -> int:
 
 
 def time_kernels(runs: dict) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """Seconds of the fastest of TIMED_RUNS runs of each callable in `runs`, and each one's output."""
+    """Seconds of the fastest timed run of each callable in `runs` (see MIN_TIMED_SECONDS), and each one's output."""
     outputs = {name: run() for name, run in runs.items()}
-    seconds = dict.fromkeys(runs, float("inf"))
-    for _ in range(TIMED_RUNS):
+    fastest, total = dict.fromkeys(runs, float("inf")), dict.fromkeys(runs, 0.0)
+    for _ in range(MAX_TIMED_RUNS):
         for name, run in runs.items():
+            del outputs[name]  # one output per kernel alive at a time: an LM head's can be hundreds of MB
             start = time.perf_counter()
             outputs[name] = run()
-            seconds[name] = min(seconds[name], time.perf_counter() - start)
-    return seconds, outputs
+            elapsed = time.perf_counter() - start
+            fastest[name], total[name] = min(fastest[name], elapsed), total[name] + elapsed
+        if min(total.values()) >= MIN_TIMED_SECONDS:
+            break
+    return fastest, outputs
 
 
 class Linear(nn.Linear):
@@ -130,7 +140,7 @@ class Linear(nn.Linear):
 
     def may_run_onednn(self, input: torch.Tensor) -> bool:
         # Cheapest first: this runs on every call, and a decoding step makes dozens of calls of one row each.
-        if self.kernel == "aten" or not ONEDNN_BY_DEFAULT or input.numel() < ONEDNN_MIN_ROWS * self.in_features:
+        if self.kernel == "aten" or not ONEDNN_AVAILABLE or input.numel() < ONEDNN_MIN_ROWS * self.in_features:
             return False
         weight = self.weight
         return not (
@@ -139,6 +149,7 @@ class Linear(nn.Linear):
             or input.device.type != "cpu"
             or weight.device.type != "cpu"
             or type(weight) is not nn.Parameter
+            or (self.bias is not None and not self.bias.is_contiguous())  # oneDNN reads a strided bias wrongly
             or weight.numel() == 0  # an attention whose heads were all pruned; oneDNN takes no empty weight
             or (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad))
             or not torch.backends.mkldnn.enabled
@@ -150,37 +161,55 @@ class Linear(nn.Linear):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self.may_run_onednn(input):
             return super().forward(input)
-        return self.fast_forward(input)
+        return self.inference_forward(input)
 
-    def fast_forward(self, input: torch.Tensor, activation: str = "none") -> torch.Tensor:
+    def inference_forward(self, input: torch.Tensor, activation: str = "none") -> torch.Tensor:
         """activation(input @ weight.T + bias) on the kernel `self.kernel` gives, where may_run_onednn(input)."""
         packed = self.kernel == "onednn-packed"
-        if torch.compiler.is_compiling():
-            # Timing inside a trace would time nothing: compiled graphs call oneDNN through the custom op.
-            return torch.ops.selfattn.onednn_linear(input, self.weight, self.bias, activation, packed)
         if self.kernel == "auto":
-            kernel, output = self.timed_kernel(input, activation)
+            if torch.compiler.is_compiling():
+                kernel, output = self.compiled_choice(input, activation), None
+            else:
+                kernel, output = self.timed_kernel(input, activation)
             if output is not None:
                 return output
             if kernel == "aten":
                 return aten_linear(input, self.weight, self.bias, activation)
+        if torch.compiler.is_compiling():
+            # torch.compile cannot trace oneDNN's packed tensors; the custom op stays opaque in the graph.
+            return torch.ops.selfattn.onednn_linear(input, self.weight, self.bias, activation, packed)
         # The same function without the custom op's dispatch, which costs ~18 us a call (measured) outside compile.
         return onednn_linear(input, self.weight, self.bias, activation, packed)
 
+    def timing_key(self, rows: int, activation: str) -> tuple:
+        return self.in_features, self.out_features, activation, row_bucket(rows)
+
+    def compiled_choice(self, input: torch.Tensor, activation: str) -> str:
+        """A trace cannot time: it takes the choice eager calls made, and oneDNN where there is none yet."""
+        rows = input.numel() // self.in_features
+        if not isinstance(rows, int):  # a dynamic shape: no row count to look up
+            return "onednn"
+        return _chosen_kernels.get(_eager_threads[0], {}).get(self.timing_key(rows, activation), "onednn")
+
     def timed_kernel(self, input: torch.Tensor, activation: str) -> tuple[str, torch.Tensor | None]:
         """The kernel "auto" chose for this call's shape, timing both on this call (and then with its output) if
-        none was chosen yet in this process."""
-        rows = input.numel() // self.in_features
-        shape = (self.in_features, self.out_features, activation, row_bucket(rows), torch.get_num_threads())
-        kernel = _chosen_kernels.get(shape)
+        none was chosen yet in this process. A shape oneDNN refuses is left to nn.Linear's kernel."""
+        _eager_threads[0] = threads = torch.get_num_threads()
+        choices = _chosen_kernels.setdefault(threads, {})
+        key = self.timing_key(input.numel() // self.in_features, activation)
+        kernel = choices.get(key)
         if kernel is not None:
             return kernel, None
         weight, bias = self.weight, self.bias
-        seconds, outputs = time_kernels({
-            "onednn": lambda: onednn_linear(input, weight, bias, activation, False),
-            "aten": lambda: aten_linear(input, weight, bias, activation),
-        })  # fmt: skip
-        kernel = _chosen_kernels[shape] = min(seconds, key=seconds.get)
+        try:
+            seconds, outputs = time_kernels({
+                "onednn": lambda: onednn_linear(input, weight, bias, activation, False),
+                "aten": lambda: aten_linear(input, weight, bias, activation),
+            })  # fmt: skip
+        except RuntimeError:
+            choices[key] = "aten"
+            return "aten", None
+        kernel = choices[key] = min(seconds, key=seconds.get)
         return kernel, outputs[kernel]
 
 
@@ -208,17 +237,17 @@ def linear_then_activation(linear: nn.Module, activation: nn.Module, input: torc
         fused = None
     if fused is None or not (unobserved(linear) and unobserved(activation)):
         return activation(linear(input))
-    return linear.fast_forward(input, fused)
+    return linear.inference_forward(input, fused)
 
 
 def set_linear_kernel(model: nn.Module, kernel: str) -> nn.Module:
-    """Choose the kernel of every selfattn Linear in `model` (returned): "auto" (the default: for CPU float32
-    inference on x86, the faster of oneDNN and nn.Linear's own, timed once per shape), "onednn" (oneDNN),
-    "onednn-packed" (oneDNN on packed copies of the weights) or "aten" (nn.Linear's own). Drops the packed copies
-    made so far of the model's weights."""
+    """Choose the kernel of every selfattn Linear in `model` (returned) for CPU float32 inference on x86 with at
+    least ONEDNN_MIN_ROWS rows (fewer rows always take nn.Linear's): "auto" (the default: the faster of oneDNN and
+    nn.Linear's own, timed once per shape), "onednn" (oneDNN), "onednn-packed" (oneDNN on packed copies of the
+    weights) or "aten" (nn.Linear's own). Drops the packed copies made so far of the model's weights."""
     if kernel not in LINEAR_KERNELS:
         raise ValueError(f"kernel={kernel!r} is not one of {LINEAR_KERNELS}.")
-    if kernel.startswith("onednn") and not ONEDNN_BY_DEFAULT:
+    if kernel.startswith("onednn") and not ONEDNN_AVAILABLE:
         raise RuntimeError(
             f"kernel={kernel!r} runs on x86 CPUs with a torch build that has oneDNN (mkldnn); this machine or build is "
             "not one. Use 'auto' or 'aten'."

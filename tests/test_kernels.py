@@ -23,7 +23,7 @@ from modeling_selfattn import (
 from modeling_selfattn.kernels import set_linear_kernel
 
 needs_onednn = pytest.mark.skipif(
-    not kernels.ONEDNN_BY_DEFAULT, reason="oneDNN is the default kernel on x86 CPUs with a oneDNN build of torch only"
+    not kernels.ONEDNN_AVAILABLE, reason="oneDNN runs on x86 CPUs with a oneDNN build of torch only"
 )
 
 
@@ -207,7 +207,7 @@ def test_tracing_exporting_autocast_and_quantised_weights_take_the_aten_kernel(o
 @needs_onednn
 def test_kernels_copy_pickle_switch_and_leave_global_settings_alone(onednn_calls):
     settings = (torch.get_num_threads(), torch.backends.mkldnn.enabled, torch.get_float32_matmul_precision())
-    model = build(SelfAttnModel)
+    model = set_linear_kernel(build(SelfAttnModel), "onednn")
     batch = padded_batch(lengths=(12, 7, 4))
     with torch.no_grad():
         expected = model(**batch).last_hidden_state
@@ -222,13 +222,15 @@ def test_kernels_copy_pickle_switch_and_leave_global_settings_alone(onednn_calls
         torch.testing.assert_close(model(**batch).last_hidden_state, expected, rtol=0, atol=TOLERANCE)
         assert len(onednn_calls) == calls
         with torch.backends.mkldnn.flags(enabled=False):  # the user's switch is obeyed
-            set_linear_kernel(model, "auto")(**batch)
+            set_linear_kernel(model, "onednn")(**batch)
         assert len(onednn_calls) == calls
+        set_linear_kernel(model, "onednn")(**batch)
+        assert len(onednn_calls) > calls, "oneDNN never ran: the checks above prove nothing"
     assert (torch.get_num_threads(), torch.backends.mkldnn.enabled, torch.get_float32_matmul_precision()) == settings
 
 
 def test_auto_keeps_the_aten_kernel_where_onednn_was_not_measured(monkeypatch, onednn_calls):
-    monkeypatch.setattr(kernels, "ONEDNN_BY_DEFAULT", False)
+    monkeypatch.setattr(kernels, "ONEDNN_AVAILABLE", False)
     with torch.no_grad():
         build(SelfAttnModel)(**padded_batch(lengths=(12, 7, 4)))
     assert onednn_calls == []
@@ -316,7 +318,7 @@ def thread_count(count: int):
 
 @needs_onednn
 @pytest.mark.parametrize("faster", ["onednn", "aten"])
-def test_auto_gives_the_aten_outputs_and_tokens_whichever_kernel_it_chose(faster, auto_finds_faster):
+def test_auto_gives_the_aten_outputs_and_tokens_whichever_kernel_it_chose(faster, auto_finds_faster, onednn_calls):
     auto_finds_faster(faster)
     model = build(
         SelfAttnForConditionalGeneration, "encoder_decoder", tie_word_embeddings=False, initializer_range=0.2,
@@ -327,14 +329,18 @@ def test_auto_gives_the_aten_outputs_and_tokens_whichever_kernel_it_chose(faster
     with torch.no_grad():
         # The first call times and returns the chosen kernel's output, the second reuses the choice.
         for _ in range(2):
+            onednn_calls.clear()
             outputs = model(**batch, decoder_input_ids=batch["input_ids"][:, :5])
             expected = plain(**batch, decoder_input_ids=batch["input_ids"][:, :5])
-            assert max_output_diff(expected, outputs) <= TOLERANCE
+            assert max_output_diff(expected, outputs) <= (TOLERANCE if faster == "onednn" else 0.0)
+        assert bool(onednn_calls) == (faster == "onednn")  # the second call: the chosen kernel only
     kwargs = dict(max_new_tokens=6, min_new_tokens=6, num_beams=2)
     assert torch.equal(model.generate(**batch, **kwargs), plain.generate(**batch, **kwargs))
 
 
-def test_the_real_timing_returns_each_kernels_output_and_a_time():
+@pytest.mark.parametrize("min_seconds, timed_runs", [(0.0, 1), (60.0, kernels.MAX_TIMED_RUNS)])
+def test_the_real_timing_runs_each_kernel_until_it_has_run_long_enough(min_seconds, timed_runs, monkeypatch):
+    monkeypatch.setattr(kernels, "MIN_TIMED_SECONDS", min_seconds)
     calls = []
 
     def run(name):
@@ -342,6 +348,50 @@ def test_the_real_timing_returns_each_kernels_output_and_a_time():
         return torch.full((1,), float(len(calls)))
 
     seconds, outputs = kernels.time_kernels({"a": lambda: run("a"), "b": lambda: run("b")})
-    assert calls == ["a", "b"] * (kernels.TIMED_RUNS + 1)  # one untimed run each, then alternating
+    assert calls == ["a", "b"] * (1 + timed_runs)  # one untimed run each, then alternating
     assert set(seconds) == {"a", "b"} and all(0 <= value < 1 for value in seconds.values())
-    assert outputs["a"].item() == 2 * kernels.TIMED_RUNS + 1 and outputs["b"].item() == 2 * kernels.TIMED_RUNS + 2
+    assert outputs["a"].item() == 2 * timed_runs + 1 and outputs["b"].item() == 2 * timed_runs + 2  # the last ones
+
+
+@needs_onednn
+def test_auto_leaves_a_shape_onednn_refuses_and_a_strided_bias_to_the_aten_kernel(monkeypatch, onednn_calls):
+    monkeypatch.setattr(kernels, "_chosen_kernels", {})
+    layer = kernels.Linear(64, 32)
+    plain = set_linear_kernel(copy.deepcopy(layer), "aten")
+    inputs = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+
+    def refuse(*args):
+        raise RuntimeError("oneDNN: unsupported shape")
+
+    with torch.no_grad():
+        with monkeypatch.context() as patch:
+            patch.setattr(kernels, "onednn_linear", refuse)
+            torch.testing.assert_close(layer(inputs), plain(inputs), rtol=0, atol=0)
+        assert list(kernels._chosen_kernels[torch.get_num_threads()].values()) == ["aten"]
+        # oneDNN reads a bias that is a strided view as if it were contiguous: such a layer keeps nn.Linear's kernel.
+        for model in (layer, plain):
+            model.bias = torch.nn.Parameter(torch.randn(32, 2, generator=torch.Generator().manual_seed(1))[:, 0])
+        forced = set_linear_kernel(layer, "onednn")
+        onednn_calls.clear()
+        torch.testing.assert_close(forced(inputs), plain(inputs), rtol=0, atol=0)
+        assert onednn_calls == []
+
+
+@needs_onednn
+@pytest.mark.parametrize("faster", ["onednn", "aten"])
+def test_compiled_graphs_take_the_choice_made_in_eager_mode(faster, auto_finds_faster):
+    auto_finds_faster(faster)
+    layer = kernels.Linear(64, 32)
+    inputs = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    graphs = []
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(graph_module.graph)
+        return graph_module.forward
+
+    with torch.no_grad():
+        layer(inputs)  # eager: times and chooses
+        compiled = torch.compile(layer, backend=recording_backend, fullgraph=True)
+        torch.testing.assert_close(compiled(inputs), layer(inputs), rtol=0, atol=TOLERANCE)
+    targets = [str(node.target) for graph in graphs for node in graph.nodes]
+    assert any("onednn_linear" in target for target in targets) == (faster == "onednn"), targets
