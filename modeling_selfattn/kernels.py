@@ -9,8 +9,8 @@ rows, MKL up to 1.25x on 384-wide products of a few hundred rows). No fixed rule
 default ("auto") times both kernels on the first call of each (input width, output width, activation, row count
 rounded up to a power of two, thread count) and keeps the faster for the rest of the process. The first call of
 each such shape costs the timing: each kernel runs once untimed, then alternately until each has run for
-MIN_TIMED_SECONDS (at least once, at most MAX_TIMED_RUNS times), so a large product runs four times, a small one up
-to 42; its result is the chosen kernel's, like every later call's. Compiled graphs (torch.compile) take the choice
+MIN_TIMED_SECONDS (at least MIN_TIMED_RUNS times, at most MAX_TIMED_RUNS), so a large product runs eight times, a
+small one up to 42; its result is the chosen kernel's, like every later call's. Compiled graphs (torch.compile) take the choice
 made so far in eager mode, and oneDNN for a shape not yet timed, since a trace cannot time. The two kernels sum in another order, so results agree to float32 rounding (within 1e-5), not to the bit,
 and another process may choose otherwise. With fewer than ONEDNN_MIN_ROWS rows (batch-1 decoding) MKL was faster
 on every CPU measured, so such calls keep it without timing.
@@ -100,9 +100,10 @@ _chosen_kernels: dict[int, dict[tuple, str]] = {}
 _eager_threads = [torch.get_num_threads()]
 
 # Each kernel runs once untimed (oneDNN builds its primitive on a shape's first call), then alternately until each
-# has run this long in all (at least once, at most MAX_TIMED_RUNS times); the fastest run of each decides. Products of
-# a few microseconds need many runs for their fastest to be stable; large ones, one.
+# has run this long in all (at least MIN_TIMED_RUNS times, at most MAX_TIMED_RUNS); the fastest run of each decides.
+# Products of a few microseconds need many runs for their fastest to be stable; large ones, a few.
 MIN_TIMED_SECONDS = 2e-3
+MIN_TIMED_RUNS = 3
 MAX_TIMED_RUNS = 20
 
 
@@ -115,14 +116,14 @@ def time_kernels(runs: dict) -> tuple[dict[str, float], dict[str, torch.Tensor]]
     """Seconds of the fastest timed run of each callable in `runs` (see MIN_TIMED_SECONDS), and each one's output."""
     outputs = {name: run() for name, run in runs.items()}
     fastest, total = dict.fromkeys(runs, float("inf")), dict.fromkeys(runs, 0.0)
-    for _ in range(MAX_TIMED_RUNS):
+    for timed_runs in range(1, MAX_TIMED_RUNS + 1):
         for name, run in runs.items():
             del outputs[name]  # one output per kernel alive at a time: an LM head's can be hundreds of MB
             start = time.perf_counter()
             outputs[name] = run()
             elapsed = time.perf_counter() - start
             fastest[name], total[name] = min(fastest[name], elapsed), total[name] + elapsed
-        if min(total.values()) >= MIN_TIMED_SECONDS:
+        if timed_runs >= MIN_TIMED_RUNS and min(total.values()) >= MIN_TIMED_SECONDS:
             break
     return fastest, outputs
 
