@@ -121,13 +121,18 @@ def convert(model_dir: str, output_dir: str) -> None:
 def generate_greedy(model, tokenizer, source_ids, batch_size: int, max_new_tokens: int) -> tuple[list, float]:
     """Our greedy translations as token ids, without the start token and from </s> on; the seconds taken."""
     eos = model.config.eos_token_id
+    # The length limit in the generation config's own terms: given both, transformers warns and takes
+    # max_new_tokens; max_length counts the start token.
+    if model.generation_config.max_new_tokens is not None:
+        length_limit = {"max_new_tokens": max_new_tokens}
+    else:
+        length_limit = {"max_length": max_new_tokens + 1}
     translations, seconds = [], 0.0
     for start in range(0, len(source_ids), batch_size):
         batch = tokenizer.pad({"input_ids": source_ids[start : start + batch_size]}, return_tensors="pt")
         begin = time.perf_counter()
         with torch.no_grad():
-            # max_new_tokens, not max_length: a generation config's own max_new_tokens would take precedence over it.
-            generated = model.generate(**batch, num_beams=1, do_sample=False, max_new_tokens=max_new_tokens)
+            generated = model.generate(**batch, num_beams=1, do_sample=False, **length_limit)
         seconds += time.perf_counter() - begin
         # A row that ends before the longest is </s> and then padding; one that reached max_new_tokens has no </s>.
         translations.extend(row[: row.index(eos)] if eos in row else row for row in generated[:, 1:].tolist())
