@@ -7,13 +7,14 @@ path, about 41% of the measured float32 GEMM peak, where oneDNN reaches about 90
 peak, and which one wins depends on the shape (measured on a 2-core Xeon with AVX-512: oneDNN 1.3-1.9x on 16-32
 rows, MKL up to 1.25x on 384-wide products of a few hundred rows). No fixed rule wins on every CPU and shape, so the
 default ("auto") times both kernels on the first call of each (input width, output width, activation, row count
-rounded up to a power of two, thread count) and keeps the faster for the rest of the process. The first call of
-each such shape costs the timing: each kernel runs once untimed, then alternately until each has run for
+rounded up to a power of two, thread count) and keeps the faster for the rest of the process. The first call of each
+such shape costs the timing: each kernel runs once untimed, then alternately until each has run for
 MIN_TIMED_SECONDS (at least MIN_TIMED_RUNS times, at most MAX_TIMED_RUNS), so a large product runs eight times, a
-small one up to 42; its result is the chosen kernel's, like every later call's. Compiled graphs (torch.compile) take the choice
-made so far in eager mode, and oneDNN for a shape not yet timed, since a trace cannot time. The two kernels sum in another order, so results agree to float32 rounding (within 1e-5), not to the bit,
-and another process may choose otherwise. With fewer than ONEDNN_MIN_ROWS rows (batch-1 decoding) MKL was faster
-on every CPU measured, so such calls keep it without timing.
+small one up to 42; its result is the chosen kernel's, like every later call's. Compiled graphs (torch.compile) take
+the choice made so far in eager mode, and oneDNN for a shape not yet timed, since a trace cannot time. The two
+kernels sum in another order, so results agree to float32 rounding (within 1e-5), not to the bit, and another
+process may choose otherwise. With fewer than ONEDNN_MIN_ROWS rows (batch-1 decoding) MKL was faster on every CPU
+measured, so such calls keep it without timing.
 
 The weights are read as they are at every call: nothing is cached but the choice, so no change to the weights (an
 optimizer step, load_state_dict, PEFT's merge through `.data`) can leave a stale copy behind. "onednn-packed" keeps,
@@ -22,8 +23,8 @@ against 1.3-1.5x), at the cost of a second copy of each weight and of a rule: a 
 version counter (`weight.data` edits) is not seen until `set_linear_kernel` is called again, which drops the copies.
 
 `set_linear_kernel(model, "auto" | "onednn" | "onednn-packed" | "aten")` chooses; "onednn" forces oneDNN on the
-weights as they are. Shipped with saved models (imported by model.py); no global torch setting is read or changed
-beyond whether oneDNN is enabled and the thread count (part of the timed shape).
+weights as they are. Shipped with saved models (imported by model.py). No global torch setting is changed; the
+ones read are whether oneDNN is enabled and the thread count (part of the timed shape).
 """
 
 import platform
