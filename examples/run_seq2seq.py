@@ -278,9 +278,11 @@ def keep_zero_start_row(model) -> None:
     row; Marian checkpoints), keep that row exactly zero through training and never generate <pad>: CTranslate2
     starts Marian decoders from a zero vector and drops <pad> from the vocabulary (README.md, "CTranslate2"). The
     row gets no gradient as an input, but an output layer tied to the table gives it one; with a zero gradient,
-    AdamW (decay included) and SGD leave it zero. Other models are left as they are."""
+    AdamW (decay included) and SGD leave it zero. The decoder's own table is the one that matters where it is not the
+    encoder's (Marian with share_encoder_decoder_embeddings=False). The hook lives on the parameter: a copy of the
+    model (copy.deepcopy) does not carry it. Other models are left as they are."""
     pad = model.config.pad_token_id
-    table = model.get_input_embeddings().weight
+    table = model.get_decoder().get_input_embeddings().weight
     if model.config.decoder_start_token_id != pad or table[pad].any():
         return
     if table.requires_grad:

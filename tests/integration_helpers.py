@@ -1,5 +1,6 @@
 """Helpers shared by the integration tests: loading saved folders in a fresh Python process that cannot import
-the selfattn package, as a user of a Hub checkpoint without the package would, and comparing outputs."""
+the selfattn package, as a user of a Hub checkpoint without the package would, and comparing outputs; CTranslate2,
+skipped where it is not installed, and the token lists it takes."""
 
 import json
 import os
@@ -8,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import make_tiny_config
 
@@ -122,3 +124,15 @@ def encoder_inputs():
 def seq2seq_inputs():
     # generate() continues the given decoder prefix.
     return {**encoder_inputs(), "decoder_input_ids": torch.randint(3, 99, (2, 4))}
+
+
+def ctranslate2():
+    return pytest.importorskip("ctranslate2")
+
+
+def real_tokens(tokenizer, batch) -> list[list[str]]:
+    """Each sequence of a padded batch as its tokens without the padding: CTranslate2's input."""
+    return [
+        tokenizer.convert_ids_to_tokens([token for token, keep in zip(ids, mask) if keep])
+        for ids, mask in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist())
+    ]

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from integration_helpers import ctranslate2, real_tokens
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from modeling_selfattn import SelfAttnConfig, SelfAttnForConditionalGeneration, SelfAttnModel, convert_cli
@@ -34,10 +35,6 @@ SENTENCES = [
     "the dog and the cat ran",
 ]
 MAX_NEW_TOKENS = 12
-
-
-def ctranslate2():
-    return pytest.importorskip("ctranslate2")
 
 
 def word_tokenizer(pad_last: bool = True) -> transformers.PreTrainedTokenizerFast:
@@ -123,13 +120,6 @@ def test_marian_export_gives_marian_mt_model_the_same_logits_and_tokens(translat
     assert torch.equal(greedy(marian, batch), tokens)
     special = {tokenizer.pad_token_id, tokenizer.eos_token_id}
     assert len({token for row in tokens.tolist() for token in row} - special) >= 3  # decoding that says something
-
-
-def real_tokens(tokenizer, batch) -> list[list[str]]:
-    return [
-        tokenizer.convert_ids_to_tokens([token for token, keep in zip(ids, mask) if keep])
-        for ids, mask in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist())
-    ]
 
 
 @pytest.fixture(scope="module")

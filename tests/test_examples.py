@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_ctranslate2 import ctranslate2, real_tokens
+from integration_helpers import ctranslate2, real_tokens
 from transformers import (
     AutoConfig,
     AutoModelForMaskedLM,
