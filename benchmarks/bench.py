@@ -17,9 +17,9 @@ Variants timed against the reference:
   selfattn         the model as loaded: what a user gets without asking (for CPU float32 inference, each linear
                    shape on the faster of oneDNN, activation fused, and nn.Linear's kernel, timed on its first call;
                    unpadded encoding; lean decoding).
-  selfattn-onednn, selfattn-aten  the same with one kernel forced for the linear layers
-                   (`set_linear_kernel(model, "onednn" | "aten")`): what the default's timed choice between them
-                   gains.
+  selfattn-onednn, selfattn-onednn-packed, selfattn-aten  the same with one kernel forced for the
+                   linear layers (`set_linear_kernel(model, "onednn" | "onednn-packed" | "aten")`), to compare the
+                   default's timed choice with each.
   selfattn-compiled  generation only: after `enable_compiled_decoding(model)` (one documented call; static cache,
                    torch.compile'd decoding steps running the oneDNN linears; compiled during warm-up, which is
                    not timed).
@@ -136,7 +136,9 @@ class SkipWorkload(Exception):
 
 # selfattn variants made by `model.quantize(mode)` on a copy: a new mode is one line here.
 QUANTIZED_VARIANTS = {"selfattn-int8": "int8", "selfattn-bf16": "bf16"}
-FORCED_KERNEL_VARIANTS = {"selfattn-onednn": "onednn", "selfattn-aten": "aten"}
+FORCED_KERNEL_VARIANTS = {
+    "selfattn-onednn": "onednn", "selfattn-onednn-packed": "onednn-packed", "selfattn-aten": "aten",
+}
 # The precision of each variant's matrix products, whose measured GEMM peak its MFU is against (default: --dtype).
 VARIANT_PRECISION = {"selfattn-int8": "int8", "selfattn-bf16": "bfloat16", "ort-int8": "int8", "ct2-int8": "int8"}
 SELFATTN_VARIANTS = [
