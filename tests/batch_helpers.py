@@ -1,4 +1,5 @@
-"""Batches and models shared by the test files of the fast paths (test_fast_paths.py, test_packing.py)."""
+"""Batches, models and checks shared by the test files of the fast paths (test_fast_paths.py, test_packing.py,
+test_kernels.py)."""
 
 import torch
 from conftest import PAD_TOKEN_ID, make_tiny_config
@@ -23,3 +24,11 @@ def build(model_class, shape="encoder", seed=0, **overrides):
     torch.manual_seed(seed)
     config = make_tiny_config(shape, **overrides)
     return model_class(config).eval()
+
+
+def assert_same_weights(model, other) -> None:
+    """Every tensor of the state dict equal, bit for bit (copies of the same weights)."""
+    expected, actual = model.state_dict(), other.state_dict()
+    assert actual.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(actual[name], tensor), name

@@ -4,9 +4,24 @@ Dropout is off so that outputs are deterministic in train mode too (gradient che
 tests about dropout turn it back on explicitly.
 """
 
+from pathlib import Path
+
 import pytest
+import transformers
 
 from modeling_selfattn import SelfAttnConfig
+
+# Words of the tokenizer-backed tests (conversion, ONNX export), after BERT's five special tokens.
+WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "and", "ran", "far", "away", "quick", "brown", "fox"]
+WORD_PIECE_VOCAB_SIZE = len(WORDS) + 5
+
+
+def save_word_piece_tokenizer(folder: Path) -> None:
+    """A BERT WordPiece tokenizer of [PAD] [UNK] [CLS] [SEP] [MASK] and WORDS, saved in `folder`."""
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    transformers.BertTokenizer(str(vocab)).save_pretrained(folder)
+
 
 TINY_VOCAB_SIZE = 99
 TINY_MAX_POSITIONS = 16

@@ -13,16 +13,50 @@ import pytest
 import torch
 from conftest import make_tiny_config
 
-# Runs with `python -I -S`: no PYTHONPATH, no current directory, no .pth files (so no editable install), and
-# only the interpreter's site-packages on sys.path. Loads each case through its Auto class with
-# trust_remote_code=True and saves the outputs for the parent to compare.
-CHILD_SCRIPT = r"""
+# Put before each script run_without_package runs: reads the job, puts only the interpreter's site-packages on
+# sys.path, and defines report(**values), which prints the one line the parent reads, with where (if anywhere) the
+# selfattn package could be imported from.
+CHILD_PREAMBLE = r"""
 import importlib.util, json, sys
 job = json.loads(sys.argv[1])
 sys.path.extend(job["site_packages"])
-spec = importlib.util.find_spec("modeling_selfattn")
+_spec = importlib.util.find_spec("modeling_selfattn")
+
+def report(**values):
+    print("RESULT " + json.dumps({"package_found_at": _spec.origin if _spec else None, **values}))
+"""
+
+
+def run_without_package(script: str, job: dict, work_dir: Path) -> dict:
+    """Run `script` (after CHILD_PREAMBLE, with `job` as JSON in sys.argv[1]) with `python -I -S`: no PYTHONPATH,
+    no current directory, no .pth files (so no editable install), only the interpreter's site-packages, no HF_ or
+    TRANSFORMERS_ variables and the Hub offline; a user of a saved folder without the selfattn package. Asserts that
+    the process succeeded and could not import the package; returns what the script report()ed."""
+    job = {"site_packages": site.getsitepackages(), **job}
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("PYTHON", "HF_", "TRANSFORMERS_"))}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(work_dir / "hf_home"))
+    completed = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", CHILD_PREAMBLE + script, json.dumps(job)],
+        cwd=work_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, f"the fresh process failed:\n{completed.stderr[-4000:]}"
+    line = next(line for line in completed.stdout.splitlines() if line.startswith("RESULT "))
+    result = json.loads(line.removeprefix("RESULT "))
+    assert result["package_found_at"] is None, (
+        f"the fresh process could import modeling_selfattn from {result['package_found_at']}, so it does not test "
+        "remote code; install the package in editable mode (pip install -e .) rather than into site-packages."
+    )
+    return result
+
+
+# Loads each case through its Auto class with trust_remote_code=True and saves the outputs for the parent to compare.
+LOAD_CASES_SCRIPT = r"""
 import torch, transformers
-results = {"package_found_at": spec.origin if spec else None, "cases": {}}
+cases = {}
 for name, case in job["cases"].items():
     model = getattr(transformers, case["auto_class"]).from_pretrained(case["folder"], trust_remote_code=True)
     inputs = torch.load(case["inputs"])
@@ -30,9 +64,9 @@ for name, case in job["cases"].items():
         outputs = {key: value for key, value in model(**inputs).items() if torch.is_tensor(value)}
         if case["generate"]:
             outputs["generated"] = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    results["cases"][name] = {"module": type(model).__module__, "training": model.training}
+    cases[name] = {"module": type(model).__module__, "training": model.training}
     torch.save(outputs, case["outputs"])
-print("RESULTS " + json.dumps(results))
+report(cases=cases)
 """
 
 
@@ -61,24 +95,7 @@ def load_without_package(cases: dict[str, dict], work_dir: Path) -> dict[str, di
             "outputs": str(work_dir / f"{name}.outputs.pt"),
             "generate": case.get("generate", False),
         }
-    job = {"site_packages": site.getsitepackages(), "cases": job_cases}
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("PYTHON", "HF_", "TRANSFORMERS_"))}
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(work_dir / "hf_home"))
-    completed = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", CHILD_SCRIPT, json.dumps(job)],
-        cwd=work_dir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert completed.returncode == 0, f"the fresh process failed:\n{completed.stderr[-4000:]}"
-    line = next(line for line in completed.stdout.splitlines() if line.startswith("RESULTS "))
-    results = json.loads(line.removeprefix("RESULTS "))
-    assert results["package_found_at"] is None, (
-        f"the fresh process could import modeling_selfattn from {results['package_found_at']}, so it does not test "
-        "remote code; install the package in editable mode (pip install -e .) rather than into site-packages."
-    )
+    results = run_without_package(LOAD_CASES_SCRIPT, {"cases": job_cases}, work_dir)
     for name, case in results["cases"].items():
         case["outputs"] = torch.load(job_cases[name]["outputs"])
     return results["cases"]

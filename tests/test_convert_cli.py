@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from conftest import WORD_PIECE_VOCAB_SIZE, save_word_piece_tokenizer
 from safetensors.torch import load_file
 
 from modeling_selfattn import SelfAttnForSequenceClassification, convert_cli
@@ -29,7 +30,6 @@ from modeling_selfattn.checkpoints import convert_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {name: ROOT / "conversion" / f"{name}.py" for name in ("convert_bert", "convert_seq2seq", "export_bert")}
-WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "and", "ran", "far", "away", "quick", "brown", "fox"]
 
 
 def load_script(name: str):
@@ -80,11 +80,9 @@ def test_wrapper_usage_leaves_out_the_command():
 def bert_folder(tmp_path_factory) -> Path:
     """A tiny random BertForSequenceClassification with a WordPiece tokenizer of its own vocabulary."""
     folder = tmp_path_factory.mktemp("bert")
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    transformers.BertTokenizer(str(vocab)).save_pretrained(folder)
+    save_word_piece_tokenizer(folder)
     config = transformers.BertConfig(
-        vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+        vocab_size=WORD_PIECE_VOCAB_SIZE, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
         max_position_embeddings=32, num_labels=3,
     )
     torch.manual_seed(0)

@@ -25,16 +25,9 @@ from modeling_selfattn import (
     SelfAttnForCausalLM,
     SelfAttnForConditionalGeneration,
     SelfAttnForMaskedLM,
-    SelfAttnModel,
 )
 from modeling_selfattn.fast_paths import enable_compiled_decoding
 from modeling_selfattn.kernels import ONEDNN_AVAILABLE, set_linear_kernel
-
-def assert_same_weights(model, other) -> None:
-    expected, actual = model.state_dict(), other.state_dict()
-    assert actual.keys() == expected.keys()
-    for name, tensor in expected.items():
-        assert torch.equal(actual[name], tensor), name
 
 
 def test_masked_lm_loss_and_gradients_match_the_full_cross_entropy():

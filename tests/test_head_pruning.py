@@ -22,7 +22,7 @@ from modeling_selfattn import (
 )
 from modeling_selfattn import visualize as viz
 from modeling_selfattn.checkpoints import ConversionError, export_checkpoint
-from modeling_selfattn.head_importance import attention_modules, head_importance, least_important_heads
+from modeling_selfattn.head_importance import head_importance, least_important_heads
 
 HEAD_DIM = 8  # tiny configs: hidden 32, 4 heads
 

@@ -11,7 +11,7 @@ import io
 
 import pytest
 import torch
-from batch_helpers import TOLERANCE, build, padded_batch
+from batch_helpers import TOLERANCE, assert_same_weights, build, padded_batch
 
 import modeling_selfattn.kernels as kernels
 from modeling_selfattn import (
@@ -66,13 +66,6 @@ def max_output_diff(first, second) -> float:
         for name, value in first.items()
         if isinstance(value, torch.Tensor) and value.is_floating_point()
     )
-
-
-def assert_same_weights(model, other) -> None:
-    expected, actual = model.state_dict(), other.state_dict()
-    assert actual.keys() == expected.keys()
-    for name, tensor in expected.items():
-        assert torch.equal(actual[name], tensor), name
 
 
 def test_every_linear_of_the_model_chooses_its_kernel():

@@ -15,13 +15,18 @@ pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 import modeling_selfattn  # noqa: E402
-from conftest import EOS_TOKEN_ID, PAD_TOKEN_ID, make_tiny_config  # noqa: E402
+from conftest import (  # noqa: E402
+    EOS_TOKEN_ID,
+    PAD_TOKEN_ID,
+    WORD_PIECE_VOCAB_SIZE,
+    make_tiny_config,
+    save_word_piece_tokenizer,
+)
 from modeling_selfattn import convert_cli, onnx_export  # noqa: E402
 from modeling_selfattn.heads import HEADS  # noqa: E402
 from modeling_selfattn.model import SelfAttnEncoderHeadModel  # noqa: E402
 
 TOLERANCE = 1e-4  # ONNX Runtime against PyTorch, fp32
-WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "and", "ran", "far", "away", "quick", "brown", "fox"]
 
 
 def session(path: Path):
@@ -121,10 +126,8 @@ def test_graph_keeps_padding_rule_and_needs_no_token_types(tmp_path):
 def classifier_folder(tmp_path_factory) -> Path:
     """A tiny SelfAttnForSequenceClassification with a WordPiece tokenizer of its own vocabulary."""
     folder = tmp_path_factory.mktemp("classifier")
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    transformers.BertTokenizer(str(vocab)).save_pretrained(folder)
-    return saved_model("SelfAttnForSequenceClassification", "encoder", folder, vocab_size=len(WORDS) + 5)
+    save_word_piece_tokenizer(folder)
+    return saved_model("SelfAttnForSequenceClassification", "encoder", folder, vocab_size=WORD_PIECE_VOCAB_SIZE)
 
 
 def test_cli_optimize_fuses_and_matches(classifier_folder, tmp_path, capsys):

