@@ -53,8 +53,9 @@ from .input_checks import (
     check_ids,
     refuse_unknown_kwargs,
 )
+from .dropout import Dropout, apply_dropout
 from .kernels import Linear, linear_then_activation
-from .packing import PackedSequences, packed_sequences_for
+from .packing import PackedSequences, packed_sequences_for, records_layer_outputs
 
 
 def sinusoidal_positions(num_positions: int, dim: int) -> torch.Tensor:
@@ -104,7 +105,7 @@ class SelfAttnEmbeddings(nn.Module):
         self.layer_norm = (
             nn.LayerNorm(embedding_size, eps=config.layer_norm_eps) if config.embedding_layer_norm else None
         )
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
         self.projection = (
             Linear(embedding_size, config.hidden_size) if embedding_size != config.hidden_size else None
         )
@@ -218,12 +219,20 @@ def eager_attention_forward(
     **kwargs: Unpack[TransformersKwargs],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(Q K^T * scaling + mask) V over (batch, heads, length, head_dim); returns the output as
-    (batch, length, heads, head_dim) and the attention probabilities."""
+    (batch, length, heads, head_dim) and the attention probabilities. The mask is added (eager's masks) or, boolean,
+    keeps where True (SDPA's, see SelfAttnAttention.forward); without one a causal module attends causally, as SDPA."""
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
-    if attention_mask is not None:
+    query_length, key_length = scores.shape[-2:]
+    if attention_mask is None and module.is_causal and query_length > 1:
+        attention_mask = torch.ones(query_length, key_length, dtype=torch.bool, device=scores.device).tril(
+            key_length - query_length
+        )
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    elif attention_mask is not None:
         scores = scores + attention_mask
     probabilities = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    probabilities = nn.functional.dropout(probabilities, p=dropout, training=module.training)
+    probabilities = apply_dropout(probabilities, dropout, module.training)
     output = torch.matmul(probabilities, value).transpose(1, 2).contiguous()
     return output, probabilities
 
@@ -322,13 +331,19 @@ class SelfAttnAttention(nn.Module):
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         query = self.split_heads(self.q_proj(hidden_states))
-        source = key_value_states if self.is_cross_attention else hidden_states
+        # key_value_states: the encoder output for cross-attention; in self-attention, the whole sequence when only
+        # some of its positions ask (SelfAttnEncoderLayer's first_token_only).
+        source = hidden_states if key_value_states is None else key_value_states
         key, value = self.keys_and_values(source, cache)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
         dropout = self.attention_dropout if self.training else 0.0
+        if dropout and query.device.type == "cpu" and self.config._attn_implementation == "sdpa":
+            # With dropout on, torch's SDPA runs its unfused math path on the CPU: this is the same math, with the
+            # dropout mask drawn faster (dropout.py).
+            attention_interface = eager_attention_forward
         if packed_sequences is not None:
             output, probabilities = packed_sequences.attend(
                 attention_interface, self, query, key, value, dropout=dropout, scaling=self.scaling, **kwargs
@@ -349,7 +364,7 @@ class SelfAttnFeedForward(nn.Module):
         super().__init__()
         self.fc1 = Linear(config.hidden_size, config.intermediate_size)
         self.activation = ACT2FN[config.hidden_act]
-        self.activation_dropout = nn.Dropout(config.activation_dropout)
+        self.activation_dropout = Dropout(config.activation_dropout)
         self.fc2 = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -363,16 +378,19 @@ class SelfAttnEncoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: SelfAttnConfig, layer_idx: int | None = None, is_causal: bool = False):
         super().__init__()
         self.pre_layer_norm = config.pre_layer_norm
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
         self.self_attn = SelfAttnAttention(config, layer_idx, is_causal=is_causal)
         self.self_attn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.ffn = SelfAttnFeedForward(config)
         self.ffn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def residual(self, hidden_states: torch.Tensor, layer_norm: nn.LayerNorm, sublayer: Callable) -> torch.Tensor:
-        """Apply one sub-layer with its dropout, residual connection and LayerNorm (before or after)."""
+    def residual(
+        self, hidden_states: torch.Tensor, layer_norm: nn.LayerNorm, sublayer: Callable, rows: slice = slice(None)
+    ) -> torch.Tensor:
+        """Apply one sub-layer with its dropout, residual connection and LayerNorm (before or after); the output
+        keeps the positions `rows`, which the sub-layer returns."""
         inputs = layer_norm(hidden_states) if self.pre_layer_norm else hidden_states
-        hidden_states = hidden_states + self.dropout(sublayer(inputs))
+        hidden_states = hidden_states[:, rows] + self.dropout(sublayer(inputs))
         return hidden_states if self.pre_layer_norm else layer_norm(hidden_states)
 
     def forward(
@@ -380,13 +398,22 @@ class SelfAttnEncoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
+        first_token_only: bool = False,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
-        hidden_states = self.residual(
-            hidden_states,
-            self.self_attn_layer_norm,
-            lambda x: self.self_attn(x, attention_mask=attention_mask, cache=cache, **kwargs)[0],
-        )
+        """first_token_only: return the first position alone, computed from every position's keys and values; the
+        queries, the output projection and the FFN then run on that one row."""
+        rows = slice(0, 1) if first_token_only else slice(None)
+        if first_token_only and attention_mask is not None:
+            attention_mask = attention_mask[:, :, rows]  # (batch, 1 or heads, queries, keys)
+
+        def attention(inputs: torch.Tensor) -> torch.Tensor:
+            key_value_states = inputs if first_token_only else None
+            return self.self_attn(
+                inputs[:, rows], attention_mask=attention_mask, key_value_states=key_value_states, cache=cache, **kwargs
+            )[0]
+
+        hidden_states = self.residual(hidden_states, self.self_attn_layer_norm, attention, rows)
         return self.residual(hidden_states, self.ffn_layer_norm, self.ffn)
 
 
@@ -599,10 +626,20 @@ class SelfAttnEncoder(SelfAttnStack):
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        first_token_only: bool = False,
         **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutput:
+        r"""first_token_only: last_hidden_state holds the first position alone (batch, 1, hidden), for heads that read
+        nothing else; the last layer then computes that position's output alone. Refused with recorded per-layer
+        outputs, which need every position."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds to the encoder.")
+        if first_token_only and records_layer_outputs(self.config, kwargs):
+            raise ValueError(
+                "first_token_only=True keeps the first position of the last layer alone, but per-layer outputs "
+                "(output_attentions / output_hidden_states) were asked for, which need every position: ask for one "
+                "or the other."
+            )
         check_flash_offsets(self.config, kwargs)
         hidden_states = self.embeddings(input_ids, inputs_embeds, token_type_ids, position_ids)
         check_attention_mask(attention_mask, tuple(hidden_states.shape[:2]), "attention_mask")
@@ -618,14 +655,25 @@ class SelfAttnEncoder(SelfAttnStack):
             attention_mask = create_bidirectional_mask(
                 config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
             )
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, attention_mask, packed_sequences=packed_sequences, **kwargs)
+        # The unpadded path computes every position (its last layer would need each sequence's first token gathered).
+        first_row_in_last_layer = first_token_only and packed_sequences is None
+        for index, layer in enumerate(self.layers):
+            last = index == len(self.layers) - 1
+            hidden_states = layer(
+                hidden_states,
+                attention_mask,
+                packed_sequences=packed_sequences,
+                first_token_only=first_row_in_last_layer and last,
+                **kwargs,
+            )
         if self.final_layer_norm is not None:
             hidden_states = self.final_layer_norm(hidden_states)
         if packed_sequences is not None:
             hidden_states = packed_sequences.unpack(hidden_states, padding=embeddings)
-        elif padding_mask is not None:
-            hidden_states = torch.where(padding_mask, hidden_states, embeddings)
+        kept = slice(0, 1) if first_token_only else slice(None)
+        hidden_states, embeddings = hidden_states[:, kept], embeddings[:, kept]
+        if padding_mask is not None:
+            hidden_states = torch.where(padding_mask[:, kept], hidden_states, embeddings)
         return BaseModelOutput(last_hidden_state=hidden_states)
 
 
@@ -775,8 +823,16 @@ class SelfAttnModel(SelfAttnPreTrainedModel):
         encoder_outputs: tuple | BaseModelOutput | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = None,
+        first_token_only: bool = False,
         **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPoolingAndCrossAttentions | Seq2SeqModelOutput | BaseModelOutputWithPastAndCrossAttentions:
+        r"""first_token_only (encoder-only models): last_hidden_state holds the first position alone, which the last
+        layer then computes alone (see SelfAttnEncoder); the pooled output is the same."""
+        if first_token_only and self.decoder is not None:
+            raise ValueError(
+                "first_token_only applies to encoder-only SelfAttnModel (decoder_layers=0), whose pooled output reads "
+                "the first token; this model has a decoder. Leave first_token_only unset."
+            )
         if self.encoder is None or self.decoder is None:
             unused = {
                 "decoder_input_ids": decoder_input_ids,
@@ -818,6 +874,7 @@ class SelfAttnModel(SelfAttnPreTrainedModel):
                 position_ids=position_ids,
                 inputs_embeds=inputs_embeds,
                 return_dict=True,
+                first_token_only=first_token_only,
                 **kwargs,
             )
         elif not isinstance(encoder_outputs, BaseModelOutput):
@@ -831,6 +888,8 @@ class SelfAttnModel(SelfAttnPreTrainedModel):
 
         if self.decoder is None:
             sequence_output = encoder_outputs.last_hidden_state
+            if first_token_only:  # encoder_outputs passed in hold every position
+                sequence_output = sequence_output[:, :1]
             return BaseModelOutputWithPoolingAndCrossAttentions(
                 last_hidden_state=sequence_output,
                 pooler_output=self.pooler(sequence_output) if self.pooler is not None else None,
@@ -912,6 +971,9 @@ class SelfAttnEncoderHeadModel(SelfAttnPreTrainedModel):
     # Whether the model gets a pooler (dense + activation over the first token): False, True, or None for
     # config.add_pooling_layer (heads that read the pooler where the checkpoint has one, the first token otherwise).
     add_pooling_layer: bool | None = False
+    # Whether the head reads the first token alone: its last encoder layer then computes that row alone, unless
+    # per-layer outputs are recorded.
+    reads_first_token_only = False
 
     def __init__(self, config: SelfAttnConfig):
         super().__init__(config)
@@ -923,10 +985,10 @@ class SelfAttnEncoderHeadModel(SelfAttnPreTrainedModel):
             )
         self.model = SelfAttnModel(config, add_pooling_layer=self.add_pooling_layer)
 
-    def classifier_dropout(self) -> nn.Dropout:
+    def classifier_dropout(self) -> Dropout:
         """The dropout before a classifier: config.classifier_dropout, or hidden_dropout_prob where unset."""
         dropout = self.config.classifier_dropout
-        return nn.Dropout(dropout if dropout is not None else self.config.hidden_dropout_prob)
+        return Dropout(dropout if dropout is not None else self.config.hidden_dropout_prob)
 
     @can_return_tuple
     @refuse_unknown_kwargs
@@ -942,9 +1004,19 @@ class SelfAttnEncoderHeadModel(SelfAttnPreTrainedModel):
     ) -> ModelOutput:
         r"""labels: what the head scores (its class docstring says which)."""
         outputs = self.model(
-            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, return_dict=True, **kwargs
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
+            first_token_only=self.first_token_only(kwargs),
+            return_dict=True,
+            **kwargs,
         )
         return self.head_outputs(outputs, labels, attention_mask, **kwargs)
+
+    def first_token_only(self, kwargs: dict) -> bool:
+        return self.reads_first_token_only and not records_layer_outputs(self.config, kwargs)
 
     def head_outputs(self, outputs, labels, attention_mask, **kwargs) -> ModelOutput:
         raise NotImplementedError(f"{type(self).__name__} runs the encoder in a forward of its own.")
@@ -981,6 +1053,7 @@ class SelfAttnForSequenceClassification(SelfAttnEncoderHeadModel):
     # and then scale the loss by the number of processes.
     accepts_loss_kwargs = False
     add_pooling_layer = None
+    reads_first_token_only = True
 
     def __init__(self, config: SelfAttnConfig):
         super().__init__(config)
@@ -1067,6 +1140,7 @@ class SelfAttnForMultipleChoice(SelfAttnEncoderHeadModel):
 
     accepts_loss_kwargs = False  # a mean over this process's batch, as SelfAttnForSequenceClassification
     add_pooling_layer = None
+    reads_first_token_only = True
 
     def __init__(self, config: SelfAttnConfig):
         super().__init__(config)
@@ -1108,6 +1182,7 @@ class SelfAttnForMultipleChoice(SelfAttnEncoderHeadModel):
             flatten(token_type_ids),
             flatten(position_ids),
             flatten(inputs_embeds),
+            first_token_only=self.first_token_only(kwargs),
             return_dict=True,
             **kwargs,
         )

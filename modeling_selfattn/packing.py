@@ -135,12 +135,9 @@ class PackedSequences:
                     slots = rows.view(len(bucket.gather), *tokens.shape[1:])
                 return slots.unflatten(0, (bucket.count, bucket.length)).transpose(1, 2)
 
-            mask = bucket.key_mask
-            if mask is not None and module.config._attn_implementation == "eager":  # eager adds the mask
-                mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
-                    ~mask, torch.finfo(query.dtype).min
-                )
-            output, _ = attention_interface(module, padded(query), padded(key), padded(value), mask, **kwargs)
+            output, _ = attention_interface(
+                module, padded(query), padded(key), padded(value), bucket.key_mask, **kwargs
+            )
             output = output.flatten(0, 1)
             if bucket.real_slots is not None:
                 real = output.flatten(1).index_select(0, bucket.real_slots)
@@ -162,6 +159,13 @@ def uses_torch_varlen_kernel(module: nn.Module, query: torch.Tensor, dropout: fl
     )
 
 
+def records_layer_outputs(config: SelfAttnConfig, kwargs: dict) -> bool:
+    """Whether a forward with `kwargs` records per-layer outputs (attention maps, hidden states), by its keywords or
+    the config's defaults."""
+    outputs = ("output_attentions", "output_hidden_states")
+    return any(kwargs.get(output, getattr(config, output, False)) for output in outputs)
+
+
 def packed_sequences_for(attention_mask: torch.Tensor | None, config: SelfAttnConfig, kwargs: dict):
     """PackedSequences of the batch where unpadding applies and pays, else None (the padded path). It does not
     apply when per-layer outputs are recorded (attention maps and hidden states keep the padded layout), under
@@ -174,9 +178,8 @@ def packed_sequences_for(attention_mask: torch.Tensor | None, config: SelfAttnCo
     implementation = config._attn_implementation
     if implementation not in ("eager", "sdpa") and not implementation.startswith("flash_attention"):
         return None
-    for output in ("output_attentions", "output_hidden_states"):
-        if kwargs.get(output, getattr(config, output, False)):
-            return None
+    if records_layer_outputs(config, kwargs):
+        return None
     num_padding = attention_mask.numel() - int(attention_mask.bool().sum())
     # A batch of padding only leaves nothing to pack; the padded path handles it.
     if num_padding < MIN_PADDING_SHARE_TO_UNPAD * attention_mask.numel() or num_padding == attention_mask.numel():

@@ -980,3 +980,70 @@ def test_eval_is_deterministic_and_train_applies_dropout(build_head):
     model.train()
     assert not torch.equal(model(**batch).logits, model(**batch).logits)
 
+
+
+# --- the first token alone in the last layer ----------------------------------------------------------------------
+
+FIRST_TOKEN_HEADS = ["sequence_single_label", "sequence_regression", "multiple_choice"]
+
+
+def last_layer_rows(model) -> list[int]:
+    """Calls on the model's run the last encoder layer's FFN with how many rows per sequence (a recording hook)."""
+    rows = []
+    last_layer = model.model.encoder.layers[-1]
+    last_layer.ffn.register_forward_hook(lambda module, args, output: rows.append(args[0].shape[1]))
+    return rows
+
+
+@pytest.mark.parametrize("variant", ["default", "pre_ln_sinusoidal"])
+@pytest.mark.parametrize("padding", ["right", "left", "heavy"])
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_first_token_only_is_the_first_row_of_the_full_output(build_head, variant, padding, attn_implementation):
+    """SelfAttnModel(first_token_only=True) equals the full computation at the first position: light padding on
+    either side (the padded path; a left-padded first token keeps the embedding output) and heavy padding (the
+    unpadded path, which computes every position and keeps the first)."""
+    model, config = build_head("model_encoder", attn_implementation=attn_implementation, **CONFIG_VARIANTS[variant])
+    batch = make_inputs("model_encoder", config)
+    if padding == "left":
+        batch["attention_mask"] = batch["attention_mask"].flip(-1)
+    elif padding == "heavy":
+        batch["attention_mask"] = torch.tensor([[1] * SEQ_LENGTH, [1] * 2 + [0] * (SEQ_LENGTH - 2)])
+    with torch.no_grad():
+        full = model(**batch)
+        first = model(**batch, first_token_only=True)
+    assert first.last_hidden_state.shape == (BATCH_SIZE, 1, config.hidden_size)
+    torch.testing.assert_close(first.last_hidden_state, full.last_hidden_state[:, :1], rtol=0, atol=FP32_TOLERANCE)
+    torch.testing.assert_close(first.pooler_output, full.pooler_output, rtol=0, atol=FP32_TOLERANCE)
+
+
+@pytest.mark.parametrize("head_name", FIRST_TOKEN_HEADS)
+def test_first_token_heads_run_the_last_layer_on_one_row_with_the_same_loss_and_gradients(build_head, head_name):
+    """The sequence and multiple-choice classifiers read the first token alone: their last layer's FFN runs on one
+    row per sequence, and loss, logits and every gradient equal the full computation's (forced by recording the
+    hidden states, which needs every position)."""
+    model, config = build_head(head_name)
+    model.train()  # dropout is 0 in the tiny config
+    batch = make_inputs(head_name, config, with_labels=True)
+    rows = last_layer_rows(model)
+    results = {}
+    for recorded in (False, True):
+        model.zero_grad(set_to_none=True)
+        output = model(**batch, output_hidden_states=recorded)
+        output.loss.backward()
+        results[recorded] = (output, {name: parameter.grad.clone() for name, parameter in model.named_parameters()})
+    assert rows == [1, SEQ_LENGTH]
+    (first, first_gradients), (full, full_gradients) = results[False], results[True]
+    torch.testing.assert_close(first.logits, full.logits, rtol=0, atol=FP32_TOLERANCE)
+    torch.testing.assert_close(first.loss, full.loss, rtol=0, atol=FP32_TOLERANCE)
+    for name, gradient in full_gradients.items():
+        torch.testing.assert_close(first_gradients[name], gradient, rtol=0, atol=FP32_TOLERANCE, msg=name)
+
+
+def test_first_token_only_is_refused_where_it_cannot_apply(build_head):
+    model, config = build_head("model_encoder")
+    batch = make_inputs("model_encoder", config)
+    with pytest.raises(ValueError, match="first_token_only.*output_attentions / output_hidden_states"):
+        model(**batch, first_token_only=True, output_hidden_states=True)
+    seq2seq, config = build_head("model_encoder_decoder")
+    with pytest.raises(ValueError, match="first_token_only applies to encoder-only"):
+        seq2seq(**make_inputs("model_encoder_decoder", config), first_token_only=True)

@@ -148,8 +148,10 @@ def test_cli_optimize_fuses_and_matches(classifier_folder, tmp_path, capsys):
     config = transformers.AutoConfig.from_pretrained(output)
     assert {"Attention", "SkipLayerNormalization", "LayerNormalization"} <= operators
     assert operators & {"Gelu", "BiasGelu", "FastGelu"}
+    # The classifier reads the first token alone, so its last layer attends from that one query, which ORT's
+    # optimizer leaves unfused; every other layer's attention is one Attention node.
     assert sum(node.op_type == "Attention" for node in onnx.load(output / "model_optimized.onnx").graph.node) == (
-        config.encoder_layers
+        config.encoder_layers - 1
     )
 
     # What an ONNX Runtime user does: tokenize with OUTPUT's tokenizer, run the graphs.

@@ -1,0 +1,145 @@
+"""dropout.py: the CPU dropout mask drawn from 32-bit words, against torch's dropout semantics, and the training
+attention that uses it in place of SDPA's math path."""
+
+import math
+
+import pytest
+import torch
+from batch_helpers import padded_batch
+from conftest import make_tiny_config
+
+from modeling_selfattn.dropout import Dropout, apply_dropout, dropout_mask
+from modeling_selfattn.model import SelfAttnForCausalLM, SelfAttnForConditionalGeneration, SelfAttnForMaskedLM
+
+PROBABILITIES = [0.1, 0.5, 0.9]
+
+
+@pytest.mark.parametrize("p", PROBABILITIES)
+def test_drop_rate_is_p_on_every_position_of_a_word(p):
+    torch.manual_seed(0)
+    count = 2**21
+    dropped = ~dropout_mask(torch.Size([count]), p)
+    # Five standard deviations of a binomial fraction; the two halves of each 64-bit word (even and odd positions)
+    # are checked apart, and together, so that a biased bit or a correlated pair would show.
+    bound = 5 * math.sqrt(p * (1 - p) / (count // 2))
+    assert abs(dropped[0::2].float().mean().item() - p) < bound
+    assert abs(dropped[1::2].float().mean().item() - p) < bound
+    both = (dropped[0::2] & dropped[1::2]).float().mean().item()
+    assert abs(both - p * p) < 5 * math.sqrt(p * p * (1 - p * p) / (count // 2))
+
+
+@pytest.mark.parametrize("p", PROBABILITIES)
+def test_output_and_gradient_are_torch_dropout_semantics_for_the_drawn_mask(p):
+    generator = torch.Generator().manual_seed(1)
+    input = (torch.rand(64, 3, 33, generator=generator) + 0.5).requires_grad_()  # no zeros: a zero output = dropped
+    torch.manual_seed(2)
+    output = apply_dropout(input, p, training=True)
+    torch.manual_seed(2)
+    kept = dropout_mask(input.shape, p)
+    scale = 1.0 / (1.0 - p)
+    torch.testing.assert_close(output, torch.where(kept, input * scale, 0.0), rtol=1e-6, atol=0)
+    assert torch.equal(output != 0, kept)
+    incoming = torch.randn(input.shape, generator=generator)
+    output.backward(incoming)
+    torch.testing.assert_close(input.grad, torch.where(kept, incoming * scale, 0.0), rtol=1e-6, atol=0)
+
+
+def test_masks_follow_the_seed():
+    shape = torch.Size([7, 1001])  # odd count: the last word is half used
+    torch.manual_seed(3)
+    first = dropout_mask(shape, 0.3)
+    torch.manual_seed(3)
+    assert torch.equal(dropout_mask(shape, 0.3), first)
+    assert not torch.equal(dropout_mask(shape, 0.3), first)  # the generator moved on
+
+
+def test_torch_dropout_runs_where_the_mask_is_not_drawn(monkeypatch):
+    calls = []
+    torch_dropout = torch.nn.functional.dropout
+    monkeypatch.setattr(
+        torch.nn.functional, "dropout", lambda *args, **kwargs: calls.append(args) or torch_dropout(*args, **kwargs)
+    )
+    input = torch.randn(4, 5)
+    assert torch.equal(apply_dropout(input, 0.5, training=False), input)
+    assert torch.equal(apply_dropout(input, 0.0, training=True), input)
+    assert torch.equal(apply_dropout(input, 1.0, training=True), torch.zeros_like(input))
+    assert apply_dropout(torch.empty(4, 5, device="meta"), 0.5, training=True).device.type == "meta"
+    assert len(calls) == 4
+    with pytest.raises(ValueError, match="probability"):
+        apply_dropout(input, 1.5, training=True)
+    calls.clear()
+    apply_dropout(input, 0.5, training=True)
+    assert calls == []  # the CPU draw
+
+
+def test_dropout_module_is_nn_dropout_with_the_cpu_draw():
+    module = Dropout(0.25)
+    assert isinstance(module, torch.nn.Dropout) and module.state_dict() == {}
+    input = torch.rand(32, 64) + 0.5
+    torch.manual_seed(4)
+    output = module(input)
+    torch.manual_seed(4)
+    assert torch.equal(output != 0, dropout_mask(input.shape, 0.25))
+    assert torch.equal(module.eval()(input), input)
+
+
+DROPOUT = dict(hidden_dropout_prob=0.1, attention_dropout=0.1, activation_dropout=0.1)
+
+
+def train_outputs(model_class, shape, attn_implementation, batch, seed=5):
+    torch.manual_seed(0)
+    config = make_tiny_config(shape, attn_implementation=attn_implementation, **DROPOUT)
+    model = model_class(config).train()
+    torch.manual_seed(seed)
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {name: parameter.grad for name, parameter in model.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    "model_class, shape",
+    [
+        (SelfAttnForMaskedLM, "encoder"),
+        (SelfAttnForConditionalGeneration, "encoder_decoder"),
+        (SelfAttnForCausalLM, "decoder"),
+    ],
+)
+@pytest.mark.parametrize("padding", ["padded", "full"])
+def test_sdpa_training_with_dropout_is_eager_attention_with_the_same_masks(model_class, shape, padding):
+    """With dropout on, SDPA models train through eager_attention_forward on the CPU, handed SDPA's boolean masks
+    (or none, for a causal layer over a full batch): the same loss and gradients as an eager model drawing the same
+    masks, with padding and without."""
+    batch = padded_batch((7, 7, 7) if padding == "full" else (7, 3, 5))
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    if shape == "encoder_decoder":
+        batch = {**batch, "labels": labels[:, :5].contiguous()}
+    else:
+        batch = {**batch, "labels": labels}
+    eager_loss, eager_gradients = train_outputs(model_class, shape, "eager", batch)
+    sdpa_loss, sdpa_gradients = train_outputs(model_class, shape, "sdpa", batch)
+    torch.testing.assert_close(sdpa_loss, eager_loss, rtol=0, atol=1e-5)
+    for name, gradient in eager_gradients.items():
+        torch.testing.assert_close(sdpa_gradients[name], gradient, rtol=0, atol=1e-5, msg=name)
+    # and the masks are drawn: another seed changes the loss
+    other_loss, _ = train_outputs(model_class, shape, "sdpa", batch, seed=6)
+    assert abs(other_loss.item() - sdpa_loss.item()) > 1e-4
+
+
+def test_gradient_checkpointing_draws_the_same_masks_again():
+    batch = padded_batch((9, 4, 6))
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    torch.manual_seed(0)
+    model = SelfAttnForMaskedLM(make_tiny_config("encoder", **DROPOUT)).train()
+    results = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(7)
+        loss = model(**batch).loss
+        loss.backward()
+        results.append((loss.detach(), {name: parameter.grad.clone() for name, parameter in model.named_parameters()}))
+    (loss, gradients), (checkpointed_loss, checkpointed_gradients) = results
+    torch.testing.assert_close(checkpointed_loss, loss, rtol=0, atol=1e-6)
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(checkpointed_gradients[name], gradient, rtol=0, atol=1e-6, msg=name)
