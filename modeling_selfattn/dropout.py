@@ -59,6 +59,8 @@ class Dropout(nn.Dropout):
     """nn.Dropout drawing its CPU mask as above; no parameters or buffers, so checkpoints are unchanged."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return input  # as torch's; early, since decoding calls each dropout once a token
         if self.inplace:
             return super().forward(input)
         return apply_dropout(input, self.p, self.training)

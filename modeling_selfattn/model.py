@@ -385,12 +385,13 @@ class SelfAttnEncoderLayer(GradientCheckpointingLayer):
         self.ffn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def residual(
-        self, hidden_states: torch.Tensor, layer_norm: nn.LayerNorm, sublayer: Callable, rows: slice = slice(None)
+        self, hidden_states: torch.Tensor, layer_norm: nn.LayerNorm, sublayer: Callable, rows: slice | None = None
     ) -> torch.Tensor:
         """Apply one sub-layer with its dropout, residual connection and LayerNorm (before or after); the output
-        keeps the positions `rows`, which the sub-layer returns."""
+        keeps the positions `rows` (all if None), which the sub-layer returns."""
         inputs = layer_norm(hidden_states) if self.pre_layer_norm else hidden_states
-        hidden_states = hidden_states[:, rows] + self.dropout(sublayer(inputs))
+        kept = hidden_states if rows is None else hidden_states[:, rows]
+        hidden_states = kept + self.dropout(sublayer(inputs))
         return hidden_states if self.pre_layer_norm else layer_norm(hidden_states)
 
     def forward(
@@ -403,14 +404,14 @@ class SelfAttnEncoderLayer(GradientCheckpointingLayer):
     ) -> torch.Tensor:
         """first_token_only: return the first position alone, computed from every position's keys and values; the
         queries, the output projection and the FFN then run on that one row."""
-        rows = slice(0, 1) if first_token_only else slice(None)
+        rows = slice(0, 1) if first_token_only else None
         if first_token_only and attention_mask is not None:
             attention_mask = attention_mask[:, :, rows]  # (batch, 1 or heads, queries, keys)
 
         def attention(inputs: torch.Tensor) -> torch.Tensor:
-            key_value_states = inputs if first_token_only else None
+            queries, key_value_states = (inputs[:, rows], inputs) if first_token_only else (inputs, None)
             return self.self_attn(
-                inputs[:, rows], attention_mask=attention_mask, key_value_states=key_value_states, cache=cache, **kwargs
+                queries, attention_mask=attention_mask, key_value_states=key_value_states, cache=cache, **kwargs
             )[0]
 
         hidden_states = self.residual(hidden_states, self.self_attn_layer_norm, attention, rows)
