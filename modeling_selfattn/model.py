@@ -53,7 +53,7 @@ from .input_checks import (
     check_ids,
     refuse_unknown_kwargs,
 )
-from .dropout import Dropout, apply_dropout
+from .dropout import Dropout, zero_dropped
 from .kernels import Linear, linear_then_activation
 from .packing import PackedSequences, packed_sequences_for, records_layer_outputs
 
@@ -219,9 +219,15 @@ def eager_attention_forward(
     **kwargs: Unpack[TransformersKwargs],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(Q K^T * scaling + mask) V over (batch, heads, length, head_dim); returns the output as
-    (batch, length, heads, head_dim) and the attention probabilities. The mask is added (eager's masks) or, boolean,
-    keeps where True (SDPA's, see SelfAttnAttention.forward); without one a causal module attends causally, as SDPA."""
-    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    (batch, length, heads, head_dim) and the attention probabilities (in training with dropout on the CPU, the kept
+    ones before dropout's 1 / (1 - p), which goes on the output). The mask is added (eager's masks) or, boolean, keeps
+    where True (SDPA's, see SelfAttnAttention.forward); without one a causal module attends causally, as SDPA."""
+    if module.training:
+        # On the queries, where its backward pass is cheaper (head_dim columns a position, not key_length).
+        scores = torch.matmul(query * scaling, key.transpose(-1, -2))
+    else:
+        # The form ONNX Runtime's optimizer fuses into its Attention operator in exported graphs.
+        scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
     query_length, key_length = scores.shape[-2:]
     if attention_mask is None and module.is_causal and query_length > 1:
         attention_mask = torch.ones(query_length, key_length, dtype=torch.bool, device=scores.device).tril(
@@ -232,9 +238,11 @@ def eager_attention_forward(
     elif attention_mask is not None:
         scores = scores + attention_mask
     probabilities = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    probabilities = apply_dropout(probabilities, dropout, module.training)
-    output = torch.matmul(probabilities, value).transpose(1, 2).contiguous()
-    return output, probabilities
+    probabilities, dropout_scale = zero_dropped(probabilities, dropout, module.training)
+    output = torch.matmul(probabilities, value)
+    if dropout_scale != 1.0:
+        output = output * dropout_scale
+    return output.transpose(1, 2).contiguous(), probabilities
 
 
 class SelfAttnAttention(nn.Module):

@@ -8,7 +8,7 @@ import torch
 from batch_helpers import padded_batch
 from conftest import make_tiny_config
 
-from modeling_selfattn.dropout import Dropout, apply_dropout, dropout_mask
+from modeling_selfattn.dropout import Dropout, apply_dropout, dropout_mask, zero_dropped
 from modeling_selfattn.model import SelfAttnForCausalLM, SelfAttnForConditionalGeneration, SelfAttnForMaskedLM
 
 PROBABILITIES = [0.1, 0.5, 0.9]
@@ -42,6 +42,24 @@ def test_output_and_gradient_are_torch_dropout_semantics_for_the_drawn_mask(p):
     incoming = torch.randn(input.shape, generator=generator)
     output.backward(incoming)
     torch.testing.assert_close(input.grad, torch.where(kept, incoming * scale, 0.0), rtol=1e-6, atol=0)
+
+
+def test_zero_dropped_leaves_the_scale_to_the_caller():
+    """zero_dropped draws the same mask as apply_dropout and leaves the factor out; times the factor it is
+    apply_dropout's output, in value and gradient. Where torch's dropout runs, its output and a factor of 1."""
+    input = (torch.rand(8, 4, 16, 16) + 0.5).requires_grad_()
+    torch.manual_seed(8)
+    expected = apply_dropout(input, 0.2, training=True)
+    torch.manual_seed(8)
+    zeroed, scale = zero_dropped(input, 0.2, training=True)
+    assert scale == 1.0 / 0.8
+    torch.testing.assert_close(zeroed * scale, expected, rtol=1e-6, atol=0)
+    incoming = torch.randn(input.shape)
+    (expected_gradient,) = torch.autograd.grad(expected, input, incoming)
+    (gradient,) = torch.autograd.grad(zeroed * scale, input, incoming)
+    torch.testing.assert_close(gradient, expected_gradient, rtol=1e-6, atol=0)
+    output, scale = zero_dropped(input, 0.2, training=False)
+    assert output is input and scale == 1.0
 
 
 def test_masks_follow_the_seed():
