@@ -7,10 +7,10 @@ products. Here the mask comes from 32 random bits an element, drawn from the sam
 round(p * 2**32) - 2**31. So it is dropped with probability round(p * 2**32) / 2**32, which is p to within 2**-33
 (float32 itself holds p only to a relative 6e-8), and the kept ones are scaled by 1 / (1 - p) as torch does. The
 masks follow torch.manual_seed, and gradient checkpointing, which restores the generator's state, draws them again
-the same. Backward multiplies by the same mask, kept as one byte an element as torch keeps it.
+the same. Backward multiplies by the same mask, kept as one byte an element as torch keeps it, and nothing else.
 
-Only the draw differs from torch's dropout; on other devices (CUDA draws inside a fused kernel), in evaluation, for
-p = 0 and for p so close to 1 that no element could be kept, torch's own dropout runs. Shipped with saved models
+Only the draw differs from torch's dropout; on other devices (CUDA draws inside a fused kernel), for tensor
+subclasses, in evaluation, for p = 0 and for p so close to 1 that no element could be kept, torch's own dropout runs. Shipped with saved models
 (imported by model.py).
 """
 
@@ -23,19 +23,24 @@ from torch import nn
 BINS = 2**32
 
 # The random words are read once, by the comparison that makes the mask, so each thread reuses one buffer (as large as
-# its largest mask so far: 25 MB for the attention probabilities of 32x128 tokens and 12 heads). A fresh one of that
-# size costs as much again in page faults as drawing the bits.
+# its largest mask so far, up to SCRATCH_WORDS: 25 MB for the attention probabilities of 32x128 tokens and 12 heads).
+# A fresh one of that size costs as much again in page faults as drawing the bits. Larger masks draw into a fresh
+# tensor, so that the buffer held for the life of the thread stays bounded.
+SCRATCH_WORDS = 2**23  # 64 MB
 _scratch = threading.local()
 
 
 def random_words(count: int) -> torch.Tensor:
     """`count` random int64 words on the CPU, from the default generator; a view of this thread's buffer, valid until
-    its next call (a fresh tensor inside a compiled graph, which must not write to a tensor it does not own)."""
-    if torch.compiler.is_compiling():
-        return torch.empty(count, dtype=torch.int64).random_(-(2**63), None)
+    its next call, or a fresh tensor (inside a compiled graph, which must not write to a tensor it does not own, and
+    beyond SCRATCH_WORDS)."""
+    if torch.compiler.is_compiling() or count > SCRATCH_WORDS:
+        return torch.empty(count, dtype=torch.int64, device="cpu").random_(-(2**63), None)
     buffer = getattr(_scratch, "words", None)
     if buffer is None or buffer.numel() < count:
-        buffer = _scratch.words = torch.empty(count, dtype=torch.int64)
+        # A normal tensor even when first drawn under inference_mode, so that later training steps may write to it.
+        with torch.inference_mode(False):
+            buffer = _scratch.words = torch.empty(count, dtype=torch.int64, device="cpu")
     return buffer[:count].random_(-(2**63), None)
 
 
@@ -46,23 +51,33 @@ def dropout_mask(shape: torch.Size, p: float) -> torch.Tensor:
     return bits >= round(p * BINS) - BINS // 2
 
 
-def apply_dropout(input: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """nn.functional.dropout(input, p, training) with the mask drawn as above where the input is on the CPU."""
-    if not training or p == 0.0 or input.device.type != "cpu" or round(p * BINS) >= BINS or not 0.0 <= p <= 1.0:
-        return nn.functional.dropout(input, p, training)  # torch's own, which also refuses p outside [0, 1]
-    # native_dropout_backward(x, mask, scale) = x * mask * scale in one pass; autograd's gradient of it is the same
-    # product of the incoming gradient, so only the mask is kept for backward.
-    return torch.ops.aten.native_dropout_backward(input, dropout_mask(input.shape, p), 1.0 / (1.0 - p))
+def draws_here(input: torch.Tensor, p: float, training: bool) -> bool:
+    """Whether the mask is drawn here: in training, for a plain CPU tensor and 0 < p with some element kept. p outside
+    [0, 1] (NaN included) goes to torch's dropout, whose error names it."""
+    return (
+        training
+        and 0.0 < p <= 1.0
+        and round(p * BINS) < BINS
+        and type(input) is torch.Tensor
+        and input.device.type == "cpu"
+    )
 
 
 def zero_dropped(input: torch.Tensor, p: float, training: bool = True) -> tuple[torch.Tensor, float]:
-    """apply_dropout split in two: `input` with the dropped elements zeroed, and the factor 1 / (1 - p) still to
-    apply, so that the caller can apply it to a smaller tensor downstream (the attention output rather than the
-    probabilities: one pass over the probabilities forward and one backward instead of three each). Where torch's
-    own dropout runs (see apply_dropout), its scaled output and a factor of 1."""
-    if not training or p == 0.0 or input.device.type != "cpu" or round(p * BINS) >= BINS or not 0.0 <= p <= 1.0:
+    """Dropout split in two: `input` with the dropped elements zeroed, and the factor 1 / (1 - p) still to apply, so
+    that the caller can apply it to a smaller tensor downstream (the attention output rather than the probabilities).
+    Backward keeps only the mask (one byte an element, as torch's dropout). Where the mask is not drawn here, torch's
+    dropout output and a factor of 1."""
+    if not draws_here(input, p, training):
         return nn.functional.dropout(input, p, training), 1.0
     return torch.where(dropout_mask(input.shape, p), input, 0.0), 1.0 / (1.0 - p)
+
+
+def apply_dropout(input: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """nn.functional.dropout(input, p, training) with the mask drawn as above where the input is a CPU tensor."""
+    output, scale = zero_dropped(input, p, training)
+    # In place on the new tensor that zero_dropped made (its gradient needs neither it nor the factor).
+    return output.mul_(scale) if scale != 1.0 else output
 
 
 class Dropout(nn.Dropout):

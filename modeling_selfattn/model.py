@@ -229,7 +229,7 @@ def eager_attention_forward(
         # The form ONNX Runtime's optimizer fuses into its Attention operator in exported graphs.
         scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
     query_length, key_length = scores.shape[-2:]
-    if attention_mask is None and module.is_causal and query_length > 1:
+    if attention_mask is None and getattr(module, "is_causal", False) and query_length > 1:
         attention_mask = torch.ones(query_length, key_length, dtype=torch.bool, device=scores.device).tril(
             key_length - query_length
         )
@@ -341,7 +341,7 @@ class SelfAttnAttention(nn.Module):
         query = self.split_heads(self.q_proj(hidden_states))
         # key_value_states: the encoder output for cross-attention; in self-attention, the whole sequence when only
         # some of its positions ask (SelfAttnEncoderLayer's first_token_only).
-        source = hidden_states if key_value_states is None else key_value_states
+        source = key_value_states if self.is_cross_attention or key_value_states is not None else hidden_states
         key, value = self.keys_and_values(source, cache)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
@@ -350,7 +350,8 @@ class SelfAttnAttention(nn.Module):
         dropout = self.attention_dropout if self.training else 0.0
         if dropout and query.device.type == "cpu" and self.config._attn_implementation == "sdpa":
             # With dropout on, torch's SDPA runs its unfused math path on the CPU: this is the same math, with the
-            # dropout mask drawn faster (dropout.py).
+            # dropout mask drawn faster (dropout.py). An "sdpa" function registered in place of transformers' own
+            # is bypassed here, in CPU training with dropout only.
             attention_interface = eager_attention_forward
         if packed_sequences is not None:
             output, probabilities = packed_sequences.attend(
@@ -664,8 +665,11 @@ class SelfAttnEncoder(SelfAttnStack):
             attention_mask = create_bidirectional_mask(
                 config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask
             )
-        # The unpadded path computes every position (its last layer would need each sequence's first token gathered).
-        first_row_in_last_layer = first_token_only and packed_sequences is None
+        # The last layer runs on the first row where its mask is a tensor to slice (eager's, SDPA's or none); the
+        # unpadded path, flash's 2-D masks and flex's block masks compute every position, and the first is kept below.
+        first_row_in_last_layer = (
+            first_token_only and packed_sequences is None and self.config._attn_implementation in ("eager", "sdpa")
+        )
         for index, layer in enumerate(self.layers):
             last = index == len(self.layers) - 1
             hidden_states = layer(

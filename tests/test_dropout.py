@@ -9,7 +9,13 @@ from batch_helpers import padded_batch
 from conftest import make_tiny_config
 
 from modeling_selfattn.dropout import Dropout, apply_dropout, dropout_mask, zero_dropped
-from modeling_selfattn.model import SelfAttnForCausalLM, SelfAttnForConditionalGeneration, SelfAttnForMaskedLM
+from modeling_selfattn.model import (
+    SelfAttnAttention,
+    SelfAttnForCausalLM,
+    SelfAttnForConditionalGeneration,
+    SelfAttnForMaskedLM,
+    eager_attention_forward,
+)
 
 PROBABILITIES = [0.1, 0.5, 0.9]
 
@@ -60,6 +66,71 @@ def test_zero_dropped_leaves_the_scale_to_the_caller():
     torch.testing.assert_close(gradient, expected_gradient, rtol=1e-6, atol=0)
     output, scale = zero_dropped(input, 0.2, training=False)
     assert output is input and scale == 1.0
+
+
+def test_backward_keeps_only_the_mask():
+    """As torch's dropout: one byte an element is kept for backward, not the input."""
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor.dtype)
+        return tensor
+
+    input = torch.rand(16, 33, requires_grad=True)
+    for function in (apply_dropout, lambda input, p: zero_dropped(input, p)[0]):
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            function(input, 0.3).sum().backward()
+        assert saved == [torch.bool]
+
+
+def test_masks_drawn_under_inference_mode_leave_training_working():
+    """The scratch buffer of random words may first be made under inference_mode (MC dropout, a pipeline called on a
+    model in training mode); later training steps still draw into it."""
+    from modeling_selfattn import dropout as dropout_module
+
+    dropout_module._scratch.__dict__.clear()
+    with torch.inference_mode():
+        apply_dropout(torch.rand(64, 64), 0.5)
+    input = torch.rand(64, 64, requires_grad=True)
+    apply_dropout(input, 0.5).sum().backward()
+    assert input.grad is not None
+
+
+def test_masks_beyond_the_scratch_buffer_are_drawn_fresh(monkeypatch):
+    from modeling_selfattn import dropout as dropout_module
+
+    monkeypatch.setattr(dropout_module, "SCRATCH_WORDS", 100)
+    dropout_module._scratch.__dict__.clear()
+    torch.manual_seed(9)
+    large = dropout_mask(torch.Size([1000]), 0.5)
+    assert getattr(dropout_module._scratch, "words", None) is None  # not kept
+    torch.manual_seed(9)
+    assert torch.equal(dropout_mask(torch.Size([1000]), 0.5), large)
+    dropout_mask(torch.Size([150]), 0.5)
+    assert dropout_module._scratch.words.numel() == 75
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_training_attention_is_softmax_dropout_values_by_hand(masked):
+    """eager_attention_forward in training: softmax(Q K^T / sqrt(d) + mask), dropped with the mask drawn from the
+    seed and scaled by 1 / (1 - p), times V; the returned probabilities are the kept ones before the scale."""
+    config = make_tiny_config("encoder", attention_dropout=0.25)
+    module = SelfAttnAttention(config, layer_idx=0).train()
+    generator = torch.Generator().manual_seed(10)
+    query, key, value = (torch.randn(2, 4, 6, 8, generator=generator) for _ in range(3))
+    mask = torch.tensor([[True] * 6, [True] * 4 + [False] * 2]).view(2, 1, 1, 6) if masked else None
+    torch.manual_seed(11)
+    output, probabilities = eager_attention_forward(module, query, key, value, mask, scaling=8**-0.5, dropout=0.25)
+    scores = query @ key.transpose(-1, -2) / math.sqrt(8)
+    if masked:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    expected_probabilities = scores.softmax(-1)
+    torch.manual_seed(11)
+    kept = dropout_mask(expected_probabilities.shape, 0.25)
+    expected = (torch.where(kept, expected_probabilities, 0.0) / 0.75) @ value
+    torch.testing.assert_close(output, expected.transpose(1, 2), rtol=0, atol=1e-6)
+    torch.testing.assert_close(probabilities, torch.where(kept, expected_probabilities, 0.0), rtol=0, atol=1e-6)
 
 
 def test_masks_follow_the_seed():

@@ -997,11 +997,14 @@ def last_layer_rows(model) -> list[int]:
 
 @pytest.mark.parametrize("variant", ["default", "pre_ln_sinusoidal"])
 @pytest.mark.parametrize("padding", ["right", "left", "heavy"])
-@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa", "flex_attention", "flash_attention_2"])
 def test_first_token_only_is_the_first_row_of_the_full_output(build_head, variant, padding, attn_implementation):
     """SelfAttnModel(first_token_only=True) equals the full computation at the first position: light padding on
     either side (the padded path; a left-padded first token keeps the embedding output) and heavy padding (the
-    unpadded path, which computes every position and keeps the first)."""
+    unpadded path, which computes every position and keeps the first); flex's block masks and flash's 2-D masks
+    compute every position too."""
+    if not attention_implementation_available(attn_implementation):
+        pytest.skip(f"{attn_implementation} is not available here")
     model, config = build_head("model_encoder", attn_implementation=attn_implementation, **CONFIG_VARIANTS[variant])
     batch = make_inputs("model_encoder", config)
     if padding == "left":
