@@ -1,5 +1,5 @@
 """Batches, models and checks shared by the test files of the fast paths (test_fast_paths.py, test_packing.py,
-test_kernels.py)."""
+test_kernels.py, test_dropout.py) and of test_model.py."""
 
 import torch
 from conftest import PAD_TOKEN_ID, make_tiny_config
@@ -32,3 +32,21 @@ def assert_same_weights(model, other) -> None:
     assert actual.keys() == expected.keys()
     for name, tensor in expected.items():
         assert torch.equal(actual[name], tensor), name
+
+
+def loss_and_gradients(model, batch: dict, seed: int | None = None, **forward_kwargs):
+    """One forward and backward of `model` on `batch` (after torch.manual_seed(seed) when given, so that dropout
+    draws the same masks): (its outputs, every parameter's gradient)."""
+    model.zero_grad(set_to_none=True)
+    if seed is not None:
+        torch.manual_seed(seed)
+    outputs = model(**batch, **forward_kwargs)
+    outputs.loss.backward()
+    return outputs, {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
+
+
+def assert_same_gradients(expected: dict, actual: dict, atol: float) -> None:
+    """The same parameters, each gradient within `atol`."""
+    assert actual.keys() == expected.keys()
+    for name, gradient in expected.items():
+        torch.testing.assert_close(actual[name], gradient, rtol=0, atol=atol, msg=name)

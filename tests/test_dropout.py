@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from batch_helpers import padded_batch
+from batch_helpers import assert_same_gradients, loss_and_gradients, padded_batch
 from conftest import make_tiny_config
 
 from modeling_selfattn.dropout import Dropout, apply_dropout, dropout_mask, zero_dropped
@@ -176,13 +176,11 @@ DROPOUT = dict(hidden_dropout_prob=0.1, attention_dropout=0.1, activation_dropou
 
 
 def train_outputs(model_class, shape, attn_implementation, batch, seed=5):
+    """(loss, gradients) of a seeded model with dropout 0.1 after one forward and backward with masks from `seed`."""
     torch.manual_seed(0)
-    config = make_tiny_config(shape, attn_implementation=attn_implementation, **DROPOUT)
-    model = model_class(config).train()
-    torch.manual_seed(seed)
-    loss = model(**batch).loss
-    loss.backward()
-    return loss.detach(), {name: parameter.grad for name, parameter in model.named_parameters()}
+    model = model_class(make_tiny_config(shape, attn_implementation=attn_implementation, **DROPOUT)).train()
+    outputs, gradients = loss_and_gradients(model, batch, seed=seed)
+    return outputs.loss.detach(), gradients
 
 
 @pytest.mark.parametrize(
@@ -207,8 +205,7 @@ def test_sdpa_training_with_dropout_is_eager_attention_with_the_same_masks(model
     eager_loss, eager_gradients = train_outputs(model_class, shape, "eager", batch)
     sdpa_loss, sdpa_gradients = train_outputs(model_class, shape, "sdpa", batch)
     torch.testing.assert_close(sdpa_loss, eager_loss, rtol=0, atol=1e-5)
-    for name, gradient in eager_gradients.items():
-        torch.testing.assert_close(sdpa_gradients[name], gradient, rtol=0, atol=1e-5, msg=name)
+    assert_same_gradients(eager_gradients, sdpa_gradients, atol=1e-5)
     # and the masks are drawn: another seed changes the loss
     other_loss, _ = train_outputs(model_class, shape, "sdpa", batch, seed=6)
     assert abs(other_loss.item() - sdpa_loss.item()) > 1e-4
@@ -219,16 +216,8 @@ def test_gradient_checkpointing_draws_the_same_masks_again():
     batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     torch.manual_seed(0)
     model = SelfAttnForMaskedLM(make_tiny_config("encoder", **DROPOUT)).train()
-    results = []
-    for checkpointing in (False, True):
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(7)
-        loss = model(**batch).loss
-        loss.backward()
-        results.append((loss.detach(), {name: parameter.grad.clone() for name, parameter in model.named_parameters()}))
-    (loss, gradients), (checkpointed_loss, checkpointed_gradients) = results
-    torch.testing.assert_close(checkpointed_loss, loss, rtol=0, atol=1e-6)
-    for name, gradient in gradients.items():
-        torch.testing.assert_close(checkpointed_gradients[name], gradient, rtol=0, atol=1e-6, msg=name)
+    outputs, gradients = loss_and_gradients(model, batch, seed=7)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed, checkpointed_gradients = loss_and_gradients(model, batch, seed=7)
+    torch.testing.assert_close(checkpointed.loss, outputs.loss, rtol=0, atol=1e-6)
+    assert_same_gradients(gradients, checkpointed_gradients, atol=1e-6)

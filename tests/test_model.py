@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 import torch.nn.functional as F
+from batch_helpers import assert_same_gradients, assert_same_weights, loss_and_gradients
 from safetensors import safe_open
 from transformers import Trainer, TrainingArguments
 from transformers.utils import is_flash_attn_2_available, is_torch_flex_attn_available
@@ -251,13 +252,11 @@ def assert_outputs_close(first, second) -> None:
         torch.testing.assert_close(first[name], second[name], rtol=0, atol=FP32_TOLERANCE, msg=name)
 
 
-def assert_same_weights(model, reloaded) -> None:
-    """Every saved tensor comes back bit for bit; tables rebuilt on load (not saved) are computed, so they are
-    compared within the tolerance."""
-    original_state, reloaded_state = model.state_dict(), reloaded.state_dict()
-    assert original_state.keys() == reloaded_state.keys()
-    for name, tensor in original_state.items():
-        assert torch.equal(reloaded_state[name], tensor), name
+def assert_same_weights_and_tables(model, reloaded) -> None:
+    """Every saved tensor comes back bit for bit (assert_same_weights); tables rebuilt on load (not saved) are
+    computed, so they are compared within the tolerance."""
+    assert_same_weights(model, reloaded)
+    original_state = model.state_dict()
     original_buffers, reloaded_buffers = dict(model.named_buffers()), dict(reloaded.named_buffers())
     assert original_buffers.keys() == reloaded_buffers.keys()
     for name in original_buffers.keys() - original_state.keys():
@@ -506,13 +505,6 @@ def test_padding_does_not_change_real_token_outputs(build_head, shape, variant, 
 # --- gradient checkpointing ------------------------------------------------------------------------------
 
 
-def loss_and_gradients(model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    loss = model(**batch).loss
-    loss.backward()
-    return loss.detach(), {name: param.grad.clone() for name, param in model.named_parameters()}
-
-
 @pytest.mark.parametrize("use_reentrant", [False, True], ids=["non_reentrant", "reentrant"])
 @pytest.mark.parametrize("head_name", ["masked_lm", "conditional_generation", "causal_lm"])
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(build_head, head_name, use_reentrant):
@@ -524,18 +516,17 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(build_head, he
     for module in model.modules():
         if isinstance(module, SelfAttnEncoderLayer):  # decoder layers included
             module.ffn.register_forward_hook(lambda *args: layer_calls.append(1))
-    loss, gradients = loss_and_gradients(model, batch)
+    outputs, gradients = loss_and_gradients(model, batch)
     calls_without = len(layer_calls)
 
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
     assert model.is_gradient_checkpointing
     layer_calls.clear()
-    checkpointed_loss, checkpointed_gradients = loss_and_gradients(model, batch)
+    checkpointed, checkpointed_gradients = loss_and_gradients(model, batch)
     # every layer ran again during backward: checkpointing really happened
     assert len(layer_calls) == 2 * calls_without
-    torch.testing.assert_close(checkpointed_loss, loss, rtol=0, atol=1e-6)
-    for name, gradient in gradients.items():
-        torch.testing.assert_close(checkpointed_gradients[name], gradient, rtol=0, atol=1e-6, msg=name)
+    torch.testing.assert_close(checkpointed.loss, outputs.loss, rtol=0, atol=1e-6)
+    assert_same_gradients(gradients, checkpointed_gradients, atol=1e-6)
 
 
 # --- losses and training ---------------------------------------------------------------------------------
@@ -625,7 +616,7 @@ def test_save_and_reload_gives_the_same_weights_and_outputs(build_head, head_nam
     batch = make_inputs(head_name, config, with_labels=True)
     reloaded, loading_info = save_and_reload(model, tmp_path)
     assert not any(loading_info.values()), loading_info  # no missing, unexpected or mismatched keys
-    assert_same_weights(model, reloaded)
+    assert_same_weights_and_tables(model, reloaded)
     assert_outputs_close(model(**batch), reloaded(**batch))
     original_state = model.state_dict()
     # tied weights are stored once, under one of their names
@@ -645,7 +636,7 @@ def test_save_and_reload_keeps_config_variants(build_head, shape, variant, tmp_p
     batch = make_inputs(f"model_{shape}", config)
     reloaded, loading_info = save_and_reload(model, tmp_path)
     assert not any(loading_info.values()), loading_info
-    assert_same_weights(model, reloaded)
+    assert_same_weights_and_tables(model, reloaded)
     assert_outputs_close(model(**batch, use_cache=False), reloaded(**batch, use_cache=False))
 
 
@@ -962,7 +953,7 @@ def test_bfloat16_forward_and_loading(build_head, head_name, tmp_path):
     half = output_tensors(model(**batch, use_cache=False))
     loaded = type(model).from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
     assert {param.dtype for param in loaded.parameters()} == {torch.bfloat16}
-    assert_same_weights(model, loaded)  # loading in bf16 rounds the weights as casting does
+    assert_same_weights_and_tables(model, loaded)  # loading in bf16 rounds the weights as casting does
     loaded_half = output_tensors(loaded(**batch, use_cache=False))
     for name, tensor in half.items():
         assert tensor.dtype == torch.bfloat16 and torch.isfinite(tensor).all(), name
@@ -1028,18 +1019,12 @@ def test_first_token_heads_run_the_last_layer_on_one_row_with_the_same_loss_and_
     model.train()  # dropout is 0 in the tiny config
     batch = make_inputs(head_name, config, with_labels=True)
     rows = last_layer_rows(model)
-    results = {}
-    for recorded in (False, True):
-        model.zero_grad(set_to_none=True)
-        output = model(**batch, output_hidden_states=recorded)
-        output.loss.backward()
-        results[recorded] = (output, {name: parameter.grad.clone() for name, parameter in model.named_parameters()})
+    first, first_gradients = loss_and_gradients(model, batch, output_hidden_states=False)
+    full, full_gradients = loss_and_gradients(model, batch, output_hidden_states=True)
     assert rows == [1, SEQ_LENGTH]
-    (first, first_gradients), (full, full_gradients) = results[False], results[True]
     torch.testing.assert_close(first.logits, full.logits, rtol=0, atol=FP32_TOLERANCE)
     torch.testing.assert_close(first.loss, full.loss, rtol=0, atol=FP32_TOLERANCE)
-    for name, gradient in full_gradients.items():
-        torch.testing.assert_close(first_gradients[name], gradient, rtol=0, atol=FP32_TOLERANCE, msg=name)
+    assert_same_gradients(full_gradients, first_gradients, atol=FP32_TOLERANCE)
 
 
 def test_first_token_only_is_refused_where_it_cannot_apply(build_head):

@@ -4,7 +4,7 @@ unpadding needs above 1 (`never_unpad`)."""
 
 import pytest
 import torch
-from batch_helpers import LENGTHS, TOLERANCE, build, padded_batch
+from batch_helpers import LENGTHS, TOLERANCE, assert_same_gradients, build, loss_and_gradients, padded_batch
 
 import modeling_selfattn.packing as packing
 from modeling_selfattn import (
@@ -86,19 +86,12 @@ def test_unpadded_training_gives_the_same_loss_and_gradients(never_unpad, count_
     batch = padded_batch()
     batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
 
-    def loss_and_gradients():
-        model.zero_grad(set_to_none=True)
-        loss = model(**batch).loss
-        loss.backward()
-        return loss.detach(), {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
-
-    unpadded_loss, unpadded_gradients = loss_and_gradients()
+    unpadded, unpadded_gradients = loss_and_gradients(model, batch)
     never_unpad()
-    padded_loss, padded_gradients = loss_and_gradients()
+    padded, padded_gradients = loss_and_gradients(model, batch)
     assert len(count_packings) == 1
-    assert abs(unpadded_loss - padded_loss) <= TOLERANCE
-    for name, gradient in padded_gradients.items():
-        torch.testing.assert_close(unpadded_gradients[name], gradient, rtol=0, atol=TOLERANCE, msg=name)
+    assert abs(unpadded.loss.item() - padded.loss.item()) <= TOLERANCE
+    assert_same_gradients(padded_gradients, unpadded_gradients, atol=TOLERANCE)
 
 
 def test_sequence_classification_logits_match_the_padded_path(never_unpad, count_packings):
