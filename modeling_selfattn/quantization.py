@@ -45,10 +45,22 @@ from torch.ao.quantization import per_channel_dynamic_qconfig
 QUANTIZATION_MODES = ("int8", "bf16")
 
 # The defaults of quantize()'s keep_float32 and per_token_activations (see the module docstring), as fnmatch patterns of
-# module names: the value projections of self- and cross-attention stay float32; the feed-forward's two linears scale
-# their activations per row.
-KEEP_FLOAT32_DEFAULT = ("*v_proj",)
-PER_TOKEN_DEFAULT = ("*fc1", "*fc2")
+# module names within each encoder stack (SelfAttnEncoder): its value projections stay float32; its feed-forward's two
+# linears scale their activations per row.
+KEEP_FLOAT32_DEFAULT = ("layers.*.v_proj",)
+PER_TOKEN_DEFAULT = ("layers.*.fc1", "layers.*.fc2")
+
+
+def within_encoders(model: nn.Module, patterns: tuple[str, ...]) -> tuple[str, ...]:
+    """`patterns` (relative to an encoder stack) as patterns of `model`'s own module names, for each encoder stack in
+    it: the model itself, or `encoder`, `model.encoder`... The stacks are found by class name, as this file imports
+    nothing of the package."""
+    stacks = [
+        name
+        for name, module in model.named_modules()
+        if any(cls.__name__ == "SelfAttnEncoder" for cls in type(module).__mro__)
+    ]
+    return tuple(f"{stack}.{pattern}" if stack else pattern for stack in stacks for pattern in patterns)
 
 # torch 2.13's deprecation of its quantized dtypes (see the module docstring), matched exactly: nothing else is hidden.
 QUANTIZED_DTYPE_DEPRECATION = r"torch\.quantize_per_tensor, torch\.quantize_per_channel and other quantized tensor"
@@ -238,12 +250,12 @@ def check_every_pattern_matches(model: nn.Module, argument: str, patterns, names
 
 def linears_to_quantize(model: nn.Module, keep_float32) -> dict[str, nn.Linear]:
     """The linear layers (nn.Linear and its subclasses) by name, less those a `keep_float32` pattern matches
-    (fnmatch against the module's name in model.named_modules()); None: KEEP_FLOAT32_DEFAULT."""
+    (fnmatch against the module's name in model.named_modules()); None: KEEP_FLOAT32_DEFAULT in each encoder stack."""
     linears = {
         name: module for name, module in model.named_modules(remove_duplicate=False) if isinstance(module, nn.Linear)
     }
     if keep_float32 is None:
-        keep_float32 = KEEP_FLOAT32_DEFAULT
+        keep_float32 = within_encoders(model, KEEP_FLOAT32_DEFAULT)
     else:
         check_every_pattern_matches(model, "keep_float32", keep_float32, list(linears), "'*.ffn.fc2' keeps every fc2")
     kept = set(matching(linears, keep_float32))
@@ -254,7 +266,7 @@ def quantize_int8(model: nn.Module, keep_float32, per_token_activations) -> None
     targets = linears_to_quantize(model, keep_float32)
     reduce_range = not int8_activations_use_full_range()
     if per_token_activations is None:
-        per_token_activations = PER_TOKEN_DEFAULT
+        per_token_activations = within_encoders(model, PER_TOKEN_DEFAULT)
     else:
         check_every_pattern_matches(
             model, "per_token_activations", per_token_activations, list(targets), "'*fc2' names every fc2"
@@ -285,9 +297,10 @@ def as_patterns(patterns):
 
 def quantize(model: nn.Module, mode: str, keep_float32=None, per_token_activations=None) -> nn.Module:
     """Quantize `model` in place for inference ("int8" or "bf16", see the module docstring) and return it.
-    With "int8": keep_float32, fnmatch patterns of linear layers' module names to leave in float32 (None:
-    KEEP_FLOAT32_DEFAULT, the value projections; [] quantizes every linear layer); per_token_activations, those of the
-    layers whose activations get one scale per row (None: PER_TOKEN_DEFAULT, fc1 and fc2; [] for none)."""
+    With "int8": keep_float32, fnmatch patterns of linear layers' module names to leave in float32 (None: the encoder's
+    value projections, KEEP_FLOAT32_DEFAULT; [] quantizes every linear layer); per_token_activations, those of the
+    layers whose activations get one scale per row (None: the encoder's fc1 and fc2, PER_TOKEN_DEFAULT; [] for
+    none)."""
     keep_float32 = as_patterns(keep_float32)
     per_token_activations = as_patterns(per_token_activations)
     check_quantizable(model, mode, keep_float32, per_token_activations)

@@ -101,8 +101,9 @@ def linear_kinds(model: nn.Module) -> dict[str, str]:
 @pytest.mark.parametrize("name", sorted(HEADS))
 @pytest.mark.parametrize("defaults", [True, False], ids=["defaults", "every_layer_per_tensor"])
 def test_int8_outputs_are_close_to_float32(name, defaults):
-    """The defaults keep the value projections in float32 and scale fc1's and fc2's activations per token; with
-    keep_float32=[] and per_token_activations=[] every linear layer is int8 with activations scaled per tensor."""
+    """The defaults keep the encoder's value projections in float32 and scale its fc1's and fc2's activations per token
+    (decoders and heads: int8, per tensor); with keep_float32=[] and per_token_activations=[] every linear layer is
+    int8 with activations scaled per tensor."""
     model, inputs = make_model(name)
     expected = float_outputs(model, inputs)
     quantized = copy.deepcopy(model)
@@ -110,14 +111,14 @@ def test_int8_outputs_are_close_to_float32(name, defaults):
     assert quantized.quantize("int8", **options) is quantized
     kinds = linear_kinds(quantized)
     for layer, kind in kinds.items():
-        if not defaults:
-            assert kind == "per tensor", layer
-        elif layer.endswith("v_proj"):
+        in_encoder = layer.startswith(("encoder.", "model.encoder."))
+        if defaults and in_encoder and layer.endswith("v_proj"):
             assert kind == "float32", layer
-        elif layer.endswith(("fc1", "fc2")):
+        elif defaults and in_encoder and layer.endswith(("fc1", "fc2")):
             assert kind == "per token", layer
         else:
             assert kind == "per tensor", layer
+    assert any(kind == "per tensor" for kind in kinds.values())
     assert quantized.quantization_mode == "int8"
     errors = largest_relative_error(expected, float_outputs(quantized, inputs))
     assert max(errors.values()) <= INT8_RELATIVE_TOLERANCE, errors
@@ -126,8 +127,24 @@ def test_int8_outputs_are_close_to_float32(name, defaults):
 
 
 def test_defaults_are_the_documented_patterns():
-    assert KEEP_FLOAT32_DEFAULT == ("*v_proj",)
-    assert PER_TOKEN_DEFAULT == ("*fc1", "*fc2")
+    assert KEEP_FLOAT32_DEFAULT == ("layers.*.v_proj",)
+    assert PER_TOKEN_DEFAULT == ("layers.*.fc1", "layers.*.fc2")
+
+
+def test_defaults_apply_to_an_encoder_stack_quantized_on_its_own():
+    model, inputs = make_model("model")
+    encoder = model.encoder
+    expected = encoder(**inputs).last_hidden_state.detach()
+    encoder.quantize("int8")
+    kinds = linear_kinds(encoder)
+    assert {name for name, kind in kinds.items() if kind == "float32"} == {
+        f"layers.{i}.self_attn.v_proj" for i in (0, 1)
+    }
+    assert {name for name, kind in kinds.items() if kind == "per token"} == {
+        f"layers.{i}.ffn.{fc}" for i in (0, 1) for fc in ("fc1", "fc2")
+    }
+    actual = encoder(**inputs).last_hidden_state
+    assert 0 < ((actual - expected).abs().max() / expected.abs().max()).item() <= INT8_RELATIVE_TOLERANCE
 
 
 @pytest.mark.parametrize("name", sorted(HEADS))
