@@ -10,19 +10,22 @@ SelfAttnPreTrainedModel delegates here). Both change the model in place and retu
 - "bf16": every floating parameter and buffer in bfloat16, LayerNorms included, on any device; generate(), training
   and save_pretrained work as for any bfloat16 model.
 
-Activations, two ways:
-- one scale and zero point for the whole input tensor, through torch's fbgemm kernel (the fastest), for most layers;
-- one scale and offset per row (token), through torch._int_mm and torch's own elementwise ops, for the layers that
-  `per_token_activations` names: by default the value projections and the feed-forward's second linear (fc2). Their
-  inputs hold a few tokens far larger than the rest (fc2's GELU outputs reach 25 in all-MiniLM-L6-v2's first layer,
-  where a channel's typical maximum is 1.4), which a single scale for the tensor rounds everything else to few levels;
-  and a value's error passes to the output undamped by the softmax. Measured on all-MiniLM-L6-v2, 256 SST-2 dev
-  sentences (benchmarks/quantized_quality.py): the lowest cosine of the mean-pooled embeddings to float32's rose
-  from 0.982 (one scale per tensor everywhere) to 0.996 with per-row scales on these layers, at about a tenth of the
-  int8 encoder's time. A row's result no longer depends on the other rows of its batch in these layers. A one-row
-  input takes fbgemm's kernel, whose one scale for the tensor is then the row's.
-  Per-row activations take the full 8 bits and need a CPU with AVX512-VNNI or AMX (int8_activations_use_full_range);
-  elsewhere the default leaves every layer to fbgemm and naming layers in `per_token_activations` is an error.
+Activations, two ways, both through torch's fbgemm kernels:
+- one scale and zero point for the whole input tensor (Int8DynamicLinear), the fastest;
+- one step and offset per row, i.e. per token (Int8RowScaledLinear), for the layers `per_token_activations` names.
+
+By default (None for both arguments), inside each encoder stack the value projections stay float32 and fc1 and fc2
+scale their activations per token; every other linear layer (the decoder's, the heads') is int8 with one scale per
+tensor. Why: the inputs of an encoder's linears hold a few tokens, and a few channels, far larger than the rest
+(all-MiniLM-L6-v2: fc2's GELU outputs reach 25 in the first layer where a channel's typical maximum is 1.4; fc1's
+LayerNorm outputs 28 in channel 99), so one scale for the tensor leaves the other tokens few levels; and a value's
+error passes to the output undamped by the softmax, while per-token steps cannot help where the outliers are whole
+channels. Measured with benchmarks/quantized_quality.py on all 872 SST-2 dev sentences (batches of 64): the lowest
+cosine of all-MiniLM-L6-v2's mean-pooled embeddings to float32's is 0.966 with every layer int8 per tensor, 0.974
+with the value projections in float32 alone, 0.994 with every layer per token, 0.9958 with these defaults (mean
+0.9991). They cost the encoder 10-20% of its int8 time. Decoding gains nothing measurable from them (Multi30k BLEU
+and token agreement with float32 equal either way) and would pay 28% a step, so decoders keep per tensor. A row's
+result in a per-token layer does not depend on the other rows of its batch.
 
 Why torch's dynamic quantization rather than torchao's Int8DynamicActivationInt8WeightConfig (per-token activations):
 on CPU without torch.compile, torchao's int8 linears ran 5x slower than float32 (its CPU path is written for Inductor
