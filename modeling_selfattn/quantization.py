@@ -1,12 +1,13 @@
 """int8 and bf16 inference in one call: `model.quantize("int8")` or `model.quantize("bf16")` (the method of
 SelfAttnPreTrainedModel delegates here). Both change the model in place and return it.
 
-- "int8": every linear layer (any nn.Linear, subclasses included; `keep_float32` names some to leave alone) becomes
-  torch's dynamically quantized linear (torch.ao.nn.quantized.dynamic.Linear): int8 weights with one symmetric scale
-  per output channel; activations quantized on the fly at each call; int8 products summed in int32; float32 in and
-  out. CPU only. Embeddings and LayerNorms stay float32; a projection that shares the token table (the tied LM head)
-  gets its own int8 copy and the table itself stays float32. Inference only: training mode, gradients,
-  save_pretrained and push_to_hub are refused with an error that says what to do instead.
+- "int8": every linear layer (any nn.Linear, subclasses included) but those `keep_float32` names (by default the
+  encoder's value projections) becomes torch's dynamically quantized linear (torch.ao.nn.quantized.dynamic.Linear):
+  int8 weights with one symmetric scale per output channel; activations quantized on the fly at each call; int8
+  products summed in int32; float32 in and out. CPU only. Embeddings and LayerNorms stay float32; a projection that
+  shares the token table (the tied LM head) gets its own int8 copy and the table itself stays float32. Inference
+  only: training mode, gradients, save_pretrained and push_to_hub are refused with an error that says what to do
+  instead.
 - "bf16": every floating parameter and buffer in bfloat16, LayerNorms included, on any device; generate(), training
   and save_pretrained work as for any bfloat16 model.
 
@@ -16,16 +17,18 @@ Activations, two ways, both through torch's fbgemm kernels:
 
 By default (None for both arguments), inside each encoder stack the value projections stay float32 and fc1 and fc2
 scale their activations per token; every other linear layer (the decoder's, the heads') is int8 with one scale per
-tensor. Why: the inputs of an encoder's linears hold a few tokens, and a few channels, far larger than the rest
-(all-MiniLM-L6-v2: fc2's GELU outputs reach 25 in the first layer where a channel's typical maximum is 1.4; fc1's
-LayerNorm outputs 28 in channel 99), so one scale for the tensor leaves the other tokens few levels; and a value's
-error passes to the output undamped by the softmax, while per-token steps cannot help where the outliers are whole
-channels. Measured with benchmarks/quantized_quality.py on all 872 SST-2 dev sentences (batches of 64): the lowest
-cosine of all-MiniLM-L6-v2's mean-pooled embeddings to float32's is 0.966 with every layer int8 per tensor, 0.974
-with the value projections in float32 alone, 0.994 with every layer per token, 0.9958 with these defaults (mean
-0.9991). They cost the encoder 10-20% of its int8 time. Decoding gains nothing measurable from them (Multi30k BLEU
-and token agreement with float32 equal either way) and would pay 28% a step, so decoders keep per tensor. A row's
-result in a per-token layer does not depend on the other rows of its batch.
+tensor. Why: the inputs of fc1 and fc2 hold a few tokens far larger than the rest (all-MiniLM-L6-v2: fc2's GELU
+outputs reach 25 in the first layer where a channel's typical maximum is 1.4; fc1's LayerNorm outputs reach 28 in
+one channel, in some tokens), so one scale for the tensor leaves the other tokens few levels. The value projections'
+error, which passes to the output undamped by the softmax, stayed the largest left with every layer per token, so
+they stay float32 (measured, below; they are a twelfth of the encoder's products). Measured with
+benchmarks/quantized_quality.py on all 872 SST-2 dev sentences (batches of 64): the lowest cosine of
+all-MiniLM-L6-v2's mean-pooled embeddings to float32's is 0.966 with every layer int8 per tensor, 0.974 with the
+value projections in float32 alone, 0.990 with fc1 and fc2 per token alone, 0.994 with every layer per token, 0.9958
+with these defaults (mean 0.9991). They cost the encoder 6-36% of its int8 time on this project's noisy VM (10-20%
+in most runs). Decoding gains nothing measurable from them (Multi30k BLEU and token agreement with float32 equal
+either way) and would pay 28% a step, so decoders keep per tensor. A row's result in a per-token layer does not
+depend on the other rows of its batch, to the bit.
 
 Why torch's dynamic quantization rather than torchao's Int8DynamicActivationInt8WeightConfig (per-token activations):
 on CPU without torch.compile, torchao's int8 linears ran 5x slower than float32 (its CPU path is written for Inductor
@@ -47,6 +50,9 @@ from torch.ao.quantization import per_channel_dynamic_qconfig
 
 QUANTIZATION_MODES = ("int8", "bf16")
 
+# torch 2.13's deprecation of its quantized dtypes (see the module docstring), matched exactly: nothing else is hidden.
+QUANTIZED_DTYPE_DEPRECATION = r"torch\.quantize_per_tensor, torch\.quantize_per_channel and other quantized tensor"
+
 # The defaults of quantize()'s keep_float32 and per_token_activations (see the module docstring), as fnmatch patterns of
 # module names within each encoder stack (SelfAttnEncoder): its value projections stay float32; its feed-forward's two
 # linears scale their activations per row.
@@ -64,9 +70,6 @@ def within_encoders(model: nn.Module, patterns: tuple[str, ...]) -> tuple[str, .
         if any(cls.__name__ == "SelfAttnEncoder" for cls in type(module).__mro__)
     ]
     return tuple(f"{stack}.{pattern}" if stack else pattern for stack in stacks for pattern in patterns)
-
-# torch 2.13's deprecation of its quantized dtypes (see the module docstring), matched exactly: nothing else is hidden.
-QUANTIZED_DTYPE_DEPRECATION = r"torch\.quantize_per_tensor, torch\.quantize_per_channel and other quantized tensor"
 
 
 def int8_activations_use_full_range() -> bool:
@@ -120,11 +123,14 @@ class Int8RowScaledLinear(Int8DynamicLinear):
     this one path, a single row too, so that a row's result is the same in any batch."""
 
     def prepare_row_scaling(self, bias: torch.Tensor | None) -> None:
-        """`bias`: the float layer's, kept out of the packed weight (see the class docstring)."""
+        """`bias`: the float layer's, kept out of the packed weight (see the class docstring). Stored with the weight's
+        row sums in one buffer, which state_dict() saves and load_state_dict() restores with the packed weight."""
         weight_sums = self.weight().dequantize().sum(1)
-        # One (rows, 2) @ (2, out) product adds low * weight_sums and the bias to every row.
         offsets = torch.stack([weight_sums, bias if bias is not None else torch.zeros_like(weight_sums)])
-        self.register_buffer("row_offset_weights", offsets, persistent=False)
+        self.register_buffer("row_offsets", offsets)
+
+    def bias(self) -> torch.Tensor:
+        return self.row_offsets[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
@@ -136,7 +142,10 @@ class Int8RowScaledLinear(Int8DynamicLinear):
         output = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
             rows.mul(inverse).sub_(low * inverse), 1.0 / levels, 0, self._packed_params._packed_params
         )
-        output.mul_(width).addmm_(torch.cat([low, torch.ones_like(low)], 1), self.row_offset_weights)
+        weight_sums, bias = self.row_offsets
+        # Element by element (not one rank-2 product, whose kernel rounds a lone row otherwise): a row's result is
+        # the same in any batch, to the bit.
+        output = torch.addcmul(bias, low, weight_sums).addcmul_(output, width)
         return output.reshape(*x.shape[:-1], output.shape[-1]).to(x.dtype)
 
 
@@ -253,7 +262,8 @@ def check_every_pattern_matches(model: nn.Module, argument: str, patterns, names
 
 def linears_to_quantize(model: nn.Module, keep_float32) -> dict[str, nn.Linear]:
     """The linear layers (nn.Linear and its subclasses) by name, less those a `keep_float32` pattern matches
-    (fnmatch against the module's name in model.named_modules()); None: KEEP_FLOAT32_DEFAULT in each encoder stack."""
+    (fnmatch against the module's names in model.named_modules(), any of them for a module reachable by several);
+    None: KEEP_FLOAT32_DEFAULT in each encoder stack."""
     linears = {
         name: module for name, module in model.named_modules(remove_duplicate=False) if isinstance(module, nn.Linear)
     }
@@ -261,8 +271,8 @@ def linears_to_quantize(model: nn.Module, keep_float32) -> dict[str, nn.Linear]:
         keep_float32 = within_encoders(model, KEEP_FLOAT32_DEFAULT)
     else:
         check_every_pattern_matches(model, "keep_float32", keep_float32, list(linears), "'*.ffn.fc2' keeps every fc2")
-    kept = set(matching(linears, keep_float32))
-    return {name: module for name, module in linears.items() if name not in kept}
+    kept = {id(linears[name]) for name in matching(linears, keep_float32)}
+    return {name: module for name, module in linears.items() if id(module) not in kept}
 
 
 def quantize_int8(model: nn.Module, keep_float32, per_token_activations) -> None:
@@ -274,11 +284,11 @@ def quantize_int8(model: nn.Module, keep_float32, per_token_activations) -> None
         check_every_pattern_matches(
             model, "per_token_activations", per_token_activations, list(targets), "'*fc2' names every fc2"
         )
-    per_token = set(matching(targets, per_token_activations))
+    per_token = {id(targets[name]) for name in matching(targets, per_token_activations)}
     replacements: dict[int, Int8DynamicLinear] = {}  # a linear module shared by two parents stays shared
     for name, linear in targets.items():
         if id(linear) not in replacements:
-            replacements[id(linear)] = int8_linear(linear, reduce_range, per_token=name in per_token)
+            replacements[id(linear)] = int8_linear(linear, reduce_range, per_token=id(linear) in per_token)
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, replacements[id(linear)])
     # The float parameters left (embeddings, LayerNorms) no longer train usefully; without gradients an inference

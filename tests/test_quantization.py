@@ -41,6 +41,7 @@ from modeling_selfattn.quantization import (
     Int8RowScaledLinear,
     int8_activations_use_full_range,
     int8_linear,
+    quantize,
 )
 
 INT8_RELATIVE_TOLERANCE = 0.05
@@ -226,7 +227,7 @@ def test_row_scaled_layer_computes_exactly_what_its_int8_values_mean(reduce_rang
 
 def test_row_scaled_layer_gives_a_row_the_same_result_in_any_batch():
     """A row's result does not depend on the other rows of its batch, nor on the batch's shape: alone, with others, in
-    a 3-D batch."""
+    a 3-D batch, to the bit."""
     linear, layer = row_scaled_layer()
     x = torch.randn(2, 5, 64)
     x[1, 2] *= 100
@@ -237,9 +238,47 @@ def test_row_scaled_layer_gives_a_row_the_same_result_in_any_batch():
             alone = layer(x[batch, position].view(1, 1, 64))
             assert alone.shape == (1, 1, 48)
             for result in (with_others, alone[0, 0]):
-                torch.testing.assert_close(result, whole[batch, position], rtol=0, atol=1e-5)
+                assert torch.equal(result, whole[batch, position])
+        flat = x.view(10, 64)
+        for count in (1, 2, 7):
+            assert torch.equal(layer(flat[:count]), layer(flat)[:count])
         assert layer(torch.zeros(0, 64)).shape == (0, 48)
         assert torch.equal(layer(torch.zeros(3, 64)), linear.bias.expand(3, 48))  # an all-zero row: the bias alone
+
+
+def test_int8_state_dict_carries_the_row_scaled_layers():
+    """load_state_dict of one int8 model's state into another, quantized from other weights, gives the first's
+    outputs: the per-token layers' bias and weight sums travel with their packed weights."""
+    source, inputs = make_model("sequence_classification", seed=0)
+    target, _ = make_model("sequence_classification", seed=1)
+    source.quantize("int8")
+    target.quantize("int8")
+    assert any(kind == "per token" for kind in linear_kinds(source).values())
+    expected = float_outputs(source, inputs)
+    assert (float_outputs(target, inputs)["logits"] - expected["logits"]).abs().max() > 1e-3
+    target.load_state_dict(source.state_dict())
+    for key, value in float_outputs(target, inputs).items():
+        assert torch.equal(value, expected[key]), key
+    layer = source.model.encoder.layers[0].ffn.fc1
+    assert isinstance(layer, Int8RowScaledLinear) and torch.equal(layer.bias(), layer.row_offsets[1])
+
+
+def test_defaults_follow_a_module_reachable_by_two_names():
+    """A module shared under two names gets one decision: kept or per token if any of its names is."""
+    model, inputs = make_model("seq2seq_lm")
+
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.an_alias = model.model.encoder  # comes first in named_modules(): the stack search sees only it
+            self.model = model
+
+    wrapper = Wrapper().eval()
+    quantize(wrapper, "int8")
+    for prefix in ("an_alias", "model.model.encoder"):
+        layer = wrapper.get_submodule(prefix).layers[0]
+        assert isinstance(layer.self_attn.v_proj, nn.Linear)
+        assert isinstance(layer.ffn.fc1, Int8RowScaledLinear)
 
 
 def test_per_token_activations_names_the_row_scaled_layers():
