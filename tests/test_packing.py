@@ -50,17 +50,16 @@ ENCODER_VARIANTS = {
 }
 
 
-# How attention buckets the packed sequences (packing.BUCKET_MIN_LENGTH_RATIO, BUCKET_ANY_LENGTH_UP_TO): the default
-# puts LENGTHS in one bucket, padded and masked; "split" makes buckets of mixed lengths and lone ones; "per_length"
-# one bucket per distinct length, each a view without mask.
-BUCKET_RULES = {"one_bucket": (0.5, 64), "split": (0.5, 0), "per_length": (1.0, 0)}
+# How attention buckets the packed sequences (packing.BUCKET_MIN_LENGTH_RATIO): "one_bucket" puts LENGTHS in one
+# bucket, padded and masked; the default makes buckets of mixed lengths and lone ones; "per_length" one bucket per
+# distinct length, each a view without mask.
+BUCKET_RULES = {"one_bucket": 0.0, "default": packing.BUCKET_MIN_LENGTH_RATIO, "per_length": 1.0}
 
 
 @pytest.mark.parametrize("bucket_rule", list(BUCKET_RULES))
 @pytest.mark.parametrize("variant", list(ENCODER_VARIANTS))
 def test_unpadded_encoder_matches_the_padded_path(variant, bucket_rule, never_unpad, count_packings, monkeypatch):
-    monkeypatch.setattr(packing, "BUCKET_MIN_LENGTH_RATIO", BUCKET_RULES[bucket_rule][0])
-    monkeypatch.setattr(packing, "BUCKET_ANY_LENGTH_UP_TO", BUCKET_RULES[bucket_rule][1])
+    monkeypatch.setattr(packing, "BUCKET_MIN_LENGTH_RATIO", BUCKET_RULES[bucket_rule])
     overrides, attn_implementation, padding_side = ENCODER_VARIANTS[variant]
     model = build(SelfAttnModel, **overrides)
     model.set_attn_implementation(attn_implementation)
@@ -151,8 +150,8 @@ def test_attention_buckets_group_sequences_of_similar_length():
     lengths = (200, 30, 90, 150, 40, 150)
     attention_mask = (torch.arange(200) < torch.tensor(lengths)[:, None]).long()
     packed = packing.PackedSequences.from_attention_mask(attention_mask)
-    # 200 and 150 (at least half of 200) share one bucket, 90 does not; 90 is over 64 long, so 40 starts a bucket
-    # that also takes 30.
+    # 200 and 150 (at least 2/3 of 200) share one bucket, 90 does not; 40 (under 2/3 of 90) starts a bucket that also
+    # takes 30.
     assert [(bucket.first, bucket.count, bucket.length) for bucket in packed.buckets] == [
         (0, 3, 200), (500, 1, 90), (590, 2, 40)
     ]
@@ -166,7 +165,10 @@ def test_packed_sequences_pack_and_unpack_are_inverse():
     batch = padded_batch(padding_side="left")
     packed = packing.PackedSequences.from_attention_mask(batch["attention_mask"])
     assert packed.cu_seq_lens.tolist() == [0, 16, 28, 37, 46, 49, 50]  # longest first
-    assert [(bucket.first, bucket.count, bucket.length) for bucket in packed.buckets] == [(0, 6, 16)]
+    # 16 and 12 share a bucket; 9, 9 (under 2/3 of 16) another; 3 and 1 are alone.
+    assert [(bucket.first, bucket.count, bucket.length) for bucket in packed.buckets] == [
+        (0, 2, 16), (28, 2, 9), (46, 1, 3), (49, 1, 1)
+    ]
     values, padding = torch.randn(len(LENGTHS), 16, 4), torch.randn(len(LENGTHS), 16, 4)
     restored = packed.unpack(packed.pack(values), padding)
     real = batch["attention_mask"].bool()
