@@ -91,6 +91,9 @@ class Int8DynamicLinear(DynamicQuantizedLinear):
     int8_activations_use_full_range)."""
 
     reduce_range = True
+    # Each call returns a tensor of its own, which the feed-forward's activation may then overwrite in place
+    # (kernels.linear_then_activation).
+    fresh_output = True
 
     def check_input(self, x: torch.Tensor) -> None:
         if torch.is_grad_enabled() and x.requires_grad:

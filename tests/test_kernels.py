@@ -395,3 +395,64 @@ def test_compiled_graphs_take_the_choice_made_in_eager_mode(faster, auto_finds_f
         torch.testing.assert_close(compiled(inputs), layer(inputs), rtol=0, atol=TOLERANCE)
     targets = [str(node.target) for graph in graphs for node in graph.nodes]
     assert any("onednn_linear" in target for target in targets) == (faster == "onednn"), targets
+
+
+@pytest.fixture
+def in_place_activations(monkeypatch) -> list:
+    """The activations applied in place on a product (linear_then_activation), by name, as they happen."""
+    calls = []
+    for name, original in list(kernels.ATEN_ACTIVATIONS.items()):
+        recorded = lambda output, name=name, original=original: calls.append(name) or original(output)  # noqa: E731
+        monkeypatch.setitem(kernels.ATEN_ACTIVATIONS, name, recorded)
+    return calls
+
+
+class CachedOutput(torch.nn.Module):
+    """A layer whose output is a tensor it keeps: an activation must not overwrite it."""
+
+    def __init__(self):
+        super().__init__()
+        self.kept = torch.randn(5, 8)
+
+    def forward(self, input):
+        return self.kept
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_activation_goes_in_place_only_on_a_fresh_unobserved_product(activation, in_place_activations):
+    """Where oneDNN does not take the product (here: an nn.Linear, and an int8 layer), the feed-forward's activation
+    overwrites the product in place when nothing else can hold it, with torch's own results to the bit; with a
+    gradient, a hook that could keep the product, or a layer whose output is not its own, it runs as usual."""
+    from transformers.activations import GELUActivation
+
+    from modeling_selfattn.quantization import int8_linear
+
+    module = GELUActivation() if activation == "gelu" else torch.nn.ReLU()
+    function = torch.nn.functional.gelu if activation == "gelu" else torch.nn.functional.relu
+    torch.manual_seed(0)
+    linear, inputs = torch.nn.Linear(8, 16), torch.randn(5, 8)
+    layers = {"linear": linear, "int8": int8_linear(linear, reduce_range=False, per_token=True)}
+    for kind, layer in layers.items():
+        with torch.no_grad():
+            expected = function(layer(inputs))
+            in_place_activations.clear()
+            assert torch.equal(kernels.linear_then_activation(layer, module, inputs), expected), kind
+        assert in_place_activations == [activation], kind
+    # A gradient: the usual activation, and the gradient flows.
+    in_place_activations.clear()
+    output = kernels.linear_then_activation(linear, module, inputs)
+    output.sum().backward()
+    assert linear.weight.grad is not None and not in_place_activations
+    # A hook may keep the product: it must still hold the product afterwards.
+    kept = []
+    handle = linear.register_forward_hook(lambda module, args, product: kept.append(product))
+    with torch.no_grad():
+        kernels.linear_then_activation(linear, module, inputs)
+        assert torch.equal(kept[0], linear(inputs)) and not in_place_activations
+    handle.remove()
+    # A layer that returns a tensor it keeps.
+    cached = CachedOutput()
+    saved = cached.kept.clone()
+    with torch.no_grad():
+        assert torch.equal(kernels.linear_then_activation(cached, module, inputs), function(saved))
+    assert torch.equal(cached.kept, saved) and not in_place_activations
