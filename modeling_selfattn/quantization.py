@@ -24,11 +24,11 @@ error, which passes to the output undamped by the softmax, stayed the largest le
 they stay float32 (measured, below; they are a twelfth of the encoder's products). Measured with
 benchmarks/quantized_quality.py on all 872 SST-2 dev sentences (batches of 64): the lowest cosine of
 all-MiniLM-L6-v2's mean-pooled embeddings to float32's is 0.966 with every layer int8 per tensor, 0.974 with the
-value projections in float32 alone, 0.990 with fc1 and fc2 per token alone, 0.994 with every layer per token, 0.9958
-with these defaults (mean 0.9991). They cost the encoder 6-36% of its int8 time on this project's noisy VM (10-20%
-in most runs). Decoding gains nothing measurable from them (Multi30k BLEU and token agreement with float32 equal
-either way) and would pay 28% a step, so decoders keep per tensor. A row's result in a per-token layer does not
-depend on the other rows of its batch, to the bit.
+value projections in float32 alone, 0.990 with fc1 and fc2 per token alone, 0.994 with every layer per token,
+0.9956-0.9958 with these defaults (mean 0.9991). They cost the encoder 6-36% of its int8 time on this project's
+noisy VM (10-20% in most runs). Decoding gains nothing measurable from them (Multi30k BLEU and token agreement with
+float32 equal either way) and would pay 28% a step, so decoders keep per tensor. A row's result in a per-token layer
+does not depend on the other rows of its batch, to the bit.
 
 Why torch's dynamic quantization rather than torchao's Int8DynamicActivationInt8WeightConfig (per-token activations):
 on CPU without torch.compile, torchao's int8 linears ran 5x slower than float32 (its CPU path is written for Inductor
