@@ -242,7 +242,7 @@ def activation_name(activation: nn.Module) -> str | None:
 def linear_then_activation(linear: nn.Module, activation: nn.Module, input: torch.Tensor) -> torch.Tensor:
     """activation(linear(input)): as one oneDNN call where `linear` may run oneDNN, the activation is torch's own
     (activation_name) and no hook observes either module; else the activation applied in place on the product where
-    that is safe (no gradient, no hook, not tracing or exporting, and a product that is a fresh tensor: an
+    that is safe (no gradient, no hook, no autocast, not tracing or exporting, and a product that is a fresh tensor: an
     nn.Linear's, or a layer's that says so with `fresh_output`, as model.quantize's int8 layers do). In place spares
     an allocation of the product's size, which on a 2-core Xeon VM cost more than the activation (measured: gelu on
     1570x1536 floats 0.65 ms alone, 2.9 ms a call within the int8 encoder). A wrapped layer (LoRA, a quantised one)
@@ -257,6 +257,7 @@ def linear_then_activation(linear: nn.Module, activation: nn.Module, input: torc
         or observed
         or output.requires_grad
         or not (isinstance(linear, nn.Linear) or getattr(linear, "fresh_output", False))
+        or torch.is_autocast_enabled(output.device.type)  # autocast may give the activation another dtype
         or torch.jit.is_tracing()
         or torch.compiler.is_exporting()
     ):

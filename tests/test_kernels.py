@@ -450,6 +450,11 @@ def test_activation_goes_in_place_only_on_a_fresh_unobserved_product(activation,
         kernels.linear_then_activation(linear, module, inputs)
         assert torch.equal(kept[0], linear(inputs)) and not in_place_activations
     handle.remove()
+    # Under autocast the activation runs as autocast has it.
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = function(linear(inputs))
+        assert torch.equal(kernels.linear_then_activation(linear, module, inputs), expected)
+    assert not in_place_activations
     # A layer that returns a tensor it keeps.
     cached = CachedOutput()
     saved = cached.kept.clone()
