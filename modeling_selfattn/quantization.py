@@ -28,7 +28,7 @@ value projections in float32 alone, 0.990 with fc1 and fc2 per token alone, 0.99
 0.9956-0.9958 with these defaults (mean 0.9991). They cost the encoder 6-36% of its int8 time on this project's
 noisy VM (10-20% in most runs). Decoding gains nothing measurable from them (Multi30k BLEU and token agreement with
 float32 equal either way) and would pay 28% a step, so decoders keep per tensor. A row's result in a per-token layer
-does not depend on the other rows of its batch, to the bit.
+does not depend on the other rows of its batch (to the bit on this project's Xeon).
 
 Why torch's dynamic quantization rather than torchao's Int8DynamicActivationInt8WeightConfig (per-token activations):
 on CPU without torch.compile, torchao's int8 linears ran 5x slower than float32 (its CPU path is written for Inductor
@@ -147,8 +147,8 @@ class Int8RowScaledLinear(Int8DynamicLinear):
         )
         weight_sums, bias = self.row_offsets
         # Element by element (not one rank-2 product, whose kernel rounds a lone row otherwise): a row's result is
-        # the same in any batch, to the bit. In place: on a 2-core Xeon VM a fresh (rows, out) tensor cost several
-        # times a pass over it (in one process, the int8 encoder took 4-11% longer with one, two runs).
+        # the same in any batch (to the bit on the Xeon measured). In place: on a 2-core Xeon VM a fresh (rows, out)
+        # tensor cost several times a pass over it (in one process, the int8 encoder took 4-11% longer with one).
         output.mul_(width).addcmul_(low, weight_sums).add_(bias)
         return output.reshape(*x.shape[:-1], output.shape[-1]).to(x.dtype)
 
