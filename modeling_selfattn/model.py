@@ -55,6 +55,7 @@ from .input_checks import (
 )
 from .dropout import Dropout, zero_dropped
 from .kernels import Linear, linear_then_activation
+from .lean_generation import LeanGenerationMixin
 from .packing import PackedSequences, packed_sequences_for, records_layer_outputs
 
 
@@ -1220,7 +1221,7 @@ def shift_tokens_right(labels: torch.Tensor, pad_token_id: int | None, decoder_s
     return shifted.masked_fill(shifted == -100, pad_token_id)
 
 
-class SelfAttnForConditionalGeneration(SelfAttnPreTrainedModel, GenerationMixin):
+class SelfAttnForConditionalGeneration(SelfAttnPreTrainedModel, LeanGenerationMixin, GenerationMixin):
     """The paper's encoder-decoder with an LM head over the shared token embeddings."""
 
     # The loss divides by Trainer's `num_items_in_batch` (the scored tokens of all processes and accumulated steps).
@@ -1318,7 +1319,7 @@ class SelfAttnForConditionalGeneration(SelfAttnPreTrainedModel, GenerationMixin)
         )
 
 
-class SelfAttnForCausalLM(SelfAttnPreTrainedModel, GenerationMixin):
+class SelfAttnForCausalLM(SelfAttnPreTrainedModel, LeanGenerationMixin, GenerationMixin):
     """Decoder-only language model (encoder_layers=0): causal self-attention layers and an LM head."""
 
     # The loss divides by Trainer's `num_items_in_batch` (the scored tokens of all processes and accumulated steps).

@@ -96,14 +96,15 @@ class Int8DynamicLinear(DynamicQuantizedLinear):
     fresh_output = True
 
     def check_input(self, x: torch.Tensor) -> None:
-        if torch.is_grad_enabled() and x.requires_grad:
+        # Cheapest tests first: this runs on every call, and a decoding step makes dozens of one-row calls.
+        if x.requires_grad and torch.is_grad_enabled():
             raise RuntimeError(
                 "An int8 layer (model.quantize('int8')) got an input that requires a gradient. int8 models are for "
                 "inference only: torch's quantized linear kernels have no backward, so no gradient would pass through "
                 "them. Run inference under torch.no_grad() with inputs that do not require a gradient, or "
                 "fine-tune the float32 model and quantize it afterwards."
             )
-        if x.device.type != "cpu":
+        if not x.is_cpu:
             raise RuntimeError(
                 f"An int8 layer (model.quantize('int8')) got an input on {x.device}, but int8 dynamic quantization "
                 "runs on CPU only. Run the int8 model on CPU inputs, or use model.quantize('bf16') on a GPU."
@@ -112,7 +113,7 @@ class Int8DynamicLinear(DynamicQuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         output = torch.ops.quantized.linear_dynamic(x, self._packed_params._packed_params, self.reduce_range)
-        return output.to(x.dtype)
+        return output if output.dtype == x.dtype else output.to(x.dtype)
 
 
 class Int8RowScaledLinear(Int8DynamicLinear):

@@ -1,0 +1,186 @@
+"""generate()'s per-step work on the scores and the cache, made lean: the selfattn models that generate change two
+things generate() builds for itself, each with the same results, bit for bit, for less work a step.
+
+The logits processors that block tokens. transformers' versions rebuild a vocabulary-sized mask at every step
+(torch.arange, then torch.isin against the blocked ids) and copy the scores through torch.where;
+MinLengthLogitsProcessor and MinNewTokensLengthLogitsProcessor also clone the scores at every step, blocking or not;
+NoBadWordsLogitsProcessor (SequenceBiasLogitsProcessor) builds a zero bias the size of the scores, adds its one-token
+biases into it, then adds that to the scores. Here the blocked ids are kept once per vocabulary size and device and
+filled in (`index_fill`), and one-token biases are added directly. Measured on a 2-core Xeon (32,000-token
+vocabulary): 0.24 ms a processor a step at batch 1 (the mask, not the scores, is the cost) and 0.4-1.7 ms at batch
+16, against 6-60 us here. Processors the caller passes in (generate's `logits_processor=`) are left as they are; only
+those generate() makes from the generation config, of exactly transformers' classes, are replaced. Each lean version,
+like the original, returns a new tensor and leaves its input unchanged.
+
+The self-attention cache. transformers' DynamicLayer concatenates the whole cached sequence with the new position at
+every step, for keys and values of every layer (torch.cat: 1.3 ms a step of 13 at batch 16 on an int8
+Transformer-base, measured); GrowingLayer writes the new positions into room kept after the cached ones, and
+grows its buffers to twice the length needed when full (never past generate()'s maximum length). Only the layers of
+a cache generate() makes itself (not one the caller passes, not an offloaded one) are replaced.
+
+Shipped with saved models (model.py imports it); it imports nothing of the package.
+"""
+
+import math
+
+import torch
+from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+    NoBadWordsLogitsProcessor,
+    SuppressTokensLogitsProcessor,
+)
+
+
+class BlockedIds:
+    """The ids of `ids` that a vocabulary of the scores' size holds (what torch.isin against arange(vocab) matches),
+    as an index for index_fill, kept per vocabulary size and device."""
+
+    def blocked_ids(self, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        cache = self.__dict__.setdefault("_blocked_ids", {})
+        key = (scores.shape[-1], scores.device)
+        if key not in cache:
+            ids = ids.to(device=scores.device, dtype=torch.long).flatten()
+            cache[key] = ids[(ids >= 0) & (ids < scores.shape[-1])]
+        return cache[key]
+
+
+class LeanSuppressTokens(SuppressTokensLogitsProcessor, BlockedIds):
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        return scores.index_fill(-1, self.blocked_ids(self.suppress_tokens, scores), -math.inf)
+
+
+class LeanMinLength(MinLengthLogitsProcessor, BlockedIds):
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[-1] < self.min_length:
+            return scores.index_fill(-1, self.blocked_ids(self.eos_token_id, scores), -math.inf)
+        return scores.clone()
+
+
+class LeanMinNewTokensLength(MinNewTokensLengthLogitsProcessor, BlockedIds):
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[-1] - self.prompt_length_to_skip < self.min_new_tokens:
+            return scores.index_fill(-1, self.blocked_ids(self.eos_token_id, scores), -math.inf)
+        return scores.clone()
+
+
+class LeanNoBadWords(NoBadWordsLogitsProcessor):
+    """With one-token bad words only: the scores plus their bias (SequenceBiasLogitsProcessor's length_1_bias), which
+    equals transformers' zero bias plus that bias, added to the scores (0 + b is b, bit for bit). Sequences of
+    several tokens take the original path, as do scores of another dtype than the bias (the original adds in the
+    scores' dtype)."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        if not self.prepared_bias_variables:
+            self._prepare_bias_variables(scores)
+        if self.multi_token_biases or scores.dtype != self.length_1_bias.dtype:
+            return super().__call__(input_ids, scores)
+        return scores + self.length_1_bias
+
+
+LEAN_PROCESSORS = {
+    SuppressTokensLogitsProcessor: LeanSuppressTokens,
+    MinLengthLogitsProcessor: LeanMinLength,
+    MinNewTokensLengthLogitsProcessor: LeanMinNewTokensLength,
+    NoBadWordsLogitsProcessor: LeanNoBadWords,
+}
+
+
+def lean(processor):
+    """The lean version of `processor`, with its attributes, where there is one for its exact class; else itself."""
+    lean_class = LEAN_PROCESSORS.get(type(processor))
+    if lean_class is None:
+        return processor
+    replacement = lean_class.__new__(lean_class)
+    replacement.__dict__.update(processor.__dict__)
+    return replacement
+
+
+class GrowingLayer(DynamicLayer):
+    """DynamicLayer whose keys and values are views of buffers with room for later positions (see the module
+    docstring): an update writes into the room instead of concatenating. Whatever replaces `keys` and `values` from
+    outside (crop, batch selection, DynamicLayer's own methods) is taken as the cached content at the next update,
+    which copies it into new buffers; beam search's reordering is done within the buffers."""
+
+    def __init__(self, max_length: int | None = None):
+        super().__init__()
+        self.max_length = max_length
+        self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.views: tuple[torch.Tensor, torch.Tensor] | None = None  # the keys and values last handed out
+
+    def viewing_buffers(self, key_states: torch.Tensor, needed: int) -> bool:
+        """Whether `keys` and `values` are still the views last handed out, with room for `needed` positions of
+        states like `key_states`."""
+        if self.buffers is None or not (self.keys is self.views[0] and self.values is self.views[1]):
+            return False
+        buffer = self.buffers[0]
+        return (
+            buffer.shape[-2] >= needed
+            and buffer.shape[:2] == key_states.shape[:2]
+            and buffer.shape[-1] == key_states.shape[-1]
+            and buffer.dtype == key_states.dtype
+            and buffer.device == key_states.device
+        )
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length = self.get_seq_length()
+        needed = length + key_states.shape[-2]
+        if not self.viewing_buffers(key_states, needed):
+            capacity = max(needed, min(2 * needed, self.max_length or 2 * needed))
+            self.buffers = tuple(
+                states.new_empty(*states.shape[:-2], capacity, states.shape[-1])
+                for states in (key_states, value_states)
+            )
+            if length:
+                self.buffers[0][..., :length, :] = self.keys
+                self.buffers[1][..., :length, :] = self.values
+        self.buffers[0][..., length:needed, :] = key_states
+        self.buffers[1][..., length:needed, :] = value_states
+        self.keys, self.values = self.views = tuple(buffer[..., :needed, :] for buffer in self.buffers)
+        return self.keys, self.values
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        length = self.get_seq_length()
+        if length == 0 or self.buffers is None or not (self.keys is self.views[0] and self.values is self.views[1]):
+            super().reorder_cache(beam_idx)
+            return
+        for buffer, states in zip(self.buffers, (self.keys, self.values)):
+            buffer[..., :length, :] = states.index_select(0, beam_idx.to(states.device))
+
+    def reset(self) -> None:
+        self.buffers = self.views = None
+        super().reset()
+
+
+class LeanGenerationMixin:
+    """For the model classes that generate, before GenerationMixin: generate()'s processor list and cache with the
+    lean processors and the growing self-attention cache (see the module docstring)."""
+
+    def _get_logits_processor(self, *args, **kwargs) -> LogitsProcessorList:
+        processors = super()._get_logits_processor(*args, **kwargs)
+        # generate() passes them by keyword; by position they are the fifth argument (after generation_config,
+        # input_ids_seq_length, encoder_input_ids and prefix_allowed_tokens_fn).
+        caller_processors = kwargs.get("logits_processor", args[4] if len(args) > 4 else None)
+        given = {id(processor) for processor in caller_processors or ()}
+        return LogitsProcessorList(
+            processor if id(processor) in given else lean(processor) for processor in processors
+        )
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
+        caller_cache = model_kwargs.get("cache")
+        prepared = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("cache")
+        if cache is None or cache is caller_cache:
+            return prepared
+        self_attention = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+        if type(self_attention) is DynamicCache and not self_attention.offloading:
+            max_length = getattr(generation_config, "max_length", None)
+            self_attention.layers = [
+                GrowingLayer(max_length) if type(layer) is DynamicLayer and not layer.is_initialized else layer
+                for layer in self_attention.layers
+            ]
+        return prepared

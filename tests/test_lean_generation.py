@@ -1,0 +1,182 @@
+"""lean_generation.py: the lean processors give transformers' processors' scores bit for bit, GrowingLayer holds what
+DynamicLayer holds through every operation generate() and users apply, and generate() of both generating heads uses
+both (for what it makes itself only) with the same tokens and scores as transformers' processors and cache."""
+
+import math
+
+import pytest
+import torch
+from conftest import EOS_TOKEN_ID, PAD_TOKEN_ID, make_tiny_config
+from transformers import GenerationConfig
+from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.generation import GenerationMixin
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+    NoBadWordsLogitsProcessor,
+    SuppressTokensLogitsProcessor,
+)
+
+from modeling_selfattn import SelfAttnForCausalLM, SelfAttnForConditionalGeneration
+from modeling_selfattn.lean_generation import LEAN_PROCESSORS, GrowingLayer, lean
+
+VOCAB = 50
+
+# name -> (transformers' processor, prompt lengths to score at): ids out of the vocabulary and below 0 included,
+# which the originals' isin against arange(vocab) never matches; lengths on both sides of a minimum length.
+PROCESSORS = {
+    "suppress": (lambda: SuppressTokensLogitsProcessor([3, 7, 120, 49]), [4]),
+    "min_length": (lambda: MinLengthLogitsProcessor(6, torch.tensor([2, 9, 77])), [3, 5, 6, 9]),
+    "min_new_tokens": (lambda: MinNewTokensLengthLogitsProcessor(2, 3, [2, 9]), [3, 4, 5, 8]),
+    "bad_words": (lambda: NoBadWordsLogitsProcessor([[5], [11], [2]], eos_token_id=2), [4]),
+    "bad_word_sequences": (lambda: NoBadWordsLogitsProcessor([[5], [11, 12], [7, 8, 9]]), [1, 4]),
+}
+
+
+def special_scores(batch: int) -> torch.Tensor:
+    """Random scores with the values a processor could round or combine differently: infinities, NaN, -0.0."""
+    scores = torch.randn(batch, VOCAB, generator=torch.Generator().manual_seed(batch))
+    scores[0, [1, 3, 5]] = torch.tensor([math.inf, -math.inf, math.nan])
+    scores[-1, [2, 9, 11]] = torch.tensor([-0.0, math.inf, math.nan])
+    return scores
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+@pytest.mark.parametrize("name", list(PROCESSORS))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_lean_processor_gives_transformers_scores_to_the_bit(name, batch):
+    make, lengths = PROCESSORS[name]
+    original, replacement = make(), lean(make())
+    assert type(replacement) is LEAN_PROCESSORS[type(original)] and isinstance(replacement, type(original))
+    for length in lengths:
+        input_ids = torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(length))
+        scores = special_scores(batch)
+        before = scores.clone()
+        expected, result = original(input_ids, scores), replacement(input_ids, scores)
+        assert same_bits(result, expected), (name, length)
+        assert same_bits(scores, before) and result.data_ptr() != scores.data_ptr()  # a new tensor, input unchanged
+
+
+def test_other_processors_are_kept():
+    processor = SuppressTokensLogitsProcessor([3])
+    subclassed = type("Custom", (SuppressTokensLogitsProcessor,), {})([3])
+    assert lean(subclassed) is subclassed
+    assert type(lean(processor)) is not SuppressTokensLogitsProcessor
+
+
+def build_model(shape: str):
+    torch.manual_seed(0)
+    config = make_tiny_config(shape, tie_word_embeddings=False, initializer_range=0.2, type_vocab_size=0)
+    model_class = SelfAttnForConditionalGeneration if shape == "encoder_decoder" else SelfAttnForCausalLM
+    return model_class._from_config(config, attn_implementation="sdpa").eval()
+
+
+SETTINGS = dict(
+    max_new_tokens=6, min_new_tokens=4, min_length=3, suppress_tokens=[7, 13], bad_words_ids=[[21], [30]],
+    eos_token_id=EOS_TOKEN_ID, pad_token_id=PAD_TOKEN_ID, output_scores=True, return_dict_in_generate=True,
+)
+
+
+@pytest.mark.parametrize("shape", ["encoder_decoder", "decoder"])
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_generate_lean_matches_transformers_processors_and_cache(shape, num_beams, monkeypatch):
+    model = build_model(shape)
+    input_ids = torch.randint(3, 99, (2, 5), generator=torch.Generator().manual_seed(2))
+    calls = []
+    for lean_class in LEAN_PROCESSORS.values():
+        monkeypatch.setattr(lean_class, "__call__", spy(lean_class.__call__, calls))
+    monkeypatch.setattr(GrowingLayer, "update", spy(GrowingLayer.update, calls))
+    with torch.no_grad():
+        leaner = model.generate(input_ids=input_ids, num_beams=num_beams, **SETTINGS)
+        assert {type(caller) for caller in calls} == {GrowingLayer} | {
+            LEAN_PROCESSORS[kind]
+            for kind in (
+                MinLengthLogitsProcessor, MinNewTokensLengthLogitsProcessor, SuppressTokensLogitsProcessor,
+                NoBadWordsLogitsProcessor,
+            )
+        }
+        monkeypatch.setattr(type(model), "_get_logits_processor", GenerationMixin._get_logits_processor)
+        monkeypatch.setattr(type(model), "_prepare_cache_for_generation", GenerationMixin._prepare_cache_for_generation)
+        calls.clear()
+        expected = model.generate(input_ids=input_ids, num_beams=num_beams, **SETTINGS)
+        assert not calls
+    assert torch.equal(leaner.sequences, expected.sequences)
+    assert len(leaner.scores) == len(expected.scores)
+    assert all(same_bits(a, b) for a, b in zip(leaner.scores, expected.scores))
+
+
+def spy(call, calls: list):
+    def recorded(self, *args, **kwargs):
+        calls.append(self)
+        return call(self, *args, **kwargs)
+
+    return recorded
+
+
+def test_processors_the_caller_passes_are_left_as_they_are():
+    model = build_model("decoder")
+    given = MinLengthLogitsProcessor(4, torch.tensor([EOS_TOKEN_ID]))
+    processors = model._get_logits_processor(
+        generation_config=GenerationConfig(suppress_tokens=[7]),
+        input_ids_seq_length=5,
+        encoder_input_ids=torch.ones(1, 5, dtype=torch.long),
+        prefix_allowed_tokens_fn=None,
+        logits_processor=LogitsProcessorList([given]),
+        device="cpu",
+        model_kwargs={},
+    )
+    assert any(processor is given for processor in processors)
+    assert [type(processor) for processor in processors if processor is not given] == [
+        LEAN_PROCESSORS[SuppressTokensLogitsProcessor]
+    ]
+
+
+def layer_states(generator: torch.Generator, length: int, batch: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(torch.randn(batch, 2, length, 4, generator=generator) for _ in range(2))
+
+
+def test_growing_layer_holds_what_dynamic_layer_holds():
+    """The same updates and operations on both: a prefill, steps across the buffers' growth (to twice the length
+    needed, capped by max_length), beam reordering, batch selection, cropping and a reset."""
+    generator = torch.Generator().manual_seed(0)
+    growing, dynamic = GrowingLayer(max_length=12), DynamicLayer()
+
+    def both(operation, *args):
+        results = [getattr(layer, operation)(*args) for layer in (growing, dynamic)]
+        assert torch.equal(growing.keys, dynamic.keys) and torch.equal(growing.values, dynamic.values), operation
+        if operation == "update":
+            assert all(torch.equal(a, b) for a, b in zip(*results))
+            assert results[0][0] is growing.keys
+        assert growing.get_seq_length() == dynamic.get_seq_length()
+
+    both("update", *layer_states(generator, 5))
+    assert growing.buffers[0].shape[-2] == 10
+    for _ in range(4):
+        both("update", *layer_states(generator, 1))
+    both("reorder_cache", torch.tensor([2, 0, 0]))
+    both("update", *layer_states(generator, 1))  # 10 positions: the buffers are full
+    buffers = growing.buffers
+    both("update", *layer_states(generator, 1))
+    assert growing.buffers[0].shape[-2] == 12 and growing.buffers is not buffers  # grown, to max_length at most
+    both("update", *layer_states(generator, 1))
+    both("crop", -3)
+    both("update", *layer_states(generator, 2))
+    both("batch_select_indices", torch.tensor([1, 2]))
+    both("update", *layer_states(generator, 1, batch=2))
+    both("batch_repeat_interleave", 2)
+    both("update", *layer_states(generator, 1, batch=4))
+    growing.reset(), dynamic.reset()
+    assert growing.buffers is None and not growing.is_initialized
+    both("update", *layer_states(generator, 3))
+
+
+def test_caller_cache_is_left_as_it_is():
+    model = build_model("decoder")
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model.generate(input_ids=torch.ones(1, 4, dtype=torch.long), max_new_tokens=3, cache=cache)
+    assert cache.get_seq_length() > 0 and all(type(layer) is DynamicLayer for layer in cache.layers)
