@@ -157,9 +157,10 @@ def test_growing_layer_holds_what_dynamic_layer_holds():
     assert growing.buffers[0].shape[-2] == 10
     for _ in range(4):
         both("update", *layer_states(generator, 1))
-    both("reorder_cache", torch.tensor([2, 0, 0]))
-    both("update", *layer_states(generator, 1))  # 10 positions: the buffers are full
     buffers = growing.buffers
+    both("reorder_cache", torch.tensor([2, 0, 0]))
+    assert growing.buffers is buffers  # reordered within the buffers
+    both("update", *layer_states(generator, 1))  # 10 positions: the buffers are full
     both("update", *layer_states(generator, 1))
     assert growing.buffers[0].shape[-2] == 12 and growing.buffers is not buffers  # grown, to max_length at most
     both("update", *layer_states(generator, 1))
