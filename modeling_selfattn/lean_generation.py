@@ -110,10 +110,13 @@ class GrowingLayer(DynamicLayer):
         self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
         self.views: tuple[torch.Tensor, torch.Tensor] | None = None  # the keys and values last handed out
 
+    def holds_views(self) -> bool:
+        """Whether `keys` and `values` are still the views of the buffers last handed out (nothing replaced them)."""
+        return self.buffers is not None and self.keys is self.views[0] and self.values is self.views[1]
+
     def viewing_buffers(self, key_states: torch.Tensor, needed: int) -> bool:
-        """Whether `keys` and `values` are still the views last handed out, with room for `needed` positions of
-        states like `key_states`."""
-        if self.buffers is None or not (self.keys is self.views[0] and self.values is self.views[1]):
+        """holds_views(), with room for `needed` positions of states like `key_states`."""
+        if not self.holds_views():
             return False
         buffer = self.buffers[0]
         return (
@@ -128,7 +131,8 @@ class GrowingLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         length = self.get_seq_length()
-        needed = length + key_states.shape[-2]
+        added = key_states.shape[-2]
+        needed = length + added
         if not self.viewing_buffers(key_states, needed):
             capacity = max(needed, min(2 * needed, self.max_length or 2 * needed))
             self.buffers = tuple(
@@ -136,20 +140,23 @@ class GrowingLayer(DynamicLayer):
                 for states in (key_states, value_states)
             )
             if length:
-                self.buffers[0][..., :length, :] = self.keys
-                self.buffers[1][..., :length, :] = self.values
-        self.buffers[0][..., length:needed, :] = key_states
-        self.buffers[1][..., length:needed, :] = value_states
-        self.keys, self.values = self.views = tuple(buffer[..., :needed, :] for buffer in self.buffers)
+                self.buffers[0].narrow(-2, 0, length).copy_(self.keys)
+                self.buffers[1].narrow(-2, 0, length).copy_(self.values)
+        # narrow rather than indexing with slices: this runs for every layer at every decoding step.
+        key_buffer, value_buffer = self.buffers
+        key_buffer.narrow(-2, length, added).copy_(key_states)
+        value_buffer.narrow(-2, length, added).copy_(value_states)
+        self.views = key_buffer.narrow(-2, 0, needed), value_buffer.narrow(-2, 0, needed)
+        self.keys, self.values = self.views
         return self.keys, self.values
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         length = self.get_seq_length()
-        if length == 0 or self.buffers is None or not (self.keys is self.views[0] and self.values is self.views[1]):
+        if length == 0 or not self.holds_views():
             super().reorder_cache(beam_idx)
             return
         for buffer, states in zip(self.buffers, (self.keys, self.values)):
-            buffer[..., :length, :] = states.index_select(0, beam_idx.to(states.device))
+            buffer.narrow(-2, 0, length).copy_(states.index_select(0, beam_idx.to(states.device)))
 
     def reset(self) -> None:
         self.buffers = self.views = None
