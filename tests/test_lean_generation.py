@@ -2,13 +2,14 @@
 DynamicLayer holds through every operation generate() and users apply, and generate() of both generating heads uses
 both (for what it makes itself only) with the same tokens and scores as transformers' processors and cache."""
 
+import contextlib
 import math
 
 import pytest
 import torch
 from conftest import EOS_TOKEN_ID, PAD_TOKEN_ID, make_tiny_config
 from transformers import GenerationConfig
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
 from transformers.generation import GenerationMixin
 from transformers.generation.logits_process import (
     LogitsProcessorList,
@@ -99,14 +100,32 @@ def test_generate_lean_matches_transformers_processors_and_cache(shape, num_beam
                 NoBadWordsLogitsProcessor,
             )
         }
-        monkeypatch.setattr(type(model), "_get_logits_processor", GenerationMixin._get_logits_processor)
-        monkeypatch.setattr(type(model), "_prepare_cache_for_generation", GenerationMixin._prepare_cache_for_generation)
-        calls.clear()
-        expected = model.generate(input_ids=input_ids, num_beams=num_beams, **SETTINGS)
-        assert not calls
+        with stock_generation(model, monkeypatch):
+            calls.clear()
+            expected = model.generate(input_ids=input_ids, num_beams=num_beams, **SETTINGS)
+            assert not calls
     assert torch.equal(leaner.sequences, expected.sequences)
     assert len(leaner.scores) == len(expected.scores)
     assert all(same_bits(a, b) for a, b in zip(leaner.scores, expected.scores))
+    # The returned cache holds DynamicLayers again, with the same keys and values in tensors of their own.
+    returned, stock = (self_attention_layers(output.cache) for output in (leaner, expected))
+    assert all(type(layer) is DynamicLayer for layer in returned)
+    for layer, stock_layer in zip(returned, stock):
+        assert torch.equal(layer.keys, stock_layer.keys) and torch.equal(layer.values, stock_layer.values)
+        assert layer.keys.is_contiguous() and layer.keys.untyped_storage().nbytes() == layer.keys.nbytes
+
+
+@contextlib.contextmanager
+def stock_generation(model, monkeypatch):
+    """transformers' own processors and cache for `model` within the block."""
+    with monkeypatch.context() as patch:
+        for name in ("_merge_criteria_processor_list", "_prepare_cache_for_generation", "generate"):
+            patch.setattr(type(model), name, getattr(GenerationMixin, name))
+        yield
+
+
+def self_attention_layers(cache) -> list:
+    return (cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache).layers
 
 
 def spy(call, calls: list):
@@ -117,22 +136,29 @@ def spy(call, calls: list):
     return recorded
 
 
-def test_processors_the_caller_passes_are_left_as_they_are():
-    model = build_model("decoder")
-    given = MinLengthLogitsProcessor(4, torch.tensor([EOS_TOKEN_ID]))
-    processors = model._get_logits_processor(
-        generation_config=GenerationConfig(suppress_tokens=[7]),
+def prepared_processors(model, caller_processors: list, **settings) -> LogitsProcessorList:
+    return model._get_logits_processor(
+        generation_config=GenerationConfig(**settings),
         input_ids_seq_length=5,
         encoder_input_ids=torch.ones(1, 5, dtype=torch.long),
         prefix_allowed_tokens_fn=None,
-        logits_processor=LogitsProcessorList([given]),
+        logits_processor=LogitsProcessorList(caller_processors),
         device="cpu",
         model_kwargs={},
     )
-    assert any(processor is given for processor in processors)
-    assert [type(processor) for processor in processors if processor is not given] == [
-        LEAN_PROCESSORS[SuppressTokensLogitsProcessor]
-    ]
+
+
+def test_processors_the_caller_passes_are_used_as_they_are():
+    """The caller's processors stay; one of a default's class replaces it, whether it is transformers' (as there)
+    or lean (as an assistant model's generate() gets the main model's), so that nothing runs twice."""
+    model = build_model("decoder")
+    given = MinLengthLogitsProcessor(4, torch.tensor([EOS_TOKEN_ID]))
+    processors = prepared_processors(model, [given], suppress_tokens=[7])
+    assert [type(processor) for processor in processors] == [LEAN_PROCESSORS[SuppressTokensLogitsProcessor], type(given)]
+    assert processors[1] is given
+    for caller_processor in (SuppressTokensLogitsProcessor([7]), lean(SuppressTokensLogitsProcessor([7]))):
+        processors = prepared_processors(model, [caller_processor], suppress_tokens=[7])
+        assert len(processors) == 1 and processors[0] is caller_processor
 
 
 def layer_states(generator: torch.Generator, length: int, batch: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,13 +183,17 @@ def test_growing_layer_holds_what_dynamic_layer_holds():
     assert growing.buffers[0].shape[-2] == 10
     for _ in range(4):
         both("update", *layer_states(generator, 1))
-    buffers = growing.buffers
+    handed_out = growing.keys.clone(), growing.values.clone()
+    kept = growing.keys, growing.values
     both("reorder_cache", torch.tensor([2, 0, 0]))
-    assert growing.buffers is buffers  # reordered within the buffers
+    assert torch.equal(kept[0], handed_out[0]) and torch.equal(kept[1], handed_out[1])  # reordered into new buffers
     both("update", *layer_states(generator, 1))  # 10 positions: the buffers are full
+    buffers = growing.buffers
     both("update", *layer_states(generator, 1))
     assert growing.buffers[0].shape[-2] == 12 and growing.buffers is not buffers  # grown, to max_length at most
+    both("update", *layer_states(generator, 1))  # 12 positions: full again
     both("update", *layer_states(generator, 1))
+    assert growing.buffers[0].shape[-2] == 26  # past max_length: doubling, not a new buffer at every step
     both("crop", -3)
     both("update", *layer_states(generator, 2))
     both("batch_select_indices", torch.tensor([1, 2]))
@@ -181,3 +211,32 @@ def test_caller_cache_is_left_as_it_is():
     with torch.no_grad():
         model.generate(input_ids=torch.ones(1, 4, dtype=torch.long), max_new_tokens=3, cache=cache)
     assert cache.get_seq_length() > 0 and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def test_growing_layer_appends_as_dynamic_layer_where_concatenation_would_not_just_append():
+    """States that need a gradient (autograd may have saved the buffers), and other batch sizes or dtypes than the
+    cached ones, take DynamicLayer's own update: the same errors, type promotion and gradients."""
+    generator = torch.Generator().manual_seed(0)
+    growing, dynamic = GrowingLayer(), DynamicLayer()
+    first = layer_states(generator, 3)
+    for layer in (growing, dynamic):
+        layer.update(*first)
+    with pytest.raises(RuntimeError) as stock_error:
+        dynamic.update(*layer_states(generator, 1, batch=1))
+    with pytest.raises(RuntimeError, match=str(stock_error.value).split(".")[0]):
+        growing.update(*layer_states(generator, 1, batch=1))
+    wider = tuple(states.double() for states in layer_states(generator, 1))
+    for layer in (growing, dynamic):
+        layer.update(*wider)
+    assert growing.keys.dtype == dynamic.keys.dtype == torch.float64 and torch.equal(growing.keys, dynamic.keys)
+
+    growing, dynamic = GrowingLayer(), DynamicLayer()
+    weights = torch.ones(4, requires_grad=True)
+    gradients = []
+    for layer in (growing, dynamic):
+        for step in range(3):
+            keys, values = layer.update(*(states * weights for states in layer_states(torch.Generator().manual_seed(step), 1)))
+        (keys.sum() + values.sum()).backward()
+        gradients.append(weights.grad.clone())
+        weights.grad = None
+    assert torch.equal(gradients[0], gradients[1])
