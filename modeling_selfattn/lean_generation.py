@@ -229,6 +229,7 @@ class LeanGenerationMixin:
         self_attention = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
         if isinstance(self_attention, DynamicCache):
             self_attention.layers = [
-                layer.as_dynamic_layer() if isinstance(layer, GrowingLayer) else layer for layer in self_attention.layers
+                layer.as_dynamic_layer() if isinstance(layer, GrowingLayer) else layer
+                for layer in self_attention.layers
             ]
         return outputs
