@@ -17,8 +17,9 @@ Variants: float32, int8 with quantize()'s defaults, int8 with every linear layer
 tensor (keep_float32=[], per_token_activations=[]: the fastest), bf16. Each `--keep-float32 PATTERNS` (comma-separated
 fnmatch patterns of linear-layer names) adds an int8 variant that keeps those layers in float32; each `--per-token
 PATTERNS` one whose activations are scaled per token in those layers and per tensor in the others (`--per-token ''`:
-none). A measurement whose model or data is missing is skipped with a printed line. The targets of issue "int8 and bf16 inference" are printed with the table: cosine >= 0.995, SST-2 accuracy within 0.3
-points and BLEU within 0.3 of float32. Times are wall-clock for the whole measurement (rough: one pass, CPU).
+none). A measurement whose model or data is missing is skipped with a printed line. The targets of issue "int8 and
+bf16 inference" are printed with the table: cosine >= 0.995, SST-2 accuracy within 0.3 points and BLEU within 0.3 of
+float32. Times are wall-clock for the whole measurement (rough: one pass, CPU).
 """
 
 import argparse

@@ -40,35 +40,36 @@ from transformers.generation.logits_process import (
 
 
 class BlockedIds:
-    """The ids of `ids` that a vocabulary of the scores' size holds (what torch.isin against arange(vocab) matches),
-    as an index for index_fill, kept per vocabulary size and device."""
+    """What the token-blocking processors share: `ids` (those a vocabulary of the scores' size holds, which is what
+    torch.isin against arange(vocab) matches), kept per vocabulary size and device, filled with -inf."""
 
-    def blocked_ids(self, ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def blocked(self, ids: torch.Tensor, scores: torch.Tensor, blocking: bool = True) -> torch.Tensor:
+        """The scores with `ids` at -inf where `blocking`, else a copy: like transformers' processors, a new tensor
+        either way."""
+        if not blocking:
+            return scores.clone()
         cache = self.__dict__.setdefault("_blocked_ids", {})
         key = (scores.shape[-1], scores.device)
         if key not in cache:
             ids = ids.to(device=scores.device, dtype=torch.long).flatten()
             cache[key] = ids[(ids >= 0) & (ids < scores.shape[-1])]
-        return cache[key]
+        return scores.index_fill(-1, cache[key], -math.inf)
 
 
 class LeanSuppressTokens(SuppressTokensLogitsProcessor, BlockedIds):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        return scores.index_fill(-1, self.blocked_ids(self.suppress_tokens, scores), -math.inf)
+        return self.blocked(self.suppress_tokens, scores)
 
 
 class LeanMinLength(MinLengthLogitsProcessor, BlockedIds):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        if input_ids.shape[-1] < self.min_length:
-            return scores.index_fill(-1, self.blocked_ids(self.eos_token_id, scores), -math.inf)
-        return scores.clone()
+        return self.blocked(self.eos_token_id, scores, input_ids.shape[-1] < self.min_length)
 
 
 class LeanMinNewTokensLength(MinNewTokensLengthLogitsProcessor, BlockedIds):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        if input_ids.shape[-1] - self.prompt_length_to_skip < self.min_new_tokens:
-            return scores.index_fill(-1, self.blocked_ids(self.eos_token_id, scores), -math.inf)
-        return scores.clone()
+        new_tokens = input_ids.shape[-1] - self.prompt_length_to_skip
+        return self.blocked(self.eos_token_id, scores, new_tokens < self.min_new_tokens)
 
 
 class LeanNoBadWords(NoBadWordsLogitsProcessor):
@@ -153,12 +154,11 @@ class GrowingLayer(DynamicLayer):
                 for states in (key_states, value_states)
             )
             if length:
-                self.buffers[0].narrow(-2, 0, length).copy_(self.keys)
-                self.buffers[1].narrow(-2, 0, length).copy_(self.values)
+                for buffer, cached in zip(self.buffers, (self.keys, self.values)):
+                    buffer.narrow(-2, 0, length).copy_(cached)
         # narrow rather than indexing with slices: this runs for every layer at every decoding step.
-        key_buffer, value_buffer = self.buffers
-        key_buffer.narrow(-2, length, added).copy_(key_states)
-        value_buffer.narrow(-2, length, added).copy_(value_states)
+        for buffer, states in zip(self.buffers, (key_states, value_states)):
+            buffer.narrow(-2, length, added).copy_(states)
         self.hand_out(needed)
         return self.keys, self.values
 
@@ -211,25 +211,28 @@ class LeanGenerationMixin:
         prepared = super()._prepare_cache_for_generation(
             generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
         )
-        cache = model_kwargs.get("cache")
-        if cache is None or cache is caller_cache:
-            return prepared
-        self_attention = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
-        if type(self_attention) is DynamicCache and not self_attention.offloading:
-            self_attention.layers = [
-                GrowingLayer(max_cache_length) if type(layer) is DynamicLayer and not layer.is_initialized else layer
-                for layer in self_attention.layers
-            ]
+        if model_kwargs.get("cache") is not caller_cache:
+
+            def growing(layer):
+                fresh = type(layer) is DynamicLayer and not layer.is_initialized
+                return GrowingLayer(max_cache_length) if fresh else layer
+
+            replace_self_attention_layers(model_kwargs["cache"], growing)
         return prepared
 
     @functools.wraps(GenerationMixin.generate)
     def generate(self, *args, **kwargs):
         outputs = super().generate(*args, **kwargs)
-        cache = getattr(outputs, "cache", None)
-        self_attention = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
-        if isinstance(self_attention, DynamicCache):
-            self_attention.layers = [
-                layer.as_dynamic_layer() if isinstance(layer, GrowingLayer) else layer
-                for layer in self_attention.layers
-            ]
+        replace_self_attention_layers(
+            getattr(outputs, "cache", None),
+            lambda layer: layer.as_dynamic_layer() if isinstance(layer, GrowingLayer) else layer,
+        )
         return outputs
+
+
+def replace_self_attention_layers(cache, replacement) -> None:
+    """Each layer of `cache`'s self-attention cache, where that is a plain (not offloaded) DynamicCache, replaced by
+    replacement(layer)."""
+    self_attention = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+    if type(self_attention) is DynamicCache and not self_attention.offloading:
+        self_attention.layers = [replacement(layer) for layer in self_attention.layers]

@@ -253,9 +253,12 @@ def matching(names, patterns) -> list[str]:
     return [name for name in names if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)]
 
 
-def check_every_pattern_matches(model: nn.Module, argument: str, patterns, names: list[str], example: str) -> None:
-    """A pattern that matches none of `names` is an error, so that a misspelt one does not silently leave the model
+def patterns_or_default(model: nn.Module, argument: str, patterns, default, names: list[str], example: str):
+    """The patterns `argument` asks for, or with None its `default` within each encoder stack (within_encoders). A
+    given pattern that matches none of `names` is an error, so that a misspelt one does not silently leave the model
     other than asked."""
+    if patterns is None:
+        return within_encoders(model, default)
     for pattern in patterns:
         if not matching(names, [pattern]):
             raise ValueError(
@@ -263,6 +266,7 @@ def check_every_pattern_matches(model: nn.Module, argument: str, patterns, names
                 f"{type(model).__name__} to quantize. Patterns are fnmatch patterns of module names such as "
                 f"{sorted(names)[:3]} (model.named_modules() lists them all); {example}."
             )
+    return patterns
 
 
 def linears_to_quantize(model: nn.Module, keep_float32) -> dict[str, nn.Linear]:
@@ -272,10 +276,9 @@ def linears_to_quantize(model: nn.Module, keep_float32) -> dict[str, nn.Linear]:
     linears = {
         name: module for name, module in model.named_modules(remove_duplicate=False) if isinstance(module, nn.Linear)
     }
-    if keep_float32 is None:
-        keep_float32 = within_encoders(model, KEEP_FLOAT32_DEFAULT)
-    else:
-        check_every_pattern_matches(model, "keep_float32", keep_float32, list(linears), "'*.ffn.fc2' keeps every fc2")
+    keep_float32 = patterns_or_default(
+        model, "keep_float32", keep_float32, KEEP_FLOAT32_DEFAULT, list(linears), "'*.ffn.fc2' keeps every fc2"
+    )
     kept = {id(linears[name]) for name in matching(linears, keep_float32)}
     return {name: module for name, module in linears.items() if id(module) not in kept}
 
@@ -283,12 +286,10 @@ def linears_to_quantize(model: nn.Module, keep_float32) -> dict[str, nn.Linear]:
 def quantize_int8(model: nn.Module, keep_float32, per_token_activations) -> None:
     targets = linears_to_quantize(model, keep_float32)
     reduce_range = not int8_activations_use_full_range()
-    if per_token_activations is None:
-        per_token_activations = within_encoders(model, PER_TOKEN_DEFAULT)
-    else:
-        check_every_pattern_matches(
-            model, "per_token_activations", per_token_activations, list(targets), "'*fc2' names every fc2"
-        )
+    per_token_activations = patterns_or_default(
+        model, "per_token_activations", per_token_activations, PER_TOKEN_DEFAULT, list(targets),
+        "'*fc2' names every fc2",
+    )
     per_token = {id(targets[name]) for name in matching(targets, per_token_activations)}
     replacements: dict[int, Int8DynamicLinear] = {}  # a linear module shared by two parents stays shared
     for name, linear in targets.items():
