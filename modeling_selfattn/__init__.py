@@ -4,7 +4,8 @@ Importing this package registers `model_type="selfattn"` with transformers (see 
 
 - shipped with every saved model (they import only each other): `config.py`, `model.py`, `input_checks.py`,
   `kernels.py` (the linear layers' kernel for CPU float32 inference: oneDNN or nn.Linear's own, timed per shape),
-  `dropout.py` (dropout masks drawn faster on the CPU), `quantization.py` (`model.quantize`),
+  `dropout.py` (dropout masks drawn faster on the CPU), `quantization.py` (`model.quantize`), `scratch.py`
+  (per-thread scratch buffers),
   `lean_generation.py` (generate()'s per-step work on the scores and the cache, leaner), `packing.py`, `hub.py`,
   `heads.py`;
 - package-only: `checkpoints.py` (conversion of BERT-family and Marian/BART checkpoints, export, verification,

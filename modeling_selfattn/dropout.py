@@ -14,34 +14,23 @@ subclasses, in evaluation, for p = 0 and for p so close to 1 that no element cou
 (imported by model.py).
 """
 
-import threading
-
 import torch
 from torch import nn
+
+from .scratch import scratch
 
 # 2**32 kept/dropped bins; a threshold this large would keep no element (and does not fit an int32).
 BINS = 2**32
 
-# The random words are read once, by the comparison that makes the mask, so each thread reuses one buffer (as large as
-# its largest mask so far, up to SCRATCH_WORDS: 25 MB for the attention probabilities of 32x128 tokens and 12 heads).
-# A fresh one of that size costs as much again in page faults as drawing the bits. Larger masks draw into a fresh
-# tensor, so that the buffer held for the life of the thread stays bounded.
+# The random words are read once, by the comparison that makes the mask, so they are drawn into a per-thread scratch
+# buffer (scratch.py) of up to SCRATCH_WORDS: 25 MB for the attention probabilities of 32x128 tokens and 12 heads.
 SCRATCH_WORDS = 2**23  # 64 MB
-_scratch = threading.local()
 
 
 def random_words(count: int) -> torch.Tensor:
-    """`count` random int64 words on the CPU, from the default generator; a view of this thread's buffer, valid until
-    its next call, or a fresh tensor (inside a compiled graph, which must not write to a tensor it does not own, and
-    beyond SCRATCH_WORDS)."""
-    if torch.compiler.is_compiling() or count > SCRATCH_WORDS:
-        return torch.empty(count, dtype=torch.int64, device="cpu").random_(-(2**63), None)
-    buffer = getattr(_scratch, "words", None)
-    if buffer is None or buffer.numel() < count:
-        # A normal tensor even when first drawn under inference_mode, so that later training steps may write to it.
-        with torch.inference_mode(False):
-            buffer = _scratch.words = torch.empty(count, dtype=torch.int64, device="cpu")
-    return buffer[:count].random_(-(2**63), None)
+    """`count` random int64 words on the CPU, from the default generator; a view of this thread's scratch buffer,
+    valid until its next call, or a fresh tensor (see scratch.scratch)."""
+    return scratch("dropout words", count, torch.int64, SCRATCH_WORDS).random_(-(2**63), None)
 
 
 def dropout_mask(shape: torch.Size, p: float) -> torch.Tensor:

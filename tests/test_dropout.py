@@ -8,6 +8,7 @@ import torch
 from batch_helpers import assert_same_gradients, loss_and_gradients, padded_batch
 from conftest import make_tiny_config
 
+from modeling_selfattn import scratch
 from modeling_selfattn.dropout import Dropout, apply_dropout, dropout_mask, zero_dropped
 from modeling_selfattn.model import (
     SelfAttnAttention,
@@ -87,9 +88,7 @@ def test_backward_keeps_only_the_mask():
 def test_masks_drawn_under_inference_mode_leave_training_working():
     """The scratch buffer of random words may first be made under inference_mode (MC dropout, a pipeline called on a
     model in training mode); later training steps still draw into it."""
-    from modeling_selfattn import dropout as dropout_module
-
-    dropout_module._scratch.__dict__.clear()
+    scratch.release()
     with torch.inference_mode():
         apply_dropout(torch.rand(64, 64), 0.5)
     input = torch.rand(64, 64, requires_grad=True)
@@ -101,14 +100,14 @@ def test_masks_beyond_the_scratch_buffer_are_drawn_fresh(monkeypatch):
     from modeling_selfattn import dropout as dropout_module
 
     monkeypatch.setattr(dropout_module, "SCRATCH_WORDS", 100)
-    dropout_module._scratch.__dict__.clear()
+    scratch.release()
     torch.manual_seed(9)
     large = dropout_mask(torch.Size([1000]), 0.5)
-    assert getattr(dropout_module._scratch, "words", None) is None  # not kept
+    assert scratch.held("dropout words") is None  # not kept
     torch.manual_seed(9)
     assert torch.equal(dropout_mask(torch.Size([1000]), 0.5), large)
     dropout_mask(torch.Size([150]), 0.5)
-    assert dropout_module._scratch.words.numel() == 75
+    assert scratch.held("dropout words").numel() == 75
 
 
 @pytest.mark.parametrize("masked", [False, True])

@@ -249,6 +249,31 @@ def test_row_scaled_layer_gives_a_row_the_same_result_in_any_batch():
         assert torch.equal(layer(torch.zeros(3, 64)), linear.bias.expand(3, 48))  # an all-zero row: the bias alone
 
 
+def test_row_scaled_layer_normalizes_in_scratch_without_changing_its_input_or_result(monkeypatch):
+    """The rows mapped onto [0, 1] go into this thread's scratch buffer (scratch.py): the layer leaves its input as it
+    was, and gives the same bits whether the buffer is fresh, reused after another layer's larger call, or bypassed
+    (a request beyond SCRATCH_FLOATS)."""
+    from modeling_selfattn import quantization as quantization_module
+    from modeling_selfattn import scratch
+
+    _, layer = row_scaled_layer()
+    x = torch.randn(6, 64) * 3
+    original = x.clone()
+    scratch.release()
+    with torch.no_grad():
+        fresh = layer(x)
+        assert scratch.held("int8 rows").numel() == x.numel()
+        _, wider = row_scaled_layer()
+        wider(torch.randn(40, 64))  # the buffer grows and holds other rows now
+        reused = layer(x)
+        monkeypatch.setattr(quantization_module, "SCRATCH_FLOATS", 10)
+        bypassed = layer(x)
+    assert scratch.held("int8 rows").numel() == 40 * 64
+    assert torch.equal(x, original)
+    assert torch.equal(reused, fresh) and torch.equal(bypassed, fresh)
+    scratch.release()
+
+
 def test_int8_state_dict_carries_the_row_scaled_layers():
     """load_state_dict of one int8 model's state into another, quantized from other weights, gives the first's
     outputs: the per-token layers' bias and weight sums travel with their packed weights."""
