@@ -149,7 +149,7 @@ class Int8RowScaledLinear(Int8DynamicLinear):
         width = rows.amax(-1, keepdim=True).clamp_(min=0).sub_(low).clamp_(min=torch.finfo(torch.float32).tiny)
         inverse = width.reciprocal()
         levels = 127 if self.reduce_range else 255
-        # In scratch (scratch.py): into a fresh tensor this pass took 3.5x as long on fc2's input (page faults).
+        # In scratch (scratch.py): into a fresh tensor this pass took up to 3.5x as long on fc2's input (page faults).
         normalized = scratch("int8 rows", rows.numel(), torch.float32, SCRATCH_FLOATS).view(rows.shape)
         torch.mul(rows, inverse, out=normalized).sub_(low * inverse)
         output = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(

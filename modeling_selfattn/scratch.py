@@ -2,9 +2,10 @@
 
 Why: on the CPU a fresh tensor of several MB is paid for again in page faults at its first touch, often more than
 the pass that fills it. Measured on a 2-core Xeon VM: drawing the random bits of a 25 MB dropout mask cost as much
-again in page faults in a fresh tensor, and the per-token int8 layer's normalized input (fc2's, 1570x1536 floats,
-profiled within the int8 MiniLM encoder on 64 SST-2 sentences) took 2.3 ms a call into a fresh tensor, 0.62-0.66 ms
-into this buffer. A buffer per thread and purpose, as large as the largest request so far, spares that; requests
+again in page faults in a fresh tensor; the per-token int8 layer's normalized input (fc2's, 1570x1536 floats, in
+the int8 MiniLM encoder on 64 SST-2 sentences) took 2.3 ms a call into a fresh tensor in one profiled process and
+0.62-0.66 ms into this buffer, and the whole int8 encoder 1-4% less time with the buffer (one process, alternating,
+four runs; how much a fresh tensor costs depends on what the process freed before). A buffer per thread and purpose, as large as the largest request so far, spares that; requests
 beyond a cap get a fresh tensor, so that what a thread holds for its life stays bounded.
 
 Shipped with saved models (dropout.py and quantization.py use it).
