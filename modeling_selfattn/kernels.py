@@ -35,6 +35,8 @@ import torch
 from torch import nn
 from transformers.activations import GELUActivation
 
+from .scratch import scratch
+
 # The packed copies of "onednn-packed", kept per storage so that they go when the weights go; within a storage
 # (several weights may be views of one, e.g. when loaded from a single file) by the weight's place in it, with the
 # weight's version when packed, so that an in-place change through autograd (optimizer step, load_state_dict)
@@ -93,8 +95,27 @@ LINEAR_KERNELS = ("auto", "onednn", "onednn-packed", "aten")
 ATEN_ACTIVATIONS = {"none": lambda x: x, "gelu": torch.ops.aten.gelu_, "relu": torch.relu_}
 
 
-def aten_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str) -> torch.Tensor:
-    return ATEN_ACTIVATIONS[activation](nn.functional.linear(input, weight, bias))
+# The feed-forward's intermediate, written by fc1 and read once by fc2, goes into a per-thread scratch buffer
+# (scratch.py, where the figures are) of up to this many floats (64 MB: 10,000 tokens of a 1536-wide intermediate).
+SCRATCH_FLOATS = 2**24
+
+
+def aten_linear(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str, into_scratch: bool = False
+) -> torch.Tensor:
+    """activation(nn.functional.linear(input, weight, bias)), the activation in place; with `into_scratch`, the product
+    in this thread's scratch buffer for the feed-forward's intermediate (valid until the next such call), by the
+    same kernel nn.functional.linear calls for a contiguous input."""
+    if not into_scratch:
+        return ATEN_ACTIVATIONS[activation](nn.functional.linear(input, weight, bias))
+    rows = input.reshape(-1, input.shape[-1])
+    output = scratch("ffn intermediate", rows.shape[0] * weight.shape[0], torch.float32, SCRATCH_FLOATS)
+    output = output.view(rows.shape[0], weight.shape[0])
+    if bias is None:
+        torch.mm(rows, weight.t(), out=output)
+    else:
+        torch.addmm(bias, rows, weight.t(), out=output)
+    return ATEN_ACTIVATIONS[activation](output.view(*input.shape[:-1], weight.shape[0]))
 
 
 # "auto"'s choices for this process, per thread count: {threads: {(in_features, out_features, activation, row bucket):
@@ -167,8 +188,11 @@ class Linear(nn.Linear):
             return super().forward(input)
         return self.inference_forward(input)
 
-    def inference_forward(self, input: torch.Tensor, activation: str = "none") -> torch.Tensor:
-        """activation(input @ weight.T + bias) on the kernel `self.kernel` gives, where may_run_onednn(input)."""
+    def inference_forward(
+        self, input: torch.Tensor, activation: str = "none", into_scratch: bool = False
+    ) -> torch.Tensor:
+        """activation(input @ weight.T + bias) on the kernel `self.kernel` gives, where may_run_onednn(input);
+        `into_scratch`: where that kernel is nn.Linear's, the output in a scratch buffer (see aten_linear)."""
         packed = self.kernel == "onednn-packed"
         if self.kernel == "auto":
             if torch.compiler.is_compiling():
@@ -178,7 +202,7 @@ class Linear(nn.Linear):
             if output is not None:
                 return output
             if kernel == "aten":
-                return aten_linear(input, self.weight, self.bias, activation)
+                return aten_linear(input, self.weight, self.bias, activation, into_scratch)
         if torch.compiler.is_compiling():
             # torch.compile cannot trace oneDNN's packed tensors; the custom op stays opaque in the graph.
             return torch.ops.selfattn.onednn_linear(input, self.weight, self.bias, activation, packed)
@@ -239,18 +263,31 @@ def activation_name(activation: nn.Module) -> str | None:
     return name
 
 
-def linear_then_activation(linear: nn.Module, activation: nn.Module, input: torch.Tensor) -> torch.Tensor:
+def reads_and_drops(consumers: tuple[nn.Module, ...]) -> bool:
+    """Whether a tensor that goes through `consumers` in turn (and nowhere else) is only read there: each is a
+    selfattn Linear or a dropout in evaluation (which returns its input), and no hook observes any of them."""
+    return all(
+        unobserved(module) and (type(module) is Linear or (isinstance(module, nn.Dropout) and not module.training))
+        for module in consumers
+    )
+
+
+def linear_then_activation(
+    linear: nn.Module, activation: nn.Module, input: torch.Tensor, consumers: tuple[nn.Module, ...] = ()
+) -> torch.Tensor:
     """activation(linear(input)): as one oneDNN call where `linear` may run oneDNN, the activation is torch's own
     (activation_name) and no hook observes either module; else the activation applied in place on the product where
     that is safe (no gradient, no hook, no autocast, not tracing or exporting, and a product that is a fresh tensor: an
     nn.Linear's, or a layer's that says so with `fresh_output`, as model.quantize's int8 layers do). In place spares
     an allocation of the product's size, which on a 2-core Xeon VM cost more than the activation (measured: gelu on
     1570x1536 floats 0.65 ms alone, 2.9 ms a call within the int8 encoder). A wrapped layer (LoRA, a quantised one)
-    is not a selfattn Linear and runs as it is."""
+    is not a selfattn Linear and runs as it is. `consumers`: the modules the result goes through next, and nowhere
+    else (the feed-forward's dropout and fc2); where they only read it (reads_and_drops) and the product is
+    nn.Linear's kernel's, it goes into a per-thread scratch buffer (see aten_linear), sparing the fresh tensor."""
     name = activation_name(activation)
     observed = not (unobserved(linear) and unobserved(activation))
     if type(linear) is Linear and linear.may_run_onednn(input) and name is not None and not observed:
-        return linear.inference_forward(input, name)
+        return linear.inference_forward(input, name, into_scratch=bool(consumers) and reads_and_drops(consumers))
     output = linear(input)
     if (
         name is None

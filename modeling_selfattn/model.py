@@ -378,8 +378,11 @@ class SelfAttnFeedForward(nn.Module):
         self.fc2 = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # act(fc1(x)) is one oneDNN call where kernels.Linear runs oneDNN (CPU float32 inference)
-        return self.fc2(self.activation_dropout(linear_then_activation(self.fc1, self.activation, hidden_states)))
+        # act(fc1(x)) is one oneDNN call where kernels.Linear runs oneDNN (CPU float32 inference); read only by the
+        # dropout and fc2, it may reuse a scratch buffer
+        consumers = (self.activation_dropout, self.fc2)
+        hidden_states = linear_then_activation(self.fc1, self.activation, hidden_states, consumers)
+        return self.fc2(self.activation_dropout(hidden_states))
 
 
 class SelfAttnEncoderLayer(GradientCheckpointingLayer):

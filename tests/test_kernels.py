@@ -461,3 +461,62 @@ def test_activation_goes_in_place_only_on_a_fresh_unobserved_product(activation,
     with torch.no_grad():
         assert torch.equal(kernels.linear_then_activation(cached, module, inputs), function(saved))
     assert torch.equal(cached.kept, saved) and not in_place_activations
+
+
+def test_only_unobserved_selfattn_linears_and_evaluating_dropouts_read_and_drop():
+    linear, dropout = kernels.Linear(8, 4), torch.nn.Dropout(0.1).eval()
+    assert kernels.reads_and_drops((dropout, linear))
+    assert not kernels.reads_and_drops((dropout.train(), linear))  # a dropout in training makes a new tensor
+    dropout.eval()
+    assert not kernels.reads_and_drops((dropout, torch.nn.Linear(8, 4)))  # another layer may keep what it reads
+    for module in (dropout, linear):
+        handle = module.register_forward_pre_hook(lambda module, args: None)
+        assert not kernels.reads_and_drops((dropout, linear))  # a hook may keep it
+        handle.remove()
+    assert kernels.reads_and_drops((dropout, linear))
+
+
+@needs_onednn
+def test_the_feed_forward_intermediate_goes_into_scratch_only_where_nothing_can_keep_it(auto_finds_faster):
+    """Where "auto" runs fc1 on nn.Linear's kernel, the feed-forward's intermediate is written into this thread's
+    scratch buffer, by the same kernel (identical outputs and tokens). A hook on fc2 that keeps its input makes it a
+    fresh tensor, which the next layer's feed-forward then leaves as it was; with oneDNN's kernel it is oneDNN's own
+    output."""
+    from modeling_selfattn import scratch
+
+    auto_finds_faster("aten")
+    model = build(
+        SelfAttnForConditionalGeneration, "encoder_decoder", tie_word_embeddings=False, initializer_range=0.2,
+        type_vocab_size=0,
+    )
+    batch = padded_batch(lengths=(12, 12, 12))  # no padding: the padded path, 36 rows
+    inputs = dict(**batch, decoder_input_ids=batch["input_ids"][:, :9])
+    fresh = copy.deepcopy(model)
+    for layer in fresh.modules():
+        if isinstance(layer, torch.nn.Module) and hasattr(layer, "fc2"):
+            layer.fc2.register_forward_hook(lambda module, args, output: None)  # observed: no scratch
+    scratch.release()
+    with torch.no_grad():
+        expected = fresh(**inputs)
+        assert scratch.held("ffn intermediate") is None
+        outputs = model(**inputs)
+    intermediate = scratch.held("ffn intermediate")
+    assert intermediate is not None and intermediate.numel() == 36 * model.config.intermediate_size
+    assert max_output_diff(expected, outputs) == 0.0
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, num_beams=2)
+    assert torch.equal(model.generate(**batch, **kwargs), fresh.generate(**batch, **kwargs))
+    # A hook that keeps fc2's input: what it kept stays as it was through the rest of the forward.
+    kept = []
+    first_ffn = model.get_encoder().layers[0].ffn
+    handle = first_ffn.fc2.register_forward_pre_hook(lambda module, args: kept.append((args[0], args[0].clone())))
+    with torch.no_grad():
+        model(**inputs)
+    handle.remove()
+    assert torch.equal(*kept[0])
+    # oneDNN's kernel: its own output, no scratch.
+    auto_finds_faster("onednn")
+    scratch.release()
+    with torch.no_grad():
+        model(**inputs)
+    assert scratch.held("ffn intermediate") is None
+    scratch.release()
