@@ -265,9 +265,12 @@ def activation_name(activation: nn.Module) -> str | None:
 
 def reads_and_drops(consumers: tuple[nn.Module, ...]) -> bool:
     """Whether a tensor that goes through `consumers` in turn (and nowhere else) is only read there: each is a
-    selfattn Linear or a dropout in evaluation (which returns its input), and no hook observes any of them."""
+    selfattn Linear or a dropout in evaluation (which returns its input), no hook observes any of them, and autograd
+    keeps nothing (a Linear whose weight trains would save its input for the weight's gradient)."""
     return all(
-        unobserved(module) and (type(module) is Linear or (isinstance(module, nn.Dropout) and not module.training))
+        unobserved(module)
+        and (type(module) is Linear or (isinstance(module, nn.Dropout) and not module.training))
+        and not (torch.is_grad_enabled() and any(parameter.requires_grad for parameter in module.parameters()))
         for module in consumers
     )
 

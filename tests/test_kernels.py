@@ -463,6 +463,7 @@ def test_activation_goes_in_place_only_on_a_fresh_unobserved_product(activation,
     assert torch.equal(cached.kept, saved) and not in_place_activations
 
 
+@torch.no_grad()
 def test_only_unobserved_selfattn_linears_and_evaluating_dropouts_read_and_drop():
     linear, dropout = kernels.Linear(8, 4), torch.nn.Dropout(0.1).eval()
     assert kernels.reads_and_drops((dropout, linear))
@@ -474,6 +475,33 @@ def test_only_unobserved_selfattn_linears_and_evaluating_dropouts_read_and_drop(
         assert not kernels.reads_and_drops((dropout, linear))  # a hook may keep it
         handle.remove()
     assert kernels.reads_and_drops((dropout, linear))
+    with torch.enable_grad():
+        assert not kernels.reads_and_drops((dropout, linear))  # its weight trains: autograd would keep the input
+        linear.requires_grad_(False)
+        assert kernels.reads_and_drops((dropout, linear))
+
+
+@needs_onednn
+def test_a_trained_fc2_after_a_frozen_fc1_gets_its_gradient(auto_finds_faster):
+    """fc1 frozen, fc2 training, the model in evaluation mode: the first layer's fc1 (whose input needs no gradient)
+    may run its inference kernel, but its output is fc2's saved input, so it must not be a scratch buffer that a
+    later call overwrites before backward (here a second forward, as in accumulating two batches' losses). The
+    gradients equal those of the plain path."""
+    auto_finds_faster("aten")
+    model = build(SelfAttnModel)
+    plain = aten_copy(model)
+    batches = [padded_batch(lengths=(12, 12)), padded_batch(lengths=(12, 12), seed=1)]
+    gradients = []
+    for copy_ in (model, plain):
+        for name, parameter in copy_.named_parameters():
+            parameter.requires_grad_(name.endswith(("fc2.weight", "fc2.bias")))
+        with torch.no_grad():
+            copy_(**batches[0])  # the kernel choice is made: later calls run the chosen kernel, not the timing
+        sum(copy_(**batch).last_hidden_state.sum() for batch in batches).backward()
+        gradients.append({name: p.grad for name, p in copy_.named_parameters() if p.requires_grad})
+    assert gradients[0].keys() == gradients[1].keys() and gradients[0]
+    for name, gradient in gradients[0].items():
+        torch.testing.assert_close(gradient, gradients[1][name], rtol=0, atol=TOLERANCE)
 
 
 @needs_onednn
