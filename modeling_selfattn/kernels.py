@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from transformers.activations import GELUActivation
 
-from .scratch import scratch
+from .scratch import may_write_into_scratch, scratch
 
 # The packed copies of "onednn-packed", kept per storage so that they go when the weights go; within a storage
 # (several weights may be views of one, e.g. when loaded from a single file) by the weight's place in it, with the
@@ -246,11 +246,14 @@ ONEDNN_ACTIVATIONS = {GELUActivation: "gelu", nn.ReLU: "relu"}
 
 
 def unobserved(module: nn.Module) -> bool:
+    """No forward hook (the module's or a global one) and no forward replaced on the instance (as capture tools do):
+    nothing but the module's own forward sees its inputs and outputs."""
     return not (
         module._forward_hooks
         or module._forward_pre_hooks
         or nn.modules.module._global_forward_hooks
         or nn.modules.module._global_forward_pre_hooks
+        or "forward" in module.__dict__
     )
 
 
@@ -290,7 +293,8 @@ def linear_then_activation(
     name = activation_name(activation)
     observed = not (unobserved(linear) and unobserved(activation))
     if type(linear) is Linear and linear.may_run_onednn(input) and name is not None and not observed:
-        return linear.inference_forward(input, name, into_scratch=bool(consumers) and reads_and_drops(consumers))
+        into_scratch = bool(consumers) and reads_and_drops(consumers) and may_write_into_scratch(input)
+        return linear.inference_forward(input, name, into_scratch=into_scratch)
     output = linear(input)
     if (
         name is None

@@ -48,7 +48,7 @@ from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 from torch.ao.quantization import per_channel_dynamic_qconfig
 
-from .scratch import scratch
+from .scratch import may_write_into_scratch, scratch
 
 QUANTIZATION_MODES = ("int8", "bf16")
 
@@ -150,8 +150,11 @@ class Int8RowScaledLinear(Int8DynamicLinear):
         inverse = width.reciprocal()
         levels = 127 if self.reduce_range else 255
         # In scratch (scratch.py): into a fresh tensor this pass took up to 3.5x as long on fc2's input (page faults).
-        normalized = scratch("int8 rows", rows.numel(), torch.float32, SCRATCH_FLOATS).view(rows.shape)
-        torch.mul(rows, inverse, out=normalized).sub_(low * inverse)
+        if may_write_into_scratch(x):
+            normalized = scratch("int8 rows", rows.numel(), torch.float32, SCRATCH_FLOATS).view(rows.shape)
+            torch.mul(rows, inverse, out=normalized).sub_(low * inverse)
+        else:
+            normalized = rows.mul(inverse).sub_(low * inverse)
         output = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
             normalized, 1.0 / levels, 0, self._packed_params._packed_params
         )

@@ -6,7 +6,8 @@ again in page faults in a fresh tensor; the per-token int8 layer's normalized in
 the int8 MiniLM encoder on 64 SST-2 sentences) took 2.3 ms a call into a fresh tensor in one profiled process and
 0.62-0.66 ms into this buffer, and the whole int8 encoder 1-4% less time with the buffer (one process, alternating,
 four runs; how much a fresh tensor costs depends on what the process freed before). A buffer per thread and purpose, as large as the largest request so far, spares that; requests
-beyond a cap get a fresh tensor, so that what a thread holds for its life stays bounded.
+beyond a cap get a fresh tensor, so that what a thread holds for its life stays bounded (up to 64 MB for each of
+the three purposes below).
 
 In the float32 feed-forward (kernels.py) fc1's output, read only by fc2, goes into one too: within MiniLM on 32x128
 tokens, in the benchmark's process, the bias copy that starts fc1's product took 5.5 ms a layer into a fresh
@@ -18,15 +19,17 @@ Shipped with saved models (dropout.py, quantization.py and kernels.py use it).
 import threading
 
 import torch
+from torch.autograd.forward_ad import unpack_dual
 
 _buffers = threading.local()
 
 
 def scratch(purpose: str, count: int, dtype: torch.dtype, max_count: int) -> torch.Tensor:
     """`count` elements of `dtype` on the CPU, uninitialised: a view of this thread's buffer for `purpose`, valid until
-    the next request for that purpose on this thread; a fresh tensor beyond `max_count` elements and inside a
-    compiled graph (which must not write to a tensor it does not own)."""
-    if torch.compiler.is_compiling() or count > max_count:
+    the next request for that purpose on this thread; a fresh tensor beyond `max_count` elements, inside a compiled
+    graph (which must not write to a tensor it does not own) and under a dispatch mode such as a fake-tensor mode
+    (whose tensors must not be kept for later real calls)."""
+    if torch.compiler.is_compiling() or count > max_count or torch._C._len_torch_dispatch_stack() > 0:
         return torch.empty(count, dtype=dtype, device="cpu")
     buffer = getattr(_buffers, purpose, None)
     if buffer is None or buffer.numel() < count or buffer.dtype != dtype:
@@ -35,6 +38,18 @@ def scratch(purpose: str, count: int, dtype: torch.dtype, max_count: int) -> tor
             buffer = torch.empty(count, dtype=dtype, device="cpu")
         setattr(_buffers, purpose, buffer)
     return buffer[:count]
+
+
+def may_write_into_scratch(input: torch.Tensor) -> bool:
+    """Whether a result computed from `input` may be written into a scratch buffer by an out= kernel: a plain CPU
+    tensor (not a subclass, such as a fake tensor, whose results keep its type), without a forward-mode tangent, and
+    no torch.func transform (vmap, jvp, grad) running, since those have no out= kernels."""
+    return (
+        type(input) is torch.Tensor
+        and input.device.type == "cpu"
+        and torch._C._functorch.peek_interpreter_stack() is None
+        and unpack_dual(input).tangent is None
+    )
 
 
 def held(purpose: str) -> torch.Tensor | None:

@@ -548,3 +548,51 @@ def test_the_feed_forward_intermediate_goes_into_scratch_only_where_nothing_can_
         model(**inputs)
     assert scratch.held("ffn intermediate") is None
     scratch.release()
+
+
+class PassThroughTensor(torch.Tensor):
+    """A tensor subclass: results computed from it keep its type."""
+
+
+@needs_onednn
+def test_the_feed_forward_keeps_its_intermediate_fresh_under_transforms_subclasses_and_capture(auto_finds_faster):
+    """No scratch buffer (so the computation is torch's usual one) under torch.func's vmap and jvp (which have no out=
+    kernels), for a tensor subclass (whose type the output keeps) and where a tool replaced fc2's forward to capture
+    its input (which must then still hold what fc2 read)."""
+    from modeling_selfattn import scratch
+
+    auto_finds_faster("aten")
+    model = build(SelfAttnModel)
+    ffn = model.get_encoder().layers[0].ffn
+    inputs = torch.randn(2, 12, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ffn(inputs[0])  # the kernel choice is made
+        expected = torch.stack([ffn(sample) for sample in inputs])
+        scratch.release()
+        torch.testing.assert_close(torch.func.vmap(ffn)(inputs), expected, rtol=0, atol=TOLERANCE)
+        tangent = torch.ones_like(inputs[0])
+        output, derivative = torch.func.jvp(ffn, (inputs[0],), (tangent,))
+        torch.testing.assert_close(output, expected[0], rtol=0, atol=TOLERANCE)
+        torch.testing.assert_close(derivative, torch.func.jvp(aten_copy(ffn), (inputs[0],), (tangent,))[1])
+        assert scratch.held("ffn intermediate") is None
+        assert type(ffn(inputs[0].as_subclass(PassThroughTensor))) is PassThroughTensor
+        assert scratch.held("ffn intermediate") is None
+        batch = padded_batch(lengths=(12, 12))
+        model(**batch)  # the kernel choices are made
+        captured = []
+        original_forward = ffn.fc2.forward
+        ffn.fc2.forward = lambda input: captured.append((input, input.clone())) or original_forward(input)
+        model(**batch)
+        del ffn.fc2.forward
+    assert torch.equal(*captured[0])
+
+
+@needs_onednn
+def test_int8_row_scaled_layers_run_under_vmap():
+    from modeling_selfattn.quantization import int8_linear
+
+    torch.manual_seed(0)
+    layer = int8_linear(torch.nn.Linear(16, 8), reduce_range=False, per_token=True)
+    inputs = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.func.vmap(layer)(inputs), torch.stack([layer(sample) for sample in inputs]))

@@ -67,3 +67,29 @@ def test_release_drops_one_purpose_or_all():
     assert scratch.held("a") is None and scratch.held("b") is not None
     scratch.release()
     assert scratch.held("b") is None
+
+
+def test_a_fake_tensor_mode_gets_a_fresh_tensor_and_leaves_no_buffer():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fake = scratch.scratch("a", 10, torch.float32, 100)
+    assert type(fake) is not torch.Tensor
+    assert scratch.held("a") is None
+    assert type(scratch.scratch("a", 10, torch.float32, 100)) is torch.Tensor
+
+
+def test_only_plain_cpu_tensors_outside_function_transforms_may_write_into_scratch():
+    plain = torch.randn(4, 3)
+    assert scratch.may_write_into_scratch(plain)
+    assert not scratch.may_write_into_scratch(plain.as_subclass(SubclassedTensor))
+    assert not scratch.may_write_into_scratch(torch.empty(4, 3, device="meta"))
+    seen = []
+    torch.func.vmap(lambda row: seen.append(scratch.may_write_into_scratch(row)) or row)(plain)
+    with torch.autograd.forward_ad.dual_level():
+        seen.append(scratch.may_write_into_scratch(torch.autograd.forward_ad.make_dual(plain, torch.ones_like(plain))))
+    assert seen == [False, False]
+
+
+class SubclassedTensor(torch.Tensor):
+    pass
