@@ -1,22 +1,21 @@
 """Per-thread scratch buffers on the CPU, for intermediates that one call writes, reads once and drops.
 
 Why: on the CPU a fresh tensor of several MB is paid for again in page faults at its first touch, often more than
-the pass that fills it. Measured on a 2-core Xeon VM: drawing the random bits of a 25 MB dropout mask cost as much
-again in page faults in a fresh tensor; the per-token int8 layer's normalized input (fc2's, 1570x1536 floats, in
-the int8 MiniLM encoder on 64 SST-2 sentences) took 2.3 ms a call into a fresh tensor in one profiled process and
-0.62-0.66 ms into this buffer, and the whole int8 encoder 1-4% less time with the buffer (one process, alternating,
-four runs; how much a fresh tensor costs depends on what the process freed before). A buffer per thread and purpose, as large as the largest request so far, spares that; requests
-beyond a cap get a fresh tensor, so that what a thread holds for its life stays bounded (up to 64 MB for each of
-the three purposes below).
-
-In the float32 feed-forward (kernels.py) fc1's output, read only by fc2, goes into one too: within MiniLM on 32x128
-tokens, in the benchmark's process, the bias copy that starts fc1's product took 5.5 ms a layer into a fresh
-4096x1536 tensor, and the encoder ran 2.7-5.5% faster with the buffer (one process, alternating, three runs; a
-repeat of the same code in the same runs moved up to 1.3%).
+the pass that fills it. A buffer per thread and purpose, as large as the largest request so far, spares that;
+requests beyond a cap get a fresh tensor, so that what a thread holds for its life stays bounded. The purposes, each
+capped at 64 MB (measured on a 2-core Xeon VM; how much a fresh tensor costs depends on what the process freed
+before):
+- dropout.py's random words: drawing the bits of a 25 MB mask cost as much again in page faults in a fresh tensor;
+- quantization.py's per-token int8 input mapped onto [0, 1]: on fc2's 1570x1536 floats in the int8 MiniLM encoder,
+  2.3 ms a call into a fresh tensor in one profiled process, 0.62-0.66 ms into the buffer; the whole int8 encoder
+  1-4% less time with it (one process, alternating, four runs);
+- kernels.py's feed-forward intermediate (fc1's output, read only by fc2, where fc1 runs on nn.Linear's kernel): in
+  MiniLM on 32x128 tokens, in the benchmark's process, the bias copy that starts fc1's product took 5.5 ms a layer
+  into a fresh 4096x1536 tensor, and the encoder ran 2.7-5.5% faster with the buffer (one process, alternating,
+  three runs; a repeat of the same code in the same runs moved up to 1.3%).
 
 Shipped with saved models (dropout.py, quantization.py and kernels.py use it).
 """
-
 import threading
 
 import torch
