@@ -22,15 +22,13 @@ from .scratch import scratch
 # 2**32 kept/dropped bins; a threshold this large would keep no element (and does not fit an int32).
 BINS = 2**32
 
-# The random words are read once, by the comparison that makes the mask, so they are drawn into a per-thread scratch
-# buffer (scratch.py) of up to SCRATCH_WORDS: 25 MB for the attention probabilities of 32x128 tokens and 12 heads.
-SCRATCH_WORDS = 2**23  # 64 MB
 
 
 def random_words(count: int) -> torch.Tensor:
-    """`count` random int64 words on the CPU, from the default generator; a view of this thread's scratch buffer,
-    valid until its next call, or a fresh tensor (see scratch.scratch)."""
-    return scratch("dropout words", count, torch.int64, SCRATCH_WORDS).random_(-(2**63), None)
+    """`count` random int64 words on the CPU, from the default generator. They are read once, by the comparison that
+    makes the mask, so they go into this thread's scratch buffer (scratch.py): a view valid until the next call, or a
+    fresh tensor."""
+    return scratch("dropout words", count, torch.int64).random_(-(2**63), None)
 
 
 def dropout_mask(shape: torch.Size, p: float) -> torch.Tensor:

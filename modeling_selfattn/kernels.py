@@ -95,21 +95,16 @@ LINEAR_KERNELS = ("auto", "onednn", "onednn-packed", "aten")
 ATEN_ACTIVATIONS = {"none": lambda x: x, "gelu": torch.ops.aten.gelu_, "relu": torch.relu_}
 
 
-# The feed-forward's intermediate, written by fc1 and read once by fc2, goes into a per-thread scratch buffer
-# (scratch.py, where the figures are) of up to this many floats (64 MB: 10,000 tokens of a 1536-wide intermediate).
-SCRATCH_FLOATS = 2**24
-
-
 def aten_linear(
     input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str, into_scratch: bool = False
 ) -> torch.Tensor:
     """activation(nn.functional.linear(input, weight, bias)), the activation in place; with `into_scratch`, the product
-    in this thread's scratch buffer for the feed-forward's intermediate (valid until the next such call), by the
-    same kernel nn.functional.linear calls for a contiguous input."""
+    in this thread's scratch buffer for the feed-forward's intermediate (scratch.py: fc1 writes it, fc2 reads it once;
+    valid until the next such call), by the same kernel nn.functional.linear calls for a contiguous input."""
     if not into_scratch:
         return ATEN_ACTIVATIONS[activation](nn.functional.linear(input, weight, bias))
     rows = input.reshape(-1, input.shape[-1])
-    output = scratch("ffn intermediate", rows.shape[0] * weight.shape[0], torch.float32, SCRATCH_FLOATS)
+    output = scratch("ffn intermediate", rows.shape[0] * weight.shape[0], torch.float32)
     output = output.view(rows.shape[0], weight.shape[0])
     if bias is None:
         torch.mm(rows, weight.t(), out=output)

@@ -61,10 +61,6 @@ QUANTIZED_DTYPE_DEPRECATION = r"torch\.quantize_per_tensor, torch\.quantize_per_
 KEEP_FLOAT32_DEFAULT = ("layers.*.v_proj",)
 PER_TOKEN_DEFAULT = ("layers.*.fc1", "layers.*.fc2")
 
-# The per-token layer's input mapped onto [0, 1] is read once, by the kernel, so it is written into a per-thread scratch
-# buffer (scratch.py) of up to this many floats (64 MB: 10,000 tokens of a 1536-wide fc2).
-SCRATCH_FLOATS = 2**24
-
 
 def within_encoders(model: nn.Module, patterns: tuple[str, ...]) -> tuple[str, ...]:
     """`patterns` (relative to an encoder stack) as patterns of `model`'s own module names, for each encoder stack in
@@ -149,9 +145,10 @@ class Int8RowScaledLinear(Int8DynamicLinear):
         width = rows.amax(-1, keepdim=True).clamp_(min=0).sub_(low).clamp_(min=torch.finfo(torch.float32).tiny)
         inverse = width.reciprocal()
         levels = 127 if self.reduce_range else 255
-        # In scratch (scratch.py): into a fresh tensor this pass took up to 3.5x as long on fc2's input (page faults).
+        # Read once, by the kernel: into scratch (scratch.py), as into a fresh tensor this pass took up to 3.5x as long
+        # on fc2's input (page faults).
         if may_write_into_scratch(x):
-            normalized = scratch("int8 rows", rows.numel(), torch.float32, SCRATCH_FLOATS).view(rows.shape)
+            normalized = scratch("int8 rows", rows.numel(), torch.float32).view(rows.shape)
             torch.mul(rows, inverse, out=normalized).sub_(low * inverse)
         else:
             normalized = rows.mul(inverse).sub_(low * inverse)

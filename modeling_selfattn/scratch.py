@@ -2,10 +2,10 @@
 
 Why: on the CPU a fresh tensor of several MB is paid for again in page faults at its first touch, often more than
 the pass that fills it. A buffer per thread and purpose, as large as the largest request so far, spares that;
-requests beyond a cap get a fresh tensor, so that what a thread holds for its life stays bounded. The purposes, each
-capped at 64 MB (measured on a 2-core Xeon VM; how much a fresh tensor costs depends on what the process freed
-before):
-- dropout.py's random words: drawing the bits of a 25 MB mask cost as much again in page faults in a fresh tensor;
+requests beyond MAX_BYTES get a fresh tensor, so that what a thread holds for its life stays bounded. The purposes
+(measured on a 2-core Xeon VM; how much a fresh tensor costs depends on what the process freed before):
+- dropout.py's random words: drawing the bits of a 25 MB mask (the attention probabilities of 32x128 tokens and 12
+  heads) cost as much again in page faults in a fresh tensor;
 - quantization.py's per-token int8 input mapped onto [0, 1]: on fc2's 1570x1536 floats in the int8 MiniLM encoder,
   2.3 ms a call into a fresh tensor in one profiled process, 0.62-0.66 ms into the buffer; the whole int8 encoder
   1-4% less time with it (one process, alternating, four runs);
@@ -16,20 +16,25 @@ before):
 
 Shipped with saved models (dropout.py, quantization.py and kernels.py use it).
 """
+
 import threading
 
 import torch
 from torch.autograd.forward_ad import unpack_dual
 
+# The largest buffer kept for one purpose: 64 MB, e.g. 10,000 tokens of a 1536-wide intermediate in float32.
+MAX_BYTES = 64 * 2**20
+
 _buffers = threading.local()
 
 
-def scratch(purpose: str, count: int, dtype: torch.dtype, max_count: int) -> torch.Tensor:
+def scratch(purpose: str, count: int, dtype: torch.dtype) -> torch.Tensor:
     """`count` elements of `dtype` on the CPU, uninitialised: a view of this thread's buffer for `purpose`, valid until
-    the next request for that purpose on this thread; a fresh tensor beyond `max_count` elements, inside a compiled
+    the next request for that purpose on this thread; a fresh tensor beyond MAX_BYTES, inside a compiled
     graph (which must not write to a tensor it does not own) and under a dispatch mode such as a fake-tensor mode
     (whose tensors must not be kept for later real calls)."""
-    if torch.compiler.is_compiling() or count > max_count or torch._C._len_torch_dispatch_stack() > 0:
+    too_large = count * dtype.itemsize > MAX_BYTES
+    if too_large or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return torch.empty(count, dtype=dtype, device="cpu")
     buffer = getattr(_buffers, purpose, None)
     if buffer is None or buffer.numel() < count or buffer.dtype != dtype:

@@ -97,9 +97,7 @@ def test_masks_drawn_under_inference_mode_leave_training_working():
 
 
 def test_masks_beyond_the_scratch_buffer_are_drawn_fresh(monkeypatch):
-    from modeling_selfattn import dropout as dropout_module
-
-    monkeypatch.setattr(dropout_module, "SCRATCH_WORDS", 100)
+    monkeypatch.setattr(scratch, "MAX_BYTES", 100 * 8)  # 100 int64 words
     scratch.release()
     torch.manual_seed(9)
     large = dropout_mask(torch.Size([1000]), 0.5)

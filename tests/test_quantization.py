@@ -252,8 +252,7 @@ def test_row_scaled_layer_gives_a_row_the_same_result_in_any_batch():
 def test_row_scaled_layer_normalizes_in_scratch_without_changing_its_input_or_result(monkeypatch):
     """The rows mapped onto [0, 1] go into this thread's scratch buffer (scratch.py): the layer leaves its input as it
     was, and gives the same bits whether the buffer is fresh, reused after another layer's larger call, or bypassed
-    (a request beyond SCRATCH_FLOATS)."""
-    from modeling_selfattn import quantization as quantization_module
+    (a request beyond scratch.MAX_BYTES)."""
     from modeling_selfattn import scratch
 
     _, layer = row_scaled_layer()
@@ -266,7 +265,7 @@ def test_row_scaled_layer_normalizes_in_scratch_without_changing_its_input_or_re
         _, wider = row_scaled_layer()
         wider(torch.randn(40, 64))  # the buffer grows and holds other rows now
         reused = layer(x)
-        monkeypatch.setattr(quantization_module, "SCRATCH_FLOATS", 10)
+        monkeypatch.setattr(scratch, "MAX_BYTES", 10 * 4)  # 10 floats
         bypassed = layer(x)
     assert scratch.held("int8 rows").numel() == 40 * 64
     assert torch.equal(x, original)

@@ -9,28 +9,29 @@ from modeling_selfattn import scratch
 
 
 @pytest.fixture(autouse=True)
-def no_buffers():
+def no_buffers(monkeypatch):
+    monkeypatch.setattr(scratch, "MAX_BYTES", 100 * 4)  # 100 float32 elements
     scratch.release()
     yield
     scratch.release()
 
 
 def test_requests_are_views_of_one_buffer_per_purpose_grown_to_the_largest():
-    first = scratch.scratch("a", 10, torch.float32, 100)
+    first = scratch.scratch("a", 10, torch.float32)
     assert first.shape == (10,) and first.dtype == torch.float32
-    smaller = scratch.scratch("a", 4, torch.float32, 100)
+    smaller = scratch.scratch("a", 4, torch.float32)
     assert smaller.data_ptr() == first.data_ptr()
-    other = scratch.scratch("b", 4, torch.float32, 100)
+    other = scratch.scratch("b", 4, torch.float32)
     assert other.data_ptr() != first.data_ptr()
-    grown = scratch.scratch("a", 50, torch.float32, 100)
+    grown = scratch.scratch("a", 50, torch.float32)
     assert grown.numel() == 50 and scratch.held("a").numel() == 50
-    assert scratch.scratch("a", 8, torch.int64, 100).dtype == torch.int64  # another dtype: a new buffer
+    assert scratch.scratch("a", 8, torch.int64).dtype == torch.int64  # another dtype: a new buffer
 
 
 def test_requests_beyond_the_cap_are_fresh_and_not_kept():
-    scratch.scratch("a", 10, torch.float32, 100)
+    scratch.scratch("a", 10, torch.float32)
     kept = scratch.held("a")
-    large = scratch.scratch("a", 101, torch.float32, 100)
+    large = scratch.scratch("a", 101, torch.float32)
     assert large.numel() == 101
     assert scratch.held("a") is kept
     assert large.data_ptr() != kept.data_ptr()
@@ -38,22 +39,22 @@ def test_requests_beyond_the_cap_are_fresh_and_not_kept():
 
 def test_a_compiled_graph_gets_a_fresh_tensor(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert scratch.scratch("a", 10, torch.float32, 100).numel() == 10
+    assert scratch.scratch("a", 10, torch.float32).numel() == 10
     assert scratch.held("a") is None
 
 
 def test_a_buffer_first_made_under_inference_mode_is_writable_outside_it():
     with torch.inference_mode():
-        scratch.scratch("a", 10, torch.float32, 100).fill_(1.0)
+        scratch.scratch("a", 10, torch.float32).fill_(1.0)
     assert not scratch.held("a").is_inference()
-    scratch.scratch("a", 10, torch.float32, 100).fill_(2.0)
+    scratch.scratch("a", 10, torch.float32).fill_(2.0)
     assert torch.equal(scratch.held("a"), torch.full((10,), 2.0))
 
 
 def test_each_thread_has_its_own_buffers():
-    mine = scratch.scratch("a", 10, torch.float32, 100)
+    mine = scratch.scratch("a", 10, torch.float32)
     theirs = []
-    thread = threading.Thread(target=lambda: theirs.append(scratch.scratch("a", 10, torch.float32, 100).data_ptr()))
+    thread = threading.Thread(target=lambda: theirs.append(scratch.scratch("a", 10, torch.float32).data_ptr()))
     thread.start()
     thread.join()
     assert theirs and theirs[0] != mine.data_ptr()
@@ -61,8 +62,8 @@ def test_each_thread_has_its_own_buffers():
 
 
 def test_release_drops_one_purpose_or_all():
-    scratch.scratch("a", 10, torch.float32, 100)
-    scratch.scratch("b", 10, torch.float32, 100)
+    scratch.scratch("a", 10, torch.float32)
+    scratch.scratch("b", 10, torch.float32)
     scratch.release("a")
     assert scratch.held("a") is None and scratch.held("b") is not None
     scratch.release()
@@ -73,10 +74,10 @@ def test_a_fake_tensor_mode_gets_a_fresh_tensor_and_leaves_no_buffer():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
-        fake = scratch.scratch("a", 10, torch.float32, 100)
+        fake = scratch.scratch("a", 10, torch.float32)
     assert type(fake) is not torch.Tensor
     assert scratch.held("a") is None
-    assert type(scratch.scratch("a", 10, torch.float32, 100)) is torch.Tensor
+    assert type(scratch.scratch("a", 10, torch.float32)) is torch.Tensor
 
 
 def test_only_plain_cpu_tensors_outside_function_transforms_may_write_into_scratch():
