@@ -507,7 +507,7 @@ def test_a_trained_fc2_after_a_frozen_fc1_gets_its_gradient(auto_finds_faster):
 @needs_onednn
 def test_the_feed_forward_intermediate_goes_into_scratch_only_where_nothing_can_keep_it(auto_finds_faster):
     """Where "auto" runs fc1 on nn.Linear's kernel, the feed-forward's intermediate is written into this thread's
-    scratch buffer, by the same kernel (identical outputs and tokens). A hook on fc2 that keeps its input makes it a
+    scratch buffer, by the same kernel (outputs within TOLERANCE, identical tokens). A hook on fc2 that keeps its input makes it a
     fresh tensor, which the next layer's feed-forward then leaves as it was; with oneDNN's kernel it is oneDNN's own
     output."""
     from modeling_selfattn import scratch
@@ -530,7 +530,8 @@ def test_the_feed_forward_intermediate_goes_into_scratch_only_where_nothing_can_
         outputs = model(**inputs)
     intermediate = scratch.held("ffn intermediate")
     assert intermediate is not None and intermediate.numel() == 36 * model.config.intermediate_size
-    assert max_output_diff(expected, outputs) == 0.0
+    # The same kernel into other memory: identical bits on the Xeon measured; MKL may round by alignment elsewhere.
+    assert max_output_diff(expected, outputs) <= TOLERANCE
     kwargs = dict(max_new_tokens=6, min_new_tokens=6, num_beams=2)
     assert torch.equal(model.generate(**batch, **kwargs), fresh.generate(**batch, **kwargs))
     # A hook that keeps fc2's input: what it kept stays as it was through the rest of the forward.

@@ -1,6 +1,10 @@
 """lean_generation.py: the lean processors give transformers' processors' scores bit for bit, GrowingLayer holds what
 DynamicLayer holds through every operation generate() and users apply, and generate() of both generating heads uses
-both (for what it makes itself only) with the same tokens and scores as transformers' processors and cache."""
+both (for what it makes itself only) with the same tokens as transformers' processors and cache, and the same scores
+and cached states within TOLERANCE: those come out of the model's attention over the cache, which reads the growing
+buffers' views where transformers' reads concatenated tensors (bit for bit on the Xeon this was written on; another
+CPU's kernels may round a differently laid out input otherwise). Cache operations alone copy data and compare
+exactly."""
 
 import contextlib
 import math
@@ -8,6 +12,7 @@ import re
 
 import pytest
 import torch
+from batch_helpers import TOLERANCE
 from conftest import EOS_TOKEN_ID, PAD_TOKEN_ID, make_tiny_config
 from transformers import GenerationConfig
 from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
@@ -107,12 +112,15 @@ def test_generate_lean_matches_transformers_processors_and_cache(shape, num_beam
             assert not calls
     assert torch.equal(leaner.sequences, expected.sequences)
     assert len(leaner.scores) == len(expected.scores)
-    assert all(same_bits(a, b) for a, b in zip(leaner.scores, expected.scores))
+    for score, expected_score in zip(leaner.scores, expected.scores):
+        # Blocked tokens are -inf on both sides (assert_close requires infinities to match exactly).
+        torch.testing.assert_close(score, expected_score, rtol=0, atol=TOLERANCE, equal_nan=True)
     # The returned cache holds DynamicLayers again, with the same keys and values in tensors of their own.
     returned, stock = (self_attention_layers(output.cache) for output in (leaner, expected))
     assert all(type(layer) is DynamicLayer for layer in returned)
     for layer, stock_layer in zip(returned, stock):
-        assert torch.equal(layer.keys, stock_layer.keys) and torch.equal(layer.values, stock_layer.values)
+        torch.testing.assert_close(layer.keys, stock_layer.keys, rtol=0, atol=TOLERANCE)
+        torch.testing.assert_close(layer.values, stock_layer.values, rtol=0, atol=TOLERANCE)
         assert layer.keys.is_contiguous() and layer.keys.untyped_storage().nbytes() == layer.keys.nbytes
 
 

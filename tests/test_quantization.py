@@ -269,6 +269,7 @@ def test_row_scaled_layer_normalizes_in_scratch_without_changing_its_input_or_re
         bypassed = layer(x)
     assert scratch.held("int8 rows").numel() == 40 * 64
     assert torch.equal(x, original)
+    # Exact: the same elementwise passes and int32-summed products on the same values, only in other memory.
     assert torch.equal(reused, fresh) and torch.equal(bypassed, fresh)
     scratch.release()
 
