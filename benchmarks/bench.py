@@ -25,6 +25,8 @@ Variants timed against the reference:
                    not timed).
   selfattn-int8, selfattn-bf16  a copy after `model.quantize("int8")` / `("bf16")` (CPU float32 runs; skipped
                    where the model has no quantize()).
+  reference-static generation only: transformers' model with `cache_implementation="static"`, with which
+                   transformers compiles each decoding step itself on GPUs (CUDA graphs); on CPU it runs uncompiled.
 Reference engines on the reference's weights, in this process (engines.py; optional: `pip install -e '.[bench]'`,
 a missing engine skips its variants with a printed line; CPU float32 runs only):
   ort, ort-int8    encoders: ONNX Runtime, the BertModel exported from eager attention and fused by ORT's
@@ -39,6 +41,7 @@ Both sides run under the same global torch settings, which this script never cha
 """
 
 import argparse
+import copy
 import importlib.metadata
 import json
 import os
@@ -145,6 +148,7 @@ SELFATTN_VARIANTS = [
     "selfattn", *FORCED_KERNEL_VARIANTS, "selfattn-compiled", *QUANTIZED_VARIANTS,
 ]
 ENGINE_VARIANTS = list(engines.ENCODER_ENGINES)
+REFERENCE_VARIANTS = ["reference-static"]
 
 
 def synchronize(device: str):
@@ -167,7 +171,6 @@ def inference(model, inputs: dict) -> Callable[[], object]:
 def ours_variants(ours, variants: list[str]) -> dict[str, torch.nn.Module]:
     """selfattn variants: the model as loaded and, on request, copies with nn.Linear's kernel forced, with
     compiled decoding (models that generate) or quantized."""
-    import copy
 
     models = {}
     for variant in variants:
@@ -312,11 +315,14 @@ def training_step(model, inputs: dict) -> Callable[[], torch.Tensor]:
     return run
 
 
-def training_workload(name, description, architecture, shape, make_inputs, head_shape, args) -> Workload:
+def training_workload(
+    name, description, architecture, shape, make_inputs, head_shape, args, **config_overrides
+) -> Workload:
     """A training step of selfattn's head and transformers' `architecture` on the same weights. `make_inputs(config)`:
     the batch with its labels; `head_shape(config, inputs)`: (rows, outputs) of the head's projection, for the
-    FLOPs. Parity: the loss and logits of both in eval mode, before any step."""
-    reference, ours = bert_pair(architecture, shape)
+    FLOPs; `config_overrides`: BertConfig settings of both sides. Parity: the loss and logits of both in eval mode,
+    before any step."""
+    reference, ours = bert_pair(architecture, shape, **config_overrides)
     reference, ours = reference.to(args.device, args.dtype), ours.to(args.device, args.dtype)
     inputs = {key: tensor.to(args.device) for key, tensor in make_inputs(reference.config).items()}
     with torch.no_grad():
@@ -346,6 +352,13 @@ def classification_batch(config, batch: int = 32, length: int = 128) -> dict[str
     """A full batch (no padding) of random tokens after [CLS], with a random label (of config.num_labels) each."""
     labels = torch.randint(0, config.num_labels, (batch,), generator=torch.Generator().manual_seed(6))
     return {**padded_batch([length] * batch, config.vocab_size), "labels": labels}
+
+
+def skewed_classification_batch(config) -> dict[str, torch.Tensor]:
+    """The skewed padded batch of encoder_padded_64 (64 lengths, median 40, max 512), a random label each."""
+    lengths = skewed_lengths()
+    labels = torch.randint(0, config.num_labels, (len(lengths),), generator=torch.Generator().manual_seed(6))
+    return {**padded_batch(lengths, config.vocab_size), "labels": labels}
 
 
 def mlm_head_shape(config, inputs) -> tuple[int, int]:
@@ -378,11 +391,9 @@ def generation_workload(name, batch, beams, args, variants) -> Workload:
         eos_token_id=EOS_ID, pad_token_id=PAD_ID, decoder_start_token_id=PAD_ID, suppress_tokens=[PAD_ID],
     )
 
-    def generate(model):
+    def generate(model, config=generation_config):
         def run():
-            return model.generate(
-                input_ids=source, attention_mask=torch.ones_like(source), generation_config=generation_config
-            )
+            return model.generate(input_ids=source, attention_mask=torch.ones_like(source), generation_config=config)
 
         return run
 
@@ -390,6 +401,11 @@ def generation_workload(name, batch, beams, args, variants) -> Workload:
         return output[:, 1:].tolist()  # without the decoder start token
 
     runners, token_ids = {"reference": generate(reference)}, {"reference": new_tokens}
+    if "reference-static" in variants:
+        static_config = copy.deepcopy(generation_config)
+        static_config.cache_implementation = "static"
+        runners["reference-static"] = generate(reference, static_config)
+        token_ids["reference-static"] = new_tokens
     for variant, model in ours_variants(ours, variants).items():
         runners[variant], token_ids[variant] = generate(model), new_tokens
     runnable = runnable_engines(engines.GENERATION_ENGINES, variants, args)
@@ -448,6 +464,14 @@ WORKLOADS = {
         "sequence classification training step (forward, backward, AdamW), MiniLM, 2 labels, full batch 32x128",
         "BertForSequenceClassification", minilm_shape(args), classification_batch, classifier_head_shape, args,
     ),
+    # Attention dropout off on both sides: the varlen kernels that serve selfattn's unpadded batches on GPUs have
+    # none (with it, selfattn attends per bucket of similar lengths instead).
+    "classify_train_padded_64": lambda args, variants: training_workload(
+        "classify_train_padded_64",
+        "sequence classification training step (forward, backward, AdamW), MiniLM, 2 labels, 64 sentences of skewed "
+        "lengths (median 40, max 512), attention dropout off", "BertForSequenceClassification", minilm_shape(args),
+        skewed_classification_batch, classifier_head_shape, args, attention_probs_dropout_prob=0.0,
+    ),
     "greedy_b1": lambda args, variants: generation_workload("greedy_b1", 1, 1, args, variants),
     "greedy_b16": lambda args, variants: generation_workload("greedy_b16", 16, 1, args, variants),
     "beam4_b1": lambda args, variants: generation_workload("beam4_b1", 1, 4, args, variants),
@@ -459,10 +483,10 @@ WORKLOADS = {
 
 
 def gemm_peaks(device: str, dtype: torch.dtype) -> dict[str, dict[str, float]]:
-    """Per precision, GFLOP/s of a large GEMM (4096 x 1024 x 4096) through each route the models can take: the
-    run's dtype and, on CPU, bfloat16 and int8 (torch._int_mm, int8 in, int32 out) for the variants that compute
-    in them."""
-    m, k, n = 4096, 1024, 4096
+    """Per precision, GFLOP/s of a large GEMM (4096 x 1024 x 4096 on CPU, 8192 cubed on a GPU, which the smaller
+    one leaves under its peak) through each route the models can take: the run's dtype and, on CPU, bfloat16 and
+    int8 (torch._int_mm, int8 in, int32 out) for the variants that compute in them."""
+    m, k, n = (4096, 1024, 4096) if device == "cpu" else (8192, 8192, 8192)
     x, w = torch.randn(m, k, device=device, dtype=dtype), torch.randn(n, k, device=device, dtype=dtype)
     routes = {str(dtype).removeprefix("torch."): {"F.linear": lambda: torch.nn.functional.linear(x, w)}}
     if device == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available():
@@ -536,7 +560,7 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated: " + ", ".join(WORKLOADS))
-    all_variants = SELFATTN_VARIANTS + ENGINE_VARIANTS
+    all_variants = SELFATTN_VARIANTS + REFERENCE_VARIANTS + ENGINE_VARIANTS
     parser.add_argument(
         "--variants", default=",".join(all_variants), help="comma-separated: " + ", ".join(all_variants)
     )

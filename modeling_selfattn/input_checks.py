@@ -69,7 +69,9 @@ def refuse_unknown_kwargs(forward: Callable) -> Callable:
 
     @functools.wraps(forward)
     def checked_forward(self, *args, **kwargs):
-        unknown = kwargs.keys() - named - FORWARDED_KWARGS
+        # A loop, not set arithmetic on kwargs.keys(): torch 2.11's compiler cannot trace the latter (generate()
+        # compiles the forward on GPUs with a static cache).
+        unknown = [name for name in kwargs if name not in named and name not in FORWARDED_KWARGS]
         if unknown:
             raise TypeError(
                 f"{type(self).__name__}.forward() got unexpected keyword argument(s) {sorted(unknown)}. It takes "

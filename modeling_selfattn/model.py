@@ -55,7 +55,7 @@ from .input_checks import (
 )
 from .dropout import Dropout, zero_dropped
 from .kernels import Linear, linear_then_activation
-from .lean_generation import LeanGenerationMixin
+from .lean_generation import LeanGenerationMixin, reorder_cache_layers
 from .packing import PackedSequences, packed_sequences_for, records_layer_outputs
 
 
@@ -1255,7 +1255,7 @@ class SelfAttnForConditionalGeneration(SelfAttnPreTrainedModel, LeanGenerationMi
         move between source sentences, so the cross-attention keys and values of all beams of a sentence are the
         same, and reordering them would copy every layer's tensors to no effect. (The model takes no other cache than
         an EncoderDecoderCache.)"""
-        cache.self_attention_cache.reorder_cache(beam_idx)
+        reorder_cache_layers(cache.self_attention_cache, beam_idx)
         return cache
 
     @accepts_past_key_values

@@ -5,7 +5,10 @@ sequence. The encoder (model.py) packs after its embeddings and restores the pad
 Shipped with saved models: the model uses it at run time.
 """
 
+import functools
 import importlib.util
+import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -107,13 +110,13 @@ class PackedSequences:
             lengths = dict(cu_seq_lens_q=self.cu_seq_lens, cu_seq_lens_k=self.cu_seq_lens)
             maxima = dict(max_length_q=self.max_length, max_length_k=self.max_length)
             return attention_interface(module, query, key, value, None, **lengths, **maxima, **kwargs)
-        if uses_torch_varlen_kernel(module, query, kwargs.get("dropout", 0.0)):
+        if uses_torch_varlen_kernel(module, query, kwargs.get("dropout", 0.0), kwargs.get("scaling")):
             from torch.nn.attention.varlen import varlen_attn
 
             query, key, value = (states[0].transpose(0, 1) for states in (query, key, value))  # (tokens, heads, dim)
+            scale = {"scale": kwargs["scaling"]} if varlen_takes_scale() and "scaling" in kwargs else {}
             output = varlen_attn(
-                query, key, value, self.cu_seq_lens, self.cu_seq_lens, self.max_length, self.max_length,
-                scale=kwargs.get("scaling"),
+                query, key, value, self.cu_seq_lens, self.cu_seq_lens, self.max_length, self.max_length, **scale
             )
             return output.unsqueeze(0), None
         outputs = []
@@ -143,9 +146,9 @@ class PackedSequences:
         return (outputs[0] if len(outputs) == 1 else torch.cat(outputs)).unsqueeze(0), None
 
 
-def uses_torch_varlen_kernel(module: nn.Module, query: torch.Tensor, dropout: float) -> bool:
+def uses_torch_varlen_kernel(module: nn.Module, query: torch.Tensor, dropout: float, scaling: float | None) -> bool:
     """torch's own varlen flash kernel (torch.nn.attention.varlen, torch >= 2.10) serves SDPA models on CUDA in half
-    precision; it has no dropout."""
+    precision; it has no dropout, and its first releases no scale argument (their scale is 1/sqrt(head_dim))."""
     return (
         query.is_cuda
         and query.dtype in (torch.float16, torch.bfloat16)
@@ -153,7 +156,15 @@ def uses_torch_varlen_kernel(module: nn.Module, query: torch.Tensor, dropout: fl
         and dropout == 0.0
         and query.shape[-1] % 8 == 0
         and importlib.util.find_spec("torch.nn.attention.varlen") is not None
+        and (scaling is None or varlen_takes_scale() or math.isclose(scaling, query.shape[-1] ** -0.5))
     )
+
+
+@functools.cache
+def varlen_takes_scale() -> bool:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return "scale" in inspect.signature(varlen_attn).parameters
 
 
 def records_layer_outputs(config: SelfAttnConfig, kwargs: dict) -> bool:

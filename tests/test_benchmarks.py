@@ -190,6 +190,23 @@ def test_training_workloads_pair_the_same_weights_heads_included(architecture, m
         assert loss.requires_grad and torch.isfinite(loss)
 
 
+def test_config_overrides_reach_both_sides_of_a_pair():
+    # classify_train_padded_64 turns attention dropout off on both sides.
+    reference, ours = pairs.bert_pair("BertForSequenceClassification", TINY_BERT_SHAPE, attention_probs_dropout_prob=0.0)
+    assert reference.config.attention_probs_dropout_prob == 0.0 and ours.config.attention_dropout == 0.0
+    assert reference.config.hidden_dropout_prob == ours.config.hidden_dropout_prob == 0.1
+    default_reference, default_ours = pairs.bert_pair("BertForSequenceClassification", TINY_BERT_SHAPE)
+    assert default_reference.config.attention_probs_dropout_prob == default_ours.config.attention_dropout == 0.1
+
+
+def test_the_skewed_classification_batch_is_padded_and_labelled():
+    config = transformers.BertConfig(**TINY_BERT_SHAPE)
+    batch = bench.skewed_classification_batch(config)
+    lengths = batch["attention_mask"].sum(dim=1)
+    assert lengths.tolist() == pairs.skewed_lengths() and batch["input_ids"].shape == (64, 512)
+    assert batch["labels"].shape == (64,) and set(batch["labels"].tolist()) <= {0, 1}
+
+
 def test_a_training_step_updates_every_parameter_with_dropout_active():
     model = pairs.bert_reference("BertForSequenceClassification", TINY_BERT_SHAPE)
     inputs = bench.classification_batch(model.config, 3, 16)

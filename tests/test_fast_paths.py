@@ -116,6 +116,14 @@ def test_compiled_decoding_runs_the_onednn_kernel_inside_the_compiled_steps(num_
     assert "selfattn::onednn_linear" in events  # oneDNN called from the compiled steps
 
 
+def test_compiled_decoding_names_no_mode_on_cpu_and_keeps_the_callers():
+    # On CUDA, a step without a mode of the caller's runs under CUDA graphs (tests/test_cuda.py).
+    model = build(SelfAttnForCausalLM, "decoder", type_vocab_size=0)
+    assert enable_compiled_decoding(model).forward.step_compile_options() == {"fullgraph": True, "dynamic": False}
+    options = enable_compiled_decoding(model, mode="max-autotune-no-cudagraphs").forward.step_compile_options()
+    assert options["mode"] == "max-autotune-no-cudagraphs"
+
+
 def test_compiled_decoding_is_refused_by_a_model_that_does_not_generate():
     with pytest.raises(ValueError, match="does not generate"):
         enable_compiled_decoding(build(SelfAttnForMaskedLM))

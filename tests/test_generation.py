@@ -12,7 +12,7 @@ import torch
 from conftest import EOS_TOKEN_ID, PAD_TOKEN_ID, make_tiny_config
 from generation_helpers import word_tokenizer
 from transformers import CompileConfig, StaticCache, pipeline
-from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+from transformers.cache_utils import DynamicCache, EncoderDecoderCache, StaticLayer
 
 from modeling_selfattn import SelfAttnForCausalLM, SelfAttnForConditionalGeneration
 
@@ -452,3 +452,27 @@ def test_tokenizer_generate_decode_round_trip_for_the_encoder_decoder():
         for source in sources
     ]
     assert texts == alone and all(texts)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_beam_search_on_a_static_cache_keeps_its_tensors_where_they_are(shape, monkeypatch):
+    # On CUDA (reorder_cache_layers), so that CUDA graphs of compiled steps replay on the same memory: run here
+    # on CPU by counting CPU tensors as CUDA ones.
+    import modeling_selfattn.lean_generation as lean_generation
+
+    addresses = {}
+
+    def keeps_addresses(layer):
+        static = type(layer) is StaticLayer and layer.is_initialized
+        if static:
+            addresses.setdefault(id(layer), set()).update({layer.keys.data_ptr(), layer.values.data_ptr()})
+        return static
+
+    model = build_model(shape)
+    batch = padded_batch(shape)
+    options = {**STRATEGIES["beam"], "cache_implementation": "static"}
+    expected = generate(model, batch, **options)
+    monkeypatch.setattr(lean_generation, "keeps_addresses", keeps_addresses)
+    assert torch.equal(generate(model, batch, **options), expected)
+    layers = model.config.decoder_layers
+    assert len(addresses) == layers and all(len(pointers) == 2 for pointers in addresses.values())

@@ -2,6 +2,8 @@
 tolerance 1e-5): a padded batch runs on its real tokens only. The padded path is forced by raising the padding share
 unpadding needs above 1 (`never_unpad`)."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from batch_helpers import LENGTHS, TOLERANCE, assert_same_gradients, build, loss_and_gradients, padded_batch
@@ -176,6 +178,71 @@ def test_packed_sequences_pack_and_unpack_are_inverse():
 
 
 # --- masked-LM loss over the scored tokens ---------------------------------------------------------------------
+
+
+# --- torch's varlen kernel, with an exact stand-in (the kernel itself runs on CUDA only) ---------------------------
+
+
+def stand_in_varlen(takes_scale: bool, calls: list):
+    """In place of torch.nn.attention.varlen.varlen_attn, with its layout (tokens, heads, head_dim) and, as its
+    releases do, with or without a `scale` argument (without, the scale is 1/sqrt(head_dim)): SDPA per sequence."""
+
+    def attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=None):
+        calls.append({"max_q": max_q, "max_k": max_k, "scale": scale, "offsets": cu_seq_q.tolist()})
+        assert torch.equal(cu_seq_q, cu_seq_k) and cu_seq_q.dtype == torch.int32
+        outputs = []
+        for start, end in zip(cu_seq_q[:-1].tolist(), cu_seq_q[1:].tolist(), strict=True):
+            q, k, v = (states[start:end].transpose(0, 1) for states in (query, key, value))
+            outputs.append(torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale).transpose(0, 1))
+        return torch.cat(outputs)
+
+    if takes_scale:
+
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None):
+            return attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale)
+
+    else:
+
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+            return attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k)
+
+    return varlen_attn
+
+
+@pytest.mark.parametrize("takes_scale", [True, False], ids=["with_scale", "first_releases"])
+def test_varlen_kernel_gets_the_packed_sequences(takes_scale, never_unpad, monkeypatch):
+    import torch.nn.attention.varlen as varlen
+
+    calls = []
+    monkeypatch.setattr(varlen, "varlen_attn", stand_in_varlen(takes_scale, calls))
+    monkeypatch.setattr(packing, "varlen_takes_scale", lambda: takes_scale)
+    model = build(SelfAttnForMaskedLM).train()
+    batch = padded_batch()
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    # The kernel's conditions, on a stand-in for a CUDA query: dropout rules it out; a scale other than
+    # 1/sqrt(head_dim) does where the kernel takes none.
+    attention = model.get_encoder().layers[0].self_attn
+    query = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, shape=(1, 4, 3, 8))
+    assert packing.uses_torch_varlen_kernel(attention, query, 0.0, 8**-0.5)
+    assert not packing.uses_torch_varlen_kernel(attention, query, 0.1, 8**-0.5)
+    assert packing.uses_torch_varlen_kernel(attention, query, 0.0, 0.5) == takes_scale
+    on_cpu = SimpleNamespace(**{**vars(query), "is_cuda": False})
+    assert not packing.uses_torch_varlen_kernel(attention, on_cpu, 0.0, None)
+    # The model's calls, on CPU in float32 through the stand-in.
+    monkeypatch.setattr(packing, "uses_torch_varlen_kernel", lambda module, query, dropout, scaling: True)
+    unpadded, unpadded_gradients = loss_and_gradients(model, batch)
+    assert len(calls) == model.config.encoder_layers
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    lengths = sorted(LENGTHS, reverse=True)
+    assert calls[0] == {
+        "max_q": 16, "max_k": 16, "scale": head_dim**-0.5 if takes_scale else None,
+        "offsets": torch.tensor([0, *lengths]).cumsum(0).tolist(),
+    }
+    never_unpad()
+    padded, padded_gradients = loss_and_gradients(model, batch)
+    assert len(calls) == model.config.encoder_layers
+    assert abs(unpadded.loss.item() - padded.loss.item()) <= TOLERANCE
+    assert_same_gradients(padded_gradients, unpadded_gradients, atol=TOLERANCE)
 
 
 # --- CUDA (skipped without a GPU) ------------------------------------------------------------------------------
