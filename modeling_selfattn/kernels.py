@@ -159,8 +159,15 @@ class Linear(nn.Linear):
     kernel: str = "auto"
 
     def may_run_onednn(self, input: torch.Tensor) -> bool:
-        # Cheapest first: this runs on every call, and a decoding step makes dozens of calls of one row each.
-        if self.kernel == "aten" or not ONEDNN_AVAILABLE or input.numel() < ONEDNN_MIN_ROWS * self.in_features:
+        # Cheapest first: this runs on every call, and a decoding step makes dozens of calls of one row each. The
+        # device first: under torch.compile, what is read here is checked before every compiled call, and a GPU's
+        # calls then check nothing of the layer's.
+        if (
+            input.device.type != "cpu"
+            or self.kernel == "aten"
+            or not ONEDNN_AVAILABLE
+            or input.numel() < ONEDNN_MIN_ROWS * self.in_features
+        ):
             return False
         weight = self.weight
         return not (

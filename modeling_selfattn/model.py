@@ -277,8 +277,9 @@ class SelfAttnAttention(nn.Module):
 
     def split_heads(self, states: torch.Tensor) -> torch.Tensor:
         # -1, not len(kept_heads): under tensor parallelism each device holds a share of the heads. A layer whose heads
-        # were all pruned has no elements to infer the count from.
-        heads = -1 if self.kept_heads else 0
+        # were all pruned has no elements to infer the count from. (Not read from kept_heads: torch.compile would
+        # check that list, head by head, before every compiled call.)
+        heads = -1 if states.shape[-1] else 0
         return states.view(*states.shape[:-1], heads, self.head_dim).transpose(1, 2)
 
     @torch.no_grad()
