@@ -306,3 +306,43 @@ def test_bare_model_refuses_arguments_its_shape_does_not_use(shape, keyword):
     value = (torch.randn(1, 4, 32),) if keyword == "encoder_outputs" else ids
     with pytest.raises(ValueError, match=rf"\['{keyword}'\] have no use in this {shape}-only SelfAttnModel"):
         model(ids, **{keyword: value})
+
+
+def test_a_mask_found_valid_is_not_read_again_until_it_changes(monkeypatch):
+    import modeling_selfattn.input_checks as input_checks
+
+    reads = []
+    original = input_checks.holds_only_zeros_and_ones
+    monkeypatch.setattr(input_checks, "holds_only_zeros_and_ones", lambda mask: reads.append(1) or original(mask))
+    model = tiny(SelfAttnModel, "encoder")
+    ids = random_ids(2, 4)
+    mask = torch.ones(2, 4, dtype=torch.long)
+    model(ids, attention_mask=mask)
+    model(ids, attention_mask=mask)
+    assert len(reads) == 1
+    other = mask.clone()  # another tensor, the same values: read
+    model(ids, attention_mask=other)
+    model(ids, attention_mask=other)
+    assert len(reads) == 2
+    other[0, 3] = 2  # the mask last found valid, changed in place: read again, and refused
+    with pytest.raises(ValueError, match="attention_mask may hold only 1 .* and 0"):
+        model(ids, attention_mask=other)
+    assert len(reads) == 3
+    with torch.inference_mode():  # inference tensors keep no version counter: read every time
+        inference_mask = torch.ones(2, 4, dtype=torch.long)
+        model(ids, attention_mask=inference_mask)
+        model(ids, attention_mask=inference_mask)
+    assert len(reads) == 5
+
+
+def test_generate_reads_the_encoders_mask_once(monkeypatch):
+    import modeling_selfattn.input_checks as input_checks
+
+    reads = []
+    original = input_checks.holds_only_zeros_and_ones
+    monkeypatch.setattr(input_checks, "holds_only_zeros_and_ones", lambda mask: reads.append(1) or original(mask))
+    model = tiny(SelfAttnForConditionalGeneration, "encoder_decoder")
+    ids = random_ids(2, 5)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    model.generate(ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert len(reads) == 1  # the encoder's call; its decoder's cross-attention at every step reuses the answer
