@@ -308,12 +308,19 @@ def test_bare_model_refuses_arguments_its_shape_does_not_use(shape, keyword):
         model(ids, **{keyword: value})
 
 
-def test_a_mask_found_valid_is_not_read_again_until_it_changes(monkeypatch):
+@pytest.fixture
+def mask_reads(monkeypatch):
+    """A list that grows by one entry each time a mask's values are read back to check them."""
     import modeling_selfattn.input_checks as input_checks
 
     reads = []
     original = input_checks.holds_only_zeros_and_ones
     monkeypatch.setattr(input_checks, "holds_only_zeros_and_ones", lambda mask: reads.append(1) or original(mask))
+    return reads
+
+
+def test_a_mask_found_valid_is_not_read_again_until_it_changes(mask_reads):
+    reads = mask_reads
     model = tiny(SelfAttnModel, "encoder")
     ids = random_ids(2, 4)
     mask = torch.ones(2, 4, dtype=torch.long)
@@ -335,12 +342,8 @@ def test_a_mask_found_valid_is_not_read_again_until_it_changes(monkeypatch):
     assert len(reads) == 5
 
 
-def test_generate_reads_the_encoders_mask_once(monkeypatch):
-    import modeling_selfattn.input_checks as input_checks
-
-    reads = []
-    original = input_checks.holds_only_zeros_and_ones
-    monkeypatch.setattr(input_checks, "holds_only_zeros_and_ones", lambda mask: reads.append(1) or original(mask))
+def test_generate_reads_the_encoders_mask_once(mask_reads):
+    reads = mask_reads
     model = tiny(SelfAttnForConditionalGeneration, "encoder_decoder")
     ids = random_ids(2, 5)
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
