@@ -25,8 +25,9 @@ Variants timed against the reference:
                    not timed).
   selfattn-int8, selfattn-bf16  a copy after `model.quantize("int8")` / `("bf16")` (CPU float32 runs; skipped
                    where the model has no quantize()).
-  reference-static generation only: transformers' model with `cache_implementation="static"`, with which
-                   transformers compiles each decoding step itself on GPUs (CUDA graphs); on CPU it runs uncompiled.
+  reference-static generation only: transformers' model with `cache_implementation="static"`, whose greedy and
+                   sampling steps transformers compiles itself on GPUs (CUDA graphs); its beam search, and
+                   everything on CPU, runs uncompiled.
 Reference engines on the reference's weights, in this process (engines.py; optional: `pip install -e '.[bench]'`,
 a missing engine skips its variants with a printed line; CPU float32 runs only):
   ort, ort-int8    encoders: ONNX Runtime, the BertModel exported from eager attention and fused by ORT's

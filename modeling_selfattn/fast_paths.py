@@ -13,13 +13,16 @@ from torch import nn
 from transformers.cache_utils import Cache, EncoderDecoderCache, StaticLayer
 
 
-def is_decoding_step(model: nn.Module, kwargs: dict) -> bool:
-    """A generate() call past the prompt, on a static cache, asking for no attentions or hidden states."""
+def is_decoding_step(model: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """A generate() call past the prompt: one new token per sequence, on a static cache holding positions, asking for
+    no attentions or hidden states."""
     cache = kwargs.get("cache")
     if isinstance(cache, EncoderDecoderCache):
         cache = cache.self_attention_cache
     return (
         not model.training
+        and not args
+        and new_tokens_per_sequence(model, kwargs) == 1
         and isinstance(cache, Cache)
         and all(holds_positions(layer) for layer in cache.layers)
         and not kwargs.get("output_attentions")
@@ -27,13 +30,27 @@ def is_decoding_step(model: nn.Module, kwargs: dict) -> bool:
     )
 
 
+def new_tokens_per_sequence(model: nn.Module, kwargs: dict) -> int | None:
+    """The length of the tokens (or embeddings) the decoder is given, None where it is given none by keyword."""
+    decoder = "decoder_" if model.config.is_encoder_decoder else ""
+    for name in (f"{decoder}input_ids", f"{decoder}inputs_embeds"):
+        if kwargs.get(name) is not None:
+            return kwargs[name].shape[1]
+    return None
+
+
 def holds_positions(layer) -> bool:
     """A static layer holding cached positions. On CUDA, being initialized stands for it: static layers keep their
-    length on the cache's device, and reading it would wait for the GPU at every step. (A cache passed in again
-    after reset() then runs its prompt through the compiled step too, with the same tokens.)"""
+    length on the cache's device, and reading it would wait for the GPU at every step. (A one-token prompt on a
+    cache passed in again after reset() then runs through the compiled step too, with the same tokens; longer
+    prompts, which is_decoding_step tells by their length, run the plain forward.)"""
     if not (isinstance(layer, StaticLayer) and layer.is_initialized):
         return False
     return layer.keys.is_cuda or layer.get_seq_length() > 0
+
+
+def runs_on_cuda(model: nn.Module) -> bool:
+    return next(model.parameters()).is_cuda
 
 
 class CompiledDecodingForward:
@@ -60,18 +77,26 @@ class CompiledDecodingForward:
         return inspect.signature(self.plain_forward)
 
     def __call__(self, *args, **kwargs):
-        if torch.compiler.is_compiling() or not is_decoding_step(self.model, kwargs):
+        if torch.compiler.is_compiling() or not is_decoding_step(self.model, args, kwargs):
             return self.plain_forward(*args, **kwargs)
         if self.compiled_step is None:
             self.compiled_step = torch.compile(self.plain_forward, **self.step_compile_options())
         return self.compiled_step(*args, **kwargs)
 
     def step_compile_options(self) -> dict:
-        """The options given, and on CUDA, where none names a mode, CUDA graphs ("reduce-overhead"): a decoding
-        step is many small kernels, whose launches a graph replays at once. The cache's buffers keep their
-        addresses (transformers marks them static), which graphs need."""
+        """The options given, and for Inductor on CUDA, where none names a mode, CUDA graphs ("reduce-overhead"): a
+        decoding step is many small kernels, whose launches a graph replays at once. The cache's buffers keep their
+        addresses (transformers marks them static), which graphs need. Not for a model offloaded in part to the CPU
+        or disk (device_map), which transformers does not compile either."""
         options = dict(self.compile_options)
-        if "mode" not in options and "options" not in options and next(self.model.parameters()).is_cuda:
+        offloaded = {"cpu", "disk"} & {str(device) for device in getattr(self.model, "hf_device_map", {}).values()}
+        if (
+            "mode" not in options
+            and "options" not in options
+            and options.get("backend", "inductor") == "inductor"
+            and not offloaded
+            and runs_on_cuda(self.model)
+        ):
             options["mode"] = "reduce-overhead"
         return options
 

@@ -1,5 +1,7 @@
 """CUDA paths: run where a GPU exists, skipped on CPU-only machines (CI)."""
 
+import functools
+
 import pytest
 import torch
 
@@ -99,10 +101,12 @@ def test_unpadded_training_runs_the_varlen_kernel_with_the_gradients_of_the_padd
     calls = []
     kernel = varlen.varlen_attn
 
+    @functools.wraps(kernel)  # its signature too, which packing reads (varlen_takes_scale, cached: cleared below)
     def counted(*args, **kwargs):
         calls.append(args[0].shape)
         return kernel(*args, **kwargs)
 
+    packing.varlen_takes_scale.cache_clear()
     monkeypatch.setattr(varlen, "varlen_attn", counted)
     torch.manual_seed(0)
     model = SelfAttnForMaskedLM(encoder_config()).to("cuda").train()

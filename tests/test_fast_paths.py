@@ -18,7 +18,8 @@ import io
 import pytest
 import torch
 from batch_helpers import TOLERANCE, build, padded_batch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, StaticCache
+from transformers.cache_utils import StaticLayer
 
 import modeling_selfattn.fast_paths as fast_paths
 from modeling_selfattn import (
@@ -117,11 +118,67 @@ def test_compiled_decoding_runs_the_onednn_kernel_inside_the_compiled_steps(num_
 
 
 def test_compiled_decoding_names_no_mode_on_cpu_and_keeps_the_callers():
-    # On CUDA, a step without a mode of the caller's runs under CUDA graphs (tests/test_cuda.py).
     model = build(SelfAttnForCausalLM, "decoder", type_vocab_size=0)
     assert enable_compiled_decoding(model).forward.step_compile_options() == {"fullgraph": True, "dynamic": False}
     options = enable_compiled_decoding(model, mode="max-autotune-no-cudagraphs").forward.step_compile_options()
     assert options["mode"] == "max-autotune-no-cudagraphs"
+
+
+@pytest.mark.parametrize(
+    "compile_options, device_map, expected_mode",
+    [
+        ({}, None, "reduce-overhead"),  # CUDA graphs
+        ({"backend": "inductor"}, None, "reduce-overhead"),
+        ({"mode": "default"}, None, "default"),  # the caller's
+        ({"options": {"triton.cudagraphs": False}}, None, None),  # torch.compile takes a mode or options, not both
+        ({"backend": "aot_eager"}, None, None),  # modes are Inductor's
+        ({"backend": lambda graph, inputs: graph}, None, None),
+        ({}, {"model.decoder": 0, "lm_head": "cpu"}, None),  # offloaded: transformers compiles none either
+    ],
+    ids=["default", "inductor", "callers_mode", "options", "aot_eager", "own_backend", "offloaded"],
+)
+def test_compiled_decoding_on_cuda_uses_cuda_graphs_where_inductor_compiles_it(
+    compile_options, device_map, expected_mode, monkeypatch
+):
+    # The CUDA case on CPU: the model counts as on CUDA (tests/test_cuda.py runs it on a GPU).
+    monkeypatch.setattr(fast_paths, "runs_on_cuda", lambda model: True)
+    model = build(SelfAttnForCausalLM, "decoder", type_vocab_size=0)
+    if device_map is not None:
+        model.hf_device_map = device_map
+    options = enable_compiled_decoding(model, **compile_options).forward.step_compile_options()
+    assert options.get("mode") == expected_mode
+    assert {key: value for key, value in options.items() if key != "mode"} == {
+        "fullgraph": True, "dynamic": False, **{k: v for k, v in compile_options.items() if k != "mode"}
+    }
+
+
+def test_only_one_token_steps_on_a_cache_holding_positions_run_compiled(monkeypatch):
+    """On CUDA a static layer counts as holding positions once initialized (its length is not read back): a cache
+    reset and used again must still run prompts longer than one token through the plain forward, with its input
+    checks and without compiling each prompt length (fullgraph would give up after torch's recompile limit)."""
+    initialized = lambda layer: isinstance(layer, StaticLayer) and layer.is_initialized  # noqa: E731
+    monkeypatch.setattr(fast_paths, "holds_positions", initialized)
+    torch._dynamo.reset()
+    model = build(SelfAttnForCausalLM, "decoder", type_vocab_size=0)
+    config = model.config
+    expected = build(SelfAttnForCausalLM, "decoder", type_vocab_size=0)
+    enable_compiled_decoding(model, backend="eager")
+    cache, expected_cache = StaticCache(config, max_cache_len=16), StaticCache(config, max_cache_len=16)
+    with torch.no_grad():
+        for length in range(1, 12):  # a prompt of each length, the cache reset in between, then one step
+            cache.reset()
+            expected_cache.reset()
+            ids = torch.randint(3, 99, (1, length), generator=torch.Generator().manual_seed(length))
+            prompt = model(input_ids=ids, cache=cache, use_cache=True)
+            step = model(input_ids=prompt.logits[:, -1:].argmax(-1), cache=cache, use_cache=True)
+            reference = expected(input_ids=ids, cache=expected_cache, use_cache=True)
+            reference_step = expected(input_ids=prompt.logits[:, -1:].argmax(-1), cache=expected_cache, use_cache=True)
+            torch.testing.assert_close(step.logits, reference_step.logits, rtol=0, atol=TOLERANCE)
+            torch.testing.assert_close(prompt.logits, reference.logits, rtol=0, atol=TOLERANCE)
+        assert model.forward.compiled_step is not None
+        cache.reset()
+        with pytest.raises(ValueError, match="input_ids contains ids outside the vocabulary"):
+            model(input_ids=torch.tensor([[3, 500, 4]]), cache=cache, use_cache=True)  # checked: the plain forward
 
 
 def test_compiled_decoding_is_refused_by_a_model_that_does_not_generate():
