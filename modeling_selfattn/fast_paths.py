@@ -109,13 +109,14 @@ def enable_compiled_decoding(model: nn.Module, enabled: bool = True, **compile_o
     """Faster generate(): decode with a static cache, each decoding step (one new token per sequence) through a
     torch.compile'd forward, for every strategy (greedy, sampling, beam search; transformers compiles by itself only
     greedy and sampling, and only on accelerators). This removes the per-step Python work of the layers, masks and
-    cache; the matrix products stay as they are (on oneDNN inside the compiled step where kernels.Linear uses it). Tokens are the same as the default path's.
-    The first generate() of each new shape compiles (tens of seconds on CPU, where a C++ compiler is needed), later
-    ones reuse it. Sets `cache_implementation="static"` on `model.generation_config` and turns off transformers' own
-    compilation of the steps, which this replaces; both are saved with the generation config by save_pretrained.
-    `compile_options` go to torch.compile (mode, backend, ...); without a mode, a model on CUDA decodes under CUDA
-    graphs (mode "reduce-overhead", as transformers' own compiled generation). `enabled=False` restores the
-    defaults."""
+    cache; the matrix products stay as they are (on oneDNN inside the compiled step where kernels.Linear uses it).
+    Tokens are the same as the default path's. The first generate() of each new shape compiles (tens of seconds on
+    CPU, where a C++ compiler is needed), later ones reuse it. Sets `cache_implementation="static"` on
+    `model.generation_config` and turns off transformers' own compilation of the steps, which this replaces; both are
+    saved with the generation config by save_pretrained. `compile_options` go to torch.compile (mode, backend, ...);
+    without a mode or options, a model on CUDA compiled by Inductor (the default backend) and not offloaded decodes
+    under CUDA graphs (mode "reduce-overhead", as transformers' own compiled generation). `enabled=False` restores
+    the defaults."""
     if not model.can_generate():
         raise ValueError(f"{type(model).__name__} does not generate; compiled decoding is for generate() models.")
     current = model.__dict__.get("forward")
