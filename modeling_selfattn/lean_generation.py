@@ -21,6 +21,9 @@ the layers of the dynamic cache generate() makes itself (not a cache the caller 
 generate() turns them back into DynamicLayers, in tensors of their own, before it returns the cache: nothing outside
 generate() sees a GrowingLayer.
 
+Beam search's reordering of the cache (reorder_cache_layers) keeps a static cache on CUDA where it is, so that the
+CUDA graphs of compiled decoding steps replay on it.
+
 Shipped with saved models (model.py imports it); it imports nothing of the package.
 """
 
