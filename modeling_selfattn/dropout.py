@@ -23,7 +23,6 @@ from .scratch import scratch
 BINS = 2**32
 
 
-
 def random_words(count: int) -> torch.Tensor:
     """`count` random int64 words on the CPU, from the default generator. They are read once, by the comparison that
     makes the mask, so they go into this thread's scratch buffer (scratch.py): a view valid until the next call, or a

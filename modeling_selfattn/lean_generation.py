@@ -247,10 +247,11 @@ def reorder_cache_layers(cache, beam_idx: torch.LongTensor) -> None:
     parts = [cache]
     if isinstance(cache, EncoderDecoderCache):
         parts = [cache.self_attention_cache, cache.cross_attention_cache]
-    if not any(keeps_addresses(layer) for part in parts for layer in part.layers):
+    layers = [layer for part in parts for layer in part.layers]
+    if not any(keeps_addresses(layer) for layer in layers):
         cache.reorder_cache(beam_idx)
         return
-    for layer in (layer for part in parts for layer in part.layers):
+    for layer in layers:
         if keeps_addresses(layer):
             beam_idx = beam_idx.to(layer.keys.device)
             layer.keys.copy_(layer.keys.index_select(0, beam_idx))

@@ -1,11 +1,16 @@
 """CUDA paths: run where a GPU exists, skipped on CPU-only machines (CI)."""
 
+import copy
 import functools
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
+from transformers import GenerationConfig
 
-from modeling_selfattn import SelfAttnConfig, SelfAttnForConditionalGeneration, SelfAttnModel
+import modeling_selfattn.packing as packing
+from modeling_selfattn import SelfAttnConfig, SelfAttnForConditionalGeneration, SelfAttnForMaskedLM, SelfAttnModel
+from modeling_selfattn.fast_paths import enable_compiled_decoding
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -18,6 +23,14 @@ def encoder_config(**overrides):
         max_position_embeddings=64, hidden_dropout_prob=0.0, attention_dropout=0.0,
     )
     return SelfAttnConfig(**{**settings, **overrides})
+
+
+def encoder_decoder_config(**overrides):
+    settings = dict(
+        decoder_layers=2, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+        position_embedding_type="sinusoidal", scale_embedding=True, embedding_layer_norm=False, type_vocab_size=0,
+    )
+    return encoder_config(**{**settings, **overrides})
 
 
 def padded_batch(device, batch=3, length=12, vocab=99):
@@ -47,11 +60,7 @@ def test_backends_match_eager_on_real_tokens(implementation, dtype, tolerance):
 @pytest.mark.parametrize("cache_implementation", [None, "static"])
 def test_generate_on_cuda_matches_cpu(cache_implementation):
     torch.manual_seed(0)
-    config = encoder_config(
-        decoder_layers=2, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
-        position_embedding_type="sinusoidal", scale_embedding=True, embedding_layer_norm=False, type_vocab_size=0,
-    )
-    model = SelfAttnForConditionalGeneration(config).eval()
+    model = SelfAttnForConditionalGeneration(encoder_decoder_config()).eval()
     input_ids, attention_mask = padded_batch("cpu")
     settings = dict(max_new_tokens=8, do_sample=False, cache_implementation=cache_implementation)
     on_cpu = model.generate(input_ids, attention_mask=attention_mask, **settings)
@@ -59,27 +68,13 @@ def test_generate_on_cuda_matches_cpu(cache_implementation):
     assert torch.equal(on_cpu, on_cuda.cpu())
 
 
-def decoder_config():
-    return encoder_config(
-        decoder_layers=2, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
-        position_embedding_type="sinusoidal", scale_embedding=True, embedding_layer_norm=False, type_vocab_size=0,
-        tie_word_embeddings=False, initializer_range=0.2,
-    )
-
-
 @pytest.mark.parametrize("num_beams", [1, 3], ids=["greedy", "beam3"])
 def test_compiled_decoding_runs_under_cuda_graphs_with_the_same_tokens(num_beams):
-    import copy
-
-    from torch._dynamo.utils import counters
-    from transformers import GenerationConfig
-
-    from modeling_selfattn.fast_paths import enable_compiled_decoding
-
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
-    model = SelfAttnForConditionalGeneration(decoder_config()).to("cuda").eval()
+    config = encoder_decoder_config(tie_word_embeddings=False, initializer_range=0.2)
+    model = SelfAttnForConditionalGeneration(config).to("cuda").eval()
     input_ids, attention_mask = padded_batch("cuda")
     generation_config = GenerationConfig(max_new_tokens=8, min_new_tokens=8, num_beams=num_beams, do_sample=False)
     expected = model.generate(input_ids, attention_mask=attention_mask, generation_config=generation_config)
@@ -94,9 +89,6 @@ def test_compiled_decoding_runs_under_cuda_graphs_with_the_same_tokens(num_beams
 
 def test_unpadded_training_runs_the_varlen_kernel_with_the_gradients_of_the_padded_path(monkeypatch):
     import torch.nn.attention.varlen as varlen
-
-    import modeling_selfattn.packing as packing
-    from modeling_selfattn import SelfAttnForMaskedLM
 
     calls = []
     kernel = varlen.varlen_attn
