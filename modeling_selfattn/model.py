@@ -111,8 +111,26 @@ class SelfAttnEmbeddings(nn.Module):
             Linear(embedding_size, config.hidden_size) if embedding_size != config.hidden_size else None
         )
 
-    def position_ids_for(self, input_ids, batch_size, seq_length, past_length, device) -> torch.Tensor:
-        """Rows of the position table, offset included."""
+    def position_rows(self, input_ids, position_ids, batch_size, seq_length, past_length, device) -> torch.Tensor:
+        """Rows of the position table for each token, offset included: from `position_ids` where given, else counted
+        (from past_length on, or over the non-padding tokens with padding-aware positions)."""
+        if position_ids is not None:
+            check_ids(
+                position_ids,
+                self.max_positions,
+                "position_ids",
+                "position table",
+                f"Positions run from 0 to {self.max_positions - 1}: truncate the input "
+                f"(tokenizer(..., truncation=True, max_length={self.max_positions})) or generate fewer tokens "
+                "(max_new_tokens).",
+            )
+            return position_ids + self.position_offset
+        if not torch.compiler.is_compiling() and past_length + seq_length > self.max_positions:
+            raise ValueError(
+                f"The sequence is {past_length + seq_length} tokens long (cached {past_length} + new "
+                f"{seq_length}) but this model has positions for {self.max_positions}. Truncate the input "
+                f"(tokenizer(..., truncation=True, max_length={self.max_positions})) or generate fewer tokens."
+            )
         if self.padding_aware_positions and input_ids is not None:
             is_token = input_ids.ne(self.pad_token_id).long()
             return (torch.cumsum(is_token, dim=1) + past_length) * is_token + (self.position_offset - 1)
@@ -121,6 +139,26 @@ class SelfAttnEmbeddings(nn.Module):
         positions = torch.arange(seq_length, device=device) + (past_length + self.position_offset)
         return positions.unsqueeze(0).expand(batch_size, -1)
 
+    def token_types(self, token_type_ids, shape: tuple[int, int], device) -> torch.Tensor | None:
+        """The token types to embed (zeros where none are given), or None for a model without a token-type table."""
+        if self.token_type_embeddings is None:
+            return None
+        if token_type_ids is None:
+            return torch.zeros(shape, dtype=torch.long, device=device)
+        if tuple(token_type_ids.shape) != shape:
+            raise ValueError(
+                f"token_type_ids has shape {tuple(token_type_ids.shape)} but the inputs have (batch_size, "
+                f"sequence_length) = {shape}: pass one segment id per token, as the tokenizer returns them."
+            )
+        check_ids(
+            token_type_ids,
+            self.token_type_embeddings.num_embeddings,
+            "token_type_ids",
+            "token types",
+            "This model has config.type_vocab_size segments; pass segment ids below it (or none).",
+        )
+        return token_type_ids
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -128,7 +166,11 @@ class SelfAttnEmbeddings(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         past_length: int = 0,
+        token_indices: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """token_indices: embed only these tokens, indices into the flattened (batch * length) inputs, as one row
+        (1, len(token_indices), width). Each token's embedding depends on its own id, position and type alone, so
+        the unpadded encoder embeds its real tokens without the padding (packing.py)."""
         if inputs_embeds is None:
             if input_ids.dim() != 2 or input_ids.numel() == 0:
                 raise ValueError(
@@ -143,7 +185,6 @@ class SelfAttnEmbeddings(nn.Module):
                 "Use the tokenizer that belongs to this model, or resize the embeddings with "
                 "`model.resize_token_embeddings(len(tokenizer))`.",
             )
-            inputs_embeds = self.word_embeddings(input_ids)
         elif (
             inputs_embeds.dim() != 3
             or inputs_embeds.shape[-1] != self.word_embeddings.embedding_dim
@@ -154,27 +195,20 @@ class SelfAttnEmbeddings(nn.Module):
                 f"{self.word_embeddings.embedding_dim}) with at least one token: vectors as wide as the token "
                 "embeddings (model.get_input_embeddings()(input_ids) makes them)."
             )
-        batch_size, seq_length = inputs_embeds.shape[:2]
-        if position_ids is None:
-            if not torch.compiler.is_compiling() and past_length + seq_length > self.max_positions:
-                raise ValueError(
-                    f"The sequence is {past_length + seq_length} tokens long (cached {past_length} + new "
-                    f"{seq_length}) but this model has positions for {self.max_positions}. Truncate the input "
-                    f"(tokenizer(..., truncation=True, max_length={self.max_positions})) or generate fewer tokens."
-                )
-            position_rows = self.position_ids_for(input_ids, batch_size, seq_length, past_length, inputs_embeds.device)
-        else:
-            check_ids(
-                position_ids,
-                self.max_positions,
-                "position_ids",
-                "position table",
-                f"Positions run from 0 to {self.max_positions - 1}: truncate the input "
-                f"(tokenizer(..., truncation=True, max_length={self.max_positions})) or generate fewer tokens "
-                "(max_new_tokens).",
-            )
-            position_rows = position_ids + self.position_offset
+        inputs = input_ids if inputs_embeds is None else inputs_embeds
+        batch_size, seq_length = inputs.shape[:2]
+        position_rows = self.position_rows(input_ids, position_ids, batch_size, seq_length, past_length, inputs.device)
+        token_type_ids = self.token_types(token_type_ids, (batch_size, seq_length), inputs.device)
+        if token_indices is not None:
 
+            def picked(tensor: torch.Tensor | None) -> torch.Tensor | None:
+                return None if tensor is None else tensor.flatten(0, 1).index_select(0, token_indices).unsqueeze(0)
+
+            input_ids, inputs_embeds, position_rows, token_type_ids = map(
+                picked, (input_ids, inputs_embeds, position_rows, token_type_ids)
+            )
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
         if hasattr(self, "position_embeddings"):
             positions = self.position_embeddings(position_rows)
         else:
@@ -182,23 +216,7 @@ class SelfAttnEmbeddings(nn.Module):
         # Token types are added before positions, as BERT-family models do: float addition is not associative,
         # and the other order drifts from converted checkpoints by about 1e-5 after a few layers.
         embeddings = inputs_embeds
-        if self.token_type_embeddings is not None:
-            if token_type_ids is None:
-                token_type_ids = torch.zeros_like(position_rows)
-            else:
-                if tuple(token_type_ids.shape) != (batch_size, seq_length):
-                    raise ValueError(
-                        f"token_type_ids has shape {tuple(token_type_ids.shape)} but the inputs have (batch_size, "
-                        f"sequence_length) = {(batch_size, seq_length)}: pass one segment id per token, as the "
-                        "tokenizer returns them."
-                    )
-                check_ids(
-                    token_type_ids,
-                    self.token_type_embeddings.num_embeddings,
-                    "token_type_ids",
-                    "token types",
-                    "This model has config.type_vocab_size segments; pass segment ids below it (or none).",
-                )
+        if token_type_ids is not None:
             embeddings = embeddings + self.token_type_embeddings(token_type_ids)
         embeddings = embeddings + positions.to(inputs_embeds.dtype)
         if self.layer_norm is not None:
@@ -658,14 +676,23 @@ class SelfAttnEncoder(SelfAttnStack):
                 "or the other."
             )
         check_flash_offsets(self.config, kwargs)
-        hidden_states = self.embeddings(input_ids, inputs_embeds, token_type_ids, position_ids)
-        check_attention_mask(attention_mask, tuple(hidden_states.shape[:2]), "attention_mask")
+        inputs = input_ids if inputs_embeds is None else inputs_embeds
+        if inputs.dim() >= 2:  # else the embeddings refuse the inputs themselves, which comes first
+            check_attention_mask(attention_mask, tuple(inputs.shape[:2]), "attention_mask")
         packed_sequences = packed_sequences_for(attention_mask, self.config, kwargs)
         # Padding positions hold the embedding output on every path: the unpadded one never computes them, and the
         # padded one (light padding, recorded outputs, torch.compile/export) overwrites what it computed there.
-        embeddings, padding_mask = hidden_states, None
+        padding_mask, embeddings_are_own = None, False
+        if packed_sequences is not None and packed_sequences.embeds_tokens_alone(self.embeddings, input_ids):
+            embeddings_are_own = True
+            hidden_states, embeddings = packed_sequences.embed(self.embeddings, input_ids, token_type_ids, position_ids)
+        else:
+            hidden_states = self.embeddings(input_ids, inputs_embeds, token_type_ids, position_ids)
+            embeddings = hidden_states
+            if packed_sequences is not None:
+                hidden_states = packed_sequences.pack(hidden_states)
         if packed_sequences is not None:
-            hidden_states, attention_mask = packed_sequences.pack(hidden_states), None
+            attention_mask = None
         else:
             if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
                 padding_mask = attention_mask.bool().unsqueeze(-1)
@@ -689,7 +716,7 @@ class SelfAttnEncoder(SelfAttnStack):
         if self.final_layer_norm is not None:
             hidden_states = self.final_layer_norm(hidden_states)
         if packed_sequences is not None:
-            hidden_states = packed_sequences.unpack(hidden_states, padding=embeddings)
+            hidden_states = packed_sequences.unpack(hidden_states, embeddings, padding_is_own=embeddings_are_own)
         kept = slice(0, 1) if first_token_only else slice(None)
         hidden_states, embeddings = hidden_states[:, kept], embeddings[:, kept]
         if padding_mask is not None:

@@ -15,6 +15,7 @@ from modeling_selfattn import (
     SelfAttnForSequenceClassification,
     SelfAttnModel,
 )
+from modeling_selfattn.model import SelfAttnEmbeddings
 
 
 @pytest.fixture
@@ -175,6 +176,99 @@ def test_packed_sequences_pack_and_unpack_are_inverse():
     restored = packed.unpack(packed.pack(values), padding)
     real = batch["attention_mask"].bool()
     assert torch.equal(restored[real], values[real]) and torch.equal(restored[~real], padding[~real])
+    own = padding.clone()
+    assert packed.unpack(packed.pack(values), own, padding_is_own=True).data_ptr() == own.data_ptr()
+    assert torch.equal(own, restored)
+
+
+# --- embedding the real tokens alone ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def embedding_calls(monkeypatch):
+    """A list of the token_indices each call of the embeddings got (None for the whole batch)."""
+    calls = []
+    original = SelfAttnEmbeddings.forward
+
+    def recording(self, *args, token_indices=None, **kwargs):
+        calls.append(token_indices)
+        return original(self, *args, token_indices=token_indices, **kwargs)
+
+    monkeypatch.setattr(SelfAttnEmbeddings, "forward", recording)
+    return calls
+
+
+def whole_batch_embedded(monkeypatch):
+    """From here on the unpadded encoder embeds the whole padded batch, then packs it (the path before
+    PackedSequences.embed)."""
+    monkeypatch.setattr(packing.PackedSequences, "embeds_tokens_alone", lambda *args: False)
+
+
+@pytest.mark.parametrize("variant", list(ENCODER_VARIANTS))
+def test_real_tokens_and_distinct_padding_are_embedded_alone_with_identical_outputs(
+    variant, embedding_calls, monkeypatch
+):
+    overrides, attn_implementation, padding_side = ENCODER_VARIANTS[variant]
+    model = build(SelfAttnModel, **overrides)
+    model.set_attn_implementation(attn_implementation)
+    batch = padded_batch(padding_side=padding_side)
+    # Padding positions of two token types, and some that hold other ids than the pad token, twice each: each
+    # distinct (id, position, type) embeds apart.
+    batch["token_type_ids"] = (torch.arange(16) >= 5).long().repeat(len(LENGTHS), 1)
+    batch["token_type_ids"][1::2] *= batch["attention_mask"][1::2]
+    batch["input_ids"][-1, -2:] = batch["input_ids"][-2, -2:] = torch.tensor([7, 8])
+    with torch.no_grad():
+        alone = model(**batch)
+        real, padding = embedding_calls
+        expected = packing.PackedSequences.from_attention_mask(batch["attention_mask"]).token_indices
+        assert real.tolist() == expected.tolist()
+        # one padding position per distinct (id, position, type): at most two per position for the pad token, plus
+        # the two other ids
+        assert len(padding) < (batch["attention_mask"] == 0).sum() and len(padding) <= 2 * 16 + 2
+        whole_batch_embedded(monkeypatch)
+        whole = model(**batch)
+    assert embedding_calls[2:] == [None]
+    assert torch.equal(alone.last_hidden_state, whole.last_hidden_state)
+    assert torch.equal(alone.pooler_output, whole.pooler_output)
+
+
+def test_explicit_position_ids_key_the_padding_rows(embedding_calls, monkeypatch):
+    model = build(SelfAttnModel)
+    batch = padded_batch()
+    batch["position_ids"] = torch.arange(16).flip(0).expand(len(LENGTHS), -1)
+    with torch.no_grad():
+        alone = model(**batch).last_hidden_state
+        whole_batch_embedded(monkeypatch)
+        whole = model(**batch).last_hidden_state
+    assert len(embedding_calls) == 3 and embedding_calls[1] is not None
+    assert torch.equal(alone, whole)
+
+
+EMBEDS_WHOLE_BATCH = {
+    "inputs_embeds": lambda model, batch: batch.update(
+        inputs_embeds=model.get_input_embeddings()(batch.pop("input_ids"))
+    ),
+    "gradients": lambda model, batch: torch.set_grad_enabled(True),
+    "dropout": lambda model, batch: model.train().encoder.embeddings.dropout.__setattr__("p", 0.1),
+    "hook": lambda model, batch: model.encoder.embeddings.layer_norm.register_forward_hook(lambda *args: None),
+}
+
+
+@pytest.mark.parametrize("case", list(EMBEDS_WHOLE_BATCH))
+def test_the_whole_batch_is_embedded_where_embedding_alone_could_differ(case, embedding_calls):
+    model = build(SelfAttnModel, add_pooling_layer=False)
+    batch = padded_batch()
+    with torch.no_grad():
+        EMBEDS_WHOLE_BATCH[case](model, batch)
+        model(**batch)
+    assert embedding_calls == [None]
+
+
+def test_a_projected_embedding_embeds_the_whole_batch(embedding_calls):
+    model = build(SelfAttnModel, embedding_size=8)
+    with torch.no_grad():
+        model(**padded_batch())
+    assert embedding_calls == [None]
 
 
 # --- masked-LM loss over the scored tokens ---------------------------------------------------------------------
