@@ -11,7 +11,8 @@ vocabulary): 0.24 ms a processor a step at batch 1 (the mask, not the scores, is
 16, against 6-60 us here. They replace the processors generate() makes from the generation config, of exactly
 transformers' classes; processors the caller passes in (generate's `logits_processor=`) are used as they are, and
 still take precedence over a default one of their class as in transformers. Each lean version, like the original,
-returns a new tensor and leaves its input unchanged.
+returns a new tensor and leaves its input unchanged; within generate()'s list (LeanLogitsProcessorList), adjacent
+blocking processors share one new tensor.
 
 The self-attention cache. transformers' DynamicLayer concatenates the whole cached sequence with the new position at
 every step, for keys and values of every layer (torch.cat: 1.3 ms a step of 13 at batch 16 on an int8
@@ -43,36 +44,50 @@ from transformers.generation.logits_process import (
 
 
 class BlockedIds:
-    """What the token-blocking processors share: `ids` (those a vocabulary of the scores' size holds, which is what
-    torch.isin against arange(vocab) matches), kept per vocabulary size and device, filled with -inf."""
+    """What the token-blocking processors share: the ids to block and whether they block at this step
+    (`ids_and_blocking`); those ids a vocabulary of the scores' size holds (which is what torch.isin against
+    arange(vocab) matches), kept per vocabulary size and device, filled with -inf."""
 
-    def blocked(self, ids: torch.Tensor, scores: torch.Tensor, blocking: bool = True) -> torch.Tensor:
-        """The scores with `ids` at -inf where `blocking`, else a copy: like transformers' processors, a new tensor
-        either way."""
+    def ids_and_blocking(self, input_ids: torch.LongTensor) -> tuple[torch.Tensor, bool]:
+        raise NotImplementedError
+
+    def blocked(self, input_ids: torch.LongTensor, scores: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+        """The scores with the ids at -inf where blocking, else unchanged: like transformers' processors, a new
+        tensor either way, or `scores` itself, changed, `in_place` (see LeanLogitsProcessorList)."""
+        ids, blocking = self.ids_and_blocking(input_ids)
         if not blocking:
-            return scores.clone()
+            return scores if in_place else scores.clone()
         cache = self.__dict__.setdefault("_blocked_ids", {})
         key = (scores.shape[-1], scores.device)
         if key not in cache:
             ids = ids.to(device=scores.device, dtype=torch.long).flatten()
             cache[key] = ids[(ids >= 0) & (ids < scores.shape[-1])]
-        return scores.index_fill(-1, cache[key], -math.inf)
+        fill = scores.index_fill_ if in_place else scores.index_fill
+        return fill(-1, cache[key], -math.inf)
 
 
 class LeanSuppressTokens(SuppressTokensLogitsProcessor, BlockedIds):
+    def ids_and_blocking(self, input_ids: torch.LongTensor) -> tuple[torch.Tensor, bool]:
+        return self.suppress_tokens, True
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        return self.blocked(self.suppress_tokens, scores)
+        return self.blocked(input_ids, scores)
 
 
 class LeanMinLength(MinLengthLogitsProcessor, BlockedIds):
+    def ids_and_blocking(self, input_ids: torch.LongTensor) -> tuple[torch.Tensor, bool]:
+        return self.eos_token_id, input_ids.shape[-1] < self.min_length
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        return self.blocked(self.eos_token_id, scores, input_ids.shape[-1] < self.min_length)
+        return self.blocked(input_ids, scores)
 
 
 class LeanMinNewTokensLength(MinNewTokensLengthLogitsProcessor, BlockedIds):
+    def ids_and_blocking(self, input_ids: torch.LongTensor) -> tuple[torch.Tensor, bool]:
+        return self.eos_token_id, input_ids.shape[-1] - self.prompt_length_to_skip < self.min_new_tokens
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        new_tokens = input_ids.shape[-1] - self.prompt_length_to_skip
-        return self.blocked(self.eos_token_id, scores, new_tokens < self.min_new_tokens)
+        return self.blocked(input_ids, scores)
 
 
 class LeanNoBadWords(NoBadWordsLogitsProcessor):
@@ -105,6 +120,26 @@ def lean(processor):
     replacement = lean_class.__new__(lean_class)
     replacement.__dict__.update(processor.__dict__)
     return replacement
+
+
+class LeanLogitsProcessorList(LogitsProcessorList):
+    """generate()'s processor list: transformers' call, each processor in turn, except that in a run of adjacent
+    token-blocking processors (BlockedIds) the first makes the one new tensor of the run and the others fill their
+    ids into it, since nothing outside this call has seen it. Called alone, each still returns a new tensor. The
+    same scores to the bit. At batch 16 (a 32,000-token vocabulary, three blocking processors) each copy took 0.3
+    ms of a 15 ms int8 decoding step (profiled); greedy decoding of Transformer-base took 1.5-2.6% less time in int8
+    (three runs) and 1.7% in float32, in one process, alternating (2-core Xeon); nothing measurable at batch 1."""
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        made_in_this_run = None  # the tensor a blocking processor of the current run returned
+        for processor in self:
+            if isinstance(processor, BlockedIds) and scores is made_in_this_run:
+                scores = processor.blocked(input_ids, scores, in_place=True)
+                continue
+            # transformers' own call of one processor (the extra keywords some processors take)
+            scores = LogitsProcessorList([processor])(input_ids, scores, **kwargs)
+            made_in_this_run = scores if isinstance(processor, BlockedIds) else None
+        return scores
 
 
 class GrowingLayer(DynamicLayer):
@@ -202,7 +237,7 @@ class LeanGenerationMixin:
         assistant model's generate() gets the main model's)."""
         if isinstance(default_list, LogitsProcessorList):
             callers_classes = {type(processor) for processor in custom_list}
-            default_list = LogitsProcessorList(
+            default_list = LeanLogitsProcessorList(
                 processor if type(processor) in callers_classes else lean(processor) for processor in default_list
             )
         return super()._merge_criteria_processor_list(default_list, custom_list)

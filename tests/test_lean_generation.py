@@ -18,6 +18,7 @@ from transformers import GenerationConfig
 from transformers.cache_utils import DynamicCache, DynamicLayer, EncoderDecoderCache
 from transformers.generation import GenerationMixin
 from transformers.generation.logits_process import (
+    LogitsProcessor,
     LogitsProcessorList,
     MinLengthLogitsProcessor,
     MinNewTokensLengthLogitsProcessor,
@@ -26,7 +27,13 @@ from transformers.generation.logits_process import (
 )
 
 from modeling_selfattn import SelfAttnForCausalLM, SelfAttnForConditionalGeneration
-from modeling_selfattn.lean_generation import LEAN_PROCESSORS, GrowingLayer, lean
+from modeling_selfattn.lean_generation import (
+    LEAN_PROCESSORS,
+    BlockedIds,
+    GrowingLayer,
+    LeanLogitsProcessorList,
+    lean,
+)
 
 VOCAB = 50
 
@@ -75,6 +82,36 @@ def test_other_processors_are_kept():
     assert type(lean(processor)) is not SuppressTokensLogitsProcessor
 
 
+class Doubling(LogitsProcessor):
+    """A processor of the caller's, between blocking ones: it ends their run."""
+
+    def __call__(self, input_ids, scores):
+        return scores * 2
+
+
+@pytest.mark.parametrize("length", [3, 5, 8])
+@pytest.mark.parametrize("with_callers_between", [False, True])
+def test_adjacent_blocking_processors_share_one_new_tensor(length, with_callers_between, monkeypatch):
+    makes = [PROCESSORS[name][0] for name in ("min_length", "min_new_tokens", "suppress", "bad_words")]
+    stock = [make() for make in makes]
+    if with_callers_between:
+        stock.insert(1, Doubling())
+    leaner = LeanLogitsProcessorList(lean(processor) for processor in stock)
+    input_ids = torch.randint(0, VOCAB, (3, length), generator=torch.Generator().manual_seed(length))
+    scores = special_scores(3)
+    before = scores.clone()
+    made = []
+    monkeypatch.setattr(torch.Tensor, "index_fill", spy(torch.Tensor.index_fill, made))
+    monkeypatch.setattr(torch.Tensor, "clone", spy(torch.Tensor.clone, made))
+    result = leaner(input_ids, scores)
+    monkeypatch.undo()
+    assert same_bits(result, LogitsProcessorList(stock)(input_ids, scores))
+    assert same_bits(scores, before) and result.data_ptr() != scores.data_ptr()
+    # one new tensor for each run of blocking processors: [min_length, min_new_tokens, suppress], or
+    # [min_length] and [min_new_tokens, suppress] around the caller's
+    assert len(made) == (2 if with_callers_between else 1)
+
+
 def build_model(shape: str):
     torch.manual_seed(0)
     config = make_tiny_config(shape, tie_word_embeddings=False, initializer_range=0.2, type_vocab_size=0)
@@ -96,6 +133,7 @@ def test_generate_lean_matches_transformers_processors_and_cache(shape, num_beam
     calls = []
     for lean_class in LEAN_PROCESSORS.values():
         monkeypatch.setattr(lean_class, "__call__", spy(lean_class.__call__, calls))
+    monkeypatch.setattr(BlockedIds, "blocked", spy(BlockedIds.blocked, calls))  # in place, within a run
     monkeypatch.setattr(GrowingLayer, "update", spy(GrowingLayer.update, calls))
     with torch.no_grad():
         leaner = model.generate(input_ids=input_ids, num_beams=num_beams, **SETTINGS)
@@ -165,6 +203,7 @@ def test_processors_the_caller_passes_are_used_as_they_are():
     processors = prepared_processors(model, [given], suppress_tokens=[7])
     lean_suppress = LEAN_PROCESSORS[SuppressTokensLogitsProcessor]
     assert [type(processor) for processor in processors] == [lean_suppress, type(given)]
+    assert type(processors) is LeanLogitsProcessorList
     assert processors[1] is given
     for caller_processor in (SuppressTokensLogitsProcessor([7]), lean(SuppressTokensLogitsProcessor([7]))):
         processors = prepared_processors(model, [caller_processor], suppress_tokens=[7])
