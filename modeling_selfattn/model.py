@@ -202,7 +202,11 @@ class SelfAttnEmbeddings(nn.Module):
         if token_indices is not None:
 
             def picked(tensor: torch.Tensor | None) -> torch.Tensor | None:
-                return None if tensor is None else tensor.flatten(0, 1).index_select(0, token_indices).unsqueeze(0)
+                if tensor is None:
+                    return None
+                # position ids may be shared by the batch: (length,) or (1, length)
+                layout = tensor.expand(batch_size, seq_length, *tensor.shape[2:]) if tensor.dim() < 3 else tensor
+                return layout.flatten(0, 1).index_select(0, token_indices).unsqueeze(0)
 
             input_ids, inputs_embeds, position_rows, token_type_ids = map(
                 picked, (input_ids, inputs_embeds, position_rows, token_type_ids)
@@ -677,21 +681,24 @@ class SelfAttnEncoder(SelfAttnStack):
             )
         check_flash_offsets(self.config, kwargs)
         inputs = input_ids if inputs_embeds is None else inputs_embeds
-        if inputs.dim() >= 2:  # else the embeddings refuse the inputs themselves, which comes first
-            check_attention_mask(attention_mask, tuple(inputs.shape[:2]), "attention_mask")
-        packed_sequences = packed_sequences_for(attention_mask, self.config, kwargs)
+        # Unpadding is decided before the embeddings, from a mask of the inputs' (batch_size, length); any other mask
+        # is refused below, after the embeddings' own checks of the inputs.
+        mask_fits = isinstance(attention_mask, torch.Tensor) and attention_mask.shape == inputs.shape[:2]
+        packed_sequences = packed_sequences_for(attention_mask, self.config, kwargs) if mask_fits else None
         # Padding positions hold the embedding output on every path: the unpadded one never computes them, and the
         # padded one (light padding, recorded outputs, torch.compile/export) overwrites what it computed there.
-        padding_mask, embeddings_are_own = None, False
-        if packed_sequences is not None and packed_sequences.embeds_tokens_alone(self.embeddings, input_ids):
-            embeddings_are_own = True
+        embeddings_are_own = packed_sequences is not None and packed_sequences.embeds_tokens_alone(
+            self.embeddings, input_ids
+        )
+        if embeddings_are_own:
             hidden_states, embeddings = packed_sequences.embed(self.embeddings, input_ids, token_type_ids, position_ids)
         else:
-            hidden_states = self.embeddings(input_ids, inputs_embeds, token_type_ids, position_ids)
-            embeddings = hidden_states
-            if packed_sequences is not None:
-                hidden_states = packed_sequences.pack(hidden_states)
+            hidden_states = embeddings = self.embeddings(input_ids, inputs_embeds, token_type_ids, position_ids)
+        check_attention_mask(attention_mask, tuple(embeddings.shape[:2]), "attention_mask")
+        padding_mask = None
         if packed_sequences is not None:
+            if not embeddings_are_own:
+                hidden_states = packed_sequences.pack(hidden_states)
             attention_mask = None
         else:
             if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:

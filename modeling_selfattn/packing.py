@@ -111,7 +111,9 @@ class PackedSequences:
             and all(unobserved(module) for module in embeddings.modules())
         )
 
-    def embed(self, embeddings: nn.Module, input_ids, token_type_ids, position_ids) -> tuple[torch.Tensor, ...]:
+    def embed(
+        self, embeddings: nn.Module, input_ids, token_type_ids, position_ids
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The embeddings' output for the real tokens, packed (1, num_tokens, features), and for the padded layout
         (batch, length, features) at the padding positions (what the output holds there; the real positions hold
         any value, overwritten by unpack). Padding is embedded once per distinct (token, position, type): a padded
@@ -120,7 +122,7 @@ class PackedSequences:
         packed = embeddings(input_ids, None, token_type_ids, position_ids, token_indices=self.token_indices)
         batch_size, length = self.padded_shape
         rows = embeddings.position_rows(input_ids, position_ids, batch_size, length, 0, input_ids.device)
-        key = input_ids * rows.new_tensor(embeddings.max_positions + embeddings.position_offset) + rows
+        key = input_ids.long() * (embeddings.max_positions + embeddings.position_offset) + rows  # int64: no overflow
         types = embeddings.token_types(token_type_ids, self.padded_shape, input_ids.device)
         if types is not None:
             key = key * embeddings.token_type_embeddings.num_embeddings + types

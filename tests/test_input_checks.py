@@ -306,3 +306,19 @@ def test_bare_model_refuses_arguments_its_shape_does_not_use(shape, keyword):
     value = (torch.randn(1, 4, 32),) if keyword == "encoder_outputs" else ids
     with pytest.raises(ValueError, match=rf"\['{keyword}'\] have no use in this {shape}-only SelfAttnModel"):
         model(ids, **{keyword: value})
+
+
+# The inputs' own errors come before a mismatched mask's, whose message would otherwise blame the mask for them.
+INPUTS_CHECKED_FIRST = {
+    "two_dimensional_embeddings": (lambda model: dict(inputs_embeds=torch.randn(16, 32)), "inputs_embeds"),
+    "ids_outside_the_vocabulary": (lambda model: dict(input_ids=torch.full((2, 16), 10**6)), "input_ids"),
+    "empty_ids": (lambda model: dict(input_ids=torch.zeros(2, 0, dtype=torch.long)), "input_ids"),
+}
+
+
+@pytest.mark.parametrize("case", list(INPUTS_CHECKED_FIRST))
+def test_the_inputs_are_checked_before_a_mismatched_mask(case):
+    model = encoder_model()
+    make, argument = INPUTS_CHECKED_FIRST[case]
+    with pytest.raises(ValueError, match=f"^{argument}"):
+        model(**make(model), attention_mask=torch.ones(1, 16, dtype=torch.long))

@@ -112,6 +112,23 @@ def test_adjacent_blocking_processors_share_one_new_tensor(length, with_callers_
     assert len(made) == (2 if with_callers_between else 1)
 
 
+def test_a_subclass_of_a_blocking_processor_ends_the_run():
+    """A caller's subclass of a lean processor that gives its input back unchanged: the next blocking processor must
+    not write into that input."""
+
+    class GivesInputBack(LEAN_PROCESSORS[SuppressTokensLogitsProcessor]):
+        def __call__(self, input_ids, scores):
+            return scores
+
+    given_back = GivesInputBack.__new__(GivesInputBack)
+    given_back.__dict__.update(lean(SuppressTokensLogitsProcessor([3])).__dict__)
+    processors = LeanLogitsProcessorList([given_back, lean(SuppressTokensLogitsProcessor([5]))])
+    scores = special_scores(2)
+    before = scores.clone()
+    processors(torch.zeros(2, 4, dtype=torch.long), scores)
+    assert same_bits(scores, before)
+
+
 def build_model(shape: str):
     torch.manual_seed(0)
     config = make_tiny_config(shape, tie_word_embeddings=False, initializer_range=0.2, type_vocab_size=0)

@@ -232,16 +232,38 @@ def test_real_tokens_and_distinct_padding_are_embedded_alone_with_identical_outp
     assert torch.equal(alone.pooler_output, whole.pooler_output)
 
 
-def test_explicit_position_ids_key_the_padding_rows(embedding_calls, monkeypatch):
+# position ids for each token, or shared by the batch as (1, length) or (length,)
+POSITION_IDS = {
+    "per_token": torch.arange(16).flip(0).expand(len(LENGTHS), -1),
+    "shared_row": torch.arange(16).flip(0)[None],
+    "shared_vector": torch.arange(16).flip(0),
+}
+
+
+@pytest.mark.parametrize("layout", list(POSITION_IDS))
+def test_explicit_position_ids_key_the_padding_rows(layout, embedding_calls, monkeypatch):
     model = build(SelfAttnModel)
     batch = padded_batch()
-    batch["position_ids"] = torch.arange(16).flip(0).expand(len(LENGTHS), -1)
+    batch["position_ids"] = POSITION_IDS[layout]
     with torch.no_grad():
         alone = model(**batch).last_hidden_state
         whole_batch_embedded(monkeypatch)
         whole = model(**batch).last_hidden_state
     assert len(embedding_calls) == 3 and embedding_calls[1] is not None
     assert torch.equal(alone, whole)
+
+
+def test_padding_keys_do_not_overflow_with_32_bit_ids(embedding_calls, monkeypatch):
+    """Two ids at one position whose keys, id * positions + position, would meet in 32 bits embed apart."""
+    model = build(SelfAttnModel, vocab_size=2**18 + 10, max_position_embeddings=2**14)
+    batch = padded_batch()
+    batch["input_ids"][-2:, -1] = torch.tensor([5, 5 + 2**18])  # padding positions of the two shortest
+    batch["input_ids"] = batch["input_ids"].int()
+    with torch.no_grad():
+        alone = model(**batch).last_hidden_state
+        whole_batch_embedded(monkeypatch)
+        whole = model(**batch).last_hidden_state
+    assert embedding_calls[0] is not None and torch.equal(alone, whole)
 
 
 EMBEDS_WHOLE_BATCH = {
