@@ -497,6 +497,13 @@ def test_int8_forward_on_another_device_is_refused():
         layer(torch.zeros(2, 4, device="meta"))
 
 
+def test_int8_layer_takes_an_input_that_requires_a_gradient_where_gradients_are_off():
+    layer = Int8DynamicLinear(4, 3)
+    inputs = torch.randn(2, 4, requires_grad=True)
+    with torch.no_grad():
+        assert torch.equal(layer(inputs), layer(inputs.detach()))
+
+
 def test_int8_save_and_push_are_refused(tmp_path):
     model, _ = make_model("seq2seq_lm")
     model.quantize("int8")
