@@ -349,17 +349,20 @@ def mlm_batch(config, batch: int = 16, length: int = 128) -> dict[str, torch.Ten
     }
 
 
+def labelled_batch(config, lengths: list[int]) -> dict[str, torch.Tensor]:
+    """Random tokens after [CLS] in sequences of `lengths`, padded, with a random label (of config.num_labels) each."""
+    labels = torch.randint(0, config.num_labels, (len(lengths),), generator=torch.Generator().manual_seed(6))
+    return {**padded_batch(lengths, config.vocab_size), "labels": labels}
+
+
 def classification_batch(config, batch: int = 32, length: int = 128) -> dict[str, torch.Tensor]:
-    """A full batch (no padding) of random tokens after [CLS], with a random label (of config.num_labels) each."""
-    labels = torch.randint(0, config.num_labels, (batch,), generator=torch.Generator().manual_seed(6))
-    return {**padded_batch([length] * batch, config.vocab_size), "labels": labels}
+    """A full batch (no padding)."""
+    return labelled_batch(config, [length] * batch)
 
 
 def skewed_classification_batch(config) -> dict[str, torch.Tensor]:
-    """The skewed padded batch of encoder_padded_64 (64 lengths, median 40, max 512), a random label each."""
-    lengths = skewed_lengths()
-    labels = torch.randint(0, config.num_labels, (len(lengths),), generator=torch.Generator().manual_seed(6))
-    return {**padded_batch(lengths, config.vocab_size), "labels": labels}
+    """The skewed padded batch of encoder_padded_64 (64 lengths, median 40, max 512)."""
+    return labelled_batch(config, skewed_lengths())
 
 
 def mlm_head_shape(config, inputs) -> tuple[int, int]:

@@ -44,12 +44,16 @@ from transformers.generation.logits_process import (
 
 
 class BlockedIds:
-    """What the token-blocking processors share: the ids to block and whether they block at this step
-    (`ids_and_blocking`); those ids a vocabulary of the scores' size holds (which is what torch.isin against
-    arange(vocab) matches), kept per vocabulary size and device, filled with -inf."""
+    """What the token-blocking processors share, first among their bases so that this call replaces the original's:
+    the ids to block and whether they block at this step (`ids_and_blocking`); those ids a vocabulary of the scores'
+    size holds (which is what torch.isin against arange(vocab) matches), kept per vocabulary size and device, filled
+    with -inf."""
 
     def ids_and_blocking(self, input_ids: torch.LongTensor) -> tuple[torch.Tensor, bool]:
         raise NotImplementedError
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        return self.blocked(input_ids, scores)
 
     def blocked(self, input_ids: torch.LongTensor, scores: torch.Tensor, in_place: bool = False) -> torch.Tensor:
         """The scores with the ids at -inf where blocking, else unchanged: like transformers' processors, a new
@@ -66,28 +70,19 @@ class BlockedIds:
         return fill(-1, cache[key], -math.inf)
 
 
-class LeanSuppressTokens(SuppressTokensLogitsProcessor, BlockedIds):
+class LeanSuppressTokens(BlockedIds, SuppressTokensLogitsProcessor):
     def ids_and_blocking(self, input_ids: torch.LongTensor) -> tuple[torch.Tensor, bool]:
         return self.suppress_tokens, True
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        return self.blocked(input_ids, scores)
 
-
-class LeanMinLength(MinLengthLogitsProcessor, BlockedIds):
+class LeanMinLength(BlockedIds, MinLengthLogitsProcessor):
     def ids_and_blocking(self, input_ids: torch.LongTensor) -> tuple[torch.Tensor, bool]:
         return self.eos_token_id, input_ids.shape[-1] < self.min_length
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        return self.blocked(input_ids, scores)
 
-
-class LeanMinNewTokensLength(MinNewTokensLengthLogitsProcessor, BlockedIds):
+class LeanMinNewTokensLength(BlockedIds, MinNewTokensLengthLogitsProcessor):
     def ids_and_blocking(self, input_ids: torch.LongTensor) -> tuple[torch.Tensor, bool]:
         return self.eos_token_id, input_ids.shape[-1] - self.prompt_length_to_skip < self.min_new_tokens
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        return self.blocked(input_ids, scores)
 
 
 class LeanNoBadWords(NoBadWordsLogitsProcessor):

@@ -141,10 +141,8 @@ class PackedSequences:
         """(1, num_tokens, features) -> (batch, length, features), taking padding positions from `padding`, which
         is written into where `padding_is_own` (a tensor nothing else holds, as `embed` gives). Not zeros: a
         constant row makes LayerNorm's fp16 backward divide 0 by 0 in any head applied after."""
-        padded = padding.flatten(0, 1).to(packed.dtype)
-        if padding_is_own:
-            return padded.index_copy_(0, self.token_indices, packed[0]).view(*self.padded_shape, -1)
-        return padded.index_copy(0, self.token_indices, packed[0]).view(*self.padded_shape, -1)
+        padded = padding.flatten(0, 1).to(packed.dtype, copy=not padding_is_own)
+        return padded.index_copy_(0, self.token_indices, packed[0]).view(*self.padded_shape, -1)
 
     def attend(self, attention_interface: Callable, module: nn.Module, query, key, value, **kwargs):
         """Attention of each sequence over itself, for query, key and value of shape (1, heads, num_tokens,

@@ -100,7 +100,8 @@ class Int8DynamicLinear(DynamicQuantizedLinear):
     fresh_output = True
 
     def check_input(self, x: torch.Tensor) -> None:
-        # Cheapest tests first: this runs on every call, and a decoding step makes dozens of one-row calls.
+        # Int8DynamicLinear.forward calls this only for an input that requires a gradient or is off the CPU (its
+        # quick test, as a decoding step makes dozens of one-row calls); the row-scaled layer on every call.
         if x.requires_grad and torch.is_grad_enabled():
             raise RuntimeError(
                 "An int8 layer (model.quantize('int8')) got an input that requires a gradient. int8 models are for "
