@@ -27,6 +27,7 @@ weights as they are. Shipped with saved models (imported by model.py). No global
 ones read are whether oneDNN is enabled and the thread count (part of the timed shape).
 """
 
+import math
 import platform
 import time
 import weakref
@@ -309,6 +310,35 @@ def linear_then_activation(
     ):
         return activation(output)
     return ATEN_ACTIVATIONS[name](output)
+
+
+# The intermediate (fc1's output) of one block of rows in a row-by-row feed-forward (row_block): 3 MB, 512 rows of
+# a 1536-wide intermediate, about what this project's CPUs keep in their L2 caches (2 MB a core).
+ROW_BLOCK_BYTES = 3 * 2**20
+
+
+def row_block(fc1: nn.Module, modules: tuple[nn.Module, ...], input: torch.Tensor) -> int | None:
+    """The rows of `input` that a feed-forward (fc1, then `modules`: its activation, dropout and fc2) should take at
+    a time, or None for all at once. Blocks of rows where both linears compute each row alone, to the bit
+    (`rows_alone`: model.quantize's int8 layers with per-token activations), no hook observes them, the results may
+    go into a new tensor (may_write_into_scratch) and the rows fill more than one block. The results are those of
+    one call; each block's intermediate stays in cache, where one of every row would be a fresh tensor that fc1's
+    kernel, its per-token epilogue, the activation and fc2's per-token passes each go through in memory. Measured in
+    one process, alternating against one call (int8 all-MiniLM-L6-v2, 2-core Xeon VM, identical outputs): the
+    encoder took 18.2-18.5% less time on 64 SST-2 sentences (1,570 tokens), 11-19% on 32x128 tokens and 13-14% on 64
+    skewed padded sentences; fc1's kernel alone, on 1,570 rows, had met 1,100-1,700 page faults a call. Float32
+    layers take every row at once: their kernels may round a row otherwise in a smaller product, and blocks ran 2-4%
+    slower there."""
+    if not (getattr(fc1, "rows_alone", False) and getattr(modules[-1], "rows_alone", False)):
+        return None
+    total, rows = input.shape[:-1].numel(), max(ROW_BLOCK_BYTES // (4 * fc1.out_features), 1)
+    if (
+        total <= rows
+        or not all(unobserved(module) for module in (fc1, *modules))
+        or not may_write_into_scratch(input)  # the blocks' results go into a new tensor of this function's
+    ):
+        return None
+    return math.ceil(total / math.ceil(total / rows))  # blocks of even size
 
 
 def set_linear_kernel(model: nn.Module, kernel: str) -> nn.Module:

@@ -597,3 +597,78 @@ def test_int8_row_scaled_layers_run_under_vmap():
     inputs = torch.randn(3, 5, 16)
     with torch.no_grad():
         torch.testing.assert_close(torch.func.vmap(layer)(inputs), torch.stack([layer(sample) for sample in inputs]))
+
+
+def int8_encoder_and_batch(rows_per_block: int, monkeypatch):
+    """An int8 SelfAttnModel (quantize's defaults: fc1 and fc2 with per-token activations) whose feed-forwards take
+    `rows_per_block` rows at a time (kernels.ROW_BLOCK_BYTES set to match), and a batch of 3x16 tokens."""
+    from integration_helpers import encoder_config
+
+    torch.manual_seed(0)
+    model = SelfAttnModel(encoder_config()).eval().quantize("int8")
+    intermediate = model.encoder.layers[0].ffn.fc1.out_features
+    monkeypatch.setattr(kernels, "ROW_BLOCK_BYTES", 4 * intermediate * rows_per_block)
+    return model, {"input_ids": torch.randint(3, 99, (3, 16))}
+
+
+def test_int8_feed_forwards_run_in_row_blocks_with_the_same_bits(monkeypatch):
+    """Rows 7 at a time: the 48 tokens of a 3x16 batch in seven blocks as even as can be (six of 7, one of 6), each
+    through fc1 and fc2 alone, with the same bits as one call of every row (the per-token layers compute each row
+    alone)."""
+    from modeling_selfattn.quantization import Int8RowScaledLinear
+
+    model, batch = int8_encoder_and_batch(7, monkeypatch)
+    rows_seen = []
+    original = Int8RowScaledLinear.forward
+    monkeypatch.setattr(
+        Int8RowScaledLinear, "forward", lambda self, x: rows_seen.append(x.shape[:-1].numel()) or original(self, x)
+    )
+    layers = len(model.encoder.layers)
+    with torch.no_grad():
+        in_blocks = model(**batch).last_hidden_state
+        assert rows_seen == [rows for rows in (7, 7, 7, 7, 7, 7, 6) for _ in ("fc1", "fc2")] * layers
+        monkeypatch.setattr(kernels, "ROW_BLOCK_BYTES", 2**40)
+        rows_seen.clear()
+        whole = model(**batch).last_hidden_state
+        assert rows_seen == [48] * 2 * layers
+        attention_mask = torch.ones_like(batch["input_ids"])
+        attention_mask[1, 9:] = attention_mask[2, 13:] = 0
+        padded = {**batch, "attention_mask": attention_mask}
+        whole_padded = model(**padded).last_hidden_state
+        monkeypatch.setattr(kernels, "ROW_BLOCK_BYTES", 4 * model.encoder.layers[0].ffn.fc1.out_features * 5)
+        padded_in_blocks = model(**padded).last_hidden_state
+    assert torch.equal(in_blocks, whole)
+    assert torch.equal(padded_in_blocks, whole_padded)
+
+
+def test_row_blocks_only_for_unobserved_per_token_int8_pairs(monkeypatch):
+    """One call for every row where a hook observes the feed-forward's fc1, activation or fc2, where its layers are
+    float32 or int8 with one scale per tensor (a row's result then depends on the others), under a transform (vmap),
+    and where the rows fit one block."""
+    from modeling_selfattn.quantization import int8_linear
+
+    model, batch = int8_encoder_and_batch(7, monkeypatch)
+    ffn = model.encoder.layers[0].ffn
+    modules = (ffn.activation, ffn.activation_dropout, ffn.fc2)
+    rows = torch.randn(1, 40, ffn.fc1.in_features)
+    assert kernels.row_block(ffn.fc1, modules, rows) == 7
+    assert kernels.row_block(ffn.fc1, modules, rows[:, :7]) is None
+    for module in (ffn.fc1, ffn.activation, ffn.fc2):
+        handle = module.register_forward_hook(lambda *args: None)
+        assert kernels.row_block(ffn.fc1, modules, rows) is None
+        handle.remove()
+    assert kernels.row_block(ffn.fc1, modules, rows) == 7
+    assert kernels.row_block(ffn.fc1, modules, torch.func.vmap(lambda x: x)(rows)) == 7  # the function itself
+    seen = []
+    torch.func.vmap(lambda x: seen.append(kernels.row_block(ffn.fc1, modules, x)) or x)(rows)
+    assert seen == [None]
+    float_ffn = SelfAttnModel(model.config).eval().encoder.layers[0].ffn
+    assert kernels.row_block(float_ffn.fc1, (float_ffn.activation, float_ffn.fc2), rows) is None
+    per_tensor = int8_linear(torch.nn.Linear(ffn.fc1.in_features, ffn.fc1.out_features), reduce_range=False)
+    assert kernels.row_block(per_tensor, modules, rows) is None
+    with torch.no_grad():  # observed: the hooked feed-forward still gives the blocks' bits
+        in_blocks = model(**batch).last_hidden_state
+        handle = ffn.fc1.register_forward_hook(lambda *args: None)
+        observed = model(**batch).last_hidden_state
+        handle.remove()
+    assert torch.equal(in_blocks, observed)
