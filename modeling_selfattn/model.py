@@ -54,7 +54,7 @@ from .input_checks import (
     refuse_unknown_kwargs,
 )
 from .dropout import Dropout, zero_dropped
-from .kernels import Linear, linear_then_activation, row_block
+from .kernels import Linear, in_row_blocks, linear_then_activation, rows_per_block
 from .lean_generation import LeanGenerationMixin, reorder_cache_layers
 from .packing import PackedSequences, packed_sequences_for, records_layer_outputs
 
@@ -401,16 +401,12 @@ class SelfAttnFeedForward(nn.Module):
         self.fc2 = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        rows = row_block(self.fc1, (self.activation, self.activation_dropout, self.fc2), hidden_states)
+        # Each position is transformed alone: where that holds to the bit, a block of rows at a time is faster
+        # (kernels.rows_per_block).
+        rows = rows_per_block(self.fc1, (self.activation, self.activation_dropout, self.fc2), hidden_states)
         if rows is None:
             return self.position_wise(hidden_states)
-        # Each position is transformed alone: where that holds to the bit, a block of rows at a time is faster
-        # (kernels.row_block).
-        inputs = hidden_states.reshape(-1, hidden_states.shape[-1])
-        output = inputs.new_empty(inputs.shape[0], self.fc2.out_features)
-        for start in range(0, inputs.shape[0], rows):
-            output[start : start + rows] = self.position_wise(inputs[start : start + rows])
-        return output.view(*hidden_states.shape[:-1], output.shape[-1])
+        return in_row_blocks(self.position_wise, hidden_states, rows, self.fc2.out_features)
 
     def position_wise(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # act(fc1(x)) is one oneDNN call where kernels.Linear runs oneDNN (CPU float32 inference); read only by the

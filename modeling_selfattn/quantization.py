@@ -26,10 +26,11 @@ benchmarks/quantized_quality.py on all 872 SST-2 dev sentences (batches of 64): 
 all-MiniLM-L6-v2's mean-pooled embeddings to float32's is 0.966 with every layer int8 per tensor, 0.974 with the
 value projections in float32 alone, 0.990 with fc1 and fc2 per token alone, 0.994 with every layer per token,
 0.9956-0.9958 with these defaults (mean 0.9991). They cost the encoder 6-36% of its int8 time on this project's
-noisy VM (10-20% in most runs); 8-9% (64 SST-2 sentences, 32x128 tokens, one run) since the feed-forward gives its
-per-token layers a block of rows at a time (kernels.row_block). Decoding gains nothing measurable from them
-(Multi30k BLEU and token agreement with float32 equal either way) and would pay 28% a step, so decoders keep per
-tensor. A row's result in a per-token layer does not depend on the other rows of its batch (to the bit on this project's Xeon).
+noisy VM (10-20% in most runs); 8-9% (64 SST-2 sentences, 32x128 tokens, one run) since the feed-forward gives
+its per-token layers a block of rows at a time (kernels.rows_per_block). Decoding gains nothing measurable from
+them (Multi30k BLEU and token agreement with float32 equal either way) and would pay 28% a step, so decoders keep
+per tensor. A row's result in a per-token layer does not depend on the other rows of its batch (to the bit on this
+project's Xeon).
 
 Why torch's dynamic quantization rather than torchao's Int8DynamicActivationInt8WeightConfig (per-token activations):
 on CPU without torch.compile, torchao's int8 linears ran 5x slower than float32 (its CPU path is written for Inductor
@@ -139,7 +140,7 @@ class Int8RowScaledLinear(Int8DynamicLinear):
     this one path, a single row too, so that a row's result is the same in any batch."""
 
     # Each row's result is the same whatever other rows come with it (to the bit, as above): a feed-forward may feed
-    # these layers a block of rows at a time (kernels.row_block).
+    # these layers a block of rows at a time (kernels.rows_per_block).
     rows_alone = True
 
     def prepare_row_scaling(self, bias: torch.Tensor | None) -> None:
@@ -197,7 +198,7 @@ def int8_linear(linear: nn.Linear, reduce_range: bool, per_token: bool = False) 
             quantized = Int8DynamicLinear(linear.in_features, linear.out_features, bias_=bias is not None)
             quantized.set_weight_bias(int8_weight, bias)
     quantized.reduce_range = reduce_range
-    return quantized
+    return quantized.train(linear.training)
 
 
 def refuse_int8_training(model: nn.Module, mode: bool = True) -> nn.Module:

@@ -31,10 +31,16 @@ _buffers = threading.local()
 def scratch(purpose: str, count: int, dtype: torch.dtype) -> torch.Tensor:
     """`count` elements of `dtype` on the CPU, uninitialised: a view of this thread's buffer for `purpose`, valid until
     the next request for that purpose on this thread; a fresh tensor beyond MAX_BYTES, inside a compiled
-    graph (which must not write to a tensor it does not own) and under a dispatch mode such as a fake-tensor mode
+    graph (which must not write to a tensor it does not own), under torch.jit.trace (which would keep this call's
+    view, sized for this input, as a constant of the trace) and under a dispatch mode such as a fake-tensor mode
     (whose tensors must not be kept for later real calls)."""
     too_large = count * dtype.itemsize > MAX_BYTES
-    if too_large or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+    if (
+        too_large
+        or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch._C._len_torch_dispatch_stack() > 0
+    ):
         return torch.empty(count, dtype=dtype, device="cpu")
     buffer = getattr(_buffers, purpose, None)
     if buffer is None or buffer.numel() < count or buffer.dtype != dtype:

@@ -611,64 +611,106 @@ def int8_encoder_and_batch(rows_per_block: int, monkeypatch):
     return model, {"input_ids": torch.randint(3, 99, (3, 16))}
 
 
-def test_int8_feed_forwards_run_in_row_blocks_with_the_same_bits(monkeypatch):
-    """Rows 7 at a time: the 48 tokens of a 3x16 batch in seven blocks as even as can be (six of 7, one of 6), each
-    through fc1 and fc2 alone, with the same bits as one call of every row (the per-token layers compute each row
-    alone)."""
+@pytest.fixture
+def per_token_rows(monkeypatch) -> list:
+    """The row count of every call of an int8 per-token layer (Int8RowScaledLinear), recorded without a hook."""
     from modeling_selfattn.quantization import Int8RowScaledLinear
 
-    model, batch = int8_encoder_and_batch(7, monkeypatch)
     rows_seen = []
     original = Int8RowScaledLinear.forward
     monkeypatch.setattr(
         Int8RowScaledLinear, "forward", lambda self, x: rows_seen.append(x.shape[:-1].numel()) or original(self, x)
     )
+    return rows_seen
+
+
+def test_int8_feed_forwards_run_in_row_blocks_with_the_same_bits(monkeypatch, per_token_rows):
+    """Rows 7 at a time: the 48 tokens of a 3x16 batch in seven blocks as even as can be (six of 7, one of 6), each
+    through fc1 and fc2 alone, with the same bits as one call of every row (the per-token layers compute each row
+    alone); a padded batch too, 5 rows at a time."""
+    model, batch = int8_encoder_and_batch(7, monkeypatch)
     layers = len(model.encoder.layers)
+    attention_mask = torch.ones_like(batch["input_ids"])
+    attention_mask[1, 9:] = attention_mask[2, 13:] = 0
+    padded = {**batch, "attention_mask": attention_mask}
     with torch.no_grad():
         in_blocks = model(**batch).last_hidden_state
-        assert rows_seen == [rows for rows in (7, 7, 7, 7, 7, 7, 6) for _ in ("fc1", "fc2")] * layers
-        monkeypatch.setattr(kernels, "ROW_BLOCK_BYTES", 2**40)
-        rows_seen.clear()
-        whole = model(**batch).last_hidden_state
-        assert rows_seen == [48] * 2 * layers
-        attention_mask = torch.ones_like(batch["input_ids"])
-        attention_mask[1, 9:] = attention_mask[2, 13:] = 0
-        padded = {**batch, "attention_mask": attention_mask}
-        whole_padded = model(**padded).last_hidden_state
+        assert per_token_rows == [rows for rows in (7, 7, 7, 7, 7, 7, 6) for _ in ("fc1", "fc2")] * layers
         monkeypatch.setattr(kernels, "ROW_BLOCK_BYTES", 4 * model.encoder.layers[0].ffn.fc1.out_features * 5)
+        per_token_rows.clear()
         padded_in_blocks = model(**padded).last_hidden_state
+        assert set(per_token_rows) <= {5, 4, 3, 2, 1} and len(per_token_rows) > 2 * layers
+        monkeypatch.setattr(kernels, "ROW_BLOCK_BYTES", 2**40)
+        per_token_rows.clear()
+        whole = model(**batch).last_hidden_state
+        assert per_token_rows == [48] * 2 * layers
+        whole_padded = model(**padded).last_hidden_state
     assert torch.equal(in_blocks, whole)
     assert torch.equal(padded_in_blocks, whole_padded)
 
 
-def test_row_blocks_only_for_unobserved_per_token_int8_pairs(monkeypatch):
-    """One call for every row where a hook observes the feed-forward's fc1, activation or fc2, where its layers are
-    float32 or int8 with one scale per tensor (a row's result then depends on the others), under a transform (vmap),
-    and where the rows fit one block."""
+def test_row_blocks_take_any_input_shape(monkeypatch):
+    """A 4-D input and a non-contiguous one: blocks over their flattened rows, the input's shape back, the same bits
+    as one call."""
+    model, _ = int8_encoder_and_batch(7, monkeypatch)
+    ffn = model.encoder.layers[0].ffn
+    inputs = torch.randn(2, 3, 5, ffn.fc1.in_features)
+    strided = torch.randn(ffn.fc1.in_features, 30).t()
+    with torch.no_grad():
+        in_blocks = [ffn(inputs), ffn(strided)]
+        monkeypatch.setattr(kernels, "ROW_BLOCK_BYTES", 2**40)
+        whole = [ffn(inputs), ffn(strided)]
+    assert in_blocks[0].shape == (2, 3, 5, ffn.fc2.out_features) and in_blocks[1].shape == (30, ffn.fc2.out_features)
+    assert all(torch.equal(blocks, one_call) for blocks, one_call in zip(in_blocks, whole))
+
+
+def test_row_blocks_only_for_unobserved_per_token_int8_pairs_in_evaluation(monkeypatch, per_token_rows):
+    """One call for every row where a hook or a replaced forward observes the feed-forward's fc1, activation,
+    dropout or fc2, where a module trains (the dropout would draw its mask by blocks), where its layers are float32
+    or int8 with one scale per tensor (a row's result then depends on the others), under a transform (vmap) and
+    where the rows fit one block."""
     from modeling_selfattn.quantization import int8_linear
 
     model, batch = int8_encoder_and_batch(7, monkeypatch)
     ffn = model.encoder.layers[0].ffn
     modules = (ffn.activation, ffn.activation_dropout, ffn.fc2)
     rows = torch.randn(1, 40, ffn.fc1.in_features)
-    assert kernels.row_block(ffn.fc1, modules, rows) == 7
-    assert kernels.row_block(ffn.fc1, modules, rows[:, :7]) is None
-    for module in (ffn.fc1, ffn.activation, ffn.fc2):
+    assert kernels.rows_per_block(ffn.fc1, modules, rows) == 7
+    assert kernels.rows_per_block(ffn.fc1, modules, rows[:, :7]) is None
+    for module in (ffn.fc1, *modules):
         handle = module.register_forward_hook(lambda *args: None)
-        assert kernels.row_block(ffn.fc1, modules, rows) is None
+        assert kernels.rows_per_block(ffn.fc1, modules, rows) is None
         handle.remove()
-    assert kernels.row_block(ffn.fc1, modules, rows) == 7
-    assert kernels.row_block(ffn.fc1, modules, torch.func.vmap(lambda x: x)(rows)) == 7  # the function itself
+        module.forward = module.forward
+        assert kernels.rows_per_block(ffn.fc1, modules, rows) is None
+        del module.forward
+    ffn.activation_dropout.train()
+    assert kernels.rows_per_block(ffn.fc1, modules, rows) is None
+    ffn.activation_dropout.eval()
     seen = []
-    torch.func.vmap(lambda x: seen.append(kernels.row_block(ffn.fc1, modules, x)) or x)(rows)
+    torch.func.vmap(lambda x: seen.append(kernels.rows_per_block(ffn.fc1, modules, x)) or x)(rows)
     assert seen == [None]
     float_ffn = SelfAttnModel(model.config).eval().encoder.layers[0].ffn
-    assert kernels.row_block(float_ffn.fc1, (float_ffn.activation, float_ffn.fc2), rows) is None
+    assert kernels.rows_per_block(float_ffn.fc1, (float_ffn.activation, float_ffn.fc2), rows) is None
     per_tensor = int8_linear(torch.nn.Linear(ffn.fc1.in_features, ffn.fc1.out_features), reduce_range=False)
-    assert kernels.row_block(per_tensor, modules, rows) is None
-    with torch.no_grad():  # observed: the hooked feed-forward still gives the blocks' bits
+    assert kernels.rows_per_block(per_tensor, modules, rows) is None
+    assert kernels.rows_per_block(ffn.fc1, modules, rows) == 7
+    with torch.no_grad():  # observed: one call of every row, the same bits as the blocks
         in_blocks = model(**batch).last_hidden_state
         handle = ffn.fc1.register_forward_hook(lambda *args: None)
+        per_token_rows.clear()
         observed = model(**batch).last_hidden_state
         handle.remove()
+    assert per_token_rows[:2] == [48, 48] and per_token_rows[2] == 7  # the hooked layer, then the next in blocks
     assert torch.equal(in_blocks, observed)
+
+
+def test_a_traced_int8_feed_forward_takes_inputs_of_any_length(monkeypatch):
+    """torch.jit.trace records one call of every row (blocks would be kept as constants): the trace, made on 40 rows,
+    gives 60 rows the bits of eager blocks."""
+    model, _ = int8_encoder_and_batch(7, monkeypatch)
+    ffn = model.encoder.layers[0].ffn
+    with torch.no_grad():
+        traced = torch.jit.trace(ffn, torch.randn(1, 40, ffn.fc1.in_features), check_trace=False)
+        longer = torch.randn(1, 60, ffn.fc1.in_features)
+        assert torch.equal(traced(longer), ffn(longer))

@@ -43,6 +43,17 @@ def test_a_compiled_graph_gets_a_fresh_tensor(monkeypatch):
     assert scratch.held("a") is None
 
 
+def test_a_trace_gets_fresh_tensors_and_runs_inputs_of_another_size():
+    """torch.jit.trace would keep a view of the buffer, sized for the traced input, as a constant."""
+
+    def doubled(x):
+        return torch.mul(x, 2, out=scratch.scratch("a", x.numel(), torch.float32))
+
+    traced = torch.jit.trace(doubled, torch.ones(4), check_trace=False)
+    assert scratch.held("a") is None
+    assert torch.equal(traced(torch.arange(6.0)), torch.arange(6.0) * 2)
+
+
 def test_a_buffer_first_made_under_inference_mode_is_writable_outside_it():
     with torch.inference_mode():
         scratch.scratch("a", 10, torch.float32).fill_(1.0)
