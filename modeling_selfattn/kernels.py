@@ -319,46 +319,54 @@ def linear_then_activation(
 ROW_BLOCK_BYTES = 3 * 2**20
 
 
-def rows_per_block(fc1: nn.Module, modules: tuple[nn.Module, ...], input: torch.Tensor) -> int | None:
+def rows_per_block(
+    fc1: nn.Module, modules: tuple[nn.Module, ...], input: torch.Tensor, chunk_size: int = 0
+) -> int | None:
     """The rows of `input` that a feed-forward (fc1, then `modules`: its activation, dropout and fc2) should take at
-    a time (in_row_blocks), or None for all at once. Blocks where both linears compute each row alone, to the bit
-    (`rows_alone`: model.quantize's int8 layers with per-token activations), in evaluation, eagerly, unobserved, and
-    where the rows fill more than one block. The results are those of one call; each block's intermediate stays in
-    cache, where one of every row would be a fresh tensor that fc1's kernel, its per-token epilogue, the activation
-    and fc2's per-token passes each go through in memory. Measured in one process, alternating against one call
-    (int8 all-MiniLM-L6-v2, 2-core Xeon VM, identical outputs): the encoder took 18.2% and 12.3% less time on 64
-    SST-2 sentences (1,570 tokens; 152.5 -> 124.8 and 160.0 -> 140.3 ms, two runs), 15.9% on 32x128 tokens and 12.8%
-    on 64 skewed padded sentences; on the SST-2 sentences fc1's calls had met 18,400-19,500 page faults a forward
-    (none in blocks). Float32 layers take every row at once: their kernels may round a row otherwise in a smaller
-    product, and blocks ran 2-4% slower there."""
+    a time (in_row_blocks), or None for all at once.
+
+    `chunk_size` (transformers' config.chunk_size_feed_forward, as BERT reads it): that many positions of each
+    sequence at a time, to bound the intermediate's memory; in eager mode only, as a trace would keep the traced
+    input's blocks for every input (results equal to float32 rounding: a kernel may round a row otherwise in a
+    smaller product).
+
+    Otherwise, for speed: blocks where both linears compute each row alone, to the bit (`rows_alone`:
+    model.quantize's int8 layers with per-token activations), in evaluation, eagerly, unobserved, and where the rows
+    fill more than one block. The results are those of one call; each block's intermediate stays in cache, where one
+    of every row would be a fresh tensor that fc1's kernel, its per-token epilogue, the activation and fc2's
+    per-token passes each go through in memory. Measured in one process, alternating against one call (int8
+    all-MiniLM-L6-v2, 2-core Xeon VM, identical outputs): the encoder took 18.2% and 12.3% less time on 64 SST-2
+    sentences (1,570 tokens; 152.5 -> 124.8 and 160.0 -> 140.3 ms, two runs), 15.9% on 32x128 tokens and 12.8% on
+    64 skewed padded sentences; on the SST-2 sentences fc1's calls had met 18,400-19,500 page faults a forward (none
+    in blocks). Float32 layers take every row at once: their kernels may round a row otherwise in a smaller product,
+    and blocks ran 2-4% slower there."""
+    total = input.shape[:-1].numel()
+    # A trace would keep this call's blocks as constants for inputs of any length.
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return None
+    if chunk_size:
+        rows = chunk_size * input.shape[:-2].numel()
+        return rows if rows < total else None
     if not (getattr(fc1, "rows_alone", False) and getattr(modules[-1], "rows_alone", False)):
         return None
     if (
-        # A trace would keep this call's blocks as constants for inputs of any length.
-        torch.jit.is_tracing()
-        or torch.compiler.is_compiling()
-        or torch.compiler.is_exporting()
-        # in_row_blocks writes each block into one output it makes: not for tensor subclasses, under vmap or with
-        # forward-mode gradients.
-        or not may_write_into_scratch(input)
         # A dropout in training would draw its mask a block at a time.
-        or any(isinstance(module, nn.Dropout) and module.training for module in modules)
+        any(isinstance(module, nn.Dropout) and module.training for module in modules)
         or not all(unobserved(module) for module in (fc1, *modules))
     ):
         return None
-    total, rows = input.shape[:-1].numel(), max(ROW_BLOCK_BYTES // (4 * fc1.out_features), 1)
+    rows = max(ROW_BLOCK_BYTES // (4 * fc1.out_features), 1)
     if total <= rows:
         return None
     return math.ceil(total / math.ceil(total / rows))  # blocks of even size
 
 
-def in_row_blocks(position_wise: Callable, input: torch.Tensor, rows: int, width: int) -> torch.Tensor:
-    """`position_wise` (rows of `input` -> rows `width` wide) applied `rows` rows at a time, into one output."""
+def in_row_blocks(position_wise: Callable, input: torch.Tensor, rows: int) -> torch.Tensor:
+    """`position_wise` (rows of `input` -> rows of outputs) applied `rows` rows at a time, the blocks' outputs joined
+    (torch.cat: under autograd, vmap and tensor subclasses alike)."""
     inputs = input.reshape(-1, input.shape[-1])
-    output = inputs.new_empty(inputs.shape[0], width)
-    for start in range(0, inputs.shape[0], rows):
-        output[start : start + rows] = position_wise(inputs[start : start + rows])
-    return output.view(*input.shape[:-1], width)
+    output = torch.cat([position_wise(block) for block in inputs.split(rows)])
+    return output.view(*input.shape[:-1], output.shape[-1])
 
 
 def set_linear_kernel(model: nn.Module, kernel: str) -> nn.Module:

@@ -391,7 +391,7 @@ class SelfAttnAttention(nn.Module):
 
 
 class SelfAttnFeedForward(nn.Module):
-    """FFN(x) = fc2(dropout(act(fc1(x))))."""
+    """FFN(x) = fc2(dropout(act(fc1(x)))), each position alone."""
 
     def __init__(self, config: SelfAttnConfig):
         super().__init__()
@@ -399,14 +399,17 @@ class SelfAttnFeedForward(nn.Module):
         self.activation = ACT2FN[config.hidden_act]
         self.activation_dropout = Dropout(config.activation_dropout)
         self.fc2 = Linear(config.intermediate_size, config.hidden_size)
+        # transformers' feed-forward chunking: this many positions of each sequence at a time (0: all at once)
+        self.chunk_size = config.chunk_size_feed_forward
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # Each position is transformed alone: where that holds to the bit, a block of rows at a time is faster
-        # (kernels.rows_per_block).
-        rows = rows_per_block(self.fc1, (self.activation, self.activation_dropout, self.fc2), hidden_states)
+        # Positions a block at a time: the config's chunks, or blocks that are faster where each row's result is the
+        # same to the bit (kernels.rows_per_block).
+        modules = (self.activation, self.activation_dropout, self.fc2)
+        rows = rows_per_block(self.fc1, modules, hidden_states, self.chunk_size)
         if rows is None:
             return self.position_wise(hidden_states)
-        return in_row_blocks(self.position_wise, hidden_states, rows, self.fc2.out_features)
+        return in_row_blocks(self.position_wise, hidden_states, rows)
 
     def position_wise(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # act(fc1(x)) is one oneDNN call where kernels.Linear runs oneDNN (CPU float32 inference); read only by the

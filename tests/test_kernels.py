@@ -649,17 +649,18 @@ def test_int8_feed_forwards_run_in_row_blocks_with_the_same_bits(monkeypatch, pe
     assert torch.equal(padded_in_blocks, whole_padded)
 
 
-def test_row_blocks_take_any_input_shape(monkeypatch):
-    """A 4-D input and a non-contiguous one: blocks over their flattened rows, the input's shape back, the same bits
-    as one call."""
+def test_row_blocks_take_any_input_shape_and_run_under_vmap(monkeypatch):
+    """A 4-D input, a non-contiguous one and a batch under vmap: blocks over their flattened rows, the input's shape
+    back, the same bits as one call."""
     model, _ = int8_encoder_and_batch(7, monkeypatch)
     ffn = model.encoder.layers[0].ffn
     inputs = torch.randn(2, 3, 5, ffn.fc1.in_features)
     strided = torch.randn(ffn.fc1.in_features, 30).t()
+    samples = torch.randn(2, 20, ffn.fc1.in_features)
     with torch.no_grad():
-        in_blocks = [ffn(inputs), ffn(strided)]
+        in_blocks = [ffn(inputs), ffn(strided), torch.func.vmap(ffn)(samples)]
         monkeypatch.setattr(kernels, "ROW_BLOCK_BYTES", 2**40)
-        whole = [ffn(inputs), ffn(strided)]
+        whole = [ffn(inputs), ffn(strided), torch.stack([ffn(sample) for sample in samples])]
     assert in_blocks[0].shape == (2, 3, 5, ffn.fc2.out_features) and in_blocks[1].shape == (30, ffn.fc2.out_features)
     assert all(torch.equal(blocks, one_call) for blocks, one_call in zip(in_blocks, whole))
 
@@ -667,8 +668,8 @@ def test_row_blocks_take_any_input_shape(monkeypatch):
 def test_row_blocks_only_for_unobserved_per_token_int8_pairs_in_evaluation(monkeypatch, per_token_rows):
     """One call for every row where a hook or a replaced forward observes the feed-forward's fc1, activation,
     dropout or fc2, where a module trains (the dropout would draw its mask by blocks), where its layers are float32
-    or int8 with one scale per tensor (a row's result then depends on the others), under a transform (vmap) and
-    where the rows fit one block."""
+    or int8 with one scale per tensor (a row's result then depends on the others) and where the rows fit one
+    block."""
     from modeling_selfattn.quantization import int8_linear
 
     model, batch = int8_encoder_and_batch(7, monkeypatch)
@@ -687,9 +688,6 @@ def test_row_blocks_only_for_unobserved_per_token_int8_pairs_in_evaluation(monke
     ffn.activation_dropout.train()
     assert kernels.rows_per_block(ffn.fc1, modules, rows) is None
     ffn.activation_dropout.eval()
-    seen = []
-    torch.func.vmap(lambda x: seen.append(kernels.rows_per_block(ffn.fc1, modules, x)) or x)(rows)
-    assert seen == [None]
     float_ffn = SelfAttnModel(model.config).eval().encoder.layers[0].ffn
     assert kernels.rows_per_block(float_ffn.fc1, (float_ffn.activation, float_ffn.fc2), rows) is None
     per_tensor = int8_linear(torch.nn.Linear(ffn.fc1.in_features, ffn.fc1.out_features), reduce_range=False)

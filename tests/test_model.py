@@ -529,6 +529,40 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(build_head, he
     assert_same_gradients(gradients, checkpointed_gradients, atol=1e-6)
 
 
+@pytest.mark.parametrize("head_name", ["masked_lm", "conditional_generation", "causal_lm"])
+def test_chunk_size_feed_forward_takes_positions_a_chunk_at_a_time(build_head, head_name):
+    """transformers' config.chunk_size_feed_forward, as BERT reads it: every feed-forward takes that many positions of
+    each sequence at a time (3 of 7 positions: chunks of 3, 3 and 1), with the loss and gradients of one call; and
+    one call again under torch.jit.trace, which would keep the traced input's chunks."""
+    model, config = build_head(head_name)
+    chunked, _ = build_head(head_name, chunk_size_feed_forward=3)
+    assert_same_weights(model, chunked)
+    batch = make_inputs(head_name, config, with_labels=True)
+    rows_seen = {model: [], chunked: []}
+    for owner in (model, chunked):
+        for module in owner.modules():
+            if isinstance(module, SelfAttnEncoderLayer):  # decoder layers included
+                module.ffn.fc1.register_forward_pre_hook(
+                    lambda module, args, seen=rows_seen[owner]: seen.append(args[0].shape[:-1].numel())
+                )
+    outputs, gradients = loss_and_gradients(model, batch)
+    chunked_outputs, chunked_gradients = loss_and_gradients(chunked, batch)
+    # the same rows, at most 3 positions of the 2 sequences a call
+    assert sum(rows_seen[chunked]) == sum(rows_seen[model])
+    assert max(rows_seen[chunked]) == 3 * BATCH_SIZE < min(rows_seen[model])
+    torch.testing.assert_close(chunked_outputs.loss, outputs.loss, rtol=0, atol=FP32_TOLERANCE)
+    torch.testing.assert_close(chunked_outputs.logits, outputs.logits, rtol=0, atol=FP32_TOLERANCE)
+    assert_same_gradients(gradients, chunked_gradients, atol=FP32_TOLERANCE)
+
+    ffn = next(module.ffn for module in chunked.modules() if isinstance(module, SelfAttnEncoderLayer))
+    rows_seen[chunked].clear()
+    with torch.no_grad():
+        traced = torch.jit.trace(ffn, torch.randn(2, 7, config.hidden_size), check_trace=False)
+        assert rows_seen[chunked] == [14]
+        longer = torch.randn(2, 11, config.hidden_size)
+        torch.testing.assert_close(traced(longer), ffn(longer), rtol=0, atol=FP32_TOLERANCE)
+
+
 # --- losses and training ---------------------------------------------------------------------------------
 
 
