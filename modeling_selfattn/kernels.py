@@ -335,20 +335,21 @@ def rows_per_block(
     fill more than one block. The results are those of one call; each block's intermediate stays in cache, where one
     of every row would be a fresh tensor that fc1's kernel, its per-token epilogue, the activation and fc2's
     per-token passes each go through in memory. Measured in one process, alternating against one call (int8
-    all-MiniLM-L6-v2, 2-core Xeon VM, identical outputs): the encoder took 18.2% and 12.3% less time on 64 SST-2
-    sentences (1,570 tokens; 152.5 -> 124.8 and 160.0 -> 140.3 ms, two runs), 15.9% on 32x128 tokens and 12.8% on
-    64 skewed padded sentences; on the SST-2 sentences fc1's calls had met 18,400-19,500 page faults a forward (none
+    all-MiniLM-L6-v2, 2-core Xeon VM, identical outputs): the encoder took 9.4-22.5% less time on 64 SST-2
+    sentences (1,570 tokens; five runs, e.g. 152.5 -> 124.8 ms), 15.9% on 32x128 tokens and 12.8% on 64 skewed
+    padded sentences; on the SST-2 sentences fc1's calls had met 18,400-19,500 page faults a forward (none
     in blocks). Float32 layers take every row at once: their kernels may round a row otherwise in a smaller product,
     and blocks ran 2-4% slower there."""
-    total = input.shape[:-1].numel()
+    rows_alone = getattr(fc1, "rows_alone", False) and getattr(modules[-1], "rows_alone", False)
+    if not (chunk_size or rows_alone):  # the float32 model's case, first: it runs at every call
+        return None
     # A trace would keep this call's blocks as constants for inputs of any length.
     if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting():
         return None
+    total = input.shape[:-1].numel()
     if chunk_size:
         rows = chunk_size * input.shape[:-2].numel()
         return rows if rows < total else None
-    if not (getattr(fc1, "rows_alone", False) and getattr(modules[-1], "rows_alone", False)):
-        return None
     if (
         # A dropout in training would draw its mask a block at a time.
         any(isinstance(module, nn.Dropout) and module.training for module in modules)
