@@ -266,6 +266,12 @@ class SelfAttnConfig(PreTrainedConfig):
         for name in ("encoder_layers", "decoder_layers", "type_vocab_size", "position_offset"):
             if getattr(self, name) < 0:
                 raise ValueError(f"SelfAttnConfig.{name} must be >= 0, got {getattr(self, name)}.")
+        chunk_size = self.chunk_size_feed_forward
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+            raise ValueError(
+                f"SelfAttnConfig.chunk_size_feed_forward must be an integer, got {chunk_size!r}: the positions each "
+                "feed-forward takes at a time, or 0 (or less, as BERT reads it) for all at once."
+            )
         if self.encoder_layers == 0 and self.decoder_layers == 0:
             raise ValueError(
                 "SelfAttnConfig needs at least one stack: set encoder_layers > 0 (encoder-only or encoder-decoder) "

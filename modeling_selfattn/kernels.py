@@ -323,43 +323,39 @@ def rows_per_block(
     fc1: nn.Module, modules: tuple[nn.Module, ...], input: torch.Tensor, chunk_size: int = 0
 ) -> int | None:
     """The rows of `input` that a feed-forward (fc1, then `modules`: its activation, dropout and fc2) should take at
-    a time (in_row_blocks), or None for all at once.
+    a time, as runs of consecutive rows of the input flattened to (rows, width) (in_row_blocks), or None for all at
+    once. In eager mode only: a trace would keep the traced input's blocks for every input. The smaller of:
 
-    `chunk_size` (transformers' config.chunk_size_feed_forward, as BERT reads it): that many positions of each
-    sequence at a time, to bound the intermediate's memory; in eager mode only, as a trace would keep the traced
-    input's blocks for every input (results equal to float32 rounding: a kernel may round a row otherwise in a
-    smaller product).
-
-    Otherwise, for speed: blocks where both linears compute each row alone, to the bit (`rows_alone`:
-    model.quantize's int8 layers with per-token activations), in evaluation, eagerly, unobserved, and where the rows
-    fill more than one block. The results are those of one call; each block's intermediate stays in cache, where one
-    of every row would be a fresh tensor that fc1's kernel, its per-token epilogue, the activation and fc2's
-    per-token passes each go through in memory. Measured in one process, alternating against one call (int8
-    all-MiniLM-L6-v2, 2-core Xeon VM, identical outputs): the encoder took 9.4-22.5% less time on 64 SST-2
-    sentences (1,570 tokens; five runs, e.g. 152.5 -> 124.8 ms), 15.9% on 32x128 tokens and 12.8% on 64 skewed
-    padded sentences; on the SST-2 sentences fc1's calls had met 18,400-19,500 page faults a forward (none
-    in blocks). Float32 layers take every row at once: their kernels may round a row otherwise in a smaller product,
-    and blocks ran 2-4% slower there."""
+    - `chunk_size` > 0 (transformers' config.chunk_size_feed_forward; BERT chunks when it is positive): that many
+      positions of each row of the batch, to bound the intermediate's memory. The encoder's unpadded batches are one
+      row of packed tokens: there, that many tokens. Results equal one call's to float32 rounding (a kernel may
+      round a row otherwise in a smaller product); a dropout in training draws its mask a block at a time.
+    - For speed: blocks of ROW_BLOCK_BYTES of intermediate where both linears compute each row alone, to the bit
+      (`rows_alone`: model.quantize's int8 layers with per-token activations), with no dropout in training and no
+      hook on any of the four modules. The results are those of one call; each block's intermediate stays in
+      cache, where one of every row would be a fresh tensor that fc1's kernel, its per-token epilogue, the
+      activation and fc2's per-token passes each go through in memory. Measured in one process, alternating
+      against one call (int8 all-MiniLM-L6-v2, 2-core Xeon VM, identical outputs): the encoder took 9.4-22.5% less
+      time on 64 SST-2 sentences (1,570 tokens; five runs, e.g. 152.5 -> 124.8 ms), 15.9% on 32x128 tokens and
+      12.8% on 64 skewed padded sentences; on the SST-2 sentences fc1's calls had met 18,400-19,500 page faults a
+      forward (none in blocks). Float32 layers take every row at once: their kernels may round a row otherwise in
+      a smaller product, and blocks ran 2-4% slower there."""
     rows_alone = getattr(fc1, "rows_alone", False) and getattr(modules[-1], "rows_alone", False)
-    if not (chunk_size or rows_alone):  # the float32 model's case, first: it runs at every call
+    if not (chunk_size > 0 or rows_alone):  # the float32 model's case, first: it runs at every call
         return None
-    # A trace would keep this call's blocks as constants for inputs of any length.
     if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting():
         return None
     total = input.shape[:-1].numel()
-    if chunk_size:
-        rows = chunk_size * input.shape[:-2].numel()
-        return rows if rows < total else None
+    candidates = [chunk_size * input.shape[:-2].numel()] if chunk_size > 0 else []
     if (
-        # A dropout in training would draw its mask a block at a time.
-        any(isinstance(module, nn.Dropout) and module.training for module in modules)
-        or not all(unobserved(module) for module in (fc1, *modules))
+        rows_alone
+        and not any(isinstance(module, nn.Dropout) and module.training for module in modules)
+        and all(unobserved(module) for module in (fc1, *modules))
     ):
-        return None
-    rows = max(ROW_BLOCK_BYTES // (4 * fc1.out_features), 1)
-    if total <= rows:
-        return None
-    return math.ceil(total / math.ceil(total / rows))  # blocks of even size
+        rows = max(ROW_BLOCK_BYTES // (4 * fc1.out_features), 1)
+        candidates.append(math.ceil(total / math.ceil(total / rows)))  # blocks of even size
+    rows = min(candidates, default=total)
+    return rows if rows < total else None
 
 
 def in_row_blocks(position_wise: Callable, input: torch.Tensor, rows: int) -> torch.Tensor:

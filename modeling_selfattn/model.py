@@ -399,7 +399,7 @@ class SelfAttnFeedForward(nn.Module):
         self.activation = ACT2FN[config.hidden_act]
         self.activation_dropout = Dropout(config.activation_dropout)
         self.fc2 = Linear(config.intermediate_size, config.hidden_size)
-        # transformers' feed-forward chunking: this many positions of each sequence at a time (0: all at once)
+        # transformers' feed-forward chunking: this many positions of each row of the batch at a time (0: all)
         self.chunk_size = config.chunk_size_feed_forward
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

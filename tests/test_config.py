@@ -175,6 +175,8 @@ def test_num_hidden_layers_keyword_sets_the_main_stack(layers, expected):
         ({"hidden_dropout_prob": 1.5}, "hidden_dropout_prob"),
         ({"classifier_dropout": -0.1}, "classifier_dropout"),
         ({"layer_norm_eps": 0.0}, "layer_norm_eps"),
+        ({"chunk_size_feed_forward": 2.5}, "chunk_size_feed_forward"),
+        ({"chunk_size_feed_forward": True}, "chunk_size_feed_forward"),
     ],
     ids=lambda value: "-".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else None,
 )

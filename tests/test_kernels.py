@@ -678,6 +678,9 @@ def test_row_blocks_only_for_unobserved_per_token_int8_pairs_in_evaluation(monke
     rows = torch.randn(1, 40, ffn.fc1.in_features)
     assert kernels.rows_per_block(ffn.fc1, modules, rows) == 7
     assert kernels.rows_per_block(ffn.fc1, modules, rows[:, :7]) is None
+    # with config.chunk_size_feed_forward too, the smaller blocks
+    assert kernels.rows_per_block(ffn.fc1, modules, rows, chunk_size=3) == 3
+    assert kernels.rows_per_block(ffn.fc1, modules, rows, chunk_size=100) == 7
     for module in (ffn.fc1, *modules):
         handle = module.register_forward_hook(lambda *args: None)
         assert kernels.rows_per_block(ffn.fc1, modules, rows) is None

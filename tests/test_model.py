@@ -563,6 +563,38 @@ def test_chunk_size_feed_forward_takes_positions_a_chunk_at_a_time(build_head, h
         torch.testing.assert_close(traced(longer), ffn(longer), rtol=0, atol=FP32_TOLERANCE)
 
 
+def test_chunk_size_feed_forward_of_zero_or_less_and_beyond_the_sequence_takes_one_call(build_head):
+    """As BERT: chunks only for a positive chunk_size_feed_forward; a chunk as long as the sequence is one call."""
+    for chunk_size in (-1, 0, 7, 50):
+        model, config = build_head("masked_lm", chunk_size_feed_forward=chunk_size)
+        batch = make_inputs("masked_lm", config)
+        calls = []
+        model.model.encoder.layers[0].ffn.fc1.register_forward_pre_hook(lambda module, args: calls.append(1))
+        with torch.no_grad():
+            model(**batch)
+        assert calls == [1], chunk_size
+
+
+def test_chunk_size_feed_forward_on_an_unpadded_batch_takes_that_many_tokens_at_a_time(build_head):
+    """A batch the encoder unpads (a quarter of it padding) is one row of packed tokens: chunks of chunk_size tokens,
+    with the outputs of one call."""
+    model, config = build_head("model_encoder")
+    chunked, _ = build_head("model_encoder", chunk_size_feed_forward=4)
+    input_ids = torch.randint(FIRST_ORDINARY_ID, config.vocab_size, (4, 12))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1:, 6:] = 0  # 30 real tokens of 48
+    rows_seen = []
+    chunked.encoder.layers[0].ffn.fc1.register_forward_pre_hook(
+        lambda module, args: rows_seen.append(args[0].shape[:-1].numel())
+    )
+    with torch.no_grad():
+        expected = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        actual = chunked(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    assert rows_seen == [4] * 7 + [2]
+    real = attention_mask.bool()
+    torch.testing.assert_close(actual[real], expected[real], rtol=0, atol=FP32_TOLERANCE)
+
+
 # --- losses and training ---------------------------------------------------------------------------------
 
 
