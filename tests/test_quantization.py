@@ -194,6 +194,31 @@ def test_int8_layer_computes_exactly_what_its_int8_values_mean():
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-4 * expected.abs().max().item())
 
 
+def test_int8_layer_calls_the_operator_function_on_real_packed_weights_and_the_packet_otherwise(monkeypatch):
+    """Real packed weights (a ScriptObject) go straight to the operator's function, with the packet's results to the
+    bit; anything else, such as the fake script objects of tracing, through the packet, which handles them."""
+    from modeling_selfattn import quantization
+
+    torch.manual_seed(0)
+    layer = int8_linear(nn.Linear(64, 48), reduce_range=False)
+    packed = layer._packed_params._packed_params
+    x = torch.randn(5, 64)
+    calls = []
+    function, packet = quantization.LINEAR_DYNAMIC_FUNCTION, quantization.LINEAR_DYNAMIC
+    monkeypatch.setattr(quantization, "LINEAR_DYNAMIC_FUNCTION", lambda *a: calls.append("function") or function(*a))
+    monkeypatch.setattr(quantization, "LINEAR_DYNAMIC", lambda *a: calls.append(("packet", type(a[1]))) or x[:, :48])
+    with torch.no_grad():
+        assert torch.equal(layer(x), packet(x, packed, False))
+        assert calls == ["function"]
+
+        class StandIn:  # what a fake script object is to this layer: not a ScriptObject
+            pass
+
+        monkeypatch.setattr(layer._packed_params, "_packed_params", StandIn())
+        layer(x)
+    assert calls == ["function", ("packet", StandIn)]
+
+
 def row_scaled_layer(reduce_range: bool = False, bias: bool = True) -> tuple[nn.Linear, Int8RowScaledLinear]:
     torch.manual_seed(0)
     linear = nn.Linear(64, 48, bias=bias)
