@@ -110,6 +110,9 @@ LEAN_PROCESSORS = {
 }
 
 
+LEAN_CLASSES = frozenset(LEAN_PROCESSORS.values())
+
+
 def lean(processor):
     """The lean version of `processor`, with its attributes, where there is one for its exact class; else itself."""
     lean_class = LEAN_PROCESSORS.get(type(processor))
@@ -135,8 +138,13 @@ class LeanLogitsProcessorList(LogitsProcessorList):
             if type(processor) in BLOCKING_PROCESSORS and scores is made_in_this_run:
                 scores = processor.blocked(input_ids, scores, in_place=True)
                 continue
-            # transformers' own call of one processor (the extra keywords some processors take)
-            scores = LogitsProcessorList([processor])(input_ids, scores, **kwargs)
+            if type(processor) in LEAN_CLASSES:
+                # what transformers' call gives a processor taking (input_ids, scores) alone, without its reading of
+                # the signature at every step
+                scores = processor(input_ids, scores)
+            else:
+                # transformers' own call of one processor (the extra keywords some processors take)
+                scores = LogitsProcessorList([processor])(input_ids, scores, **kwargs)
             made_in_this_run = scores if type(processor) in BLOCKING_PROCESSORS else None
         return scores
 
