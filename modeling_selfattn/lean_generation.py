@@ -126,7 +126,9 @@ def lean(processor):
 class LeanLogitsProcessorList(LogitsProcessorList):
     """generate()'s processor list: transformers' call, each processor in turn, except that in a run of adjacent
     token-blocking processors (BLOCKING_PROCESSORS) the first makes the one new tensor of the run and the others
-    fill their ids into it, since nothing outside this call has seen it. Called alone, each still returns a new
+    fill their ids into it, since nothing outside this call has seen it; and the lean processors, which take
+    (input_ids, scores) alone, are called as transformers' call would call them, without its reading of their
+    signature at every step. Called alone, each still returns a new
     tensor. The same scores to the bit. At batch 16 (a 32,000-token vocabulary, three blocking processors) each
     copy took 0.3 ms of a 15 ms int8 decoding step (profiled); greedy decoding of Transformer-base took 1.5-2.6%
     less time in int8 (three runs) and 1.7% in float32, in one process, alternating (2-core Xeon); nothing
