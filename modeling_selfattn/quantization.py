@@ -55,10 +55,29 @@ from .scratch import may_write_into_scratch, scratch
 QUANTIZATION_MODES = ("int8", "bf16")
 
 LINEAR_DYNAMIC = torch.ops.quantized.linear_dynamic
-# The operator's C++ function, which the packet's own call runs once it has scanned the arguments for the fake script
-# objects that tracing passes (torch.compile, export); Int8DynamicLinear calls it directly where the packed weights
-# are a real ScriptObject, and so nothing needs the scan.
-LINEAR_DYNAMIC_FUNCTION = getattr(LINEAR_DYNAMIC, "_op", LINEAR_DYNAMIC)
+LINEAR_ROW_SCALED = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
+
+# The argument types of a call whose tensors are plain and whose packed weights are real: nothing in it can have a
+# __torch_function__ of its own (call_on_packed_weights).
+PLAIN_ARGUMENT_TYPES = frozenset({torch.Tensor, torch.ScriptObject, bool, int, float})
+NO_SUBCLASS_TORCH_FUNCTION = torch._C.DisableTorchFunctionSubclass
+
+
+def call_on_packed_weights(operator: torch._ops.OpOverloadPacket, *arguments):
+    """`operator(*arguments)`, one of the arguments being a layer's packed weights (a ScriptObject).
+
+    Why not the plain call: torch first asks every argument for __torch_function__, and a ScriptObject answers by
+    throwing and catching a C++ exception, about 10 us a call on the Xeon measured, more than fbgemm's kernel takes
+    on a decoding step's one row (8 us); and the packet's Python call scans the arguments for the fake script objects
+    of tracing. Where every argument is a plain tensor, real packed weights or a number, no argument has a
+    __torch_function__ to honour, so the operator's function is called directly with the subclass check off (torch
+    function modes still see the call). Anything else (a tensor subclass, tracing's fake script objects) takes the
+    packet's call."""
+    if all(type(argument) in PLAIN_ARGUMENT_TYPES for argument in arguments):
+        with NO_SUBCLASS_TORCH_FUNCTION():
+            return getattr(operator, "_op", operator)(*arguments)
+    return operator(*arguments)
+
 
 # torch 2.13's deprecation of its quantized dtypes (see the module docstring), matched exactly: nothing else is hidden.
 QUANTIZED_DTYPE_DEPRECATION = r"torch\.quantize_per_tensor, torch\.quantize_per_channel and other quantized tensor"
@@ -123,16 +142,13 @@ class Int8DynamicLinear(DynamicQuantizedLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Lean, as a decoding step makes dozens of one-row calls: check_input only where it may refuse, the packed
-        # weights read through _modules (as nn.Module's attribute lookup would, for less) and the operator looked up
-        # once. Against check_input on every call and those lookups: 1.1% and 5.8% less time in int8 greedy
-        # decoding at batch 1 (Transformer-base, two runs, one process, alternating), within the noise at batch 16.
-        # Then the operator's function called directly on real packed weights (LINEAR_DYNAMIC_FUNCTION): 2.1-2.8%
-        # less at batch 1 (two runs) and 2.8% at batch 16, the same tokens.
+        # weights read through _modules (as nn.Module's attribute lookup would, for less) and the operator called
+        # through call_on_packed_weights. Against check_input on every call and those lookups: 1.1% and 5.8% less
+        # time in int8 greedy decoding at batch 1 (Transformer-base, two runs, one process, alternating).
         if x.requires_grad or not x.is_cpu:
             self.check_input(x)
         packed = self._modules["_packed_params"]._packed_params
-        operator = LINEAR_DYNAMIC_FUNCTION if type(packed) is torch.ScriptObject else LINEAR_DYNAMIC
-        output = operator(x, packed, self.reduce_range)
+        output = call_on_packed_weights(LINEAR_DYNAMIC, x, packed, self.reduce_range)
         return output if output.dtype == x.dtype else output.to(x.dtype)
 
 
@@ -174,9 +190,8 @@ class Int8RowScaledLinear(Int8DynamicLinear):
             torch.mul(rows, inverse, out=normalized).sub_(low * inverse)
         else:
             normalized = rows.mul(inverse).sub_(low * inverse)
-        output = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-            normalized, 1.0 / levels, 0, self._packed_params._packed_params
-        )
+        packed = self._packed_params._packed_params
+        output = call_on_packed_weights(LINEAR_ROW_SCALED, normalized, 1.0 / levels, 0, packed)
         weight_sums, bias = self.row_offsets
         # Element by element (not one rank-2 product, whose kernel rounds a lone row otherwise): a row's result is
         # the same in any batch (to the bit on the Xeon measured). In place: on a 2-core Xeon VM a fresh (rows, out)

@@ -194,29 +194,101 @@ def test_int8_layer_computes_exactly_what_its_int8_values_mean():
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-4 * expected.abs().max().item())
 
 
-def test_int8_layer_calls_the_operator_function_on_real_packed_weights_and_the_packet_otherwise(monkeypatch):
-    """Real packed weights (a ScriptObject) go straight to the operator's function, with the packet's results to the
-    bit; anything else, such as the fake script objects of tracing, through the packet, which handles them."""
+def test_int8_layers_call_the_operator_function_on_plain_arguments_and_the_packet_otherwise(monkeypatch):
+    """Plain tensors with real packed weights (a ScriptObject) go straight to the operator's function, with the
+    packet's results to the bit, for both layers; anything else in place of the packed weights (such as the fake
+    script objects of tracing) through the packet, which handles them."""
+    import contextlib
+
+    from modeling_selfattn import quantization
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 64)
+    direct_calls = []
+
+    @contextlib.contextmanager
+    def recording_no_subclass_torch_function():
+        direct_calls.append(1)
+        with torch._C.DisableTorchFunctionSubclass():
+            yield
+
+    monkeypatch.setattr(quantization, "NO_SUBCLASS_TORCH_FUNCTION", recording_no_subclass_torch_function)
+    for per_token in (False, True):
+        layer = int8_linear(nn.Linear(64, 48), reduce_range=False, per_token=per_token)
+        direct_calls.clear()
+        with torch.no_grad():
+            direct = layer(x)
+        assert direct_calls == [1]
+        operator = quantization.LINEAR_ROW_SCALED if per_token else quantization.LINEAR_DYNAMIC
+        packet_calls = []
+
+        class StandIn:  # what a fake script object is to this layer: not a ScriptObject
+            pass
+
+        packed = layer._packed_params._packed_params
+        monkeypatch.setattr(layer._packed_params, "_packed_params", StandIn())
+        # The packet's call, given the real packed weights in place of the stand-in.
+        monkeypatch.setattr(
+            quantization, "LINEAR_ROW_SCALED" if per_token else "LINEAR_DYNAMIC",
+            lambda *a: packet_calls.append(type(a[-1] if per_token else a[1])) or operator(
+                *[packed if isinstance(argument, StandIn) else argument for argument in a]
+            ),
+        )
+        direct_calls.clear()
+        with torch.no_grad():
+            assert torch.equal(layer(x), direct)
+        assert packet_calls == [StandIn] and direct_calls == []
+
+
+class RecordingTensor(torch.Tensor):
+    seen = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.seen.append(getattr(func, "__name__", str(func)))
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_call_on_packed_weights_honours_subclasses_modes_and_stand_ins():
+    from torch.overrides import TorchFunctionMode
+
     from modeling_selfattn import quantization
 
     torch.manual_seed(0)
     layer = int8_linear(nn.Linear(64, 48), reduce_range=False)
     packed = layer._packed_params._packed_params
     x = torch.randn(5, 64)
-    calls = []
-    function, packet = quantization.LINEAR_DYNAMIC_FUNCTION, quantization.LINEAR_DYNAMIC
-    monkeypatch.setattr(quantization, "LINEAR_DYNAMIC_FUNCTION", lambda *a: calls.append("function") or function(*a))
-    monkeypatch.setattr(quantization, "LINEAR_DYNAMIC", lambda *a: calls.append(("packet", type(a[1]))) or x[:, :48])
     with torch.no_grad():
-        assert torch.equal(layer(x), packet(x, packed, False))
-        assert calls == ["function"]
+        expected = quantization.LINEAR_DYNAMIC(x, packed, False)
+        assert torch.equal(quantization.call_on_packed_weights(quantization.LINEAR_DYNAMIC, x, packed, False), expected)
+        # A subclass's __torch_function__ is called, as by the packet's own call.
+        RecordingTensor.seen.clear()
+        output = quantization.call_on_packed_weights(quantization.LINEAR_DYNAMIC, x.as_subclass(RecordingTensor),
+                                                     packed, False)
+        assert RecordingTensor.seen and torch.equal(output.as_subclass(torch.Tensor), expected)
 
-        class StandIn:  # what a fake script object is to this layer: not a ScriptObject
+        # A torch function mode sees the direct call too.
+        class Recording(TorchFunctionMode):
+            seen = []
+
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                Recording.seen.append(func)
+                return func(*args, **(kwargs or {}))
+
+        with Recording():
+            output = quantization.call_on_packed_weights(quantization.LINEAR_DYNAMIC, x, packed, False)
+        assert Recording.seen == [quantization.LINEAR_DYNAMIC] and torch.equal(output, expected)
+        # After the call, subclasses' __torch_function__ is on again.
+        RecordingTensor.seen.clear()
+        torch.add(x.as_subclass(RecordingTensor), 1)
+        assert RecordingTensor.seen
+
+        class StandIn:  # what a fake script object is to call_on_packed_weights: not a ScriptObject
             pass
 
-        monkeypatch.setattr(layer._packed_params, "_packed_params", StandIn())
-        layer(x)
-    assert calls == ["function", ("packet", StandIn)]
+        stand_in, seen = StandIn(), []
+        quantization.call_on_packed_weights(lambda *a: seen.append(a), x, stand_in, False)
+        assert seen == [(x, stand_in, False)]
 
 
 def row_scaled_layer(reduce_range: bool = False, bias: bool = True) -> tuple[nn.Linear, Int8RowScaledLinear]:
