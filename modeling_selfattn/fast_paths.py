@@ -49,6 +49,15 @@ def holds_positions(layer) -> bool:
     return layer.keys.is_cuda or layer.get_seq_length() > 0
 
 
+def refuse_int8(model: nn.Module) -> None:
+    if getattr(model, "quantization_mode", None) == "int8":
+        raise ValueError(
+            f"enable_compiled_decoding: this {type(model).__name__} is quantized to int8 (model.quantize('int8')), "
+            "whose layers hold torch's packed int8 weights, which torch.compile cannot take into one graph. Decode "
+            "the int8 model without enable_compiled_decoding, or enable it on the float32 or bf16 model."
+        )
+
+
 def runs_on_cuda(model: nn.Module) -> bool:
     return next(model.parameters()).is_cuda
 
@@ -80,6 +89,7 @@ class CompiledDecodingForward:
         if torch.compiler.is_compiling() or not is_decoding_step(self.model, args, kwargs):
             return self.plain_forward(*args, **kwargs)
         if self.compiled_step is None:
+            refuse_int8(self.model)  # quantized after compiled decoding was enabled
             self.compiled_step = torch.compile(self.plain_forward, **self.step_compile_options())
         return self.compiled_step(*args, **kwargs)
 
@@ -119,6 +129,8 @@ def enable_compiled_decoding(model: nn.Module, enabled: bool = True, **compile_o
     the defaults."""
     if not model.can_generate():
         raise ValueError(f"{type(model).__name__} does not generate; compiled decoding is for generate() models.")
+    if enabled:
+        refuse_int8(model)
     current = model.__dict__.get("forward")
     if isinstance(current, CompiledDecodingForward):  # enabled before: start again from the forward it wrapped
         if current.instance_forward is None:

@@ -186,6 +186,21 @@ def test_compiled_decoding_is_refused_by_a_model_that_does_not_generate():
         enable_compiled_decoding(build(SelfAttnForMaskedLM))
 
 
+def test_compiled_decoding_refuses_an_int8_model_before_or_after_enabling():
+    model = build(SelfAttnForConditionalGeneration, "encoder_decoder", tie_word_embeddings=False).eval()
+    with pytest.raises(ValueError, match=r"enable_compiled_decoding: .*quantized to int8.*float32 or bf16"):
+        enable_compiled_decoding(copy.deepcopy(model).quantize("int8"))
+    # Quantized after enabling: refused at the first decoding step, before anything is compiled.
+    fast = enable_compiled_decoding(copy.deepcopy(model)).quantize("int8")
+    batch = padded_batch(lengths=(4, 3))
+    with pytest.raises(ValueError, match=r"quantized to int8"):
+        fast.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert not compiled_steps_ran(fast)
+    # Turning it off still works on the int8 model.
+    enable_compiled_decoding(fast, False)
+    assert fast.generation_config.cache_implementation is None
+
+
 def test_compiled_decoding_keeps_a_forward_installed_on_the_instance():
     # accelerate's device hooks (device_map=..., dispatch_model) wrap the instance's forward; compiled decoding must
     # call through them, and put them back when turned off.
