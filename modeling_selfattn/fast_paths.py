@@ -88,8 +88,8 @@ class CompiledDecodingForward:
     def __call__(self, *args, **kwargs):
         if torch.compiler.is_compiling() or not is_decoding_step(self.model, args, kwargs):
             return self.plain_forward(*args, **kwargs)
+        refuse_int8(self.model)  # quantized after compiled decoding was enabled, before or after a compiled step
         if self.compiled_step is None:
-            refuse_int8(self.model)  # quantized after compiled decoding was enabled
             self.compiled_step = torch.compile(self.plain_forward, **self.step_compile_options())
         return self.compiled_step(*args, **kwargs)
 
@@ -126,7 +126,8 @@ def enable_compiled_decoding(model: nn.Module, enabled: bool = True, **compile_o
     saved with the generation config by save_pretrained. `compile_options` go to torch.compile (mode, backend, ...);
     without a mode or options, a model on CUDA compiled by Inductor (the default backend) and not offloaded decodes
     under CUDA graphs (mode "reduce-overhead", as transformers' own compiled generation). `enabled=False` restores
-    the defaults."""
+    the defaults. Refused for an int8 model (model.quantize("int8")), whose packed weights torch.compile cannot take.
+    """
     if not model.can_generate():
         raise ValueError(f"{type(model).__name__} does not generate; compiled decoding is for generate() models.")
     if enabled:

@@ -70,9 +70,10 @@ def call_on_packed_weights(operator: torch._ops.OpOverloadPacket, *arguments):
     throwing and catching a C++ exception, about 10 us a call on the Xeon measured, more than fbgemm's kernel takes
     on a decoding step's one row (8 us); and the packet's Python call scans the arguments for the fake script objects
     of tracing. Where every argument is a plain tensor, real packed weights or a number, no argument has a
-    __torch_function__ to honour, so the operator's function is called directly with the subclass check off (torch
-    function modes still see the call). Anything else (a tensor subclass, tracing's fake script objects) takes the
-    packet's call."""
+    __torch_function__ of its own, so the operator's function is called directly with subclasses' __torch_function__
+    off. Torch function and dispatch modes still see the call (their handlers then run with subclasses'
+    __torch_function__ off too). Anything else (a tensor subclass, tracing's fake script objects) takes the packet's
+    call."""
     if all(type(argument) in PLAIN_ARGUMENT_TYPES for argument in arguments):
         with NO_SUBCLASS_TORCH_FUNCTION():
             return getattr(operator, "_op", operator)(*arguments)

@@ -196,6 +196,14 @@ def test_compiled_decoding_refuses_an_int8_model_before_or_after_enabling():
     with pytest.raises(ValueError, match=r"quantized to int8"):
         fast.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     assert not compiled_steps_ran(fast)
+    # Quantized after a compiled step ran: refused too, not left to torch.compile's own error.
+    torch._dynamo.reset()
+    compiled = enable_compiled_decoding(copy.deepcopy(model), backend="eager")
+    compiled.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert compiled_steps_ran(compiled)
+    compiled.quantize("int8")
+    with pytest.raises(ValueError, match=r"quantized to int8"):
+        compiled.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
     # Turning it off still works on the int8 model.
     enable_compiled_decoding(fast, False)
     assert fast.generation_config.cache_implementation is None
