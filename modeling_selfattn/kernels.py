@@ -14,7 +14,8 @@ small one up to 42; its result is the chosen kernel's, like every later call's. 
 the choice made so far in eager mode, and oneDNN for a shape not yet timed, since a trace cannot time. The two
 kernels sum in another order, so results agree to float32 rounding (within 1e-5), not to the bit, and another
 process may choose otherwise. With fewer than ONEDNN_MIN_ROWS rows (batch-1 decoding) MKL was faster on every CPU
-measured, so such calls keep it without timing.
+measured, so such calls keep it without timing; except from ONEDNN_STREAMED_MIN_ROWS rows on a weight too large to
+stay in cache (an LM head), which oneDNN reads faster from memory, and timing cannot tell (see there).
 
 The weights are read as they are at every call: nothing is cached but the choice, so no change to the weights (an
 optimizer step, load_state_dict, PEFT's merge through `.data`) can leave a stale copy behind. "onednn-packed" keeps,
@@ -83,8 +84,19 @@ if not hasattr(torch.ops.selfattn, "onednn_linear"):
 
 
 # With fewer input rows (tokens) than this, oneDNN's cost per call outweighs its faster kernels (measured: 0.15-0.8x
-# MKL below eight rows, LM heads included; from eight, "auto" times them).
+# MKL below eight rows, LM heads included; from eight, "auto" times them)...
 ONEDNN_MIN_ROWS = 8
+# ...except on a weight of at least STREAMED_WEIGHT_ELEMENTS floats (8 MB: an LM head, a large feed-forward) with at
+# least ONEDNN_STREAMED_MIN_ROWS rows (beam search, small batches). In a model such a weight is read from memory at
+# every call, the other layers' weights having taken the cache since, and there MKL's products of 4-7 rows took
+# 1.3-1.9x oneDNN's time on weights of 8-64 MB (measured on a 2-core Xeon, cycling through Transformer-base's decoder
+# weights as a decoding step does; Transformer-base's 32,000x512 LM head at 4 rows: 6.5 against 4.7 ms), while on a
+# weight already in cache the two were level (3.43 against 3.40 ms): "auto"'s timing, which repeats the call on one
+# weight, cannot see the difference, so these calls take oneDNN untimed. With 3 rows or fewer MKL stayed faster
+# (the same LM head: 3.0 against 3.7 ms). In beam search with 4 beams (Transformer-base, one process, alternating):
+# 9.1% less time, the same tokens.
+ONEDNN_STREAMED_MIN_ROWS = 4
+STREAMED_WEIGHT_ELEMENTS = 2 * 2**20
 
 # Measured on x86 CPUs only (AMD Zen 5; Intel Xeons with and without AMX); elsewhere "auto" keeps nn.Linear's kernel.
 ONEDNN_AVAILABLE = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
@@ -152,7 +164,8 @@ def time_kernels(runs: dict) -> tuple[dict[str, float], dict[str, torch.Tensor]]
 class Linear(nn.Linear):
     """nn.Linear (same parameters, state dict, training and autograd) whose CPU float32 inference on x86 with at
     least ONEDNN_MIN_ROWS rows runs as `kernel` says: "auto" (the default) the faster of oneDNN and nn.Linear's own,
-    timed once per shape (see above), "onednn" oneDNN, "onednn-packed" oneDNN on a packed copy of the weight,
+    timed once per shape (see above; on a large weight with ONEDNN_STREAMED_MIN_ROWS to ONEDNN_MIN_ROWS - 1 rows,
+    oneDNN untimed), "onednn" oneDNN, "onednn-packed" oneDNN on a packed copy of the weight,
     "aten" nn.Linear's own. oneDNN can run only when no gradient is needed, input and weight are plain float32 CPU
     tensors (not a quantised or other tensor subclass), oneDNN is enabled and CPU autocast is not, and never while
     tracing or exporting, so that exported graphs hold standard linear ops. Results match nn.Linear's up to float32
@@ -172,7 +185,11 @@ class Linear(nn.Linear):
             input.device.type != "cpu"
             or self.kernel == "aten"
             or not ONEDNN_AVAILABLE
-            or input.numel() < ONEDNN_MIN_ROWS * self.in_features
+            or input.numel() < ONEDNN_STREAMED_MIN_ROWS * self.in_features
+            or (
+                input.numel() < ONEDNN_MIN_ROWS * self.in_features
+                and self.in_features * self.out_features < STREAMED_WEIGHT_ELEMENTS
+            )
         ):
             return False
         weight = self.weight
@@ -231,8 +248,11 @@ class Linear(nn.Linear):
         """The kernel "auto" chose for this call's shape, timing both on this call (and then with its output) if
         none was chosen yet in this process. A shape oneDNN refuses is left to nn.Linear's kernel."""
         _eager_threads[0] = threads = torch.get_num_threads()
+        rows = input.numel() // self.in_features
+        if rows < ONEDNN_MIN_ROWS:  # a streamed weight (see ONEDNN_STREAMED_MIN_ROWS), which timing cannot judge
+            return "onednn", None
         choices = _chosen_kernels.setdefault(threads, {})
-        key = self.timing_key(input.numel() // self.in_features, activation)
+        key = self.timing_key(rows, activation)
         kernel = choices.get(key)
         if kernel is not None:
             return kernel, None
@@ -372,7 +392,8 @@ def in_row_blocks(position_wise: Callable, input: torch.Tensor, rows: int) -> to
 
 def set_linear_kernel(model: nn.Module, kernel: str) -> nn.Module:
     """Choose the kernel of every selfattn Linear in `model` (returned) for CPU float32 inference on x86 with at
-    least ONEDNN_MIN_ROWS rows (fewer rows always take nn.Linear's): "auto" (the default: the faster of oneDNN and
+    least ONEDNN_MIN_ROWS rows (fewer rows take nn.Linear's, but for a large weight from ONEDNN_STREAMED_MIN_ROWS rows,
+    which takes oneDNN): "auto" (the default: the faster of oneDNN and
     nn.Linear's own, timed once per shape), "onednn" (oneDNN), "onednn-packed" (oneDNN on packed copies of the
     weights) or "aten" (nn.Linear's own). Drops the packed copies made so far of the model's weights."""
     if kernel not in LINEAR_KERNELS:

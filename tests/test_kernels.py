@@ -115,6 +115,32 @@ def test_onednn_runs_from_eight_rows(kernel, onednn_calls):
 
 
 @needs_onednn
+@pytest.mark.parametrize("kernel", ["auto", "onednn"])
+def test_a_large_weight_takes_onednn_from_four_rows_untimed(kernel, onednn_calls, auto_finds_faster):
+    """A weight of STREAMED_WEIGHT_ELEMENTS floats (8 MB, an LM head's size) takes oneDNN from
+    ONEDNN_STREAMED_MIN_ROWS rows, with "auto" too and without timing, which cannot judge it; fewer rows, and a
+    smaller weight at the same rows, nn.Linear's kernel. The result is nn.Linear's within float32 rounding."""
+    timings = auto_finds_faster("aten")  # were "auto" to time these calls, it would choose nn.Linear's kernel
+    in_features = 512
+    large = set_linear_kernel(kernels.Linear(in_features, kernels.STREAMED_WEIGHT_ELEMENTS // in_features), kernel)
+    small = set_linear_kernel(kernels.Linear(in_features, kernels.STREAMED_WEIGHT_ELEMENTS // in_features - 1), kernel)
+    plain = torch.nn.Linear(in_features, large.out_features)
+    plain.load_state_dict(large.state_dict())
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for rows in range(kernels.ONEDNN_STREAMED_MIN_ROWS, kernels.ONEDNN_MIN_ROWS):
+            inputs = torch.randn(rows, in_features, generator=generator)
+            onednn_calls.clear()
+            torch.testing.assert_close(large(inputs), plain(inputs), rtol=0, atol=TOLERANCE)
+            assert len(onednn_calls) == 1
+            small(inputs)
+            assert len(onednn_calls) == 1
+        large(torch.randn(kernels.ONEDNN_STREAMED_MIN_ROWS - 1, in_features, generator=generator))
+        assert len(onednn_calls) == 1
+    assert timings == []
+
+
+@needs_onednn
 def test_the_onednn_kernel_sees_weights_changed_through_data(onednn_calls):
     # PEFT merges adapters with `weight.data += delta`, which autograd's version counter does not see.
     layer = set_linear_kernel(kernels.Linear(16, 16), "onednn")
