@@ -83,8 +83,8 @@ if not hasattr(torch.ops.selfattn, "onednn_linear"):
     )
 
 
-# With fewer input rows (tokens) than this, oneDNN's cost per call outweighs its faster kernels (measured: 0.15-0.8x
-# MKL below eight rows, LM heads included; from eight, "auto" times them)...
+# With fewer input rows (tokens) than this, oneDNN's cost per call outweighs its faster kernels (measured on weights
+# in cache: 0.15-0.8x MKL below eight rows, LM heads included; from eight, "auto" times them)...
 ONEDNN_MIN_ROWS = 8
 # ...except on a weight of at least STREAMED_WEIGHT_ELEMENTS floats (8 MB: an LM head, a large feed-forward) with at
 # least ONEDNN_STREAMED_MIN_ROWS rows (beam search, small batches). In a model such a weight is read from memory at
@@ -164,11 +164,12 @@ def time_kernels(runs: dict) -> tuple[dict[str, float], dict[str, torch.Tensor]]
 class Linear(nn.Linear):
     """nn.Linear (same parameters, state dict, training and autograd) whose CPU float32 inference on x86 with at
     least ONEDNN_MIN_ROWS rows runs as `kernel` says: "auto" (the default) the faster of oneDNN and nn.Linear's own,
-    timed once per shape (see above; on a large weight with ONEDNN_STREAMED_MIN_ROWS to ONEDNN_MIN_ROWS - 1 rows,
-    oneDNN untimed), "onednn" oneDNN, "onednn-packed" oneDNN on a packed copy of the weight,
-    "aten" nn.Linear's own. oneDNN can run only when no gradient is needed, input and weight are plain float32 CPU
-    tensors (not a quantised or other tensor subclass), oneDNN is enabled and CPU autocast is not, and never while
-    tracing or exporting, so that exported graphs hold standard linear ops. Results match nn.Linear's up to float32
+    timed once per shape (see above), "onednn" oneDNN, "onednn-packed" oneDNN on a packed copy of the weight,
+    "aten" nn.Linear's own. A large weight (see ONEDNN_STREAMED_MIN_ROWS) takes oneDNN from 4 rows under the three
+    oneDNN settings ("auto" untimed, unless oneDNN refuses the shape). oneDNN can run only when no gradient is
+    needed, input and weight are plain float32 CPU tensors (not a quantised or other tensor subclass), oneDNN is
+    enabled and CPU autocast is not, and never while tracing or exporting, so that exported graphs hold standard
+    linear ops. Results match nn.Linear's up to float32
     rounding (the kernels sum in another order)."""
 
     kernel: str = "auto"
@@ -235,7 +236,10 @@ class Linear(nn.Linear):
         return onednn_linear(input, self.weight, self.bias, activation, packed)
 
     def timing_key(self, rows: int, activation: str) -> tuple:
-        return self.in_features, self.out_features, activation, row_bucket(rows)
+        # Calls of fewer than ONEDNN_MIN_ROWS rows get here only on a streamed weight, untimed: a key of their own,
+        # apart from the 8-row bucket that rows 5-7 would round up to.
+        bucket = "streamed" if rows < ONEDNN_MIN_ROWS else row_bucket(rows)
+        return self.in_features, self.out_features, activation, bucket
 
     def compiled_choice(self, input: torch.Tensor, activation: str) -> str:
         """A trace cannot time: it takes the choice eager calls made, and oneDNN where there is none yet."""
@@ -248,25 +252,28 @@ class Linear(nn.Linear):
         """The kernel "auto" chose for this call's shape, timing both on this call (and then with its output) if
         none was chosen yet in this process. A shape oneDNN refuses is left to nn.Linear's kernel."""
         _eager_threads[0] = threads = torch.get_num_threads()
-        rows = input.numel() // self.in_features
-        if rows < ONEDNN_MIN_ROWS:  # a streamed weight (see ONEDNN_STREAMED_MIN_ROWS), which timing cannot judge
-            return "onednn", None
         choices = _chosen_kernels.setdefault(threads, {})
+        rows = input.numel() // self.in_features
         key = self.timing_key(rows, activation)
         kernel = choices.get(key)
         if kernel is not None:
             return kernel, None
         weight, bias = self.weight, self.bias
         try:
-            seconds, outputs = time_kernels({
-                "onednn": lambda: onednn_linear(input, weight, bias, activation, False),
-                "aten": lambda: aten_linear(input, weight, bias, activation),
-            })  # fmt: skip
-        except RuntimeError:
+            if rows < ONEDNN_MIN_ROWS:  # a streamed weight, which timing cannot judge (see ONEDNN_STREAMED_MIN_ROWS)
+                kernel, output = "onednn", onednn_linear(input, weight, bias, activation, False)
+            else:
+                seconds, outputs = time_kernels({
+                    "onednn": lambda: onednn_linear(input, weight, bias, activation, False),
+                    "aten": lambda: aten_linear(input, weight, bias, activation),
+                })  # fmt: skip
+                kernel = min(seconds, key=seconds.get)
+                output = outputs[kernel]
+        except RuntimeError:  # a shape oneDNN refuses
             choices[key] = "aten"
             return "aten", None
-        kernel = choices[key] = min(seconds, key=seconds.get)
-        return kernel, outputs[kernel]
+        choices[key] = kernel
+        return kernel, output
 
 
 # The activations oneDNN applies in the product's own pass, with results equal to torch's (measured: identical bits).

@@ -141,6 +141,39 @@ def test_a_large_weight_takes_onednn_from_four_rows_untimed(kernel, onednn_calls
 
 
 @needs_onednn
+def test_few_rows_on_a_large_weight_keep_their_own_choice_and_fall_back_where_onednn_refuses(monkeypatch, onednn_calls):
+    """Rows 5-7 round up to the 8-row bucket, which "auto" times; their untimed choice is recorded apart, so compiled
+    graphs take the same kernel as eager calls. A shape oneDNN refuses takes nn.Linear's kernel, as with timing."""
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(kernels, "_chosen_kernels", {threads: {}})
+    in_features = 512
+    layer = kernels.Linear(in_features, kernels.STREAMED_WEIGHT_ELEMENTS // in_features)
+    plain = torch.nn.Linear(in_features, layer.out_features)
+    plain.load_state_dict(layer.state_dict())
+    kernels._chosen_kernels[threads][layer.timing_key(kernels.ONEDNN_MIN_ROWS, "none")] = "aten"  # 8 rows: MKL
+    inputs = torch.randn(kernels.ONEDNN_MIN_ROWS - 1, in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(layer(inputs), plain(inputs), rtol=0, atol=TOLERANCE)
+        assert len(onednn_calls) == 1
+        assert kernels._chosen_kernels[threads][layer.timing_key(len(inputs), "none")] == "onednn"
+        assert layer.compiled_choice(inputs, "none") == "onednn"
+        assert layer.compiled_choice(torch.randn(kernels.ONEDNN_MIN_ROWS, in_features), "none") == "aten"
+
+        refusals = []
+
+        def refuse(*args):
+            refusals.append(1)
+            raise RuntimeError("oneDNN: unsupported shape")
+
+        kernels._chosen_kernels[threads].clear()
+        monkeypatch.setattr(kernels, "onednn_linear", refuse)
+        for _ in range(2):  # the refusal is recorded: the second call does not try oneDNN again
+            torch.testing.assert_close(layer(inputs), plain(inputs), rtol=0, atol=TOLERANCE)
+        assert refusals == [1]
+        assert kernels._chosen_kernels[threads] == {layer.timing_key(len(inputs), "none"): "aten"}
+
+
+@needs_onednn
 def test_the_onednn_kernel_sees_weights_changed_through_data(onednn_calls):
     # PEFT merges adapters with `weight.data += delta`, which autograd's version counter does not see.
     layer = set_linear_kernel(kernels.Linear(16, 16), "onednn")
