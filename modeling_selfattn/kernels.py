@@ -169,8 +169,7 @@ class Linear(nn.Linear):
     oneDNN settings ("auto" untimed, unless oneDNN refuses the shape). oneDNN can run only when no gradient is
     needed, input and weight are plain float32 CPU tensors (not a quantised or other tensor subclass), oneDNN is
     enabled and CPU autocast is not, and never while tracing or exporting, so that exported graphs hold standard
-    linear ops. Results match nn.Linear's up to float32
-    rounding (the kernels sum in another order)."""
+    linear ops. Results match nn.Linear's up to float32 rounding (the kernels sum in another order)."""
 
     kernel: str = "auto"
     # Its kernels may round a row otherwise in a product of another size, so a feed-forward does not take its rows a
@@ -399,10 +398,10 @@ def in_row_blocks(position_wise: Callable, input: torch.Tensor, rows: int) -> to
 
 def set_linear_kernel(model: nn.Module, kernel: str) -> nn.Module:
     """Choose the kernel of every selfattn Linear in `model` (returned) for CPU float32 inference on x86 with at
-    least ONEDNN_MIN_ROWS rows (fewer rows take nn.Linear's, but for a large weight from ONEDNN_STREAMED_MIN_ROWS rows,
-    which takes oneDNN): "auto" (the default: the faster of oneDNN and
-    nn.Linear's own, timed once per shape), "onednn" (oneDNN), "onednn-packed" (oneDNN on packed copies of the
-    weights) or "aten" (nn.Linear's own). Drops the packed copies made so far of the model's weights."""
+    least ONEDNN_MIN_ROWS rows (fewer rows take nn.Linear's, but a large weight takes oneDNN from
+    ONEDNN_STREAMED_MIN_ROWS rows): "auto" (the default: the faster of oneDNN and nn.Linear's own, timed once per
+    shape), "onednn" (oneDNN), "onednn-packed" (oneDNN on packed copies of the weights) or "aten" (nn.Linear's own).
+    Drops the packed copies made so far of the model's weights."""
     if kernel not in LINEAR_KERNELS:
         raise ValueError(f"kernel={kernel!r} is not one of {LINEAR_KERNELS}.")
     if kernel.startswith("onednn") and not ONEDNN_AVAILABLE:
