@@ -99,9 +99,6 @@ class LeanNoBadWords(NoBadWordsLogitsProcessor):
         return scores + self.length_1_bias
 
 
-# Exactly these classes (a subclass may return its input as it is, which must then not be written into).
-BLOCKING_PROCESSORS = (LeanSuppressTokens, LeanMinLength, LeanMinNewTokensLength)
-
 LEAN_PROCESSORS = {
     SuppressTokensLogitsProcessor: LeanSuppressTokens,
     MinLengthLogitsProcessor: LeanMinLength,
@@ -109,8 +106,10 @@ LEAN_PROCESSORS = {
     NoBadWordsLogitsProcessor: LeanNoBadWords,
 }
 
-
+# Derived from LEAN_PROCESSORS, and matched by exact class (a subclass may return its input as it is, which must then
+# not be written into).
 LEAN_CLASSES = frozenset(LEAN_PROCESSORS.values())
+BLOCKING_PROCESSORS = frozenset(kind for kind in LEAN_CLASSES if issubclass(kind, BlockedIds))
 
 
 def lean(processor):
@@ -138,14 +137,15 @@ class LeanLogitsProcessorList(LogitsProcessorList):
         made_in_this_run = None  # the tensor the current run of blocking processors made
         for processor in self:
             kind = type(processor)
-            if kind in BLOCKING_PROCESSORS and scores is made_in_this_run:
+            blocking = kind in BLOCKING_PROCESSORS
+            if blocking and scores is made_in_this_run:
                 scores = processor.blocked(input_ids, scores, in_place=True)
             elif kind in LEAN_CLASSES:
                 scores = processor(input_ids, scores)
             else:
                 # transformers' own call of one processor (the extra keywords some processors take)
                 scores = LogitsProcessorList([processor])(input_ids, scores, **kwargs)
-            made_in_this_run = scores if kind in BLOCKING_PROCESSORS else None
+            made_in_this_run = scores if blocking else None
         return scores
 
 

@@ -114,6 +114,16 @@ def test_onednn_runs_from_eight_rows(kernel, onednn_calls):
         assert len(onednn_calls) == 1
 
 
+def streamed_layer(kernel: str = "auto", out_features_less: int = 0) -> tuple[kernels.Linear, torch.nn.Linear]:
+    """A selfattn Linear of 512 inputs whose weight holds STREAMED_WEIGHT_ELEMENTS floats (less `out_features_less`
+    rows), on `kernel`, and an nn.Linear with the same parameters."""
+    out_features = kernels.STREAMED_WEIGHT_ELEMENTS // 512 - out_features_less
+    layer = set_linear_kernel(kernels.Linear(512, out_features), kernel)
+    plain = torch.nn.Linear(512, out_features)
+    plain.load_state_dict(layer.state_dict())
+    return layer, plain
+
+
 @needs_onednn
 @pytest.mark.parametrize("kernel", ["auto", "onednn"])
 def test_a_large_weight_takes_onednn_from_four_rows_untimed(kernel, onednn_calls, auto_finds_faster):
@@ -122,10 +132,8 @@ def test_a_large_weight_takes_onednn_from_four_rows_untimed(kernel, onednn_calls
     smaller weight at the same rows, nn.Linear's kernel. The result is nn.Linear's within float32 rounding."""
     timings = auto_finds_faster("aten")  # were "auto" to time these calls, it would choose nn.Linear's kernel
     in_features = 512
-    large = set_linear_kernel(kernels.Linear(in_features, kernels.STREAMED_WEIGHT_ELEMENTS // in_features), kernel)
-    small = set_linear_kernel(kernels.Linear(in_features, kernels.STREAMED_WEIGHT_ELEMENTS // in_features - 1), kernel)
-    plain = torch.nn.Linear(in_features, large.out_features)
-    plain.load_state_dict(large.state_dict())
+    large, plain = streamed_layer(kernel)
+    small, _ = streamed_layer(kernel, out_features_less=1)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for rows in range(kernels.ONEDNN_STREAMED_MIN_ROWS, kernels.ONEDNN_MIN_ROWS):
@@ -147,9 +155,7 @@ def test_few_rows_on_a_large_weight_keep_their_own_choice_and_fall_back_where_on
     threads = torch.get_num_threads()
     monkeypatch.setattr(kernels, "_chosen_kernels", {threads: {}})
     in_features = 512
-    layer = kernels.Linear(in_features, kernels.STREAMED_WEIGHT_ELEMENTS // in_features)
-    plain = torch.nn.Linear(in_features, layer.out_features)
-    plain.load_state_dict(layer.state_dict())
+    layer, plain = streamed_layer()
     kernels._chosen_kernels[threads][layer.timing_key(kernels.ONEDNN_MIN_ROWS, "none")] = "aten"  # 8 rows: MKL
     inputs = torch.randn(kernels.ONEDNN_MIN_ROWS - 1, in_features, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
