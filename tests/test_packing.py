@@ -30,9 +30,9 @@ def count_packings(monkeypatch):
     packings = []
     original = packing.PackedSequences.from_attention_mask.__func__
 
-    def counting(cls, attention_mask):
+    def counting(cls, attention_mask, *args):
         packings.append(tuple(attention_mask.shape))
-        return original(cls, attention_mask)
+        return original(cls, attention_mask, *args)
 
     monkeypatch.setattr(packing.PackedSequences, "from_attention_mask", classmethod(counting))
     return packings
@@ -162,6 +162,57 @@ def test_attention_buckets_group_sequences_of_similar_length():
     assert first.gather.shape == (600,) and first.real_slots.tolist() == [*range(350), *range(400, 550)]
     assert first.key_mask[:, 0, 0].sum(1).tolist() == [200, 150, 150]
     assert packed.buckets[1].gather is None  # one length: a view
+
+
+def test_attention_buckets_give_keys_whole_runs_of_slots_where_it_pays():
+    lengths = (44, 44, 40, 29, 3)
+    attention_mask = (torch.arange(44) < torch.tensor(lengths)[:, None]).long()
+    packed = packing.PackedSequences.from_attention_mask(attention_mask, key_multiple=16)
+    assert [(bucket.first, bucket.count, bucket.length, bucket.key_length) for bucket in packed.buckets] == [
+        (0, 3, 44, 48), (128, 1, 29, 32), (157, 1, 3, 3)  # 3 keys in 16 slots would not pay
+    ]
+    first, second, third = packed.buckets
+    # queries keep their slots; each key slot reads a token of its own sequence, its last for the added slots
+    assert first.gather.shape == (3 * 44,) and first.key_gather.shape == (3 * 48,)
+    assert first.key_gather.view(3, 48)[:, 44:].tolist() == [[43] * 4, [87] * 4, [127] * 4]
+    assert first.key_mask[:, 0, 0].sum(1).tolist() == [44, 44, 40] and first.key_mask.shape == (3, 1, 1, 48)
+    assert second.gather is None and second.real_slots is None  # one sequence: its queries are a view
+    assert second.key_gather.tolist() == [*range(128, 157), 156, 156, 156]
+    assert third.key_gather is None and third.key_mask is None
+    unpadded_keys = packing.PackedSequences.from_attention_mask(attention_mask).buckets
+    assert [bucket.key_length for bucket in unpadded_keys] == [44, 29, 3]
+    assert all(bucket.key_gather is None for bucket in unpadded_keys)
+
+
+@pytest.fixture
+def attention_key_lengths(monkeypatch):
+    """The key length of each attention call of the unpadded encoder's buckets."""
+    lengths = []
+    original = packing.PackedSequences.attend
+
+    def recording(self, attention_interface, *args, **kwargs):
+        def interface(module, query, key, *rest, **more):
+            lengths.append(key.shape[-2])
+            return attention_interface(module, query, key, *rest, **more)
+
+        return original(self, interface, *args, **kwargs)
+
+    monkeypatch.setattr(packing.PackedSequences, "attend", recording)
+    return lengths
+
+
+@pytest.mark.parametrize("case", ["inference", "gradients", "eager"])
+def test_keys_take_whole_runs_of_slots_in_cpu_sdpa_inference_alone(case, attention_key_lengths, never_unpad):
+    model = build(SelfAttnModel)
+    model.set_attn_implementation("eager" if case == "eager" else "sdpa")
+    batch = padded_batch()  # buckets of 16 and 12, 9 and 9, 3, 1 tokens
+    with torch.set_grad_enabled(case == "gradients"):
+        unpadded = model(**batch).last_hidden_state
+        never_unpad()
+        padded = model(**batch).last_hidden_state
+    per_layer = attention_key_lengths[: len(attention_key_lengths) // model.config.encoder_layers]
+    assert per_layer == ([16, 16, 3, 1] if case == "inference" else [16, 9, 3, 1])
+    assert real_token_diff(unpadded, padded, batch["attention_mask"]) <= TOLERANCE
 
 
 def test_packed_sequences_pack_and_unpack_are_inverse():
