@@ -38,10 +38,10 @@ BUCKET_MIN_LENGTH_RATIO = 2 / 3
 # 44 tokens (all-MiniLM-L6-v2's 12 heads of 32) took 1.21 ms, against 0.63 ms with its keys in 48 slots. So in CPU
 # inference a bucket's keys fill whole runs of KEY_SLOT_MULTIPLE slots (a whole AVX-512 vector of float32, two of
 # AVX2), those past a sequence's end masked out, where that multiplies its keys by at most KEY_SLOT_MAX_GROWTH.
-# Measured alone (2-core Xeon): 1.1-2.7x faster from 5 to 509 keys, 1.02-1.07x for 19 keys in 32 slots, 0.87x for
-# 3 in 16. Queries keep their own slots: no output is computed for the added ones. In the encoder, in one process,
-# alternating (two runs): 2.9-6.4% less time on 64 SST-2 sentences in float32, 3.8-8.6% in int8; 2.1-3.6% and
-# 4.0-5.7% on 64 skewed padded sentences.
+# Measured alone (2-core Xeon): 1.1-2.7x faster from 5 to 509 keys, 1.02-1.18x for 4 keys in 16 slots and for 19 in
+# 32, 0.77-0.87x for 3 in 16. Queries keep their own slots: no output is computed for the added ones. In the encoder,
+# in one process, alternating (two runs): 2.9-6.4% less time on 64 SST-2 sentences in float32, 3.8-8.6% in int8;
+# 2.1-3.6% and 4.0-5.7% on 64 skewed padded sentences.
 KEY_SLOT_MULTIPLE = 16
 KEY_SLOT_MAX_GROWTH = 4
 

@@ -178,6 +178,7 @@ def test_attention_buckets_give_keys_whole_runs_of_slots_where_it_pays():
     assert first.key_mask[:, 0, 0].sum(1).tolist() == [44, 44, 40] and first.key_mask.shape == (3, 1, 1, 48)
     assert second.gather is None and second.real_slots is None  # one sequence: its queries are a view
     assert second.key_gather.tolist() == [*range(128, 157), 156, 156, 156]
+    assert second.key_mask.flatten().tolist() == [True] * 29 + [False] * 3
     assert third.key_gather is None and third.key_mask is None
     unpadded_keys = packing.PackedSequences.from_attention_mask(attention_mask).buckets
     assert [bucket.key_length for bucket in unpadded_keys] == [44, 29, 3]
@@ -201,17 +202,29 @@ def attention_key_lengths(monkeypatch):
     return lengths
 
 
+# Per case: the padded batch's lengths, and the key slots of its buckets' attention calls in inference with SDPA on
+# the CPU, then elsewhere.
+KEY_SLOT_CASES = {
+    "default_lengths": (LENGTHS, [16, 16, 3, 1], [16, 9, 3, 1]),  # buckets of 16 and 12, 9 and 9, 3, 1 tokens
+    "unequal_lengths_and_added_slots": ((44, 44, 40, 29, 3), [48, 32, 3], [44, 29, 3]),
+}
+
+
+@pytest.mark.parametrize("lengths_case", list(KEY_SLOT_CASES))
 @pytest.mark.parametrize("case", ["inference", "gradients", "eager"])
-def test_keys_take_whole_runs_of_slots_in_cpu_sdpa_inference_alone(case, attention_key_lengths, never_unpad):
-    model = build(SelfAttnModel)
+def test_keys_take_whole_runs_of_slots_in_cpu_sdpa_inference_alone(
+    case, lengths_case, attention_key_lengths, never_unpad
+):
+    lengths, slots_there, slots_elsewhere = KEY_SLOT_CASES[lengths_case]
+    model = build(SelfAttnModel, max_position_embeddings=max(lengths))
     model.set_attn_implementation("eager" if case == "eager" else "sdpa")
-    batch = padded_batch()  # buckets of 16 and 12, 9 and 9, 3, 1 tokens
+    batch = padded_batch(lengths)
     with torch.set_grad_enabled(case == "gradients"):
         unpadded = model(**batch).last_hidden_state
         never_unpad()
         padded = model(**batch).last_hidden_state
     per_layer = attention_key_lengths[: len(attention_key_lengths) // model.config.encoder_layers]
-    assert per_layer == ([16, 16, 3, 1] if case == "inference" else [16, 9, 3, 1])
+    assert per_layer == (slots_there if case == "inference" else slots_elsewhere)
     assert real_token_diff(unpadded, padded, batch["attention_mask"]) <= TOLERANCE
 
 
