@@ -5,7 +5,8 @@ SelfAttnPreTrainedModel delegates here). Both change the model in place and retu
   encoder's value projections) becomes torch's dynamically quantized linear (torch.ao.nn.quantized.dynamic.Linear):
   int8 weights with one symmetric scale per output channel; activations quantized on the fly at each call; int8
   products summed in int32; float32 in and out. CPU only. Embeddings and LayerNorms stay float32; a projection that
-  shares the token table (the tied LM head) gets its own int8 copy and the table itself stays float32. Inference
+  shares the token table (the tied LM head) gets its own int8 copy and the table itself stays float32; a generating
+  head's final_logits_bias moves into its int8 LM head (logits_biases_to_fold). Inference
   only: training mode, gradients, save_pretrained and push_to_hub are refused with an error that says what to do
   instead.
 - "bf16": every floating parameter and buffer in bfloat16, LayerNorms included, on any device; generate(), training
@@ -201,10 +202,12 @@ class Int8RowScaledLinear(Int8DynamicLinear):
         return output.reshape(*x.shape[:-1], output.shape[-1]).to(x.dtype)
 
 
-def int8_linear(linear: nn.Linear, reduce_range: bool, per_token: bool = False) -> Int8DynamicLinear:
+def int8_linear(
+    linear: nn.Linear, reduce_range: bool, per_token: bool = False, bias: torch.Tensor | None = None
+) -> Int8DynamicLinear:
     """An int8 copy of `linear`: weights with one scale per output channel (per_channel_dynamic_qconfig's weight
-    observer: symmetric, -128..127), bias kept in float32; activations scaled per row if `per_token`
-    (Int8RowScaledLinear), else per tensor."""
+    observer: symmetric, -128..127), bias kept in float32 (`bias`, if given, for a layer without one); activations
+    scaled per row if `per_token` (Int8RowScaledLinear), else per tensor."""
     weight = linear.weight.detach().float()
     observer = per_channel_dynamic_qconfig.weight()
     observer(weight)
@@ -212,7 +215,8 @@ def int8_linear(linear: nn.Linear, reduce_range: bool, per_token: bool = False) 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=QUANTIZED_DTYPE_DEPRECATION, category=UserWarning)
         int8_weight = torch.quantize_per_channel(weight, scales.double(), zero_points.long(), 0, torch.qint8)
-        bias = linear.bias.detach().float() if linear.bias is not None else None
+        if linear.bias is not None:
+            bias = linear.bias.detach().float()
         if per_token:
             quantized = Int8RowScaledLinear(linear.in_features, linear.out_features, bias_=False)
             quantized.set_weight_bias(int8_weight, None)
@@ -330,6 +334,26 @@ def linears_to_quantize(model: nn.Module, keep_float32) -> dict[str, nn.Linear]:
     return {name: module for name, module in linears.items() if id(module) not in kept}
 
 
+def logits_biases_to_fold(model: nn.Module, targets: dict[str, nn.Linear]) -> dict[int, tuple[nn.Module, torch.Tensor]]:
+    """The generating heads in `model` that add a `final_logits_bias` after an LM head without a bias of its own that
+    becomes int8 (Marian and BART conversions): by the LM head's id, the head and that bias. Their int8 LM head takes
+    the bias into its kernel's float32 epilogue and the head adds none: a decoding step at batch 16 (32,000-token
+    vocabulary) had spent 0.26 ms adding it into a fresh tensor of the logits (py-spy, int8 Transformer-base)."""
+    quantized = {id(linear) for linear in targets.values()}
+    folded = {}
+    for module in model.modules():
+        bias, lm_head = getattr(module, "final_logits_bias", None), getattr(module, "lm_head", None)
+        if (
+            isinstance(bias, torch.Tensor)
+            and isinstance(lm_head, nn.Linear)
+            and lm_head.bias is None
+            and id(lm_head) in quantized
+            and bias.shape == (1, lm_head.out_features)
+        ):
+            folded[id(lm_head)] = (module, bias.detach().float()[0])
+    return folded
+
+
 def quantize_int8(model: nn.Module, keep_float32, per_token_activations) -> None:
     targets = linears_to_quantize(model, keep_float32)
     reduce_range = not int8_activations_use_full_range()
@@ -338,12 +362,16 @@ def quantize_int8(model: nn.Module, keep_float32, per_token_activations) -> None
         "'*fc2' names every fc2",
     )
     per_token = {id(targets[name]) for name in matching(targets, per_token_activations)}
+    folded = logits_biases_to_fold(model, targets)
     replacements: dict[int, Int8DynamicLinear] = {}  # a linear module shared by two parents stays shared
     for name, linear in targets.items():
         if id(linear) not in replacements:
-            replacements[id(linear)] = int8_linear(linear, reduce_range, per_token=id(linear) in per_token)
+            bias = folded[id(linear)][1] if id(linear) in folded else None
+            replacements[id(linear)] = int8_linear(linear, reduce_range, id(linear) in per_token, bias)
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, replacements[id(linear)])
+    for head, _ in folded.values():
+        head.final_logits_bias = None  # now in the int8 LM head
     # The float parameters left (embeddings, LayerNorms) no longer train usefully; without gradients an inference
     # forward outside torch.no_grad() never reaches Int8DynamicLinear's refusal.
     for parameter in model.parameters():

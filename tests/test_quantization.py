@@ -175,6 +175,33 @@ def test_int8_tied_lm_head_gets_its_own_copy_and_the_token_table_stays_float32()
     assert ((int8_weight.dequantize() - table).abs() <= steps / 2 + 1e-7).all()
 
 
+@pytest.mark.parametrize("model_class", [SelfAttnForConditionalGeneration, SelfAttnForCausalLM])
+def test_int8_lm_head_adds_the_final_logits_bias_in_its_kernel(model_class):
+    config = seq2seq_config() if model_class is SelfAttnForConditionalGeneration else causal_config()
+    config.add_final_logits_bias = True
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    with torch.no_grad():
+        model.final_logits_bias.normal_()
+    bias = model.final_logits_bias.clone()
+    unfolded = copy.deepcopy(model).quantize("int8", keep_float32=["lm_head"])
+    model.quantize("int8")
+    assert model.final_logits_bias is None
+    assert torch.equal(model.lm_head.bias(), bias[0])
+    # The same logits as the int8 LM head without the bias, then the bias: to float32 rounding.
+    with torch.no_grad():
+        hidden = torch.randn(2, 3, config.hidden_size)
+        bare = int8_linear(unfolded.lm_head, reduce_range=model.lm_head.reduce_range)
+        torch.testing.assert_close(model.lm_head(hidden), bare(hidden) + bias, rtol=0, atol=1e-5)
+        inputs = seq2seq_inputs() if model_class is SelfAttnForConditionalGeneration else encoder_inputs()
+        head_outputs = []
+        model.lm_head.register_forward_hook(lambda module, args, output: head_outputs.append(output))
+        logits = model(**inputs).logits
+    assert torch.equal(logits, head_outputs[0])  # the head adds nothing after its LM head
+    # kept in float32, the LM head leaves the bias to the head
+    assert torch.equal(unfolded.final_logits_bias, bias) and isinstance(unfolded.lm_head, nn.Linear)
+
+
 def test_int8_layer_computes_exactly_what_its_int8_values_mean():
     # The activation range (8 bits with VNNI, 7 without) is one this CPU's kernel sums without saturating: the layer
     # equals float arithmetic on its own dequantized weight and activation, to float32 rounding.
