@@ -175,23 +175,31 @@ def test_int8_tied_lm_head_gets_its_own_copy_and_the_token_table_stays_float32()
     assert ((int8_weight.dequantize() - table).abs() <= steps / 2 + 1e-7).all()
 
 
-@pytest.mark.parametrize("model_class", [SelfAttnForConditionalGeneration, SelfAttnForCausalLM])
-def test_int8_lm_head_adds_the_final_logits_bias_in_its_kernel(model_class):
+def head_with_logits_bias(model_class, seed: int = 0) -> nn.Module:
     config = seq2seq_config() if model_class is SelfAttnForConditionalGeneration else causal_config()
     config.add_final_logits_bias = True
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = model_class(config).eval()
     with torch.no_grad():
         model.final_logits_bias.normal_()
+    return model
+
+
+@pytest.mark.parametrize("activations", ["per_tensor", "per_token"])
+@pytest.mark.parametrize("model_class", [SelfAttnForConditionalGeneration, SelfAttnForCausalLM])
+def test_int8_lm_head_adds_the_final_logits_bias_itself(model_class, activations):
+    model = head_with_logits_bias(model_class)
     bias = model.final_logits_bias.clone()
     unfolded = copy.deepcopy(model).quantize("int8", keep_float32=["lm_head"])
-    model.quantize("int8")
+    per_token = ["lm_head"] if activations == "per_token" else None
+    model.quantize("int8", per_token_activations=per_token)
     assert model.final_logits_bias is None
+    assert isinstance(model.lm_head, Int8RowScaledLinear) == (activations == "per_token")
     assert torch.equal(model.lm_head.bias(), bias[0])
     # The same logits as the int8 LM head without the bias, then the bias: to float32 rounding.
     with torch.no_grad():
-        hidden = torch.randn(2, 3, config.hidden_size)
-        bare = int8_linear(unfolded.lm_head, reduce_range=model.lm_head.reduce_range)
+        hidden = torch.randn(2, 3, model.config.hidden_size)
+        bare = int8_linear(unfolded.lm_head, model.lm_head.reduce_range, per_token=activations == "per_token")
         torch.testing.assert_close(model.lm_head(hidden), bare(hidden) + bias, rtol=0, atol=1e-5)
         inputs = seq2seq_inputs() if model_class is SelfAttnForConditionalGeneration else encoder_inputs()
         head_outputs = []
@@ -200,6 +208,20 @@ def test_int8_lm_head_adds_the_final_logits_bias_in_its_kernel(model_class):
     assert torch.equal(logits, head_outputs[0])  # the head adds nothing after its LM head
     # kept in float32, the LM head leaves the bias to the head
     assert torch.equal(unfolded.final_logits_bias, bias) and isinstance(unfolded.lm_head, nn.Linear)
+
+
+def test_an_lm_head_that_serves_two_heads_keeps_each_heads_bias_apart():
+    first, second = head_with_logits_bias(SelfAttnForCausalLM), head_with_logits_bias(SelfAttnForCausalLM, seed=1)
+    second.lm_head = first.lm_head  # one LM head, two biases
+    both = nn.ModuleDict({"first": first, "second": second}).eval()
+    quantize(both, "int8")
+    assert first.final_logits_bias is not None and second.final_logits_bias is not None
+    assert first.lm_head is second.lm_head and first.lm_head.bias() is None
+    inputs = encoder_inputs()
+    with torch.no_grad():
+        for head in (first, second):
+            hidden = head.model(**inputs).last_hidden_state
+            torch.testing.assert_close(head(**inputs).logits, head.lm_head(hidden) + head.final_logits_bias)
 
 
 def test_int8_layer_computes_exactly_what_its_int8_values_mean():
