@@ -65,7 +65,7 @@ class AttentionBucket:
     first: int
     count: int
     length: int
-    key_length: int = 0
+    key_length: int
     gather: torch.Tensor | None = None
     real_slots: torch.Tensor | None = None
     key_gather: torch.Tensor | None = None
@@ -91,7 +91,7 @@ class AttentionBucket:
             bucket.real_slots = real.flatten().nonzero()[:, 0]
         if key_length != longest:
             bucket.key_gather, real_keys = slots_of(key_length)
-        else:
+        else:  # the keys take the queries' slots, which the early return leaves only for unequal lengths
             real_keys = real
         bucket.key_mask = real_keys[:, None, None, :]
         return bucket
@@ -215,10 +215,8 @@ class PackedSequences:
                     slots = rows.view(len(gather), *tokens.shape[1:])
                 return slots.unflatten(0, (bucket.count, length)).transpose(1, 2)
 
-            if bucket.key_gather is None:
-                keys, values = (padded(states, bucket.gather, bucket.length) for states in (key, value))
-            else:
-                keys, values = (padded(states, bucket.key_gather, bucket.key_length) for states in (key, value))
+            key_gather = bucket.gather if bucket.key_gather is None else bucket.key_gather
+            keys, values = (padded(states, key_gather, bucket.key_length) for states in (key, value))
             output, _ = attention_interface(
                 module, padded(query, bucket.gather, bucket.length), keys, values, bucket.key_mask, **kwargs
             )

@@ -209,6 +209,10 @@ def int8_linear(
     """An int8 copy of `linear`: weights with one scale per output channel (per_channel_dynamic_qconfig's weight
     observer: symmetric, -128..127), bias kept in float32 (`bias`, if given, for a layer without one); activations
     scaled per row if `per_token` (Int8RowScaledLinear), else per tensor."""
+    if bias is not None and linear.bias is not None:
+        raise ValueError(
+            f"int8_linear(bias=...): {linear} has a bias of its own; pass a bias only for a layer without one."
+        )
     weight = linear.weight.detach().float()
     observer = per_channel_dynamic_qconfig.weight()
     observer(weight)
@@ -338,8 +342,9 @@ def linears_to_quantize(model: nn.Module, keep_float32) -> dict[str, nn.Linear]:
 def logits_biases_to_fold(model: nn.Module, targets: dict[str, nn.Linear]) -> dict[int, tuple[nn.Module, torch.Tensor]]:
     """The generating heads in `model` that add a `final_logits_bias` after an LM head without a bias of its own that
     becomes int8 (Marian and BART conversions) and that nothing else calls (one name in `targets`, which lists every
-    name of a module): by the LM head's id, the head and that bias. Their int8 LM head takes the bias as its own (per
-    tensor, fbgemm adds it in its float32 epilogue) and the head adds none: a decoding step at batch 16 (32,000-token
+    name of a module): by the LM head's id, the head and that bias. Their int8 LM head takes the bias as its own (added
+    in fbgemm's float32 epilogue with per-tensor activations, after the row scaling with per-token ones) and the head
+    adds none: a decoding step at batch 16 (32,000-token
     vocabulary) had spent 0.26 ms adding it into a fresh tensor of the logits (py-spy, int8 Transformer-base)."""
     names = collections.Counter(id(linear) for linear in targets.values())
     folded = {}

@@ -210,6 +210,11 @@ def test_int8_lm_head_adds_the_final_logits_bias_itself(model_class, activations
     assert torch.equal(unfolded.final_logits_bias, bias) and isinstance(unfolded.lm_head, nn.Linear)
 
 
+def test_int8_linear_refuses_a_second_bias():
+    with pytest.raises(ValueError, match=r"int8_linear\(bias=...\).*has a bias of its own"):
+        int8_linear(nn.Linear(8, 4), reduce_range=False, bias=torch.zeros(4))
+
+
 def test_an_lm_head_that_serves_two_heads_keeps_each_heads_bias_apart():
     first, second = head_with_logits_bias(SelfAttnForCausalLM), head_with_logits_bias(SelfAttnForCausalLM, seed=1)
     second.lm_head = first.lm_head  # one LM head, two biases
@@ -221,7 +226,8 @@ def test_an_lm_head_that_serves_two_heads_keeps_each_heads_bias_apart():
     with torch.no_grad():
         for head in (first, second):
             hidden = head.model(**inputs).last_hidden_state
-            torch.testing.assert_close(head(**inputs).logits, head.lm_head(hidden) + head.final_logits_bias)
+            expected = head.lm_head(hidden) + head.final_logits_bias
+            torch.testing.assert_close(head(**inputs).logits, expected, rtol=0, atol=1e-5)
 
 
 def test_int8_layer_computes_exactly_what_its_int8_values_mean():
