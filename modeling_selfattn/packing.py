@@ -24,13 +24,15 @@ from .kernels import unobserved
 MIN_PADDING_SHARE_TO_UNPAD = 0.2
 
 # Without a varlen kernel, attention runs per bucket of sequences of similar length, each padded to its longest: a
-# bucket takes every sequence at least BUCKET_MIN_LENGTH_RATIO as long as its longest (at most 2.25x the attention work
+# bucket takes every sequence at least BUCKET_MIN_LENGTH_RATIO as long as its longest (at most 1.56x the attention work
 # for the shortest). Fewer, fuller buckets cost less in calls; more cost less in padded attention. Measured on CPU
-# (2-core Xeon, all-MiniLM-L6-v2, four batches of 64 SST-2 dev sentences, 4-5 buckets each; in one process against
-# one bucket for every sequence up to 64 tokens and half the longest above): 5-14% less time in float32, 2-12% in
-# int8, over three runs; 6% less on a batch of 64 lengths from 4 to 512. One call per distinct length (ratio 1) cost
-# half the encoder's time on 64 SST-2 sentences (30 lengths).
-BUCKET_MIN_LENGTH_RATIO = 2 / 3
+# (2-core Xeon, all-MiniLM-L6-v2): at 2/3, against one bucket for every sequence up to 64 tokens and half the longest
+# above, 5-14% less time in float32 and 2-12% in int8 on four batches of 64 SST-2 dev sentences (three runs), 6% on a
+# batch of 64 lengths from 4 to 512. Once the keys filled whole runs of slots (KEY_SLOT_MULTIPLE), 4/5 took less time
+# than 2/3 on 64 SST-2 sentences (0.2-0.7% in float32, 1.9% in int8) and on 64 skewed padded sentences (0.2-1.4% and
+# 1.7-2.0%), in one process, alternating, two runs; 1/2 took 2.2-6.1% more and 0.95 up to 2.7% more. One call per
+# distinct length (ratio 1) had cost half the encoder's time on 64 SST-2 sentences (30 lengths).
+BUCKET_MIN_LENGTH_RATIO = 4 / 5
 
 
 # On the CPU, SDPA's kernel runs its softmax a vector of keys at a time, and the keys past the last whole vector one

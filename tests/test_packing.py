@@ -149,7 +149,8 @@ def test_encoder_decoder_generates_the_same_tokens_from_an_unpadded_encoder(neve
         count_packings.clear()
 
 
-def test_attention_buckets_group_sequences_of_similar_length():
+def test_attention_buckets_group_sequences_of_similar_length(monkeypatch):
+    monkeypatch.setattr(packing, "BUCKET_MIN_LENGTH_RATIO", 2 / 3)
     lengths = (200, 30, 90, 150, 40, 150)
     attention_mask = (torch.arange(200) < torch.tensor(lengths)[:, None]).long()
     packed = packing.PackedSequences.from_attention_mask(attention_mask)
@@ -164,7 +165,8 @@ def test_attention_buckets_group_sequences_of_similar_length():
     assert packed.buckets[1].gather is None  # one length: a view
 
 
-def test_attention_buckets_give_keys_whole_runs_of_slots_where_it_pays():
+def test_attention_buckets_give_keys_whole_runs_of_slots_where_it_pays(monkeypatch):
+    monkeypatch.setattr(packing, "BUCKET_MIN_LENGTH_RATIO", 2 / 3)
     lengths = (44, 44, 40, 29, 3)
     attention_mask = (torch.arange(44) < torch.tensor(lengths)[:, None]).long()
     packed = packing.PackedSequences.from_attention_mask(attention_mask, key_multiple=16)
@@ -213,8 +215,9 @@ KEY_SLOT_CASES = {
 @pytest.mark.parametrize("lengths_case", list(KEY_SLOT_CASES))
 @pytest.mark.parametrize("case", ["inference", "gradients", "eager"])
 def test_keys_take_whole_runs_of_slots_in_cpu_sdpa_inference_alone(
-    case, lengths_case, attention_key_lengths, never_unpad
+    case, lengths_case, attention_key_lengths, never_unpad, monkeypatch
 ):
+    monkeypatch.setattr(packing, "BUCKET_MIN_LENGTH_RATIO", 2 / 3)  # the buckets KEY_SLOT_CASES lists
     lengths, slots_there, slots_elsewhere = KEY_SLOT_CASES[lengths_case]
     model = build(SelfAttnModel, max_position_embeddings=max(lengths))
     model.set_attn_implementation("eager" if case == "eager" else "sdpa")
@@ -228,7 +231,8 @@ def test_keys_take_whole_runs_of_slots_in_cpu_sdpa_inference_alone(
     assert real_token_diff(unpadded, padded, batch["attention_mask"]) <= TOLERANCE
 
 
-def test_packed_sequences_pack_and_unpack_are_inverse():
+def test_packed_sequences_pack_and_unpack_are_inverse(monkeypatch):
+    monkeypatch.setattr(packing, "BUCKET_MIN_LENGTH_RATIO", 2 / 3)
     batch = padded_batch(padding_side="left")
     packed = packing.PackedSequences.from_attention_mask(batch["attention_mask"])
     assert packed.cu_seq_lens.tolist() == [0, 16, 28, 37, 46, 49, 50]  # longest first
