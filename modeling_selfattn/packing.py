@@ -30,8 +30,8 @@ MIN_PADDING_SHARE_TO_UNPAD = 0.2
 # above, 5-14% less time in float32 and 2-12% in int8 on four batches of 64 SST-2 dev sentences (three runs), 6% on a
 # batch of 64 lengths from 4 to 512. Once the keys filled whole runs of slots (KEY_SLOT_MULTIPLE), 4/5 took less time
 # than 2/3 on 64 SST-2 sentences (0.2-0.7% in float32, 1.9% in int8) and on 64 skewed padded sentences (0.2-1.4% and
-# 1.7-2.0%), in one process, alternating, two runs; 1/2 took 2.2-6.1% more and 0.95 up to 2.7% more. One call per
-# distinct length (ratio 1) had cost half the encoder's time on 64 SST-2 sentences (30 lengths).
+# 1.7-2.0%), in one process, alternating, two runs; against 2/3, 1/2 took 2.2-6.1% more and 0.95 up to 2.7%. One
+# call per distinct length (ratio 1) had cost half the encoder's time on 64 SST-2 sentences (30 lengths).
 BUCKET_MIN_LENGTH_RATIO = 4 / 5
 
 
