@@ -193,7 +193,7 @@ class Int8RowScaledLinear(Int8DynamicLinear):
             torch.mul(rows, inverse, out=normalized).sub_(low * inverse)
         else:
             normalized = rows.mul(inverse).sub_(low * inverse)
-        packed = self._packed_params._packed_params
+        packed = self._modules["_packed_params"]._packed_params  # as Int8DynamicLinear.forward reads it
         output = call_on_packed_weights(LINEAR_ROW_SCALED, normalized, 1.0 / levels, 0, packed)
         weight_sums, bias = self.row_offsets
         # Element by element (not one rank-2 product, whose kernel rounds a lone row otherwise): a row's result is
@@ -344,8 +344,8 @@ def logits_biases_to_fold(model: nn.Module, targets: dict[str, nn.Linear]) -> di
     becomes int8 (Marian and BART conversions) and that nothing else calls (one name in `targets`, which lists every
     name of a module): by the LM head's id, the head and that bias. Their int8 LM head takes the bias as its own (added
     in fbgemm's float32 epilogue with per-tensor activations, after the row scaling with per-token ones) and the head
-    adds none: a decoding step at batch 16 (32,000-token
-    vocabulary) had spent 0.26 ms adding it into a fresh tensor of the logits (py-spy, int8 Transformer-base)."""
+    adds none: a decoding step at batch 16 (32,000-token vocabulary) had spent 0.26 ms adding it into a fresh tensor
+    of the logits (py-spy, int8 Transformer-base)."""
     names = collections.Counter(id(linear) for linear in targets.values())
     folded = {}
     for module in model.modules():
