@@ -12,9 +12,11 @@ SelfAttnPreTrainedModel delegates here). Both change the model in place and retu
 - "bf16": every floating parameter and buffer in bfloat16, LayerNorms included, on any device; generate(), training
   and save_pretrained work as for any bfloat16 model.
 
-Activations, two ways, both through torch's fbgemm kernels:
+Activations, two ways:
 - one scale and zero point for the whole input tensor (Int8DynamicLinear), the fastest;
 - one step and offset per row, i.e. per token (Int8RowScaledLinear), for the layers `per_token_activations` names.
+The products run on torch's fbgemm kernels, or on its oneDNN ones where the CPU has AMX for int8 (ONEDNN_INT8):
+there the per-token layers take oneDNN on every call, the per-tensor ones from ONEDNN_INT8_MIN_ROWS rows.
 
 By default (None for both arguments), inside each encoder stack the value projections stay float32 and fc1 and fc2
 scale their activations per token; every other linear layer (the decoder's, the heads') is int8 with one scale per
@@ -43,8 +45,11 @@ Shipped with saved models (model.py imports it), so it imports nothing of the pa
 """
 
 import collections
+import collections.abc
 import fnmatch
 import functools
+import os
+import platform
 import warnings
 
 import torch
@@ -115,6 +120,66 @@ def int8_activations_use_full_range() -> bool:
     return bool(capabilities.get("avx512_vnni") or capabilities.get("amx_int8"))
 
 
+# oneDNN's int8 products (torch.ops.onednn, the kernels torch.compile's x86 int8 lowering calls) where the CPU has AMX
+# tiles for int8, which fbgemm does not use. Measured on a 2-core Xeon with AMX (one process, alternating, per layer):
+# per-token layers (below) took 0.5-0.9x fbgemm's time over a block of the encoder's tokens; per-tensor ones
+# 0.5-0.7x on products into a wider output (384 -> 1536, 512 -> 2048, 512 -> 32,000) from 1,024 rows, 0.8-1.0x on
+# square ones, 0.85-1.15x into a narrower one, and up to 4x more on a decoding step's few rows (oneDNN's cost per
+# call and the passes that quantize the activations). The activations go to oneDNN as int8, which torch converts
+# float32 to several times faster than to uint8; without AMX, oneDNN has no fast kernel for int8 activations (one
+# product took 3.2 s with oneDNN held to AVX512-VNNI, ONEDNN_MAX_CPU_ISA), so such CPUs, and a oneDNN held below
+# AMX by that setting, keep fbgemm.
+# None where torch was built without oneDNN's int8 kernels.
+ONEDNN_QLINEAR = getattr(torch.ops.onednn, "qlinear_pointwise", None)
+
+
+def onednn_int8_is_fast(capabilities: dict, environment: collections.abc.Mapping) -> bool:
+    """Whether oneDNN's int8 products run on AMX: the CPU has AMX for int8 (`capabilities`:
+    torch.cpu.get_capabilities()) and oneDNN is not held below it (`environment`: its ONEDNN_MAX_CPU_ISA, or the
+    older DNNL_MAX_CPU_ISA, unset, ALL, or an AMX instruction set)."""
+    limits = [environment.get(name, "ALL").upper() for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")]
+    return bool(capabilities.get("amx_int8")) and all(limit == "ALL" or "AMX" in limit for limit in limits)
+
+
+ONEDNN_INT8 = (
+    platform.machine().lower() in ("x86_64", "amd64")
+    and torch.backends.mkldnn.is_available()
+    and ONEDNN_QLINEAR is not None
+    and onednn_int8_is_fast(torch.cpu.get_capabilities(), os.environ)
+)
+# Per-tensor layers take oneDNN from this many rows (tokens): the encoder's products over a batch's tokens, not a
+# decoding step's few rows.
+ONEDNN_INT8_MIN_ROWS = 1024
+
+
+class OneDNNWeight:
+    """A layer's int8 weight as oneDNN reads it, packed at the layer's first oneDNN call and kept with the fbgemm
+    packet it was made from, so that new weights (load_state_dict, set_weight_bias) are packed again. oneDNN's packed
+    weight is an opaque tensor, which neither deepcopy nor pickling can copy: copies start empty and pack again."""
+
+    __slots__ = ("source", "weight", "scales", "zero_points", "bias")
+
+    def __init__(self):
+        self.source = None
+
+    def __deepcopy__(self, memo):
+        return OneDNNWeight()
+
+    def __reduce__(self):
+        return (OneDNNWeight, ())
+
+    def packed_from(self, packed: torch.ScriptObject) -> "OneDNNWeight":
+        if self.source is not packed:
+            with torch._C._DisableFuncTorch():  # under vmap too: the weights are not batched
+                weight, bias = torch.ops.quantized.linear_unpack(packed)
+            self.weight = torch.ops.onednn.qlinear_prepack(weight.int_repr(), None)
+            self.scales = weight.q_per_channel_scales().float()
+            self.zero_points = weight.q_per_channel_zero_points()
+            self.bias = bias
+            self.source = packed
+        return self
+
+
 class Int8DynamicLinear(DynamicQuantizedLinear):
     """torch's dynamically quantized linear (int8 weights with per-channel scales, activations quantized per call
     with one scale per tensor) that refuses to run where its output would be wrong without saying so: its kernel has
@@ -126,6 +191,13 @@ class Int8DynamicLinear(DynamicQuantizedLinear):
     # Each call returns a tensor of its own, which the feed-forward's activation may then overwrite in place
     # (kernels.linear_then_activation).
     fresh_output = True
+    # Calls with at least this many rows take oneDNN (ONEDNN_INT8_MIN_ROWS where ONEDNN_INT8 holds); None: fbgemm
+    # always. Set on a layer (or the class) to force either kernel; oneDNN off AMX runs reference code, for tests.
+    onednn_min_rows = ONEDNN_INT8_MIN_ROWS if ONEDNN_INT8 else None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.onednn_weight = OneDNNWeight()
 
     def check_input(self, x: torch.Tensor) -> None:
         # Int8DynamicLinear.forward calls this only for an input that requires a gradient or is off the CPU (its
@@ -151,23 +223,62 @@ class Int8DynamicLinear(DynamicQuantizedLinear):
         if x.requires_grad or not x.is_cpu:
             self.check_input(x)
         packed = self._modules["_packed_params"]._packed_params
-        output = call_on_packed_weights(LINEAR_DYNAMIC, x, packed, self.reduce_range)
+        if self.takes_onednn(x.numel() // self.in_features):
+            output = self.onednn_product(x, packed)
+        else:
+            output = call_on_packed_weights(LINEAR_DYNAMIC, x, packed, self.reduce_range)
         return output if output.dtype == x.dtype else output.to(x.dtype)
+
+    def takes_onednn(self, rows: int) -> bool:
+        """Whether a call of `rows` rows takes oneDNN: from onednn_min_rows rows, in eager mode (a trace or a compiled
+        graph could not hold oneDNN's packed weight, an opaque tensor, so they take fbgemm)."""
+        return (
+            self.onednn_min_rows is not None
+            and rows >= self.onednn_min_rows
+            and not (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting())
+        )
+
+    def onednn_product(self, x: torch.Tensor, packed: torch.ScriptObject) -> torch.Tensor:
+        """What fbgemm's dynamic linear computes, by oneDNN: activations on 8 bits (oneDNN sums in int32 on any CPU,
+        whatever reduce_range) with one scale and zero point for the tensor (its range, widened to hold 0), rounded
+        to the nearest step; int8 products summed in int32. The steps go to oneDNN as int8 (0..255 less 128, the
+        zero point with them), as torch converts float32 to int8 several times faster than to uint8."""
+        weight = self.onednn_weight.packed_from(packed)
+        rows = x.reshape(-1, x.shape[-1]).float()
+        low, high = (bound.item() for bound in torch.aminmax(rows))
+        low, high = min(low, 0.0), max(high, 0.0)
+        scale = max((high - low) / 255, torch.finfo(torch.float32).tiny)
+        zero_point = min(max(round(-low / scale), 0), 255) - 128
+        if may_write_into_scratch(x):
+            steps = scratch("int8 rows", rows.numel(), torch.float32).view(rows.shape)
+            torch.mul(rows, 1 / scale, out=steps)
+        else:
+            steps = rows.mul(1 / scale)
+        quantized = steps.add_(zero_point).round_().clamp_(-128, 127).to(torch.int8)
+        output = ONEDNN_QLINEAR(
+            quantized, scale, zero_point, weight.weight, weight.scales, weight.zero_points, weight.bias, 1.0, 0,
+            torch.float32, "none", [], "",
+        )
+        return output.view(*x.shape[:-1], output.shape[-1])
 
 
 class Int8RowScaledLinear(Int8DynamicLinear):
-    """Int8DynamicLinear whose activations get one step and offset per row (token) rather than one for the tensor,
-    through the same fbgemm kernel: each row x is first mapped onto [0, 1] by its own range [low, high] (low =
-    min(x, 0), high = max(x, 0)), which the kernel then quantizes on a fixed grid (torch's
-    linear_with_input_q_dq_qweight_dq_output_fp32: scale 1/255, or 1/127 where the kernel needs 7 bits, zero point 0),
-    so each row's steps are its own range's; then
-        x @ W.T + bias = (high - low) * (x01 @ W.T) + low * W.sum(1) + bias,
+    """Int8DynamicLinear whose activations get one step and offset per row (token) rather than one for the tensor:
+    each row x is first mapped onto [0, levels] by its own range [low, high] (low = min(x, 0), high = max(x, 0);
+    levels 255, or 127 where fbgemm needs 7 bits), then rounded to integers (by fbgemm's
+    linear_with_input_q_dq_qweight_dq_output_fp32 with scale 1 and zero point 0, or here for oneDNN), so each row's
+    steps are its own range's; then
+        x @ W.T + bias = (high - low) / levels * (x0L @ W.T) + low * W.sum(1) + bias,
     with W the int8 weight dequantized (packed without the bias, which is added here in float32). Every input takes
     this one path, a single row too, so that a row's result is the same in any batch."""
 
     # Each row's result is the same whatever other rows come with it (to the bit, as above): a feed-forward may feed
     # these layers a block of rows at a time (kernels.rows_per_block).
     rows_alone = True
+    # One kernel for every call, whatever its rows: oneDNN where ONEDNN_INT8 holds (1), else fbgemm (None). The two
+    # gave the same bits on the Xeon measured (see forward), but nothing promises it on every CPU, and a row's result
+    # must stay the same in any batch.
+    onednn_min_rows = 1 if ONEDNN_INT8 else None
 
     def prepare_row_scaling(self, bias: torch.Tensor | None) -> None:
         """`bias`: the float layer's, kept out of the packed weight (see the class docstring). Stored with the weight's
@@ -186,20 +297,35 @@ class Int8RowScaledLinear(Int8DynamicLinear):
         width = rows.amax(-1, keepdim=True).clamp_(min=0).sub_(low).clamp_(min=torch.finfo(torch.float32).tiny)
         inverse = width.reciprocal()
         levels = 127 if self.reduce_range else 255
+        packed = self._modules["_packed_params"]._packed_params  # as Int8DynamicLinear.forward reads it
+        onednn = self.takes_onednn(rows.shape[0])
+        # Each row on 0..levels, which both kernels round to its steps (half to even) and sum in int32, then scale by
+        # the weight's channel scale alone (activation scale 1: one rounding, the same in both kernels and however
+        # they block the rows, so that the two give the same bits); the row's own step is applied below.
+        step = inverse.mul_(levels)
         # Read once, by the kernel: into scratch (scratch.py), as into a fresh tensor this pass took up to 3.5x as long
         # on fc2's input (page faults).
         if may_write_into_scratch(x):
             normalized = scratch("int8 rows", rows.numel(), torch.float32).view(rows.shape)
-            torch.mul(rows, inverse, out=normalized).sub_(low * inverse)
+            torch.mul(rows, step, out=normalized).sub_(low * step)
         else:
-            normalized = rows.mul(inverse).sub_(low * inverse)
-        packed = self._modules["_packed_params"]._packed_params  # as Int8DynamicLinear.forward reads it
-        output = call_on_packed_weights(LINEAR_ROW_SCALED, normalized, 1.0 / levels, 0, packed)
+            normalized = rows.mul(step).sub_(low * step)
+        if onednn:
+            # To oneDNN as int8 less the zero point `half` (torch converts float32 to int8 several times faster than
+            # to uint8); oneDNN adds it back in int32.
+            half = 128 if levels > 127 else 0
+            weight = self.onednn_weight.packed_from(packed)
+            output = ONEDNN_QLINEAR(
+                normalized.round_().sub_(half).to(torch.int8), 1.0, -half, weight.weight, weight.scales,
+                weight.zero_points, None, 1.0, 0, torch.float32, "none", [], "",
+            )
+        else:
+            output = call_on_packed_weights(LINEAR_ROW_SCALED, normalized, 1.0, 0, packed)
         weight_sums, bias = self.row_offsets
         # Element by element (not one rank-2 product, whose kernel rounds a lone row otherwise): a row's result is
         # the same in any batch (to the bit on the Xeon measured). In place: on a 2-core Xeon VM a fresh (rows, out)
         # tensor cost several times a pass over it (in one process, the int8 encoder took 4-11% longer with one).
-        output.mul_(width).addcmul_(low, weight_sums).add_(bias)
+        output.mul_(width / levels).addcmul_(low, weight_sums).add_(bias)
         return output.reshape(*x.shape[:-1], output.shape[-1]).to(x.dtype)
 
 

@@ -84,3 +84,18 @@ def tiny_decoder_config() -> SelfAttnConfig:
 def tiny_config_factory():
     """`make_tiny_config(shape, **overrides)`, for tests that build configs per parameter."""
     return make_tiny_config
+
+
+@pytest.fixture(params=["fbgemm", "onednn"])
+def int8_kernel(request, monkeypatch) -> str:
+    """Each int8 kernel in turn, whatever this CPU takes by default: fbgemm on every call, or oneDNN on every call
+    (from one row; off AMX oneDNN runs reference code, which the small layers here can afford)."""
+    from modeling_selfattn import quantization
+    from modeling_selfattn.quantization import Int8DynamicLinear, Int8RowScaledLinear
+
+    if request.param == "onednn" and quantization.ONEDNN_QLINEAR is None:
+        pytest.skip("this torch build has no oneDNN int8 kernels")
+    rows = 1 if request.param == "onednn" else None
+    monkeypatch.setattr(Int8DynamicLinear, "onednn_min_rows", rows)
+    monkeypatch.setattr(Int8RowScaledLinear, "onednn_min_rows", rows)
+    return request.param

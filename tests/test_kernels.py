@@ -689,7 +689,7 @@ def per_token_rows(monkeypatch) -> list:
     return rows_seen
 
 
-def test_int8_feed_forwards_run_in_row_blocks_with_the_same_bits(monkeypatch, per_token_rows):
+def test_int8_feed_forwards_run_in_row_blocks_with_the_same_bits(monkeypatch, per_token_rows, int8_kernel):
     """Rows 7 at a time: the 48 tokens of a 3x16 batch in seven blocks as even as can be (six of 7, one of 6), each
     through fc1 and fc2 alone, with the same bits as one call of every row (the per-token layers compute each row
     alone); a padded batch too, 5 rows at a time."""

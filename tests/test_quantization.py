@@ -45,6 +45,8 @@ from modeling_selfattn.quantization import (
 )
 
 INT8_RELATIVE_TOLERANCE = 0.05
+
+
 BF16_RELATIVE_TOLERANCE = 0.03
 
 
@@ -101,7 +103,7 @@ def linear_kinds(model: nn.Module) -> dict[str, str]:
 
 @pytest.mark.parametrize("name", sorted(HEADS))
 @pytest.mark.parametrize("defaults", [True, False], ids=["defaults", "every_layer_per_tensor"])
-def test_int8_outputs_are_close_to_float32(name, defaults):
+def test_int8_outputs_are_close_to_float32(name, defaults, int8_kernel):
     """The defaults keep the encoder's value projections in float32 and scale its fc1's and fc2's activations per token
     (decoders and heads: int8, per tensor); with keep_float32=[] and per_token_activations=[] every linear layer is
     int8 with activations scaled per tensor."""
@@ -187,7 +189,7 @@ def head_with_logits_bias(model_class, seed: int = 0) -> nn.Module:
 
 @pytest.mark.parametrize("activations", ["per_tensor", "per_token"])
 @pytest.mark.parametrize("model_class", [SelfAttnForConditionalGeneration, SelfAttnForCausalLM])
-def test_int8_lm_head_adds_the_final_logits_bias_itself(model_class, activations):
+def test_int8_lm_head_adds_the_final_logits_bias_itself(model_class, activations, int8_kernel):
     model = head_with_logits_bias(model_class)
     bias = model.final_logits_bias.clone()
     unfolded = copy.deepcopy(model).quantize("int8", keep_float32=["lm_head"])
@@ -230,15 +232,15 @@ def test_an_lm_head_that_serves_two_heads_keeps_each_heads_bias_apart():
             torch.testing.assert_close(head(**inputs).logits, expected, rtol=0, atol=1e-5)
 
 
-def test_int8_layer_computes_exactly_what_its_int8_values_mean():
-    # The activation range (8 bits with VNNI, 7 without) is one this CPU's kernel sums without saturating: the layer
-    # equals float arithmetic on its own dequantized weight and activation, to float32 rounding.
+def test_int8_layer_computes_exactly_what_its_int8_values_mean(int8_kernel):
+    # The activation range (fbgemm: 8 bits with VNNI, 7 without; oneDNN: 8) is one the kernel sums without
+    # saturating: the layer equals float arithmetic on its own dequantized weight and activation, to float32 rounding.
     torch.manual_seed(0)
     linear = nn.Linear(64, 48)
     layer = int8_linear(linear, reduce_range=not int8_activations_use_full_range())
     assert layer.reduce_range == (not int8_activations_use_full_range())
     x = torch.randn(32, 64) * 4
-    levels = 127 if layer.reduce_range else 255
+    levels = 127 if layer.reduce_range and int8_kernel == "fbgemm" else 255
     low, high = x.min().clamp(max=0), x.max().clamp(min=0)
     scale = (high - low) / levels
     zero_point = torch.round(-low / scale)
@@ -268,6 +270,8 @@ def test_int8_layers_call_the_operator_function_on_plain_arguments_and_the_packe
             yield
 
     monkeypatch.setattr(quantization, "NO_SUBCLASS_TORCH_FUNCTION", recording_no_subclass_torch_function)
+    monkeypatch.setattr(Int8DynamicLinear, "onednn_min_rows", None)  # fbgemm's packed weights are what this is about
+    monkeypatch.setattr(Int8RowScaledLinear, "onednn_min_rows", None)
     for per_token in (False, True):
         layer = int8_linear(nn.Linear(64, 48), reduce_range=False, per_token=per_token)
         direct_calls.clear()
@@ -354,7 +358,7 @@ def row_scaled_layer(reduce_range: bool = False, bias: bool = True) -> tuple[nn.
 
 @pytest.mark.parametrize("reduce_range", [False, True], ids=["8_bits", "7_bits"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
-def test_row_scaled_layer_computes_exactly_what_its_int8_values_mean(reduce_range, bias):
+def test_row_scaled_layer_computes_exactly_what_its_int8_values_mean(reduce_range, bias, int8_kernel):
     """Each row quantized on its own grid from min(row, 0) to max(row, 0) (255 steps, or 127 where the kernel needs
     7 bits), times the dequantized int8 weight, plus the float32 bias: equal to float arithmetic on those values."""
     linear, layer = row_scaled_layer(reduce_range, bias)
@@ -377,7 +381,7 @@ def test_row_scaled_layer_computes_exactly_what_its_int8_values_mean(reduce_rang
     assert error < 0.5 * (per_tensor - float_output)[small_rows].abs().max()
 
 
-def test_row_scaled_layer_gives_a_row_the_same_result_in_any_batch():
+def test_row_scaled_layer_gives_a_row_the_same_result_in_any_batch(int8_kernel):
     """A row's result does not depend on the other rows of its batch, nor on the batch's shape: alone, with others, in
     a 3-D batch. Bit for bit on the Xeon this was written on; the kernel's row blocking may differ on other CPUs, so
     the test allows float32 rounding: 1e-6 of the output's scale, far below one quantization step (with one scale per
@@ -401,7 +405,7 @@ def test_row_scaled_layer_gives_a_row_the_same_result_in_any_batch():
         assert torch.equal(layer(torch.zeros(3, 64)), linear.bias.expand(3, 48))  # an all-zero row: the bias alone
 
 
-def test_row_scaled_layer_normalizes_in_scratch_without_changing_its_input_or_result(monkeypatch):
+def test_row_scaled_layer_normalizes_in_scratch_without_changing_its_input_or_result(monkeypatch, int8_kernel):
     """The rows mapped onto [0, 1] go into this thread's scratch buffer (scratch.py): the layer leaves its input as it
     was, and gives the same bits whether the buffer is fresh, reused after another layer's larger call, or bypassed
     (a request beyond scratch.MAX_BYTES)."""
@@ -426,7 +430,101 @@ def test_row_scaled_layer_normalizes_in_scratch_without_changing_its_input_or_re
     scratch.release()
 
 
-def test_int8_state_dict_carries_the_row_scaled_layers():
+@pytest.fixture
+def onednn_calls(monkeypatch) -> list:
+    """The row count of every oneDNN int8 product, recorded around quantization.ONEDNN_QLINEAR."""
+    from modeling_selfattn import quantization
+
+    if quantization.ONEDNN_QLINEAR is None:
+        pytest.skip("this torch build has no oneDNN int8 kernels")
+    calls, original = [], quantization.ONEDNN_QLINEAR
+    monkeypatch.setattr(quantization, "ONEDNN_QLINEAR", lambda x, *a: calls.append(x.shape[0]) or original(x, *a))
+    return calls
+
+
+def test_per_tensor_layer_takes_onednn_from_its_row_threshold(monkeypatch, onednn_calls):
+    """Below onednn_min_rows rows fbgemm, from it oneDNN, counting the rows of a 3-D input; None: fbgemm always.
+    Either way the result is the layer's int8 arithmetic (test_int8_layer_computes_exactly_what_its_int8_values_mean),
+    so the two agree within a step of the activations' grid."""
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    layer = int8_linear(linear, reduce_range=False)
+    monkeypatch.setattr(layer, "onednn_min_rows", 8)
+    x = torch.randn(2, 4, 64)
+    with torch.no_grad():
+        below = layer(x[:, :3])
+        assert onednn_calls == []
+        at = layer(x)
+        assert onednn_calls == [8]
+        layer.onednn_min_rows = None
+        assert layer(x).shape == at.shape == (2, 4, 48) and onednn_calls == [8]
+        torch.testing.assert_close(below, layer(x[:, :3]), rtol=0, atol=0)
+        step = (x.max() - x.min()) / 255 * linear.weight.abs().sum(1).max()
+        torch.testing.assert_close(at, layer(x), rtol=0, atol=step.item())
+
+
+def test_row_scaled_layer_takes_one_kernel_for_every_call(onednn_calls):
+    """The per-token layers' default is oneDNN on every call (AMX) or on none: a row's result must not depend on how
+    many rows come with it, and the two kernels round otherwise."""
+    from modeling_selfattn import quantization
+
+    assert Int8RowScaledLinear.onednn_min_rows == (1 if quantization.ONEDNN_INT8 else None)
+    assert Int8DynamicLinear.onednn_min_rows == (
+        quantization.ONEDNN_INT8_MIN_ROWS if quantization.ONEDNN_INT8 else None
+    )
+    _, layer = row_scaled_layer()
+    layer.onednn_min_rows = 1
+    with torch.no_grad():
+        layer(torch.randn(1, 64))
+        layer(torch.randn(300, 64))
+    assert onednn_calls == [1, 300]
+
+
+@pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")  # torch.load of a pickled layer
+@pytest.mark.parametrize("per_token", [False, True], ids=["per_tensor", "per_token"])
+def test_onednn_weight_follows_new_weights_and_copies_pack_their_own(per_token, onednn_calls, tmp_path):
+    """oneDNN's packed weight is made at the first oneDNN call and made again for weights loaded since
+    (load_state_dict); deepcopy and pickling, which cannot copy it, give copies that pack their own."""
+    from modeling_selfattn import quantization
+
+    torch.manual_seed(0)
+    layer, other = (int8_linear(nn.Linear(64, 48), reduce_range=False, per_token=per_token) for _ in range(2))
+    for module in (layer, other):
+        module.onednn_min_rows = 1
+    x = torch.randn(6, 64)
+    with torch.no_grad():
+        before, expected = layer(x), other(x)
+        assert layer.onednn_weight.source is layer._packed_params._packed_params
+        layer.load_state_dict(other.state_dict())
+        assert torch.equal(layer(x), expected) and not torch.equal(before, expected)
+        torch.save(layer, tmp_path / "layer.pt")
+        copies = [copy.deepcopy(layer), torch.load(tmp_path / "layer.pt", weights_only=False)]
+        for copied in copies:
+            assert isinstance(copied.onednn_weight, quantization.OneDNNWeight)
+            assert copied.onednn_weight.source is None
+            assert torch.equal(copied(x), expected)
+    assert onednn_calls == [6] * 5
+
+
+@pytest.mark.parametrize(
+    "capabilities, environment, fast",
+    [
+        ({"amx_int8": True}, {}, True),
+        ({"amx_int8": True}, {"ONEDNN_MAX_CPU_ISA": "avx512_core_amx"}, True),
+        ({"amx_int8": True}, {"ONEDNN_MAX_CPU_ISA": "ALL"}, True),
+        ({"amx_int8": True}, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"}, False),
+        ({"amx_int8": True}, {"DNNL_MAX_CPU_ISA": "AVX2"}, False),
+        ({"amx_int8": False, "avx512_vnni": True}, {}, False),
+        ({}, {}, False),
+    ],
+)
+def test_onednn_int8_is_taken_only_where_it_runs_on_amx(capabilities, environment, fast):
+    from modeling_selfattn.quantization import onednn_int8_is_fast
+
+    assert onednn_int8_is_fast(capabilities, environment) is fast
+
+
+def test_int8_state_dict_carries_the_row_scaled_layers(int8_kernel):
     """load_state_dict of one int8 model's state into another, quantized from other weights, gives the first's
     outputs: the per-token layers' bias and weight sums travel with their packed weights."""
     source, inputs = make_model("sequence_classification", seed=0)
@@ -668,7 +766,7 @@ def test_int8_save_and_push_are_refused(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")  # torch.load of a pickled model
-def test_int8_model_survives_deepcopy_and_pickling(tmp_path):
+def test_int8_model_survives_deepcopy_and_pickling(tmp_path, int8_kernel):
     # torch.save(model) is how torch's own quantized models are kept; the copy computes the same and still refuses.
     model, inputs = make_model("seq2seq_lm")
     model.quantize("int8")
