@@ -48,6 +48,7 @@ import collections
 import collections.abc
 import fnmatch
 import functools
+import math
 import os
 import platform
 import warnings
@@ -133,12 +134,27 @@ def int8_activations_use_full_range() -> bool:
 ONEDNN_QLINEAR = getattr(torch.ops.onednn, "qlinear_pointwise", None)
 
 
+def onednn_isa_limits(environment: collections.abc.Mapping) -> list[str]:
+    """The instruction sets oneDNN is held to (`environment`: its ONEDNN_MAX_CPU_ISA, or the older
+    DNNL_MAX_CPU_ISA; ALL where unset)."""
+    return [environment.get(name, "ALL").upper() for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")]
+
+
 def onednn_int8_is_fast(capabilities: dict, environment: collections.abc.Mapping) -> bool:
     """Whether oneDNN's int8 products run on AMX: the CPU has AMX for int8 (`capabilities`:
-    torch.cpu.get_capabilities()) and oneDNN is not held below it (`environment`: its ONEDNN_MAX_CPU_ISA, or the
-    older DNNL_MAX_CPU_ISA, unset, ALL, or an AMX instruction set)."""
-    limits = [environment.get(name, "ALL").upper() for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")]
+    torch.cpu.get_capabilities()) and oneDNN is not held below it (onednn_isa_limits: ALL or an AMX set)."""
+    limits = onednn_isa_limits(environment)
     return bool(capabilities.get("amx_int8")) and all(limit == "ALL" or "AMX" in limit for limit in limits)
+
+
+def onednn_int8_is_exact(capabilities: dict, environment: collections.abc.Mapping) -> bool:
+    """Whether oneDNN may be sent int8 activations at all (a layer forced onto it off AMX): it summed them in int32
+    with AVX512 (VNNI or not) and AMX, but saturated with AVX2 (7-bit rows, or a zero point of 0), measured with
+    ONEDNN_MAX_CPU_ISA on a Xeon. So: a CPU with AVX512-VNNI or AMX, oneDNN not held below AVX512."""
+    limits = onednn_isa_limits(environment)
+    return bool(capabilities.get("avx512_vnni") or capabilities.get("amx_int8")) and all(
+        limit == "ALL" or any(isa in limit for isa in ("AVX512", "AVX10", "AMX")) for limit in limits
+    )
 
 
 ONEDNN_INT8 = (
@@ -147,9 +163,15 @@ ONEDNN_INT8 = (
     and ONEDNN_QLINEAR is not None
     and onednn_int8_is_fast(torch.cpu.get_capabilities(), os.environ)
 )
+# Elsewhere a layer forced onto oneDNN refuses (see onednn_int8_is_exact).
+ONEDNN_INT8_EXACT = ONEDNN_QLINEAR is not None and onednn_int8_is_exact(torch.cpu.get_capabilities(), os.environ)
 # Per-tensor layers take oneDNN from this many rows (tokens): the encoder's products over a batch's tokens, not a
 # decoding step's few rows.
 ONEDNN_INT8_MIN_ROWS = 1024
+
+
+# The narrowest range a per-token row is given: levels (255) / MIN_ROW_WIDTH stays a finite float32.
+MIN_ROW_WIDTH = 256 / torch.finfo(torch.float32).max
 
 
 class OneDNNWeight:
@@ -192,7 +214,8 @@ class Int8DynamicLinear(DynamicQuantizedLinear):
     # (kernels.linear_then_activation).
     fresh_output = True
     # Calls with at least this many rows take oneDNN (ONEDNN_INT8_MIN_ROWS where ONEDNN_INT8 holds); None: fbgemm
-    # always. Set on a layer (or the class) to force either kernel; oneDNN off AMX runs reference code, for tests.
+    # always. Set on a layer (or the class) to force either kernel; off AMX oneDNN is slow (and refused without
+    # AVX512-VNNI: ONEDNN_INT8_EXACT), for tests.
     onednn_min_rows = ONEDNN_INT8_MIN_ROWS if ONEDNN_INT8 else None
 
     def __init__(self, *args, **kwargs):
@@ -223,29 +246,44 @@ class Int8DynamicLinear(DynamicQuantizedLinear):
         if x.requires_grad or not x.is_cpu:
             self.check_input(x)
         packed = self._modules["_packed_params"]._packed_params
-        if self.takes_onednn(x.numel() // self.in_features):
+        if x.dtype == torch.float32 and self.takes_onednn(x.numel() // self.in_features):
             output = self.onednn_product(x, packed)
         else:
             output = call_on_packed_weights(LINEAR_DYNAMIC, x, packed, self.reduce_range)
         return output if output.dtype == x.dtype else output.to(x.dtype)
 
     def takes_onednn(self, rows: int) -> bool:
-        """Whether a call of `rows` rows takes oneDNN: from onednn_min_rows rows, in eager mode (a trace or a compiled
-        graph could not hold oneDNN's packed weight, an opaque tensor, so they take fbgemm)."""
-        return (
-            self.onednn_min_rows is not None
-            and rows >= self.onednn_min_rows
-            and not (torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting())
-        )
+        """Whether a call of `rows` rows takes oneDNN: from onednn_min_rows rows, in eager mode, outside torch.func
+        transforms and dispatch modes (a trace or a compiled graph could not hold oneDNN's packed weight, an opaque
+        tensor; the per-tensor path reads the activations' range as numbers). Elsewhere fbgemm."""
+        if (
+            self.onednn_min_rows is None
+            or torch.jit.is_tracing()
+            or torch.compiler.is_compiling()
+            or torch.compiler.is_exporting()
+            or torch._C._functorch.peek_interpreter_stack() is not None
+            or torch._C._len_torch_dispatch_stack() > 0
+            or rows < self.onednn_min_rows
+        ):
+            return False
+        if not ONEDNN_INT8_EXACT:
+            raise RuntimeError(
+                f"onednn_min_rows={self.onednn_min_rows} sends this int8 layer to oneDNN, whose int8 kernels can "
+                "saturate on a CPU without AVX512-VNNI or AMX (such as this one) and give wrong results. Set "
+                "onednn_min_rows = None on the layer (fbgemm, the default on this CPU)."
+            )
+        return True
 
     def onednn_product(self, x: torch.Tensor, packed: torch.ScriptObject) -> torch.Tensor:
-        """What fbgemm's dynamic linear computes, by oneDNN: activations on 8 bits (oneDNN sums in int32 on any CPU,
-        whatever reduce_range) with one scale and zero point for the tensor (its range, widened to hold 0), rounded
+        """What fbgemm's dynamic linear computes, by oneDNN, for float32 `x`: activations on 8 bits (oneDNN sums in
+        int32 on the CPUs it may run on here, whatever reduce_range) with one scale and zero point for the tensor (its range, widened to hold 0), rounded
         to the nearest step; int8 products summed in int32. The steps go to oneDNN as int8 (0..255 less 128, the
         zero point with them), as torch converts float32 to int8 several times faster than to uint8."""
-        weight = self.onednn_weight.packed_from(packed)
-        rows = x.reshape(-1, x.shape[-1]).float()
+        rows = x.reshape(-1, x.shape[-1])
         low, high = (bound.item() for bound in torch.aminmax(rows))
+        if not (math.isfinite(low) and math.isfinite(high)):  # no grid holds them: fbgemm's output, as elsewhere
+            return call_on_packed_weights(LINEAR_DYNAMIC, x, packed, self.reduce_range)
+        weight = self.onednn_weight.packed_from(packed)
         low, high = min(low, 0.0), max(high, 0.0)
         scale = max((high - low) / 255, torch.finfo(torch.float32).tiny)
         zero_point = min(max(round(-low / scale), 0), 255) - 128
@@ -294,7 +332,8 @@ class Int8RowScaledLinear(Int8DynamicLinear):
         self.check_input(x)
         rows = x.reshape(-1, x.shape[-1]).float()
         low = rows.amin(-1, keepdim=True).clamp_(max=0)
-        width = rows.amax(-1, keepdim=True).clamp_(min=0).sub_(low).clamp_(min=torch.finfo(torch.float32).tiny)
+        # at least levels / the largest float, so that levels / width stays finite (an all-zero row: 0 at every step)
+        width = rows.amax(-1, keepdim=True).clamp_(min=0).sub_(low).clamp_(min=MIN_ROW_WIDTH)
         inverse = width.reciprocal()
         levels = 127 if self.reduce_range else 255
         packed = self._modules["_packed_params"]._packed_params  # as Int8DynamicLinear.forward reads it

@@ -6,7 +6,7 @@ requests beyond MAX_BYTES get a fresh tensor, so that what a thread holds for it
 (measured on a 2-core Xeon VM; how much a fresh tensor costs depends on what the process freed before):
 - dropout.py's random words: drawing the bits of a 25 MB mask (the attention probabilities of 32x128 tokens and 12
   heads) cost as much again in page faults in a fresh tensor;
-- quantization.py's per-token int8 input mapped onto [0, 1]: on fc2's 1570x1536 floats in the int8 MiniLM encoder,
+- quantization.py's per-token int8 input mapped onto [0, 255]: on fc2's 1570x1536 floats in the int8 MiniLM encoder,
   2.3 ms a call into a fresh tensor in one profiled process, 0.62-0.66 ms into the buffer; the whole int8 encoder
   1-4% less time with it (one process, alternating, four runs);
 - kernels.py's feed-forward intermediate (fc1's output, read only by fc2, where fc1 runs on nn.Linear's kernel): in

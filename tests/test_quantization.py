@@ -406,7 +406,7 @@ def test_row_scaled_layer_gives_a_row_the_same_result_in_any_batch(int8_kernel):
 
 
 def test_row_scaled_layer_normalizes_in_scratch_without_changing_its_input_or_result(monkeypatch, int8_kernel):
-    """The rows mapped onto [0, 1] go into this thread's scratch buffer (scratch.py): the layer leaves its input as it
+    """The rows mapped onto [0, 255] go into this thread's scratch buffer (scratch.py): the layer leaves its input as it
     was, and gives the same bits whether the buffer is fresh, reused after another layer's larger call, or bypassed
     (a request beyond scratch.MAX_BYTES)."""
     from modeling_selfattn import scratch
@@ -435,8 +435,8 @@ def onednn_calls(monkeypatch) -> list:
     """The row count of every oneDNN int8 product, recorded around quantization.ONEDNN_QLINEAR."""
     from modeling_selfattn import quantization
 
-    if quantization.ONEDNN_QLINEAR is None:
-        pytest.skip("this torch build has no oneDNN int8 kernels")
+    if quantization.ONEDNN_QLINEAR is None or not quantization.ONEDNN_INT8_EXACT:
+        pytest.skip("oneDNN's int8 kernels are missing from this torch build or may saturate on this CPU (no VNNI)")
     calls, original = [], quantization.ONEDNN_QLINEAR
     monkeypatch.setattr(quantization, "ONEDNN_QLINEAR", lambda x, *a: calls.append(x.shape[0]) or original(x, *a))
     return calls
@@ -506,6 +506,76 @@ def test_onednn_weight_follows_new_weights_and_copies_pack_their_own(per_token, 
     assert onednn_calls == [6] * 5
 
 
+def test_row_scaled_layer_gives_the_same_bits_on_both_kernels(monkeypatch, onednn_calls):
+    """Per token, both kernels round each row's steps alike and scale the int32 sums by the weight's channel scale
+    alone, so their results are the same bits (on the CPUs measured); rows of every kind, 8 and 7 bits."""
+    torch.manual_seed(0)
+    x = torch.randn(40, 64) * 3
+    x[1] = x[1].abs()  # no negative value
+    x[2] = -x[2].abs()  # no positive value
+    x[3] = 0
+    x[4] *= 1e-30
+    x[5] = torch.nn.functional.gelu(x[5] * 5)
+    for reduce_range in (False, True):
+        _, layer = row_scaled_layer(reduce_range)
+        with torch.no_grad():
+            layer.onednn_min_rows = None
+            fbgemm = layer(x)
+            layer.onednn_min_rows = 1
+            onednn = layer(x)
+        assert torch.equal(onednn, fbgemm), (onednn - fbgemm).abs().max()
+    assert onednn_calls == [40, 40]
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-37, 1e-20])
+def test_row_scaled_layer_keeps_rows_of_tiny_range(scale, int8_kernel):
+    """A row's steps stay finite however narrow its range: an all-zero row gives exactly the bias (zeros without
+    one), and a row of tiny values the same relative error as any."""
+    linear, layer = row_scaled_layer(bias=False)
+    x = torch.randn(3, 64) * scale
+    with torch.no_grad():
+        output, expected = layer(x), linear(x)
+    if scale == 0:
+        assert torch.equal(output, torch.zeros(3, 48))
+    else:
+        assert torch.isfinite(output).all()
+        error = (output.double() - expected.double()).norm() / expected.double().norm()  # float32 norms underflow
+        assert error.item() < 0.02
+
+
+def test_per_tensor_onednn_takes_what_it_cannot_quantize_to_fbgemm(onednn_calls):
+    """A NaN or an infinity in the input has no grid: the call goes to fbgemm, as any other call would, rather than
+    failing; under torch.func.vmap, where the range cannot be read as numbers, fbgemm too, with each sample's
+    result."""
+    torch.manual_seed(0)
+    layer = int8_linear(nn.Linear(64, 48), reduce_range=False)
+    layer.onednn_min_rows = 1
+    with torch.no_grad():
+        for bad in (float("nan"), float("-inf")):
+            x = torch.randn(3, 64)
+            x[1, 5] = bad
+            assert layer(x).shape == (3, 48)
+        assert onednn_calls == []
+        samples = torch.randn(4, 5, 64)
+        batched = torch.func.vmap(layer)(samples)
+        assert onednn_calls == []
+        layer.onednn_min_rows = None
+        torch.testing.assert_close(batched, torch.stack([layer(sample) for sample in samples]))
+
+
+def test_a_layer_forced_onto_onednn_on_a_cpu_without_vnni_refuses(monkeypatch):
+    from modeling_selfattn import quantization
+
+    monkeypatch.setattr(quantization, "ONEDNN_INT8_EXACT", False)
+    _, layer = row_scaled_layer()
+    layer.onednn_min_rows = 1
+    with torch.no_grad(), pytest.raises(RuntimeError, match="onednn_min_rows = None"):
+        layer(torch.randn(2, 64))
+    layer.onednn_min_rows = None
+    with torch.no_grad():
+        assert layer(torch.randn(2, 64)).shape == (2, 48)
+
+
 @pytest.mark.parametrize(
     "capabilities, environment, fast",
     [
@@ -522,6 +592,23 @@ def test_onednn_int8_is_taken_only_where_it_runs_on_amx(capabilities, environmen
     from modeling_selfattn.quantization import onednn_int8_is_fast
 
     assert onednn_int8_is_fast(capabilities, environment) is fast
+
+
+@pytest.mark.parametrize(
+    "capabilities, environment, exact",
+    [
+        ({"amx_int8": True}, {}, True),
+        ({"avx512_vnni": True}, {}, True),
+        ({"avx512_vnni": True}, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"}, True),
+        ({"avx512_vnni": True}, {"ONEDNN_MAX_CPU_ISA": "AVX2"}, False),
+        ({"amx_int8": True}, {"DNNL_MAX_CPU_ISA": "avx2_vnni"}, False),
+        ({"avx2": True}, {}, False),
+    ],
+)
+def test_onednn_int8_may_be_forced_only_where_it_sums_in_int32(capabilities, environment, exact):
+    from modeling_selfattn.quantization import onednn_int8_is_exact
+
+    assert onednn_int8_is_exact(capabilities, environment) is exact
 
 
 def test_int8_state_dict_carries_the_row_scaled_layers(int8_kernel):
