@@ -269,16 +269,18 @@ class Int8DynamicLinear(DynamicQuantizedLinear):
         if not ONEDNN_INT8_EXACT:
             raise RuntimeError(
                 f"onednn_min_rows={self.onednn_min_rows} sends this int8 layer to oneDNN, whose int8 kernels can "
-                "saturate on a CPU without AVX512-VNNI or AMX (such as this one) and give wrong results. Set "
-                "onednn_min_rows = None on the layer (fbgemm, the default on this CPU)."
+                "saturate, giving wrong results, on a CPU without AVX512-VNNI or AMX or with oneDNN held below AVX512 "
+                "(ONEDNN_MAX_CPU_ISA or DNNL_MAX_CPU_ISA), as here. Set onednn_min_rows = None on the layer (fbgemm, "
+                "the default here)."
             )
         return True
 
     def onednn_product(self, x: torch.Tensor, packed: torch.ScriptObject) -> torch.Tensor:
         """What fbgemm's dynamic linear computes, by oneDNN, for float32 `x`: activations on 8 bits (oneDNN sums in
-        int32 on the CPUs it may run on here, whatever reduce_range) with one scale and zero point for the tensor (its range, widened to hold 0), rounded
-        to the nearest step; int8 products summed in int32. The steps go to oneDNN as int8 (0..255 less 128, the
-        zero point with them), as torch converts float32 to int8 several times faster than to uint8."""
+        int32 on the CPUs it may run on here, whatever reduce_range) with one scale and zero point for the tensor
+        (its range, widened to hold 0), rounded to the nearest step; int8 products summed in int32. The steps go to
+        oneDNN as int8 (0..255 less 128, the zero point with them), as torch converts float32 to int8 several times
+        faster than to uint8."""
         rows = x.reshape(-1, x.shape[-1])
         low, high = (bound.item() for bound in torch.aminmax(rows))
         if not (math.isfinite(low) and math.isfinite(high)):  # no grid holds them: fbgemm's output, as elsewhere

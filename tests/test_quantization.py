@@ -563,6 +563,32 @@ def test_per_tensor_onednn_takes_what_it_cannot_quantize_to_fbgemm(onednn_calls)
         torch.testing.assert_close(batched, torch.stack([layer(sample) for sample in samples]))
 
 
+def test_dispatch_modes_and_other_dtypes_take_fbgemm(onednn_calls):
+    """Under a dispatch mode (make_fx, fake tensors), where the activations' range cannot be read as numbers and the
+    opaque packed weight must not enter a graph, both layers take fbgemm; so does a per-tensor input that is not
+    float32, refused by fbgemm as at any row count."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class PassThrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    layers = [int8_linear(nn.Linear(64, 48), reduce_range=False, per_token=per_token) for per_token in (False, True)]
+    x = torch.randn(6, 64)
+    with torch.no_grad():
+        for layer in layers:
+            layer.onednn_min_rows = 1
+            with PassThrough():
+                layer(x)
+        assert onednn_calls == []
+        for rows in (None, 1):
+            layers[0].onednn_min_rows = rows
+            with pytest.raises(RuntimeError, match="expected scalar type Float"):
+                layers[0](x.double())
+    assert onednn_calls == []
+
+
 def test_a_layer_forced_onto_onednn_on_a_cpu_without_vnni_refuses(monkeypatch):
     from modeling_selfattn import quantization
 
