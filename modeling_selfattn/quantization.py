@@ -110,14 +110,15 @@ def within_encoders(model: nn.Module, patterns: tuple[str, ...]) -> tuple[str, .
     return tuple(f"{stack}.{pattern}" if stack else pattern for stack in stacks for pattern in patterns)
 
 
-def int8_activations_use_full_range() -> bool:
-    """Whether this CPU's int8 kernels can take activations over the full 8 bits (0..255). Without VNNI, fbgemm sums
+def int8_activations_use_full_range(capabilities: dict | None = None) -> bool:
+    """Whether this CPU's int8 kernels (`capabilities`: torch.cpu.get_capabilities(), this CPU's where None) can take
+    activations over the full 8 bits (0..255). Without VNNI, fbgemm sums
     pairs of uint8 x int8 products in int16, which saturates unless activations are reduced to 7 bits (torch's
     default for dynamic quantization, reduce_range=True). With AVX512-VNNI the products are summed in int32 and the
     eighth bit is free, and worth having: it raised the SST-2 dev accuracy of an int8 MiniLM classifier from 0.69 to
     0.11 points below float32, and the lowest cosine of all-MiniLM-L6-v2's sentence embeddings to float32's from 0.932
     to 0.971 (256 sentences in one batch)."""
-    capabilities = torch.cpu.get_capabilities()
+    capabilities = torch.cpu.get_capabilities() if capabilities is None else capabilities
     return bool(capabilities.get("avx512_vnni") or capabilities.get("amx_int8"))
 
 
@@ -152,7 +153,7 @@ def onednn_int8_is_exact(capabilities: dict, environment: collections.abc.Mappin
     with AVX512 (VNNI or not) and AMX, but saturated with AVX2 (7-bit rows, or a zero point of 0), measured with
     ONEDNN_MAX_CPU_ISA on a Xeon. So: a CPU with AVX512-VNNI or AMX, oneDNN not held below AVX512."""
     limits = onednn_isa_limits(environment)
-    return bool(capabilities.get("avx512_vnni") or capabilities.get("amx_int8")) and all(
+    return int8_activations_use_full_range(capabilities) and all(
         limit == "ALL" or any(isa in limit for isa in ("AVX512", "AVX10", "AMX")) for limit in limits
     )
 
@@ -172,6 +173,15 @@ ONEDNN_INT8_MIN_ROWS = 1024
 
 # The narrowest range a per-token row is given: levels (255) / MIN_ROW_WIDTH stays a finite float32.
 MIN_ROW_WIDTH = 256 / torch.finfo(torch.float32).max
+
+
+def rows_times(x: torch.Tensor, rows: torch.Tensor, factor) -> torch.Tensor:
+    """`rows` (float32, `x` flattened to rows) times `factor`, for the int8 layers to quantize: in this thread's
+    scratch buffer where `x` allows it (scratch.py), as into a fresh tensor this pass took up to 3.5x as long on fc2's
+    input (page faults); read once, by the kernel, before the next such call."""
+    if not may_write_into_scratch(x):
+        return rows.mul(factor)
+    return torch.mul(rows, factor, out=scratch("int8 rows", rows.numel(), torch.float32).view(rows.shape))
 
 
 class OneDNNWeight:
@@ -200,6 +210,13 @@ class OneDNNWeight:
             self.bias = bias
             self.source = packed
         return self
+
+    def product(self, quantized: torch.Tensor, scale: float, zero_point: int, bias: torch.Tensor | None):
+        """`quantized` (int8 rows: each x is scale * (q - zero_point)) times the weight, plus `bias`, in float32."""
+        return ONEDNN_QLINEAR(
+            quantized, scale, zero_point, self.weight, self.scales, self.zero_points, bias, 1.0, 0, torch.float32,
+            "none", [], "",
+        )
 
 
 class Int8DynamicLinear(DynamicQuantizedLinear):
@@ -256,14 +273,16 @@ class Int8DynamicLinear(DynamicQuantizedLinear):
         """Whether a call of `rows` rows takes oneDNN: from onednn_min_rows rows, in eager mode, outside torch.func
         transforms and dispatch modes (a trace or a compiled graph could not hold oneDNN's packed weight, an opaque
         tensor; the per-tensor path reads the activations' range as numbers). Elsewhere fbgemm."""
+        # The row count after tracing (where it would be a traced value) and compiling (a guard), before the rest: a
+        # decoding step's one-row calls stop there.
         if (
             self.onednn_min_rows is None
             or torch.jit.is_tracing()
             or torch.compiler.is_compiling()
+            or rows < self.onednn_min_rows
             or torch.compiler.is_exporting()
             or torch._C._functorch.peek_interpreter_stack() is not None
             or torch._C._len_torch_dispatch_stack() > 0
-            or rows < self.onednn_min_rows
         ):
             return False
         if not ONEDNN_INT8_EXACT:
@@ -289,16 +308,9 @@ class Int8DynamicLinear(DynamicQuantizedLinear):
         low, high = min(low, 0.0), max(high, 0.0)
         scale = max((high - low) / 255, torch.finfo(torch.float32).tiny)
         zero_point = min(max(round(-low / scale), 0), 255) - 128
-        if may_write_into_scratch(x):
-            steps = scratch("int8 rows", rows.numel(), torch.float32).view(rows.shape)
-            torch.mul(rows, 1 / scale, out=steps)
-        else:
-            steps = rows.mul(1 / scale)
+        steps = rows_times(x, rows, 1 / scale)
         quantized = steps.add_(zero_point).round_().clamp_(-128, 127).to(torch.int8)
-        output = ONEDNN_QLINEAR(
-            quantized, scale, zero_point, weight.weight, weight.scales, weight.zero_points, weight.bias, 1.0, 0,
-            torch.float32, "none", [], "",
-        )
+        output = weight.product(quantized, scale, zero_point, weight.bias)
         return output.view(*x.shape[:-1], output.shape[-1])
 
 
@@ -345,22 +357,13 @@ class Int8RowScaledLinear(Int8DynamicLinear):
         # the weight's channel scale alone (activation scale 1: one rounding, the same in both kernels and however
         # they block the rows, so that the two give the same bits); the row's own step is applied below.
         step = inverse.mul_(levels)
-        # Read once, by the kernel: into scratch (scratch.py), as into a fresh tensor this pass took up to 3.5x as long
-        # on fc2's input (page faults).
-        if may_write_into_scratch(x):
-            normalized = scratch("int8 rows", rows.numel(), torch.float32).view(rows.shape)
-            torch.mul(rows, step, out=normalized).sub_(low * step)
-        else:
-            normalized = rows.mul(step).sub_(low * step)
+        normalized = rows_times(x, rows, step).sub_(low * step)
         if onednn:
             # To oneDNN as int8 less the zero point `half` (torch converts float32 to int8 several times faster than
             # to uint8); oneDNN adds it back in int32.
             half = 128 if levels > 127 else 0
-            weight = self.onednn_weight.packed_from(packed)
-            output = ONEDNN_QLINEAR(
-                normalized.round_().sub_(half).to(torch.int8), 1.0, -half, weight.weight, weight.scales,
-                weight.zero_points, None, 1.0, 0, torch.float32, "none", [], "",
-            )
+            quantized = normalized.round_().sub_(half).to(torch.int8)
+            output = self.onednn_weight.packed_from(packed).product(quantized, 1.0, -half, None)
         else:
             output = call_on_packed_weights(LINEAR_ROW_SCALED, normalized, 1.0, 0, packed)
         weight_sums, bias = self.row_offsets
