@@ -13,6 +13,7 @@ rounding for separately allocated copies of the same weights on every CPU.
 """
 
 import copy
+import inspect
 import io
 
 import pytest
@@ -229,3 +230,19 @@ def test_compiled_decoding_keeps_a_forward_installed_on_the_instance():
     assert model.forward is hooked_forward
     model(ids)
     assert len(calls) == 2
+
+
+def test_compiled_decoding_forward_keeps_the_models_signature_once():
+    # generate() reads the forward's signature at every step: it is computed once, and is the plain forward's, on
+    # the model and on its copies (pickled or not), each of which reads its own model's.
+    model = build(SelfAttnForConditionalGeneration, "encoder_decoder")
+    expected = inspect.signature(model.forward)
+    enable_compiled_decoding(model)
+    assert inspect.signature(model.forward) == expected
+    assert inspect.signature(model.forward) is inspect.signature(model.forward)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for other in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        assert inspect.signature(other.forward) == expected
+        assert other.forward.plain_forward.args[0] is other
