@@ -41,7 +41,8 @@ to fuse), torch's 2.4x faster (MiniLM-sized linears, 32x128 tokens, 2-core Xeon 
 deprecates the quantized dtypes (torch.qint8) this builds on (pytorch/pytorch#184982); the warning it gives at every
 quantization is silenced here, as the user cannot act on it.
 
-Shipped with saved models (model.py imports it), so it imports nothing of the package but scratch.py, also shipped.
+Shipped with saved models (model.py imports it), so it imports nothing of the package but kernels.py and scratch.py, also
+shipped.
 """
 
 import collections
@@ -50,7 +51,6 @@ import fnmatch
 import functools
 import math
 import os
-import platform
 import warnings
 
 import torch
@@ -58,6 +58,7 @@ from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 from torch.ao.quantization import per_channel_dynamic_qconfig
 
+from .kernels import ONEDNN_AVAILABLE
 from .scratch import may_write_into_scratch, scratch
 
 QUANTIZATION_MODES = ("int8", "bf16")
@@ -158,14 +159,10 @@ def onednn_int8_is_exact(capabilities: dict, environment: collections.abc.Mappin
     )
 
 
-ONEDNN_INT8 = (
-    platform.machine().lower() in ("x86_64", "amd64")
-    and torch.backends.mkldnn.is_available()
-    and ONEDNN_QLINEAR is not None
-    and onednn_int8_is_fast(torch.cpu.get_capabilities(), os.environ)
-)
+_capabilities = torch.cpu.get_capabilities()
+ONEDNN_INT8 = ONEDNN_AVAILABLE and ONEDNN_QLINEAR is not None and onednn_int8_is_fast(_capabilities, os.environ)
 # Elsewhere a layer forced onto oneDNN refuses (see onednn_int8_is_exact).
-ONEDNN_INT8_EXACT = ONEDNN_QLINEAR is not None and onednn_int8_is_exact(torch.cpu.get_capabilities(), os.environ)
+ONEDNN_INT8_EXACT = ONEDNN_QLINEAR is not None and onednn_int8_is_exact(_capabilities, os.environ)
 # Per-tensor layers take oneDNN from this many rows (tokens): the encoder's products over a batch's tokens, not a
 # decoding step's few rows.
 ONEDNN_INT8_MIN_ROWS = 1024

@@ -86,15 +86,23 @@ def tiny_config_factory():
     return make_tiny_config
 
 
+@pytest.fixture
+def onednn_int8_exact() -> None:
+    """Skips a test of oneDNN's int8 products where they cannot run exactly (quantization.ONEDNN_INT8_EXACT)."""
+    from modeling_selfattn import quantization
+
+    if not quantization.ONEDNN_INT8_EXACT:
+        pytest.skip("oneDNN's int8 kernels are missing from this torch build or may saturate on this CPU (no VNNI)")
+
+
 @pytest.fixture(params=["fbgemm", "onednn"])
 def int8_kernel(request, monkeypatch) -> str:
     """Each int8 kernel in turn, whatever this CPU takes by default: fbgemm on every call, or oneDNN on every call
     (from one row; off AMX oneDNN is slow, which the small layers here can afford, and refused without VNNI)."""
-    from modeling_selfattn import quantization
     from modeling_selfattn.quantization import Int8DynamicLinear, Int8RowScaledLinear
 
-    if request.param == "onednn" and (quantization.ONEDNN_QLINEAR is None or not quantization.ONEDNN_INT8_EXACT):
-        pytest.skip("oneDNN's int8 kernels are missing from this torch build or may saturate on this CPU (no VNNI)")
+    if request.param == "onednn":
+        request.getfixturevalue("onednn_int8_exact")
     rows = 1 if request.param == "onednn" else None
     monkeypatch.setattr(Int8DynamicLinear, "onednn_min_rows", rows)
     monkeypatch.setattr(Int8RowScaledLinear, "onednn_min_rows", rows)
