@@ -25,6 +25,7 @@ Variants timed against the reference:
                    not timed).
   selfattn-int8, selfattn-bf16  a copy after `model.quantize("int8")` / `("bf16")` (CPU float32 runs; skipped
                    where the model has no quantize()).
+  selfattn-int8-compiled  generation only: the int8 copy after `enable_compiled_decoding(model)` as well.
   reference-static generation only: transformers' model with `cache_implementation="static"`, whose greedy and
                    sampling steps transformers compiles itself on GPUs (CUDA graphs); its beam search, and
                    everything on CPU, runs uncompiled.
@@ -144,9 +145,12 @@ FORCED_KERNEL_VARIANTS = {
     "selfattn-onednn": "onednn", "selfattn-onednn-packed": "onednn-packed", "selfattn-aten": "aten",
 }
 # The precision of each variant's matrix products, whose measured GEMM peak its MFU is against (default: --dtype).
-VARIANT_PRECISION = {"selfattn-int8": "int8", "selfattn-bf16": "bfloat16", "ort-int8": "int8", "ct2-int8": "int8"}
+VARIANT_PRECISION = {
+    "selfattn-int8": "int8", "selfattn-int8-compiled": "int8", "selfattn-bf16": "bfloat16", "ort-int8": "int8",
+    "ct2-int8": "int8",
+}
 SELFATTN_VARIANTS = [
-    "selfattn", *FORCED_KERNEL_VARIANTS, "selfattn-compiled", *QUANTIZED_VARIANTS,
+    "selfattn", *FORCED_KERNEL_VARIANTS, "selfattn-compiled", *QUANTIZED_VARIANTS, "selfattn-int8-compiled",
 ]
 ENGINE_VARIANTS = list(engines.ENCODER_ENGINES)
 REFERENCE_VARIANTS = ["reference-static"]
@@ -181,9 +185,10 @@ def ours_variants(ours, variants: list[str]) -> dict[str, torch.nn.Module]:
             models[variant] = set_linear_kernel(copy.deepcopy(ours), FORCED_KERNEL_VARIANTS[variant])
         elif variant == "selfattn-compiled" and ours.can_generate():
             models[variant] = enable_compiled_decoding(copy.deepcopy(ours))
-        elif variant in QUANTIZED_VARIANTS:
+        elif variant in QUANTIZED_VARIANTS or (variant == "selfattn-int8-compiled" and ours.can_generate()):
             if hasattr(ours, "quantize"):
-                models[variant] = copy.deepcopy(ours).quantize(QUANTIZED_VARIANTS[variant])
+                quantized = copy.deepcopy(ours).quantize(QUANTIZED_VARIANTS.get(variant, "int8"))
+                models[variant] = quantized if variant in QUANTIZED_VARIANTS else enable_compiled_decoding(quantized)
             else:
                 print(f"skipped {variant}: this checkout's model has no quantize()", flush=True)
     return models

@@ -74,19 +74,31 @@ def onednn_linear_shape(
     return input.new_empty(*input.shape[:-1], weight.shape[0])
 
 
+def define_operator(name: str, arguments: str, kernel: Callable, shape: Callable) -> torch.library.Library | None:
+    """torch.ops.selfattn.<name>(<arguments>) -> Tensor, run by `kernel` on CPU tensors; `shape` gives the output of
+    the fake tensors a compiled graph is traced with (the Meta key). For calls a compiled graph must keep opaque.
+
+    Defined through torch.library.Library, with a CPU kernel and a shape function only: torch.library.custom_op's
+    wrapper (autograd, argument checks) cost ~15 us more a call (measured: 69-78 against 58-63 us on a 16-row
+    512x512 oneDNN product); these operators run only where no gradient is needed. Once per process: torch refuses
+    a second registration (the defining file may be imported twice, as the package and as a saved model's remote
+    code, or reloaded), so this returns None where the operator exists. The Library returned keeps the registration
+    alive as long as it lives."""
+    if hasattr(torch.ops.selfattn, name):
+        return None
+    library = torch.library.Library("selfattn", "FRAGMENT")  # not "DEF", which would claim the namespace
+    library.define(f"{name}({arguments}) -> Tensor")
+    library.impl(name, kernel, "CPU")
+    library.impl(name, shape, "Meta")
+    return library
+
+
 # torch.compile cannot trace oneDNN's packed tensors; as an operator of its own the call stays opaque inside a compiled
-# graph. Defined through torch.library.Library, with a CPU kernel and a shape function only: torch.library.custom_op's
-# wrapper (autograd, argument checks) cost ~15 us more a call (measured: 69-78 against 58-63 us on a 16-row 512x512
-# product), and the op runs only where no gradient is needed (Linear.may_run_onednn). Registered once per process:
-# torch refuses a second registration (this file may be imported twice, as the package and as a saved model's remote
-# code, or reloaded); the Library object keeps the registration alive as long as it lives.
-if not hasattr(torch.ops.selfattn, "onednn_linear"):
-    _selfattn_ops = torch.library.Library("selfattn", "FRAGMENT")  # not "DEF", which would claim the namespace
-    _selfattn_ops.define(
-        "onednn_linear(Tensor input, Tensor weight, Tensor? bias, str activation, bool packed) -> Tensor"
-    )
-    _selfattn_ops.impl("onednn_linear", onednn_linear, "CPU")
-    _selfattn_ops.impl("onednn_linear", onednn_linear_shape, "Meta")
+# graph.
+_onednn_linear_library = define_operator(
+    "onednn_linear", "Tensor input, Tensor weight, Tensor? bias, str activation, bool packed", onednn_linear,
+    onednn_linear_shape,
+)
 
 
 # With fewer input rows (tokens) than this, oneDNN's cost per call outweighs its faster kernels (measured on weights

@@ -2,7 +2,8 @@
 has its own file, test_packing.py:
 
 - the masked-LM loss over the scored tokens only (scored_token_logits);
-- the opt-in compiled decoding (enable_compiled_decoding: static cache, torch.compile'd decoding step).
+- the opt-in compiled decoding (enable_compiled_decoding: static cache, torch.compile'd decoding step), of float32
+  and of int8 models.
 
 The plain path is computing the loss from the full logits, or leaving the mode off.
 
@@ -13,6 +14,7 @@ rounding for separately allocated copies of the same weights on every CPU.
 """
 
 import copy
+import gc
 import inspect
 import io
 
@@ -23,6 +25,7 @@ from transformers import GenerationConfig, StaticCache
 from transformers.cache_utils import StaticLayer
 
 import modeling_selfattn.fast_paths as fast_paths
+import modeling_selfattn.quantization as quantization
 from modeling_selfattn import (
     SelfAttnForCausalLM,
     SelfAttnForConditionalGeneration,
@@ -30,6 +33,7 @@ from modeling_selfattn import (
 )
 from modeling_selfattn.fast_paths import enable_compiled_decoding
 from modeling_selfattn.kernels import ONEDNN_AVAILABLE, set_linear_kernel
+from modeling_selfattn.quantization import int8_linear
 
 
 def test_masked_lm_loss_and_gradients_match_the_full_cross_entropy():
@@ -118,11 +122,21 @@ def test_compiled_decoding_runs_the_onednn_kernel_inside_the_compiled_steps(num_
     assert "selfattn::onednn_linear" in events  # oneDNN called from the compiled steps
 
 
-def test_compiled_decoding_names_no_mode_on_cpu_and_keeps_the_callers():
+@pytest.mark.parametrize(
+    "compile_options, expected",
+    [
+        ({}, {"options": {"cpp_wrapper": True}}),  # Inductor's C++ wrapper
+        ({"backend": "inductor"}, {"backend": "inductor", "options": {"cpp_wrapper": True}}),
+        ({"mode": "max-autotune-no-cudagraphs"}, {"mode": "max-autotune-no-cudagraphs"}),  # the caller's
+        ({"options": {"cpp_wrapper": False}}, {"options": {"cpp_wrapper": False}}),
+        ({"backend": "aot_eager"}, {"backend": "aot_eager"}),  # cpp_wrapper is Inductor's
+    ],
+    ids=["default", "inductor", "callers_mode", "callers_options", "aot_eager"],
+)
+def test_compiled_decoding_on_cpu_uses_inductors_cpp_wrapper_unless_told_otherwise(compile_options, expected):
     model = build(SelfAttnForCausalLM, "decoder", type_vocab_size=0)
-    assert enable_compiled_decoding(model).forward.step_compile_options() == {"fullgraph": True, "dynamic": False}
-    options = enable_compiled_decoding(model, mode="max-autotune-no-cudagraphs").forward.step_compile_options()
-    assert options["mode"] == "max-autotune-no-cudagraphs"
+    options = enable_compiled_decoding(model, **compile_options).forward.step_compile_options()
+    assert options == {"fullgraph": True, "dynamic": False, **expected}
 
 
 @pytest.mark.parametrize(
@@ -187,27 +201,62 @@ def test_compiled_decoding_is_refused_by_a_model_that_does_not_generate():
         enable_compiled_decoding(build(SelfAttnForMaskedLM))
 
 
-def test_compiled_decoding_refuses_an_int8_model_before_or_after_enabling():
-    model = build(SelfAttnForConditionalGeneration, "encoder_decoder", tie_word_embeddings=False).eval()
-    with pytest.raises(ValueError, match=r"enable_compiled_decoding: .*quantized to int8.*float32 or bf16"):
-        enable_compiled_decoding(copy.deepcopy(model).quantize("int8"))
-    # Quantized after enabling: refused at the first decoding step, before anything is compiled.
-    fast = enable_compiled_decoding(copy.deepcopy(model)).quantize("int8")
-    batch = padded_batch(lengths=(4, 3))
-    with pytest.raises(ValueError, match=r"quantized to int8"):
-        fast.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
-    assert not compiled_steps_ran(fast)
-    # Quantized after a compiled step ran: refused too, not left to torch.compile's own error.
+@pytest.mark.parametrize(
+    "model_class, shape, num_beams, per_token",
+    [
+        (SelfAttnForConditionalGeneration, "encoder_decoder", 1, None),  # the decoder per tensor (the default)
+        (SelfAttnForCausalLM, "decoder", 3, ["*fc1", "*fc2"]),  # per-token layers (Int8RowScaledLinear) too
+    ],
+    ids=["encoder_decoder-greedy", "decoder-beam3-per_token"],
+)
+def test_compiled_decoding_of_an_int8_model_generates_its_eager_tokens(model_class, shape, num_beams, per_token):
+    """Each int8 layer is one opaque operator inside the compiled step (quantization.INT8_LAYERS), which runs the
+    layer's eager forward: the tokens are the eager int8 model's, on copies too, and for a model quantized after a
+    compiled float32 step."""
     torch._dynamo.reset()
-    compiled = enable_compiled_decoding(copy.deepcopy(model), backend="eager")
-    compiled.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
-    assert compiled_steps_ran(compiled)
-    compiled.quantize("int8")
-    with pytest.raises(ValueError, match=r"quantized to int8"):
-        compiled.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
-    # Turning it off still works on the int8 model.
-    enable_compiled_decoding(fast, False)
-    assert fast.generation_config.cache_implementation is None
+    model = build(model_class, shape, tie_word_embeddings=False, initializer_range=0.2, type_vocab_size=0)
+    batch = padded_batch(lengths=(8, 5, 3), padding_side="right" if shape == "encoder_decoder" else "left")
+    generation_config = GenerationConfig(max_new_tokens=6, min_new_tokens=6, num_beams=num_beams, do_sample=False)
+    int8 = copy.deepcopy(model).quantize("int8", per_token_activations=per_token)
+    expected = int8.generate(**batch, generation_config=generation_config)
+    fast = enable_compiled_decoding(copy.deepcopy(int8))
+    assert torch.equal(fast.generate(**batch, generation_config=generation_config), expected)  # compiles
+    assert compiled_steps_ran(fast)
+    with torch.profiler.profile() as profile:
+        assert torch.equal(fast.generate(**batch, generation_config=generation_config), expected)
+    events = {event.key for event in profile.key_averages()}
+    assert any("CompiledFxGraph" in key or "Torch-Compiled Region" in key for key in events)
+    assert f"selfattn::{quantization.INT8_LAYER_OPERATOR}" in events
+    buffer = io.BytesIO()
+    torch.save(fast, buffer)
+    buffer.seek(0)
+    for other in (copy.deepcopy(fast), torch.load(buffer, weights_only=False)):
+        assert torch.equal(other.generate(**batch, generation_config=generation_config), expected)
+        assert compiled_steps_ran(other)
+    # Quantized after a compiled float32 step: the changed layers make torch.compile trace the step again.
+    later = enable_compiled_decoding(copy.deepcopy(model))
+    later.generate(**batch, generation_config=generation_config)
+    assert compiled_steps_ran(later)
+    later.quantize("int8", per_token_activations=per_token)
+    assert torch.equal(later.generate(**batch, generation_config=generation_config), expected)
+
+
+def test_int8_layers_are_found_by_their_id_when_made_copied_or_unpickled_and_only_while_they_live():
+    layer = int8_linear(torch.nn.Linear(16, 8), reduce_range=False)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    copies = [copy.deepcopy(layer), torch.load(buffer, weights_only=False)]
+    x = torch.randn(3, 16)
+    operator = getattr(torch.ops.selfattn, quantization.INT8_LAYER_OPERATOR)
+    for each in (layer, *copies):
+        assert quantization.INT8_LAYERS[id(each)] is each
+        with torch.no_grad():
+            assert torch.equal(operator(x, id(each), 8), each(x))
+    key = id(copies[0])
+    del copies
+    gc.collect()
+    assert key not in quantization.INT8_LAYERS
 
 
 def test_compiled_decoding_keeps_a_forward_installed_on_the_instance():
