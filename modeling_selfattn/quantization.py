@@ -228,7 +228,14 @@ INT8_LAYER_OPERATOR = "int8_linear_" + __name__.replace(".", "_")
 
 
 def int8_layer_forward(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
-    return INT8_LAYERS[layer].forward(x)
+    found = INT8_LAYERS.get(layer)
+    if found is None:
+        raise RuntimeError(
+            f"torch.ops.selfattn.{INT8_LAYER_OPERATOR}: no int8 layer with id {layer} is alive in this process. A "
+            "compiled graph calls this operator with the ids of the int8 layers it was traced from; run it on the "
+            "model it was compiled for (enable_compiled_decoding compiles each model's, and each copy's, own)."
+        )
+    return found.forward(x)
 
 
 def int8_layer_output(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:

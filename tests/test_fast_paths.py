@@ -257,6 +257,8 @@ def test_int8_layers_are_found_by_their_id_when_made_copied_or_unpickled_and_onl
     del copies
     gc.collect()
     assert key not in quantization.INT8_LAYERS
+    with pytest.raises(RuntimeError, match=f"no int8 layer with id {key} is alive"):
+        operator(x, key, 8)
 
 
 def test_compiled_decoding_keeps_a_forward_installed_on_the_instance():
