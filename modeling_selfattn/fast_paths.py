@@ -53,6 +53,10 @@ def runs_on_cuda(model: nn.Module) -> bool:
     return next(model.parameters()).is_cuda
 
 
+def runs_on_cpu(model: nn.Module) -> bool:
+    return next(model.parameters()).is_cpu
+
+
 class CompiledDecodingForward:
     """Stands in for a model's `forward` (an instance attribute, which nn.Module's call prefers to the class's):
     decoding steps go through one torch.compile'd forward, every other call (the prompt, training, outputs recorded)
@@ -101,7 +105,7 @@ class CompiledDecodingForward:
             offloaded = {"cpu", "disk"} & {str(device) for device in getattr(self.model, "hf_device_map", {}).values()}
             if not offloaded:
                 options["mode"] = "reduce-overhead"
-        else:
+        elif runs_on_cpu(self.model):
             options["options"] = {"cpp_wrapper": True}
         return options
 

@@ -133,10 +133,16 @@ def test_compiled_decoding_runs_the_onednn_kernel_inside_the_compiled_steps(num_
     ],
     ids=["default", "inductor", "callers_mode", "callers_options", "aot_eager"],
 )
-def test_compiled_decoding_on_cpu_uses_inductors_cpp_wrapper_unless_told_otherwise(compile_options, expected):
+def test_compiled_decoding_on_cpu_uses_inductors_cpp_wrapper_unless_told_otherwise(
+    compile_options, expected, monkeypatch
+):
     model = build(SelfAttnForCausalLM, "decoder", type_vocab_size=0)
     options = enable_compiled_decoding(model, **compile_options).forward.step_compile_options()
     assert options == {"fullgraph": True, "dynamic": False, **expected}
+    # Neither on CUDA nor on the CPU (Apple's MPS, Intel's XPU): the caller's options alone.
+    monkeypatch.setattr(fast_paths, "runs_on_cpu", lambda model: False)
+    options = enable_compiled_decoding(model, **compile_options).forward.step_compile_options()
+    assert options == {"fullgraph": True, "dynamic": False, **compile_options}
 
 
 @pytest.mark.parametrize(
