@@ -13,6 +13,15 @@ from torch import nn
 from transformers.cache_utils import Cache, EncoderDecoderCache, StaticLayer
 
 
+# Each model's compiled step: one graph, shapes fixed (a new batch size or cache length compiles again). Where torch
+# has it, the recompilations of each model's step are counted apart (isolate_recompiles): they would otherwise share
+# torch.compile's limit (8) across every model of the class, and an int8 model's step, which names its layers by id
+# (quantization.INT8_LAYERS), is each copy's own; with fullgraph, going past the limit is an error.
+STEP_COMPILE_DEFAULTS = {"fullgraph": True, "dynamic": False}
+if "isolate_recompiles" in inspect.signature(torch.compile).parameters:
+    STEP_COMPILE_DEFAULTS["isolate_recompiles"] = True
+
+
 def is_decoding_step(model: nn.Module, args: tuple, kwargs: dict) -> bool:
     """A generate() call past the prompt: one new token per sequence, on a static cache holding positions, asking for
     no attentions or hidden states."""
@@ -140,7 +149,7 @@ def enable_compiled_decoding(model: nn.Module, enabled: bool = True, **compile_o
         else:
             model.forward = current.instance_forward
     if enabled:
-        model.forward = CompiledDecodingForward(model, {"fullgraph": True, "dynamic": False, **compile_options})
+        model.forward = CompiledDecodingForward(model, {**STEP_COMPILE_DEFAULTS, **compile_options})
         model.generation_config.cache_implementation, model.generation_config.disable_compile = "static", True
     else:
         model.generation_config.cache_implementation, model.generation_config.disable_compile = None, False

@@ -83,7 +83,7 @@ def define_operator(name: str, arguments: str, kernel: Callable, shape: Callable
     512x512 oneDNN product); these operators run only where no gradient is needed. Once per process: torch refuses
     a second registration (the defining file may be imported twice, as the package and as a saved model's remote
     code, or reloaded), so this returns None where the operator exists. The Library returned keeps the registration
-    alive as long as it lives."""
+    alive as long as it lives: a module executed again keeps the one it holds."""
     if hasattr(torch.ops.selfattn, name):
         return None
     library = torch.library.Library("selfattn", "FRAGMENT")  # not "DEF", which would claim the namespace
@@ -95,7 +95,7 @@ def define_operator(name: str, arguments: str, kernel: Callable, shape: Callable
 
 # torch.compile cannot trace oneDNN's packed tensors; as an operator of its own the call stays opaque inside a compiled
 # graph.
-_onednn_linear_library = define_operator(
+_onednn_linear_library = globals().get("_onednn_linear_library") or define_operator(
     "onednn_linear", "Tensor input, Tensor weight, Tensor? bias, str activation, bool packed", onednn_linear,
     onednn_linear_shape,
 )

@@ -51,8 +51,10 @@ import fnmatch
 import functools
 import math
 import os
+import re
 import warnings
 import weakref
+import zlib
 
 import torch
 from torch import nn
@@ -219,12 +221,15 @@ class OneDNNWeight:
 
 # Inside a compiled graph (compiled decoding, fast_paths.py) each int8 layer is one opaque operator, as torch.compile
 # cannot take its packed weights (a ScriptObject) into a graph: the operator finds the layer by its id in INT8_LAYERS,
-# which every int8 layer joins when made, copied or unpickled, and runs the layer's own forward, so the graph's
-# products are the eager model's, bit for bit. One operator per copy of this file (the package's, a saved model's
-# remote code), named after the module, so that each finds its own layers; the registry is read at each call, so a
-# reloaded module's layers are found too.
-INT8_LAYERS: "weakref.WeakValueDictionary[int, Int8DynamicLinear]" = weakref.WeakValueDictionary()
-INT8_LAYER_OPERATOR = "int8_linear_" + __name__.replace(".", "_")
+# which every int8 layer joins when made, copied or unpickled, and runs the layer's eager forward, so the graph's
+# products are what the eager layer gives the same input. One operator per copy of this file (the package's, a saved
+# model's remote code), named after the module (its name made an identifier, with a hash against clashes), so that
+# each finds its own layers. A module executed again (importlib.reload) keeps its registry and its operator's Library,
+# whose loss would unregister the operator.
+INT8_LAYERS: "weakref.WeakValueDictionary[int, Int8DynamicLinear]"
+if globals().get("INT8_LAYERS") is None:
+    INT8_LAYERS = weakref.WeakValueDictionary()
+INT8_LAYER_OPERATOR = f"int8_linear_{re.sub(r'[^0-9A-Za-z_]', '_', __name__)}_{zlib.crc32(__name__.encode()):08x}"
 
 
 def int8_layer_forward(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
@@ -235,21 +240,22 @@ def int8_layer_forward(x: torch.Tensor, layer: int, out_features: int) -> torch.
             "compiled graph calls this operator with the ids of the int8 layers it was traced from; run it on the "
             "model it was compiled for (enable_compiled_decoding compiles each model's, and each copy's, own)."
         )
-    return found.forward(x)
+    return found.eager_forward(x)  # never the operator again: a compile in another thread must not make it recurse
 
 
 def int8_layer_output(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], out_features)
 
 
-_int8_layer_library = define_operator(
+_int8_layer_library = globals().get("_int8_layer_library") or define_operator(
     INT8_LAYER_OPERATOR, "Tensor x, int layer, int out_features", int8_layer_forward, int8_layer_output
 )
 
 
 def in_compiled_graph() -> bool:
-    """Being traced by torch.compile into a graph that runs here (not exported)."""
-    return torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+    """Being traced by Dynamo (torch.compile) into a graph that runs here, not exported. is_dynamo_compiling, not
+    is_compiling: the latter reads a flag of the whole process, true in every thread while any thread compiles."""
+    return torch.compiler.is_dynamo_compiling() and not torch.compiler.is_exporting()
 
 
 class Int8DynamicLinear(DynamicQuantizedLinear):
@@ -278,8 +284,16 @@ class Int8DynamicLinear(DynamicQuantizedLinear):
         INT8_LAYERS[id(self)] = self
 
     def in_graph(self, x: torch.Tensor) -> torch.Tensor:
-        """This layer's call as one operator of a compiled graph (see INT8_LAYERS)."""
+        """This layer's call as one operator of a compiled graph (see INT8_LAYERS), which has no backward: the
+        refusals of check_input hold here too, when traced."""
+        if x.requires_grad or not x.is_cpu:
+            self.check_input(x)
         return getattr(torch.ops.selfattn, INT8_LAYER_OPERATOR)(x, id(self), self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if in_compiled_graph():
+            return self.in_graph(x)
+        return self.eager_forward(x)
 
     def check_input(self, x: torch.Tensor) -> None:
         # Int8DynamicLinear.forward calls this only for an input that requires a gradient or is off the CPU (its
@@ -297,13 +311,11 @@ class Int8DynamicLinear(DynamicQuantizedLinear):
                 "runs on CPU only. Run the int8 model on CPU inputs, or use model.quantize('bf16') on a GPU."
             )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def eager_forward(self, x: torch.Tensor) -> torch.Tensor:
         # Lean, as a decoding step makes dozens of one-row calls: check_input only where it may refuse, the packed
         # weights read through _modules (as nn.Module's attribute lookup would, for less) and the operator called
         # through call_on_packed_weights. Against check_input on every call and those lookups: 1.1% and 5.8% less
         # time in int8 greedy decoding at batch 1 (Transformer-base, two runs, one process, alternating).
-        if in_compiled_graph():
-            return self.in_graph(x)
         if x.requires_grad or not x.is_cpu:
             self.check_input(x)
         packed = self._modules["_packed_params"]._packed_params
@@ -387,9 +399,7 @@ class Int8RowScaledLinear(Int8DynamicLinear):
     def bias(self) -> torch.Tensor:
         return self.row_offsets[1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if in_compiled_graph():
-            return self.in_graph(x)
+    def eager_forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         rows = x.reshape(-1, x.shape[-1]).float()
         low = rows.amin(-1, keepdim=True).clamp_(max=0)

@@ -17,6 +17,9 @@ import copy
 import gc
 import inspect
 import io
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,6 +37,8 @@ from modeling_selfattn import (
 from modeling_selfattn.fast_paths import enable_compiled_decoding
 from modeling_selfattn.kernels import ONEDNN_AVAILABLE, set_linear_kernel
 from modeling_selfattn.quantization import int8_linear
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_masked_lm_loss_and_gradients_match_the_full_cross_entropy():
@@ -138,11 +143,11 @@ def test_compiled_decoding_on_cpu_uses_inductors_cpp_wrapper_unless_told_otherwi
 ):
     model = build(SelfAttnForCausalLM, "decoder", type_vocab_size=0)
     options = enable_compiled_decoding(model, **compile_options).forward.step_compile_options()
-    assert options == {"fullgraph": True, "dynamic": False, **expected}
+    assert options == {**fast_paths.STEP_COMPILE_DEFAULTS, **expected}
     # Neither on CUDA nor on the CPU (Apple's MPS, Intel's XPU): the caller's options alone.
     monkeypatch.setattr(fast_paths, "runs_on_cpu", lambda model: False)
     options = enable_compiled_decoding(model, **compile_options).forward.step_compile_options()
-    assert options == {"fullgraph": True, "dynamic": False, **compile_options}
+    assert options == {**fast_paths.STEP_COMPILE_DEFAULTS, **compile_options}
 
 
 @pytest.mark.parametrize(
@@ -169,7 +174,7 @@ def test_compiled_decoding_on_cuda_uses_cuda_graphs_where_inductor_compiles_it(
     options = enable_compiled_decoding(model, **compile_options).forward.step_compile_options()
     assert options.get("mode") == expected_mode
     assert {key: value for key, value in options.items() if key != "mode"} == {
-        "fullgraph": True, "dynamic": False, **{k: v for k, v in compile_options.items() if k != "mode"}
+        **fast_paths.STEP_COMPILE_DEFAULTS, **{k: v for k, v in compile_options.items() if k != "mode"}
     }
 
 
@@ -239,6 +244,14 @@ def test_compiled_decoding_of_an_int8_model_generates_its_eager_tokens(model_cla
     for other in (copy.deepcopy(fast), torch.load(buffer, weights_only=False)):
         assert torch.equal(other.generate(**batch, generation_config=generation_config), expected)
         assert compiled_steps_ran(other)
+        # The copy's step calls the copy's layers, not the original's: with an LM head of its own, its tokens are
+        # its own eager ones.
+        head = other.lm_head
+        fresh = int8_linear(torch.nn.Linear(head.in_features, head.out_features), head.reduce_range)
+        head.set_weight_bias(fresh.weight(), fresh.bias())
+        own = enable_compiled_decoding(copy.deepcopy(other), False).generate(**batch, generation_config=generation_config)
+        assert not torch.equal(own, expected)
+        assert torch.equal(other.generate(**batch, generation_config=generation_config), own)
     # Quantized after a compiled float32 step: the changed layers make torch.compile trace the step again.
     later = enable_compiled_decoding(copy.deepcopy(model))
     later.generate(**batch, generation_config=generation_config)
@@ -265,6 +278,46 @@ def test_int8_layers_are_found_by_their_id_when_made_copied_or_unpickled_and_onl
     assert key not in quantization.INT8_LAYERS
     with pytest.raises(RuntimeError, match=f"no int8 layer with id {key} is alive"):
         operator(x, key, 8)
+
+
+def test_the_int8_operator_runs_the_eager_layer_whatever_compiles_elsewhere(monkeypatch):
+    # While a graph is being traced (in any thread), the operator's kernel still runs the eager layer, never itself.
+    layer = int8_linear(torch.nn.Linear(16, 8), reduce_range=False)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        expected = layer(x)
+        monkeypatch.setattr(quantization, "in_compiled_graph", lambda: True)
+        assert torch.equal(getattr(torch.ops.selfattn, quantization.INT8_LAYER_OPERATOR)(x, id(layer), 8), expected)
+
+
+def test_a_compiled_int8_layer_refuses_an_input_that_requires_a_gradient():
+    torch._dynamo.reset()
+    layer = int8_linear(torch.nn.Linear(16, 8), reduce_range=False)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), layer(x))
+    with pytest.raises(RuntimeError, match="requires a gradient"):
+        compiled(torch.randn(3, 16, requires_grad=True))
+
+
+def test_a_reloaded_module_keeps_its_operators_and_finds_the_layers_made_before(tmp_path):
+    script = """
+import importlib, torch
+from modeling_selfattn import kernels, quantization
+layer = quantization.int8_linear(torch.nn.Linear(16, 8), reduce_range=False)
+x = torch.randn(3, 16)
+with torch.no_grad():
+    expected = layer(x)
+    for module in (kernels, quantization):
+        importlib.reload(module)
+    assert hasattr(torch.ops.selfattn, "onednn_linear")
+    operator = getattr(torch.ops.selfattn, quantization.INT8_LAYER_OPERATOR)
+    assert torch.equal(operator(x, id(layer), 8), expected)
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
 def test_compiled_decoding_keeps_a_forward_installed_on_the_instance():
