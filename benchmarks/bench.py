@@ -149,9 +149,9 @@ VARIANT_PRECISION = {
     "selfattn-int8": "int8", "selfattn-int8-compiled": "int8", "selfattn-bf16": "bfloat16", "ort-int8": "int8",
     "ct2-int8": "int8",
 }
-SELFATTN_VARIANTS = [
-    "selfattn", *FORCED_KERNEL_VARIANTS, "selfattn-compiled", *QUANTIZED_VARIANTS, "selfattn-int8-compiled",
-]
+# Generation only: enable_compiled_decoding on a copy, quantized first to the mode given (None: float).
+COMPILED_VARIANTS = {"selfattn-compiled": None, "selfattn-int8-compiled": "int8"}
+SELFATTN_VARIANTS = ["selfattn", *FORCED_KERNEL_VARIANTS, *QUANTIZED_VARIANTS, *COMPILED_VARIANTS]
 ENGINE_VARIANTS = list(engines.ENCODER_ENGINES)
 REFERENCE_VARIANTS = ["reference-static"]
 
@@ -183,12 +183,13 @@ def ours_variants(ours, variants: list[str]) -> dict[str, torch.nn.Module]:
             models[variant] = ours
         elif variant in FORCED_KERNEL_VARIANTS:
             models[variant] = set_linear_kernel(copy.deepcopy(ours), FORCED_KERNEL_VARIANTS[variant])
-        elif variant == "selfattn-compiled" and ours.can_generate():
-            models[variant] = enable_compiled_decoding(copy.deepcopy(ours))
-        elif variant in QUANTIZED_VARIANTS or (variant == "selfattn-int8-compiled" and ours.can_generate()):
+        elif variant in COMPILED_VARIANTS and ours.can_generate():
+            mode = COMPILED_VARIANTS[variant]
+            model = copy.deepcopy(ours)
+            models[variant] = enable_compiled_decoding(model if mode is None else model.quantize(mode))
+        elif variant in QUANTIZED_VARIANTS:
             if hasattr(ours, "quantize"):
-                quantized = copy.deepcopy(ours).quantize(QUANTIZED_VARIANTS.get(variant, "int8"))
-                models[variant] = quantized if variant in QUANTIZED_VARIANTS else enable_compiled_decoding(quantized)
+                models[variant] = copy.deepcopy(ours).quantize(QUANTIZED_VARIANTS[variant])
             else:
                 print(f"skipped {variant}: this checkout's model has no quantize()", flush=True)
     return models

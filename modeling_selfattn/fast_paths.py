@@ -58,12 +58,8 @@ def holds_positions(layer) -> bool:
     return layer.keys.is_cuda or layer.get_seq_length() > 0
 
 
-def runs_on_cuda(model: nn.Module) -> bool:
-    return next(model.parameters()).is_cuda
-
-
-def runs_on_cpu(model: nn.Module) -> bool:
-    return next(model.parameters()).is_cpu
+def device_type(model: nn.Module) -> str:
+    return next(model.parameters()).device.type
 
 
 class CompiledDecodingForward:
@@ -110,11 +106,11 @@ class CompiledDecodingForward:
         options = dict(self.compile_options)
         if "mode" in options or "options" in options or options.get("backend", "inductor") != "inductor":
             return options
-        if runs_on_cuda(self.model):
+        if device_type(self.model) == "cuda":
             offloaded = {"cpu", "disk"} & {str(device) for device in getattr(self.model, "hf_device_map", {}).values()}
             if not offloaded:
                 options["mode"] = "reduce-overhead"
-        elif runs_on_cpu(self.model):
+        elif device_type(self.model) == "cpu":
             options["options"] = {"cpp_wrapper": True}
         return options
 

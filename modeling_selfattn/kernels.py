@@ -74,7 +74,14 @@ def onednn_linear_shape(
     return input.new_empty(*input.shape[:-1], weight.shape[0])
 
 
-def define_operator(name: str, arguments: str, kernel: Callable, shape: Callable) -> torch.library.Library | None:
+# The Library of each operator this process defined (define_operator), by name: a Library unregisters its
+# operators when it goes. Kept when this module is executed again (importlib.reload).
+OPERATOR_LIBRARIES: dict[str, torch.library.Library]
+if globals().get("OPERATOR_LIBRARIES") is None:
+    OPERATOR_LIBRARIES = {}
+
+
+def define_operator(name: str, arguments: str, kernel: Callable, shape: Callable) -> None:
     """torch.ops.selfattn.<name>(<arguments>) -> Tensor, run by `kernel` on CPU tensors; `shape` gives the output of
     the fake tensors a compiled graph is traced with (the Meta key). For calls a compiled graph must keep opaque.
 
@@ -82,20 +89,19 @@ def define_operator(name: str, arguments: str, kernel: Callable, shape: Callable
     wrapper (autograd, argument checks) cost ~15 us more a call (measured: 69-78 against 58-63 us on a 16-row
     512x512 oneDNN product); these operators run only where no gradient is needed. Once per process: torch refuses
     a second registration (the defining file may be imported twice, as the package and as a saved model's remote
-    code, or reloaded), so this returns None where the operator exists. The Library returned keeps the registration
-    alive as long as it lives: a module executed again keeps the one it holds."""
+    code, or reloaded), so an operator that exists is left as it is."""
     if hasattr(torch.ops.selfattn, name):
-        return None
+        return
     library = torch.library.Library("selfattn", "FRAGMENT")  # not "DEF", which would claim the namespace
     library.define(f"{name}({arguments}) -> Tensor")
     library.impl(name, kernel, "CPU")
     library.impl(name, shape, "Meta")
-    return library
+    OPERATOR_LIBRARIES[name] = library
 
 
 # torch.compile cannot trace oneDNN's packed tensors; as an operator of its own the call stays opaque inside a compiled
 # graph.
-_onednn_linear_library = globals().get("_onednn_linear_library") or define_operator(
+define_operator(
     "onednn_linear", "Tensor input, Tensor weight, Tensor? bias, str activation, bool packed", onednn_linear,
     onednn_linear_shape,
 )

@@ -41,8 +41,8 @@ to fuse), torch's 2.4x faster (MiniLM-sized linears, 32x128 tokens, 2-core Xeon 
 deprecates the quantized dtypes (torch.qint8) this builds on (pytorch/pytorch#184982); the warning it gives at every
 quantization is silenced here, as the user cannot act on it.
 
-Shipped with saved models (model.py imports it), so it imports nothing of the package but kernels.py and scratch.py, also
-shipped.
+Shipped with saved models (model.py imports it), so it imports nothing of the package but kernels.py and scratch.py,
+also shipped.
 """
 
 import collections
@@ -224,8 +224,7 @@ class OneDNNWeight:
 # which every int8 layer joins when made, copied or unpickled, and runs the layer's eager forward, so the graph's
 # products are what the eager layer gives the same input. One operator per copy of this file (the package's, a saved
 # model's remote code), named after the module (its name made an identifier, with a hash against clashes), so that
-# each finds its own layers. A module executed again (importlib.reload) keeps its registry and its operator's Library,
-# whose loss would unregister the operator.
+# each finds its own layers. A module executed again (importlib.reload) keeps its registry.
 INT8_LAYERS: "weakref.WeakValueDictionary[int, Int8DynamicLinear]"
 if globals().get("INT8_LAYERS") is None:
     INT8_LAYERS = weakref.WeakValueDictionary()
@@ -247,9 +246,7 @@ def int8_layer_output(x: torch.Tensor, layer: int, out_features: int) -> torch.T
     return x.new_empty(*x.shape[:-1], out_features)
 
 
-_int8_layer_library = globals().get("_int8_layer_library") or define_operator(
-    INT8_LAYER_OPERATOR, "Tensor x, int layer, int out_features", int8_layer_forward, int8_layer_output
-)
+define_operator(INT8_LAYER_OPERATOR, "Tensor x, int layer, int out_features", int8_layer_forward, int8_layer_output)
 
 
 def in_compiled_graph() -> bool:

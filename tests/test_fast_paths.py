@@ -14,12 +14,8 @@ rounding for separately allocated copies of the same weights on every CPU.
 """
 
 import copy
-import gc
 import inspect
 import io
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -37,8 +33,6 @@ from modeling_selfattn import (
 from modeling_selfattn.fast_paths import enable_compiled_decoding
 from modeling_selfattn.kernels import ONEDNN_AVAILABLE, set_linear_kernel
 from modeling_selfattn.quantization import int8_linear
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_masked_lm_loss_and_gradients_match_the_full_cross_entropy():
@@ -145,7 +139,7 @@ def test_compiled_decoding_on_cpu_uses_inductors_cpp_wrapper_unless_told_otherwi
     options = enable_compiled_decoding(model, **compile_options).forward.step_compile_options()
     assert options == {**fast_paths.STEP_COMPILE_DEFAULTS, **expected}
     # Neither on CUDA nor on the CPU (Apple's MPS, Intel's XPU): the caller's options alone.
-    monkeypatch.setattr(fast_paths, "runs_on_cpu", lambda model: False)
+    monkeypatch.setattr(fast_paths, "device_type", lambda model: "mps")
     options = enable_compiled_decoding(model, **compile_options).forward.step_compile_options()
     assert options == {**fast_paths.STEP_COMPILE_DEFAULTS, **compile_options}
 
@@ -167,7 +161,7 @@ def test_compiled_decoding_on_cuda_uses_cuda_graphs_where_inductor_compiles_it(
     compile_options, device_map, expected_mode, monkeypatch
 ):
     # The CUDA case on CPU: the model counts as on CUDA (tests/test_cuda.py runs it on a GPU).
-    monkeypatch.setattr(fast_paths, "runs_on_cuda", lambda model: True)
+    monkeypatch.setattr(fast_paths, "device_type", lambda model: "cuda")
     model = build(SelfAttnForCausalLM, "decoder", type_vocab_size=0)
     if device_map is not None:
         model.hf_device_map = device_map
@@ -249,7 +243,8 @@ def test_compiled_decoding_of_an_int8_model_generates_its_eager_tokens(model_cla
         head = other.lm_head
         fresh = int8_linear(torch.nn.Linear(head.in_features, head.out_features), head.reduce_range)
         head.set_weight_bias(fresh.weight(), fresh.bias())
-        own = enable_compiled_decoding(copy.deepcopy(other), False).generate(**batch, generation_config=generation_config)
+        plain = enable_compiled_decoding(copy.deepcopy(other), False)
+        own = plain.generate(**batch, generation_config=generation_config)
         assert not torch.equal(own, expected)
         assert torch.equal(other.generate(**batch, generation_config=generation_config), own)
     # Quantized after a compiled float32 step: the changed layers make torch.compile trace the step again.
@@ -258,66 +253,6 @@ def test_compiled_decoding_of_an_int8_model_generates_its_eager_tokens(model_cla
     assert compiled_steps_ran(later)
     later.quantize("int8", per_token_activations=per_token)
     assert torch.equal(later.generate(**batch, generation_config=generation_config), expected)
-
-
-def test_int8_layers_are_found_by_their_id_when_made_copied_or_unpickled_and_only_while_they_live():
-    layer = int8_linear(torch.nn.Linear(16, 8), reduce_range=False)
-    buffer = io.BytesIO()
-    torch.save(layer, buffer)
-    buffer.seek(0)
-    copies = [copy.deepcopy(layer), torch.load(buffer, weights_only=False)]
-    x = torch.randn(3, 16)
-    operator = getattr(torch.ops.selfattn, quantization.INT8_LAYER_OPERATOR)
-    for each in (layer, *copies):
-        assert quantization.INT8_LAYERS[id(each)] is each
-        with torch.no_grad():
-            assert torch.equal(operator(x, id(each), 8), each(x))
-    key = id(copies[0])
-    del copies
-    gc.collect()
-    assert key not in quantization.INT8_LAYERS
-    with pytest.raises(RuntimeError, match=f"no int8 layer with id {key} is alive"):
-        operator(x, key, 8)
-
-
-def test_the_int8_operator_runs_the_eager_layer_whatever_compiles_elsewhere(monkeypatch):
-    # While a graph is being traced (in any thread), the operator's kernel still runs the eager layer, never itself.
-    layer = int8_linear(torch.nn.Linear(16, 8), reduce_range=False)
-    x = torch.randn(3, 16)
-    with torch.no_grad():
-        expected = layer(x)
-        monkeypatch.setattr(quantization, "in_compiled_graph", lambda: True)
-        assert torch.equal(getattr(torch.ops.selfattn, quantization.INT8_LAYER_OPERATOR)(x, id(layer), 8), expected)
-
-
-def test_a_compiled_int8_layer_refuses_an_input_that_requires_a_gradient():
-    torch._dynamo.reset()
-    layer = int8_linear(torch.nn.Linear(16, 8), reduce_range=False)
-    compiled = torch.compile(layer, backend="eager", fullgraph=True)
-    x = torch.randn(3, 16)
-    with torch.no_grad():
-        assert torch.equal(compiled(x), layer(x))
-    with pytest.raises(RuntimeError, match="requires a gradient"):
-        compiled(torch.randn(3, 16, requires_grad=True))
-
-
-def test_a_reloaded_module_keeps_its_operators_and_finds_the_layers_made_before(tmp_path):
-    script = """
-import importlib, torch
-from modeling_selfattn import kernels, quantization
-layer = quantization.int8_linear(torch.nn.Linear(16, 8), reduce_range=False)
-x = torch.randn(3, 16)
-with torch.no_grad():
-    expected = layer(x)
-    for module in (kernels, quantization):
-        importlib.reload(module)
-    assert hasattr(torch.ops.selfattn, "onednn_linear")
-    operator = getattr(torch.ops.selfattn, quantization.INT8_LAYER_OPERATOR)
-    assert torch.equal(operator(x, id(layer), 8), expected)
-print("ok")
-"""
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
 def test_compiled_decoding_keeps_a_forward_installed_on_the_instance():

@@ -8,6 +8,11 @@ benchmarks/quantized_quality.py, not here.
 """
 
 import copy
+import gc
+import io
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,6 +38,7 @@ from modeling_selfattn import (
     SelfAttnForTokenClassification,
     SelfAttnModel,
 )
+from modeling_selfattn import quantization
 from modeling_selfattn.heads import HEADS as REGISTRY
 from modeling_selfattn.quantization import (
     KEEP_FLOAT32_DEFAULT,
@@ -44,6 +50,7 @@ from modeling_selfattn.quantization import (
     quantize,
 )
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 INT8_RELATIVE_TOLERANCE = 0.05
 BF16_RELATIVE_TOLERANCE = 0.03
 
@@ -931,3 +938,64 @@ def test_quantize_works_as_remote_code(tmp_path):
     result = run_without_package(QUANTIZE_SCRIPT, job, tmp_path)
     assert result["classifier"] == "Int8DynamicLinear"
     torch.testing.assert_close(torch.load(tmp_path / "outputs.pt"), expected, rtol=0, atol=1e-6)
+
+
+def test_int8_layers_are_found_by_their_id_when_made_copied_or_unpickled_and_only_while_they_live():
+    layer = int8_linear(nn.Linear(16, 8), reduce_range=False)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    copies = [copy.deepcopy(layer), torch.load(buffer, weights_only=False)]
+    x = torch.randn(3, 16)
+    operator = getattr(torch.ops.selfattn, quantization.INT8_LAYER_OPERATOR)
+    for each in (layer, *copies):
+        assert quantization.INT8_LAYERS[id(each)] is each
+        with torch.no_grad():
+            assert torch.equal(operator(x, id(each), 8), each(x))
+    key = id(copies[0])
+    del copies
+    gc.collect()
+    assert key not in quantization.INT8_LAYERS
+    with pytest.raises(RuntimeError, match=f"no int8 layer with id {key} is alive"):
+        operator(x, key, 8)
+
+
+def test_the_int8_operator_runs_the_eager_layer_whatever_compiles_elsewhere(monkeypatch):
+    # While a graph is being traced (in any thread), the operator's kernel still runs the eager layer, never itself.
+    layer = int8_linear(nn.Linear(16, 8), reduce_range=False)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        expected = layer(x)
+        monkeypatch.setattr(quantization, "in_compiled_graph", lambda: True)
+        assert torch.equal(getattr(torch.ops.selfattn, quantization.INT8_LAYER_OPERATOR)(x, id(layer), 8), expected)
+
+
+def test_a_compiled_int8_layer_refuses_an_input_that_requires_a_gradient():
+    torch._dynamo.reset()
+    layer = int8_linear(nn.Linear(16, 8), reduce_range=False)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), layer(x))
+    with pytest.raises(RuntimeError, match="requires a gradient"):
+        compiled(torch.randn(3, 16, requires_grad=True))
+
+
+def test_a_reloaded_module_keeps_its_operators_and_finds_the_layers_made_before():
+    script = """
+import gc, importlib, torch
+from modeling_selfattn import kernels, quantization
+layer = quantization.int8_linear(torch.nn.Linear(16, 8), reduce_range=False)
+x = torch.randn(3, 16)
+with torch.no_grad():
+    expected = layer(x)
+    for module in (kernels, quantization):
+        importlib.reload(module)
+    gc.collect()  # a Library that nothing holds unregisters its operators when collected
+    assert hasattr(torch.ops.selfattn, "onednn_linear")
+    operator = getattr(torch.ops.selfattn, quantization.INT8_LAYER_OPERATOR)
+    assert torch.equal(operator(x, id(layer), 8), expected)
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
