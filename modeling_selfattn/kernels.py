@@ -11,21 +11,24 @@ rounded up to a power of two, thread count) and keeps the faster for the rest of
 such shape costs the timing: each kernel runs once untimed, then alternately until each has run for
 MIN_TIMED_SECONDS (at least MIN_TIMED_RUNS times, at most MAX_TIMED_RUNS), so a large product runs eight times, a
 small one up to 42; its result is the chosen kernel's, like every later call's. Compiled graphs (torch.compile) take
-the choice made so far in eager mode, and oneDNN for a shape not yet timed, since a trace cannot time. The two
-kernels sum in another order, so results agree to float32 rounding (within 1e-5), not to the bit, and another
-process may choose otherwise. With fewer than ONEDNN_MIN_ROWS rows (batch-1 decoding) MKL was faster on every CPU
-measured, so such calls keep it without timing; except from ONEDNN_STREAMED_MIN_ROWS rows on a weight too large to
-stay in cache (an LM head), which oneDNN reads faster from memory, and timing cannot tell (see there).
+the choice made so far in eager mode, and for a shape not yet timed oneDNN (nn.Linear's kernel below ONEDNN_MIN_ROWS
+rows), since a trace cannot time. The two kernels sum in another order, so results agree to float32 rounding
+(within 1e-5), not to the bit, and another process may choose otherwise. Few-row products (decoding) are timed too:
+there the winner depends on the CPU most of all (see ONEDNN_MIN_ROWS); a weight too large to stay in cache (an LM
+head) takes oneDNN untimed on 4-7 rows, which it reads faster from memory, as timing cannot tell (see
+ONEDNN_STREAMED_MIN_ROWS).
 
 The weights are read as they are at every call: nothing is cached but the choice, so no change to the weights (an
-optimizer step, load_state_dict, PEFT's merge through `.data`) can leave a stale copy behind. "onednn-packed" keeps,
-per weight, a copy in the layout oneDNN reads fastest: quicker for few-row products (1.7-2.4x MKL on 16 rows,
-against 1.3-1.5x), at the cost of a second copy of each weight and of a rule: a change that bypasses autograd's
-version counter (`weight.data` edits) is not seen until `set_linear_kernel` is called again, which drops the copies.
+optimizer step, load_state_dict, PEFT's merge through `.data`) can leave a stale copy behind. "auto-packed" and
+"onednn-packed" keep, per weight, a copy in the layout oneDNN reads fastest: quicker for few-row products (on a Xeon
+1.7-2.4x MKL on 16 rows, against 1.3-1.5x; on an AMD EPYC 1.2-1.9x plain oneDNN on 2-16 rows of decoder weights), at
+the cost of a second copy of each weight and of a rule: a change that bypasses autograd's version counter
+(`weight.data` edits) is not seen until `set_linear_kernel` or `drop_changed_packed_weights` is called (compiled
+decoding, which packs, calls the latter at every generate()).
 
-`set_linear_kernel(model, "auto" | "onednn" | "onednn-packed" | "aten")` chooses; "onednn" forces oneDNN on the
-weights as they are. Shipped with saved models (imported by model.py). No global torch setting is changed; the
-ones read are whether oneDNN is enabled and the thread count (part of the timed shape).
+`set_linear_kernel(model, "auto" | "auto-packed" | "onednn" | "onednn-packed" | "aten")` chooses; "onednn" forces
+oneDNN on the weights as they are. Shipped with saved models (imported by model.py). No global torch setting is
+changed; the ones read are whether oneDNN is enabled and the thread count (part of the timed shape).
 """
 
 import math
@@ -40,11 +43,25 @@ from transformers.activations import GELUActivation
 
 from .scratch import may_write_into_scratch, scratch
 
-# The packed copies of "onednn-packed", kept per storage so that they go when the weights go; within a storage
-# (several weights may be views of one, e.g. when loaded from a single file) by the weight's place in it, with the
-# weight's version when packed, so that an in-place change through autograd (optimizer step, load_state_dict)
-# repacks.
+# The packed copies of "auto-packed" and "onednn-packed", kept per storage so that they go when the weights go; within
+# a storage (several weights may be views of one, e.g. when loaded from a single file) by the weight's place in it,
+# with the weight's version and fingerprint when packed: an in-place change through autograd (optimizer step,
+# load_state_dict) repacks at the next call, one that bypasses it (`weight.data` edits) where
+# drop_changed_packed_weights finds it.
 _onednn_packed_weights: "weakref.WeakKeyDictionary[torch.UntypedStorage, dict]" = weakref.WeakKeyDictionary()
+
+
+def weight_place(weight: torch.Tensor) -> tuple:
+    return weight.storage_offset(), tuple(weight.shape), tuple(weight.stride())
+
+
+def fingerprint(weight: torch.Tensor) -> int:
+    """The sum of the weight's bits read as integers (wrapping): any change of one element changes it. Read as int64
+    pairs where the layout allows (1.1 ms on a 64 MB weight, measured on a 2-core AMD EPYC), else as int32."""
+    flat = weight.detach().reshape(-1)
+    if flat.numel() % 2 == 0 and flat.storage_offset() % 2 == 0:
+        return int(flat.view(torch.int64).sum())
+    return int(flat.view(torch.int32).sum())
 
 
 def onednn_packed_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -52,10 +69,22 @@ def onednn_packed_weight(weight: torch.Tensor) -> torch.Tensor:
     packed = _onednn_packed_weights.get(storage)
     if packed is None:  # not setdefault: this runs on every call, and would build a dict each time
         packed = _onednn_packed_weights[storage] = {}
-    place = (weight.storage_offset(), tuple(weight.shape), tuple(weight.stride()))
+    place = weight_place(weight)
     if place not in packed or packed[place][0] != weight._version:
-        packed[place] = (weight._version, torch.ops.mkldnn._reorder_linear_weight(weight.detach()))
+        packed[place] = (weight._version, torch.ops.mkldnn._reorder_linear_weight(weight.detach()), fingerprint(weight))
     return packed[place][1]
+
+
+def drop_changed_packed_weights(model: nn.Module) -> None:
+    """Drops the packed copy of each selfattn Linear weight in `model` that changed since it was packed, autograd's
+    version counter aside (an edit through `weight.data`, as PEFT's merge makes): the next call packs it again. Reads
+    each packed weight once (compiled decoding calls it at every generate())."""
+    for module in model.modules():
+        if isinstance(module, Linear):
+            packed = _onednn_packed_weights.get(module.weight.untyped_storage())
+            place = weight_place(module.weight)
+            if packed and place in packed and packed[place][2] != fingerprint(module.weight):
+                del packed[place]
 
 
 def onednn_linear(
@@ -107,25 +136,30 @@ define_operator(
 )
 
 
-# With fewer input rows (tokens) than this, oneDNN's cost per call outweighs its faster kernels (measured on weights
-# in cache: 0.15-0.8x MKL below eight rows, LM heads included; from eight, "auto" times them)...
+# With fewer input rows (tokens) than this, which kernel wins depends on the CPU more than on anything else: on a
+# 2-core Xeon, MKL was faster on weights in cache (oneDNN 0.15-0.8x MKL below eight rows, LM heads included); on a
+# 2-core AMD EPYC (Zen 5), where MKL's products of a few rows run far from the memory's bandwidth, oneDNN took
+# 0.24-0.72x MKL's time on one to four rows of 2048x512 weights and of a 58,101x512 LM head, and was 1.27x slower
+# only on one row of a 512x512 weight. "auto" times them like any other shape; a compiled graph that finds no
+# choice yet keeps MKL there, as measured on the Xeon...
 ONEDNN_MIN_ROWS = 8
-# ...except on a weight of at least STREAMED_WEIGHT_ELEMENTS floats (8 MB: an LM head, a large feed-forward) with at
-# least ONEDNN_STREAMED_MIN_ROWS rows (beam search, small batches). In a model such a weight is read from memory at
-# every call, the other layers' weights having taken the cache since, and there MKL's products of 4-7 rows took
-# 1.3-1.9x oneDNN's time on weights of 8-64 MB (measured on a 2-core Xeon, cycling through Transformer-base's decoder
-# weights as a decoding step does; Transformer-base's 32,000x512 LM head at 4 rows: 6.5 against 4.7 ms), while on a
-# weight already in cache the two were level (3.43 against 3.40 ms): "auto"'s timing, which repeats the call on one
-# weight, cannot see the difference, so these calls take oneDNN untimed. With 3 rows or fewer MKL stayed faster
-# (the same LM head: 3.0 against 3.7 ms). In beam search with 4 beams (Transformer-base, one process, alternating):
-# 5.1-9.1% less time in three runs, the same tokens.
+# ...and a weight of at least STREAMED_WEIGHT_ELEMENTS floats (8 MB: an LM head, a large feed-forward) with
+# ONEDNN_STREAMED_MIN_ROWS to ONEDNN_MIN_ROWS - 1 rows (beam search, small batches) takes oneDNN untimed. In a model
+# such a weight is read from memory at every call, the other layers' weights having taken the cache since, and
+# there MKL's products of 4-7 rows took 1.3-1.9x oneDNN's time on weights of 8-64 MB (measured on a 2-core Xeon,
+# cycling through Transformer-base's decoder weights as a decoding step does; Transformer-base's 32,000x512 LM head
+# at 4 rows: 6.5 against 4.7 ms), while on a weight already in cache the two were level (3.43 against 3.40 ms):
+# "auto"'s timing, which repeats the call on one weight, cannot see the difference. With 3 rows or fewer MKL stayed
+# faster there (the same LM head: 3.0 against 3.7 ms), and timing decides. In beam search with 4 beams
+# (Transformer-base, one process, alternating): 5.1-9.1% less time in three runs, the same tokens.
 ONEDNN_STREAMED_MIN_ROWS = 4
 STREAMED_WEIGHT_ELEMENTS = 2 * 2**20
 
 # Measured on x86 CPUs only (AMD Zen 5; Intel Xeons with and without AMX); elsewhere "auto" keeps nn.Linear's kernel.
 ONEDNN_AVAILABLE = platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
 
-LINEAR_KERNELS = ("auto", "onednn", "onednn-packed", "aten")
+LINEAR_KERNELS = ("auto", "auto-packed", "onednn", "onednn-packed", "aten")
+PACKED_KERNELS = ("auto-packed", "onednn-packed")
 
 # nn.Linear's path with the activation as the feed-forward applies it unfused (GELUActivation calls torch's gelu), in
 # place on the product, which nothing else holds: a fresh tensor of the product's size costs more than the activation
@@ -151,8 +185,8 @@ def aten_linear(
     return ATEN_ACTIVATIONS[activation](output.view(*input.shape[:-1], weight.shape[0]))
 
 
-# "auto"'s choices for this process, per thread count: {threads: {(in_features, out_features, activation, row bucket):
-# "onednn" | "aten"}}; and the thread count of the latest eager call, which compiled graphs (that cannot read it) use.
+# The timed kernels' choices for this process, per thread count: {threads: {(in_features, out_features, activation,
+# row bucket, packed): "onednn" | "aten"}}; and the thread count of the latest eager call, which compiled graphs (that cannot read it) use.
 _chosen_kernels: dict[int, dict[tuple, str]] = {}
 _eager_threads = [torch.get_num_threads()]
 
@@ -186,14 +220,14 @@ def time_kernels(runs: dict) -> tuple[dict[str, float], dict[str, torch.Tensor]]
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters, state dict, training and autograd) whose CPU float32 inference on x86 with at
-    least ONEDNN_MIN_ROWS rows runs as `kernel` says: "auto" (the default) the faster of oneDNN and nn.Linear's own,
-    timed once per shape (see above), "onednn" oneDNN, "onednn-packed" oneDNN on a packed copy of the weight,
-    "aten" nn.Linear's own. A large weight (see ONEDNN_STREAMED_MIN_ROWS) takes oneDNN from 4 rows under the three
-    oneDNN settings ("auto" untimed, unless oneDNN refuses the shape). oneDNN can run only when no gradient is
-    needed, input and weight are plain float32 CPU tensors (not a quantised or other tensor subclass), oneDNN is
-    enabled and CPU autocast is not, and never while tracing or exporting, so that exported graphs hold standard
-    linear ops. Results match nn.Linear's up to float32 rounding (the kernels sum in another order)."""
+    """nn.Linear (same parameters, state dict, training and autograd) whose CPU float32 inference on x86 runs as
+    `kernel` says: "auto" (the default) the faster of oneDNN and nn.Linear's own, timed once per shape (see above),
+    "auto-packed" the same with oneDNN on a packed copy of the weight, "onednn" oneDNN, "onednn-packed" oneDNN on a
+    packed copy, "aten" nn.Linear's own. A large weight (see ONEDNN_STREAMED_MIN_ROWS) takes oneDNN untimed from 4
+    to 7 rows under the timed settings. oneDNN can run only when no gradient is needed, input and weight are plain
+    float32 CPU tensors (not a quantised or other tensor subclass), oneDNN is enabled and CPU autocast is not, and
+    never while tracing or exporting, so that exported graphs hold standard linear ops. Results match nn.Linear's up
+    to float32 rounding (the kernels sum in another order)."""
 
     kernel: str = "auto"
     # Its kernels may round a row otherwise in a product of another size, so a feed-forward does not take its rows a
@@ -205,22 +239,12 @@ class Linear(nn.Linear):
         # Cheapest first: this runs on every call, and a decoding step makes dozens of calls of one row each. The
         # device first: under torch.compile, what is read here is checked before every compiled call, and a GPU's
         # calls then check nothing of the layer's.
-        if (
-            input.device.type != "cpu"
-            or self.kernel == "aten"
-            or not ONEDNN_AVAILABLE
-            or input.numel() < ONEDNN_STREAMED_MIN_ROWS * self.in_features
-            or (
-                input.numel() < ONEDNN_MIN_ROWS * self.in_features
-                and self.in_features * self.out_features < STREAMED_WEIGHT_ELEMENTS
-            )
-        ):
+        if input.device.type != "cpu" or self.kernel == "aten" or not ONEDNN_AVAILABLE or input.numel() == 0:
             return False
         weight = self.weight
         return not (
             input.dtype != torch.float32
             or weight.dtype != torch.float32
-            or input.device.type != "cpu"
             or weight.device.type != "cpu"
             or type(weight) is not nn.Parameter
             or (self.bias is not None and not self.bias.is_contiguous())  # oneDNN reads a strided bias wrongly
@@ -242,12 +266,12 @@ class Linear(nn.Linear):
     ) -> torch.Tensor:
         """activation(input @ weight.T + bias) on the kernel `self.kernel` gives, where may_run_onednn(input);
         `into_scratch`: where that kernel is nn.Linear's, the output in a scratch buffer (see aten_linear)."""
-        packed = self.kernel == "onednn-packed"
-        if self.kernel == "auto":
+        packed = self.kernel in PACKED_KERNELS
+        if self.kernel.startswith("auto"):
             if torch.compiler.is_compiling():
-                kernel, output = self.compiled_choice(input, activation), None
+                kernel, output = self.compiled_choice(input, activation, packed), None
             else:
-                kernel, output = self.timed_kernel(input, activation)
+                kernel, output = self.timed_kernel(input, activation, packed)
             if output is not None:
                 return output
             if kernel == "aten":
@@ -258,36 +282,46 @@ class Linear(nn.Linear):
         # The same function without the op's dispatch, which costs 4-7 us a call outside compile (measured).
         return onednn_linear(input, self.weight, self.bias, activation, packed)
 
-    def timing_key(self, rows: int, activation: str) -> tuple:
-        # Calls of fewer than ONEDNN_MIN_ROWS rows get here only on a streamed weight, untimed: a key of their own,
-        # apart from the 8-row bucket that rows 5-7 would round up to.
-        bucket = "streamed" if rows < ONEDNN_MIN_ROWS else row_bucket(rows)
-        return self.in_features, self.out_features, activation, bucket
+    def takes_onednn_untimed(self, rows: int) -> bool:
+        """A streamed weight's call of 4-7 rows, which timing cannot judge (see ONEDNN_STREAMED_MIN_ROWS)."""
+        return (
+            ONEDNN_STREAMED_MIN_ROWS <= rows < ONEDNN_MIN_ROWS
+            and self.in_features * self.out_features >= STREAMED_WEIGHT_ELEMENTS
+        )
 
-    def compiled_choice(self, input: torch.Tensor, activation: str) -> str:
-        """A trace cannot time: it takes the choice eager calls made, and oneDNN where there is none yet."""
+    def timing_key(self, rows: int, activation: str, packed: bool) -> tuple:
+        # Streamed calls (untimed) get a key of their own, apart from the 8-row bucket that rows 5-7 round up to.
+        bucket = "streamed" if self.takes_onednn_untimed(rows) else row_bucket(rows)
+        return self.in_features, self.out_features, activation, bucket, packed
+
+    def compiled_choice(self, input: torch.Tensor, activation: str, packed: bool) -> str:
+        """A trace cannot time: it takes the choice eager calls made; where there is none yet, oneDNN from
+        ONEDNN_MIN_ROWS rows (and on a streamed weight), nn.Linear's kernel on fewer."""
         rows = input.numel() // self.in_features
         if not isinstance(rows, int):  # a dynamic shape: no row count to look up
             return "onednn"
-        return _chosen_kernels.get(_eager_threads[0], {}).get(self.timing_key(rows, activation), "onednn")
+        chosen = _chosen_kernels.get(_eager_threads[0], {}).get(self.timing_key(rows, activation, packed))
+        if chosen is not None:
+            return chosen
+        return "onednn" if rows >= ONEDNN_MIN_ROWS or self.takes_onednn_untimed(rows) else "aten"
 
-    def timed_kernel(self, input: torch.Tensor, activation: str) -> tuple[str, torch.Tensor | None]:
-        """The kernel "auto" chose for this call's shape, timing both on this call (and then with its output) if
-        none was chosen yet in this process. A shape oneDNN refuses is left to nn.Linear's kernel."""
+    def timed_kernel(self, input: torch.Tensor, activation: str, packed: bool) -> tuple[str, torch.Tensor | None]:
+        """The kernel chosen for this call's shape, timing both on this call (and then with its output) if none was
+        chosen yet in this process. A shape oneDNN refuses is left to nn.Linear's kernel."""
         _eager_threads[0] = threads = torch.get_num_threads()
         choices = _chosen_kernels.setdefault(threads, {})
         rows = input.numel() // self.in_features
-        key = self.timing_key(rows, activation)
+        key = self.timing_key(rows, activation, packed)
         kernel = choices.get(key)
         if kernel is not None:
             return kernel, None
         weight, bias = self.weight, self.bias
         try:
-            if rows < ONEDNN_MIN_ROWS:  # a streamed weight, which timing cannot judge (see ONEDNN_STREAMED_MIN_ROWS)
-                kernel, output = "onednn", onednn_linear(input, weight, bias, activation, False)
+            if key[3] == "streamed":
+                kernel, output = "onednn", onednn_linear(input, weight, bias, activation, packed)
             else:
                 seconds, outputs = time_kernels({
-                    "onednn": lambda: onednn_linear(input, weight, bias, activation, False),
+                    "onednn": lambda: onednn_linear(input, weight, bias, activation, packed),
                     "aten": lambda: aten_linear(input, weight, bias, activation),
                 })  # fmt: skip
                 kernel = min(seconds, key=seconds.get)
@@ -421,17 +455,18 @@ def in_row_blocks(position_wise: Callable, input: torch.Tensor, rows: int) -> to
 
 
 def set_linear_kernel(model: nn.Module, kernel: str) -> nn.Module:
-    """Choose the kernel of every selfattn Linear in `model` (returned) for CPU float32 inference on x86 with at
-    least ONEDNN_MIN_ROWS rows (fewer rows take nn.Linear's, but a large weight takes oneDNN from
-    ONEDNN_STREAMED_MIN_ROWS rows): "auto" (the default: the faster of oneDNN and nn.Linear's own, timed once per
-    shape), "onednn" (oneDNN), "onednn-packed" (oneDNN on packed copies of the weights) or "aten" (nn.Linear's own).
-    Drops the packed copies made so far of the model's weights."""
+    """Choose the kernel of every selfattn Linear in `model` (returned) for CPU float32 inference on x86: "auto" (the
+    default: the faster of oneDNN and nn.Linear's own, timed once per shape), "auto-packed" (the same with oneDNN on
+    packed copies of the weights: more memory, a second copy of each weight used), "onednn" (oneDNN), "onednn-packed"
+    (oneDNN on packed copies) or "aten" (nn.Linear's own). Drops the packed copies made so far of the model's
+    weights: with a packed kernel, an edit of the weights that bypasses autograd (`weight.data`, PEFT's merge) is
+    seen only after this call (or drop_changed_packed_weights)."""
     if kernel not in LINEAR_KERNELS:
         raise ValueError(f"kernel={kernel!r} is not one of {LINEAR_KERNELS}.")
     if kernel.startswith("onednn") and not ONEDNN_AVAILABLE:
         raise RuntimeError(
             f"kernel={kernel!r} runs on x86 CPUs with a torch build that has oneDNN (mkldnn); this machine or build is "
-            "not one. Use 'auto' or 'aten'."
+            "not one. Use 'auto', 'auto-packed' or 'aten'."
         )
     for module in model.modules():
         if isinstance(module, Linear):

@@ -24,6 +24,7 @@ from transformers import GenerationConfig, StaticCache
 from transformers.cache_utils import StaticLayer
 
 import modeling_selfattn.fast_paths as fast_paths
+import modeling_selfattn.kernels as kernels
 import modeling_selfattn.quantization as quantization
 from modeling_selfattn import (
     SelfAttnForCausalLM,
@@ -119,6 +120,46 @@ def test_compiled_decoding_runs_the_onednn_kernel_inside_the_compiled_steps(num_
     events = {event.key for event in profile.key_averages()}
     assert any("CompiledFxGraph" in key or "Torch-Compiled Region" in key for key in events)
     assert "selfattn::onednn_linear" in events  # oneDNN called from the compiled steps
+
+
+@pytest.mark.skipif(not ONEDNN_AVAILABLE, reason="oneDNN runs on x86 CPUs with a oneDNN build of torch only")
+def test_compiled_decoding_packs_the_decoders_weights_and_repacks_those_changed_through_data(monkeypatch):
+    """The decoder's layers (and the LM head) with the default kernel take "auto-packed", the encoder's keep theirs;
+    each generate() repacks a weight edited through `.data` (as PEFT's merge edits), which autograd does not see;
+    enabled=False restores the kernels."""
+    torch._dynamo.reset()
+    monkeypatch.setattr(kernels, "_chosen_kernels", {})
+    real_timing = kernels.time_kernels
+    # Reported faster, oneDNN on the packed copies runs wherever it is timed: the copies are what this tests.
+    monkeypatch.setattr(kernels, "time_kernels", lambda runs: ({"onednn": 1.0, "aten": 2.0}, real_timing(runs)[1]))
+    model = build(
+        SelfAttnForConditionalGeneration, "encoder_decoder", tie_word_embeddings=False, initializer_range=0.2,
+        type_vocab_size=0,
+    )
+    plain = set_linear_kernel(copy.deepcopy(model), "aten")
+    set_linear_kernel(model.model.decoder.layers[0].self_attn.q_proj, "aten")  # the caller's choice, kept
+    fast = enable_compiled_decoding(model)
+    encoder_layers = set(fast.model.encoder.modules())
+    for name, module in fast.named_modules():
+        if isinstance(module, kernels.Linear):
+            expected_kernel = "auto" if module in encoder_layers else "auto-packed"
+            assert module.kernel == ("aten" if name == "model.decoder.layers.0.self_attn.q_proj" else expected_kernel)
+    batch = padded_batch(lengths=(8, 5, 3))
+    generation_config = GenerationConfig(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    with torch.profiler.profile() as profile:
+        tokens = fast.generate(**batch, generation_config=generation_config)
+    assert torch.equal(tokens, plain.generate(**batch, generation_config=generation_config))
+    assert compiled_steps_ran(fast)
+    assert "selfattn::onednn_linear" in {event.key for event in profile.key_averages()}
+    assert fast.lm_head.weight.untyped_storage() in kernels._onednn_packed_weights
+    for edited in (fast, plain):
+        with torch.no_grad():
+            edited.lm_head.weight.data.mul_(-1)
+    changed = plain.generate(**batch, generation_config=generation_config)
+    assert not torch.equal(changed, tokens)  # the edit matters...
+    assert torch.equal(fast.generate(**batch, generation_config=generation_config), changed)  # ...and is seen
+    enable_compiled_decoding(fast, False)
+    assert {module.kernel for module in fast.modules() if isinstance(module, kernels.Linear)} == {"auto", "aten"}
 
 
 @pytest.mark.parametrize(

@@ -35,7 +35,7 @@ needs_onednn = pytest.mark.skipif(
 def onednn_calls(monkeypatch) -> list:
     calls = []
     original = kernels.onednn_linear
-    monkeypatch.setattr(kernels, "onednn_linear", lambda *args: calls.append(args[1].shape) or original(*args))
+    monkeypatch.setattr(kernels, "onednn_linear", lambda *args: calls.append((*args[1].shape, *args[3:])) or original(*args))
     return calls
 
 
@@ -105,13 +105,36 @@ def test_onednn_inference_matches_the_aten_kernel(model_class, shape, kernel, on
 
 @needs_onednn
 @pytest.mark.parametrize("kernel", ["onednn", "onednn-packed"])
-def test_onednn_runs_from_eight_rows(kernel, onednn_calls):
+def test_a_forced_onednn_kernel_runs_on_every_row_count(kernel, onednn_calls):
     layer = set_linear_kernel(kernels.Linear(64, 32), kernel)
+    plain = aten_copy(layer)
     with torch.no_grad():
-        layer(torch.randn(2, kernels.ONEDNN_MIN_ROWS // 2, 64))  # one call of 8 rows
-        assert len(onednn_calls) == 1
-        layer(torch.randn(1, kernels.ONEDNN_MIN_ROWS - 1, 64))  # fewer: nn.Linear's kernel
-        assert len(onednn_calls) == 1
+        for rows in (1, 3, kernels.ONEDNN_MIN_ROWS):
+            torch.testing.assert_close(layer(torch.ones(rows, 64)), plain(torch.ones(rows, 64)), rtol=0, atol=TOLERANCE)
+    assert len(onednn_calls) == 3
+
+
+@needs_onednn
+@pytest.mark.parametrize("faster", ["onednn", "aten"])
+@pytest.mark.parametrize("kernel", ["auto", "auto-packed"])
+def test_auto_times_few_row_calls_too(kernel, faster, onednn_calls, auto_finds_faster):
+    """Decoding's one-row products are timed like any shape (which kernel wins there depends on the CPU); a compiled
+    graph that finds no choice yet keeps nn.Linear's kernel below ONEDNN_MIN_ROWS rows, oneDNN from there."""
+    timings = auto_finds_faster(faster)
+    layer = set_linear_kernel(kernels.Linear(64, 32), kernel)
+    plain = aten_copy(layer)
+    packed = kernel == "auto-packed"
+    inputs = torch.randn(1, 64, generator=torch.Generator().manual_seed(0))
+    assert layer.compiled_choice(inputs, "none", packed) == "aten"
+    assert layer.compiled_choice(torch.randn(kernels.ONEDNN_MIN_ROWS, 64), "none", packed) == "onednn"
+    with torch.no_grad():
+        torch.testing.assert_close(layer(inputs), plain(inputs), rtol=0, atol=TOLERANCE)  # timed
+        assert onednn_calls and all(call[3] == packed for call in onednn_calls)
+        onednn_calls.clear()
+        torch.testing.assert_close(layer(inputs), plain(inputs), rtol=0, atol=TOLERANCE)  # the choice
+    assert timings == [["aten", "onednn"]]
+    assert layer.compiled_choice(inputs, "none", packed) == faster
+    assert onednn_calls == ([(32, 64, "none", packed)] if faster == "onednn" else [])
 
 
 def streamed_layer(kernel: str = "auto", out_features_less: int = 0) -> tuple[kernels.Linear, torch.nn.Linear]:
@@ -125,15 +148,14 @@ def streamed_layer(kernel: str = "auto", out_features_less: int = 0) -> tuple[ke
 
 
 @needs_onednn
-@pytest.mark.parametrize("kernel", ["auto", "onednn"])
-def test_a_large_weight_takes_onednn_from_four_rows_untimed(kernel, onednn_calls, auto_finds_faster):
-    """A weight of STREAMED_WEIGHT_ELEMENTS floats (8 MB, an LM head's size) takes oneDNN from
-    ONEDNN_STREAMED_MIN_ROWS rows, with "auto" too and without timing, which cannot judge it; fewer rows, and a
-    smaller weight at the same rows, nn.Linear's kernel. The result is nn.Linear's within float32 rounding."""
-    timings = auto_finds_faster("aten")  # were "auto" to time these calls, it would choose nn.Linear's kernel
+def test_a_large_weight_takes_onednn_from_four_rows_untimed(onednn_calls, auto_finds_faster):
+    """A weight of STREAMED_WEIGHT_ELEMENTS floats (8 MB, an LM head's size) takes oneDNN on ONEDNN_STREAMED_MIN_ROWS
+    to ONEDNN_MIN_ROWS - 1 rows without timing, which cannot judge it; fewer rows, and a smaller weight at the same
+    rows, are timed. The result is nn.Linear's within float32 rounding."""
+    timings = auto_finds_faster("aten")  # where "auto" times these calls, it chooses nn.Linear's kernel
     in_features = 512
-    large, plain = streamed_layer(kernel)
-    small, _ = streamed_layer(kernel, out_features_less=1)
+    large, plain = streamed_layer()
+    small, _ = streamed_layer(out_features_less=1)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for rows in range(kernels.ONEDNN_STREAMED_MIN_ROWS, kernels.ONEDNN_MIN_ROWS):
@@ -142,10 +164,10 @@ def test_a_large_weight_takes_onednn_from_four_rows_untimed(kernel, onednn_calls
             torch.testing.assert_close(large(inputs), plain(inputs), rtol=0, atol=TOLERANCE)
             assert len(onednn_calls) == 1
             small(inputs)
-            assert len(onednn_calls) == 1
+            buckets = {kernels.row_bucket(seen) for seen in range(kernels.ONEDNN_STREAMED_MIN_ROWS, rows + 1)}
+            assert len(timings) == len(buckets)  # the small weight's only, once per row bucket (4; 5-7 take 8's)
         large(torch.randn(kernels.ONEDNN_STREAMED_MIN_ROWS - 1, in_features, generator=generator))
-        assert len(onednn_calls) == 1
-    assert timings == []
+        assert len(timings) == 3
 
 
 @needs_onednn
@@ -156,14 +178,14 @@ def test_few_rows_on_a_large_weight_keep_their_own_choice_and_fall_back_where_on
     monkeypatch.setattr(kernels, "_chosen_kernels", {threads: {}})
     in_features = 512
     layer, plain = streamed_layer()
-    kernels._chosen_kernels[threads][layer.timing_key(kernels.ONEDNN_MIN_ROWS, "none")] = "aten"  # 8 rows: MKL
+    kernels._chosen_kernels[threads][layer.timing_key(kernels.ONEDNN_MIN_ROWS, "none", False)] = "aten"  # 8 rows: MKL
     inputs = torch.randn(kernels.ONEDNN_MIN_ROWS - 1, in_features, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(layer(inputs), plain(inputs), rtol=0, atol=TOLERANCE)
         assert len(onednn_calls) == 1
-        assert kernels._chosen_kernels[threads][layer.timing_key(len(inputs), "none")] == "onednn"
-        assert layer.compiled_choice(inputs, "none") == "onednn"
-        assert layer.compiled_choice(torch.randn(kernels.ONEDNN_MIN_ROWS, in_features), "none") == "aten"
+        assert kernels._chosen_kernels[threads][layer.timing_key(len(inputs), "none", False)] == "onednn"
+        assert layer.compiled_choice(inputs, "none", False) == "onednn"
+        assert layer.compiled_choice(torch.randn(kernels.ONEDNN_MIN_ROWS, in_features), "none", False) == "aten"
 
         refusals = []
 
@@ -176,7 +198,7 @@ def test_few_rows_on_a_large_weight_keep_their_own_choice_and_fall_back_where_on
         for _ in range(2):  # the refusal is recorded: the second call does not try oneDNN again
             torch.testing.assert_close(layer(inputs), plain(inputs), rtol=0, atol=TOLERANCE)
         assert refusals == [1]
-        assert kernels._chosen_kernels[threads] == {layer.timing_key(len(inputs), "none"): "aten"}
+        assert kernels._chosen_kernels[threads] == {layer.timing_key(len(inputs), "none", False): "aten"}
 
 
 @needs_onednn
@@ -193,6 +215,24 @@ def test_the_onednn_kernel_sees_weights_changed_through_data(onednn_calls):
         layer.weight.data += 1.0
         set_linear_kernel(layer, "onednn-packed")
         torch.testing.assert_close(layer(inputs), set_linear_kernel(copy.deepcopy(layer), "aten")(inputs))
+    assert len(onednn_calls) == 4
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(16, 16), (3, 5)], ids=["even", "odd"])  # fingerprints read as int64 or int32
+def test_drop_changed_packed_weights_repacks_only_weights_changed_through_data(shape, onednn_calls):
+    model = torch.nn.Sequential(kernels.Linear(shape[1], shape[0]), kernels.Linear(shape[1], shape[0]))
+    set_linear_kernel(model, "onednn-packed")
+    inputs = torch.randn(4, shape[1])
+    with torch.no_grad():
+        for layer in model:
+            layer(inputs)
+        unchanged = kernels.onednn_packed_weight(model[1].weight)
+        model[0].weight.data[-1, -1] += 1e-3  # one element, which autograd does not see
+        kernels.drop_changed_packed_weights(model)
+        assert kernels.onednn_packed_weight(model[1].weight) is unchanged
+        for layer in model:
+            torch.testing.assert_close(layer(inputs), aten_copy(layer)(inputs), rtol=0, atol=TOLERANCE)
     assert len(onednn_calls) == 4
 
 
@@ -302,7 +342,8 @@ def test_auto_keeps_the_aten_kernel_where_onednn_was_not_measured(monkeypatch, o
 
 
 def test_an_unknown_kernel_is_refused():
-    with pytest.raises(ValueError, match=r"kernel='mkl' is not one of \('auto', 'onednn', 'onednn-packed', 'aten'\)"):
+    kernels_named = r"\('auto', 'auto-packed', 'onednn', 'onednn-packed', 'aten'\)"
+    with pytest.raises(ValueError, match=rf"kernel='mkl' is not one of {kernels_named}"):
         set_linear_kernel(build(SelfAttnModel), "mkl")
 
 
@@ -358,17 +399,17 @@ def test_auto_times_each_shape_once_and_keeps_the_faster_kernel(faster, onednn_c
         assert bool(onednn_calls) == (faster == "onednn")  # after the choice, only the chosen kernel runs
         layer(torch.randn(33, 64, generator=generator))  # the next bucket is timed apart
         assert len(timings) == 2
-        layer(torch.randn(kernels.ONEDNN_MIN_ROWS - 1, 64, generator=generator))
-        assert len(timings) == 2  # too few rows: nn.Linear's kernel, without timing
+        layer(torch.randn(1, 64, generator=generator))
+        assert len(timings) == 3  # one row too: which kernel wins there depends on the CPU
         relu = torch.nn.ReLU()
         inputs = torch.randn(20, 64, generator=generator)
         # With the activation in the same pass it is another product: timed apart, and equal to the unfused one.
         fused = kernels.linear_then_activation(layer, relu, inputs)
-        assert len(timings) == 3
+        assert len(timings) == 4
         torch.testing.assert_close(fused, relu(plain(inputs)), rtol=0, atol=TOLERANCE)
         with thread_count(torch.get_num_threads() % 2 + 1):
             layer(inputs)  # the speeds depend on the thread count
-        assert len(timings) == 4
+        assert len(timings) == 5
 
 
 @contextlib.contextmanager
