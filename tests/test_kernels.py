@@ -253,29 +253,74 @@ def test_onednn_inference_generates_the_same_tokens(num_beams, onednn_calls, aut
 
 
 @needs_onednn
-def test_training_takes_the_aten_kernel_and_inference_follows_weight_updates(onednn_calls):
-    model = set_linear_kernel(build(SelfAttnForMaskedLM), "onednn")
+@pytest.mark.parametrize("kernel", ["onednn", "auto"])
+def test_training_on_onednn_matches_the_aten_kernel_and_inference_follows_weight_updates(
+    kernel, onednn_calls, auto_finds_faster
+):
+    """A training step (forward, backward, optimizer) with every product on oneDNN ("auto" where its timing, here
+    reported, finds oneDNN faster): loss and gradients equal nn.Linear's within float32 rounding; inference after the
+    step reads the updated weights."""
+    timings = auto_finds_faster("onednn")
+    model = set_linear_kernel(build(SelfAttnForMaskedLM), kernel)
     plain = aten_copy(model)
     assert model.lm_head.decoder.weight is model.model.encoder.embeddings.word_embeddings.weight  # still tied
     batch = padded_batch(lengths=(12, 7, 4))
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    losses = []
+    losses, gradients = [], []
     for trained in (plain, model):
         trained.train()
         optimizer = torch.optim.SGD(trained.parameters(), lr=0.5)
+        onednn_calls.clear()
         loss = trained(**batch, labels=labels).loss
         loss.backward()
+        assert bool(onednn_calls) == (trained is model)
+        gradients.append({name: parameter.grad.clone() for name, parameter in trained.named_parameters()})
         optimizer.step()
         losses.append(loss.item())
-    assert onednn_calls == []  # a gradient is needed: nn.Linear's own path
     assert abs(losses[0] - losses[1]) <= TOLERANCE
+    for name, expected in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], expected, rtol=TOLERANCE, atol=TOLERANCE, msg=name)
+    assert all(kind == ["aten", "onednn"] for kind in timings) and (kernel == "onednn") == (not timings)
     for trained in (plain, model):
         trained.eval()
-    with torch.no_grad():  # inference after the update uses the updated weights, repacked
+    with torch.no_grad():  # inference after the update uses the updated weights
         assert max_output_diff(plain(**batch), model(**batch)) <= TOLERANCE
         model.load_state_dict(build(SelfAttnForMaskedLM, seed=1).state_dict())
         assert max_output_diff(aten_copy(build(SelfAttnForMaskedLM, seed=1))(**batch), model(**batch)) <= TOLERANCE
-    assert onednn_calls, "inference never reached oneDNN: the check on training above proves nothing"
+
+
+@needs_onednn
+def test_onednn_training_products_give_nn_linears_gradients_frozen_checkpointed_and_of_gradients(onednn_calls):
+    layer = set_linear_kernel(kernels.Linear(64, 48), "onednn")
+    plain = aten_copy(layer)
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(3, 20, 64, generator=generator)
+    grad_output = torch.randn(3, 20, 48, generator=generator)
+
+    def gradients(module, frozen=False, checkpointed=False, of_gradients=False):
+        module.zero_grad(set_to_none=True)
+        module.weight.requires_grad_(not frozen)
+        x = inputs.clone().requires_grad_()
+        if checkpointed:
+            output = torch.utils.checkpoint.checkpoint(module, x, use_reentrant=False)
+        else:
+            output = module(x)
+        if of_gradients:  # a penalty on the input's gradient: the backward itself differentiated
+            (input_grad,) = torch.autograd.grad((output * grad_output).sum(), x, create_graph=True)
+            input_grad.pow(2).sum().backward()
+        else:
+            output.backward(grad_output)
+        module.weight.requires_grad_(True)
+        return x.grad, module.weight.grad, module.bias.grad
+
+    for options in ({}, {"frozen": True}, {"checkpointed": True}, {"of_gradients": True}):
+        onednn_calls.clear()
+        actual = gradients(layer, **options)
+        assert onednn_calls, options
+        for got, expected in zip(actual, gradients(plain, **options)):
+            assert (got is None) == (expected is None), options
+            if got is not None:
+                torch.testing.assert_close(got, expected, rtol=TOLERANCE, atol=TOLERANCE, msg=str(options))
 
 
 class WeightSubclass(torch.Tensor):
