@@ -104,14 +104,15 @@ class CompiledDecodingForward:
         if torch.compiler.is_compiling():
             return self.plain_forward(*args, **kwargs)
         if not is_decoding_step(self.model, args, kwargs):
-            if self.packed_layers and not self.model.training:  # a prompt: weights may have changed since
+            # A prompt: weights may have changed since. Not in training, which reads no packed copy.
+            if self.packed_layers and not (self.model.training and torch.is_grad_enabled()):
                 drop_changed_packed_weights(self.model)
             return self.plain_forward(*args, **kwargs)
-        batch_size = new_tokens(self.model, kwargs).shape[0]
-        if batch_size not in self.batch_sizes_timed:
-            # The first step of each batch size runs plainly: kernels.py times its linear layers' kernels there,
-            # which a compiled graph cannot do, and the graph then takes its choices.
-            self.batch_sizes_timed.add(batch_size)
+        shape = (new_tokens(self.model, kwargs).shape[0], torch.get_num_threads())
+        if shape not in self.batch_sizes_timed:
+            # The first step of each batch size (and thread count) runs plainly: kernels.py times its linear layers'
+            # kernels there, which a compiled graph cannot do, and the graph then takes its choices.
+            self.batch_sizes_timed.add(shape)
             return self.plain_forward(*args, **kwargs)
         if self.compiled_step is None:
             self.compiled_step = torch.compile(self.plain_forward, **self.step_compile_options())
@@ -139,7 +140,8 @@ class CompiledDecodingForward:
 
     def __getstate__(self):
         # A compiled step can be neither pickled nor shared by a copy (it calls this model): copies compile their own.
-        state = {**self.__dict__, "compiled_step": None}
+        # Nor its record of timed steps: a copy in another process has no timings yet.
+        state = {**self.__dict__, "compiled_step": None, "batch_sizes_timed": set()}
         state.pop("__signature__", None)
         return state
 

@@ -58,12 +58,18 @@ def weight_place(weight: torch.Tensor) -> tuple:
 
 
 def fingerprint(weight: torch.Tensor) -> int:
-    """The sum of the weight's bits read as integers (wrapping): any change of one element changes it. Read as int64
-    pairs where the layout allows (1.1 ms on a 64 MB weight, measured on a 2-core AMD EPYC), else as int32."""
-    flat = weight.detach().reshape(-1)
-    if flat.numel() % 2 == 0 and flat.storage_offset() % 2 == 0:
-        return int(flat.view(torch.int64).sum())
-    return int(flat.view(torch.int32).sum())
+    """A hash of the weight's bits that any edit changes in practice, a moved element too: each row's bits (read as
+    integers, wrapping) summed with weights by column, then the rows' sums with weights by row. Read as int64 pairs
+    where the layout allows (one matrix-vector product over the weight: about 2 ms for 64 MB on a 2-core AMD EPYC),
+    else as int32 widened."""
+    bits = weight.detach().reshape(weight.shape[0] if weight.dim() else 1, -1)
+    if bits.shape[1] % 2 == 0 and bits.is_contiguous() and bits.storage_offset() % 2 == 0:
+        bits = bits.view(torch.int64)
+    else:
+        bits = bits.contiguous().view(torch.int32).long()
+    by_column = torch.arange(1, bits.shape[1] + 1, dtype=torch.int64).mul_(0x9E3779B1)
+    by_row = torch.arange(1, bits.shape[0] + 1, dtype=torch.int64).mul_(0x85EBCA77)
+    return int(torch.mv(bits, by_column).mul_(by_row).sum())
 
 
 def onednn_packed_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -72,9 +78,11 @@ def onednn_packed_weight(weight: torch.Tensor) -> torch.Tensor:
     if packed is None:  # not setdefault: this runs on every call, and would build a dict each time
         packed = _onednn_packed_weights[storage] = {}
     place = weight_place(weight)
-    if place not in packed or packed[place][0] != weight._version:
-        packed[place] = (weight._version, torch.ops.mkldnn._reorder_linear_weight(weight.detach()), fingerprint(weight))
-    return packed[place][1]
+    entry = packed.get(place)  # read once: another thread may drop it (drop_changed_packed_weights)
+    if entry is None or entry[0] != weight._version:
+        entry = (weight._version, torch.ops.mkldnn._reorder_linear_weight(weight.detach()), fingerprint(weight))
+        packed[place] = entry
+    return entry[1]
 
 
 def drop_changed_packed_weights(model: nn.Module) -> None:
@@ -85,8 +93,9 @@ def drop_changed_packed_weights(model: nn.Module) -> None:
         if isinstance(module, Linear):
             packed = _onednn_packed_weights.get(module.weight.untyped_storage())
             place = weight_place(module.weight)
-            if packed and place in packed and packed[place][2] != fingerprint(module.weight):
-                del packed[place]
+            entry = packed.get(place) if packed else None
+            if entry is not None and entry[2] != fingerprint(module.weight):
+                packed.pop(place, None)
 
 
 def onednn_linear(
@@ -223,7 +232,8 @@ def time_kernels(runs: dict) -> tuple[dict[str, float], dict[str, torch.Tensor]]
 
 def onednn_training_products(input: torch.Tensor, weight: torch.Tensor, grad_output: torch.Tensor) -> tuple:
     """The three products of a linear layer's training step on oneDNN: the output, the input's gradient
-    (grad_output @ weight) and the weight's (grad_output^T @ input), the transposes read in place."""
+    (grad_output @ weight) and the weight's (grad_output^T @ input); oneDNN reads the transposed weight in place and
+    copies the transposed input."""
     rows, grad_rows = input.reshape(-1, input.shape[-1]), grad_output.reshape(-1, grad_output.shape[-1])
     return (
         onednn_linear(input, weight, None, "none", False),
@@ -286,9 +296,10 @@ class Linear(nn.Linear):
     x86 run as `kernel` says (training on the weights as they are, never packed copies, which each step changes): "auto" (the default) the faster of oneDNN and nn.Linear's own, timed once per shape (see above),
     "auto-packed" the same with oneDNN on a packed copy of the weight, "onednn" oneDNN, "onednn-packed" oneDNN on a
     packed copy, "aten" nn.Linear's own. A large weight (see ONEDNN_STREAMED_MIN_ROWS) takes oneDNN untimed from 4
-    to 7 rows under the timed settings. oneDNN can run only when no gradient is needed, input and weight are plain
+    to 7 rows under the timed settings. oneDNN runs only where input and weight are plain
     float32 CPU tensors (not a quantised or other tensor subclass), oneDNN is enabled and CPU autocast is not, and
-    never while tracing or exporting, so that exported graphs hold standard linear ops. Results match nn.Linear's up
+    never while tracing or exporting, so that exported graphs hold standard linear ops; where autograd records the
+    call (input, weight or bias requires a gradient), only through OneDNNLinearFunction (may_train_on_onednn). Results match nn.Linear's up
     to float32 rounding (the kernels sum in another order)."""
 
     kernel: str = "auto"
@@ -311,7 +322,7 @@ class Linear(nn.Linear):
             or type(weight) is not nn.Parameter
             or (self.bias is not None and not self.bias.is_contiguous())  # oneDNN reads a strided bias wrongly
             or weight.numel() == 0  # an attention whose heads were all pruned; oneDNN takes no empty weight
-            or (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad))
+            or self.records_gradient(input)
             or not torch.backends.mkldnn.enabled
             or torch.is_autocast_enabled("cpu")  # autocast casts nn.Linear's inputs: leave them to it
             or torch.jit.is_tracing()
@@ -333,8 +344,7 @@ class Linear(nn.Linear):
             return False
         weight = self.weight
         return (
-            torch.is_grad_enabled()
-            and (input.requires_grad or weight.requires_grad)
+            self.records_gradient(input)
             and input.dtype == torch.float32
             and weight.dtype == torch.float32
             and weight.device.type == "cpu"
@@ -349,6 +359,13 @@ class Linear(nn.Linear):
             and not torch.compiler.is_exporting()
             and torch._C._functorch.peek_interpreter_stack() is None
             and torch._C._len_torch_dispatch_stack() == 0
+            and torch.autograd.forward_ad._current_level < 0  # forward-mode AD: OneDNNLinearFunction has no jvp
+        )
+
+    def records_gradient(self, input: torch.Tensor) -> bool:
+        bias = self.bias
+        return torch.is_grad_enabled() and (
+            input.requires_grad or self.weight.requires_grad or (bias is not None and bias.requires_grad)
         )
 
     def training_kernel(self, input: torch.Tensor) -> str:
@@ -364,7 +381,7 @@ class Linear(nn.Linear):
         if kernel is None:
             with torch.no_grad():
                 sample = input.detach()
-                grad_output = torch.ones(*input.shape[:-1], self.out_features)
+                grad_output = input.new_ones(*input.shape[:-1], self.out_features)
                 weight = self.weight.detach()
                 try:
                     seconds, _ = time_kernels({

@@ -219,6 +219,29 @@ def test_the_onednn_kernel_sees_weights_changed_through_data(onednn_calls):
 
 
 @needs_onednn
+@pytest.mark.parametrize("kernel", ["onednn", "auto"])
+def test_a_bias_trained_alone_gets_its_gradient(kernel, auto_finds_faster):
+    # BitFit, PEFT's bias="all": frozen weight, input without a gradient (from frozen embeddings), trainable bias.
+    auto_finds_faster("onednn")
+    layer = set_linear_kernel(kernels.Linear(16, 8), kernel)
+    layer.weight.requires_grad_(False)
+    plain = aten_copy(layer)
+    inputs = torch.randn(10, 16)
+    for module in (layer, plain):
+        module(inputs).pow(2).sum().backward()
+    torch.testing.assert_close(layer.bias.grad, plain.bias.grad, rtol=TOLERANCE, atol=TOLERANCE)
+
+
+@needs_onednn
+def test_forward_mode_gradients_keep_nn_linears_path():
+    layer = set_linear_kernel(kernels.Linear(16, 8), "onednn")
+    tangent = torch.randn(4, 16)
+    with torch.autograd.forward_ad.dual_level():
+        output = layer(torch.autograd.forward_ad.make_dual(torch.randn(4, 16), tangent))
+        torch.testing.assert_close(torch.autograd.forward_ad.unpack_dual(output).tangent, tangent @ layer.weight.t())
+
+
+@needs_onednn
 @pytest.mark.parametrize("shape", [(16, 16), (3, 5)], ids=["even", "odd"])  # fingerprints read as int64 or int32
 def test_drop_changed_packed_weights_repacks_only_weights_changed_through_data(shape, onednn_calls):
     model = torch.nn.Sequential(kernels.Linear(shape[1], shape[0]), kernels.Linear(shape[1], shape[0]))
@@ -229,10 +252,14 @@ def test_drop_changed_packed_weights_repacks_only_weights_changed_through_data(s
             layer(inputs)
         unchanged = kernels.onednn_packed_weight(model[1].weight)
         model[0].weight.data[-1, -1] += 1e-3  # one element, which autograd does not see
+        model[1].weight.data.copy_(model[1].weight.data.roll(1, 0))  # rows moved: the same values elsewhere
         kernels.drop_changed_packed_weights(model)
-        assert kernels.onednn_packed_weight(model[1].weight) is unchanged
         for layer in model:
             torch.testing.assert_close(layer(inputs), aten_copy(layer)(inputs), rtol=0, atol=TOLERANCE)
+        assert kernels.onednn_packed_weight(model[1].weight) is not unchanged
+        layer_packed = kernels.onednn_packed_weight(model[0].weight)
+        kernels.drop_changed_packed_weights(model)  # nothing changed since: the copies are kept
+        assert kernels.onednn_packed_weight(model[0].weight) is layer_packed
     assert len(onednn_calls) == 4
 
 
@@ -313,10 +340,12 @@ def test_onednn_training_products_give_nn_linears_gradients_frozen_checkpointed_
         module.weight.requires_grad_(True)
         return x.grad, module.weight.grad, module.bias.grad
 
-    for options in ({}, {"frozen": True}, {"checkpointed": True}, {"of_gradients": True}):
+    # oneDNN products: the output and both gradients; the input's only when frozen; the output twice when
+    # checkpointed (recomputed); the output only when the backward is differentiated (torch's products then).
+    for options, calls in (({}, 3), ({"frozen": True}, 2), ({"checkpointed": True}, 4), ({"of_gradients": True}, 1)):
         onednn_calls.clear()
         actual = gradients(layer, **options)
-        assert onednn_calls, options
+        assert len(onednn_calls) == calls, options
         for got, expected in zip(actual, gradients(plain, **options)):
             assert (got is None) == (expected is None), options
             if got is not None:
