@@ -155,17 +155,17 @@ def enable_compiled_decoding(model: nn.Module, enabled: bool = True, **compile_o
     uncompiled for that), of MKL and oneDNN on a packed copy of the weight. The copies cost memory (one more copy of
     the decoder's weights and the LM head, made at the first generate()); each generate() reads the weights once to
     repack any changed since (drop_changed_packed_weights: an edit through `weight.data`, as PEFT's merge makes).
-    Measured on a 2-core AMD EPYC (Transformer-base, 64 new tokens, the same tokens as MarianMTModel): 1.98x
-    MarianMTModel's speed at greedy batch 1, 2.24x at batch 16 and 2.63x in beam search (4 beams), where oneDNN on
-    the weights as they are gave 1.63x, 1.71x and 1.85x. Tokens are the same as the default path's. The first generate() of each new shape compiles (tens of seconds on
-    CPU, where a C++ compiler is needed), later ones reuse it. Sets `cache_implementation="static"` on
+    Figures against MarianMTModel: README, "Speed" (the AMD EPYC paragraph). Tokens are the same as the default
+    path's. The first generate() of each new shape compiles (tens of seconds on CPU, where a C++ compiler is
+    needed), later ones reuse it. Sets `cache_implementation="static"` on
     `model.generation_config` and turns off transformers' own compilation of the steps, which this replaces; both are
     saved with the generation config by save_pretrained. `compile_options` go to torch.compile (mode, backend, ...);
     without a mode or options, where Inductor (the default backend) compiles, a model on CUDA and not offloaded
     decodes under CUDA graphs (mode "reduce-overhead", as transformers' own compiled generation), and a model on the
-    CPU through Inductor's C++ wrapper (options={"cpp_wrapper": True}). `enabled=False` restores
-    the defaults, the kernels included. An int8 model (model.quantize("int8"), before or after this call) decodes through it too, each int8
-    layer one opaque operator of the compiled step that runs the layer as in eager mode (quantization.INT8_LAYERS).
+    CPU through Inductor's C++ wrapper (options={"cpp_wrapper": True}). `enabled=False` restores the defaults, the
+    kernels included. An int8 model (model.quantize("int8"), before or after this call) decodes through it too, each
+    int8 layer one opaque operator of the compiled step that runs the layer as in eager mode
+    (quantization.INT8_LAYERS).
     """
     if not model.can_generate():
         raise ValueError(f"{type(model).__name__} does not generate; compiled decoding is for generate() models.")

@@ -33,6 +33,7 @@ oneDNN on the weights as they are. Shipped with saved models (imported by model.
 changed; the ones read are whether oneDNN is enabled and the thread count (part of the timed shape).
 """
 
+import functools
 import math
 import platform
 import time
@@ -197,7 +198,8 @@ def aten_linear(
 
 
 # The timed kernels' choices for this process, per thread count: {threads: {(in_features, out_features, activation,
-# row bucket, packed): "onednn" | "aten"}}; and the thread count of the latest eager call, which compiled graphs (that cannot read it) use.
+# row bucket, packed) or (in_features, out_features, "training", row bucket): "onednn" | "aten"}}; and the thread
+# count of the latest eager call, which compiled graphs (that cannot read it) use.
 _chosen_kernels: dict[int, dict[tuple, str]] = {}
 _eager_threads = [torch.get_num_threads()]
 
@@ -207,6 +209,12 @@ _eager_threads = [torch.get_num_threads()]
 MIN_TIMED_SECONDS = 2e-3
 MIN_TIMED_RUNS = 3
 MAX_TIMED_RUNS = 20
+
+
+def eager_choices() -> dict[tuple, str]:
+    """The choices made for the current thread count, which compiled graphs will read (see _eager_threads)."""
+    _eager_threads[0] = threads = torch.get_num_threads()
+    return _chosen_kernels.setdefault(threads, {})
 
 
 def row_bucket(rows: int) -> int:
@@ -230,22 +238,25 @@ def time_kernels(runs: dict) -> tuple[dict[str, float], dict[str, torch.Tensor]]
     return fastest, outputs
 
 
-def onednn_training_products(input: torch.Tensor, weight: torch.Tensor, grad_output: torch.Tensor) -> tuple:
-    """The three products of a linear layer's training step on oneDNN: the output, the input's gradient
-    (grad_output @ weight) and the weight's (grad_output^T @ input); oneDNN reads the transposed weight in place and
-    copies the transposed input."""
-    rows, grad_rows = input.reshape(-1, input.shape[-1]), grad_output.reshape(-1, grad_output.shape[-1])
-    return (
-        onednn_linear(input, weight, None, "none", False),
-        onednn_linear(grad_output, weight.t(), None, "none", False),
-        onednn_linear(grad_rows.t(), rows.t(), None, "none", False),
-    )
+def input_gradient(grad_output: torch.Tensor, weight: torch.Tensor, on_onednn: bool) -> torch.Tensor:
+    """grad_output @ weight: on oneDNN (which reads the transposed weight in place) or by torch's own product."""
+    if on_onednn:
+        return onednn_linear(grad_output, weight.t(), None, "none", False)
+    return grad_output @ weight
 
 
-def aten_training_products(input: torch.Tensor, weight: torch.Tensor, grad_output: torch.Tensor) -> tuple:
-    """The same three products on nn.Linear's kernel, as autograd computes them."""
-    rows, grad_rows = input.reshape(-1, input.shape[-1]), grad_output.reshape(-1, grad_output.shape[-1])
-    return nn.functional.linear(input, weight), grad_output @ weight, grad_rows.t() @ rows
+def weight_gradient(grad_output: torch.Tensor, input: torch.Tensor, on_onednn: bool) -> torch.Tensor:
+    """grad_output^T @ input over all rows: on oneDNN (which copies the transposed input) or by torch's product."""
+    grad_rows, rows = grad_output.reshape(-1, grad_output.shape[-1]), input.reshape(-1, input.shape[-1])
+    if on_onednn:
+        return onednn_linear(grad_rows.t(), rows.t(), None, "none", False)
+    return grad_rows.t() @ rows
+
+
+def training_products(input: torch.Tensor, weight: torch.Tensor, grad_output: torch.Tensor, on_onednn: bool) -> tuple:
+    """The three products of a linear layer's training step (output, input gradient, weight gradient), as timed."""
+    output = onednn_linear(input, weight, None, "none", False) if on_onednn else nn.functional.linear(input, weight)
+    return output, input_gradient(grad_output, weight, on_onednn), weight_gradient(grad_output, input, on_onednn)
 
 
 class OneDNNLinearFunction(torch.autograd.Function):
@@ -272,35 +283,26 @@ class OneDNNLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor) -> tuple:
         input, weight = ctx.saved_tensors
         grad_output = grad_output.contiguous()
-        grad_rows = grad_output.reshape(-1, grad_output.shape[-1])
-        rows = input.reshape(-1, input.shape[-1])
-        differentiable = torch.is_grad_enabled()
-        grad_input = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            if differentiable:
-                grad_input = grad_output @ weight
-            else:
-                grad_input = onednn_linear(grad_output, weight.t(), None, "none", False)
-        if ctx.needs_input_grad[1]:
-            if differentiable:
-                grad_weight = grad_rows.t() @ rows
-            else:
-                grad_weight = onednn_linear(grad_rows.t(), rows.t(), None, "none", False)
+        on_onednn = not torch.is_grad_enabled()  # with a graph to record: torch's differentiable products
+        grad_input = input_gradient(grad_output, weight, on_onednn) if ctx.needs_input_grad[0] else None
+        grad_weight = weight_gradient(grad_output, input, on_onednn) if ctx.needs_input_grad[1] else None
+        grad_bias = None
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_rows.sum(0)
+            grad_bias = grad_output.reshape(-1, grad_output.shape[-1]).sum(0)
         return grad_input, grad_weight, grad_bias
 
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters, state dict, training and autograd) whose CPU float32 inference and training on
-    x86 run as `kernel` says (training on the weights as they are, never packed copies, which each step changes): "auto" (the default) the faster of oneDNN and nn.Linear's own, timed once per shape (see above),
-    "auto-packed" the same with oneDNN on a packed copy of the weight, "onednn" oneDNN, "onednn-packed" oneDNN on a
-    packed copy, "aten" nn.Linear's own. A large weight (see ONEDNN_STREAMED_MIN_ROWS) takes oneDNN untimed from 4
-    to 7 rows under the timed settings. oneDNN runs only where input and weight are plain
-    float32 CPU tensors (not a quantised or other tensor subclass), oneDNN is enabled and CPU autocast is not, and
-    never while tracing or exporting, so that exported graphs hold standard linear ops; where autograd records the
-    call (input, weight or bias requires a gradient), only through OneDNNLinearFunction (may_train_on_onednn). Results match nn.Linear's up
-    to float32 rounding (the kernels sum in another order)."""
+    x86 run as `kernel` says (training on the weights as they are, never packed copies, which each step changes):
+    "auto" (the default) the faster of oneDNN and nn.Linear's own, timed once per shape (see above), "auto-packed"
+    the same with oneDNN on a packed copy of the weight, "onednn" oneDNN, "onednn-packed" oneDNN on a packed copy,
+    "aten" nn.Linear's own. A large weight (see ONEDNN_STREAMED_MIN_ROWS) takes oneDNN untimed from 4 to 7 rows
+    under the timed settings. oneDNN runs only where input and weight are plain float32 CPU tensors (not a quantised
+    or other tensor subclass), oneDNN is enabled and CPU autocast is not, and never while tracing or exporting, so
+    that exported graphs hold standard linear ops; where autograd records the call (input, weight or bias requires a
+    gradient), only through OneDNNLinearFunction (autograd_takes_onednn). Results match nn.Linear's up to float32
+    rounding (the kernels sum in another order)."""
 
     kernel: str = "auto"
     # Its kernels may round a row otherwise in a product of another size, so a feed-forward does not take its rows a
@@ -308,7 +310,8 @@ class Linear(nn.Linear):
     # and catch an AttributeError in nn.Module on every feed-forward call (1.4 us, measured).
     rows_alone = False
 
-    def may_run_onednn(self, input: torch.Tensor) -> bool:
+    def onednn_suits(self, input: torch.Tensor) -> bool:
+        """Whether this call's tensors and torch's settings let oneDNN run it (see the class), gradient aside."""
         # Cheapest first: this runs on every call, and a decoding step makes dozens of calls of one row each. The
         # device first: under torch.compile, what is read here is checked before every compiled call, and a GPU's
         # calls then check nothing of the layer's.
@@ -322,44 +325,10 @@ class Linear(nn.Linear):
             or type(weight) is not nn.Parameter
             or (self.bias is not None and not self.bias.is_contiguous())  # oneDNN reads a strided bias wrongly
             or weight.numel() == 0  # an attention whose heads were all pruned; oneDNN takes no empty weight
-            or self.records_gradient(input)
             or not torch.backends.mkldnn.enabled
             or torch.is_autocast_enabled("cpu")  # autocast casts nn.Linear's inputs: leave them to it
             or torch.jit.is_tracing()
             or torch.compiler.is_exporting()
-        )
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self.may_run_onednn(input):
-            return self.inference_forward(input)
-        if self.may_train_on_onednn(input) and self.training_kernel(input) == "onednn":
-            return OneDNNLinearFunction.apply(input, self.weight, self.bias)
-        return super().forward(input)
-
-    def may_train_on_onednn(self, input: torch.Tensor) -> bool:
-        """Whether a call that autograd records (a gradient needed) may take oneDNN for its products: CPU float32
-        on plain tensors, in eager mode outside torch.func transforms and dispatch modes (their gradients are
-        nn.Linear's own business), oneDNN enabled and autocast off."""
-        if input.device.type != "cpu" or self.kernel == "aten" or not ONEDNN_AVAILABLE or input.numel() == 0:
-            return False
-        weight = self.weight
-        return (
-            self.records_gradient(input)
-            and input.dtype == torch.float32
-            and weight.dtype == torch.float32
-            and weight.device.type == "cpu"
-            and type(weight) is nn.Parameter
-            and type(input) is torch.Tensor
-            and (self.bias is None or (self.bias.is_contiguous() and type(self.bias) is nn.Parameter))
-            and weight.numel() > 0
-            and torch.backends.mkldnn.enabled
-            and not torch.is_autocast_enabled("cpu")
-            and not torch.jit.is_tracing()
-            and not torch.compiler.is_compiling()
-            and not torch.compiler.is_exporting()
-            and torch._C._functorch.peek_interpreter_stack() is None
-            and torch._C._len_torch_dispatch_stack() == 0
-            and torch.autograd.forward_ad._current_level < 0  # forward-mode AD: OneDNNLinearFunction has no jvp
         )
 
     def records_gradient(self, input: torch.Tensor) -> bool:
@@ -368,25 +337,47 @@ class Linear(nn.Linear):
             input.requires_grad or self.weight.requires_grad or (bias is not None and bias.requires_grad)
         )
 
+    def may_run_onednn(self, input: torch.Tensor) -> bool:
+        """Inference on oneDNN: the call suits it and autograd records nothing."""
+        return self.onednn_suits(input) and not self.records_gradient(input)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.onednn_suits(input):
+            if not self.records_gradient(input):
+                return self.inference_forward(input)
+            if self.autograd_takes_onednn(input) and self.training_kernel(input) == "onednn":
+                return OneDNNLinearFunction.apply(input, self.weight, self.bias)
+        return super().forward(input)
+
+    def autograd_takes_onednn(self, input: torch.Tensor) -> bool:
+        """Where autograd records a call that suits oneDNN: plain tensors in eager mode, outside torch.func
+        transforms, dispatch modes and forward-mode AD (OneDNNLinearFunction has no jvp), whose gradients stay
+        nn.Linear's own business."""
+        return (
+            type(input) is torch.Tensor
+            and (self.bias is None or type(self.bias) is nn.Parameter)
+            and not torch.compiler.is_compiling()
+            and torch._C._functorch.peek_interpreter_stack() is None
+            and torch._C._len_torch_dispatch_stack() == 0
+            and torch.autograd.forward_ad._current_level < 0
+        )
+
     def training_kernel(self, input: torch.Tensor) -> str:
         """"onednn" or "aten" for a training call's three products (output, input gradient, weight gradient):
         forced by the kernel setting, else timed together once per shape like inference's products."""
         if not self.kernel.startswith("auto"):
             return "onednn"
-        _eager_threads[0] = threads = torch.get_num_threads()
-        choices = _chosen_kernels.setdefault(threads, {})
-        rows = input.numel() // self.in_features
-        key = (self.in_features, self.out_features, "training", row_bucket(rows))
+        choices = eager_choices()
+        key = (self.in_features, self.out_features, "training", row_bucket(input.numel() // self.in_features))
         kernel = choices.get(key)
         if kernel is None:
             with torch.no_grad():
-                sample = input.detach()
+                sample, weight = input.detach(), self.weight.detach()
                 grad_output = input.new_ones(*input.shape[:-1], self.out_features)
-                weight = self.weight.detach()
                 try:
                     seconds, _ = time_kernels({
-                        "onednn": lambda: onednn_training_products(sample, weight, grad_output),
-                        "aten": lambda: aten_training_products(sample, weight, grad_output),
+                        name: functools.partial(training_products, sample, weight, grad_output, name == "onednn")
+                        for name in ("onednn", "aten")
                     })  # fmt: skip
                     kernel = min(seconds, key=seconds.get)
                 except RuntimeError:  # a shape oneDNN refuses
@@ -441,8 +432,7 @@ class Linear(nn.Linear):
     def timed_kernel(self, input: torch.Tensor, activation: str, packed: bool) -> tuple[str, torch.Tensor | None]:
         """The kernel chosen for this call's shape, timing both on this call (and then with its output) if none was
         chosen yet in this process. A shape oneDNN refuses is left to nn.Linear's kernel."""
-        _eager_threads[0] = threads = torch.get_num_threads()
-        choices = _chosen_kernels.setdefault(threads, {})
+        choices = eager_choices()
         rows = input.numel() // self.in_features
         key = self.timing_key(rows, activation, packed)
         kernel = choices.get(key)
