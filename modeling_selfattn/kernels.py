@@ -317,13 +317,14 @@ class Linear(nn.Linear):
         # calls then check nothing of the layer's.
         if input.device.type != "cpu" or self.kernel == "aten" or not ONEDNN_AVAILABLE or input.numel() == 0:
             return False
-        weight = self.weight
+        weight, bias = self.weight_and_bias()
         return not (
-            input.dtype != torch.float32
+            weight is None  # computed by a parametrization: nn.Linear's business
+            or input.dtype != torch.float32
             or weight.dtype != torch.float32
             or weight.device.type != "cpu"
             or type(weight) is not nn.Parameter
-            or (self.bias is not None and not self.bias.is_contiguous())  # oneDNN reads a strided bias wrongly
+            or (bias is not None and not bias.is_contiguous())  # oneDNN reads a strided bias wrongly
             or weight.numel() == 0  # an attention whose heads were all pruned; oneDNN takes no empty weight
             or not torch.backends.mkldnn.enabled
             or torch.is_autocast_enabled("cpu")  # autocast casts nn.Linear's inputs: leave them to it
@@ -331,10 +332,17 @@ class Linear(nn.Linear):
             or torch.compiler.is_exporting()
         )
 
+    def weight_and_bias(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The weight and bias as registered (None where a parametrization computes the weight), read from
+        `_parameters`: nn.Module's attribute lookup took 0.4 us a read, several reads a call, and a decoding step
+        makes dozens of calls of one row (6-7 us of overhead a call against nn.Linear's, 4 us without these reads)."""
+        parameters = self._parameters
+        return parameters.get("weight"), parameters.get("bias")
+
     def records_gradient(self, input: torch.Tensor) -> bool:
-        bias = self.bias
+        weight, bias = self.weight_and_bias()
         return torch.is_grad_enabled() and (
-            input.requires_grad or self.weight.requires_grad or (bias is not None and bias.requires_grad)
+            input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
         )
 
     def may_run_onednn(self, input: torch.Tensor) -> bool:
@@ -342,12 +350,27 @@ class Linear(nn.Linear):
         return self.onednn_suits(input) and not self.records_gradient(input)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.timing_chose_aten(input):
+            return super().forward(input)
         if self.onednn_suits(input):
             if not self.records_gradient(input):
                 return self.inference_forward(input)
             if self.autograd_takes_onednn(input) and self.training_kernel(input) == "onednn":
                 return OneDNNLinearFunction.apply(input, self.weight, self.bias)
         return super().forward(input)
+
+    def timing_chose_aten(self, input: torch.Tensor) -> bool:
+        """Whether this is an inference call of a shape for which "auto" chose nn.Linear's kernel (timed_kernel), which
+        then goes straight to it: the checks of onednn_suits decide only whether oneDNN may run. With them, a decoding
+        step's one-row calls (Transformer-base, greedy, batch 1) took 3.8-5.6% more time than with nn.Linear forced
+        (one process, alternating, 2-core Xeon with AMX), 4 us a call."""
+        if not self.kernel.startswith("auto") or torch.compiler.is_compiling():
+            return False
+        rows = input.numel() // self.in_features
+        if not isinstance(rows, int):  # a traced value (torch.jit.trace): no row count to look up
+            return False
+        key = self.timing_key(rows, "none", self.kernel in PACKED_KERNELS)
+        return eager_choices().get(key) == "aten" and not self.records_gradient(input)
 
     def autograd_takes_onednn(self, input: torch.Tensor) -> bool:
         """Where autograd records a call that suits oneDNN: plain tensors in eager mode, outside torch.func
@@ -390,6 +413,7 @@ class Linear(nn.Linear):
     ) -> torch.Tensor:
         """activation(input @ weight.T + bias) on the kernel `self.kernel` gives, where may_run_onednn(input);
         `into_scratch`: where that kernel is nn.Linear's, the output in a scratch buffer (see aten_linear)."""
+        weight, bias = self.weight_and_bias()
         packed = self.kernel in PACKED_KERNELS
         if self.kernel.startswith("auto"):
             if torch.compiler.is_compiling():
@@ -399,12 +423,12 @@ class Linear(nn.Linear):
             if output is not None:
                 return output
             if kernel == "aten":
-                return aten_linear(input, self.weight, self.bias, activation, into_scratch)
+                return aten_linear(input, weight, bias, activation, into_scratch)
         if torch.compiler.is_compiling():
             # torch.compile cannot trace oneDNN's packed tensors; the op of its own stays opaque in the graph.
-            return torch.ops.selfattn.onednn_linear(input, self.weight, self.bias, activation, packed)
+            return torch.ops.selfattn.onednn_linear(input, weight, bias, activation, packed)
         # The same function without the op's dispatch, which costs 4-7 us a call outside compile (measured).
-        return onednn_linear(input, self.weight, self.bias, activation, packed)
+        return onednn_linear(input, weight, bias, activation, packed)
 
     def takes_onednn_untimed(self, rows: int) -> bool:
         """A streamed weight's call of 4-7 rows, which timing cannot judge (see ONEDNN_STREAMED_MIN_ROWS)."""

@@ -383,6 +383,25 @@ def test_tracing_exporting_autocast_and_quantised_weights_take_the_aten_kernel(o
         assert len(onednn_calls) == 1
 
 
+def test_a_parametrized_weight_takes_nn_linears_path(onednn_calls):
+    # A parametrization computes the weight at each call and leaves none registered: nn.Linear reads the computed one.
+    layer = set_linear_kernel(kernels.Linear(16, 16), "onednn")
+    torch.nn.utils.parametrize.register_parametrization(layer, "weight", Doubled())
+    assert "weight" not in layer._parameters
+    reference = torch.nn.Linear(16, 16)
+    with torch.no_grad():
+        reference.weight.copy_(2 * layer.parametrizations.weight.original)
+        reference.bias.copy_(layer.bias)
+        inputs = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(layer(inputs), reference(inputs), rtol=0, atol=0)
+    assert onednn_calls == []
+
+
+class Doubled(torch.nn.Module):
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return 2 * weight
+
+
 @needs_onednn
 def test_kernels_copy_pickle_switch_and_leave_global_settings_alone(onednn_calls):
     settings = (torch.get_num_threads(), torch.backends.mkldnn.enabled, torch.get_float32_matmul_precision())
