@@ -16,7 +16,8 @@ Activations, two ways:
 - one scale and zero point for the whole input tensor (Int8DynamicLinear), the fastest;
 - one step and offset per row, i.e. per token (Int8RowScaledLinear), for the layers `per_token_activations` names.
 The products run on torch's fbgemm kernels, or on its oneDNN ones where the CPU has AMX for int8 (ONEDNN_INT8):
-there the per-token layers take oneDNN on every call, the per-tensor ones from ONEDNN_INT8_MIN_ROWS rows.
+there the per-token layers take oneDNN on every call, the per-tensor ones from ONEDNN_INT8_MIN_ROWS rows (a large
+weight, an LM head, from ONEDNN_INT8_LARGE_WEIGHT_MIN_ROWS).
 
 By default (None for both arguments), inside each encoder stack the value projections stay float32 and fc1 and fc2
 scale their activations per token; every other linear layer (the decoder's, the heads') is int8 with one scale per
@@ -167,8 +168,16 @@ ONEDNN_INT8 = ONEDNN_AVAILABLE and ONEDNN_QLINEAR is not None and onednn_int8_is
 # Elsewhere a layer forced onto oneDNN refuses (see onednn_int8_is_exact).
 ONEDNN_INT8_EXACT = ONEDNN_QLINEAR is not None and onednn_int8_is_exact(_capabilities, os.environ)
 # Per-tensor layers take oneDNN from this many rows (tokens): the encoder's products over a batch's tokens, not a
-# decoding step's few rows.
+# decoding step's few rows...
 ONEDNN_INT8_MIN_ROWS = 1024
+# ...except a weight of at least ONEDNN_INT8_LARGE_WEIGHT values (an LM head), from ONEDNN_INT8_LARGE_WEIGHT_MIN_ROWS
+# rows: a decoding step reads it from memory, where oneDNN's AMX kernels gain more than its cost a call (about 50 us,
+# with the passes that quantize the activations). Measured on a 2-core Xeon with AMX, Transformer-base's 32,000x512
+# LM head alone: oneDNN 1.22x as fast as fbgemm at 16 rows, 2.35x at 64, 0.70-0.76x at 1-4; greedy decoding at batch
+# 16 (int8, one process, alternating): 1.8% and 2.7% less time in two runs, the same tokens. The decoder's 512x2048
+# weights (1M values) were 0.44x at 16 rows and 0.87x at 64, and gained only from 128.
+ONEDNN_INT8_LARGE_WEIGHT = 8 * 2**20
+ONEDNN_INT8_LARGE_WEIGHT_MIN_ROWS = 16
 
 
 # The narrowest range a per-token row is given: levels (255) / MIN_ROW_WIDTH stays a finite float32.
@@ -266,9 +275,10 @@ class Int8DynamicLinear(DynamicQuantizedLinear):
     # Each call returns a tensor of its own, which the feed-forward's activation may then overwrite in place
     # (kernels.linear_then_activation).
     fresh_output = True
-    # Calls with at least this many rows take oneDNN (ONEDNN_INT8_MIN_ROWS where ONEDNN_INT8 holds); None: fbgemm
-    # always. Set on a layer (or the class) to force either kernel; off AMX oneDNN is slow (and refused without
-    # AVX512-VNNI: ONEDNN_INT8_EXACT), for tests.
+    # Calls with at least this many rows take oneDNN (ONEDNN_INT8_MIN_ROWS where ONEDNN_INT8 holds; a large weight
+    # from ONEDNN_INT8_LARGE_WEIGHT_MIN_ROWS rows if that is fewer); None: fbgemm always. Set on a layer (or the
+    # class) to force either kernel; off AMX oneDNN is slow (and refused without AVX512-VNNI: ONEDNN_INT8_EXACT), for
+    # tests.
     onednn_min_rows = ONEDNN_INT8_MIN_ROWS if ONEDNN_INT8 else None
 
     def __init__(self, *args, **kwargs):
@@ -323,16 +333,20 @@ class Int8DynamicLinear(DynamicQuantizedLinear):
         return output if output.dtype == x.dtype else output.to(x.dtype)
 
     def takes_onednn(self, rows: int) -> bool:
-        """Whether a call of `rows` rows takes oneDNN: from onednn_min_rows rows, in eager mode, outside torch.func
-        transforms and dispatch modes (a trace or a compiled graph could not hold oneDNN's packed weight, an opaque
-        tensor; the per-tensor path reads the activations' range as numbers). Elsewhere fbgemm."""
+        """Whether a call of `rows` rows takes oneDNN: from onednn_min_rows rows (fewer for a large weight, see
+        ONEDNN_INT8_LARGE_WEIGHT), in eager mode, outside torch.func transforms and dispatch modes (a trace or a
+        compiled graph could not hold oneDNN's packed weight, an opaque tensor; the per-tensor path reads the
+        activations' range as numbers). Elsewhere fbgemm."""
         # The row count after tracing (where it would be a traced value) and compiling (a guard), before the rest: a
         # decoding step's one-row calls stop there.
+        min_rows = self.onednn_min_rows
+        if min_rows is not None and self.in_features * self.out_features >= ONEDNN_INT8_LARGE_WEIGHT:
+            min_rows = min(min_rows, ONEDNN_INT8_LARGE_WEIGHT_MIN_ROWS)
         if (
-            self.onednn_min_rows is None
+            min_rows is None
             or torch.jit.is_tracing()
             or torch.compiler.is_compiling()
-            or rows < self.onednn_min_rows
+            or rows < min_rows
             or torch.compiler.is_exporting()
             or torch._C._functorch.peek_interpreter_stack() is not None
             or torch._C._len_torch_dispatch_stack() > 0

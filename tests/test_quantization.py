@@ -466,6 +466,31 @@ def test_per_tensor_layer_takes_onednn_from_its_row_threshold(monkeypatch, onedn
         torch.testing.assert_close(at, layer(x), rtol=0, atol=step.item())
 
 
+def test_a_large_per_tensor_weight_takes_onednn_from_fewer_rows(monkeypatch, onednn_calls):
+    """A weight of at least ONEDNN_INT8_LARGE_WEIGHT values (an LM head) takes oneDNN from
+    ONEDNN_INT8_LARGE_WEIGHT_MIN_ROWS rows where the layer's own threshold is higher, and never where it is None
+    (fbgemm forced); a smaller weight keeps the layer's threshold. Sizes scaled down: the threshold set to this
+    layer's 64x48 weight."""
+    from modeling_selfattn import quantization
+
+    monkeypatch.setattr(quantization, "ONEDNN_INT8_LARGE_WEIGHT", 64 * 48)
+    monkeypatch.setattr(quantization, "ONEDNN_INT8_LARGE_WEIGHT_MIN_ROWS", 4)
+    large = int8_linear(nn.Linear(64, 48), reduce_range=False)
+    small = int8_linear(nn.Linear(64, 47), reduce_range=False)
+    for layer in (large, small):
+        layer.onednn_min_rows = 1024
+    x = torch.randn(2, 2, 64)
+    with torch.no_grad():
+        large(x[:, :1])
+        small(x)
+        assert onednn_calls == []
+        large(x)
+        assert onednn_calls == [4]
+        large.onednn_min_rows = None
+        large(x)
+        assert onednn_calls == [4]
+
+
 def test_row_scaled_layer_takes_one_kernel_for_every_call(onednn_calls):
     """The per-token layers' default is oneDNN on every call (AMX) or on none: a row's result must not depend on how
     many rows come with it, and the two kernels round otherwise."""
