@@ -361,9 +361,9 @@ class Linear(nn.Linear):
 
     def timing_chose_aten(self, input: torch.Tensor) -> bool:
         """Whether this is an inference call of a shape for which "auto" chose nn.Linear's kernel (timed_kernel), which
-        then goes straight to it: the checks of onednn_suits decide only whether oneDNN may run. With them, a decoding
-        step's one-row calls (Transformer-base, greedy, batch 1) took 3.8-5.6% more time than with nn.Linear forced
-        (one process, alternating, 2-core Xeon with AMX), 4 us a call."""
+        then goes straight to it: the checks of onednn_suits decide only whether oneDNN may run. With them, greedy
+        decoding at batch 1 (Transformer-base, one-row calls) took 4.7-6.6% more time than with nn.Linear forced (four
+        runs, 2-core Xeon with AMX), a one-row call of a 512x512 weight 20.6 us against nn.Linear's 13.7 us."""
         # no inputs (all heads pruned): no row count, and nothing for oneDNN either
         if not self.kernel.startswith("auto") or self.in_features == 0 or torch.compiler.is_compiling():
             return False
