@@ -342,7 +342,10 @@ class Linear(nn.Linear):
     def records_gradient(self, input: torch.Tensor) -> bool:
         weight, bias = self.weight_and_bias()
         return torch.is_grad_enabled() and (
-            input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+            input.requires_grad
+            or weight is None  # computed by a parametrization, whose source may train
+            or weight.requires_grad
+            or (bias is not None and bias.requires_grad)
         )
 
     def may_run_onednn(self, input: torch.Tensor) -> bool:
@@ -350,28 +353,30 @@ class Linear(nn.Linear):
         return self.onednn_suits(input) and not self.records_gradient(input)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self.timing_chose_aten(input):
+        # The kernel "auto" chose for this shape, looked up once for the call. A shape kept on nn.Linear's kernel goes
+        # straight to it in inference: the checks of onednn_suits decide only whether oneDNN may run. With them, greedy
+        # decoding at batch 1 (Transformer-base, one-row calls) took 4.7-6.6% more time than with nn.Linear forced
+        # (four runs, 2-core Xeon with AMX), a one-row call of a 512x512 weight 20.6 us against nn.Linear's 13.7 us.
+        chosen = self.recorded_kernel(input)
+        if chosen == "aten" and not self.records_gradient(input):
             return super().forward(input)
         if self.onednn_suits(input):
             if not self.records_gradient(input):
-                return self.inference_forward(input)
+                return self.inference_forward(input, chosen=chosen)
             if self.autograd_takes_onednn(input) and self.training_kernel(input) == "onednn":
                 return OneDNNLinearFunction.apply(input, self.weight, self.bias)
         return super().forward(input)
 
-    def timing_chose_aten(self, input: torch.Tensor) -> bool:
-        """Whether this is an inference call of a shape for which "auto" chose nn.Linear's kernel (timed_kernel), which
-        then goes straight to it: the checks of onednn_suits decide only whether oneDNN may run. With them, greedy
-        decoding at batch 1 (Transformer-base, one-row calls) took 4.7-6.6% more time than with nn.Linear forced (four
-        runs, 2-core Xeon with AMX), a one-row call of a 512x512 weight 20.6 us against nn.Linear's 13.7 us."""
-        # no inputs (all heads pruned): no row count, and nothing for oneDNN either
+    def recorded_kernel(self, input: torch.Tensor) -> str | None:
+        """The kernel eager timing chose in this process for a call of `input`'s shape without activation (see
+        timed_kernel); None where none was chosen yet, the setting is not "auto", or there is no row count to look up
+        (compiling, a traced value, a layer with no inputs after pruning every head)."""
         if not self.kernel.startswith("auto") or self.in_features == 0 or torch.compiler.is_compiling():
-            return False
+            return None
         rows = input.numel() // self.in_features
-        if not isinstance(rows, int):  # a traced value (torch.jit.trace): no row count to look up
-            return False
-        key = self.timing_key(rows, "none", self.kernel in PACKED_KERNELS)
-        return eager_choices().get(key) == "aten" and not self.records_gradient(input)
+        if not isinstance(rows, int):  # torch.jit.trace's traced value
+            return None
+        return eager_choices().get(self.timing_key(rows, "none", self.kernel in PACKED_KERNELS))
 
     def autograd_takes_onednn(self, input: torch.Tensor) -> bool:
         """Where autograd records a call that suits oneDNN: plain tensors in eager mode, outside torch.func
@@ -410,15 +415,18 @@ class Linear(nn.Linear):
         return kernel
 
     def inference_forward(
-        self, input: torch.Tensor, activation: str = "none", into_scratch: bool = False
+        self, input: torch.Tensor, activation: str = "none", into_scratch: bool = False, chosen: str | None = None
     ) -> torch.Tensor:
         """activation(input @ weight.T + bias) on the kernel `self.kernel` gives, where may_run_onednn(input);
-        `into_scratch`: where that kernel is nn.Linear's, the output in a scratch buffer (see aten_linear)."""
+        `into_scratch`: where that kernel is nn.Linear's, the output in a scratch buffer (see aten_linear); `chosen`:
+        the kernel "auto" chose for this call, where the caller has looked it up already (recorded_kernel)."""
         weight, bias = self.weight_and_bias()
         packed = self.kernel in PACKED_KERNELS
         if self.kernel.startswith("auto"):
             if torch.compiler.is_compiling():
                 kernel, output = self.compiled_choice(input, activation, packed), None
+            elif chosen is not None:
+                kernel, output = chosen, None
             else:
                 kernel, output = self.timed_kernel(input, activation, packed)
             if output is not None:

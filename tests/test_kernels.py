@@ -383,17 +383,25 @@ def test_tracing_exporting_autocast_and_quantised_weights_take_the_aten_kernel(o
         assert len(onednn_calls) == 1
 
 
-def test_a_parametrized_weight_takes_nn_linears_path(onednn_calls):
-    # A parametrization computes the weight at each call and leaves none registered: nn.Linear reads the computed one.
-    layer = set_linear_kernel(kernels.Linear(16, 16), "onednn")
+@pytest.mark.parametrize("kernel", ["onednn", "auto"])
+def test_a_parametrized_weight_takes_nn_linears_path(kernel, onednn_calls, auto_finds_faster):
+    # A parametrization computes the weight at each call and leaves none registered: nn.Linear reads the computed one,
+    # with autograd on or off, also where "auto" chose nn.Linear's kernel for the shape on another layer.
+    auto_finds_faster("aten")
+    with torch.no_grad():
+        set_linear_kernel(kernels.Linear(16, 16), kernel)(torch.randn(4, 16))
+    onednn_calls.clear()  # the other layer's (timing runs both kernels)
+    layer = set_linear_kernel(kernels.Linear(16, 16), kernel)
     torch.nn.utils.parametrize.register_parametrization(layer, "weight", Doubled())
     assert "weight" not in layer._parameters
     reference = torch.nn.Linear(16, 16)
     with torch.no_grad():
         reference.weight.copy_(2 * layer.parametrizations.weight.original)
         reference.bias.copy_(layer.bias)
-        inputs = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    inputs = torch.randn(4, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
         torch.testing.assert_close(layer(inputs), reference(inputs), rtol=0, atol=0)
+    torch.testing.assert_close(layer(inputs), reference(inputs), rtol=0, atol=0)
     assert onednn_calls == []
 
 
