@@ -13,8 +13,9 @@
     outputs/multi30k-small); corpus BLEU (sacrebleu) against the references, the share of sentences whose tokens equal
     float32's and the share of float32's tokens matched at the same position.
 
-Variants: float32, int8 with quantize()'s defaults, int8 with every linear layer int8 and its activations scaled per
-tensor (keep_float32=[], per_token_activations=[]: the fastest), bf16. Each `--keep-float32 PATTERNS` (comma-separated
+Variants: float32, int8 with quantize()'s defaults, the same with attention in float32 (bf16_attention=False), int8
+with every linear layer int8 and its activations scaled per tensor (keep_float32=[], per_token_activations=[]: the
+fastest), bf16. Each `--keep-float32 PATTERNS` (comma-separated
 fnmatch patterns of linear-layer names) adds an int8 variant that keeps those layers in float32; each `--per-token
 PATTERNS` one whose activations are scaled per token in those layers and per tensor in the others (`--per-token ''`:
 none). A measurement whose model or data is missing is skipped with a printed line. The targets of issue "int8 and
@@ -94,9 +95,12 @@ def variants(args) -> list[tuple[str, str, dict]]:
         *((f"int8, per token: {patterns or 'none'}", "int8", {"per_token_activations": split_patterns(patterns)})
           for patterns in args.per_token),
     ]
-    # quantize()'s defaults, then every linear layer int8 with activations scaled per tensor (the fastest).
+    # quantize()'s defaults, the same with attention in float32 (bf16_attention=False: the defaults' attention is
+    # bfloat16 where the CPU computes it natively), then every linear layer int8 with activations scaled per tensor
+    # (the fastest).
+    float32_attention = ("int8, fp32 attention", "int8", {"bf16_attention": False})
     every_layer = ("int8, all per tensor", "int8", {"keep_float32": [], "per_token_activations": []})
-    return [("fp32", "fp32", {}), ("int8", "int8", {}), every_layer, *extra, ("bf16", "bf16", {})]
+    return [("fp32", "fp32", {}), ("int8", "int8", {}), float32_attention, every_layer, *extra, ("bf16", "bf16", {})]
 
 
 def quantized(model, mode: str, options: dict):

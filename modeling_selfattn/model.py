@@ -296,13 +296,17 @@ class SelfAttnAttention(nn.Module):
         self.k_proj = Linear(config.hidden_size, heads_width)
         self.v_proj = Linear(config.hidden_size, heads_width)
         self.o_proj = Linear(heads_width, config.hidden_size)
+        # The dtype of the attention products and the key/value cache where it is not the projections' (None: theirs):
+        # model.quantize("int8") sets bfloat16 on CPUs that compute it natively (see quantization.py).
+        self.attention_dtype = None
 
     def split_heads(self, states: torch.Tensor) -> torch.Tensor:
         # -1, not len(kept_heads): under tensor parallelism each device holds a share of the heads. A layer whose heads
         # were all pruned has no elements to infer the count from. (Not read from kept_heads: torch.compile would
         # check that list, head by head, before every compiled call.)
         heads = -1 if states.shape[-1] else 0
-        return states.view(*states.shape[:-1], heads, self.head_dim).transpose(1, 2)
+        states = states.view(*states.shape[:-1], heads, self.head_dim).transpose(1, 2)
+        return states if self.attention_dtype is None else states.to(self.attention_dtype)
 
     @torch.no_grad()
     def prune(self, heads: list[int]) -> None:
@@ -387,6 +391,9 @@ class SelfAttnAttention(nn.Module):
             )
         # flatten, not reshape(..., -1): a layer whose heads were all pruned has no elements to infer the width from.
         output = output.flatten(-2).contiguous()
+        if self.attention_dtype is not None:  # back to the dtype of the layer's input
+            output = output.to(hidden_states.dtype)
+            probabilities = None if probabilities is None else probabilities.to(hidden_states.dtype)
         return self.o_proj(output), probabilities
 
 
@@ -619,15 +626,18 @@ class SelfAttnPreTrainedModel(SelfAttnHubMixin, PreTrainedModel):
     # None, or the mode quantize() applied ("int8" or "bf16").
     quantization_mode: str | None = None
 
-    def quantize(self, mode: str, keep_float32=None, per_token_activations=None) -> "SelfAttnPreTrainedModel":
+    def quantize(
+        self, mode: str, keep_float32=None, per_token_activations=None, bf16_attention=None
+    ) -> "SelfAttnPreTrainedModel":
         """In place, for inference: "int8" (CPU: int8 linear layers with per-channel weight scales, through torch's
         dynamic quantization; inference only, not saved; `keep_float32`: fnmatch patterns of linear layers' names to
         leave in float32, by default the encoder's value projections; `per_token_activations`: those whose
-        activations get one scale per token, by default the encoder's fc1 and fc2) or "bf16" (every weight in
-        bfloat16, any device). Returns the model. See quantization.py."""
+        activations get one scale per token, by default the encoder's fc1 and fc2; `bf16_attention`: attention and
+        its key/value cache in bfloat16, by default (None) where the CPU computes bfloat16 natively) or "bf16" (every
+        weight in bfloat16, any device). Returns the model. See quantization.py."""
         from .quantization import quantize  # torch.ao is imported only by models that quantize
 
-        return quantize(self, mode, keep_float32, per_token_activations)
+        return quantize(self, mode, keep_float32, per_token_activations, bf16_attention)
 
 
 class SelfAttnStack(SelfAttnPreTrainedModel):

@@ -774,6 +774,80 @@ def test_generate_after_quantize(name, mode):
     assert 0 < error <= tolerance, error
 
 
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    return [module for module in model.modules() if hasattr(module, "attention_dtype")]
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", ["model", "seq2seq_lm", "causal_lm"])
+def test_int8_attention_in_bf16_is_close_to_float32_and_gives_float32_outputs(name, attn_implementation):
+    """bf16_attention=True: queries, keys and values in bfloat16 (the cache too), the attention's output back in
+    float32 before o_proj; every output, attention maps included, in float32 and within int8's tolerance of the
+    float32 model. bf16_attention=False leaves attention in float32: a different result, so the switch is real."""
+    model, inputs = make_model(name)
+    model.config._attn_implementation = attn_implementation
+    options = {"output_attentions": True} if attn_implementation == "eager" else {}
+    with torch.no_grad():
+        expected = model(**inputs, **options)
+    in_bf16 = copy.deepcopy(model).quantize("int8", bf16_attention=True)
+    in_float32 = copy.deepcopy(model).quantize("int8", bf16_attention=False)
+    assert {module.attention_dtype for module in attention_modules(in_bf16)} == {torch.bfloat16}
+    assert {module.attention_dtype for module in attention_modules(in_float32)} == {None}
+    with torch.no_grad():
+        actual, plain = in_bf16(**inputs, **options), in_float32(**inputs, **options)
+    first = "last_hidden_state" if "last_hidden_state" in expected else "logits"
+    assert not torch.equal(actual[first], plain[first])
+    for key, value in expected.items():
+        if key == "cache":
+            keys = [layer.keys for layer in getattr(actual[key], "self_attention_cache", actual[key]).layers]
+            assert {tensor.dtype for tensor in keys} == {torch.bfloat16}, key
+            continue
+        tensors = value if isinstance(value, tuple) else (value,)
+        actual_tensors = actual[key] if isinstance(actual[key], tuple) else (actual[key],)
+        for reference, tensor in zip(tensors, actual_tensors, strict=True):
+            assert tensor.dtype == torch.float32, key
+            error = ((tensor - reference).abs().max() / reference.abs().max()).item()
+            assert error <= INT8_RELATIVE_TOLERANCE, (key, error)
+    if attn_implementation == "eager":
+        assert actual.get("attentions") or actual.get("decoder_attentions")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_int8_attention_takes_bf16_by_default_where_the_cpu_computes_it(monkeypatch, native):
+    monkeypatch.setattr(quantization, "computes_bf16_natively", lambda: native)
+    model, _ = make_model("seq2seq_lm")
+    model.quantize("int8")
+    expected = torch.bfloat16 if native else None
+    assert {module.attention_dtype for module in attention_modules(model)} == {expected}
+
+
+@pytest.mark.parametrize(
+    "capabilities, native",
+    [
+        ({"avx512_bf16": True, "amx_bf16": True}, True),  # a Xeon with AMX
+        ({"avx512_bf16": True, "amx_bf16": False}, True),  # AMD Zen 4 and 5
+        ({"avx512_bf16": False, "amx_bf16": False, "avx512_vnni": True}, False),  # an older Xeon
+        ({}, False),
+    ],
+)
+def test_computes_bf16_natively_reads_the_cpus_bf16_instructions(capabilities, native):
+    assert quantization.computes_bf16_natively(capabilities) is native
+
+
+@pytest.mark.parametrize(
+    "mode, bf16_attention, error, message",
+    [
+        ("int8", "yes", TypeError, "pass True, False, or None"),
+        ("bf16", True, ValueError, "bf16_attention applies to int8 only"),
+        ("bf16", False, ValueError, "bf16_attention applies to int8 only"),
+    ],
+)
+def test_bad_bf16_attention_is_refused(mode, bf16_attention, error, message):
+    model, _ = make_model("model")
+    with pytest.raises(error, match=message):
+        model.quantize(mode, bf16_attention=bf16_attention)
+
+
 def test_keep_float32_leaves_the_named_linears_in_float32():
     model, inputs = make_model("seq2seq_lm")
     expected = float_outputs(model, inputs)
