@@ -25,12 +25,13 @@ computes_bf16_natively), or as `bf16_attention` says. Queries, keys and values g
 attention's output comes back to float32 for o_proj, as do attention maps. Why: a decoding step reads the whole
 cache and the cross-attention's keys and values, mostly from memory, and bfloat16 halves those bytes. Measured on a
 2-core Xeon with AMX: torch's SDPA over a batch-16 step's cross-attention (Transformer-base, 64 keys) took 85 us in
-bfloat16 against 280 us in float32 with keys and values out of cache (48 against 89 us in cache); in one process,
-alternating, int8 greedy decoding at batch 16 ran at 2.96-2.99x transformers' float32 speed against 2.56-2.66x
-(the same tokens), at batch 1 and with 4 beams within noise either way; the int8 MiniLM encoder at 1.92-1.95x against
-1.66-1.73x on 32x128 tokens and 16.6-17.0x against 15.4-15.5x on 64 skewed padded sentences, its lowest mean-pooled
-cosine to float32 0.9977 either way (0.9972 against 0.9975 on the skewed batch). Quality on real models and data:
-README, "int8 and bf16 inference".
+bfloat16 against 280 us in float32 with keys and values out of cache (48 against 89 us in cache); in int8 greedy
+decoding at batch 16 (64 new tokens, profiled) SDPA took 101-102 ms of a generate() against 163-169 ms, the casts
+7-20 ms more. In one process, alternating, that decoding took 12-13%, 6% and 1.4% less time in three runs (the VM
+slowing through the session; the last run's rounds spread over 0.70-0.96 s), the same tokens; at batch 1 and with
+4 beams the same time within noise; the int8 MiniLM encoder 11-13% less on 32x128 tokens and 8-12% less on 64 skewed
+padded sentences (two runs), its lowest mean-pooled cosine to float32 0.9977 either way on 32x128 (0.9972 against
+0.9975 on the skewed batch). Quality on real models and data: README, "int8 and bf16 inference".
 
 By default (None for both arguments), inside each encoder stack the value projections stay float32 and fc1 and fc2
 scale their activations per token; every other linear layer (the decoder's, the heads') is int8 with one scale per
@@ -42,9 +43,10 @@ they stay float32 (measured, below; they are a twelfth of the encoder's products
 benchmarks/quantized_quality.py on all 872 SST-2 dev sentences (batches of 64): the lowest cosine of
 all-MiniLM-L6-v2's mean-pooled embeddings to float32's is 0.966 with every layer int8 per tensor, 0.974 with the
 value projections in float32 alone, 0.990 with fc1 and fc2 per token alone, 0.994 with every layer per token,
-0.9956-0.9958 with these defaults (mean 0.9991). They cost the encoder 6-36% of its int8 time on this project's
-noisy VM (10-20% in most runs); 8-9% (64 SST-2 sentences, 32x128 tokens, one run) since the feed-forward gives
-its per-token layers a block of rows at a time (kernels.rows_per_block). Decoding gains nothing measurable from
+0.9956-0.9958 with these defaults (mean 0.9991; attention in float32, 0.9955 with it in bfloat16, above). They
+cost the encoder 6-36% of its int8 time on this project's noisy VM (10-20% in most runs); 8-9% (64 SST-2
+sentences, 32x128 tokens, one run) since the feed-forward gives its per-token layers a block of rows at a time
+(kernels.rows_per_block). Decoding gains nothing measurable from
 them (Multi30k BLEU and token agreement with float32 equal either way) and would pay 28% a step, so decoders keep
 per tensor. A row's result in a per-token layer does not depend on the other rows of its batch (to the bit on this
 project's Xeon).
