@@ -821,17 +821,24 @@ def test_int8_attention_takes_bf16_by_default_where_the_cpu_computes_it(monkeypa
     assert {module.attention_dtype for module in attention_modules(model)} == {expected}
 
 
+AMX_XEON = {"avx512_bf16": True, "amx_bf16": True}
+
+
 @pytest.mark.parametrize(
-    "capabilities, native",
+    "capabilities, environment, native",
     [
-        ({"avx512_bf16": True, "amx_bf16": True}, True),  # a Xeon with AMX
-        ({"avx512_bf16": True, "amx_bf16": False}, True),  # AMD Zen 4 and 5
-        ({"avx512_bf16": False, "amx_bf16": False, "avx512_vnni": True}, False),  # an older Xeon
-        ({}, False),
+        (AMX_XEON, {}, True),
+        ({"avx512_bf16": True, "amx_bf16": False}, {}, True),  # AMD Zen 4 and 5
+        ({"avx512_bf16": False, "amx_bf16": False, "avx512_vnni": True}, {}, False),  # an older Xeon
+        ({}, {}, False),
+        (AMX_XEON, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"}, True),
+        (AMX_XEON, {"ONEDNN_MAX_CPU_ISA": "avx512_core_amx"}, True),
+        (AMX_XEON, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"}, False),  # oneDNN held below its bf16 kernels
+        (AMX_XEON, {"DNNL_MAX_CPU_ISA": "AVX2"}, False),
     ],
 )
-def test_computes_bf16_natively_reads_the_cpus_bf16_instructions(capabilities, native):
-    assert quantization.computes_bf16_natively(capabilities) is native
+def test_computes_bf16_natively_reads_the_cpus_bf16_instructions(capabilities, environment, native):
+    assert quantization.computes_bf16_natively(capabilities, environment) is native
 
 
 @pytest.mark.parametrize(
