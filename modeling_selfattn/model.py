@@ -629,12 +629,14 @@ class SelfAttnPreTrainedModel(SelfAttnHubMixin, PreTrainedModel):
     def quantize(
         self, mode: str, keep_float32=None, per_token_activations=None, bf16_attention=None
     ) -> "SelfAttnPreTrainedModel":
-        """In place, for inference: "int8" (CPU: int8 linear layers with per-channel weight scales, through torch's
-        dynamic quantization; inference only, not saved; `keep_float32`: fnmatch patterns of linear layers' names to
-        leave in float32, by default the encoder's value projections; `per_token_activations`: those whose
-        activations get one scale per token, by default the encoder's fc1 and fc2; `bf16_attention`: attention and
-        its key/value cache in bfloat16, by default (None) where the CPU computes bfloat16 natively) or "bf16" (every
-        weight in bfloat16, any device). Returns the model. See quantization.py."""
+        """In place, for inference; returns the model. See quantization.py.
+
+        "int8": on the CPU, int8 linear layers with per-channel weight scales, through torch's dynamic quantization;
+        inference only, not saved. `keep_float32`: fnmatch patterns of linear layers' names to leave in float32 (by
+        default the encoder's value projections); `per_token_activations`: those whose activations get one scale
+        per token (by default the encoder's fc1 and fc2); `bf16_attention`: attention and its key/value cache in
+        bfloat16 (by default, None: where the CPU computes bfloat16 natively).
+        "bf16": every weight in bfloat16, on any device."""
         from .quantization import quantize  # torch.ao is imported only by models that quantize
 
         return quantize(self, mode, keep_float32, per_token_activations, bf16_attention)

@@ -182,13 +182,16 @@ def computes_bf16_natively(
     capabilities: dict | None = None, environment: collections.abc.Mapping | None = None
 ) -> bool:
     """Whether this CPU (`capabilities`: torch.cpu.get_capabilities(), this CPU's where None) has bfloat16 dot
-    products (AVX512-BF16, or AMX tiles for bf16) and oneDNN, whose kernels torch's bfloat16 products run on, is not
-    held below them (`environment`: os.environ where None; see onednn_isa_limits): where int8 models run attention
-    in bfloat16 (see the module docstring)."""
+    products (AVX512-BF16, or AMX tiles for bf16) and oneDNN, whose kernels torch's bfloat16 products run on, is
+    available, enabled and not held below them (`environment`: os.environ where None; see onednn_isa_limits): where
+    int8 models run attention in bfloat16 (see the module docstring)."""
     capabilities = torch.cpu.get_capabilities() if capabilities is None else capabilities
     limits = onednn_isa_limits(os.environ if environment is None else environment)
-    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16")) and all(
-        limit == "ALL" or any(isa in limit for isa in ("BF16", "FP16", "AMX", "AVX10")) for limit in limits
+    return (
+        bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+        and torch.backends.mkldnn.is_available()
+        and bool(torch.backends.mkldnn.enabled)
+        and all(limit == "ALL" or any(isa in limit for isa in ("BF16", "FP16", "AMX", "AVX10")) for limit in limits)
     )
 
 

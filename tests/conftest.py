@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import transformers
 
-from modeling_selfattn import SelfAttnConfig
+from modeling_selfattn import SelfAttnConfig, packing
 
 # Words of the tokenizer-backed tests (conversion, ONNX export), after BERT's five special tokens.
 WORDS = ["the", "a", "cat", "dog", "sat", "on", "mat", "and", "ran", "far", "away", "quick", "brown", "fox"]
@@ -107,3 +107,17 @@ def int8_kernel(request, monkeypatch) -> str:
     monkeypatch.setattr(Int8DynamicLinear, "onednn_min_rows", rows)
     monkeypatch.setattr(Int8RowScaledLinear, "onednn_min_rows", rows)
     return request.param
+
+
+@pytest.fixture
+def count_packings(monkeypatch):
+    """A list that grows by one entry each time a batch is packed."""
+    packings = []
+    original = packing.PackedSequences.from_attention_mask.__func__
+
+    def counting(cls, attention_mask, *args):
+        packings.append(tuple(attention_mask.shape))
+        return original(cls, attention_mask, *args)
+
+    monkeypatch.setattr(packing.PackedSequences, "from_attention_mask", classmethod(counting))
+    return packings

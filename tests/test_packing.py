@@ -24,20 +24,6 @@ def never_unpad(monkeypatch):
     return lambda: monkeypatch.setattr(packing, "MIN_PADDING_SHARE_TO_UNPAD", 2.0)
 
 
-@pytest.fixture
-def count_packings(monkeypatch):
-    """A list that grows by one entry each time a batch is packed."""
-    packings = []
-    original = packing.PackedSequences.from_attention_mask.__func__
-
-    def counting(cls, attention_mask, *args):
-        packings.append(tuple(attention_mask.shape))
-        return original(cls, attention_mask, *args)
-
-    monkeypatch.setattr(packing.PackedSequences, "from_attention_mask", classmethod(counting))
-    return packings
-
-
 def real_token_diff(first: torch.Tensor, second: torch.Tensor, attention_mask: torch.Tensor) -> float:
     real = attention_mask.bool()
     return (first[real] - second[real]).abs().max().item()

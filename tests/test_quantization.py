@@ -799,8 +799,10 @@ def test_int8_attention_in_bf16_is_close_to_float32_and_gives_float32_outputs(na
     assert not torch.equal(actual[first], plain[first])
     for key, value in expected.items():
         if key == "cache":
-            keys = [layer.keys for layer in getattr(actual[key], "self_attention_cache", actual[key]).layers]
-            assert {tensor.dtype for tensor in keys} == {torch.bfloat16}, key
+            caches = [getattr(actual[key], name, None) for name in ("self_attention_cache", "cross_attention_cache")]
+            caches = [cache for cache in caches if cache is not None] or [actual[key]]
+            layers = [layer for cache in caches for layer in cache.layers]
+            assert {tensor.dtype for layer in layers for tensor in (layer.keys, layer.values)} == {torch.bfloat16}
             continue
         tensors = value if isinstance(value, tuple) else (value,)
         actual_tensors = actual[key] if isinstance(actual[key], tuple) else (actual[key],)
@@ -810,6 +812,23 @@ def test_int8_attention_in_bf16_is_close_to_float32_and_gives_float32_outputs(na
             assert error <= INT8_RELATIVE_TOLERANCE, (key, error)
     if attn_implementation == "eager":
         assert actual.get("attentions") or actual.get("decoder_attentions")
+
+
+def test_int8_attention_in_bf16_on_unpadded_sequences(count_packings):
+    """A batch padded enough to be packed (modeling_selfattn/packing.py) gathers the bfloat16 queries, keys and values
+    into its buckets: the real tokens' outputs stay within int8's tolerance of the float32 model's."""
+    model, _ = make_model("model")
+    input_ids = torch.randint(3, 99, (3, 12))
+    attention_mask = (torch.arange(12) < torch.tensor([12, 4, 2]).unsqueeze(1)).long()
+    with torch.no_grad():
+        expected = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        model.quantize("int8", bf16_attention=True)
+        actual = model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    assert len(count_packings) == 2  # the float32 and the int8 forward, each packed
+    assert actual.dtype == torch.float32
+    real = attention_mask.bool()
+    error = ((actual[real] - expected[real]).abs().max() / expected[real].abs().max()).item()
+    assert 0 < error <= INT8_RELATIVE_TOLERANCE, error
 
 
 @pytest.mark.parametrize("native", [True, False])
