@@ -155,27 +155,25 @@ def int8_activations_use_full_range(capabilities: dict | None = None) -> bool:
 ONEDNN_QLINEAR = getattr(torch.ops.onednn, "qlinear_pointwise", None)
 
 
-def onednn_isa_limits(environment: collections.abc.Mapping) -> list[str]:
-    """The instruction sets oneDNN is held to (`environment`: its ONEDNN_MAX_CPU_ISA, or the older
-    DNNL_MAX_CPU_ISA; ALL where unset)."""
-    return [environment.get(name, "ALL").upper() for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")]
+def onednn_reaches(environment: collections.abc.Mapping, instruction_sets: tuple[str, ...]) -> bool:
+    """Whether oneDNN may use one of `instruction_sets` (names as oneDNN spells them, or parts of them): each limit
+    it is held to (`environment`: its ONEDNN_MAX_CPU_ISA, or the older DNNL_MAX_CPU_ISA) is unset or ALL, or names
+    one of them."""
+    limits = [environment.get(name, "ALL").upper() for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")]
+    return all(limit == "ALL" or any(isa in limit for isa in instruction_sets) for limit in limits)
 
 
 def onednn_int8_is_fast(capabilities: dict, environment: collections.abc.Mapping) -> bool:
     """Whether oneDNN's int8 products run on AMX: the CPU has AMX for int8 (`capabilities`:
-    torch.cpu.get_capabilities()) and oneDNN is not held below it (onednn_isa_limits: ALL or an AMX set)."""
-    limits = onednn_isa_limits(environment)
-    return bool(capabilities.get("amx_int8")) and all(limit == "ALL" or "AMX" in limit for limit in limits)
+    torch.cpu.get_capabilities()) and oneDNN is not held below it (onednn_reaches)."""
+    return bool(capabilities.get("amx_int8")) and onednn_reaches(environment, ("AMX",))
 
 
 def onednn_int8_is_exact(capabilities: dict, environment: collections.abc.Mapping) -> bool:
     """Whether oneDNN may be sent int8 activations at all (a layer forced onto it off AMX): it summed them in int32
     with AVX512 (VNNI or not) and AMX, but saturated with AVX2 (7-bit rows, or a zero point of 0), measured with
     ONEDNN_MAX_CPU_ISA on a Xeon. So: a CPU with AVX512-VNNI or AMX, oneDNN not held below AVX512."""
-    limits = onednn_isa_limits(environment)
-    return int8_activations_use_full_range(capabilities) and all(
-        limit == "ALL" or any(isa in limit for isa in ("AVX512", "AVX10", "AMX")) for limit in limits
-    )
+    return int8_activations_use_full_range(capabilities) and onednn_reaches(environment, ("AVX512", "AVX10", "AMX"))
 
 
 def computes_bf16_natively(
@@ -183,15 +181,14 @@ def computes_bf16_natively(
 ) -> bool:
     """Whether this CPU (`capabilities`: torch.cpu.get_capabilities(), this CPU's where None) has bfloat16 dot
     products (AVX512-BF16, or AMX tiles for bf16) and oneDNN, whose kernels torch's bfloat16 products run on, is
-    available, enabled and not held below them (`environment`: os.environ where None; see onednn_isa_limits): where
+    available, enabled and not held below them (`environment`: os.environ where None; see onednn_reaches): where
     int8 models run attention in bfloat16 (see the module docstring)."""
     capabilities = torch.cpu.get_capabilities() if capabilities is None else capabilities
-    limits = onednn_isa_limits(os.environ if environment is None else environment)
     return (
         bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
         and torch.backends.mkldnn.is_available()
         and bool(torch.backends.mkldnn.enabled)
-        and all(limit == "ALL" or any(isa in limit for isa in ("BF16", "FP16", "AMX", "AVX10")) for limit in limits)
+        and onednn_reaches(os.environ if environment is None else environment, ("BF16", "FP16", "AMX", "AVX10"))
     )
 
 
