@@ -20,7 +20,9 @@ fnmatch patterns of linear-layer names) adds an int8 variant that keeps those la
 PATTERNS` one whose activations are scaled per token in those layers and per tensor in the others (`--per-token ''`:
 none). A measurement whose model or data is missing is skipped with a printed line. The targets of issue "int8 and
 bf16 inference" are printed with the table: cosine >= 0.995, SST-2 accuracy within 0.3 points and BLEU within 0.3 of
-float32. Times are wall-clock for the whole measurement (rough: one pass, CPU).
+float32. Times are wall-clock for the whole measurement (rough: one pass, CPU). `--compiled-decoding` adds two
+translation variants, float32 and default int8 decoding through enable_compiled_decoding, whose steps may round
+otherwise than eager ones.
 """
 
 import argparse
@@ -41,6 +43,7 @@ from modeling_selfattn import (  # noqa: E402
     SelfAttnForSequenceClassification,
     SelfAttnModel,
 )
+from modeling_selfattn.fast_paths import enable_compiled_decoding  # noqa: E402
 
 DATA = HERE.parent.parent / "shared" / "data"
 TARGETS = {
@@ -74,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="Multi30k test sentences translated (default: all 1000)")
     parser.add_argument("--num-beams", type=int, default=1, help="beams of the translations (default 1: greedy)")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--compiled-decoding", action="store_true",
+                        help="translation: also decode float32 and int8 through enable_compiled_decoding (compiles at "
+                             "each new batch shape: minutes on CPU)")
     parser.add_argument("--keep-float32", action="append", default=[], metavar="PATTERNS",
                         help="add an int8 variant keeping these comma-separated linear layers in float32 (repeatable)")
     parser.add_argument("--per-token", action="append", default=[], metavar="PATTERNS",
@@ -208,8 +214,13 @@ def measure_translation(args) -> list[dict]:
     tokenizer = load_tokenizer(args.translator)
     model = SelfAttnForConditionalGeneration.from_pretrained(args.translator).eval()
     rows, reference_tokens = [], None
-    for label, mode, options in variants(args):
+    candidates = [(label, mode, options, False) for label, mode, options in variants(args)]
+    if args.compiled_decoding:  # the fast path of the decoding figures, float32 and quantize()'s default int8
+        candidates += [("fp32, compiled decoding", "fp32", {}, True), ("int8, compiled decoding", "int8", {}, True)]
+    for label, mode, options, compiled in candidates:
         candidate = quantized(model, mode, options)
+        if compiled:
+            candidate = enable_compiled_decoding(copy.deepcopy(candidate) if candidate is model else candidate)
         tokens, texts = [], []
         start = time.perf_counter()
         with torch.inference_mode():

@@ -8,21 +8,36 @@ compiled decoding has the decoder's layers time oneDNN on packed copies of their
 
 import functools
 import inspect
+import weakref
 
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, EncoderDecoderCache, StaticLayer
+from transformers.utils import logging
 
 from .kernels import Linear, drop_changed_packed_weights, set_linear_kernel
 
+logger = logging.get_logger(__name__)
 
-# Each model's compiled step: one graph, shapes fixed (a new batch size or cache length compiles again). Where torch
-# has it, the recompilations of each model's step are counted apart (isolate_recompiles): they would otherwise share
-# torch.compile's limit (8) across every model of the class, and an int8 model's step, which names its layers by id
-# (quantization.INT8_LAYERS), is each copy's own; with fullgraph, going past the limit is an error.
-STEP_COMPILE_DEFAULTS = {"fullgraph": True, "dynamic": False}
+
+# Each model's compiled step: one graph, no break in it (fullgraph). Shapes as torch.compile's default (dynamic=None)
+# takes them: the first compiled static, a size that then changes compiled again as a symbol, so that sources of every
+# length share one graph (a static cache fixes the batch size and the cache length in its buffers: each new one compiles
+# a graph of its own). Where torch has it, the recompilations of each model's step are counted apart
+# (isolate_recompiles): they would otherwise share torch.compile's limit (torch._dynamo.config.recompile_limit, 8)
+# across every model of the class, and an int8 model's step, which names its layers by id (quantization.INT8_LAYERS),
+# is each copy's own. Past the limit, a generate() whose steps would need another graph runs them uncompiled
+# (CompiledDecodingForward), with a warning; with fullgraph, torch itself would fail the call.
+STEP_COMPILE_DEFAULTS = {"fullgraph": True, "dynamic": None}
 if "isolate_recompiles" in inspect.signature(torch.compile).parameters:
     STEP_COMPILE_DEFAULTS["isolate_recompiles"] = True
+# What torch.compile raises, with fullgraph, when a call would need a graph past the recompile limit: before it runs
+# anything of the call, so that the plain forward may take the call instead.
+RECOMPILE_LIMIT_ERRORS = tuple(
+    error
+    for name in ("FailOnRecompileLimitHit", "FailOnCacheLimitHit")
+    if isinstance(error := getattr(torch._dynamo.exc, name, None), type)
+)
 
 
 def is_decoding_step(model: nn.Module, args: tuple, kwargs: dict) -> bool:
@@ -87,6 +102,7 @@ class CompiledDecodingForward:
         self.instance_forward = model.__dict__.get("forward")
         self.packed_layers = packed_layers  # those it switched from "auto" to "auto-packed", to switch back
         self.batch_sizes_timed = set()
+        self.uncompiled_cache = None  # a weak reference to the cache of a generate() that met the recompile limit
 
     @property
     def plain_forward(self):
@@ -114,9 +130,24 @@ class CompiledDecodingForward:
             # kernels there, which a compiled graph cannot do, and the graph then takes its choices.
             self.batch_sizes_timed.add(shape)
             return self.plain_forward(*args, **kwargs)
+        cache = kwargs["cache"]
+        if self.uncompiled_cache is not None and self.uncompiled_cache() is cache:
+            return self.plain_forward(*args, **kwargs)
         if self.compiled_step is None:
             self.compiled_step = torch.compile(self.plain_forward, **self.step_compile_options())
-        return self.compiled_step(*args, **kwargs)
+        try:
+            return self.compiled_step(*args, **kwargs)
+        except RECOMPILE_LIMIT_ERRORS:
+            # Kept for the rest of this generate() (its cache): each step would otherwise meet the limit again.
+            self.uncompiled_cache = weakref.ref(cache)
+            logger.warning_once(
+                "enable_compiled_decoding: torch.compile has compiled as many graphs of this model's decoding step as "
+                f"its limit allows (torch._dynamo.config.recompile_limit = {torch._dynamo.config.recompile_limit}); a "
+                "static cache needs one per batch size (times beams) and cache length. Steps that would need another "
+                "graph run uncompiled: the same tokens, at the plain path's speed. Keep to fewer batch sizes and "
+                "max_length values, or raise the limit."
+            )
+            return self.plain_forward(*args, **kwargs)
 
     def step_compile_options(self) -> dict:
         """The options given; where they name neither a mode nor Inductor options and Inductor compiles, a way to
@@ -141,7 +172,7 @@ class CompiledDecodingForward:
     def __getstate__(self):
         # A compiled step can be neither pickled nor shared by a copy (it calls this model): copies compile their own.
         # Nor its record of timed steps: a copy in another process has no timings yet.
-        state = {**self.__dict__, "compiled_step": None, "batch_sizes_timed": set()}
+        state = {**self.__dict__, "compiled_step": None, "batch_sizes_timed": set(), "uncompiled_cache": None}
         state.pop("__signature__", None)
         return state
 
@@ -156,8 +187,10 @@ def enable_compiled_decoding(model: nn.Module, enabled: bool = True, **compile_o
     the decoder's weights and the LM head, made at the first generate()); each generate() reads the weights once to
     repack any changed since (drop_changed_packed_weights: an edit through `weight.data`, as PEFT's merge makes).
     Figures against MarianMTModel: README, "Speed" (the AMD EPYC paragraph). Tokens are the same as the default
-    path's. The first generate() of each new shape compiles (tens of seconds on CPU, where a C++ compiler is
-    needed), later ones reuse it. Sets `cache_implementation="static"` on
+    path's. The first generate() compiles (tens of seconds on CPU, where a C++ compiler is needed), later ones
+    reuse it; another source length compiles once more, for every length after it, and each new batch size (times
+    beams) or cache length once, up to torch.compile's recompile limit, past which such a generate() decodes
+    uncompiled, with a warning. Sets `cache_implementation="static"` on
     `model.generation_config` and turns off transformers' own compilation of the steps, which this replaces; both are
     saved with the generation config by save_pretrained. `compile_options` go to torch.compile (mode, backend, ...);
     without a mode or options, where Inductor (the default backend) compiles, a model on CUDA and not offloaded

@@ -371,6 +371,12 @@ class SelfAttnAttention(nn.Module):
         # some of its positions ask (SelfAttnEncoderLayer's first_token_only).
         source = key_value_states if self.is_cross_attention or key_value_states is not None else hidden_states
         key, value = self.keys_and_values(source, cache)
+        if self.attention_dtype is not None and key.dtype != self.attention_dtype:  # a cache filled before quantize()
+            raise ValueError(
+                f"cache: it holds {key.dtype} keys and values for layer {self.layer_idx}, but this attention computes "
+                f"in {self.attention_dtype} (model.quantize('int8') on a CPU with native bfloat16). Start a new cache, "
+                "or quantize with bf16_attention=False to keep the attention in the model's dtype."
+            )
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward

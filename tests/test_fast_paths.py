@@ -16,10 +16,12 @@ rounding for separately allocated copies of the same weights on every CPU.
 import copy
 import inspect
 import io
+import logging
 
 import pytest
 import torch
 from batch_helpers import TOLERANCE, build, padded_batch
+from torch._dynamo.testing import CompileCounter
 from transformers import GenerationConfig, StaticCache
 from transformers.cache_utils import StaticLayer
 
@@ -240,6 +242,45 @@ def test_only_one_token_steps_on_a_cache_holding_positions_run_compiled(monkeypa
         cache.reset()
         with pytest.raises(ValueError, match="input_ids contains ids outside the vocabulary"):
             model(input_ids=torch.tensor([[3, 500, 4]]), cache=cache, use_cache=True)  # checked: the plain forward
+
+
+def translator_and_greedy_config():
+    model = build(SelfAttnForConditionalGeneration, "encoder_decoder", tie_word_embeddings=False, initializer_range=0.2)
+    return model, GenerationConfig(max_new_tokens=4, min_new_tokens=4, do_sample=False)
+
+
+def test_compiled_decoding_takes_sources_of_every_length_in_two_graphs():
+    """A source length other than the first's compiles the step once more, the length a symbol in it (torch.compile's
+    dynamic=None): ten lengths, more than torch.compile's recompile limit (8), take two graphs and give the plain
+    model's tokens. (Unpadded sources: an encoder output that is a view of a packed batch's, or not, is one more
+    graph, for dynamo guards the view's base.)"""
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    model, generation_config = translator_and_greedy_config()
+    fast = enable_compiled_decoding(copy.deepcopy(model), backend=counter)
+    for longest in range(2, 12):
+        batch = padded_batch(lengths=(longest, longest), seed=longest)
+        expected = model.generate(**batch, generation_config=generation_config)
+        assert torch.equal(fast.generate(**batch, generation_config=generation_config), expected), longest
+    assert counter.frame_count == 2
+
+
+def test_compiled_decoding_past_the_recompile_limit_decodes_uncompiled_with_a_warning(caplog):
+    """Each batch size needs a graph of its own (the static cache's buffers are sized for it). Past torch.compile's
+    recompile limit (here 2), where torch would fail the call (fullgraph), a generate() runs its steps through the
+    plain forward: the same tokens, one warning that names the limit, no more graphs."""
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    model, generation_config = translator_and_greedy_config()
+    fast = enable_compiled_decoding(copy.deepcopy(model), backend=counter)
+    with torch._dynamo.config.patch(recompile_limit=2), caplog.at_level(logging.WARNING):
+        for size in (1, 2, 3, 4):
+            batch = padded_batch(lengths=(6, 5, 4, 3)[:size], seed=size)
+            expected = model.generate(**batch, generation_config=generation_config)
+            assert torch.equal(fast.generate(**batch, generation_config=generation_config), expected), size
+    assert counter.frame_count == 2
+    warnings = [record.getMessage() for record in caplog.records if record.name == fast_paths.__name__]
+    assert len(warnings) == 1 and "recompile_limit = 2" in warnings[0] and "the same tokens" in warnings[0]
 
 
 def test_compiled_decoding_is_refused_by_a_model_that_does_not_generate():

@@ -814,6 +814,27 @@ def test_int8_attention_in_bf16_is_close_to_float32_and_gives_float32_outputs(na
         assert actual.get("attentions") or actual.get("decoder_attentions")
 
 
+@pytest.mark.parametrize("bf16_attention", [True, False])
+def test_a_float32_cache_given_to_int8_attention_in_bf16_is_refused_by_name(bf16_attention):
+    """A cache filled by the float32 model, then given to it quantized with bfloat16 attention: a ValueError that names
+    the cache and both ways out, not torch's dtype error from inside the attention; with float32 attention the same
+    cache serves, within int8's tolerance of the float32 model's next step."""
+    model, inputs = make_model("causal_lm")
+    next_token = inputs["input_ids"][:, :1]
+    with torch.no_grad():
+        cache = model(**inputs, use_cache=True).cache
+        expected = model(input_ids=next_token, cache=copy.deepcopy(cache)).logits
+        model.quantize("int8", bf16_attention=bf16_attention)
+        if bf16_attention:
+            expected_error = r"cache: it holds torch.float32 .*Start a new cache.*bf16_attention=False"
+            with pytest.raises(ValueError, match=expected_error):
+                model(input_ids=next_token, cache=cache)
+            return
+        actual = model(input_ids=next_token, cache=cache).logits
+    error = ((actual - expected).abs().max() / expected.abs().max()).item()
+    assert 0 < error <= INT8_RELATIVE_TOLERANCE, error
+
+
 def test_int8_attention_in_bf16_on_unpadded_sequences(count_packings):
     """A batch padded enough to be packed (modeling_selfattn/packing.py) gathers the bfloat16 queries, keys and values
     into its buckets: the real tokens' outputs stay within int8's tolerance of the float32 model's."""
