@@ -753,10 +753,11 @@ class SelfAttnEncoder(SelfAttnStack):
             hidden_states = self.final_layer_norm(hidden_states)
         if packed_sequences is not None:
             hidden_states = packed_sequences.unpack(hidden_states, embeddings, padding_is_own=embeddings_are_own)
-        kept = slice(0, 1) if first_token_only else slice(None)
-        hidden_states, embeddings = hidden_states[:, kept], embeddings[:, kept]
+        if first_token_only:
+            hidden_states, embeddings = hidden_states[:, :1], embeddings[:, :1]
+            padding_mask = padding_mask[:, :1] if padding_mask is not None else None
         if padding_mask is not None:
-            hidden_states = torch.where(padding_mask[:, kept], hidden_states, embeddings)
+            hidden_states = torch.where(padding_mask, hidden_states, embeddings)
         return BaseModelOutput(last_hidden_state=hidden_states)
 
 

@@ -175,14 +175,18 @@ class PackedSequences:
         distinct_rows = embeddings(input_ids, None, token_type_ids, position_ids, token_indices=representatives)[0]
         row_of_position = torch.zeros(batch_size * length, dtype=torch.long, device=input_ids.device)
         row_of_position[padding_positions] = which
-        return packed, distinct_rows.index_select(0, row_of_position).view(batch_size, length, -1)
+        # a lookup in the padded layout's shape gives a tensor of its own, not a view (see unpack)
+        return packed, nn.functional.embedding(row_of_position.view(batch_size, length), distinct_rows)
 
     def unpack(self, packed: torch.Tensor, padding: torch.Tensor, padding_is_own: bool = False) -> torch.Tensor:
         """(1, num_tokens, features) -> (batch, length, features), taking padding positions from `padding`, which
         is written into where `padding_is_own` (a tensor nothing else holds, as `embed` gives). Not zeros: a
         constant row makes LayerNorm's fp16 backward divide 0 by 0 in any head applied after."""
-        padded = padding.flatten(0, 1).to(packed.dtype, copy=not padding_is_own)
-        return padded.index_copy_(0, self.token_indices, packed[0]).view(*self.padded_shape, -1)
+        padded = padding.to(packed.dtype, memory_format=torch.contiguous_format, copy=not padding_is_own)
+        # Written through a flat view, returned whole: an encoder output that is a view of another tensor would cost
+        # compiled decoding a graph of its own (torch.compile guards an input's view base).
+        padded.view(-1, padded.shape[-1]).index_copy_(0, self.token_indices, packed[0])
+        return padded
 
     def attend(self, attention_interface: Callable, module: nn.Module, query, key, value, **kwargs):
         """Attention of each sequence over itself, for query, key and value of shape (1, heads, num_tokens,

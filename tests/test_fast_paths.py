@@ -252,16 +252,16 @@ def translator_and_greedy_config():
 def test_compiled_decoding_takes_sources_of_every_length_in_two_graphs():
     """A source length other than the first's compiles the step once more, the length a symbol in it (torch.compile's
     dynamic=None): ten lengths, more than torch.compile's recompile limit (8), take two graphs and give the plain
-    model's tokens. (Unpadded sources: an encoder output that is a view of a packed batch's, or not, is one more
-    graph, for dynamo guards the view's base.)"""
+    model's tokens. Of each length, one batch is padded enough for the encoder's unpadded path and one not: the
+    output of either must not be a view (torch.compile guards an input's view base: a third graph)."""
     torch._dynamo.reset()
     counter = CompileCounter()
     model, generation_config = translator_and_greedy_config()
     fast = enable_compiled_decoding(copy.deepcopy(model), backend=counter)
-    for longest in range(2, 12):
-        batch = padded_batch(lengths=(longest, longest), seed=longest)
+    for lengths in [(longest, shortest) for longest in range(2, 12) for shortest in (1, longest)]:
+        batch = padded_batch(lengths=lengths, seed=lengths[0])
         expected = model.generate(**batch, generation_config=generation_config)
-        assert torch.equal(fast.generate(**batch, generation_config=generation_config), expected), longest
+        assert torch.equal(fast.generate(**batch, generation_config=generation_config), expected), lengths
     assert counter.frame_count == 2
 
 

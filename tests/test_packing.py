@@ -61,6 +61,9 @@ def test_unpadded_encoder_matches_the_padded_path(variant, bucket_rule, never_un
         padded = model(**batch)
     assert len(count_packings) == 1
     assert real_token_diff(unpadded.last_hidden_state, padded.last_hidden_state, batch["attention_mask"]) <= TOLERANCE
+    # Tensors of their own on both paths: torch.compile guards an input's view base, so a view would cost compiled
+    # decoding one more graph (test_fast_paths).
+    assert not unpadded.last_hidden_state._is_view() and not padded.last_hidden_state._is_view()
     padding = batch["attention_mask"] == 0
     with torch.no_grad():  # padding positions keep their embeddings
         embedded = model.get_encoder().embeddings(batch["input_ids"], token_type_ids=batch["token_type_ids"])
@@ -338,6 +341,24 @@ def test_the_whole_batch_is_embedded_where_embedding_alone_could_differ(case, em
         EMBEDS_WHOLE_BATCH[case](model, batch)
         model(**batch)
     assert embedding_calls == [None]
+
+
+def test_embeddings_laid_out_otherwise_keep_their_padding_rows(never_unpad, count_packings):
+    """A hook may give the embeddings in another memory layout (same values); unpack writes the real tokens into a
+    contiguous copy of them, not into a temporary one that flattening a strided tensor would make."""
+    model = build(SelfAttnModel, add_pooling_layer=False)
+    model.encoder.embeddings.register_forward_hook(
+        lambda module, args, output: output.transpose(0, 1).contiguous().transpose(0, 1)
+    )
+    batch = padded_batch()
+    with torch.no_grad():
+        unpadded = model(**batch).last_hidden_state
+        assert len(count_packings) == 1
+        never_unpad()
+        padded = model(**batch).last_hidden_state
+    assert real_token_diff(unpadded, padded, batch["attention_mask"]) <= TOLERANCE
+    padding = batch["attention_mask"] == 0
+    assert torch.equal(unpadded[padding], padded[padding])
 
 
 def test_a_projected_embedding_embeds_the_whole_batch(embedding_calls):
