@@ -37,6 +37,7 @@ import functools
 import math
 import platform
 import time
+import types
 import weakref
 from collections.abc import Callable
 
@@ -495,13 +496,25 @@ ONEDNN_ACTIVATIONS = {GELUActivation: "gelu", nn.ReLU: "relu"}
 
 def unobserved(module: nn.Module) -> bool:
     """No forward hook (the module's or a global one) and no forward replaced on the instance (as capture tools do):
-    nothing but the module's own forward sees its inputs and outputs."""
+    nothing but the module's own forward sees its inputs and outputs. A forward on the instance that is the class's
+    own, bound to it, replaces nothing: the `kernels` library's kernelize sets that on each layer it finds no kernel
+    for (transformers' GELUActivation on a CPU, say), and transformers' from_pretrained runs kernelize by default
+    from 5.25 on."""
+    forward = module.__dict__.get("forward")
     return not (
         module._forward_hooks
         or module._forward_pre_hooks
         or nn.modules.module._global_forward_hooks
         or nn.modules.module._global_forward_pre_hooks
-        or "forward" in module.__dict__
+        or (forward is not None and not binds_the_class_forward(module, forward))
+    )
+
+
+def binds_the_class_forward(module: nn.Module, forward) -> bool:
+    return (
+        isinstance(forward, types.MethodType)
+        and forward.__self__ is module
+        and forward.__func__ is type(module).forward
     )
 
 

@@ -10,6 +10,7 @@ import contextlib
 import copy
 import gc
 import io
+import types
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from modeling_selfattn import (
     SelfAttnModel,
 )
 from modeling_selfattn.kernels import set_linear_kernel
+from modeling_selfattn.packing import PackedSequences
 
 BF16_TOLERANCE = 3e-2
 
@@ -485,6 +487,40 @@ def test_the_feed_forward_fuses_the_activations_onednn_computes_alike(hidden_act
 
 
 @needs_onednn
+def test_a_forward_bound_back_to_the_class_own_keeps_the_fast_paths(onednn_calls):
+    """The `kernels` library's kernelize, which transformers' from_pretrained runs by default from 5.25 on, sets
+    `module.forward = MethodType(type(module).forward, module)` on each layer it has no kernel for (GELUActivation
+    on a CPU): that replaces nothing, and the fused feed-forward and the embedding of real tokens alone stay; a
+    forward that wraps the module's is an observer, and they step aside."""
+    model = set_linear_kernel(build(SelfAttnModel, hidden_act="gelu", add_pooling_layer=False), "onednn")
+    plain = aten_copy(model)
+    batch = padded_batch()
+    layers = len(model.encoder.layers)
+
+    def fused_activations_and_embeds_alone() -> tuple[int, bool]:
+        onednn_calls.clear()
+        with torch.no_grad():
+            output = model(**batch).last_hidden_state
+            expected = plain(**batch).last_hidden_state
+            embeds_alone = PackedSequences.embeds_tokens_alone(None, model.encoder.embeddings, batch["input_ids"])
+        real = batch["attention_mask"].bool()
+        torch.testing.assert_close(output[real], expected[real], rtol=0, atol=TOLERANCE)
+        return [call[2] for call in onednn_calls].count("gelu"), embeds_alone
+
+    assert fused_activations_and_embeds_alone() == (layers, True)
+    for module in model.modules():
+        module.forward = types.MethodType(type(module).forward, module)
+    assert fused_activations_and_embeds_alone() == (layers, True)
+    for module in model.modules():
+        del module.forward
+    activation = model.encoder.layers[0].ffn.activation
+    activation.forward = lambda input, forward=activation.forward: forward(input)
+    embedding_norm = model.encoder.embeddings.layer_norm
+    embedding_norm.forward = lambda input, forward=embedding_norm.forward: forward(input)
+    assert fused_activations_and_embeds_alone() == (layers - 1, False)
+
+
+@needs_onednn
 @pytest.mark.parametrize("faster", ["onednn", "aten"])
 def test_auto_times_each_shape_once_and_keeps_the_faster_kernel(faster, onednn_calls, auto_finds_faster):
     timings = auto_finds_faster(faster)
@@ -892,8 +928,11 @@ def test_row_blocks_only_for_unobserved_per_token_int8_pairs_in_evaluation(monke
         handle = module.register_forward_hook(lambda *args: None)
         assert kernels.rows_per_block(ffn.fc1, modules, rows) is None
         handle.remove()
-        module.forward = module.forward
+        module.forward = lambda *args, forward=module.forward: forward(*args)  # a capture tool's wrapper
         assert kernels.rows_per_block(ffn.fc1, modules, rows) is None
+        del module.forward
+        module.forward = module.forward  # the class's own, bound: what kernels' kernelize leaves without a kernel
+        assert kernels.rows_per_block(ffn.fc1, modules, rows) == 7
         del module.forward
     ffn.activation_dropout.train()
     assert kernels.rows_per_block(ffn.fc1, modules, rows) is None
