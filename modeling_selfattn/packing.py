@@ -137,7 +137,8 @@ class PackedSequences:
         """(batch, length, features) -> (1, num_tokens, features)."""
         return padded.flatten(0, 1).index_select(0, self.token_indices).unsqueeze(0)
 
-    def embeds_tokens_alone(self, embeddings: nn.Module, input_ids: torch.Tensor | None) -> bool:
+    @staticmethod
+    def embeds_tokens_alone(embeddings: nn.Module, input_ids: torch.Tensor | None) -> bool:
         """Whether `embed` gives what the embeddings of the whole padded batch, then `pack`, give, bit for bit: each
         token's embedding then depends on its own id, position and type alone, computed by the same kernels on fewer
         rows (no projection, whose product may round otherwise on another number of rows; no dropout drawing; no

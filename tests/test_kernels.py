@@ -502,7 +502,7 @@ def test_a_forward_bound_back_to_the_class_own_keeps_the_fast_paths(onednn_calls
         with torch.no_grad():
             output = model(**batch).last_hidden_state
             expected = plain(**batch).last_hidden_state
-            embeds_alone = PackedSequences.embeds_tokens_alone(None, model.encoder.embeddings, batch["input_ids"])
+            embeds_alone = PackedSequences.embeds_tokens_alone(model.encoder.embeddings, batch["input_ids"])
         real = batch["attention_mask"].bool()
         torch.testing.assert_close(output[real], expected[real], rtol=0, atol=TOLERANCE)
         return [call[2] for call in onednn_calls].count("gelu"), embeds_alone
