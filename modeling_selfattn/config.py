@@ -7,6 +7,7 @@ from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
 
 from .heads import AUTO_MAP
+from .hub import refuse_to_overwrite_foreign_code
 
 POSITION_EMBEDDING_TYPES = ("learned", "sinusoidal")
 
@@ -148,6 +149,10 @@ class SelfAttnConfig(PreTrainedConfig):
     # Set by the selfattn package when imported (its checkpoint conversion, which saved models do not ship): a
     # function from a BERT-family config dict to a selfattn one, refusing any other family.
     foreign_config_translator = None
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        refuse_to_overwrite_foreign_code(self, save_directory, self.model_type)
+        super().save_pretrained(save_directory, push_to_hub, **kwargs)
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):

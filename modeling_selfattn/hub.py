@@ -1,17 +1,21 @@
 """What the selfattn models add for the Hub: a model card (README.md) generated from the config, written by
-`save_pretrained` and uploaded by `push_to_hub`.
+`save_pretrained` and uploaded by `push_to_hub`; and the check that `save_pretrained` (the model's and the config's)
+writes its remote code over no one's own files.
 
 A model file imports this one relatively, so `save_pretrained` ships it with the remote code and a model
 loaded with `trust_remote_code=True` writes the same card. MODEL_CARD_TEMPLATE below is the template's one copy
 (model_card.md at the root of the selfattn repository describes it).
 """
 
+import json
 import os
+import sys
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
+from transformers.dynamic_module_utils import get_relative_import_files
 
 from .heads import HEADS_BY_CLASS
 
@@ -139,10 +143,44 @@ def refuse_missing_local_path(source, argument: str = "pretrained_model_name_or_
         )
 
 
+def refuse_to_overwrite_foreign_code(saved: object, save_directory, model_type: str) -> None:
+    """save_pretrained copies the files that define `saved`'s class (its module and those that module imports
+    relatively: model.py, config.py, ...) into `save_directory` as remote code, over any file of the same name. Where
+    the folder holds such a file with other content and is not a selfattn save (its config.json names another
+    model type than `model_type`, or there is none), that file is someone's own code: refuse before anything is
+    written."""
+    folder = Path(save_directory)
+    if getattr(saved, "_auto_class", None) is None or not folder.is_dir() or holds_save_of(folder, model_type):
+        return
+    module_file = Path(sys.modules[type(saved).__module__].__file__)
+    clashes = [
+        code.name
+        for code in map(Path, [module_file, *get_relative_import_files(module_file)])
+        if (folder / code.name).is_file() and (folder / code.name).read_bytes() != code.read_bytes()
+    ]
+    if clashes:
+        raise FileExistsError(
+            f"save_directory={str(save_directory)!r} holds {', '.join(sorted(clashes))}, which save_pretrained would "
+            "replace with the model's code (saved models carry it as remote code), and the folder is no selfattn "
+            "save. Save into another folder, or move those files away first."
+        )
+
+
+def holds_save_of(folder: Path, model_type: str) -> bool:
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("model_type") == model_type
+
+
 class SelfAttnHubMixin:
-    """Writes the model card beside the weights on `save_pretrained` and uploads it with `push_to_hub`."""
+    """Writes the model card beside the weights on `save_pretrained` and uploads it with `push_to_hub`; refuses to
+    save over files of someone's own code (refuse_to_overwrite_foreign_code)."""
 
     def save_pretrained(self, save_directory, is_main_process: bool = True, *args, **kwargs):
+        if is_main_process:
+            refuse_to_overwrite_foreign_code(self, save_directory, self.config.model_type)
         result = super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
         readme = Path(save_directory) / "README.md"
         if is_main_process and readme.parent.is_dir():

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import make_tiny_config
 from integration_helpers import assert_same_outputs, load_without_package, model_outputs
+import modeling_selfattn.model
 from modeling_selfattn import SelfAttnForCausalLM, SelfAttnForSequenceClassification
 from modeling_selfattn.config import AUTO_MAP
 from modeling_selfattn.hub import GENERATED_MARKER
@@ -189,3 +190,29 @@ def test_the_card_of_a_pruned_model_counts_the_heads_removed(tmp_path):
     model.save_pretrained(tmp_path / "pruned")
     card = (tmp_path / "pruned" / "README.md").read_text()
     assert "3 of them removed (`config.pruned_heads`)" in card
+
+
+def test_save_pretrained_writes_its_code_over_no_one_s_own_files(tmp_path):
+    model = labelled_classifier()
+    own = {"model.py": "# my training script\n", "config.py": "BATCH = 8\n"}
+    project = tmp_path / "project"
+    project.mkdir()
+    for name, text in own.items():
+        (project / name).write_text(text)
+    with pytest.raises(FileExistsError, match=r"save_directory=.*project.* holds config\.py, model\.py.*another folder"):
+        model.save_pretrained(project)
+    with pytest.raises(FileExistsError, match=r"holds config\.py"):
+        model.config.save_pretrained(project)
+    # refused before anything was written
+    assert {path.name: path.read_text() for path in project.iterdir()} == own
+
+    # A selfattn save of its own is refreshed, its older code included; identical files are no clash either.
+    saved = tmp_path / "saved"
+    model.save_pretrained(saved)
+    (saved / "model.py").write_text("# the code of an older release\n")
+    model.save_pretrained(saved)
+    assert (saved / "model.py").read_bytes() == Path(modeling_selfattn.model.__file__).read_bytes()
+    copy = tmp_path / "copy"
+    shutil.copytree(saved, copy, ignore=shutil.ignore_patterns("config.json"))
+    model.save_pretrained(copy)
+    assert (copy / "config.json").is_file()
