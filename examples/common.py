@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import datasets
@@ -77,6 +77,16 @@ class ModelArguments:
             )
         if self.lora and self.model_name_or_path is None:
             raise ValueError("--lora adapts pretrained weights: give --model_name_or_path instead of --config_name.")
+        lora_settings = [
+            f"--{option.name}"
+            for option in fields(self)
+            if option.name.startswith("lora_") and getattr(self, option.name) != option.default
+        ]
+        if lora_settings and not self.lora:
+            raise ValueError(
+                f"{', '.join(lora_settings)} configure the LoRA adapters that only --lora trains: add --lora, or leave "
+                f"out {', '.join(lora_settings)}."
+            )
 
 
 @dataclass
@@ -92,15 +102,15 @@ class DataArguments:
     validation_split_percentage: int | None = field(
         default=None,
         metadata={
-            "help": "Where the data has no validation split, hold out this percentage of the training examples "
-            "for evaluation."
+            "help": "Hold out this percentage of the training examples for evaluation, for data without a validation "
+            "split (no --validation_file)."
         },
     )
     validation_split_group_column: str | None = field(
         default=None,
         metadata={
-            "help": "Hold out whole groups of examples sharing this column's value (e.g. title, so that no QA "
-            "context is on both sides)."
+            "help": "With --validation_split_percentage: hold out whole groups of examples sharing this column's "
+            "value (e.g. title, so that no QA context is on both sides)."
         },
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training examples."})
@@ -116,9 +126,30 @@ class DataArguments:
         for path in (self.train_file, self.validation_file):
             if path is not None and Path(path).suffix not in FILE_FORMATS:
                 raise ValueError(f"{path}: use a file ending in one of {sorted(FILE_FORMATS)}.")
+        if self.dataset_name is not None and (self.train_file is not None or self.validation_file is not None):
+            raise ValueError(
+                "Give either --dataset_name or local files (--train_file / --validation_file), not both: the files "
+                "would not be read."
+            )
+        if self.dataset_config_name is not None and self.dataset_name is None:
+            raise ValueError(
+                "--dataset_config_name names a configuration of the Hub dataset --dataset_name: give --dataset_name, "
+                "or drop --dataset_config_name for local files."
+            )
         if self.validation_split_percentage is not None and not 0 < self.validation_split_percentage < 100:
             raise ValueError(
                 f"--validation_split_percentage must be between 1 and 99, got {self.validation_split_percentage}."
+            )
+        if self.validation_split_group_column is not None and self.validation_split_percentage is None:
+            raise ValueError(
+                "--validation_split_group_column says how --validation_split_percentage holds out training "
+                "examples: give --validation_split_percentage too, or drop it."
+            )
+        if self.validation_split_percentage is not None and self.validation_file is not None:
+            raise ValueError(
+                "--validation_split_percentage holds out training examples where the data has no validation split, "
+                "but --validation_file gives one: drop --validation_split_percentage (and any "
+                "--validation_split_group_column), or --validation_file."
             )
 
 
@@ -157,7 +188,13 @@ def load_raw_datasets(data_args: DataArguments, training_args: TrainingArguments
             if path is not None:
                 builder, options = FILE_FORMATS[Path(path).suffix]
                 raw[split] = datasets.load_dataset(builder, data_files={split: path}, **options)[split]
-    if "validation" not in raw and data_args.validation_split_percentage is not None:
+    if data_args.validation_split_percentage is not None:
+        if "validation" in raw:
+            raise ValueError(
+                "--validation_split_percentage holds out training examples where the data has no validation split, "
+                f"but {data_args.dataset_name} has one: drop --validation_split_percentage (and any "
+                "--validation_split_group_column)."
+            )
         if "train" not in raw:
             raise ValueError("--validation_split_percentage splits the training data: give --train_file.")
         raw["train"], raw["validation"] = split_off_validation(

@@ -26,6 +26,18 @@ def check_ids(ids: torch.Tensor, table_size: int, name: str, table: str, fix: st
         )
 
 
+def check_both_labels(**labels: torch.Tensor | None) -> None:
+    """A loss made of two label tensors (QA's span ends, pre-training's masked tokens and next sentence): with one
+    alone, transformers' BERT heads return no loss without a word."""
+    (first, first_value), (second, second_value) = labels.items()
+    if (first_value is None) != (second_value is None):
+        given, missing = (first, second) if second_value is None else (second, first)
+        raise ValueError(
+            f"{given} was given without {missing}: the loss needs both. Pass {missing} too, or neither for outputs "
+            "without a loss."
+        )
+
+
 def check_attention_mask(attention_mask: torch.Tensor | None, expected: tuple[int, int], name: str) -> None:
     """A 2-D mask must have one 0/1 entry per token. Prepared 4-D masks (and flex attention's block masks), which
     generate() builds for a static cache, pass as they are."""

@@ -38,7 +38,7 @@ from transformers.modeling_outputs import (
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.processing_utils import Unpack
-from transformers.utils import ModelOutput, TransformersKwargs
+from transformers.utils import ModelOutput, TransformersKwargs, logging
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
@@ -48,6 +48,7 @@ from .hub import SelfAttnHubMixin, refuse_missing_local_path
 from .input_checks import (
     accepts_past_key_values,
     check_attention_mask,
+    check_both_labels,
     check_cache,
     check_flash_offsets,
     check_ids,
@@ -57,6 +58,8 @@ from .dropout import Dropout, zero_dropped
 from .kernels import Linear, in_row_blocks, linear_then_activation, rows_per_block
 from .lean_generation import LeanGenerationMixin, reorder_cache_layers
 from .packing import PackedSequences, packed_sequences_for, records_layer_outputs
+
+logger = logging.get_logger(__name__)
 
 
 def sinusoidal_positions(num_positions: int, dim: int) -> torch.Tensor:
@@ -1202,6 +1205,7 @@ class SelfAttnForQuestionAnswering(SelfAttnEncoderHeadModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> QuestionAnsweringModelOutput:
         r"""start_positions / end_positions: token index of the answer span's first and last token."""
+        check_both_labels(start_positions=start_positions, end_positions=end_positions)
         outputs = self.model(
             input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, return_dict=True, **kwargs
         )
@@ -1346,6 +1350,11 @@ class SelfAttnForConditionalGeneration(SelfAttnPreTrainedModel, LeanGenerationMi
         r"""labels: target ids, -100 where no prediction is scored; shifted right to make the decoder inputs
         when those are not given."""
         if labels is not None:
+            if use_cache:
+                logger.warning(
+                    "The `use_cache` argument is changed to `False` since `labels` is provided. Leave use_cache "
+                    "unset when passing labels."
+                )
             use_cache = False
             if decoder_input_ids is None and decoder_inputs_embeds is None:
                 decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
@@ -1508,6 +1517,7 @@ class SelfAttnForPreTraining(SelfAttnEncoderHeadModel):
     ) -> SelfAttnForPreTrainingOutput:
         r"""labels: token ids to predict, -100 where no prediction is scored. next_sentence_label: 0 if the second
         segment continues the first, 1 if it is random. The loss needs both."""
+        check_both_labels(labels=labels, next_sentence_label=next_sentence_label)
         outputs = self.model(
             input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, return_dict=True, **kwargs
         )

@@ -14,20 +14,57 @@ from transformers import AutoModelForQuestionAnswering, AutoModelForSeq2SeqLM, P
 from transformers.pipelines import PIPELINE_REGISTRY, SUPPORTED_TASKS
 
 
+def integer_from(low: int) -> tuple:
+    # bool is an int subclass, but top_k=True is a mistake, not 1.
+    return lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= low, f"an integer >= {low}"
+
+
+# Checks of a parameter's value: (test, what the value must be).
+AT_LEAST_ONE, AT_LEAST_ZERO = integer_from(1), integer_from(0)
+BOOLEAN = (lambda value: isinstance(value, bool), "True or False")
+TRUNCATION = (lambda value: isinstance(value, (bool, str)), "True, False or a truncation strategy such as 'only_first'")
+
+
+def sort_parameters(
+    pipeline: Pipeline, parameters: dict, preprocess: dict, postprocess: dict, passes_on_the_rest: bool = False
+) -> tuple[dict, dict, dict]:
+    """The (preprocess, forward, postprocess) parameters of a call or of the pipeline's construction, each checked
+    by its stage's {name: check}; None stands for not given, as in transformers' pipelines. Pipeline hands over
+    every keyword it does not use itself, so an unknown one is an error here: it would otherwise be dropped
+    without a word. A pipeline that `passes_on_the_rest` gives them to its forward stage instead."""
+    task = pipeline.task or type(pipeline).__name__
+    checks = {**preprocess, **postprocess}
+    unknown = sorted(name for name in parameters if name not in checks)
+    if unknown and not passes_on_the_rest:
+        raise TypeError(f"{task} got unknown parameter(s) {unknown}; it takes {sorted(checks)}. Check the spelling.")
+    for name, (test, requirement) in checks.items():
+        if parameters.get(name) is not None and not test(parameters[name]):
+            raise ValueError(f"{task}: {name} must be {requirement}, got {parameters[name]!r}.")
+    given = {name: value for name, value in parameters.items() if value is not None}
+    return (
+        {name: value for name, value in given.items() if name in preprocess},
+        {name: value for name, value in given.items() if name in unknown},
+        {name: value for name, value in given.items() if name in postprocess},
+    )
+
+
 class QuestionAnsweringPipeline(Pipeline):
     """Finds the answer span of a question in a context. Long contexts are read in overlapping windows
     (`doc_stride`); the best span over all windows wins. Returns {"answer", "score", "start", "end"} with
     character offsets into the context, or a list of `top_k` of them."""
 
-    def _sanitize_parameters(self, top_k=None, max_answer_len=None, max_seq_len=None, doc_stride=None, **kwargs):
-        preprocess = {key: value for key, value in (("max_seq_len", max_seq_len), ("doc_stride", doc_stride)) if value}
-        postprocess = {key: value for key, value in (("top_k", top_k), ("max_answer_len", max_answer_len)) if value}
-        return preprocess, {}, postprocess
+    def _sanitize_parameters(self, **parameters):
+        return sort_parameters(
+            self,
+            parameters,
+            preprocess={"max_seq_len": AT_LEAST_ONE, "doc_stride": AT_LEAST_ZERO},
+            postprocess={"top_k": AT_LEAST_ONE, "max_answer_len": AT_LEAST_ONE},
+        )
 
     def __call__(self, question=None, context=None, **kwargs):
         if isinstance(question, str) or context is not None:
             return super().__call__({"question": question, "context": context}, **kwargs)
-        return super().__call__(question if question is not None else kwargs.pop("inputs"), **kwargs)
+        return super().__call__(question if question is not None else kwargs.pop("inputs", None), **kwargs)
 
     def preprocess(self, inputs, max_seq_len=384, doc_stride=128):
         if not isinstance(inputs, dict):
@@ -126,15 +163,28 @@ class QuestionAnsweringPipeline(Pipeline):
 
 
 class Text2TextGenerationPipeline(Pipeline):
-    """Encodes the text, runs `generate()` with the model's generation config (overridable per call), and
-    decodes. The result key follows the task: generated_text, translation_text or summary_text."""
+    """Encodes the text, runs `generate()` with the model's generation config (overridable when the pipeline is
+    built and per call), and decodes. The result key follows the task: generated_text, translation_text or
+    summary_text."""
 
     _pipeline_calls_generate = True
     result_key = "generated_text"
 
-    def _sanitize_parameters(self, truncation=None, skip_special_tokens=None, **generate_kwargs):
-        preprocess = {"truncation": truncation} if truncation is not None else {}
-        postprocess = {"skip_special_tokens": skip_special_tokens} if skip_special_tokens is not None else {}
+    def _sanitize_parameters(self, **parameters):
+        # The other parameters are generate()'s, which refuses those it does not know.
+        preprocess, generate_kwargs, postprocess = sort_parameters(
+            self,
+            parameters,
+            preprocess={"truncation": TRUNCATION},
+            postprocess={"skip_special_tokens": BOOLEAN},
+            passes_on_the_rest=True,
+        )
+        # Pipeline.__init__ sets the assistant aside too: generate() gets it unless the call passes its own.
+        if getattr(self, "assistant_model", None) is not None:
+            generate_kwargs = {"assistant_model": self.assistant_model, **generate_kwargs}
+        if getattr(self, "assistant_tokenizer", None) is not None:
+            assistant = {"assistant_tokenizer": self.assistant_tokenizer, "tokenizer": self.tokenizer}
+            generate_kwargs = {**assistant, **generate_kwargs}
         return preprocess, generate_kwargs, postprocess
 
     def preprocess(self, text, truncation=True):
@@ -144,7 +194,8 @@ class Text2TextGenerationPipeline(Pipeline):
 
     def _forward(self, model_inputs, **generate_kwargs):
         model_inputs = {name: value for name, value in model_inputs.items() if name != "token_type_ids"}
-        return {"output_ids": self.model.generate(**model_inputs, **generate_kwargs)}
+        # Adds the generation parameters the pipeline was built with, which Pipeline.__init__ set aside.
+        return {"output_ids": self.model.generate(**model_inputs, **self._prepare_generate_kwargs(generate_kwargs))}
 
     def postprocess(self, outputs, skip_special_tokens=True):
         texts = self.tokenizer.batch_decode(outputs["output_ids"], skip_special_tokens=skip_special_tokens)

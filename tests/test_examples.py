@@ -27,6 +27,7 @@ from transformers import (
     BertConfig,
     BertForSequenceClassification,
     PreTrainedTokenizerFast,
+    TrainingArguments,
 )
 
 from modeling_selfattn import (
@@ -323,6 +324,36 @@ def test_unsupported_file_type_is_refused(examples, tmp_path):
         examples["run_classification"].main(
             ["--config_name", "x.json", "--train_file", "data.parquet", *trainer_options(tmp_path)]
         )
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [(["--lora_r", "4", "--lora_dropout", "0.0"], r"^--lora_r, --lora_dropout configure the LoRA adapters that only --lora"),
+     (["--validation_file", "dev.jsonl", "--validation_split_percentage", "20"],
+      r"^--validation_split_percentage holds out .* but --validation_file gives one"),
+     (["--validation_split_group_column", "title"], r"^--validation_split_group_column says how"),
+     (["--dataset_config_name", "cola"], r"^--dataset_config_name names a configuration of the Hub dataset"),
+     (["--dataset_name", "glue"], r"^Give either --dataset_name or local files")],
+    ids=["lora_settings_without_lora", "split_with_a_validation_file", "group_column_without_split",
+         "dataset_config_without_dataset", "dataset_and_files"],
+)  # fmt: skip
+def test_options_that_would_go_unused_are_refused(examples, tmp_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        examples["run_classification"].main(
+            ["--model_name_or_path", "x", "--train_file", "train.jsonl", *options, *trainer_options(tmp_path)]
+        )
+
+
+def test_a_validation_split_percentage_is_refused_for_a_dataset_with_a_validation_split(examples, tmp_path):
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    write_jsonl(dataset / "train.jsonl", sentiment_rows(8, seed=0))
+    write_jsonl(dataset / "validation.jsonl", sentiment_rows(4, seed=1))
+    common = examples["common"]
+    data_args = common.DataArguments(dataset_name=str(dataset), validation_split_percentage=25)
+    training_args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True)
+    with pytest.raises(ValueError, match=rf"^--validation_split_percentage holds out .* but {dataset} has one"):
+        common.load_raw_datasets(data_args, training_args)
 
 
 # --------------------------------------------------------------------------------------------------------------

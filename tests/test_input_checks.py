@@ -6,6 +6,7 @@ Tolerances: outputs computed on two different paths are compared within 1e-5 (fp
 """
 
 import json
+import logging
 import time
 
 import pytest
@@ -18,6 +19,8 @@ from modeling_selfattn import (
     SelfAttnForCausalLM,
     SelfAttnForConditionalGeneration,
     SelfAttnForMaskedLM,
+    SelfAttnForPreTraining,
+    SelfAttnForQuestionAnswering,
     SelfAttnForReplacedTokenDetection,
     SelfAttnForSequenceClassification,
     SelfAttnModel,
@@ -102,6 +105,48 @@ def test_causal_lm_honours_token_type_ids():
     ids = random_ids(1, 5)
     token_types = torch.tensor([[0, 0, 1, 1, 1]])
     assert not torch.allclose(model(ids).logits, model(ids, token_type_ids=token_types).logits)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Labels
+
+
+@pytest.mark.parametrize(
+    "model_class, given, missing",
+    [
+        (SelfAttnForQuestionAnswering, "start_positions", "end_positions"),
+        (SelfAttnForQuestionAnswering, "end_positions", "start_positions"),
+        (SelfAttnForPreTraining, "labels", "next_sentence_label"),
+        (SelfAttnForPreTraining, "next_sentence_label", "labels"),
+    ],
+)
+def test_a_loss_of_two_labels_refuses_one_alone(model_class, given, missing):
+    model = tiny(model_class, "encoder")
+    ids = random_ids(2, 5)
+    labels = {"start_positions": torch.tensor([1, 2]), "end_positions": torch.tensor([2, 3]), "labels": ids,
+              "next_sentence_label": torch.tensor([0, 1])}  # fmt: skip
+    with pytest.raises(ValueError, match=rf"^{given} was given without {missing}: the loss needs both\. Pass {missing}"):
+        model(ids, **{given: labels[given]})
+    assert model(ids, **{given: labels[given], missing: labels[missing]}).loss is not None
+
+
+MODEL_LOGGER = "modeling_selfattn.model"
+
+
+def test_labels_turn_the_cache_off_with_a_warning_where_use_cache_asks_for_it(caplog):
+    model = tiny(SelfAttnForConditionalGeneration, "encoder_decoder")
+    source, target = random_ids(2, 7), random_ids(2, 5, seed=1)
+    with caplog.at_level(logging.WARNING, logger=MODEL_LOGGER):
+        assert model(source, labels=target, use_cache=True).cache is None
+        warned = [record.getMessage() for record in caplog.records if record.name == MODEL_LOGGER]
+        assert warned == [
+            "The `use_cache` argument is changed to `False` since `labels` is provided. Leave use_cache unset when "
+            "passing labels."
+        ]
+        caplog.clear()
+        model(source, labels=target)
+        model(source, labels=target, use_cache=False)
+        assert not caplog.records
 
 
 # ---------------------------------------------------------------------------------------------------------------

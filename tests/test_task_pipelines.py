@@ -28,6 +28,14 @@ def qa_model(tokenizer):
     return SelfAttnForQuestionAnswering(config(tokenizer)).eval()
 
 
+@pytest.fixture(scope="module")
+def translator(tokenizer):
+    torch.manual_seed(0)
+    return SelfAttnForConditionalGeneration(
+        config(tokenizer, decoder_layers=2, type_vocab_size=0, pad_token_id=0, bos_token_id=2, eos_token_id=3, decoder_start_token_id=2)
+    ).eval()
+
+
 def test_postprocess_picks_the_most_likely_valid_span(qa_model, tokenizer):
     reader = QuestionAnsweringPipeline(model=qa_model, tokenizer=tokenizer)
     context = "paris lies on the river seine"
@@ -72,6 +80,13 @@ def test_question_answering_without_a_context_says_so(qa_model, tokenizer, call)
         call(reader)
 
 
+def test_question_answering_without_any_input_says_how_to_call_it(qa_model, tokenizer):
+    reader = pipeline("extractive-question-answering", model=qa_model, tokenizer=tokenizer)
+    message = r"takes question=\.\.\. and context=\.\.\. \(or a dict with those keys\), got None"
+    with pytest.raises(ValueError, match=message):
+        reader()
+
+
 # The question below is 15 tokens; with [CLS] and two [SEP] it fills 18 of the window's tokens.
 LONG_QUESTION = "where is paris " * 5
 
@@ -94,18 +109,76 @@ def test_question_answering_with_a_question_too_long_for_the_window_says_so(qa_m
         reader(question=LONG_QUESTION, context=context, **options)
 
 
+@pytest.mark.parametrize("name", ["topk", "handle_impossible_answer", "max_question_len", "not_an_option"])
+def test_question_answering_refuses_an_unknown_parameter(qa_model, tokenizer, name):
+    message = (
+        rf"extractive-question-answering got unknown parameter\(s\) \['{name}'\]; it takes "
+        r"\['doc_stride', 'max_answer_len', 'max_seq_len', 'top_k'\]"
+    )
+    reader = pipeline("extractive-question-answering", model=qa_model, tokenizer=tokenizer)
+    with pytest.raises(TypeError, match=message):
+        reader(question="where is paris", context="paris lies on the river seine", **{name: 1})
+    with pytest.raises(TypeError, match=message):
+        pipeline("extractive-question-answering", model=qa_model, tokenizer=tokenizer, **{name: 1})
+
+
+@pytest.mark.parametrize(
+    "name,value,requirement",
+    [("top_k", 0, ">= 1"), ("top_k", True, ">= 1"), ("max_answer_len", 0, ">= 1"), ("max_seq_len", 0, ">= 1"),
+     ("max_seq_len", 24.0, ">= 1"), ("doc_stride", -1, ">= 0")],
+)
+def test_question_answering_refuses_a_bad_value(qa_model, tokenizer, name, value, requirement):
+    reader = pipeline("extractive-question-answering", model=qa_model, tokenizer=tokenizer)
+    message = rf"^extractive-question-answering: {name} must be an integer {requirement}, got {value!r}\.$"
+    with pytest.raises(ValueError, match=message):
+        reader(question="where is paris", context="paris lies on the river seine", **{name: value})
+
+
+def test_question_answering_takes_a_doc_stride_of_zero(qa_model, tokenizer):
+    # The question leaves 6 context tokens per window: room for a stride of 0, not for the default (capped at 12).
+    reader = pipeline("extractive-question-answering", model=qa_model, tokenizer=tokenizer)
+    context = " ".join(["the old bridge of paris lies on the river seine"] * 6)
+    answer = reader(question=LONG_QUESTION, context=context, max_seq_len=24, doc_stride=0, max_answer_len=4)
+    assert context[answer["start"]:answer["end"]] == answer["answer"]
+
+
 @pytest.mark.parametrize(
     "task,key", [("seq2seq-generation", "generated_text"), ("seq2seq-translation", "translation_text"), ("seq2seq-summarization", "summary_text")]
 )
-def test_seq2seq_pipelines_match_generate(tokenizer, task, key):
-    torch.manual_seed(0)
-    model = SelfAttnForConditionalGeneration(
-        config(tokenizer, decoder_layers=2, type_vocab_size=0, pad_token_id=0, bos_token_id=2, eos_token_id=3, decoder_start_token_id=2)
-    ).eval()
-    runner = pipeline(task, model=model, tokenizer=tokenizer)
+def test_seq2seq_pipelines_match_generate(translator, tokenizer, task, key):
+    runner = pipeline(task, model=translator, tokenizer=tokenizer)
     text = "where is the old bridge"
     result = runner(text, max_new_tokens=6, num_beams=2, skip_special_tokens=False)
     encoded = tokenizer(text, return_tensors="pt", return_token_type_ids=False)
-    expected = tokenizer.decode(model.generate(**encoded, max_new_tokens=6, num_beams=2)[0], skip_special_tokens=False)
-    assert result == [{key: expected.strip()}]
+    output_ids = translator.generate(**encoded, max_new_tokens=6, num_beams=2)
+    assert result == [{key: tokenizer.decode(output_ids[0], skip_special_tokens=False).strip()}]
     assert len(runner(["paris", "the river"], max_new_tokens=3)) == 2
+
+
+def test_seq2seq_pipeline_uses_the_generation_parameters_it_was_built_with(translator, tokenizer):
+    built_with = pipeline("seq2seq-translation", model=translator, tokenizer=tokenizer, max_new_tokens=2, num_beams=2)
+    plain = pipeline("seq2seq-translation", model=translator, tokenizer=tokenizer)
+    text = "where is the old bridge"
+    expected = plain(text, max_new_tokens=2, num_beams=2, skip_special_tokens=False)
+    assert built_with(text, skip_special_tokens=False) == expected
+
+
+def test_seq2seq_pipeline_uses_the_assistant_model_it_was_built_with(translator, tokenizer):
+    assistant = SelfAttnForConditionalGeneration(translator.config).eval()
+    calls = []
+    assistant.register_forward_hook(lambda *_: calls.append(1))
+    runner = pipeline("seq2seq-translation", model=translator, tokenizer=tokenizer, assistant_model=assistant)
+    text = "where is the old bridge"
+    # Greedy assisted decoding yields what greedy decoding does, whatever the assistant proposes.
+    expected = pipeline("seq2seq-translation", model=translator, tokenizer=tokenizer)(text, max_new_tokens=4)
+    assert runner(text, max_new_tokens=4) == expected and calls
+
+
+@pytest.mark.parametrize(
+    "name,value,requirement",
+    [("skip_special_tokens", "no", "True or False"), ("truncation", 0, "True, False or a truncation strategy")],
+)
+def test_seq2seq_pipeline_refuses_a_bad_value(translator, tokenizer, name, value, requirement):
+    runner = pipeline("seq2seq-translation", model=translator, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match=rf"^seq2seq-translation: {name} must be {requirement}"):
+        runner("where is the old bridge", max_new_tokens=2, **{name: value})
