@@ -572,6 +572,12 @@ def check_quantizable(model: nn.Module, mode, keep_float32, per_token_activation
             f"quantize({mode!r}) starts from float32 weights, but {type(model).__name__} holds {sorted(dtypes)} ones. "
             "Load it in float32 (from_pretrained(..., dtype=torch.float32)) and quantize that."
         )
+    if mode == "int8" and (adapters := adapter_layers(model)):
+        raise ValueError(
+            f"quantize('int8'): {adapters[0]} holds PEFT adapters ({type(model.get_submodule(adapters[0])).__name__}); "
+            "int8 would replace their linear layers too, which PEFT then cannot run. Merge them into the weights "
+            "first (model = peft_model.merge_and_unload()), then quantize; or quantize('bf16'), which keeps them."
+        )
     if mode == "int8":
         devices = {str(t.device) for t in [*model.parameters(), *model.buffers()] if t.device.type != "cpu"}
         if devices:
@@ -580,6 +586,15 @@ def check_quantizable(model: nn.Module, mode, keep_float32, per_token_activation
                 "runs on CPU only. Use model.quantize('bf16') on a GPU, or move the model to the CPU first "
                 "(model.to('cpu'))."
             )
+
+
+def adapter_layers(model: nn.Module) -> list[str]:
+    """The names of the PEFT tuner layers (LoRA, IA3, ...) in `model`; none where PEFT is not installed."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return []
+    return [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
 
 
 def matching(names, patterns) -> list[str]:

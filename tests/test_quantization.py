@@ -1145,3 +1145,17 @@ print("ok")
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO_ROOT)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_int8_of_a_model_with_peft_adapters_is_refused():
+    peft = pytest.importorskip("peft")
+    model, inputs = make_model("sequence_classification")
+    adapted = peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_CLS")).eval()
+    message = r"quantize\('int8'\): .*q_proj holds PEFT adapters \(Linear\).*merge_and_unload\(\)"
+    with pytest.raises(ValueError, match=message):
+        model.quantize("int8")
+    assert not any(isinstance(module, nn.quantized.dynamic.Linear) for module in model.modules())
+    # merged first, int8 runs
+    merged = adapted.merge_and_unload().quantize("int8")
+    with torch.no_grad():
+        assert merged(**inputs).logits.isfinite().all()
