@@ -177,6 +177,28 @@ class CompiledDecodingForward:
         return state
 
 
+def check_compile_options(enabled: bool, compile_options: dict) -> None:
+    """Refuse options that would be dropped (enabled=False) or that torch.compile does not take: the step is compiled
+    only at the first decoding step of a generate(), where a misspelt option would surface as torch's TypeError."""
+    if compile_options and not enabled:
+        raise TypeError(
+            f"enable_compiled_decoding(model, False) turns compiled decoding off, so its compile options "
+            f"({', '.join(sorted(compile_options))}) would be ignored; leave them out, or pass enabled=True to compile "
+            "with them."
+        )
+    accepted = [
+        name
+        for name, parameter in inspect.signature(torch.compile).parameters.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    unknown = sorted(set(compile_options) - set(accepted))
+    if unknown:
+        raise TypeError(
+            f"enable_compiled_decoding: torch.compile (torch {torch.__version__}) has no option {', '.join(unknown)}; "
+            f"it takes {', '.join(accepted)}. Correct or leave out {', '.join(unknown)}."
+        )
+
+
 def enable_compiled_decoding(model: nn.Module, enabled: bool = True, **compile_options) -> nn.Module:
     """Faster generate(): decode with a static cache, each decoding step (one new token per sequence) through a
     torch.compile'd forward, for every strategy (greedy, sampling, beam search; transformers compiles by itself only
@@ -196,12 +218,14 @@ def enable_compiled_decoding(model: nn.Module, enabled: bool = True, **compile_o
     without a mode or options, where Inductor (the default backend) compiles, a model on CUDA and not offloaded
     decodes under CUDA graphs (mode "reduce-overhead", as transformers' own compiled generation), and a model on the
     CPU through Inductor's C++ wrapper (options={"cpp_wrapper": True}). `enabled=False` restores the defaults, the
-    kernels included. An int8 model (model.quantize("int8"), before or after this call) decodes through it too, each
-    int8 layer one opaque operator of the compiled step that runs the layer as in eager mode
+    kernels included, and takes no compile options. Options torch.compile does not take are refused here (TypeError),
+    not at the first compiled step. An int8 model (model.quantize("int8"), before or after this call) decodes through
+    it too, each int8 layer one opaque operator of the compiled step that runs the layer as in eager mode
     (quantization.INT8_LAYERS).
     """
     if not model.can_generate():
         raise ValueError(f"{type(model).__name__} does not generate; compiled decoding is for generate() models.")
+    check_compile_options(enabled, compile_options)
     current = model.__dict__.get("forward")
     if isinstance(current, CompiledDecodingForward):  # enabled before: start again from the forward it wrapped
         if current.instance_forward is None:

@@ -20,6 +20,7 @@ onnx and onnxruntime are optional (`pip install 'selfattn[onnx]'`); importing th
 
 import importlib.util
 import json
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from . import model as modeling
 from .checkpoints import ConversionError
+from .output_folder import remove, unique_sibling
 
 # 17: the first opset with LayerNormalization as one operator, which the optimizer's fusions start from.
 OPSET = 17
@@ -574,11 +576,15 @@ def optimize_encoder_graph(path: Path, config, output: Path) -> dict[str, int]:
     return {name: count for name, count in optimized.get_fused_operator_statistics().items() if count}
 
 
-def export_onnx(model, folder: str | Path, optimize: bool = False, tolerance: float = 1e-4) -> ExportReport:
+def export_onnx(
+    model, folder: str | Path, optimize: bool = False, tolerance: float = 1e-4, overwrite: bool = False
+) -> ExportReport:
     """Write the ONNX graphs of `model` into `folder` (which must exist), check each against PyTorch with ONNX Runtime
     on inputs of another batch size and length than traced, and raise ConversionError when an output differs by more
     than `tolerance`. `optimize` adds `model_optimized.onnx`, ONNX Runtime's fused graph (encoder heads only). The
-    graphs are of the model in eval mode (no dropout) with eager attention; the model is left as it was."""
+    graphs are of the model in eval mode (no dropout) with eager attention; the model is left as it was. They are
+    written into a hidden folder inside `folder` and moved in only once all have passed the check: a failed export
+    leaves `folder` as it was. Files of the same names in `folder` are refused (FileExistsError) unless `overwrite`."""
     require_onnx_runtime()
     check_exportable(model)
     specs = graph_specs(model)
@@ -587,12 +593,49 @@ def export_onnx(model, folder: str | Path, optimize: bool = False, tolerance: fl
             f"--optimize applies ONNX Runtime's BERT fusions to encoder heads; {type(model).__name__} is not one. "
             "Leave out --optimize."
         )
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise NotADirectoryError(
+            f"folder={str(folder)!r} is not an existing folder; create it first, or pass the folder to export into."
+        )
+    names = [spec.file_name for spec in specs] + (["model_optimized.onnx"] if optimize else [])
+    refuse_existing(folder, names, overwrite)
+    # Inside `folder`, so that the files move in by rename on the same filesystem.
+    staging = unique_sibling(folder / "onnx", "partial")
+    staging.mkdir()
+    try:
+        report = export_checked(model, specs, staging, optimize, tolerance)
+        written = sorted(entry.name for entry in staging.iterdir())
+        refuse_existing(folder, written, overwrite)  # graphs over 2 GB add files of external data
+        for name in written:
+            os.replace(staging / name, folder / name)
+    finally:
+        remove(staging)
+    return report
+
+
+def refuse_existing(folder: Path, names: Sequence[str], overwrite: bool) -> None:
+    existing = [name for name in names if (folder / name).exists() or (folder / name).is_symlink()]
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"folder={str(folder)!r} holds {', '.join(existing)} already. Pass overwrite=True to replace what the "
+            "export writes (only once every graph has been written and checked), or export into another folder."
+        )
+    # A link would be replaced rather than the file it names; a folder cannot be replaced by a file.
+    not_files = [name for name in existing if (folder / name).is_symlink() or not (folder / name).is_file()]
+    if not_files:
+        raise FileExistsError(
+            f"folder={str(folder)!r} holds {', '.join(not_files)}, not as plain files (a folder or symbolic link); "
+            "overwrite=True replaces files only. Move them away, or export into another folder."
+        )
+
+
+def export_checked(model, specs: list[GraphSpec], folder: Path, optimize: bool, tolerance: float) -> ExportReport:
     was_training, attention = model.training, model.config._attn_implementation
     model.eval()
     if attention != "eager":
         # The optimizer's fusions match eager attention's operators; SDPA traces to a graph they do not recognise.
         model.set_attn_implementation("eager")
-    folder = Path(folder)
     report = ExportReport([], {})
     try:
         for spec in specs:

@@ -105,6 +105,11 @@ def record_attention(model, tokenizer, text: str, target: str | None = None, max
     attention probabilities of every layer and head."""
     if not text or not text.strip():
         raise ValueError("The text is empty: give a sentence to look at (e.g. --text 'The cat sat.').")
+    if target is not None and not model.config.is_encoder_decoder:
+        raise ValueError(
+            f"A target (--target) is the decoder's input of an encoder-decoder; {type(model).__name__} is not one, so "
+            "it would go unread. Leave out the target, or pass an encoder-decoder model."
+        )
     if model.config._attn_implementation != "eager":
         model.set_attn_implementation("eager")
     encoded = tokenizer(text, return_tensors="pt", truncation=True)
@@ -258,9 +263,9 @@ def plot_head_statistics(statistics: dict[str, torch.Tensor], path):
 def visualize(model, tokenizer, text: str, out_dir, target: str | None = None, layer: int | None = -1):
     """Write the head grids, the rollout (encoders) or alignment (encoder-decoders), and their numbers.
     Returns {name: path} of what was written."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     record = record_attention(model, tokenizer, text, target)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)  # once text and target are accepted: refusing them creates no folder
     layers = _check_layer(layer, record.attentions.shape[0])
     written, numbers = {}, {"tokens": record.tokens}
     for index in layers:
@@ -399,7 +404,9 @@ def main(argv=None) -> int:
         help="a selfattn model folder, or a BERT-style folder that selfattn loads (or a Hub repo id)",
     )
     parser.add_argument("--text", default=DEFAULT_TEXT, help="the input text (default: a sample sentence)")
-    parser.add_argument("--target", help="encoder-decoder only: the target text (default: greedy generation)")
+    parser.add_argument(
+        "--target", help="encoder-decoder only (refused otherwise): the target text (default: greedy generation)"
+    )
     parser.add_argument("--layer", default="-1", help="layer index to draw (negative counts from the top), or 'all'")
     parser.add_argument("--stats", metavar="TEXTS_FILE", help="also compute head statistics over these lines")
     parser.add_argument(

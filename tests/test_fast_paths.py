@@ -288,6 +288,20 @@ def test_compiled_decoding_is_refused_by_a_model_that_does_not_generate():
         enable_compiled_decoding(build(SelfAttnForMaskedLM))
 
 
+def test_compiled_decoding_refuses_compile_options_it_would_drop_or_torch_compile_does_not_take():
+    # Checked at once: the step compiles only at the first decoding step of a generate(), long after the call.
+    model = build(SelfAttnForCausalLM, "decoder", type_vocab_size=0)
+    with pytest.raises(TypeError, match=r"turns compiled decoding off.*\(mode\) would be ignored"):
+        enable_compiled_decoding(model, False, mode="max-autotune")
+    with pytest.raises(TypeError, match=r"has no option not_an_option; it takes fullgraph, .*backend, mode"):
+        enable_compiled_decoding(model, not_an_option=1)
+    assert "forward" not in model.__dict__ and model.generation_config.cache_implementation is None
+    enable_compiled_decoding(model, True, backend="eager", fullgraph=True)  # torch.compile's own option names
+    with pytest.raises(TypeError, match="would be ignored"):
+        enable_compiled_decoding(model, False, backend="eager")
+    assert isinstance(model.__dict__["forward"], fast_paths.CompiledDecodingForward)  # as it was
+
+
 @pytest.mark.parametrize(
     "model_class, shape, num_beams, per_token",
     [

@@ -252,6 +252,39 @@ def test_causal_lm_greedy_through_onnx_runtime_equals_generate(tmp_path):
     assert torch.equal(tokens, expected)
 
 
+def test_api_replaces_files_only_when_told_and_only_after_the_check(tmp_path, monkeypatch):
+    model = onnx_export.load_for_export(saved_model("SelfAttnForSequenceClassification", "encoder", tmp_path / "model"))
+    folder = tmp_path / "onnx"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(b"the user's own graph")
+    (folder / "notes.txt").write_text("the user's")
+    with pytest.raises(FileExistsError, match=r"onnx.* holds model.onnx already. Pass overwrite=True"):
+        onnx_export.export_onnx(model, folder)
+    with pytest.raises(NotADirectoryError, match="missing' is not an existing folder"):
+        onnx_export.export_onnx(model, tmp_path / "missing")
+
+    checked = onnx_export.max_differences
+    monkeypatch.setattr(  # a difference beyond any tolerance, found once every graph is written
+        onnx_export, "max_differences", lambda spec, path: dict.fromkeys(checked(spec, path), 1.0)
+    )
+    with pytest.raises(onnx_export.ConversionError, match="nothing is written"):
+        onnx_export.export_onnx(model, folder, optimize=True, overwrite=True)
+    assert sorted(path.name for path in folder.iterdir()) == ["model.onnx", "notes.txt"]  # no file left behind
+    assert (folder / "model.onnx").read_bytes() == b"the user's own graph"
+
+    monkeypatch.setattr(onnx_export, "max_differences", checked)
+    report = onnx_export.export_onnx(model, folder, optimize=True, overwrite=True)
+    assert sorted(path.name for path in folder.iterdir()) == ["model.onnx", "model_optimized.onnx", "notes.txt"]
+    assert report.files == ["model.onnx", "model_optimized.onnx"]
+    assert [entry.name for entry in session(folder / "model.onnx").get_outputs()] == ["logits"]
+    assert (folder / "notes.txt").read_text() == "the user's"
+
+    (folder / "model.onnx").unlink()
+    (folder / "model.onnx").mkdir()
+    with pytest.raises(FileExistsError, match="model.onnx, not as plain files"):
+        onnx_export.export_onnx(model, folder, overwrite=True)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Refusals: a clear error, exit status 1, nothing written
 

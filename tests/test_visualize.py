@@ -136,6 +136,17 @@ def test_bad_input_is_named(classifier, tokenizer, tmp_path, text, layer, messag
         viz.visualize(classifier, tokenizer, text, tmp_path, layer=layer)
 
 
+def test_a_target_is_refused_for_a_model_without_a_decoder(classifier, tokenizer, tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"target \(--target\).*SelfAttnForSequenceClassification is not one"):
+        viz.visualize(classifier, tokenizer, "the cat sat", tmp_path / "out", target="a dog sat")
+    model_dir = tmp_path / "model"
+    classifier.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    assert viz.main([str(model_dir), "--text", "the cat sat", "--target", "a dog", "--out", str(tmp_path / "out")]) == 2
+    assert "error: A target (--target)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_attentions_are_explained():
     with pytest.raises(ValueError, match="eager"):
         viz._stack((None, None))
