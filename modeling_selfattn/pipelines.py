@@ -12,6 +12,7 @@ The classes can also be built directly: QuestionAnsweringPipeline(model=model, t
 import torch
 from transformers import AutoModelForQuestionAnswering, AutoModelForSeq2SeqLM, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY, SUPPORTED_TASKS
+from transformers.pipelines.base import ChunkPipeline
 
 
 def integer_from(low: int) -> tuple:
@@ -48,10 +49,13 @@ def sort_parameters(
     )
 
 
-class QuestionAnsweringPipeline(Pipeline):
+class QuestionAnsweringPipeline(ChunkPipeline):
     """Finds the answer span of a question in a context. Long contexts are read in overlapping windows
     (`doc_stride`); the best span over all windows wins. Returns {"answer", "score", "start", "end"} with
-    character offsets into the context, or a list of `top_k` of them."""
+    character offsets into the context, or a list of `top_k` of them.
+
+    A ChunkPipeline, as transformers' own was: each window is an item of its own, so that with `batch_size` the
+    batches hold windows (of one context or several) and every context gets its own windows back."""
 
     def _sanitize_parameters(self, **parameters):
         return sort_parameters(
@@ -96,11 +100,16 @@ class QuestionAnsweringPipeline(Pipeline):
             padding=True,
             return_tensors="pt",
         )
-        in_context = torch.tensor(
-            [[sequence == 1 for sequence in encoded.sequence_ids(i)] for i in range(len(encoded["input_ids"]))]
-        )
-        model_inputs = {name: encoded[name] for name in self.tokenizer.model_input_names if name in encoded}
-        return {**model_inputs, "offsets": encoded["offset_mapping"], "in_context": in_context, "context": context}
+        names = [name for name in self.tokenizer.model_input_names if name in encoded]
+        windows = len(encoded["input_ids"])
+        for i in range(windows):
+            yield {
+                **{name: encoded[name][i : i + 1] for name in names},
+                "offsets": encoded["offset_mapping"][i : i + 1],
+                "in_context": torch.tensor([[sequence == 1 for sequence in encoded.sequence_ids(i)]]),
+                "context": context,
+                "is_last": i == windows - 1,
+            }
 
     def _check_question_fits(self, question: str, max_seq_len: int, doc_stride: int, max_length: int, stride: int):
         """Every window repeats the whole question, so the question must leave room for context tokens, and
@@ -132,10 +141,14 @@ class QuestionAnsweringPipeline(Pipeline):
         return {
             "start_logits": outputs.start_logits,
             "end_logits": outputs.end_logits,
-            **{name: inputs[name] for name in ("offsets", "in_context", "context")},
+            **{name: inputs[name] for name in ("offsets", "in_context", "context", "is_last")},
         }
 
-    def postprocess(self, outputs, top_k=1, max_answer_len=30):
+    def postprocess(self, windows, top_k=1, max_answer_len=30):
+        # A context's windows share one length: the tokenizer pads them to the longest, and a context of several
+        # windows fills the window size, which batching (of one call, so one window size) never pads beyond.
+        names = ("start_logits", "end_logits", "in_context", "offsets")
+        outputs = {name: torch.cat([window[name] for window in windows]) for name in names}
         mask = outputs["in_context"]
         start = outputs["start_logits"].float().masked_fill(~mask, float("-inf")).softmax(-1)
         end = outputs["end_logits"].float().masked_fill(~mask, float("-inf")).softmax(-1)
@@ -156,7 +169,7 @@ class QuestionAnsweringPipeline(Pipeline):
                     "score": score,
                     "start": start_char,
                     "end": end_char,
-                    "answer": outputs["context"][start_char:end_char],
+                    "answer": windows[0]["context"][start_char:end_char],
                 }
             )
         return answers[0] if top_k == 1 else answers
@@ -195,10 +208,14 @@ class Text2TextGenerationPipeline(Pipeline):
     def _forward(self, model_inputs, **generate_kwargs):
         model_inputs = {name: value for name, value in model_inputs.items() if name != "token_type_ids"}
         # Adds the generation parameters the pipeline was built with, which Pipeline.__init__ set aside.
-        return {"output_ids": self.model.generate(**model_inputs, **self._prepare_generate_kwargs(generate_kwargs))}
+        output_ids = self.model.generate(**model_inputs, **self._prepare_generate_kwargs(generate_kwargs))
+        # generate() returns num_return_sequences rows per input, one after another; the pipeline splits a batch's
+        # outputs along the first axis, one item per input, so each input's rows go on an axis of their own.
+        inputs = len(model_inputs["input_ids"])
+        return {"output_ids": output_ids.reshape(inputs, len(output_ids) // inputs, -1)}
 
     def postprocess(self, outputs, skip_special_tokens=True):
-        texts = self.tokenizer.batch_decode(outputs["output_ids"], skip_special_tokens=skip_special_tokens)
+        texts = self.tokenizer.batch_decode(outputs["output_ids"][0], skip_special_tokens=skip_special_tokens)
         return [{self.result_key: text.strip()} for text in texts]
 
 

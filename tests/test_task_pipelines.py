@@ -1,5 +1,7 @@
 """The pipelines transformers 5 removed, provided by modeling_selfattn.pipelines."""
 
+import random
+
 import pytest
 import torch
 from transformers import BertTokenizerFast, pipeline
@@ -39,7 +41,7 @@ def translator(tokenizer):
 def test_postprocess_picks_the_most_likely_valid_span(qa_model, tokenizer):
     reader = QuestionAnsweringPipeline(model=qa_model, tokenizer=tokenizer)
     context = "paris lies on the river seine"
-    inputs = reader.preprocess({"question": "where is paris", "context": context})
+    inputs = next(reader.preprocess({"question": "where is paris", "context": context}))
     length = inputs["input_ids"].shape[1]
     tokens = tokenizer.convert_ids_to_tokens(inputs["input_ids"][0])
     first = tokens.index("river")
@@ -50,7 +52,7 @@ def test_postprocess_picks_the_most_likely_valid_span(qa_model, tokenizer):
     end_logits[0, first - 1] = 9.0
     start_logits[0, 1] = 9.0
     outputs = {"start_logits": start_logits, "end_logits": end_logits, **{k: inputs[k] for k in ("offsets", "in_context", "context")}}
-    answer = reader.postprocess(outputs)
+    answer = reader.postprocess([outputs])
     assert answer["answer"] == "river seine" and context[answer["start"]:answer["end"]] == "river seine"
 
 
@@ -65,6 +67,19 @@ def test_question_answering_pipeline_end_to_end(qa_model, tokenizer):
         assert len(tokenizer.tokenize(answer["answer"])) <= 4
     with pytest.raises(ValueError, match="non-empty"):
         reader(question="where", context="  ")
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_question_answering_batches_give_what_one_context_at_a_time_gives(qa_model, tokenizer, top_k):
+    reader = pipeline("extractive-question-answering", model=qa_model, tokenizer=tokenizer)
+    words = random.Random(0)
+    # 2 to 7 windows each: a batch of windows then holds the end of one context and the start of the next.
+    contexts = [" ".join(words.choices(WORDS, k=length)) for length in (40, 75, 25, 60)]
+    inputs = [{"question": "where is paris", "context": context} for context in contexts]
+    options = dict(top_k=top_k, max_seq_len=24, doc_stride=8, max_answer_len=4)
+    one_at_a_time = [reader(**question, **options) for question in inputs]
+    for batch_size in (2, 4):
+        assert reader(inputs, batch_size=batch_size, **options) == one_at_a_time
 
 
 @pytest.mark.parametrize(
@@ -153,6 +168,18 @@ def test_seq2seq_pipelines_match_generate(translator, tokenizer, task, key):
     output_ids = translator.generate(**encoded, max_new_tokens=6, num_beams=2)
     assert result == [{key: tokenizer.decode(output_ids[0], skip_special_tokens=False).strip()}]
     assert len(runner(["paris", "the river"], max_new_tokens=3)) == 2
+
+
+def test_seq2seq_pipeline_batches_give_each_input_its_own_sequences(translator, tokenizer):
+    runner = pipeline("seq2seq-translation", model=translator, tokenizer=tokenizer)
+    texts = ["where is the old bridge", "paris", "of the old bridge", "the river seine lies on a big city"]
+    # Without suppressing [CLS], the decoder's start token, this random model repeats it whatever the input, which
+    # would hide an input given another's sequences.
+    options = dict(max_new_tokens=4, num_beams=2, num_return_sequences=2, suppress_tokens=[2])
+    one_at_a_time = [runner(text, **options) for text in texts]
+    assert [len(sequences) for sequences in one_at_a_time] == [2] * 4 and one_at_a_time[0] != one_at_a_time[1]
+    for batch_size in (2, 4):
+        assert runner(texts, batch_size=batch_size, **options) == one_at_a_time
 
 
 def test_seq2seq_pipeline_uses_the_generation_parameters_it_was_built_with(translator, tokenizer):
