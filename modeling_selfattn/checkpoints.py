@@ -17,6 +17,7 @@ Package-only: saved models do not ship it. Importing the package plugs `foreign_
 
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -204,7 +205,8 @@ BERT_CONFIG_RENAMES = same(
     "classifier_dropout",
 ) + (("num_hidden_layers", "encoder_layers"), ("attention_probs_dropout_prob", "attention_dropout"))
 ENCODER_REQUIREMENTS = {"is_decoder": False, "add_cross_attention": False, "position_embedding_type": "absolute"}
-# PreTrainedConfig fields with the same meaning in every family.
+# Fields with the same meaning in every family (PreTrainedConfig's, which selfattn reads as transformers' models do,
+# and tokenizer_class, which AutoTokenizer reads).
 SHARED_CONFIG_FIELDS = (
     "pad_token_id",
     "bos_token_id",
@@ -214,6 +216,20 @@ SHARED_CONFIG_FIELDS = (
     "label2id",
     "problem_type",
     "dtype",
+    "chunk_size_feed_forward",
+    "return_dict",
+    "output_attentions",
+    "output_hidden_states",
+    "tokenizer_class",
+)
+# PreTrainedConfig fields the selfattn config sets itself: the file's own record, the head (from the architecture)
+# and is_encoder_decoder (from encoder_layers and decoder_layers).
+SELFATTN_SET_CONFIG_FIELDS = (
+    "transformers_version",
+    "_name_or_path",
+    "model_type",
+    "architectures",
+    "is_encoder_decoder",
 )
 
 BERT = Family(
@@ -607,10 +623,8 @@ def selfattn_config_kwargs(config_dict: dict, architecture: str) -> tuple[dict, 
     check_lm_head_activation(family, head, kwargs["hidden_act"])
     used = {name for name, _ in family.config_renames} | set(SHARED_CONFIG_FIELDS) | set(family.config_requirements)
     used |= set(head.requirements) | {value.name for value in fixed.values() if isinstance(value, SourceField)}
-    used |= {name for pair in family.config_same for name in pair}
-    generic = set(generic_config_fields())
-    not_carried = sorted(name for name in source if name not in used and name not in generic)
-    return kwargs, not_carried
+    used |= {name for pair in family.config_same for name in pair} | set(SELFATTN_SET_CONFIG_FIELDS)
+    return kwargs, fields_not_carried(source, used)
 
 
 def check_lm_head_activation(family: Family, head: Head, hidden_act: str) -> None:
@@ -623,12 +637,18 @@ def check_lm_head_activation(family: Family, head: Head, hidden_act: str) -> Non
             )
 
 
-def generic_config_fields() -> dict:
-    """Fields every config has, and decoding settings (which travel in the generation config instead, see
-    `source_generation_config`)."""
+def fields_not_carried(source: dict, used: set) -> list[str]:
+    """The source config fields outside `used` whose value the selfattn config loses: a field of every config
+    unless it holds the default (which the selfattn config has too), never a decoding setting (those travel in the
+    generation config, see `source_generation_config`), and every other field."""
     from transformers import GenerationConfig, PreTrainedConfig
 
-    return {**GenerationConfig().to_dict(), **PreTrainedConfig().to_dict()}
+    defaults, decoding = PreTrainedConfig().to_dict(), GenerationConfig().to_dict()
+    return sorted(
+        name
+        for name, value in source.items()
+        if name not in used and (value != defaults[name] if name in defaults else name not in decoding)
+    )
 
 
 def source_architecture(family: Family, config_dict: dict) -> str:
@@ -863,6 +883,7 @@ TOKENIZER_FILES = (
     "spiece.model",
     "source.spm",  # Marian: one SentencePiece model per language
     "target.spm",
+    "target_vocab.json",  # Marian with separate_vocabs=True: the target language's vocabulary
 )
 HUB_FILE_PATTERNS = ["*.json", "*.txt", "*.model", "*.spm", "*.md"]
 
@@ -971,6 +992,7 @@ class ConversionReport:
     mismatched: list = field(default_factory=list)  # (source name, target name, source shape, target shape)
     conflicts: list = field(default_factory=list)  # (target name, source names) whose tensors differ
     config_not_carried: list = field(default_factory=list)
+    config_added: dict = field(default_factory=dict)  # selfattn config fields the source's model_type implied
     computed: dict = field(default_factory=dict)  # target name -> what export filled it with (no tensor of its own)
 
     def problems(self) -> list[str]:
@@ -1013,6 +1035,8 @@ class ConversionReport:
         lines += [f"  {problem}" for problem in self.problems()]
         if self.config_not_carried:
             lines.append(f"  config fields not carried over (no selfattn code uses them): {self.config_not_carried}")
+        if self.config_added:
+            lines.append(f"  config fields added (the source's model_type implied them): {self.config_added}")
         return "\n".join(lines)
 
 
@@ -1075,20 +1099,42 @@ def convert_checkpoint(
     architecture = architecture or source_architecture(family, config_dict)
     head = head_for(family, architecture)
     kwargs, not_carried = selfattn_config_kwargs(config_dict, architecture)
-    config = SelfAttnConfig(**kwargs, architectures=[head.target])
+    added = model_type_tokenizer_class(folder, config_dict)
+    config = SelfAttnConfig(**{**kwargs, **added}, architectures=[head.target])
     model_class = target_class(head.target)
     shapes, tied = expected_tensors(build_on_meta(model_class, config))
 
     state_dict = load_checkpoint(folder, progress)
-    report = ConversionReport(str(source), architecture, head.target, config_not_carried=not_carried)
+    report = ConversionReport(
+        str(source), architecture, head.target, config_not_carried=not_carried, config_added=added
+    )
     names, report.dropped, unmatched = rename(family, state_dict, head_prefix_for(head.target))
     report.unused.update({name: f"no {family.name} rule maps it" for name in unmatched})
     converted = match_tensors(report, state_dict, names, shapes, tied, progress)
     report.check()
-    model = model_class.from_pretrained(None, config=config, state_dict=converted)
+    # transformers saves a config with output_attentions=True only for eager attention, which returns the weights.
+    attention = {"attn_implementation": "eager"} if config.output_attentions else {}
+    model = model_class.from_pretrained(None, config=config, state_dict=converted, **attention)
     if model.can_generate():
         model.generation_config = source_generation_config(folder)
     return model.eval(), report
+
+
+def model_type_tokenizer_class(folder: Path, config_dict: dict) -> dict:
+    """{"tokenizer_class": the class AutoTokenizer takes for the source's model_type} where neither the source's
+    config.json nor its tokenizer_config.json names one (older Hub layouts: vocab.txt and a tokenizer_config.json of
+    settings). AutoTokenizer then goes by model_type, which the selfattn config no longer has; it reads the class
+    from the config instead. {} where the source names the class, or where transformers maps its model_type to no
+    class here (a package the tokenizer needs, such as sentencepiece, is missing)."""
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
+
+    tokenizer_config = Path(folder) / "tokenizer_config.json"
+    if config_dict.get("tokenizer_class") or (
+        tokenizer_config.is_file() and read_json(tokenizer_config).get("tokenizer_class")
+    ):
+        return {}
+    name = TOKENIZER_MAPPING_NAMES.get(config_dict.get("model_type"))
+    return {} if name is None else {"tokenizer_class": name}
 
 
 def source_generation_config(folder: Path):
@@ -1409,15 +1455,23 @@ def compare_outputs(reference, ours, attention_mask: torch.Tensor) -> dict[str, 
 
 def sample_inputs(folder: Path, config, texts=SAMPLE_TEXTS, multiple_choice: bool = False) -> dict:
     """A padded batch of `texts` from the checkpoint's tokenizer (random ids where it has none)."""
+    # transformers' models refuse a length that their feed-forward chunks (chunk_size_feed_forward) do not divide.
+    multiple = getattr(config, "chunk_size_feed_forward", 0) or 1
     if any((folder / name).is_file() for name in TOKENIZER_FILES):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        inputs = dict(tokenizer(list(texts), padding=True, truncation=True, max_length=64, return_tensors="pt"))
+        inputs = dict(
+            tokenizer(
+                list(texts), padding=True, pad_to_multiple_of=multiple, truncation=True, max_length=64,
+                return_tensors="pt",
+            )
+        )
     else:
         generator = torch.Generator().manual_seed(0)
         lengths = [12, 7, 9]
-        input_ids = torch.randint(3, config.vocab_size, (len(lengths), max(lengths)), generator=generator)
+        width = math.ceil(max(lengths) / multiple) * multiple
+        input_ids = torch.randint(3, config.vocab_size, (len(lengths), width), generator=generator)
         attention_mask = torch.zeros_like(input_ids)
         for row, length in enumerate(lengths):
             attention_mask[row, :length] = 1
@@ -1440,9 +1494,9 @@ def verify(source: str | os.PathLike, model: torch.nn.Module, texts=SAMPLE_TEXTS
     reference = getattr(transformers, architecture).from_pretrained(folder, dtype=torch.float32).eval()
     inputs = sample_inputs(folder, reference.config, texts, multiple_choice=architecture.endswith("ForMultipleChoice"))
     model = model.float().eval()
-    with torch.no_grad():
-        expected = reference(**inputs, output_hidden_states=True)
-        actual = model(**inputs, output_hidden_states=True)
+    with torch.no_grad():  # outputs by name, whatever the configs' return_dict says
+        expected = reference(**inputs, output_hidden_states=True, return_dict=True)
+        actual = model(**inputs, output_hidden_states=True, return_dict=True)
     diffs = compare_outputs(expected, actual, inputs["attention_mask"])
     mask = inputs["attention_mask"].reshape(-1, inputs["attention_mask"].shape[-1]).unsqueeze(-1).float()
     pooled = [(last_hidden_state(out) * mask).sum(1) / mask.sum(1) for out in (expected, actual)]
@@ -1478,7 +1532,7 @@ def verify_seq2seq(
             name: [m.generate(**inputs, **options, max_new_tokens=max_new_tokens) for m in (reference, model)]
             for name, options in SEQ2SEQ_STRATEGIES.items()
         }
-        forced = dict(inputs, decoder_input_ids=tokens["greedy"][0])
+        forced = dict(inputs, decoder_input_ids=tokens["greedy"][0], return_dict=True)
         expected, actual = reference(**forced), model(**forced)
     mismatches = {
         name: len(ours) if ours.shape != theirs.shape else int((ours != theirs).any(dim=1).sum())

@@ -16,6 +16,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -174,21 +175,29 @@ def add_overwrite(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_tolerance(parser: argparse.ArgumentParser, what: str) -> None:
+DEFAULT_TOLERANCE = 1e-4
+
+
+def add_tolerance(parser: argparse.ArgumentParser, what: str, default: float | None = DEFAULT_TOLERANCE) -> None:
     parser.add_argument(
         "--tolerance",
         type=non_negative_tolerance,
-        default=1e-4,
-        help=f"largest max abs difference {what} (default 1e-4)",
+        default=default,
+        help=f"largest max abs difference {what} (default {DEFAULT_TOLERANCE:g})",
     )
+
+
+def add_verify(parser: argparse.ArgumentParser, verify_help: str) -> None:
+    parser.add_argument("--verify", action="store_true", help=verify_help)
+    # None until parse_args has seen whether --tolerance was given: without --verify it would bound nothing.
+    add_tolerance(parser, "--verify accepts", default=None)
 
 
 def add_conversion_arguments(parser: argparse.ArgumentParser, architecture_help: str, verify_help: str) -> None:
     parser.add_argument("source", help="checkpoint folder, or Hub id where a network is")
     parser.add_argument("output", type=Path, help="selfattn folder to write")
     parser.add_argument("--architecture", help=architecture_help)
-    parser.add_argument("--verify", action="store_true", help=verify_help)
-    add_tolerance(parser, "--verify accepts")
+    add_verify(parser, verify_help)
     add_overwrite(parser)
 
 
@@ -212,13 +221,11 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
         choices=sorted(EXPORT_FAMILIES),
         help="layout to write (default: bert or roberta for an encoder, marian or bart for an encoder-decoder)",
     )
-    parser.add_argument(
-        "--verify",
-        action="store_true",
-        help="run transformers' model on OUTPUT and the selfattn model on sample text (encoder-decoders: logits "
-        "and generate())",
+    add_verify(
+        parser,
+        "run transformers' model on OUTPUT and the selfattn model on sample text (encoder-decoders: logits and "
+        "generate())",
     )
-    add_tolerance(parser, "--verify accepts")
     add_overwrite(parser)
 
 
@@ -227,8 +234,9 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def copy_tokenizer_files(source_folder: Path, folder: Path) -> list[str]:
-    """Copy SOURCE's tokenizer files into `folder`; the names copied. An entry of a tokenizer file's name that
-    is not a file stops the run: skipping it would give a model whose tokenizer is silently incomplete."""
+    """Copy SOURCE's tokenizer files into `folder`, which holds its config.json already, and check that they load
+    there; the names copied. An entry of a tokenizer file's name that is not a file stops the run: skipping it
+    would give a model whose tokenizer is silently incomplete."""
     source_folder = Path(source_folder)
     copied = []
     for name in TOKENIZER_FILES:
@@ -248,7 +256,32 @@ def copy_tokenizer_files(source_folder: Path, folder: Path) -> list[str]:
             f"note: SOURCE {source_folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:5])}, ...), so OUTPUT "
             "has none either; copy the tokenizer in by hand before using OUTPUT on text."
         )
-    return copied
+        return copied
+    # Files that load beside SOURCE's config.json need not load beside OUTPUT's, whose model_type may name another
+    # tokenizer or none.
+    error = tokenizer_error(folder)
+    if error is None:
+        return copied
+    if tokenizer_error(source_folder) is not None:
+        print(
+            f"note: the tokenizer does not load here from SOURCE {source_folder} either ({error}), so its files are "
+            "copied as they are, unchecked; a package it needs may be missing (Marian's: pip install sentencepiece)."
+        )
+        return copied
+    raise ConversionError(
+        f"The tokenizer files copied from {source_folder} ({', '.join(copied)}) load there but not as a tokenizer in "
+        f"OUTPUT ({error}); nothing is written. Name its class in {source_folder / 'tokenizer_config.json'} "
+        '("tokenizer_class"), and run again.'
+    )
+
+
+def tokenizer_error(folder: Path) -> str | None:
+    """Why AutoTokenizer cannot load from `folder`, or None where it can."""
+    try:
+        transformers.AutoTokenizer.from_pretrained(folder)
+    except Exception as error:  # a tokenizer's errors have no common base: a missing package, file or class
+        return f"{type(error).__name__}: {' '.join(str(error).split())}"  # some span several lines
+    return None
 
 
 def copy_sentence_transformers_files(source_folder: Path, folder: Path) -> list[str]:
@@ -336,6 +369,22 @@ class Prepared:
     written: str  # what OUTPUT holds, for the last line printed
 
 
+@contextmanager
+def running_both_models(verb: str):
+    """Where --verify runs the two models on sample text: an error of either (a config its forward refuses, a
+    tokenizer that does not load) stops the run as a ConversionError, which `run` prints with what became of
+    OUTPUT, rather than as a traceback. `verb` ("Convert", "Export") starts the advice."""
+    try:
+        yield
+    except ConversionError:
+        raise
+    except Exception as error:  # from either model's forward or generate()
+        raise ConversionError(
+            f"--verify could not run the two models on sample text ({type(error).__name__}: {error}); nothing is "
+            f"written. {verb} without --verify and compare them on your own inputs."
+        ) from error
+
+
 def check_parity(diffs: dict[str, float], tolerance: float) -> None:
     """Raise ConversionError when a --verify difference exceeds --tolerance."""
     beyond = {name: value for name, value in diffs.items() if not value <= tolerance}  # nan is beyond too
@@ -368,7 +417,8 @@ def convert_bert(args: argparse.Namespace, start: float) -> Prepared:
     print(report.summary())
     diffs = None
     if args.verify:
-        diffs = verify(args.source, model)
+        with running_both_models("Convert"):
+            diffs = verify(args.source, model)
         for name, value in diffs.items():
             print(f"max abs diff {name}: {value:.3e}")
         check_parity(diffs, args.tolerance)
@@ -393,7 +443,8 @@ def convert_seq2seq(args: argparse.Namespace, start: float) -> Prepared:
                 f"--verify runs generate(), which {report.target}, the bare model, cannot; leave out --verify, or "
                 "convert a checkpoint with the generation head (MarianMTModel, BartForConditionalGeneration)."
             )
-        diffs, mismatches = verify_seq2seq(args.source, model)
+        with running_both_models("Convert"):
+            diffs, mismatches = verify_seq2seq(args.source, model)
         for name, value in diffs.items():
             print(f"max abs diff {name}: {value:.3e}")
         for name, count in mismatches.items():
@@ -481,20 +532,13 @@ def verify_export(args: argparse.Namespace, folder: Path) -> None:
             "--verify runs generate(), which the bare encoder-decoder (SelfAttnModel) cannot; leave out --verify, or "
             "export a model with the generation head (SelfAttnForConditionalGeneration)."
         )
-    try:
+    with running_both_models("Export"):
         if model.config.is_encoder_decoder:
             # The start token takes a position too.
             max_new_tokens = min(16, model.config.max_position_embeddings - 1)
             diffs, mismatches = verify_seq2seq(folder, model, max_new_tokens=max_new_tokens)
         else:
             diffs, mismatches = verify(folder, model), {}
-    except ConversionError:
-        raise
-    except Exception as error:  # from either model's forward or generate()
-        raise ConversionError(
-            f"--verify could not run the two models on sample text ({type(error).__name__}: {error}); nothing is "
-            "written. Export without --verify and compare them on your own inputs."
-        ) from error
     for name, value in diffs.items():
         print(f"max abs diff {name}: {value:.3e}")
     for name, count in mismatches.items():
@@ -625,12 +669,21 @@ def build_parser(script_name: str | None = None) -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         command.add_arguments(subparser)
-        subparser.set_defaults(command=command)
+        subparser.set_defaults(command=command, command_parser=subparser)
     return parser
 
 
 def parse_args(argv=None, script_name: str | None = None) -> argparse.Namespace:
-    return build_parser(script_name).parse_args(argv)
+    args = build_parser(script_name).parse_args(argv)
+    if "verify" in args:
+        if args.tolerance is None:
+            args.tolerance = DEFAULT_TOLERANCE
+        elif not args.verify:
+            args.command_parser.error(
+                "argument --tolerance: applies only with --verify, the check whose differences it bounds; add "
+                "--verify, or leave out --tolerance."
+            )
+    return args
 
 
 def main(argv=None, script_name: str | None = None) -> int:

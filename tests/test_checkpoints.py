@@ -12,7 +12,13 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from modeling_selfattn import SelfAttnConfig, SelfAttnForMaskedLM, SelfAttnForSequenceClassification, SelfAttnModel
+from modeling_selfattn import (
+    SelfAttnConfig,
+    SelfAttnForMaskedLM,
+    SelfAttnForSequenceClassification,
+    SelfAttnModel,
+    checkpoints,
+)
 from modeling_selfattn.checkpoints import (
     ENCODER_FAMILIES,
     FAMILIES,
@@ -192,6 +198,73 @@ def save_checkpoint(folder, config_dict: dict, state_dict: dict) -> None:
 def bert_checkpoint(saved_sources, suffix="ForMaskedLM"):
     _, folder = saved_sources("bert", suffix)
     return json.loads((folder / "config.json").read_text()), load_file(folder / "model.safetensors")
+
+
+# PreTrainedConfig fields that transformers' models and selfattn's read alike, at values other than the defaults.
+GENERIC_FIELDS = {
+    "chunk_size_feed_forward": 4,
+    "return_dict": False,
+    "output_attentions": True,
+    "output_hidden_states": True,
+}
+
+
+def test_generic_config_fields_carry_over(saved_sources, tmp_path):
+    """Converted, loaded without a conversion step and exported back; the converted model returns what the source
+    model returns."""
+    config_dict, state_dict = bert_checkpoint(saved_sources, "ForSequenceClassification")
+    save_checkpoint(tmp_path / "bert", {**config_dict, **GENERIC_FIELDS}, state_dict)
+    model, _ = convert_checkpoint(tmp_path / "bert")
+    loaded = SelfAttnForSequenceClassification.from_pretrained(tmp_path / "bert")  # converted while loading
+    for config in (model.config, loaded.config):
+        assert {name: getattr(config, name) for name in GENERIC_FIELDS} == GENERIC_FIELDS
+    # Eager attention, the one that returns attention weights: the conversion picks it too.
+    source_model = transformers.BertForSequenceClassification.from_pretrained(
+        tmp_path / "bert", attn_implementation="eager"
+    ).eval()
+    inputs = {"input_ids": torch.tensor([[2, 5, 9, 3]])}  # 4 tokens: one chunk of 4
+    with torch.no_grad():
+        expected, actual = source_model(**inputs), model(**inputs)
+    assert isinstance(actual, tuple) and len(actual) == len(expected) == 3  # logits, hidden states, attentions
+    assert len(actual[2]) == len(expected[2]) == 2  # per layer
+    model.save_pretrained(tmp_path / "selfattn")
+    exported, _, _ = export_checkpoint(tmp_path / "selfattn")
+    assert {name: getattr(exported, name) for name in GENERIC_FIELDS} == GENERIC_FIELDS
+
+
+def test_generic_config_field_left_behind_is_reported(saved_sources, tmp_path, monkeypatch):
+    """A field of every config that the tables would not carry over is listed where the source's value is not the
+    default, which the selfattn config would have instead."""
+    config_dict, state_dict = bert_checkpoint(saved_sources)
+    save_checkpoint(tmp_path, {**config_dict, "chunk_size_feed_forward": 4, "output_attentions": False}, state_dict)
+    left_behind = ("chunk_size_feed_forward", "output_attentions")
+    carried = tuple(name for name in checkpoints.SHARED_CONFIG_FIELDS if name not in left_behind)
+    monkeypatch.setattr(checkpoints, "SHARED_CONFIG_FIELDS", carried)
+    _, report = convert_checkpoint(tmp_path)
+    assert "chunk_size_feed_forward" in report.config_not_carried
+    assert "output_attentions" not in report.config_not_carried
+    assert "config fields not carried over" in report.summary()
+
+
+def test_tokenizer_class_is_carried_or_taken_from_the_model_type(saved_sources, tmp_path):
+    """AutoTokenizer reads tokenizer_class from config.json where tokenizer_config.json names no class, and then
+    goes by model_type, which the selfattn config no longer has: the conversion names the class that model_type
+    implies."""
+    config_dict, state_dict = bert_checkpoint(saved_sources, "Model")
+    save_checkpoint(tmp_path / "named", {**config_dict, "tokenizer_class": "BertJapaneseTokenizer"}, state_dict)
+    model, report = convert_checkpoint(tmp_path / "named")
+    assert model.config.tokenizer_class == "BertJapaneseTokenizer" and not report.config_added
+    assert SelfAttnModel.from_pretrained(tmp_path / "named").config.tokenizer_class == "BertJapaneseTokenizer"
+    model.save_pretrained(tmp_path / "selfattn")
+    assert export_checkpoint(tmp_path / "selfattn")[0].tokenizer_class == "BertJapaneseTokenizer"
+
+    save_checkpoint(tmp_path / "unnamed", config_dict, state_dict)
+    model, report = convert_checkpoint(tmp_path / "unnamed")
+    assert model.config.tokenizer_class == "BertTokenizer"
+    assert report.config_added == {"tokenizer_class": "BertTokenizer"} and "tokenizer_class" in report.summary()
+    (tmp_path / "unnamed" / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer"}))
+    model, report = convert_checkpoint(tmp_path / "unnamed")
+    assert getattr(model.config, "tokenizer_class", None) is None and not report.config_added
 
 
 def test_unknown_architecture_names_the_supported_ones(saved_sources, tmp_path):

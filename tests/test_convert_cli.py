@@ -25,7 +25,7 @@ import transformers
 from conftest import WORD_PIECE_VOCAB_SIZE, save_word_piece_tokenizer
 from safetensors.torch import load_file
 
-from modeling_selfattn import SelfAttnForSequenceClassification, convert_cli
+from modeling_selfattn import SelfAttnForSequenceClassification, checkpoints, convert_cli
 from modeling_selfattn.checkpoints import convert_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -366,7 +366,14 @@ def fail_renaming_in(source, destination, _rename=os.rename):
     return _rename(source, destination)
 
 
-FAILURES = ["unreadable tokenizer file", "tokenizer file is a folder", "disk full", "failed --verify", "final rename"]
+FAILURES = [
+    "unreadable tokenizer file",
+    "tokenizer file is a folder",
+    "tokenizer that does not load",
+    "disk full",
+    "failed --verify",
+    "final rename",
+]
 
 
 def break_run(failure: str, source: Path, monkeypatch) -> list[str]:
@@ -377,6 +384,14 @@ def break_run(failure: str, source: Path, monkeypatch) -> list[str]:
     elif failure == "tokenizer file is a folder":
         (source / "vocab.txt").unlink()
         (source / "vocab.txt").mkdir()
+    elif failure == "tokenizer that does not load":
+        # An older Hub layout (vocab.txt and settings), for which AutoTokenizer goes by SOURCE's model_type, and a
+        # conversion that did not record the class: OUTPUT's model_type, selfattn, names no tokenizer.
+        (source / "tokenizer.json").unlink()
+        settings = json.loads((source / "tokenizer_config.json").read_text())
+        del settings["tokenizer_class"]
+        (source / "tokenizer_config.json").write_text(json.dumps(settings))
+        monkeypatch.setattr(checkpoints, "model_type_tokenizer_class", lambda folder, config_dict: {})
     elif failure == "disk full":
         def full(folder, section):
             raise OSError(errno.ENOSPC, "No space left on device", str(folder / "README.md"))
@@ -394,6 +409,7 @@ def break_run(failure: str, source: Path, monkeypatch) -> list[str]:
 FAILURE_MESSAGES = {
     "unreadable tokenizer file": "Permission denied",
     "tokenizer file is a folder": "vocab.txt is a folder",
+    "tokenizer that does not load": "load there but not as a tokenizer in OUTPUT",
     "disk full": "No space left on device",
     "failed --verify": "logits 2.500e-01",
     "final rename": "Cannot move the new folder into OUTPUT",
@@ -415,7 +431,10 @@ def test_failed_run_leaves_existing_output_as_it_was(
     assert tree_hashes(tmp_path / "out") == before_output  # the old model, and nothing partial beside it
 
 
-@pytest.mark.parametrize("failure", ["unreadable tokenizer file", "tokenizer file is a folder", "failed --verify"])
+@pytest.mark.parametrize(
+    "failure",
+    ["unreadable tokenizer file", "tokenizer file is a folder", "tokenizer that does not load", "failed --verify"],
+)
 def test_failed_run_leaves_no_new_output(failure, bert_folder, tmp_path, monkeypatch, capsys):
     """Nothing that looks like a model, and no parent folder made for it."""
     source = shutil.copytree(bert_folder, tmp_path / "source")
@@ -437,6 +456,83 @@ def test_seq2seq_failed_verify_leaves_existing_output(bart_folder, existing_outp
     error = capsys.readouterr().err
     assert "generate() gives other tokens" in error and "'beam': 2" in error and "nothing is written" in error
     assert tree_hashes(tmp_path) == before
+
+
+@pytest.mark.parametrize("script, verifier", [("convert_bert", "verify"), ("convert_seq2seq", "verify_seq2seq")])
+def test_verify_that_cannot_run_the_models_is_an_error(script, verifier, request, tmp_path, monkeypatch, capsys):
+    """An exception of either model's forward is the run's error, with what became of OUTPUT, not a traceback."""
+    source = source_copy(request, script, tmp_path / "source")
+
+    def refuse(source, model):
+        raise ValueError("The dimension to be chunked 22 has to be a multiple of the chunk size 4")
+
+    monkeypatch.setattr(convert_cli, verifier, refuse)
+    output = tmp_path / "out"
+    assert load_script(script).main([str(source), str(output), "--verify"]) == 1
+    error = capsys.readouterr().err
+    assert "--verify could not run the two models" in error and "the chunk size 4" in error, error
+    assert f"OUTPUT {output} was not created." in error and not output.exists()
+
+
+def test_verify_pads_to_the_feed_forward_chunks(bert_folder, tmp_path, capsys):
+    """transformers' BERT refuses a length its feed-forward chunks (chunk_size_feed_forward, which the conversion
+    carries over) do not divide, so --verify pads its sample batch (22 tokens) to a multiple of them; return_dict
+    False in the config leaves it outputs by name."""
+    source = shutil.copytree(bert_folder, tmp_path / "source")
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "chunk_size_feed_forward": 4, "return_dict": False}))
+    output = tmp_path / "out"
+    assert load_script("convert_bert").main([str(source), str(output), "--verify"]) == 0
+    assert "max abs diff logits: 0.000e+00" in capsys.readouterr().out
+    converted = json.loads((output / "config.json").read_text())
+    assert (converted["chunk_size_feed_forward"], converted["return_dict"]) == (4, False)
+
+
+# bert-base-uncased's layout: vocab.txt and a tokenizer_config.json of settings, with the class named in config.json
+# or nowhere (AutoTokenizer then goes by model_type, which OUTPUT's config no longer has).
+OLDER_HUB_TOKENIZER = {"class in config.json": {"tokenizer_class": "BertTokenizer"}, "class named nowhere": {}}
+
+
+@pytest.mark.parametrize("case", OLDER_HUB_TOKENIZER)
+def test_tokenizer_of_an_older_hub_layout_loads_from_output(case, bert_folder, tmp_path, capsys):
+    source, output = shutil.copytree(bert_folder, tmp_path / "source"), tmp_path / "out"
+    (source / "tokenizer.json").unlink()
+    (source / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}))
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, **OLDER_HUB_TOKENIZER[case]}))
+    assert load_script("convert_bert").main([str(source), str(output)]) == 0
+    added = "config fields added (the source's model_type implied them): {'tokenizer_class'"
+    assert (added in capsys.readouterr().out) == (case == "class named nowhere")
+    assert json.loads((output / "config.json").read_text())["tokenizer_class"] == "BertTokenizer"
+    tokenizers = [transformers.AutoTokenizer.from_pretrained(folder) for folder in (output, source)]
+    assert type(tokenizers[0]).__name__ == "BertTokenizer"
+    assert tokenizers[0]("The cat sat")["input_ids"] == tokenizers[1]("The cat sat")["input_ids"]
+
+
+def test_tokenizer_that_does_not_load_from_source_either_is_copied_with_a_note(bert_folder, tmp_path, capsys):
+    # e.g. a package the tokenizer needs is missing here (Marian's sentencepiece); here, a download cut short
+    source = shutil.copytree(bert_folder, tmp_path / "source")
+    (source / "tokenizer.json").write_text('{"version": "1.0", "trunc')
+    output = tmp_path / "out"
+    assert load_script("convert_bert").main([str(source), str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert f"note: the tokenizer does not load here from SOURCE {source} either" in printed
+    assert (output / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
+
+
+def test_marian_tokenizer_files_are_all_copied(tmp_path, monkeypatch):
+    # MarianTokenizer's vocab_files_names; target_vocab.json where the two languages have vocabularies of their own
+    # (separate_vocabs=True).
+    names = ["source.spm", "target.spm", "vocab.json", "target_vocab.json", "tokenizer_config.json"]
+    source, output = tmp_path / "source", tmp_path / "out"
+    source.mkdir()
+    output.mkdir()
+    for name in names:
+        (source / name).write_text(name)
+    # The check that they load would need sentencepiece, which MarianTokenizer imports; this test is about copying.
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda folder: None)
+    assert sorted(convert_cli.copy_tokenizer_files(source, output)) == sorted(names)
+    assert all((output / name).read_text() == name for name in names)
 
 
 def test_export_failed_write_leaves_existing_output(selfattn_folder, existing_output, tmp_path, monkeypatch, capsys):
@@ -477,6 +573,19 @@ def test_verify_that_gives_nan_fails(bert_folder, tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(convert_cli, "verify", lambda source, model: {"logits": float("nan")})
     assert convert.main([str(bert_folder), str(tmp_path / "out"), "--verify"]) == 1
     assert "logits nan" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["bert", "seq2seq", "export"])
+def test_tolerance_needs_verify(command, capsys):
+    """--tolerance bounds what --verify measures; without --verify it would be accepted and do nothing."""
+    with pytest.raises(SystemExit) as exit_status:
+        convert_cli.parse_args([command, "source", "output", "--tolerance", "1e-3"])
+    assert exit_status.value.code == 2
+    error = capsys.readouterr().err
+    assert f"usage: selfattn-convert {command}" in error
+    assert "argument --tolerance: applies only with --verify" in error, error
+    assert convert_cli.parse_args([command, "source", "output", "--verify", "--tolerance", "1e-3"]).tolerance == 1e-3
+    assert convert_cli.parse_args([command, "source", "output", "--verify"]).tolerance == 1e-4
 
 
 @pytest.mark.parametrize("value", ["nan", "-1e-4"])
