@@ -1191,6 +1191,8 @@ def foreign_checkpoint_kwargs(model_class: type, source, kwargs: dict) -> dict |
 # ----------------------------------------------------------------------------------------------------------------
 # Warm-starting an encoder-decoder from encoder checkpoints
 
+# The encoder's token table, which the warm-started decoder and LM head share.
+TOKEN_TABLE = "model.encoder.embeddings.word_embeddings.weight"
 # One config describes both stacks, so the two checkpoints must agree on these.
 SHARED_STACK_FIELDS = (
     "vocab_size",
@@ -1233,6 +1235,15 @@ def encoder_checkpoint(source, download_kwargs: dict) -> tuple[dict, dict, dict]
     )
     if left_out:
         logger.info("Warm start from %s uses its encoder and MLM head only; not used: %s.", source, left_out)
+    table = encoder.get(TOKEN_TABLE)
+    for name, target in names.items():
+        if target == "lm_head.decoder.weight" and table is not None and not torch.equal(state_dict[name], table):
+            logger.warning(
+                "Warm start from %s: its MLM projection %s is a matrix of its own (tie_word_embeddings=False), which "
+                "is not used: the warm-started LM head projects with the token table. Convert the masked LM itself "
+                "(selfattn-convert bert) to keep it.",
+                source, name,
+            )
     return config_kwargs, encoder, lm_head
 
 
@@ -1262,10 +1273,9 @@ def warm_start_kwargs(encoder_source, decoder_source=None, **kwargs) -> dict:
             + ". Pick checkpoints of the same shape."
         )
     state_dict = dict(encoder)
-    shared_table = "model.encoder.embeddings.word_embeddings.weight"
     for name, tensor in decoder.items():
-        if name == shared_table:
-            if not torch.equal(tensor, encoder[shared_table]):
+        if name == TOKEN_TABLE:
+            if not torch.equal(tensor, encoder[TOKEN_TABLE]):
                 logger.info("The decoder shares the encoder's token table; %s's own is not used.", decoder_source)
             continue
         state_dict["model.decoder." + name.removeprefix("model.encoder.")] = tensor

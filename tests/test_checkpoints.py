@@ -5,6 +5,7 @@ Bad input (unknown architecture, tensors that map nowhere or are missing, shape 
 error that lists every problem."""
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -488,6 +489,22 @@ def test_warm_start_keeps_the_decoder_checkpoints_mlm_head(saved_sources, tmp_pa
     plain = warm_start_encoder_decoder(folder, lm_head_transform=False)
     assert isinstance(plain.lm_head, torch.nn.Linear)
     assert plain.lm_head.weight is plain.model.encoder.embeddings.word_embeddings.weight
+
+
+def test_warm_start_says_it_leaves_an_untied_mlm_projection(saved_sources, tmp_path, caplog):
+    source_model = random_source_model("BertForMaskedLM", source_config("bert", tie_word_embeddings=False))
+    assert source_model.cls.predictions.decoder.weight is not source_model.bert.embeddings.word_embeddings.weight
+    source_model.save_pretrained(tmp_path / "untied")
+    with caplog.at_level(logging.WARNING, logger=checkpoints.__name__):
+        model = warm_start_encoder_decoder(tmp_path / "untied", decoder_start_token_id=2)
+    assert "its MLM projection cls.predictions.decoder.weight is a matrix of its own" in caplog.text
+    assert model.lm_head.decoder.weight is model.model.encoder.embeddings.word_embeddings.weight
+
+    caplog.clear()
+    _, tied = saved_sources("bert", "ForMaskedLM")
+    with caplog.at_level(logging.WARNING, logger=checkpoints.__name__):
+        warm_start_encoder_decoder(tied, decoder_start_token_id=2)
+    assert "MLM projection" not in caplog.text
 
 
 def test_warm_start_refuses_checkpoints_of_different_shapes(saved_sources, tmp_path):
