@@ -39,6 +39,8 @@ and the lowest cosine over sentences of the mean-pooled hidden states; generatio
 identical to the reference's. Training steps (forward, backward, AdamW, dropout active: the two sides draw
 different masks) time the model as loaded against the reference; their parity is the loss and logits in eval mode,
 before any step.
+Variants that --device / --dtype rule out are named as skipped; a run that would keep none of those requested is
+refused.
 Both sides run under the same global torch settings, which this script never changes.
 """
 
@@ -154,6 +156,10 @@ COMPILED_VARIANTS = {"selfattn-compiled": None, "selfattn-int8-compiled": "int8"
 SELFATTN_VARIANTS = ["selfattn", *FORCED_KERNEL_VARIANTS, *QUANTIZED_VARIANTS, *COMPILED_VARIANTS]
 ENGINE_VARIANTS = list(engines.ENCODER_ENGINES)
 REFERENCE_VARIANTS = ["reference-static"]
+# oneDNN inference, the int8 copies and the engines start from float32 weights on the CPU; the bf16 copy from
+# float32 weights at least.
+CPU_FLOAT32_VARIANTS = [*FORCED_KERNEL_VARIANTS, "selfattn-int8", "selfattn-int8-compiled", *ENGINE_VARIANTS]
+FLOAT32_VARIANTS = ["selfattn-bf16"]
 
 
 def synchronize(device: str):
@@ -561,6 +567,27 @@ def time_alternating(runners: dict, repeats: int, warmup: int, device: str) -> d
     return times
 
 
+def ruled_out(variants: list[str], device: str, dtype: torch.dtype) -> dict[str, str]:
+    """The variants among `variants` that cannot run on `device` in `dtype`, each with why."""
+    reasons = {}
+    for variant in variants:
+        if variant in CPU_FLOAT32_VARIANTS and (device != "cpu" or dtype != torch.float32):
+            reasons[variant] = "runs on CPU in float32 only"
+        elif variant in FLOAT32_VARIANTS and dtype != torch.float32:
+            reasons[variant] = "is made from float32 weights"
+    return reasons
+
+
+def comma_list(option: str, text: str, known: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    names = [name for name in text.split(",") if name]
+    if not names:
+        parser.error(f"{option} names nothing; give one or more of {', '.join(known)}, separated by commas.")
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        parser.error(f"{option}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+    return names
+
+
 def load_average() -> list[float] | None:
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
@@ -574,8 +601,8 @@ def main(argv=None):
     parser.add_argument(
         "--variants", default=",".join(all_variants), help="comma-separated: " + ", ".join(all_variants)
     )
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per variant (default: 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per variant first (default: 2)")
     parser.add_argument("--random-minilm", action="store_true", help="random MiniLM-shaped weights, not the checkpoint")
     parser.add_argument(
         "--data-dir", default=str(HERE.parent.parent / "shared" / "data"),
@@ -583,19 +610,24 @@ def main(argv=None):
     )
     parser.add_argument("--output", default="bench_results.json")
     args = parser.parse_args(argv)
+    variants = comma_list("--variants", args.variants, all_variants, parser)
+    workloads = comma_list("--workloads", args.workloads, list(WORKLOADS), parser)
+    # Checked before any model is built: the medians need one timed call at least.
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}.")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be 0 or more, got {args.warmup}.")
+    this_run = f"--device {args.device} --dtype {args.dtype}"
     args.dtype = getattr(torch, args.dtype)
-    variants = [variant for variant in args.variants.split(",") if variant]
-    workloads = [name for name in args.workloads.split(",") if name]
-    for option, names, known in [("--variants", variants, all_variants), ("--workloads", workloads, list(WORKLOADS))]:
-        unknown = [name for name in names if name not in known]
-        if unknown:
-            parser.error(f"{option}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
-    if args.device != "cpu" or args.dtype != torch.float32:
-        # oneDNN inference and the quantized copies start from float32 weights on the CPU (bf16 from float32 at least).
-        cpu_float32_only = [*FORCED_KERNEL_VARIANTS, "selfattn-int8"]
-        if args.dtype != torch.float32:
-            cpu_float32_only.append("selfattn-bf16")
-        variants = [variant for variant in variants if not any(part in variant for part in cpu_float32_only)]
+    ruled = ruled_out(variants, args.device, args.dtype)
+    if len(ruled) == len(variants):
+        why = "; ".join(f"{variant} {reason}" for variant, reason in ruled.items())
+        parser.error(
+            f"--variants: none of them can run with {this_run} ({why}): name others, or run on CPU in float32."
+        )
+    for variant, reason in ruled.items():
+        print(f"skipped {variant}: it {reason}, and this run is {this_run}", flush=True)
+    variants = [variant for variant in variants if variant not in ruled]
     transformers.logging.set_verbosity_error()
 
     processor = cpu_model() if args.device == "cpu" else torch.cuda.get_device_name()

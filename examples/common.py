@@ -77,16 +77,14 @@ class ModelArguments:
             )
         if self.lora and self.model_name_or_path is None:
             raise ValueError("--lora adapts pretrained weights: give --model_name_or_path instead of --config_name.")
-        lora_settings = [
-            f"--{option.name}"
-            for option in fields(self)
-            if option.name.startswith("lora_") and getattr(self, option.name) != option.default
-        ]
+        lora_options = [option.name for option in fields(self) if option.name.startswith("lora_")]
+        lora_settings = changed_options(self, lora_options)
         if lora_settings and not self.lora:
             raise ValueError(
                 f"{', '.join(lora_settings)} configure the LoRA adapters that only --lora trains: add --lora, or leave "
                 f"out {', '.join(lora_settings)}."
             )
+        require_at_least(self, 1, "lora_r")
 
 
 @dataclass
@@ -121,6 +119,9 @@ class DataArguments:
     )
 
     def __post_init__(self):
+        require_at_least(
+            self, 1, "max_train_samples", "max_eval_samples", "max_seq_length", "preprocessing_num_workers"
+        )
         if self.dataset_name is None and self.train_file is None and self.validation_file is None:
             raise ValueError("Give --dataset_name, or local data with --train_file and/or --validation_file.")
         for path in (self.train_file, self.validation_file):
@@ -153,13 +154,46 @@ class DataArguments:
             )
 
 
+def changed_options(arguments, names: list[str]) -> list[str]:
+    """The flags among `names` set away from their dataclass defaults: options that only matter with another one."""
+    defaults = {option.name: option.default for option in fields(arguments)}
+    return [f"--{name}" for name in names if getattr(arguments, name) != defaults[name]]
+
+
+def require_at_least(arguments, minimum: int, *names: str) -> None:
+    """Refuses a count below `minimum` here, naming its flag, rather than as a library error much later that names
+    another variable (or none); None stands for an option not given."""
+    for name in names:
+        value = getattr(arguments, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"--{name} must be at least {minimum}, got {value}.")
+
+
 def parse_arguments(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
     """Command-line options of the given dataclasses, or a single JSON file holding them."""
     parser = HfArgumentParser(dataclass_types)
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
+        parsed = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    else:
+        parsed = parser.parse_args_into_dataclasses(args=argv)
+    for arguments in parsed:
+        if isinstance(arguments, TrainingArguments):
+            check_what_to_do(arguments)
+    return parsed
+
+
+def check_what_to_do(training_args: TrainingArguments) -> None:
+    """TrainingArguments accepts --do_predict, but the scripts read no test split: a run that asked for
+    predictions would end without them."""
+    if training_args.do_predict:
+        raise ValueError(
+            "--do_predict is not supported: these scripts train (--do_train) and evaluate on the validation split "
+            "(--do_eval). To score a test set, drop --do_predict and give the test file as --validation_file with "
+            "--do_eval (and --model_name_or_path the trained model)."
+        )
+    if not (training_args.do_train or training_args.do_eval):
+        raise ValueError("Nothing to do: give --do_train (train and save the model), --do_eval, or both.")
 
 
 def set_up(training_args: TrainingArguments) -> None:

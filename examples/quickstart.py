@@ -24,8 +24,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PRESETS = REPO_ROOT / "configuration"
 LABELS = ["negative", "positive"]
-# Fields that must agree between the preset and the pretrained checkpoint.
-SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_attention_heads", "encoder_layers", "intermediate_size")
+# all-MiniLM-L6-v2's shape, the one preset --init pretrained can start.
+PRETRAINED_PRESET = "minilm-l6-h384"
 NEW_SENTENCES = ["The waiter was friendly and the noodles were delicious.", "The film was long, dull and badly acted."]
 SIMILARITY_SENTENCES = [
     "A man is playing a guitar on stage.",
@@ -34,19 +34,27 @@ SIMILARITY_SENTENCES = [
 ]
 
 
+def encoder_presets() -> list[str]:
+    """The presets of configuration/ a sentence classifier can have: encoders (SelfAttnConfig's default
+    decoder_layers is 0); the paper's encoder-decoders are for translation (examples/run_seq2seq.py)."""
+    presets = {path.stem: json.loads(path.read_text()) for path in PRESETS.glob("*.json")}
+    return sorted(name for name, fields in presets.items() if fields.get("decoder_layers", 0) == 0)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--preset",
-        default="minilm-l6-h384",
-        choices=sorted(path.stem for path in PRESETS.glob("*.json")),
-        help="model shape, a file in configuration/ (default: minilm-l6-h384, the shape of all-MiniLM-L6-v2)",
+        default=PRETRAINED_PRESET,
+        choices=encoder_presets(),
+        help=f"model shape, an encoder preset in configuration/ (default: {PRETRAINED_PRESET}, the shape of "
+        "all-MiniLM-L6-v2; the encoder-decoder presets are for translation, examples/run_seq2seq.py)",
     )
     parser.add_argument(
         "--init",
         default="pretrained",
         choices=["pretrained", "random"],
-        help="pretrained: start from the all-MiniLM-L6-v2 weights (needs --preset minilm-l6-h384); "
+        help=f"pretrained: start from the all-MiniLM-L6-v2 weights (needs --preset {PRETRAINED_PRESET}); "
         "random: a freshly initialised model of the preset's shape (default: pretrained)",
     )
     parser.add_argument(
@@ -62,7 +70,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--output-dir", type=Path, default=Path("outputs/quickstart"), help="where the model is saved"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and the training")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    # All before the conversion and the training, which take minutes.
+    if args.init == "pretrained" and args.preset != PRETRAINED_PRESET:
+        parser.error(
+            f"--init pretrained starts from all-MiniLM-L6-v2, which does not have the shape of preset {args.preset}: "
+            f"use --preset {PRETRAINED_PRESET}, or --init random for a new model of that shape."
+        )
+    for name in ("max_steps", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
+    if not args.data.is_file():
+        parser.error(f"--data {args.data} is not a file; give a CSV with columns text,label.")
+    return args
 
 
 def minilm_path() -> Path:
@@ -125,12 +145,6 @@ def main(argv=None) -> dict:
         model = SelfAttnForSequenceClassification.from_pretrained(
             converted, id2label=config.id2label, label2id=config.label2id
         )
-        differing = [name for name in SHAPE_FIELDS if getattr(model.config, name) != getattr(config, name)]
-        if differing:
-            raise SystemExit(
-                f"all-MiniLM-L6-v2 does not have the shape of preset {args.preset} ({', '.join(differing)} differ): "
-                "use --preset minilm-l6-h384, or --init random"
-            )
     else:
         model = AutoModelForSequenceClassification.from_config(config)
     print(f"model: {type(model).__name__} ({model.num_parameters():,} parameters), {args.preset}, {args.init} weights")

@@ -38,6 +38,13 @@ class MaskedLMArguments:
     )
     mlm_probability: float = field(default=0.15, metadata={"help": "Share of tokens chosen for prediction."})
 
+    def __post_init__(self):
+        if not 0 < self.mlm_probability <= 1:
+            raise ValueError(
+                f"--mlm_probability is a share of the tokens: give one above 0 and at most 1, got "
+                f"{self.mlm_probability}."
+            )
+
 
 def blocks_of(batch: dict, block_length: int) -> dict:
     """The token lists of a batch of texts concatenated and cut into blocks of `block_length` (the remainder

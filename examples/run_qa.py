@@ -21,6 +21,7 @@ from common import (
     load_raw_datasets,
     load_tokenizer,
     parse_arguments,
+    require_at_least,
     require_columns,
     sequence_length,
     set_up,
@@ -44,6 +45,10 @@ class QuestionAnsweringArguments:
         default=20, metadata={"help": "Start and end candidates per window considered when picking the answer."}
     )
     max_answer_length: int = field(default=30, metadata={"help": "Longest answer predicted, in tokens."})
+
+    def __post_init__(self):
+        require_at_least(self, 0, "doc_stride")
+        require_at_least(self, 1, "n_best_size", "max_answer_length")
 
 
 def window_features(batch, tokenizer, max_length: int, doc_stride: int) -> dict:

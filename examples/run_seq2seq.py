@@ -34,12 +34,14 @@ from common import (
     DataArguments,
     ModelArguments,
     capped_length,
+    changed_options,
     load_model,
     load_raw_datasets,
     load_tokenizer,
     logger,
     parse_arguments,
     pick_column,
+    require_at_least,
     require_columns,
     sequence_length,
     set_up,
@@ -104,6 +106,24 @@ class Seq2SeqArguments:
     def __post_init__(self):
         if (self.source_lang is None) != (self.target_lang is None):
             raise ValueError("Translation needs both --source_lang and --target_lang.")
+        require_at_least(self, 1, "max_target_length", "tokenizer_vocab_size")
+        if self.train_tokenizer is None and changed_options(self, ["tokenizer_vocab_size"]):
+            raise ValueError(
+                "--tokenizer_vocab_size sizes the vocabulary that --train_tokenizer learns: add --train_tokenizer, or "
+                "leave out --tokenizer_vocab_size."
+            )
+        summarisation_columns = changed_options(self, ["text_column", "summary_column"])
+        if self.is_translation and summarisation_columns:
+            raise ValueError(
+                f"{', '.join(summarisation_columns)} name summarisation columns, but --source_lang / --target_lang "
+                "make this a translation run, which reads --translation_column: leave out "
+                f"{', '.join(summarisation_columns)}, or --source_lang / --target_lang to summarise."
+            )
+        if not self.is_translation and changed_options(self, ["translation_column"]):
+            raise ValueError(
+                "--translation_column names the translation pairs, read only with --source_lang and --target_lang: "
+                "add them, or leave out --translation_column to summarise."
+            )
 
     @property
     def is_translation(self) -> bool:

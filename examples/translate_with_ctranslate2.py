@@ -51,6 +51,9 @@ UNMATCHED_SETTINGS = (
     "begin_suppress_tokens",
     "sequence_bias",
 )
+# The new tokens generate() makes when neither the call nor the generation config sets a length (transformers 5
+# leaves GenerationConfig().max_length unset): transformers' default max_length, 20, counted from the start token on.
+GENERATE_DEFAULT_NEW_TOKENS = 20
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -66,7 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--max_new_tokens",
         type=int,
         default=None,
-        help="longest translation in tokens (default: the generation config's max_length less the start token)",
+        help="longest translation in tokens (default: as generate() decodes: the generation config's max_new_tokens, "
+        "or its max_length less the start token, or with neither, transformers' default of "
+        f"{GENERATE_DEFAULT_NEW_TOKENS})",
     )
     args = parser.parse_args(argv)
     if not (Path(args.model) / "config.json").is_file():
@@ -159,6 +164,23 @@ def ctranslate2_greedy(output_dir: str, tokenizer, source_ids, batch_size: int, 
     return [tokenizer.convert_tokens_to_ids(result.hypotheses[0]) for result in results], seconds
 
 
+def default_max_new_tokens(model) -> int:
+    """The length limit generate() applies to this model, as a count of new tokens, for CTranslate2 to stop where
+    generate() does."""
+    config = model.generation_config
+    if config.max_new_tokens is not None:
+        return config.max_new_tokens
+    if config.max_length is not None:
+        return config.max_length - 1  # max_length counts the start token, which CTranslate2 does not output
+    # generate() caps its own default at the model's positions, as the start token's row takes one of them.
+    default = min(GENERATE_DEFAULT_NEW_TOKENS, model.config.max_position_embeddings - 1)
+    print(
+        f"note: the generation config sets no max_length or max_new_tokens; translating up to {default} tokens, as "
+        "generate() does by default (--max_new_tokens sets another limit)."
+    )
+    return default
+
+
 def settings_not_carried_over(generation_config) -> list[str]:
     """The UNMATCHED_SETTINGS the model's generation config sets, and bad_words_ids beyond [[pad]] (which
     CTranslate2 applies anyway: it has no <pad> to generate)."""
@@ -188,10 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
     sources, references = read_pairs(args.data, args.source_lang, args.target_lang, args.max_samples)
     model = SelfAttnForConditionalGeneration.from_pretrained(args.model).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    # generate()'s max_length counts the start token, which CTranslate2 does not output.
-    max_new_tokens = (
-        args.max_new_tokens or model.generation_config.max_new_tokens or model.generation_config.max_length - 1
-    )
+    max_new_tokens = args.max_new_tokens or default_max_new_tokens(model)
     unmatched = settings_not_carried_over(model.generation_config)
     if unmatched:
         print(f"note: CTranslate2 is not given the generation config's {', '.join(unmatched)}; tokens may differ.")

@@ -1,5 +1,5 @@
 """The reference engines of benchmarks/ (engines.py: ONNX Runtime, CTranslate2) against transformers' own models
-on the same tiny random weights, and the benchmark's parity measures and skips.
+on the same tiny random weights, and the benchmark's parity measures, skips and argument checks.
 
 float32 engines must match transformers within 1e-5 at real tokens (generation: identical tokens); int8 ones only
 approximately (mean-pooled cosine above 0.99). Tests needing an engine skip where it is not installed
@@ -233,3 +233,60 @@ def test_sst2_sentences_and_the_skipped_workload(tmp_path):
     (tmp_path / "sst2" / "dev.tsv").write_text("text\tlabel\nbad \t0\n")
     with pytest.raises(ValueError, match="header"):
         pairs.sst2_sentences(tmp_path)
+
+
+@pytest.fixture
+def stubbed_bench(monkeypatch, tmp_path):
+    """bench.main with nothing built or timed: each workload records the variants it is given and is skipped.
+    Returns (a runner giving the exit status, or 0, and the printed text; the variants each workload got)."""
+    received = {}
+
+    def stub(name):
+        def make(args, variants):
+            received[name] = list(variants)
+            raise bench.SkipWorkload("stub")
+
+        return make
+
+    monkeypatch.setattr(bench, "gemm_peaks", lambda device, dtype: {"float32": {"F.linear": 1.0}})
+    for name in bench.WORKLOADS:
+        monkeypatch.setitem(bench.WORKLOADS, name, stub(name))
+
+    def run(*options: str) -> int:
+        try:
+            bench.main(["--workloads", "greedy_b1", *options, "--output", str(tmp_path / "results.json")])
+        except SystemExit as exit_info:
+            return exit_info.code
+        return 0
+
+    return run, received
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [(["--variants", ","], "--variants names nothing"), (["--workloads", ","], "--workloads names nothing"),
+     (["--repeats", "0"], "--repeats must be at least 1, got 0"), (["--repeats", "-3"], "--repeats must be at least 1"),
+     (["--warmup", "-1"], "--warmup must be 0 or more, got -1"),
+     (["--dtype", "bfloat16", "--variants", "selfattn-int8,selfattn-aten"],
+      "--variants: none of them can run with --device cpu --dtype bfloat16 (selfattn-int8 runs on CPU in float32")],
+    ids=["no_variants", "no_workloads", "no_repeats", "negative_repeats", "negative_warmup", "every_variant_ruled_out"],
+)  # fmt: skip
+def test_arguments_that_would_time_nothing_are_refused_before_any_work(stubbed_bench, capsys, options, message):
+    run, received = stubbed_bench
+    assert run(*options) == 2
+    assert message in capsys.readouterr().err
+    assert received == {}  # no workload was built
+
+
+def test_variants_the_dtype_rules_out_are_named(stubbed_bench, capsys):
+    run, received = stubbed_bench
+    assert run("--dtype", "bfloat16", "--variants", "selfattn,selfattn-int8-compiled,selfattn-bf16,ct2") == 0
+    assert received == {"greedy_b1": ["selfattn"]}
+    printed = capsys.readouterr().out
+    reasons = {
+        "selfattn-int8-compiled": "runs on CPU in float32 only",
+        "ct2": "runs on CPU in float32 only",
+        "selfattn-bf16": "is made from float32 weights",
+    }
+    for variant, reason in reasons.items():
+        assert f"skipped {variant}: it {reason}, and this run is --device cpu --dtype bfloat16" in printed

