@@ -620,6 +620,7 @@ def selfattn_config_kwargs(config_dict: dict, architecture: str) -> tuple[dict, 
     )
     if family.config_to_selfattn is not None:
         kwargs.update(family.config_to_selfattn(source))
+    kwargs["source_model_type"] = family.model_type
     check_lm_head_activation(family, head, kwargs["hidden_act"])
     used = {name for name, _ in family.config_renames} | set(SHARED_CONFIG_FIELDS) | set(family.config_requirements)
     used |= set(head.requirements) | {value.name for value in fixed.values() if isinstance(value, SourceField)}
@@ -1281,9 +1282,10 @@ def warm_start_kwargs(encoder_source, decoder_source=None, **kwargs) -> dict:
         state_dict["model.decoder." + name.removeprefix("model.encoder.")] = tensor
     fields = SelfAttnConfig.__dataclass_fields__
     config_fields = {name: value for name, value in encoder_config.items() if name in fields}
+    # source_model_type None: no family has this encoder-decoder's layout, so export picks one by its shape.
     config_fields.update(
         decoder_layers=decoder_config["encoder_layers"], tie_word_embeddings=True, add_pooling_layer=False,
-        lm_head_transform=True,
+        lm_head_transform=True, source_model_type=None,
     )
     config_fields.update({name: kwargs.pop(name) for name in list(kwargs) if name in fields})
     if config_fields["lm_head_transform"]:
@@ -1305,26 +1307,31 @@ def warm_start_encoder_decoder(encoder_source, decoder_source=None, **kwargs):
 # selfattn -> BERT family
 
 
-def export_family(config: SelfAttnConfig, family_name: str | None = None) -> Family:
-    """The family to export to: as named, or by the model's shape: for an encoder, RoBERTa for padding-aware
-    positions and BERT otherwise; for an encoder-decoder, BART for learned positions and Marian otherwise."""
-    shape = "encoder-decoder" if config.encoder_layers and config.decoder_layers else (
-        "encoder-only" if config.encoder_layers else "decoder-only"
-    )
-    if shape == "decoder-only":
+def shape_families(config: SelfAttnConfig) -> dict[str, Family]:
+    """The families export can write for this model's shape, in the order it tries them when no family is named
+    or recorded."""
+    if not config.encoder_layers:
         raise ConversionError(
             "This is a decoder-only selfattn model (encoder_layers=0); export writes encoder layouts "
             f"({sorted(ENCODER_FAMILIES)}) and encoder-decoder ones ({sorted(SEQ2SEQ_FAMILIES)}), none of which it has."
         )
-    fitting = ENCODER_FAMILIES if shape == "encoder-only" else SEQ2SEQ_FAMILIES
+    return SEQ2SEQ_FAMILIES if config.decoder_layers else ENCODER_FAMILIES
+
+
+def export_family(config: SelfAttnConfig, family_name: str | None = None) -> Family | None:
+    """The family to export to: as named, else the one the model was converted from (its config's
+    `source_model_type`); None where neither says (a model trained from scratch or converted by an older release),
+    and export takes the first of `shape_families` that can take the model."""
+    families = shape_families(config)
     if family_name is None:
-        if shape == "encoder-only":
-            return ROBERTA if config.padding_aware_positions else BERT
-        return BART if config.position_embedding_type == "learned" else MARIAN
+        # An XLM-R model has RoBERTa's shape, and an ELECTRA generator without projection BERT's: only the record
+        # tells them apart.
+        return families.get(config.source_model_type)
     family = family_for(family_name)
-    if family.model_type not in fitting:
+    if family.model_type not in families:
+        shape = "encoder-decoder" if config.decoder_layers else "encoder-only"
         raise ConversionError(
-            f"This selfattn model is {shape}, and {family_name} is not: pick one of {sorted(fitting)} with --family "
+            f"This selfattn model is {shape}, and {family_name} is not: pick one of {sorted(families)} with --family "
             "(or leave --family out to let export choose)."
         )
     return family
@@ -1348,9 +1355,9 @@ def computed_tensors(family: Family, config: SelfAttnConfig, report: "Conversion
 
 def export_checkpoint(source: str | os.PathLike, family_name: str | None = None, progress: bool = False):
     """A selfattn folder -> (transformers config, state dict in the family's layout, report). Encoder-only models
-    export to the BERT families, encoder-decoders to Marian or BART."""
-    from transformers import AutoConfig
-
+    export to the BERT families, encoder-decoders to Marian or BART: to `family_name`, else to the family the model
+    was converted from, else to the first family that takes it. Where the family cannot take the model, the error
+    names those that can."""
     folder = Path(source)
     model_type = read_config(folder).get("model_type")
     if model_type != SelfAttnConfig.model_type:
@@ -1369,13 +1376,57 @@ def export_checkpoint(source: str | os.PathLike, family_name: str | None = None,
             "pruning, or keep the pruned model as a selfattn folder (it loads with trust_remote_code)."
         )
     family = export_family(config, family_name)
+    state_dict = load_checkpoint(folder, progress)
+    families = shape_families(config)
+
+    def takes(other: Family) -> bool:
+        try:
+            export_state_dict(source, config, state_dict, other)
+        except ConversionError:
+            return False
+        return True
+
+    if family is None:
+        refusals = {}
+        for candidate in families.values():
+            try:
+                return export_state_dict(source, config, state_dict, candidate, progress)
+            except ConversionError as error:
+                refusals[candidate.name] = error
+        raise ConversionError(
+            f"No export family takes {source}: its config does not record the family it was converted from "
+            f"(source_model_type), and every --family refuses it:\n"
+            + "\n".join(f"{name}: {error}" for name, error in refusals.items())
+        )
+    try:
+        return export_state_dict(source, config, state_dict, family, progress)
+    except ConversionError as error:
+        fitting = [name for name, other in families.items() if other is not family and takes(other)]
+        chosen = (
+            f"--family {family.name}" if family_name is not None else
+            f"{family.name}, the family it was converted from (source_model_type in its config.json and export's "
+            "default),"
+        )
+        advice = f"pass --family {' or --family '.join(fitting)}" if fitting else "no other --family takes it either"
+        raise ConversionError(f"{error}\n{chosen} cannot take this model as it is; {advice}.") from error
+
+
+def export_state_dict(source, config: SelfAttnConfig, state_dict: dict, family: Family, progress: bool = False):
+    """(transformers config, state dict, report) of the selfattn model (`config`, `state_dict`) in `family`'s
+    layout; ConversionError where the family cannot express it."""
+    import transformers
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
     source_fields = source_config_dict(config, family)
     architecture = source_fields["architectures"][0]
-    source_config = AutoConfig.for_model(**source_fields)
-    import transformers
-
+    try:
+        source_config = AutoConfig.for_model(**source_fields)
+    except (StrictDataclassError, TypeError, ValueError) as error:  # transformers' checks of its config's values
+        raise ConversionError(
+            f"This selfattn config has no {family.name} equivalent: {type(error).__name__}: {error}"
+        ) from error
     shapes, tied = expected_tensors(build_on_meta(getattr(transformers, architecture), source_config))
-    state_dict = load_checkpoint(folder, progress)
     is_base = architecture == family.architecture("Model")
     names, unmatched = {}, []
     for name in state_dict:
@@ -1432,6 +1483,9 @@ SAMPLE_TEXTS = (
 )
 
 
+SAMPLE_LENGTH = 64  # tokens, more than the sample texts need
+
+
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 
@@ -1463,28 +1517,39 @@ def compare_outputs(reference, ours, attention_mask: torch.Tensor) -> dict[str, 
     return diffs
 
 
-def sample_inputs(folder: Path, config, texts=SAMPLE_TEXTS, multiple_choice: bool = False) -> dict:
-    """A padded batch of `texts` from the checkpoint's tokenizer (random ids where it has none)."""
-    # transformers' models refuse a length that their feed-forward chunks (chunk_size_feed_forward) do not divide.
-    multiple = getattr(config, "chunk_size_feed_forward", 0) or 1
+def sample_inputs(folder: Path, config, positions: int, texts=SAMPLE_TEXTS, multiple_choice: bool = False) -> dict:
+    """A padded batch of `texts` from the checkpoint's tokenizer (random ids where it has none), truncated to
+    SAMPLE_LENGTH tokens (rounded up to whole feed-forward chunks), or to the `positions` both models have."""
+    # transformers' models refuse a length that their feed-forward chunks (chunk_size_feed_forward) do not divide,
+    # so the batch is padded, and truncated, to a multiple of them.
+    chunk = getattr(config, "chunk_size_feed_forward", 0) or 0
+    multiple = max(chunk, 1)
+    length = min(math.ceil(SAMPLE_LENGTH / multiple), positions // multiple) * multiple
+    if length == 0:
+        raise ConversionError(
+            f"--verify cannot run transformers' model: with chunk_size_feed_forward={chunk} it refuses any input "
+            f"whose length is not a multiple of {chunk}, and its position table (max_position_embeddings, less any "
+            f"rows the family reserves) takes only {positions} tokens. Leave out --verify, or set "
+            f"chunk_size_feed_forward in config.json to 0 or at most {positions} first."
+        )
     if any((folder / name).is_file() for name in TOKENIZER_FILES):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(folder)
         inputs = dict(
             tokenizer(
-                list(texts), padding=True, pad_to_multiple_of=multiple, truncation=True, max_length=64,
+                list(texts), padding=True, pad_to_multiple_of=multiple, truncation=True, max_length=length,
                 return_tensors="pt",
             )
         )
     else:
         generator = torch.Generator().manual_seed(0)
-        lengths = [12, 7, 9]
+        lengths = [min(real, length) for real in (12, 7, 9)]
         width = math.ceil(max(lengths) / multiple) * multiple
         input_ids = torch.randint(3, config.vocab_size, (len(lengths), width), generator=generator)
         attention_mask = torch.zeros_like(input_ids)
-        for row, length in enumerate(lengths):
-            attention_mask[row, :length] = 1
+        for row, real in enumerate(lengths):
+            attention_mask[row, :real] = 1
         input_ids = input_ids.masked_fill(attention_mask == 0, config.pad_token_id)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
     if multiple_choice:
@@ -1502,7 +1567,9 @@ def verify(source: str | os.PathLike, model: torch.nn.Module, texts=SAMPLE_TEXTS
     family = family_for(config_dict.get("model_type"))
     architecture = architecture_for(family, type(model).__name__)
     reference = getattr(transformers, architecture).from_pretrained(folder, dtype=torch.float32).eval()
-    inputs = sample_inputs(folder, reference.config, texts, multiple_choice=architecture.endswith("ForMultipleChoice"))
+    multiple_choice = architecture.endswith("ForMultipleChoice")
+    # The selfattn config counts the positions an input can take; RoBERTa's also counts the rows it reserves.
+    inputs = sample_inputs(folder, reference.config, model.config.max_position_embeddings, texts, multiple_choice)
     model = model.float().eval()
     with torch.no_grad():  # outputs by name, whatever the configs' return_dict says
         expected = reference(**inputs, output_hidden_states=True, return_dict=True)
@@ -1530,7 +1597,9 @@ def verify_seq2seq(
     architecture = architecture_for(family, type(model).__name__)
     reference = getattr(transformers, architecture).from_pretrained(folder, dtype=torch.float32).eval()
     try:
-        inputs = sample_inputs(folder, reference.config, texts)
+        inputs = sample_inputs(folder, reference.config, model.config.max_position_embeddings, texts)
+    except ConversionError:
+        raise
     except (ImportError, OSError, ValueError) as error:
         raise ConversionError(
             f"The tokenizer of {source} does not load ({type(error).__name__}: {error}); install what it needs "

@@ -54,6 +54,9 @@ class SelfAttnConfig(PreTrainedConfig):
             attention is named "encoder.L" (self-attention of encoder layer L), "decoder.L" (self-attention of
             decoder layer L) or "decoder.L.cross_attn" (cross-attention of decoder layer L). The model builds
             each attention with the heads left, so a pruned model reloads from its config.
+        source_model_type: the `model_type` of the checkpoint the conversion read (`bert`, `xlm-roberta`, `marian`,
+            ...), which `selfattn-convert export` writes back by default: shapes alone do not tell every family
+            apart (XLM-R's is RoBERTa's). `None` for a model not converted.
     """
 
     model_type = "selfattn"
@@ -114,6 +117,7 @@ class SelfAttnConfig(PreTrainedConfig):
     tie_word_embeddings: bool = True
     use_cache: bool = True
     pruned_heads: dict[str, list[int]] | None = None
+    source_model_type: str | None = None
 
     def __post_init__(self, **kwargs):
         # A config.json of another family would otherwise build a BERT-base-sized default that only carries the

@@ -111,8 +111,10 @@ the other encoder families of the conversion tables), an encoder-decoder to Mari
 CTranslate2 converts) or BART. A shape the family cannot express (pre-LN, learned positions for Marian, ...) is
 refused, naming the config field.
 
-The family defaults to RoBERTa for an encoder with RoBERTa's padding-aware positions and BERT otherwise, and to
-BART for an encoder-decoder with learned positions and Marian otherwise. OUTPUT gets config.json,
+The family defaults to the one the model was converted from (config.json's source_model_type) and, for a model
+without that record, to the first that can take it of bert, roberta, xlm-roberta, distilbert, electra (an encoder)
+or marian, bart (an encoder-decoder). Where the family cannot take the model, the error names the --family values
+that can. OUTPUT gets config.json,
 model.safetensors, the tokenizer files, the generation settings of an encoder-decoder and the sentence-transformers
 files of a sentence-transformers model; it is then loaded with transformers' own class to check that every tensor
 fits, and with --verify run beside the selfattn model on sample text. Converting a BERT checkpoint and exporting it
@@ -219,7 +221,7 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--family",
         choices=sorted(EXPORT_FAMILIES),
-        help="layout to write (default: bert or roberta for an encoder, marian or bart for an encoder-decoder)",
+        help="layout to write (default: the family the model was converted from, else the first that takes it)",
     )
     add_verify(
         parser,

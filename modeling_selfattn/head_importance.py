@@ -20,14 +20,20 @@ from .model import SelfAttnAttention
 ATTENTIONS = ("encoder", "decoder", "cross_attn")
 
 
-def attention_modules(model: nn.Module, attention: str | None = None) -> list[SelfAttnAttention]:
-    """The attention modules of one kind, bottom layer first: "encoder" (encoder self-attention), "decoder" (decoder
-    self-attention) or "cross_attn"; None is the model's main stack (the encoder, or the decoder of a causal LM)."""
-    config = model.config
+def resolved_attention(config, attention: str | None) -> str:
+    """`attention` checked, None being the model's main stack: the encoder, or the decoder of a causal LM."""
     if attention is None:
         attention = "encoder" if config.encoder_layers > 0 else "decoder"
     if attention not in ATTENTIONS:
         raise ValueError(f"attention={attention!r} is not one of {ATTENTIONS} (or None for the main stack).")
+    return attention
+
+
+def attention_modules(model: nn.Module, attention: str | None = None) -> list[SelfAttnAttention]:
+    """The attention modules of one kind, bottom layer first: "encoder" (encoder self-attention), "decoder" (decoder
+    self-attention) or "cross_attn"; None is the model's main stack (the encoder, or the decoder of a causal LM)."""
+    config = model.config
+    attention = resolved_attention(config, attention)
     stack, cross = ("decoder", True) if attention == "cross_attn" else (attention, False)
     layers = config.encoder_layers if stack == "encoder" else config.decoder_layers
     wanted = [attention_key(stack, layer, cross) for layer in range(layers)]
@@ -60,8 +66,10 @@ def head_importance(
     attention: "encoder", "decoder" (decoder self-attention) or "cross_attn"; None is the main stack.
     normalize_layers: divide each layer's importances by their L2 norm, as the paper does before ranking heads
     across layers.
-    Heads already pruned have no importance: NaN.
+    Heads already pruned have no importance: NaN. The tensor records the attention it scores as `.attention`
+    ("encoder", "decoder" or "cross_attn"), which least_important_heads keys its plan by.
     """
+    attention = resolved_attention(model.config, attention)
     modules = attention_modules(model, attention)
     device = next(model.parameters()).device
     gates = [
@@ -119,29 +127,45 @@ def head_importance(
     if normalize_layers:
         norms = importance.nan_to_num(0.0).pow(2).sum(-1, keepdim=True).sqrt()
         importance = importance / (norms + 1e-20)
+    # A plan from this importance must name the heads it scored: an encoder-decoder has three kinds of attention.
+    importance.attention = attention
     return importance
 
 
-def least_important_heads(importance: torch.Tensor, num_heads: int, attention: str = "encoder") -> dict[str, list[int]]:
+def least_important_heads(
+    importance: torch.Tensor, num_heads: int, attention: str | None = None
+) -> dict[str | int, list[int]]:
     """The `num_heads` heads of lowest importance across all layers (NaN, already pruned, left out), as the
-    `heads_to_prune` of `model.prune_heads`, keyed by attention name ("encoder.L", ...). Ties go to the lower layer
-    and head."""
+    `heads_to_prune` of `model.prune_heads`. Keyed by the names of the attention head_importance scored ("encoder.L",
+    "decoder.L" or "decoder.L.cross_attn"), which it records as `importance.attention`; `attention`, where given, must
+    be that one. An importance without that record (a tensor of your own, or one computed from head_importance's) is
+    keyed by layer index, as prune_heads takes it for a model with one stack (and refuses it for an encoder-decoder),
+    unless `attention` names its attention. Ties go to the lower layer and head."""
     if importance.dim() != 2:
         raise ValueError(
             f"importance must be (layers, heads) as head_importance returns it, got shape {tuple(importance.shape)}."
         )
-    if attention not in ATTENTIONS:
-        raise ValueError(f"attention={attention!r} is not one of {ATTENTIONS}.")
+    if attention is not None and attention not in ATTENTIONS:
+        raise ValueError(f"attention={attention!r} is not one of {ATTENTIONS} (or None).")
+    scored = getattr(importance, "attention", None)
+    if attention is not None and scored is not None and attention != scored:
+        raise ValueError(
+            f"attention={attention!r}, but this importance is of the {scored!r} attention (head_importance(..., "
+            f"attention={scored!r})): the plan would prune other heads than those scored. Leave attention out, or "
+            f"compute the importance with head_importance(..., attention={attention!r})."
+        )
+    attention = attention or scored
     present = (~importance.isnan()).nonzero().tolist()
     if not 0 <= num_heads <= len(present):
         raise ValueError(f"num_heads={num_heads}: choose between 0 and the {len(present)} heads left.")
     values = torch.tensor([float(importance[layer, head]) for layer, head in present])
     order = torch.argsort(values, stable=True)[:num_heads].tolist()
     stack, cross = ("decoder", True) if attention == "cross_attn" else (attention, False)
-    chosen: dict[str, list[int]] = {}
+    chosen: dict[str | int, list[int]] = {}
     for index in sorted(order, key=lambda i: present[i]):
         layer, head = present[index]
-        chosen.setdefault(attention_key(stack, layer, cross), []).append(head)
+        key = layer if attention is None else attention_key(stack, layer, cross)
+        chosen.setdefault(key, []).append(head)
     return chosen
 
 

@@ -171,6 +171,11 @@ class GrowingLayer(DynamicLayer):
         """Whether `keys` and `values` are still the views of the buffers last handed out (nothing replaced them)."""
         return self.buffers is not None and self.keys is self.views[0] and self.values is self.views[1]
 
+    def cached_length(self) -> int:
+        """The positions cached. Not get_seq_length(), which counts none where the keys have no elements, as those of
+        an attention whose heads were all pruned: their length still has to grow with the other layers'."""
+        return self.keys.shape[-2] if self.is_initialized and self.keys.dim() == 4 else 0
+
     def appends_as_concatenation(self, key_states: torch.Tensor, value_states: torch.Tensor, length: int) -> bool:
         """Whether writing the states after the cached ones gives what DynamicLayer's torch.cat gives."""
         if torch.is_grad_enabled() and any(t.requires_grad for t in (key_states, value_states, self.keys, self.values)):
@@ -186,7 +191,7 @@ class GrowingLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        length = self.get_seq_length()
+        length = self.cached_length()
         if not self.appends_as_concatenation(key_states, value_states, length):
             return super().update(key_states, value_states, *args, **kwargs)
         added = key_states.shape[-2]
@@ -212,7 +217,7 @@ class GrowingLayer(DynamicLayer):
         self.keys, self.values = self.views
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        length = self.get_seq_length()
+        length = self.cached_length()
         if length == 0 or not self.holds_views():
             super().reorder_cache(beam_idx)
             return
@@ -228,7 +233,7 @@ class GrowingLayer(DynamicLayer):
         layer = DynamicLayer()
         if self.is_initialized:
             layer.lazy_initialization(self.keys, self.values)
-            if self.keys.numel():
+            if self.keys.dim() == 4:  # also without elements: their length is the positions cached
                 layer.keys, layer.values = self.keys.clone(), self.values.clone()
         return layer
 

@@ -801,8 +801,18 @@ class SelfAttnDecoder(SelfAttnStack):
                 "The decoder needs exactly one of input_ids or inputs_embeds (decoder_input_ids or labels for an "
                 "encoder-decoder model)."
             )
+        # Past positions are counted in the cache of the first self-attention that kept heads: transformers' cache
+        # layers count none where their keys have no elements, as those of a layer whose heads were all pruned. (Read
+        # from q_proj's width, not kept_heads: torch.compile would check that list, head by head, at every step.)
+        layers_with_heads = [index for index, layer in enumerate(self.layers) if layer.self_attn.q_proj.out_features]
         if cache is not None:
             check_cache(cache, self.config)
+            if not layers_with_heads:
+                raise ValueError(
+                    "cache: every self-attention layer of this decoder has lost all its heads (config.pruned_heads), "
+                    "so no cache layer counts the positions decoded. Decode without a cache: use_cache=False (also "
+                    "model.generate(..., use_cache=False))."
+                )
         check_flash_offsets(self.config, kwargs)
         is_encoder_decoder = self.config.encoder_layers > 0
         if is_encoder_decoder and encoder_hidden_states is None:
@@ -814,13 +824,18 @@ class SelfAttnDecoder(SelfAttnStack):
                 else DynamicCache(config=self.config)
             )
         self_attention_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
-        past_length = self_attention_cache.get_seq_length() if cache is not None else 0
+        counting_layer = layers_with_heads[0] if layers_with_heads else 0
+        past_length = self_attention_cache.get_seq_length(counting_layer) if cache is not None else 0
 
         hidden_states = self.embeddings(input_ids, inputs_embeds, token_type_ids, position_ids, past_length)
         batch_size, seq_length = hidden_states.shape[:2]
         check_attention_mask(attention_mask, (batch_size, past_length + seq_length), "decoder attention_mask")
         attention_mask = create_causal_mask(
-            config=self.config, inputs_embeds=hidden_states, attention_mask=attention_mask, cache=self_attention_cache
+            config=self.config,
+            inputs_embeds=hidden_states,
+            attention_mask=attention_mask,
+            cache=self_attention_cache,
+            layer_idx=counting_layer,
         )
         if encoder_hidden_states is not None:
             check_attention_mask(

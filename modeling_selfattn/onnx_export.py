@@ -126,6 +126,15 @@ def check_exportable(model: nn.Module) -> None:
             f"This SelfAttnModel is {shape} model without an LM head; the ONNX export takes the bare model of "
             f"encoder-only configs only. Export the {head} instead."
         )
+    headless = [key for key, heads in (config.pruned_heads or {}).items() if len(heads) == config.num_attention_heads]
+    if headless:
+        # Refused here, before any file or folder is made: the crash ends the process, leaving its staging folders.
+        raise ConversionError(
+            f"The ONNX export does not take attentions that lost all their heads, and {', '.join(headless)} did "
+            "(config.pruned_heads): torch's TorchScript exporter crashes the process (floating point exception) on "
+            "their projections, which have no outputs. Keep at least one head in each attention (prune_heads with "
+            "fewer of its heads) to export the model."
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -2,13 +2,13 @@
 SelfAttnPreTrainedModel delegates here). Both change the model in place and return it.
 
 - "int8": every linear layer (any nn.Linear, subclasses included) but those `keep_float32` names (by default the
-  encoder's value projections) becomes torch's dynamically quantized linear (torch.ao.nn.quantized.dynamic.Linear):
-  int8 weights with one symmetric scale per output channel; activations quantized on the fly at each call; int8
-  products summed in int32; float32 in and out. CPU only. Embeddings and LayerNorms stay float32; a projection that
-  shares the token table (the tied LM head) gets its own int8 copy and the table itself stays float32; a generating
-  head's final_logits_bias moves into its int8 LM head (logits_biases_to_fold). Inference
-  only: training mode, gradients, save_pretrained and push_to_hub are refused with an error that says what to do
-  instead.
+  encoder's value projections) and those with an empty weight (an attention's with every head pruned) becomes
+  torch's dynamically quantized linear (torch.ao.nn.quantized.dynamic.Linear): int8 weights with one symmetric scale
+  per output channel; activations quantized on the fly at each call; int8 products summed in int32; float32 in and
+  out. CPU only. Embeddings and LayerNorms stay float32; a projection that shares the token table (the tied LM head)
+  gets its own int8 copy and the table itself stays float32; a generating head's final_logits_bias moves into its
+  int8 LM head (logits_biases_to_fold). A quantize("int8") that fails leaves the model as it was. Inference only:
+  training mode, gradients, save_pretrained and push_to_hub are refused with an error that says what to do instead.
 - "bf16": every floating parameter and buffer in bfloat16, LayerNorms included, on any device; generate(), training
   and save_pretrained work as for any bfloat16 model.
 
@@ -620,7 +620,9 @@ def patterns_or_default(model: nn.Module, argument: str, patterns, default, name
 def linears_to_quantize(model: nn.Module, keep_float32) -> dict[str, nn.Linear]:
     """The linear layers (nn.Linear and its subclasses) by name, less those a `keep_float32` pattern matches
     (fnmatch against the module's names in model.named_modules(), any of them for a module reachable by several);
-    None: KEEP_FLOAT32_DEFAULT in each encoder stack."""
+    None: KEEP_FLOAT32_DEFAULT in each encoder stack. A layer whose weight has no elements (a projection of an
+    attention with every head pruned) stays float32 too: it computes nothing but its bias, and a weight without rows
+    has no channel to take an int8 scale from."""
     linears = {
         name: module for name, module in model.named_modules(remove_duplicate=False) if isinstance(module, nn.Linear)
     }
@@ -628,7 +630,9 @@ def linears_to_quantize(model: nn.Module, keep_float32) -> dict[str, nn.Linear]:
         model, "keep_float32", keep_float32, KEEP_FLOAT32_DEFAULT, list(linears), "'*.ffn.fc2' keeps every fc2"
     )
     kept = {id(linears[name]) for name in matching(linears, keep_float32)}
-    return {name: module for name, module in linears.items() if id(module) not in kept}
+    return {
+        name: module for name, module in linears.items() if id(module) not in kept and module.weight.numel() > 0
+    }
 
 
 def logits_biases_to_fold(model: nn.Module, targets: dict[str, nn.Linear]) -> dict[int, tuple[nn.Module, torch.Tensor]]:
@@ -662,17 +666,19 @@ def quantize_int8(model: nn.Module, keep_float32, per_token_activations, bf16_at
     )
     per_token = {id(targets[name]) for name in matching(targets, per_token_activations)}
     folded = logits_biases_to_fold(model, targets)
+    if bf16_attention is None:
+        bf16_attention = computes_bf16_natively()
+    # Every int8 layer is made before the first goes in, so that a failure leaves the model as it was.
     replacements: dict[int, Int8DynamicLinear] = {}  # a linear module shared by two parents stays shared
-    for name, linear in targets.items():
+    for linear in targets.values():
         if id(linear) not in replacements:
             bias = folded[id(linear)][1] if id(linear) in folded else None
             replacements[id(linear)] = int8_linear(linear, reduce_range, id(linear) in per_token, bias)
+    for name, linear in targets.items():
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, replacements[id(linear)])
     for head, _ in folded.values():
         head.final_logits_bias = None  # now in the int8 LM head
-    if bf16_attention is None:
-        bf16_attention = computes_bf16_natively()
     for module in model.modules():
         if hasattr(module, "attention_dtype"):  # selfattn's attention modules (model.py), which this file cannot import
             module.attention_dtype = torch.bfloat16 if bf16_attention else None

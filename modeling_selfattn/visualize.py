@@ -332,9 +332,13 @@ def plot_head_importance(importance: torch.Tensor, path, title: str = "head impo
 
 def read_labelled_texts(path, config: SelfAttnConfig) -> list[tuple[str, int]]:
     """(text, label id) from a tab-separated file of `text<TAB>label` lines (GLUE's layout: a first line
-    `sentence<TAB>label` is a header). A label is an id or a name of config.label2id."""
+    `sentence<TAB>label` is a header). A label is a name of config.label2id, or else a class id. A name wins over
+    the id its digits spell, as in examples/common.py's LabelEncoder: a model whose classes are named "1" to "5"
+    (ids 0 to 4) reads "3" as id 2. A file where such a name meets a label that only an id explains is refused, as
+    its labels could be meant either way."""
     pairs = []
     label2id = {str(name): index for name, index in (config.label2id or {}).items()}
+    ambiguous = as_id = None  # the first (line, label) of each kind
     lines = Path(path).read_text().splitlines()
     for number, line in enumerate(lines, start=1):
         if not line.strip() or (number == 1 and line.rstrip().endswith("\tlabel")):
@@ -343,15 +347,26 @@ def read_labelled_texts(path, config: SelfAttnConfig) -> list[tuple[str, int]]:
         label = label.strip()
         if not tab or not text.strip():
             raise ValueError(f"{path} line {number}: expected 'text<TAB>label', got {line[:80]!r}.")
-        if label.isdigit() and int(label) < config.num_labels:
-            pairs.append((text, int(label)))
-        elif label in label2id:
+        is_id = label.isdecimal() and int(label) < config.num_labels
+        if label in label2id:
             pairs.append((text, label2id[label]))
+            if is_id and int(label) != label2id[label] and ambiguous is None:
+                ambiguous = number, label
+        elif is_id:
+            pairs.append((text, int(label)))
+            as_id = as_id or (number, label)
         else:
             raise ValueError(
                 f"{path} line {number}: label {label!r} is neither a class id below num_labels={config.num_labels} "
                 f"nor a name in the model's label2id {sorted(label2id)}."
             )
+    if ambiguous and as_id:
+        (name_line, name), (id_line, id_label) = ambiguous, as_id
+        raise ValueError(
+            f"{path}: label {name!r} (line {name_line}) is the name of class {label2id[name]} but also the id of class "
+            f"{name}, and label {id_label!r} (line {id_line}) is an id, not a name, so the file's labels could be ids "
+            f"or names. Write every label as a name of the model's label2id {label2id}."
+        )
     if not pairs:
         raise ValueError(f"{path} holds no labelled texts; write one 'text<TAB>label' line per example.")
     return pairs

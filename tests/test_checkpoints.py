@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from modeling_selfattn import (
     SelfAttnConfig,
     SelfAttnForMaskedLM,
+    SelfAttnForReplacedTokenDetection,
     SelfAttnForSequenceClassification,
     SelfAttnModel,
     checkpoints,
@@ -360,6 +361,70 @@ def test_export_refuses_what_the_family_cannot_express(tmp_path, tiny_config_fac
     SelfAttnForMaskedLM(tiny_config_factory("encoder")).save_pretrained(tmp_path / "bert")
     with pytest.raises(ConversionError, match="type_vocab_size=2.*distilbert always has 0"):
         export_checkpoint(tmp_path / "bert", "distilbert")
+
+
+# Converted models whose shape alone does not name their family: XLM-R has RoBERTa's shape, DistilBERT has no token
+# types, ELECTRA an embedding projection and a discriminator head of its own.
+HOMECOMING = [("xlm-roberta", "ForTokenClassification"), ("distilbert", "ForMaskedLM"), ("electra", "ForPreTraining"),
+              ("electra", "ForMaskedLM")]
+
+
+def converted_folder(saved_sources, model_type: str, suffix: str, folder: Path) -> Path:
+    _, source = saved_sources(model_type, suffix)
+    convert_checkpoint(source)[0].save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("case", HOMECOMING, ids=case_id)
+def test_export_defaults_to_the_family_converted_from(case, saved_sources, tmp_path):
+    model_type, suffix = case
+    config, state_dict, _ = export_checkpoint(converted_folder(saved_sources, model_type, suffix, tmp_path))
+    assert (config.model_type, config.architectures) == (model_type, [FAMILIES[model_type].architecture(suffix)])
+    original = load_checkpoint(saved_sources(model_type, suffix)[1])
+    assert sorted(state_dict) == sorted(original)
+    assert all(torch.equal(state_dict[name], original[name]) for name in original)
+
+
+@pytest.mark.parametrize("case", HOMECOMING[1:], ids=case_id)
+def test_export_without_a_recorded_family_takes_the_first_that_fits(case, saved_sources, tmp_path):
+    """A model converted by an older release (or trained from scratch) does not record its family."""
+    model_type, suffix = case
+    folder = converted_folder(saved_sources, model_type, suffix, tmp_path)
+    config_dict = json.loads((folder / "config.json").read_text())
+    config_dict.pop("source_model_type", None)
+    (folder / "config.json").write_text(json.dumps(config_dict))
+    assert export_checkpoint(folder)[0].model_type == model_type
+
+
+def test_export_names_the_families_that_can_take_the_model(saved_sources, tmp_path, tiny_config_factory):
+    SelfAttnForMaskedLM(tiny_config_factory("encoder")).save_pretrained(tmp_path / "mlm")
+    with pytest.raises(ConversionError, match="--family distilbert cannot take this model as it is; pass --family bert "
+                       "or --family electra"):
+        export_checkpoint(tmp_path / "mlm", "distilbert")
+    # A BERT model given a discriminator head: the family it was converted from has no such head.
+    folder = converted_folder(saved_sources, "bert", "ForMaskedLM", tmp_path / "bert")
+    SelfAttnForReplacedTokenDetection.from_pretrained(folder).save_pretrained(tmp_path / "discriminator")
+    with pytest.raises(ConversionError, match=r"no bert counterpart(.|\n)*bert, the family it was converted from "
+                       r"\(source_model_type in its config.json and export's default\), cannot take this model as it "
+                       r"is; pass --family electra\."):
+        export_checkpoint(tmp_path / "discriminator")
+    SelfAttnModel(tiny_config_factory("encoder", pre_layer_norm=True)).save_pretrained(tmp_path / "pre_ln")
+    with pytest.raises(ConversionError, match="--family roberta cannot take this model as it is; no other --family "
+                       "takes it either"):
+        export_checkpoint(tmp_path / "pre_ln", "roberta")
+    with pytest.raises(ConversionError, match="every --family refuses it:\nbert: .*pre_layer_norm=True"):
+        export_checkpoint(tmp_path / "pre_ln")
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_verify_without_a_tokenizer_keeps_the_sample_within_the_position_table(model_type, tmp_path):
+    """Random ids stand in for text where the checkpoint has no tokenizer: rows of up to 12, cut to whole chunks of
+    4 within the 10 positions (RoBERTa's table also holds the rows up to its padding row)."""
+    config = source_config(model_type, chunk_size_feed_forward=4)
+    config.max_position_embeddings = 10 + (config.pad_token_id + 1 if model_type == "roberta" else 0)
+    random_source_model(FAMILIES[model_type].architecture("Model"), config).save_pretrained(tmp_path)
+    model, _ = convert_checkpoint(tmp_path)
+    assert max(checkpoints.verify(tmp_path, model).values()) <= TOLERANCE
 
 
 def damage(folder, damaged: str) -> Path:

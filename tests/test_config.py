@@ -45,6 +45,7 @@ NON_DEFAULT_FIELDS = dict(
     tie_word_embeddings=False,
     use_cache=False,
     pruned_heads={"encoder.1": [0, 5], "decoder.0.cross_attn": [2]},
+    source_model_type="marian",
     # inherited from PreTrainedConfig
     id2label={0: "neg", 1: "neutral", 2: "pos"},
     problem_type="single_label_classification",

@@ -488,6 +488,54 @@ def test_verify_pads_to_the_feed_forward_chunks(bert_folder, tmp_path, capsys):
     assert (converted["chunk_size_feed_forward"], converted["return_dict"]) == (4, False)
 
 
+
+# (chunk_size_feed_forward, positions an input can take): chunks that do not divide the 64 tokens --verify samples,
+# in a position table that holds a chunk-padded sample, and in one shorter than the longest sample text, where the
+# sample is cut to whole chunks that fit (RoBERTa's table also holds the rows up to its padding row).
+FITTING_CHUNKS = [(3, 160), (128, 160), (3, 17)]
+
+
+def chunked_source(folder: Path, model_type: str, chunk: int, positions: int) -> Path:
+    """A tiny random transformers model of `model_type` whose feed-forward takes `chunk` positions at a time."""
+    folder.mkdir()
+    save_word_piece_tokenizer(folder)
+    config = transformers.AutoConfig.for_model(
+        model_type, vocab_size=WORD_PIECE_VOCAB_SIZE, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=37, pad_token_id=0, chunk_size_feed_forward=chunk,
+        max_position_embeddings=positions + (1 if model_type == "roberta" else 0),
+    )
+    torch.manual_seed(0)
+    transformers.AutoModel.from_config(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+@pytest.mark.parametrize("chunk, positions", FITTING_CHUNKS)
+def test_verify_takes_any_feed_forward_chunk(model_type, chunk, positions, tmp_path, capsys):
+    source = chunked_source(tmp_path / "source", model_type, chunk, positions)
+    converted, exported = tmp_path / "selfattn", tmp_path / "exported"
+    assert convert_cli.main(["bert", str(source), str(converted), "--verify"]) == 0, capsys.readouterr().err
+    assert convert_cli.main(["export", str(converted), str(exported), "--verify"]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert printed.count("max abs diff last_hidden_state") == 2, printed
+    assert json.loads((exported / "config.json").read_text())["chunk_size_feed_forward"] == chunk
+
+
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_verify_names_a_chunk_longer_than_the_position_table(model_type, tmp_path, capsys):
+    """No input is both a whole number of 128-position chunks and at most 100 positions long: transformers' model
+    refuses every input, which --verify says, naming the fields, before running either model."""
+    source = chunked_source(tmp_path / "source", model_type, 128, 100)
+    converted = tmp_path / "selfattn"
+    assert convert_cli.main(["bert", str(source), str(converted), "--verify"]) == 1
+    error = capsys.readouterr().err
+    assert "chunk_size_feed_forward=128" in error and "max_position_embeddings" in error, error
+    assert "takes only 100 tokens" in error and "Leave out --verify" in error, error
+    assert convert_cli.main(["bert", str(source), str(converted)]) == 0
+    assert convert_cli.main(["export", str(converted), str(tmp_path / "exported"), "--verify"]) == 1
+    assert "chunk_size_feed_forward=128" in capsys.readouterr().err
+
+
 # bert-base-uncased's layout: vocab.txt and a tokenizer_config.json of settings, with the class named in config.json
 # or nowhere (AutoTokenizer then goes by model_type, which OUTPUT's config no longer has).
 OLDER_HUB_TOKENIZER = {"class in config.json": {"tokenizer_class": "BertTokenizer"}, "class named nowhere": {}}

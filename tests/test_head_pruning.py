@@ -180,6 +180,75 @@ def test_encoder_decoder_prunes_every_kind_of_attention():
         assert torch.equal(pruned.generate(**batch, **settings), reference.generate(**batch, **settings))
 
 
+HEADLESS_LAYER_0 = [
+    (SelfAttnForConditionalGeneration, "encoder_decoder", {"decoder.0": [0, 1, 2, 3]}),
+    (SelfAttnForCausalLM, "decoder", {0: [0, 1, 2, 3]}),
+]
+
+
+def decoder_logits(model, batch, decoder_ids, **kwargs):
+    """The model's outputs over decoder_ids: the decoder's inputs of an encoder-decoder (batch the encoder's), the
+    tokens of a causal LM."""
+    if model.config.is_encoder_decoder:
+        return model(**batch, decoder_input_ids=decoder_ids, **kwargs)
+    return model(input_ids=decoder_ids, **kwargs)
+
+
+@pytest.mark.parametrize("model_class, shape, plan", HEADLESS_LAYER_0, ids=["encoder_decoder", "decoder"])
+def test_a_decoder_whose_first_layer_lost_all_heads_decodes_the_same_with_a_cache(model_class, shape, plan):
+    """Such a layer caches keys without elements, in which transformers' cache layers count no positions: the decoder
+    counts them in the first layer that kept heads."""
+    model = build(model_class, shape, type_vocab_size=0, initializer_range=0.2)
+    model.prune_heads(plan)
+    batch = padded_batch((7, 5))
+    decoder_ids = torch.randint(3, 99, (2, 6), generator=torch.Generator().manual_seed(1))
+    for attn_implementation in ("eager", "sdpa"):
+        model.set_attn_implementation(attn_implementation)
+        with torch.no_grad():
+            full = decoder_logits(model, batch, decoder_ids).logits
+            cache = decoder_logits(model, batch, decoder_ids[:, :-2], use_cache=True).cache
+            steps = [decoder_logits(model, batch, decoder_ids[:, [i]], cache=cache).logits for i in (4, 5)]
+        assert_close(torch.cat(steps, dim=1), full[:, 4:], f"{attn_implementation}: cached steps vs one forward")
+
+    settings = dict(
+        max_new_tokens=6, min_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True
+    )
+    prompt = batch if model.config.is_encoder_decoder else {"input_ids": batch["input_ids"][:1]}
+    with torch.no_grad():
+        uncached = model.generate(**prompt, **settings, use_cache=False)
+        for cache_settings in ({}, {"cache_implementation": "static"}):
+            cached = model.generate(**prompt, **settings, **cache_settings)
+            assert torch.equal(cached.sequences, uncached.sequences), cache_settings
+            for step, (score, expected) in enumerate(zip(cached.scores, uncached.scores)):
+                assert_close(score, expected, f"{cache_settings}, scores of step {step}")
+
+
+@pytest.mark.parametrize(
+    "model_class, shape",
+    [(SelfAttnForConditionalGeneration, "encoder_decoder"), (SelfAttnForCausalLM, "decoder")],
+    ids=["encoder_decoder", "decoder"],
+)
+def test_a_decoder_without_any_self_attention_head_refuses_a_cache(model_class, shape):
+    """No cache layer counts positions then: decoding needs use_cache=False, and gives the zeroed model's tokens."""
+    model = build(model_class, shape, type_vocab_size=0, initializer_range=0.2)
+    plan = {f"decoder.{layer}": [0, 1, 2, 3] for layer in range(model.config.decoder_layers)}
+    pruned, reference = pruned_and_reference(model, plan)
+    batch = padded_batch((7, 5))
+    prompt = batch if model.config.is_encoder_decoder else {"input_ids": batch["input_ids"][:1]}
+    settings = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        for cache_settings in ({}, {"cache_implementation": "static"}):
+            with pytest.raises(ValueError, match=r"every self-attention layer.*lost all its heads.*use_cache=False"):
+                pruned.generate(**prompt, **settings, **cache_settings)
+        decoder_ids = torch.randint(3, 99, (2, 4))
+        first = decoder_logits(pruned, batch, decoder_ids, use_cache=True)  # a cache of its own, from no past
+        assert_close(first.logits, decoder_logits(reference, batch, decoder_ids).logits, "without a past")
+        with pytest.raises(ValueError, match="cache: every self-attention layer"):
+            decoder_logits(pruned, batch, decoder_ids[:, :1], cache=first.cache)
+        generated = pruned.generate(**prompt, **settings, use_cache=False)
+    assert torch.equal(generated, reference.generate(**prompt, **settings))
+
+
 def test_a_pruned_model_trains():
     from transformers import Trainer, TrainingArguments
 
@@ -408,11 +477,38 @@ def test_importance_needs_a_loss():
 
 def test_least_important_heads_ranks_across_layers_and_skips_pruned():
     importance = torch.tensor([[0.5, float("nan"), 0.1, 0.9], [0.2, 0.05, 0.7, 0.3]])
-    assert least_important_heads(importance, 3) == {"encoder.0": [2], "encoder.1": [0, 1]}
+    assert least_important_heads(importance, 3, "encoder") == {"encoder.0": [2], "encoder.1": [0, 1]}
+    assert least_important_heads(importance, 3) == {0: [2], 1: [0, 1]}  # not head_importance's: layer indices
     assert least_important_heads(importance, 1, "cross_attn") == {"decoder.1.cross_attn": [1]}
     assert least_important_heads(importance, 0) == {}
     with pytest.raises(ValueError, match="between 0 and the 7 heads left"):
         least_important_heads(importance, 8)
+
+
+def test_a_plan_prunes_the_attention_whose_importance_it_ranks():
+    model = build(SelfAttnForConditionalGeneration, "encoder_decoder", type_vocab_size=0)
+    batch = {**padded_batch((7, 5)), "labels": torch.randint(3, 99, (2, 4))}
+    keys = {"decoder": "decoder.{}", "encoder": "encoder.{}", "cross_attn": "decoder.{}.cross_attn"}
+    for kind, key in keys.items():
+        importance = head_importance(model, [batch], attention=kind)
+        plan = least_important_heads(importance, 3)
+        assert set(plan) <= {key.format(layer) for layer in (0, 1)}, kind
+        pruned = copy.deepcopy(model)
+        pruned.prune_heads(plan)
+        assert pruned.config.pruned_heads == plan
+        assert importance.attention == kind
+    with pytest.raises(ValueError, match=r"attention='encoder', but this importance is of the 'cross_attn' attention"):
+        least_important_heads(importance, 3, "encoder")
+    # A tensor computed from it records no attention: its layer indices are refused by an encoder-decoder.
+    with pytest.raises(ValueError, match="encoder-decoder model has several attentions per layer index"):
+        model.prune_heads(least_important_heads(importance * 2, 3))
+
+    causal = build(SelfAttnForCausalLM, "decoder", type_vocab_size=0)
+    tokens = padded_batch((7, 5))["input_ids"]
+    plan = least_important_heads(head_importance(causal, [{"input_ids": tokens, "labels": tokens}]), 2)
+    assert set(plan) <= {"decoder.0", "decoder.1"}
+    causal.prune_heads(plan)
+    assert causal.config.pruned_heads == plan
 
 
 def test_pruning_by_importance_end_to_end():

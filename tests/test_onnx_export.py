@@ -342,6 +342,31 @@ def test_refuses_other_checkpoints_and_classes(tmp_path, capsys):
     assert not list(tmp_path.glob(".out.*"))  # no partial folder left behind
 
 
+def test_refuses_a_model_with_an_attention_without_heads(tmp_path, capsys):
+    """torch's TorchScript exporter crashes the process (floating point exception) on an attention whose heads were all
+    pruned, leaving the staging folders behind: such a model is refused before anything is traced or written."""
+    torch.manual_seed(0)
+    translator = modeling_selfattn.SelfAttnForConditionalGeneration(
+        make_tiny_config("encoder_decoder", type_vocab_size=0)
+    )
+    translator.prune_heads({"encoder.0": [1], "decoder.1.cross_attn": [0, 1, 2, 3]})
+    with pytest.raises(onnx_export.ConversionError, match=r"lost all their heads, and decoder\.1\.cross_attn did"):
+        onnx_export.check_exportable(translator)
+    folder = tmp_path / "onnx"
+    folder.mkdir()
+    with pytest.raises(onnx_export.ConversionError, match="Keep at least one head in each attention"):
+        onnx_export.export_onnx(translator, folder)
+    assert not list(folder.iterdir())
+
+    classifier = saved_model("SelfAttnForSequenceClassification", "encoder", tmp_path / "model")
+    model = modeling_selfattn.SelfAttnForSequenceClassification.from_pretrained(classifier)
+    model.prune_heads({0: [1], 1: [0, 1, 2, 3]})
+    model.save_pretrained(tmp_path / "pruned")
+    error = refused(["onnx", str(tmp_path / "pruned"), str(tmp_path / "out"), "--optimize"], capsys)
+    assert "encoder.1 did (config.pruned_heads)" in error and "floating point exception" in error
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
 def test_missing_onnx_runtime_names_the_extra(monkeypatch):
     monkeypatch.setattr(onnx_export, "REQUIRED_MODULES", ("onnx", "no_such_module_selfattn"))
     with pytest.raises(onnx_export.ConversionError, match=r"no_such_module_selfattn.*selfattn\[onnx\]"):

@@ -166,6 +166,69 @@ def test_bf16_outputs_are_close_to_float32(name):
     assert 0 < max(errors.values()) <= BF16_RELATIVE_TOLERANCE, errors
 
 
+@pytest.mark.parametrize("bf16_attention", [False, True])
+@pytest.mark.parametrize(
+    "name, headless",
+    [
+        ("sequence_classification", {1: [0, 1, 2, 3]}),
+        ("seq2seq_lm", {"encoder.1": [0, 1, 2, 3], "decoder.0": [0, 1, 2, 3], "decoder.1.cross_attn": [0, 1, 2, 3]}),
+    ],
+)
+def test_int8_of_a_model_with_headless_layers_keeps_their_empty_projections_in_float32(name, headless, bf16_attention):
+    model, inputs = make_model(name)
+    model.prune_heads(headless)
+    expected = float_outputs(model, inputs)
+    model.quantize("int8", bf16_attention=bf16_attention)
+    empty = {
+        layer for layer, module in model.named_modules() if isinstance(module, nn.Linear) and not module.weight.numel()
+    }
+    assert len(empty) == 4 * len(headless)  # q, k, v and o of each headless attention
+    float32 = {layer for layer, kind in linear_kinds(model).items() if kind == "float32"}
+    assert empty <= float32 and all(layer.endswith("v_proj") for layer in float32 - empty)
+    assert model.quantization_mode == "int8"
+    errors = largest_relative_error(expected, float_outputs(model, inputs))
+    assert 0 < max(errors.values()) <= INT8_RELATIVE_TOLERANCE, errors
+
+
+def module_attributes(model: nn.Module) -> dict[str, tuple[dict, ...]]:
+    """Each module's attributes, parameters, buffers and children, by name (the objects themselves)."""
+    return {
+        name: (dict(vars(module)), dict(module._parameters), dict(module._buffers), dict(module._modules))
+        for name, module in model.named_modules(remove_duplicate=False)
+    }
+
+
+def test_int8_that_fails_partway_leaves_the_model_as_it_was(monkeypatch):
+    model = head_with_logits_bias(SelfAttnForConditionalGeneration)
+    inputs = seq2seq_inputs()
+    expected = copy.deepcopy(model).quantize("int8", bf16_attention=True)
+    before = module_attributes(model)
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+    made = []
+
+    def fail_on_the_second_layer(*args, **kwargs):
+        if made:
+            raise RuntimeError("no memory left")
+        made.append(int8_linear(*args, **kwargs))
+        return made[0]
+
+    monkeypatch.setattr(quantization, "int8_linear", fail_on_the_second_layer)
+    with pytest.raises(RuntimeError, match="no memory left"):
+        model.quantize("int8", bf16_attention=True)
+    monkeypatch.undo()
+    after = module_attributes(model)
+    assert after.keys() == before.keys()
+    for name, parts in before.items():
+        for part, was in zip(after[name], parts):
+            assert part.keys() == was.keys() and all(part[key] is value for key, value in was.items()), name
+    assert all(torch.equal(model.state_dict()[key], value) for key, value in state.items())
+    assert all(parameter.requires_grad for parameter in model.parameters())
+    # The next try is not refused as a second quantize(), and gives what a quantize() that never failed gives.
+    model.quantize("int8", bf16_attention=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).logits, expected(**inputs).logits, rtol=0, atol=0)
+
+
 def test_int8_tied_lm_head_gets_its_own_copy_and_the_token_table_stays_float32():
     model, _ = make_model("seq2seq_lm")
     table = model.get_input_embeddings().weight

@@ -147,6 +147,31 @@ def test_a_target_is_refused_for_a_model_without_a_decoder(classifier, tokenizer
     assert not (tmp_path / "out").exists()
 
 
+def star_ratings_config(tokenizer):
+    """A classifier whose classes are named by digits that are also other classes' ids: "1" to "5" as ids 0 to 4."""
+    names = {index: str(index + 1) for index in range(5)}
+    return tiny_config(tokenizer, num_labels=5, id2label=names, label2id={name: index for index, name in names.items()})
+
+
+def test_labels_named_by_digits_are_read_as_names(tokenizer, tmp_path):
+    data = tmp_path / "ratings.tsv"
+    data.write_text("sentence\tlabel\nthe movie was good\t5\nthe movie was not bad\t3\nthe movie was bad\t1\n")
+    labels = [label for _, label in viz.read_labelled_texts(data, star_ratings_config(tokenizer))]
+    assert labels == [4, 2, 0]
+
+
+def test_a_file_of_ids_whose_digits_are_also_names_is_refused(tokenizer, tmp_path):
+    # "0" can only be an id, so "3" may be id 3 as well as the class named "3" (id 2): the file does not say which.
+    data = tmp_path / "ratings.tsv"
+    data.write_text("sentence\tlabel\nthe movie was bad\t0\nthe movie was not bad\t3\n")
+    message = (
+        r"label '3' \(line 3\) is the name of class 2 but also the id of class 3, and label '0' \(line 2\) is an id.*"
+        r"Write every label as a name of the model's label2id"
+    )
+    with pytest.raises(ValueError, match=message):
+        viz.read_labelled_texts(data, star_ratings_config(tokenizer))
+
+
 def test_missing_attentions_are_explained():
     with pytest.raises(ValueError, match="eager"):
         viz._stack((None, None))
