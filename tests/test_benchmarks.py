@@ -20,6 +20,15 @@ import bench  # noqa: E402
 import engines  # noqa: E402
 import pairs  # noqa: E402
 
+
+@pytest.fixture(autouse=True)
+def transformers_verbosity():
+    """bench.main quiets transformers' logging for its run, as a script may; the tests that call it in this process
+    hand the verbosity back, so that later tests still see transformers' warnings."""
+    verbosity = transformers.logging.get_verbosity()
+    yield
+    transformers.logging.set_verbosity(verbosity)
+
 TOLERANCE = 1e-5
 NEW_TOKENS = 8
 
