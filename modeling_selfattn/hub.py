@@ -152,7 +152,10 @@ def refuse_to_overwrite_foreign_code(saved: object, save_directory, model_type: 
     folder = Path(save_directory)
     if getattr(saved, "_auto_class", None) is None or not folder.is_dir() or holds_save_of(folder, model_type):
         return
-    module_file = Path(sys.modules[type(saved).__module__].__file__)
+    module_file = getattr(sys.modules[type(saved).__module__], "__file__", None)
+    if type(saved).__module__ == "__main__" or module_file is None:
+        return  # no code to copy: transformers' custom_object_save warns and saves none either
+    module_file = Path(module_file)
     clashes = [
         code.name
         for code in map(Path, [module_file, *get_relative_import_files(module_file)])

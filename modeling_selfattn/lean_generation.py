@@ -171,9 +171,10 @@ class GrowingLayer(DynamicLayer):
         """Whether `keys` and `values` are still the views of the buffers last handed out (nothing replaced them)."""
         return self.buffers is not None and self.keys is self.views[0] and self.values is self.views[1]
 
-    def cached_length(self) -> int:
-        """The positions cached. Not get_seq_length(), which counts none where the keys have no elements, as those of
-        an attention whose heads were all pruned: their length still has to grow with the other layers'."""
+    def get_seq_length(self) -> int:
+        """The positions cached, also where the keys have no elements, as those of an attention whose heads were all
+        pruned (DynamicLayer counts none there): generate() reads the first layer's length, which must grow with the
+        others'."""
         return self.keys.shape[-2] if self.is_initialized and self.keys.dim() == 4 else 0
 
     def appends_as_concatenation(self, key_states: torch.Tensor, value_states: torch.Tensor, length: int) -> bool:
@@ -191,7 +192,7 @@ class GrowingLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        length = self.cached_length()
+        length = self.get_seq_length()
         if not self.appends_as_concatenation(key_states, value_states, length):
             return super().update(key_states, value_states, *args, **kwargs)
         added = key_states.shape[-2]
@@ -217,7 +218,7 @@ class GrowingLayer(DynamicLayer):
         self.keys, self.values = self.views
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        length = self.cached_length()
+        length = self.get_seq_length()
         if length == 0 or not self.holds_views():
             super().reorder_cache(beam_idx)
             return

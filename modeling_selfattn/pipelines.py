@@ -9,6 +9,8 @@ reserve, so they work with `pipeline(...)` for selfattn and any model of the mat
 The classes can also be built directly: QuestionAnsweringPipeline(model=model, tokenizer=tokenizer).
 """
 
+import numbers
+
 import torch
 from transformers import AutoModelForQuestionAnswering, AutoModelForSeq2SeqLM, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY, SUPPORTED_TASKS
@@ -16,8 +18,11 @@ from transformers.pipelines.base import ChunkPipeline
 
 
 def integer_from(low: int) -> tuple:
-    # bool is an int subclass, but top_k=True is a mistake, not 1.
-    return lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= low, f"an integer >= {low}"
+    # Any integer type (numpy's too); bool is one, but top_k=True is a mistake, not 1.
+    def test(value) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
+
+    return test, f"an integer >= {low}"
 
 
 # Checks of a parameter's value: (test, what the value must be).

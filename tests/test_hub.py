@@ -4,6 +4,8 @@ without the selfattn package."""
 
 import json
 import shutil
+import sys
+import types
 from pathlib import Path
 
 import huggingface_hub
@@ -216,3 +218,15 @@ def test_save_pretrained_writes_its_code_over_no_one_s_own_files(tmp_path):
     shutil.copytree(saved, copy, ignore=shutil.ignore_patterns("config.json"))
     model.save_pretrained(copy)
     assert (copy / "config.json").is_file()
+
+
+def test_a_class_defined_in_main_saves_beside_files_of_the_same_names(tmp_path, monkeypatch):
+    # transformers copies no code for a class of __main__, so nothing of the folder is at stake; a notebook's or the
+    # REPL's __main__ has no file at all.
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))
+    notebook_class = type("NotebookClassifier", (SelfAttnForSequenceClassification,), {"__module__": "__main__"})
+    model = notebook_class(labelled_classifier().config)
+    (tmp_path / "model.py").write_text("# my training script\n")
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.py").read_text() == "# my training script\n"
+    assert (tmp_path / "config.json").is_file()
