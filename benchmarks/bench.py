@@ -571,8 +571,9 @@ def ruled_out(variants: list[str], device: str, dtype: torch.dtype) -> dict[str,
     """The variants among `variants` that cannot run on `device` in `dtype`, each with why."""
     reasons = {}
     for variant in variants:
-        if variant in CPU_FLOAT32_VARIANTS and (device != "cpu" or dtype != torch.float32):
-            reasons[variant] = "runs on CPU in float32 only"
+        settings = engines.cpu_float32_only(device, dtype) if variant in CPU_FLOAT32_VARIANTS else None
+        if settings is not None:
+            reasons[variant] = settings
         elif variant in FLOAT32_VARIANTS and dtype != torch.float32:
             reasons[variant] = "is made from float32 weights"
     return reasons

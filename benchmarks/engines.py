@@ -45,10 +45,19 @@ def engine_of(variant: str) -> str:
     return variant.split("-")[0]
 
 
+def cpu_float32_only(device: str, dtype: torch.dtype) -> str | None:
+    """Why a variant that runs on CPU in float32 only (the engines; bench.py's CPU_FLOAT32_VARIANTS) cannot run on
+    `device` in `dtype`, or None: bench.py's ruled_out() and unavailable() here both say it with this."""
+    if device != "cpu" or dtype != torch.float32:
+        return "runs on CPU in float32 only"
+    return None
+
+
 def unavailable(variant: str, device: str, dtype: torch.dtype) -> str | None:
     """Why `variant` cannot run here, or None."""
-    if device != "cpu" or dtype != torch.float32:
-        return "the engine variants run on CPU in float32 only (the reference's settings here differ)"
+    settings = cpu_float32_only(device, dtype)
+    if settings is not None:
+        return f"it {settings} (the reference's settings here differ)"
     missing = [name for name in PACKAGES[engine_of(variant)] if importlib.util.find_spec(name) is None]
     if missing:
         return f"{' and '.join(missing)} not installed (pip install -e '.[bench]')"

@@ -26,11 +26,12 @@ import time
 from pathlib import Path
 
 # Before torch: imported after it, ctranslate2 binds torch's OpenMP runtime and torch's small ops run 20-30% slower,
-# which would slow the generate() this script times.
+# which would slow the generate() this script times. Where it is missing, main() says so once the arguments are
+# checked, so that a bad argument is named first.
 try:
     import ctranslate2
 except ImportError:
-    sys.exit("This script needs CTranslate2: pip install 'selfattn[ctranslate2]' (or pip install ctranslate2).")
+    ctranslate2 = None
 import torch
 from task_metrics import translation_metrics
 from transformers import AutoTokenizer, GenerationConfig
@@ -83,6 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             f"--output_dir {args.output_dir} exists; name a new folder (the conversion never writes over an "
             "existing one)."
         )
+    # max_new_tokens as generate() takes it: transformers refuses 0 (it must be greater than 0).
     for name in ("max_samples", "batch_size", "max_new_tokens"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -207,10 +209,12 @@ def first_split_gap(model, source_ids: list[int], ours: list[int], theirs: list[
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if ctranslate2 is None:
+        sys.exit("This script needs CTranslate2: pip install 'selfattn[ctranslate2]' (or pip install ctranslate2).")
     sources, references = read_pairs(args.data, args.source_lang, args.target_lang, args.max_samples)
     model = SelfAttnForConditionalGeneration.from_pretrained(args.model).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    max_new_tokens = args.max_new_tokens or default_max_new_tokens(model)
+    max_new_tokens = args.max_new_tokens if args.max_new_tokens is not None else default_max_new_tokens(model)
     unmatched = settings_not_carried_over(model.generation_config)
     if unmatched:
         print(f"note: CTranslate2 is not given the generation config's {', '.join(unmatched)}; tokens may differ.")

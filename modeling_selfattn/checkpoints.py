@@ -86,7 +86,14 @@ class Family:
     config_renames: tuple  # (source field, selfattn field)
     config_fixed: dict  # selfattn fields this layout always has (checked when exporting)
     config_requirements: dict  # source fields that must hold a value when present (e.g. is_decoder False)
+    # The tokenizer class of the family's checkpoints, which a converted config.json names where the source names
+    # none: AutoTokenizer goes by model_type otherwise, and the selfattn config's model_type is selfattn. Stated here
+    # rather than asked of transformers, which maps a model_type to no class when an optional package the tokenizer
+    # needs (Marian's sentencepiece) is missing.
+    tokenizer_class: str
     config_to_selfattn: Callable[[dict], dict] | None = None  # fields derived from several source fields
+    # The source fields config_to_selfattn reads, and the only ones it is given: the report counts them as carried.
+    config_derived_from: tuple = ()
     config_from_selfattn: Callable[[dict], dict] | None = None  # and back
     # transformers applies this activation in the MLM head whatever hidden_act is; selfattn uses hidden_act.
     lm_head_activation: str | None = None
@@ -250,6 +257,7 @@ BERT = Family(
     config_renames=BERT_CONFIG_RENAMES,
     config_fixed=ENCODER_ONLY,
     config_requirements=ENCODER_REQUIREMENTS,
+    tokenizer_class="BertTokenizer",
 )
 
 
@@ -286,12 +294,28 @@ ROBERTA = replace(
     heads=encoder_heads(POOLED, POOLED),
     # position_offset and max_position_embeddings come from roberta_positions.
     config_fixed={**{k: v for k, v in ENCODER_ONLY.items() if k != "position_offset"}, "padding_aware_positions": True},
+    tokenizer_class="RobertaTokenizer",
     config_to_selfattn=roberta_positions,
+    config_derived_from=("pad_token_id", "max_position_embeddings"),
     config_from_selfattn=roberta_positions_back,
     lm_head_activation="gelu",
 )
 
-XLM_ROBERTA = replace(ROBERTA, name="xlm-roberta", model_type="xlm-roberta", class_prefix="XLMRoberta")
+XLM_ROBERTA = replace(
+    ROBERTA,
+    name="xlm-roberta",
+    model_type="xlm-roberta",
+    class_prefix="XLMRoberta",
+    tokenizer_class="XLMRobertaTokenizer",
+)
+
+
+def distilbert_classifier_dropout_back(config: dict) -> dict:
+    # selfattn's classifier_dropout=None means hidden_dropout_prob; DistilBertConfig takes a number only, and
+    # hidden_dropout_prob (its `dropout`) is the number that keeps the classifier's dropout as it was.
+    dropout = config["classifier_dropout"]
+    return {"seq_classif_dropout": config["hidden_dropout_prob"] if dropout is None else dropout}
+
 
 DISTILBERT = Family(
     name="distilbert",
@@ -334,6 +358,8 @@ DISTILBERT = Family(
     # DistilBERT has no token types and fixes every LayerNorm epsilon.
     config_fixed={**ENCODER_ONLY, "type_vocab_size": 0, "layer_norm_eps": 1e-12},
     config_requirements={},
+    tokenizer_class="BertTokenizer",  # DistilBERT checkpoints use BERT's WordPiece vocabularies
+    config_from_selfattn=distilbert_classifier_dropout_back,
 )
 
 
@@ -382,7 +408,9 @@ ELECTRA = replace(
         ForPreTraining=Head("SelfAttnForReplacedTokenDetection"),
     ),
     config_fixed={key: value for key, value in ENCODER_ONLY.items() if key != "embedding_size"},
+    tokenizer_class="BertTokenizer",
     config_to_selfattn=electra_embedding_size,
+    config_derived_from=("embedding_size", "hidden_size"),
     config_from_selfattn=electra_embedding_size_back,
     lm_head_activation="gelu",
 )
@@ -487,6 +515,7 @@ MARIAN = Family(
     },
     # A separate decoder vocabulary would need a second token table.
     config_requirements={"share_encoder_decoder_embeddings": True, "is_decoder": False},
+    tokenizer_class="MarianTokenizer",
     config_same=SEQ2SEQ_CONFIG_SAME + (("decoder_vocab_size", "vocab_size"),),
     config_import_only=SEQ2SEQ_IMPORT_ONLY,
     export_tensors=marian_computed_tensors,
@@ -519,6 +548,7 @@ BART = Family(
         "embedding_layer_norm": True,
     },
     config_requirements={"is_decoder": False},
+    tokenizer_class="RobertaTokenizer",  # transformers 5 reads BART's byte-level BPE files with RoBERTa's class
     config_same=SEQ2SEQ_CONFIG_SAME,
     config_import_only=SEQ2SEQ_IMPORT_ONLY,
     export_tensors=zero_logits_bias,
@@ -619,12 +649,15 @@ def selfattn_config_kwargs(config_dict: dict, architecture: str) -> tuple[dict, 
         {name: source[value.name] if isinstance(value, SourceField) else value for name, value in fixed.items()}
     )
     if family.config_to_selfattn is not None:
-        kwargs.update(family.config_to_selfattn(source))
+        kwargs.update(
+            family.config_to_selfattn({name: source[name] for name in family.config_derived_from if name in source})
+        )
     kwargs["source_model_type"] = family.model_type
     check_lm_head_activation(family, head, kwargs["hidden_act"])
     used = {name for name, _ in family.config_renames} | set(SHARED_CONFIG_FIELDS) | set(family.config_requirements)
     used |= set(head.requirements) | {value.name for value in fixed.values() if isinstance(value, SourceField)}
     used |= {name for pair in family.config_same for name in pair} | set(SELFATTN_SET_CONFIG_FIELDS)
+    used |= set(family.config_derived_from)
     return kwargs, fields_not_carried(source, used)
 
 
@@ -783,46 +816,150 @@ def source_names(family: Family, name: str, with_base_prefix: bool) -> list[str]
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints
 
-SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
-INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+SAFETENSORS_FILE, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
+PYTORCH_FILE, PYTORCH_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+SINGLE_FILES = (SAFETENSORS_FILE, PYTORCH_FILE)
+INDEX_FILES = (SAFETENSORS_INDEX, PYTORCH_INDEX)
 
 
-def checkpoint_files(folder: str | os.PathLike) -> list[Path]:
-    """The weight files of a checkpoint folder: one file, or the shards an index names (safetensors first)."""
+def with_variant(name: str, variant: str | None) -> str:
+    """The file name transformers gives a weight file of `variant`: the variant goes before the last suffix
+    (model.fp16.safetensors, model.safetensors.index.fp16.json), as save_pretrained(variant=...) writes it."""
+    if variant is None:
+        return name
+    stem, suffix = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{suffix}"
+
+
+def check_weight_options(variant, use_safetensors) -> None:
+    if variant is not None and (not isinstance(variant, str) or not variant or "/" in variant):
+        raise ConversionError(
+            f"variant={variant!r} is not a variant name: pass the string save_pretrained(variant=...) was given "
+            "(e.g. variant='fp16' reads model.fp16.safetensors), or None for the files without a variant."
+        )
+    if use_safetensors not in (None, True, False):
+        raise ConversionError(
+            f"use_safetensors={use_safetensors!r} is not one of None (safetensors where there are, else PyTorch "
+            "weights), True (safetensors only) or False (PyTorch weights only)."
+        )
+
+
+def weight_file_candidates(variant: str | None = None, use_safetensors: bool | None = None) -> list[str]:
+    """The weight files transformers' from_pretrained looks for, in its order: safetensors (one file, then an
+    index of shards) unless use_safetensors=False, then PyTorch's unless use_safetensors=True."""
+    formats = []
+    if use_safetensors is not False:
+        formats += [SAFETENSORS_FILE, SAFETENSORS_INDEX]
+    if not use_safetensors:
+        formats += [PYTORCH_FILE, PYTORCH_INDEX]
+    return [with_variant(name, variant) for name in formats]
+
+
+def explicit_weights_file(folder: Path) -> str | None:
+    """The weight file config.json names in "transformers_weights", which transformers reads instead of the usual
+    names (variant and use_safetensors aside); None where it names none."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        return None
+    name = read_json(config_path).get("transformers_weights")
+    if name is None:
+        return None
+    inside = isinstance(name, str) and ".." not in Path(name).parts and not Path(name).is_absolute()
+    if not inside or not name.endswith((".safetensors", ".safetensors.index.json")):
+        raise ConversionError(
+            f"{config_path} names transformers_weights={name!r}; transformers reads only a safetensors file "
+            "(*.safetensors) or index (*.safetensors.index.json) inside the model folder there. Fix the field, or "
+            "remove it to read the usual weight files."
+        )
+    return name
+
+
+def missing_weights_advice(folder: Path, variant: str | None, use_safetensors: bool | None) -> str:
+    """Why no weight file of `variant` and `use_safetensors` is there, where another choice of them would find one."""
+    advice = []
+    if use_safetensors is not None:
+        others = [name for name in weight_file_candidates(variant) if (folder / name).is_file()]
+        if others:
+            advice.append(
+                f"use_safetensors={use_safetensors} leaves out {others}; pass use_safetensors=None (the default) to "
+                "read them"
+            )
+    if variant is not None:
+        plain = [name for name in weight_file_candidates(None, use_safetensors) if (folder / name).is_file()]
+        if plain:
+            advice.append(f"there are weights without a variant ({plain}); pass variant=None to read those")
+    else:
+        variants = set()
+        for name in weight_file_candidates(None, use_safetensors):
+            stem, suffix = name.rsplit(".", 1)
+            pattern = re.compile(re.escape(stem) + r"\.(.+?)(-\d+-of-\d+)?\." + re.escape(suffix))  # or a shard
+            variants |= {match[1] for path in folder.iterdir() if (match := pattern.fullmatch(path.name))}
+        if variants:
+            names = " or ".join(f"variant={name!r}" for name in sorted(variants))
+            advice.append(f"there are weights of a variant; pass {names} to read them")
+    return "".join(f"; {line}" for line in advice)
+
+
+def checkpoint_files(
+    folder: str | os.PathLike, variant: str | None = None, use_safetensors: bool | None = None
+) -> list[Path]:
+    """The weight files of a checkpoint folder, chosen as transformers' from_pretrained chooses them: one file,
+    or the shards an index names (safetensors first); `variant` and `use_safetensors` as from_pretrained takes
+    them."""
     folder = Path(folder)
-    for single, index in zip(SINGLE_FILES, INDEX_FILES):
-        if (folder / single).is_file():
-            return [folder / single]
-        if (folder / index).is_file():
-            weight_map = read_json(folder / index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ConversionError(
-                    f"{folder / index} has no \"weight_map\" of tensor names to shard files; re-download or "
-                    "re-save the checkpoint."
-                )
-            shards = sorted(set(weight_map.values()))
-            missing = [shard for shard in shards if not (folder / shard).is_file()]
-            if missing:
-                raise ConversionError(f"{folder / index} names shards that are not in the folder: {missing}.")
-            return [folder / shard for shard in shards]
+    check_weight_options(variant, use_safetensors)
+    explicit = explicit_weights_file(folder)
+    candidates = [explicit] if explicit is not None else weight_file_candidates(variant, use_safetensors)
+    # A variant goes inside an index's name (model.safetensors.index.fp16.json), so the name's end does not tell.
+    indexes = {with_variant(index, variant) for index in INDEX_FILES}
+    if explicit is not None and explicit.endswith(".index.json"):
+        indexes = {explicit}
+    for name in candidates:
+        path = folder / name
+        if not path.is_file():
+            continue
+        if name not in indexes:
+            return [path]
+        weight_map = read_json(path).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ConversionError(
+                f"{path} has no \"weight_map\" of tensor names to shard files; re-download or re-save the checkpoint."
+            )
+        shards = sorted(set(weight_map.values()))
+        missing = [shard for shard in shards if not (folder / shard).is_file()]
+        if missing:
+            raise ConversionError(f"{path} names shards that are not in the folder: {missing}.")
+        return [folder / shard for shard in shards]
     present = sorted(path.name for path in folder.iterdir()) if folder.is_dir() else []
+    wanted = f"{candidates[0]}, which config.json names in transformers_weights" if explicit else (
+        f"one of {candidates}"
+    )
     raise ConversionError(
-        f"No weights in {folder}: expected one of {SINGLE_FILES + INDEX_FILES}; the folder holds {present}."
+        f"No weights in {folder}: expected {wanted}; the folder holds {present}"
+        + ("" if explicit else missing_weights_advice(folder, variant, use_safetensors)) + "."
     )
 
 
-def load_checkpoint(folder: str | os.PathLike, progress: bool = False) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors or PyTorch (.bin, read with weights_only=True) checkpoint, sharded or not."""
+def load_checkpoint(
+    folder: str | os.PathLike,
+    progress: bool = False,
+    variant: str | None = None,
+    use_safetensors: bool | None = None,
+    weights_only: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors or PyTorch checkpoint, sharded or not, of the files `checkpoint_files` picks.
+    PyTorch files are read with torch.load(weights_only=...), True unless asked otherwise, as transformers reads
+    them."""
     from tqdm.auto import tqdm
 
-    files = checkpoint_files(folder)
+    files = checkpoint_files(folder, variant, use_safetensors)
     state_dict = {}
     for path in tqdm(files, desc="Reading shards", unit="file", disable=not progress or len(files) == 1):
-        state_dict.update(read_weights(path))
+        state_dict.update(read_weights(path, weights_only))
     return state_dict
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
+def read_weights(path: Path, weights_only: bool = True) -> dict[str, torch.Tensor]:
     """The tensors of one weight file. A damaged file (a download cut short, a disk error) raises
     ConversionError naming the file, not the reader's bare error, which does not say which file it read."""
     from safetensors import SafetensorError
@@ -830,7 +967,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
             return load_file(path)
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
     except OSError as error:
         raise ConversionError(
             f"Cannot read the weight file {path} ({error}); make it readable and run again."
@@ -842,7 +979,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         ) from error
     except Exception as error:  # torch.load's errors have no common base: zip, pickle, EOF, weights_only refusals
         raise ConversionError(
-            f"The weight file {path} does not load as a PyTorch checkpoint with weights_only=True "
+            f"The weight file {path} does not load as a PyTorch checkpoint with weights_only={weights_only} "
             f"({type(error).__name__}: {error}); if it is damaged or incomplete, re-download or re-save it "
             "(as safetensors where possible)."
         ) from error
@@ -957,17 +1094,31 @@ def sentence_transformers_files(folder: str | os.PathLike) -> list[str]:
     return files
 
 
-def resolve_folder(source: str | os.PathLike, **download_kwargs) -> Path:
-    """A local folder as is; anything else is taken as a Hub repository id and downloaded (where a network is)."""
+def resolve_folder(
+    source: str | os.PathLike,
+    subfolder: str = "",
+    use_safetensors: bool | None = None,
+    variant: str | None = None,
+    **download_kwargs,
+) -> Path:
+    """The folder of a checkpoint: `subfolder` of a local folder, or else of the Hub repository `source` names,
+    downloaded (where a network is) with the files a conversion reads: configs, tokenizer files and the weights
+    (safetensors, or PyTorch's where the repository has no safetensors weights of `variant`, or as
+    `use_safetensors` asks)."""
+    subfolder = check_subfolder(subfolder)
     if Path(source).is_dir():
-        return Path(source)
+        return Path(source) / subfolder
     from huggingface_hub import snapshot_download
 
     hub_kwargs = {name: value for name, value in download_kwargs.items() if value is not None}
+    # Patterns are matched against paths in the repository, so a subfolder's files need its prefix.
+    prefix = f"{subfolder}/" if subfolder else ""
+    formats = {True: "*.safetensors", False: "*.bin"}  # by use_safetensors
     try:
-        for weights in ("*.safetensors", "*.bin"):  # PyTorch weights only where there are no safetensors
-            folder = Path(snapshot_download(str(source), allow_patterns=HUB_FILE_PATTERNS + [weights], **hub_kwargs))
-            if any(folder.glob(weights)):
+        for safetensors in [True, False] if use_safetensors is None else [use_safetensors]:
+            patterns = [prefix + pattern for pattern in HUB_FILE_PATTERNS + [formats[safetensors]]]
+            folder = Path(snapshot_download(str(source), allow_patterns=patterns, **hub_kwargs)) / subfolder
+            if any((folder / name).is_file() for name in weight_file_candidates(variant, safetensors)):
                 break
         return folder
     except Exception as error:
@@ -975,6 +1126,19 @@ def resolve_folder(source: str | os.PathLike, **download_kwargs) -> Path:
             f"{source} is not a local folder and could not be fetched from the Hub ({type(error).__name__}: "
             f"{error}). Pass the folder of a downloaded checkpoint."
         ) from error
+
+
+def check_subfolder(subfolder) -> str:
+    """`subfolder` as from_pretrained takes it: a relative path inside the checkpoint, "" (or None) for its top."""
+    if subfolder is None or subfolder == "":
+        return ""
+    if not isinstance(subfolder, str | os.PathLike) or Path(subfolder).is_absolute() or ".." in Path(subfolder).parts:
+        raise ConversionError(
+            f"subfolder={subfolder!r} is not a folder inside the checkpoint: pass a relative path such as "
+            "subfolder='text_encoder', or leave it out for the checkpoint's top folder."
+        )
+    path = Path(subfolder).as_posix()
+    return "" if path == "." else path
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1070,7 +1234,8 @@ def match_tensors(
             report.mismatched.append((source, target, tuple(tensor.shape), shapes[target]))
         elif target in converted:
             sources_of[target].append(source)
-            if not torch.equal(converted[target], tensor):
+            # Meta tensors (export_refusal's) have no values to compare; that check waits for the export itself.
+            if not tensor.is_meta and not torch.equal(converted[target], tensor):
                 report.conflicts.append((target, sources_of[target]))
             else:
                 report.dropped[source] = f"repeats {sources_of[target][0]} (both are {target})"
@@ -1122,20 +1287,16 @@ def convert_checkpoint(
 
 
 def model_type_tokenizer_class(folder: Path, config_dict: dict) -> dict:
-    """{"tokenizer_class": the class AutoTokenizer takes for the source's model_type} where neither the source's
+    """{"tokenizer_class": the family's tokenizer class (`Family.tokenizer_class`)} where neither the source's
     config.json nor its tokenizer_config.json names one (older Hub layouts: vocab.txt and a tokenizer_config.json of
     settings). AutoTokenizer then goes by model_type, which the selfattn config no longer has; it reads the class
-    from the config instead. {} where the source names the class, or where transformers maps its model_type to no
-    class here (a package the tokenizer needs, such as sentencepiece, is missing)."""
-    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
-
+    from the config instead. {} where the source names the class."""
     tokenizer_config = Path(folder) / "tokenizer_config.json"
     if config_dict.get("tokenizer_class") or (
         tokenizer_config.is_file() and read_json(tokenizer_config).get("tokenizer_class")
     ):
         return {}
-    name = TOKENIZER_MAPPING_NAMES.get(config_dict.get("model_type"))
-    return {} if name is None else {"tokenizer_class": name}
+    return {"tokenizer_class": family_for(config_dict.get("model_type")).tokenizer_class}
 
 
 def source_generation_config(folder: Path):
@@ -1148,13 +1309,72 @@ def source_generation_config(folder: Path):
     return GenerationConfig.from_model_config(AutoConfig.from_pretrained(folder))
 
 
+# from_pretrained arguments that say where and how to read the weights, which the foreign path reads itself, and
+# takes out of what it hands on: transformers' from_pretrained then loads from the converted state dict, which
+# they have no meaning for (a subfolder left in would be looked for again inside the resolved folder).
+WEIGHT_READING_KWARGS = ("subfolder", "variant", "use_safetensors", "key_mapping")
+# What from_pretrained passes on to the Hub.
+DOWNLOAD_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download")
+
+
+def refuse_unreadable_formats(source, model_type: str, kwargs: dict) -> None:
+    """Formats transformers' from_pretrained names but that a BERT-family checkpoint is not converted from."""
+    if kwargs.get("gguf_file") is not None:
+        raise ConversionError(
+            f"gguf_file={kwargs['gguf_file']!r}: {source} is a {model_type} checkpoint, which selfattn reads from its "
+            "safetensors or PyTorch weights, and transformers reads no GGUF file of this family either. Leave out "
+            "gguf_file to load the folder's weights."
+        )
+    for name in ("from_tf", "from_flax"):
+        if kwargs.get(name):
+            # transformers 5 drops these silently and reads the PyTorch weights: say so instead.
+            raise ConversionError(
+                f"{name}=True: TensorFlow and Flax weights are not read (transformers 5 reads neither); "
+                f"{source} is loaded from its safetensors or PyTorch weights. Leave out {name}, or convert the "
+                "weights to PyTorch with transformers 4 first."
+            )
+
+
+def mapped_keys(state_dict: dict, key_mapping) -> dict:
+    """`state_dict` with its names renamed by from_pretrained's `key_mapping` ({regex: replacement}), applied as
+    transformers applies it, to the checkpoint's own names, before the family's names are mapped to selfattn's."""
+    if key_mapping is None:
+        return state_dict
+    if not isinstance(key_mapping, dict) or not all(
+        isinstance(pattern, str) and isinstance(target, str) for pattern, target in key_mapping.items()
+    ):
+        raise ConversionError(
+            f"key_mapping={key_mapping!r} is not a dict of regular expressions to replacements (both str), e.g. "
+            "{'^encoder\\.': 'bert.encoder.'}, which renames the checkpoint's tensors before they are loaded."
+        )
+    from transformers.core_model_loading import WeightRenaming, apply_renamings
+
+    renamings = [
+        WeightRenaming(source_patterns=source, target_patterns=target)
+        for source, target in key_mapping.items()
+    ]
+    renamed = {}
+    for name, tensor in state_dict.items():
+        new_name = apply_renamings(name, renamings)
+        if new_name in renamed:
+            raise ConversionError(
+                f"key_mapping={key_mapping!r} renames two tensors of the checkpoint to {new_name!r}; make the "
+                "patterns tell them apart."
+            )
+        renamed[new_name] = tensor
+    return renamed
+
+
 def foreign_checkpoint_kwargs(model_class: type, source, kwargs: dict) -> dict | None:
     """from_pretrained arguments that load a BERT-family checkpoint into `model_class`, or None when `source` is
     not one (then from_pretrained proceeds as usual). Tensors the class has no place for are left under their
-    source names, so that transformers reports them as unexpected, and missing heads are initialised as usual."""
-    download_kwargs = {name: kwargs.get(name) for name in ("revision", "cache_dir", "token", "local_files_only")}
+    source names, so that transformers reports them as unexpected, and missing heads are initialised as usual.
+    The weights are the ones transformers' own class would read: `subfolder`, `variant`, `use_safetensors`,
+    `weights_only` and `key_mapping` are honoured as its from_pretrained honours them."""
+    download_kwargs = {name: kwargs.get(name) for name in DOWNLOAD_KWARGS}
+    subfolder = check_subfolder(kwargs.get("subfolder"))
     if Path(source).is_dir():
-        config_path = Path(source) / "config.json"
+        config_path = Path(source) / subfolder / "config.json"
         if not config_path.is_file():
             return None
         model_type = read_json(config_path).get("model_type")
@@ -1164,7 +1384,8 @@ def foreign_checkpoint_kwargs(model_class: type, source, kwargs: dict) -> dict |
         hub_kwargs = {name: value for name, value in download_kwargs.items() if value is not None}
         try:
             config_file = cached_file(
-                str(source), "config.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs
+                str(source), "config.json", subfolder=subfolder, _raise_exceptions_for_missing_entries=False,
+                **hub_kwargs,
             )
         except OSError:
             return None  # from_pretrained reports the unreachable source in its own words
@@ -1173,20 +1394,33 @@ def foreign_checkpoint_kwargs(model_class: type, source, kwargs: dict) -> dict |
         model_type = read_json(Path(config_file)).get("model_type")
     if model_type not in FAMILIES:
         return None
-    folder = resolve_folder(source, **download_kwargs)
+    refuse_unreadable_formats(source, model_type, kwargs)
+    use_safetensors = kwargs.get("use_safetensors")
+    check_weight_options(kwargs.get("variant"), use_safetensors)
+    folder = resolve_folder(source, subfolder, use_safetensors, kwargs.get("variant"), **download_kwargs)
     family = FAMILIES[model_type]
     head = family.heads[architecture_for(family, model_class.__name__).removeprefix(family.class_prefix)]
-    state_dict = load_checkpoint(folder)
+    state_dict = load_checkpoint(
+        folder, variant=kwargs.get("variant"), use_safetensors=use_safetensors,
+        weights_only=kwargs.get("weights_only", True),
+    )
+    state_dict = mapped_keys(state_dict, kwargs.get("key_mapping"))
     names, dropped, unmatched = rename(family, state_dict, head_prefix_for(model_class.__name__))
     for name, reason in dropped.items():
         logger.info("Not loading %s from %s: %s.", name, source, reason)
     converted = {target: state_dict[name] for name, target in names.items()}
     converted.update({name: state_dict[name] for name in unmatched})
+    passed_on = {name: value for name, value in kwargs.items() if name not in WEIGHT_READING_KWARGS}
     if kwargs.get("config") is not None:
-        return {**kwargs, "state_dict": converted}
+        from transformers import PreTrainedConfig
+
+        if not isinstance(kwargs["config"], PreTrainedConfig) and subfolder:
+            # A config given by name or path is read from its own subfolder, as transformers reads it.
+            passed_on["subfolder"] = subfolder
+        return {**passed_on, "state_dict": converted}
     # The config is read from the folder (SelfAttnConfig translates it); the class's head fields override it.
     config_fields = {name: value for name, value in head.config.items() if not isinstance(value, SourceField)}
-    return {**config_fields, **kwargs, "config": str(folder), "state_dict": converted}
+    return {**config_fields, **passed_on, "config": str(folder), "state_dict": converted}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1378,21 +1612,16 @@ def export_checkpoint(source: str | os.PathLike, family_name: str | None = None,
     family = export_family(config, family_name)
     state_dict = load_checkpoint(folder, progress)
     families = shape_families(config)
-
-    def takes(other: Family) -> bool:
-        try:
-            export_state_dict(source, config, state_dict, other)
-        except ConversionError:
-            return False
-        return True
-
     if family is None:
         refusals = {}
         for candidate in families.values():
-            try:
-                return export_state_dict(source, config, state_dict, candidate, progress)
-            except ConversionError as error:
-                refusals[candidate.name] = error
+            refusal = export_refusal(source, config, state_dict, candidate)
+            if refusal is None:
+                try:
+                    return export_state_dict(source, config, state_dict, candidate, progress)
+                except ConversionError as error:  # what only the values show (tensors that conflict)
+                    refusal = error
+            refusals[candidate.name] = refusal
         raise ConversionError(
             f"No export family takes {source}: its config does not record the family it was converted from "
             f"(source_model_type), and every --family refuses it:\n"
@@ -1401,7 +1630,11 @@ def export_checkpoint(source: str | os.PathLike, family_name: str | None = None,
     try:
         return export_state_dict(source, config, state_dict, family, progress)
     except ConversionError as error:
-        fitting = [name for name, other in families.items() if other is not family and takes(other)]
+        fitting = [
+            name
+            for name, other in families.items()
+            if other is not family and export_refusal(source, config, state_dict, other) is None
+        ]
         chosen = (
             f"--family {family.name}" if family_name is not None else
             f"{family.name}, the family it was converted from (source_model_type in its config.json and export's "
@@ -1409,6 +1642,18 @@ def export_checkpoint(source: str | os.PathLike, family_name: str | None = None,
         )
         advice = f"pass --family {' or --family '.join(fitting)}" if fitting else "no other --family takes it either"
         raise ConversionError(f"{error}\n{chosen} cannot take this model as it is; {advice}.") from error
+
+
+def export_refusal(source, config: SelfAttnConfig, state_dict: dict, family: Family) -> ConversionError | None:
+    """Why export to `family` fails, or None where it takes the model, told from the config and the tensors' names
+    and shapes alone: the export runs on meta tensors, which hold no values, so no stored tensor is read, copied or
+    compared, and nothing is written. Cheap enough to ask of every family when naming the ones that fit."""
+    shapes_only = {name: tensor.to("meta") for name, tensor in state_dict.items()}
+    try:
+        export_state_dict(source, config, shapes_only, family)
+    except ConversionError as error:
+        return error
+    return None
 
 
 def export_state_dict(source, config: SelfAttnConfig, state_dict: dict, family: Family, progress: bool = False):

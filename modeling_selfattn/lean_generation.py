@@ -20,7 +20,9 @@ Transformer-base, measured); GrowingLayer writes the new positions into room kep
 buffers to twice the length needed when full (up to generate()'s maximum cache length, then doubling). It replaces
 the layers of the dynamic cache generate() makes itself (not a cache the caller passes, not an offloaded one), and
 generate() turns them back into DynamicLayers, in tensors of their own, before it returns the cache: nothing outside
-generate() sees a GrowingLayer.
+generate() sees a GrowingLayer. Where an attention lost all its heads (prune_heads), its keys have no elements, in
+which DynamicLayer counts no positions; a CountingLayer counts them, in generate() and in the caches the decoder
+returns.
 
 Beam search's reordering of the cache (reorder_cache_layers) keeps a static cache on CUDA where it is, so that the
 CUDA graphs of compiled decoding steps replay on it.
@@ -149,8 +151,28 @@ class LeanLogitsProcessorList(LogitsProcessorList):
         return scores
 
 
-class GrowingLayer(DynamicLayer):
-    """DynamicLayer whose keys and values are views of buffers with room for later positions (see the module
+class CountingLayer(DynamicLayer):
+    """DynamicLayer that counts the positions cached also where the keys have no elements, as those of an attention
+    whose heads were all pruned (DynamicLayer counts none there). transformers' generate() reads the length of a
+    cache's first layer, to tell the positions cached from those to feed and to number them; beam search's expansion
+    and reordering and cropping go by it too. The decoder returns such layers where its own have no keys
+    (counting_positions), and so does generate()."""
+
+    def get_seq_length(self) -> int:
+        return self.keys.shape[-2] if self.is_initialized and self.keys.dim() == 4 else 0
+
+
+def counting_positions(layer):
+    """`layer`, or where it is a DynamicLayer whose keys have no elements, a CountingLayer holding its tensors."""
+    if type(layer) is not DynamicLayer or not layer.is_initialized or layer.keys.dim() != 4 or layer.keys.numel():
+        return layer
+    counting = CountingLayer.__new__(CountingLayer)
+    counting.__dict__.update(layer.__dict__)
+    return counting
+
+
+class GrowingLayer(CountingLayer):
+    """CountingLayer whose keys and values are views of buffers with room for later positions (see the module
     docstring): an update writes into the room instead of concatenating, and beam search's reordering copies the
     buffers anew, so that no tensor handed out before changes. It lives only within generate(), which turns it back
     into a DynamicLayer before returning the cache (LeanGenerationMixin.generate).
@@ -170,12 +192,6 @@ class GrowingLayer(DynamicLayer):
     def holds_views(self) -> bool:
         """Whether `keys` and `values` are still the views of the buffers last handed out (nothing replaced them)."""
         return self.buffers is not None and self.keys is self.views[0] and self.values is self.views[1]
-
-    def get_seq_length(self) -> int:
-        """The positions cached, also where the keys have no elements, as those of an attention whose heads were all
-        pruned (DynamicLayer counts none there): generate() reads the first layer's length, which must grow with the
-        others'."""
-        return self.keys.shape[-2] if self.is_initialized and self.keys.dim() == 4 else 0
 
     def appends_as_concatenation(self, key_states: torch.Tensor, value_states: torch.Tensor, length: int) -> bool:
         """Whether writing the states after the cached ones gives what DynamicLayer's torch.cat gives."""
@@ -230,13 +246,14 @@ class GrowingLayer(DynamicLayer):
         super().reset()
 
     def as_dynamic_layer(self) -> DynamicLayer:
-        """A DynamicLayer holding the same keys and values, in tensors of their own (no room kept)."""
+        """A DynamicLayer holding the same keys and values, in tensors of their own (no room kept); a CountingLayer
+        where the keys have no elements (counting_positions)."""
         layer = DynamicLayer()
         if self.is_initialized:
             layer.lazy_initialization(self.keys, self.values)
             if self.keys.dim() == 4:  # also without elements: their length is the positions cached
                 layer.keys, layer.values = self.keys.clone(), self.values.clone()
-        return layer
+        return counting_positions(layer)
 
 
 class LeanGenerationMixin:
@@ -312,9 +329,9 @@ def keeps_addresses(layer) -> bool:
     return type(layer) is StaticLayer and layer.is_initialized and layer.keys.is_cuda
 
 
-def replace_self_attention_layers(cache, replacement) -> None:
-    """Each layer of `cache`'s self-attention cache, where that is a plain (not offloaded) DynamicCache, replaced by
-    replacement(layer)."""
+def replace_self_attention_layers(cache, replacement, offloaded: bool = False) -> None:
+    """Each layer of `cache`'s self-attention cache, where that is a plain DynamicCache (also an offloaded one if
+    `offloaded`), replaced by replacement(layer)."""
     self_attention = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
-    if type(self_attention) is DynamicCache and not self_attention.offloading:
+    if type(self_attention) is DynamicCache and (offloaded or not self_attention.offloading):
         self_attention.layers = [replacement(layer) for layer in self_attention.layers]

@@ -56,7 +56,12 @@ from .input_checks import (
 )
 from .dropout import Dropout, zero_dropped
 from .kernels import Linear, in_row_blocks, linear_then_activation, rows_per_block
-from .lean_generation import LeanGenerationMixin, reorder_cache_layers
+from .lean_generation import (
+    LeanGenerationMixin,
+    counting_positions,
+    reorder_cache_layers,
+    replace_self_attention_layers,
+)
 from .packing import PackedSequences, packed_sequences_for, records_layer_outputs
 
 logger = logging.get_logger(__name__)
@@ -143,16 +148,29 @@ class SelfAttnEmbeddings(nn.Module):
         return positions.unsqueeze(0).expand(batch_size, -1)
 
     def token_types(self, token_type_ids, shape: tuple[int, int], device) -> torch.Tensor | None:
-        """The token types to embed (zeros where none are given), or None for a model without a token-type table."""
-        if self.token_type_embeddings is None:
-            return None
+        """The token types to embed (zeros where none are given), or None for a model without a token-type table,
+        which takes every token as one segment: given ids are checked all the same, so that segments it cannot tell
+        apart are not dropped without a word."""
         if token_type_ids is None:
+            if self.token_type_embeddings is None:
+                return None
             return torch.zeros(shape, dtype=torch.long, device=device)
         if tuple(token_type_ids.shape) != shape:
             raise ValueError(
                 f"token_type_ids has shape {tuple(token_type_ids.shape)} but the inputs have (batch_size, "
                 f"sequence_length) = {shape}: pass one segment id per token, as the tokenizer returns them."
             )
+        if self.token_type_embeddings is None:
+            check_ids(
+                token_type_ids,
+                1,
+                "token_type_ids",
+                "single segment",
+                "This model has no token-type embeddings (config.type_vocab_size=0) and takes every token as segment "
+                "0: pass no token_type_ids (tokenizer(..., return_token_type_ids=False)), or use a model with a "
+                "token-type table for sentence pairs.",
+            )
+            return None
         check_ids(
             token_type_ids,
             self.token_type_embeddings.num_embeddings,
@@ -858,6 +876,9 @@ class SelfAttnDecoder(SelfAttnStack):
             )
         if self.final_layer_norm is not None:
             hidden_states = self.final_layer_norm(hidden_states)
+        if cache is not None and len(layers_with_heads) < len(self.layers):
+            # transformers' generate() counts the positions cached in the first layer, whether it kept heads or not.
+            replace_self_attention_layers(cache, counting_positions, offloaded=True)
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden_states, cache=cache)
 
 

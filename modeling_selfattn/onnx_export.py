@@ -597,8 +597,9 @@ def export_onnx(
     on inputs of another batch size and length than traced, and raise ConversionError when an output differs by more
     than `tolerance`. `optimize` adds `model_optimized.onnx`, ONNX Runtime's fused graph (encoder heads only). The
     graphs are of the model in eval mode (no dropout) with eager attention; the model is left as it was. They are
-    written into a hidden folder inside `folder` and moved in only once all have passed the check: a failed export
-    leaves `folder` as it was. Files of the same names in `folder` are refused (FileExistsError) unless `overwrite`."""
+    written into a hidden folder inside `folder` and swapped in only once all have passed the check (`swap_in`): a
+    failed export leaves `folder` as it was, and files it replaces are the old ones all or the new ones all. Files of
+    the same names in `folder` are refused (FileExistsError) unless `overwrite`; other files are left alone."""
     require_onnx_runtime()
     check_exportable(model)
     specs = graph_specs(model)
@@ -614,18 +615,49 @@ def export_onnx(
         )
     names = [spec.file_name for spec in specs] + (["model_optimized.onnx"] if optimize else [])
     refuse_existing(folder, names, overwrite)
-    # Inside `folder`, so that the files move in by rename on the same filesystem.
+    # Beside the files it replaces, inside `folder`: every move is then a rename on one filesystem, and needs no
+    # more than the write permission on `folder` that the export needs anyway.
     staging = unique_sibling(folder / "onnx", "partial")
     staging.mkdir()
     try:
         report = export_checked(model, specs, staging, optimize, tolerance)
         written = sorted(entry.name for entry in staging.iterdir())
         refuse_existing(folder, written, overwrite)  # graphs over 2 GB add files of external data
-        for name in written:
-            os.replace(staging / name, folder / name)
+        swap_in(staging, folder, written)
     finally:
         remove(staging)
     return report
+
+
+def swap_in(staging: Path, folder: Path, names: Sequence[str]) -> None:
+    """Move `names` from `staging` into `folder` as one change: the files they replace go aside first, and any
+    failure moves the new files back out and the old ones back in, so that `folder` holds the old export whole or
+    the new one whole, never a mix (a file of one with a file of the other would load as a broken export)."""
+    aside = unique_sibling(folder / "onnx", "old")
+    aside.mkdir()
+    moved_aside, moved_in = [], []
+    try:
+        for name in names:
+            if (folder / name).exists():
+                os.replace(folder / name, aside / name)
+                moved_aside.append(name)
+        for name in names:
+            os.replace(staging / name, folder / name)
+            moved_in.append(name)
+    except BaseException as error:
+        try:
+            for name in reversed(moved_in):
+                os.replace(folder / name, staging / name)
+            for name in reversed(moved_aside):
+                os.replace(aside / name, folder / name)
+        except OSError as restoring:
+            raise OSError(
+                f"Moving the new ONNX files into {folder} failed ({error}), and so did putting the previous ones back "
+                f"({restoring}); the previous files are in {aside}: move them back into {folder} by hand."
+            ) from error
+        remove(aside)
+        raise
+    remove(aside)
 
 
 def refuse_existing(folder: Path, names: Sequence[str], overwrite: bool) -> None:

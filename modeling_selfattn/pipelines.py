@@ -75,7 +75,7 @@ class QuestionAnsweringPipeline(ChunkPipeline):
             return super().__call__({"question": question, "context": context}, **kwargs)
         return super().__call__(question if question is not None else kwargs.pop("inputs", None), **kwargs)
 
-    def preprocess(self, inputs, max_seq_len=384, doc_stride=128):
+    def preprocess(self, inputs, max_seq_len=384, doc_stride=None):
         if not isinstance(inputs, dict):
             raise ValueError(
                 f"question-answering takes question=... and context=... (or a dict with those keys), got {inputs!r}."
@@ -92,7 +92,8 @@ class QuestionAnsweringPipeline(ChunkPipeline):
         if not self.tokenizer.is_fast:
             raise ValueError("question-answering needs a fast tokenizer (it maps tokens back to characters).")
         max_length = min(max_seq_len, self.tokenizer.model_max_length)
-        stride = min(doc_stride, max_seq_len // 2)
+        # Only the default overlap follows the window (as transformers' own pipeline did); a given one is used as is.
+        stride = min(max_seq_len // 2, 128) if doc_stride is None else doc_stride
         self._check_question_fits(question, max_seq_len, doc_stride, max_length, stride)
         encoded = self.tokenizer(
             question,
@@ -134,7 +135,7 @@ class QuestionAnsweringPipeline(ChunkPipeline):
         if room < 1:
             raise ValueError(f"{problem}. Give a shorter question{longer}.")
         if stride >= room:
-            overlap = f"doc_stride={doc_stride}" + (", capped at max_seq_len // 2" if stride < doc_stride else "")
+            overlap = f"doc_stride={doc_stride}" if doc_stride is not None else "the default doc_stride, min(max_seq_len // 2, 128)"
             raise ValueError(
                 f"{problem}, no more than the {stride} tokens that windows overlap by ({overlap}). Give a doc_stride "
                 f"below {room}, or a shorter question{longer}."

@@ -155,6 +155,24 @@ def test_a_missing_engine_skips_its_variants_with_a_printed_line(monkeypatch, ca
     assert "CPU in float32 only" in engines.unavailable("ort", "cuda", torch.float32)
 
 
+DEVICES_AND_DTYPES = [("cpu", torch.float32), ("cpu", torch.bfloat16), ("cuda", torch.float32), ("cuda", torch.float16)]
+
+
+@pytest.mark.parametrize("device, dtype", DEVICES_AND_DTYPES)
+def test_the_benchmark_and_the_engines_rule_out_the_same_settings_alike(device, dtype, monkeypatch):
+    """bench.ruled_out and engines.unavailable give an engine variant the same reason for the same device and dtype
+    (one clause serves both), and neither rules out CPU float32."""
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())  # every engine installed
+    ruled = bench.ruled_out(bench.ENGINE_VARIANTS, device, dtype)
+    for variant in bench.ENGINE_VARIANTS:
+        reason = engines.unavailable(variant, device, dtype)
+        if device == "cpu" and dtype == torch.float32:
+            assert variant not in ruled and reason is None
+        else:
+            assert ruled[variant] == "runs on CPU in float32 only"
+            assert reason is not None and ruled[variant] in reason
+
+
 def test_encoder_parity_reads_real_tokens_only():
     expected = torch.randn(2, 4, 3)
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])

@@ -269,6 +269,83 @@ def test_tokenizer_class_is_carried_or_taken_from_the_model_type(saved_sources, 
     assert getattr(model.config, "tokenizer_class", None) is None and not report.config_added
 
 
+def test_tokenizer_class_comes_from_the_family_table_whatever_is_installed(tmp_path, monkeypatch):
+    """transformers maps marian to no tokenizer class without sentencepiece (not installed here), and any family to
+    none without the package its tokenizer needs: the class a converted config.json names comes from the tables."""
+    from transformers.models.auto import tokenization_auto
+
+    monkeypatch.setattr(tokenization_auto, "TOKENIZER_MAPPING_NAMES", {})  # as if no tokenizer package were installed
+    source = transformers.MarianConfig(
+        vocab_size=VOCAB_SIZE, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=MAX_POSITIONS,
+        pad_token_id=VOCAB_SIZE - 1, decoder_start_token_id=VOCAB_SIZE - 1, eos_token_id=0,
+    )
+    torch.manual_seed(0)
+    transformers.MarianMTModel(source).save_pretrained(tmp_path / "marian")
+    model, report = convert_checkpoint(tmp_path / "marian")
+    assert model.config.tokenizer_class == "MarianTokenizer"
+    assert report.config_added == {"tokenizer_class": "MarianTokenizer"}
+    model.save_pretrained(tmp_path / "selfattn")
+    assert json.loads((tmp_path / "selfattn" / "config.json").read_text())["tokenizer_class"] == "MarianTokenizer"
+
+
+def test_family_tokenizer_classes_are_the_ones_autotokenizer_takes():
+    """Each table's class is the one AutoTokenizer takes for the family's model_type, wherever transformers can say
+    (where the packages a tokenizer needs are installed); MarianTokenizer is checked by name where it cannot."""
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
+
+    assert FAMILIES["marian"].tokenizer_class == "MarianTokenizer"
+    for model_type, family in FAMILIES.items():
+        assert hasattr(transformers, family.tokenizer_class), model_type
+        if TOKENIZER_MAPPING_NAMES.get(model_type) is not None:
+            assert family.tokenizer_class == TOKENIZER_MAPPING_NAMES[model_type], model_type
+
+
+def test_fields_derived_by_the_family_count_as_carried(saved_sources):
+    """ELECTRA's embedding_size becomes the selfattn embedding_size (None where it equals hidden_size): carried, so
+    not in the report's list of fields left behind."""
+    _, folder = saved_sources("electra", "Model")
+    model, report = convert_checkpoint(folder)
+    assert model.config.embedding_size == 16
+    assert "embedding_size" not in report.config_not_carried
+    assert "'embedding_size'" not in report.summary()
+    _, folder = saved_sources("roberta", "Model")
+    assert "max_position_embeddings" not in convert_checkpoint(folder)[1].config_not_carried
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_export_names_fitting_families_from_config_and_names_only(tmp_path, tiny_config_factory, monkeypatch):
+    """The error naming the --family values that fit tries each family on the tensors' names and shapes alone (meta
+    tensors): only the export asked for reads the stored tensors, and nothing is written."""
+    exports = []
+    export_state_dict = checkpoints.export_state_dict
+
+    def recording(source, config, state_dict, family, progress=False):
+        exports.append((family.name, not all(tensor.is_meta for tensor in state_dict.values())))
+        return export_state_dict(source, config, state_dict, family, progress)
+
+    monkeypatch.setattr(checkpoints, "export_state_dict", recording)
+    SelfAttnForMaskedLM(tiny_config_factory("encoder")).save_pretrained(tmp_path / "mlm")
+    before = tree(tmp_path)
+    with pytest.raises(ConversionError, match="--family distilbert cannot take this model as it is; pass --family bert "
+                       "or --family electra"):
+        export_checkpoint(tmp_path / "mlm", "distilbert")
+    assert [name for name, reads_values in exports if reads_values] == ["distilbert"]
+    assert sorted(name for name, reads_values in exports if not reads_values) == sorted(
+        name for name in ENCODER_FAMILIES if name != "distilbert"
+    )
+    assert tree(tmp_path) == before
+
+    exports.clear()
+    SelfAttnModel(tiny_config_factory("encoder", pre_layer_norm=True)).save_pretrained(tmp_path / "pre_ln")
+    with pytest.raises(ConversionError, match="every --family refuses it:\nbert: .*pre_layer_norm=True"):
+        export_checkpoint(tmp_path / "pre_ln")
+    assert exports and not any(reads_values for _, reads_values in exports)
+
+
 def test_unknown_architecture_names_the_supported_ones(saved_sources, tmp_path):
     config_dict, state_dict = bert_checkpoint(saved_sources)
     save_checkpoint(tmp_path, {**config_dict, "architectures": ["BertLMHeadModel"]}, state_dict)
@@ -592,3 +669,167 @@ def test_export_refuses_a_foreign_folder(saved_sources):
     _, folder = saved_sources("bert", "Model")
     with pytest.raises(ConversionError, match="'bert' checkpoint, not a selfattn one"):
         export_checkpoint(folder)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# from_pretrained's file-selection arguments on a BERT-family folder: the weights transformers' own class reads.
+
+
+class PickledStateDict(dict):
+    """A state dict torch.load reads only with weights_only=False (an arbitrary class, as old checkpoints hold)."""
+
+
+def two_bert_models():
+    """Two BertModels of one tiny config with different weights: which file was read shows in the outputs."""
+    config = source_config("bert")
+    return random_source_model("BertModel", config, seed=0), random_source_model("BertModel", config, seed=1)
+
+
+def assert_loads_as_bert_model(folder, expected, model_class=SelfAttnModel, **kwargs):
+    """transformers' BertModel and `model_class` read `folder` with `kwargs` to the same weights: those of
+    `expected` (a BertModel), with nothing missing or unexpected."""
+    reference = transformers.BertModel.from_pretrained(folder, **kwargs).eval()
+    assert max(max_diffs(expected, reference, "BertModel").values()) <= TOLERANCE  # the file meant
+    model, info = model_class.from_pretrained(folder, output_loading_info=True, **kwargs)
+    assert not any(info[kind] for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    diffs = max_diffs(reference, model.eval(), "BertModel")
+    assert max(diffs.values()) <= TOLERANCE, diffs
+
+
+def test_from_pretrained_reads_a_subfolder(tmp_path):
+    first, second = two_bert_models()
+    second.save_pretrained(tmp_path)  # a checkpoint at the top, which subfolder= must not read
+    first.save_pretrained(tmp_path / "text_encoder")
+    assert_loads_as_bert_model(tmp_path, first, subfolder="text_encoder")
+    assert_loads_as_bert_model(tmp_path, second)
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["one-file", "sharded"])
+def test_from_pretrained_reads_the_variant(sharded, tmp_path):
+    first, second = two_bert_models()
+    shards = {"max_shard_size": "20KB"} if sharded else {}
+    first.save_pretrained(tmp_path, **shards)
+    second.save_pretrained(tmp_path, variant="v2", **shards)
+    index = "model.safetensors.index.v2.json" if sharded else "model.v2.safetensors"
+    assert (tmp_path / index).is_file()
+    assert_loads_as_bert_model(tmp_path, second, variant="v2")
+    assert_loads_as_bert_model(tmp_path, first)
+
+
+def test_from_pretrained_use_safetensors_picks_the_format(tmp_path):
+    first, second = two_bert_models()
+    first.save_pretrained(tmp_path)  # model.safetensors
+    torch.save(second.state_dict(), tmp_path / "pytorch_model.bin")
+    assert_loads_as_bert_model(tmp_path, second, use_safetensors=False)
+    assert_loads_as_bert_model(tmp_path, first, use_safetensors=True)
+    assert_loads_as_bert_model(tmp_path, first)
+
+
+def variant_only(folder, model):
+    model.save_pretrained(folder, variant="fp16")
+
+
+def pytorch_only(folder, model):
+    model.save_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+
+
+# (how the folder is saved, from_pretrained's arguments, what the error must say)
+UNREADABLE_CHOICES = {
+    "use_safetensors=True, PyTorch weights only": (pytorch_only, {"use_safetensors": True}, "use_safetensors=None"),
+    "use_safetensors=False, safetensors only": (
+        lambda folder, model: model.save_pretrained(folder), {"use_safetensors": False}, "use_safetensors=None"
+    ),
+    "variant absent": (lambda folder, model: model.save_pretrained(folder), {"variant": "fp16"}, "variant=None"),
+    "variant weights only": (variant_only, {}, "variant='fp16'"),
+}
+
+
+@pytest.mark.parametrize("case", UNREADABLE_CHOICES, ids=list(UNREADABLE_CHOICES))
+def test_weights_transformers_would_not_read_are_refused_with_the_fix(case, tmp_path):
+    """Where transformers' class finds no weight file for the arguments, neither does selfattn's, and the error
+    says which other choice finds one, rather than read a file the arguments rule out."""
+    save, kwargs, advice = UNREADABLE_CHOICES[case]
+    save(tmp_path, two_bert_models()[0])
+    with pytest.raises(OSError):
+        transformers.BertModel.from_pretrained(tmp_path, **kwargs)
+    with pytest.raises(ConversionError, match="No weights in") as error:
+        SelfAttnModel.from_pretrained(tmp_path, **kwargs)
+    assert advice in str(error.value), error.value
+
+
+def test_from_pretrained_weights_only_false_reads_a_pickled_checkpoint(tmp_path):
+    """weights_only as from_pretrained documents it: False lets torch.load unpickle what it holds. (transformers
+    5.24's own classes pass it only to their dtype probe and read the weights with weights_only=True whatever
+    it says, so BertModel is no reference here: the saved model is.)"""
+    first, _ = two_bert_models()
+    pytorch_only(tmp_path, first)
+    torch.save(PickledStateDict(first.state_dict()), tmp_path / "pytorch_model.bin")
+    with pytest.raises(ConversionError, match="weights_only=True"):
+        SelfAttnModel.from_pretrained(tmp_path)
+    model, info = SelfAttnModel.from_pretrained(tmp_path, weights_only=False, output_loading_info=True)
+    assert not any(info[kind] for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    assert max(max_diffs(first, model.eval(), "BertModel").values()) <= TOLERANCE
+
+
+def test_from_pretrained_key_mapping_renames_the_checkpoints_names(tmp_path):
+    first, _ = two_bert_models()
+    first.save_pretrained(tmp_path)
+    renamed = {name.replace("encoder.layer.", "blocks."): tensor for name, tensor in first.state_dict().items()}
+    save_file({name: tensor.contiguous() for name, tensor in renamed.items()}, tmp_path / "model.safetensors")
+    assert_loads_as_bert_model(tmp_path, first, key_mapping={r"^blocks\.": "encoder.layer."})
+    with pytest.raises(ConversionError, match="key_mapping="):
+        SelfAttnModel.from_pretrained(tmp_path, key_mapping=[("blocks", "encoder.layer")])
+
+
+def test_from_pretrained_reads_the_weights_config_json_names(tmp_path):
+    first, second = two_bert_models()
+    first.save_pretrained(tmp_path)
+    tuned = {name: tensor.contiguous() for name, tensor in second.state_dict().items()}
+    save_file(tuned, tmp_path / "tuned.safetensors")
+    config_path = tmp_path / "config.json"
+    config_dict = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config_dict, "transformers_weights": "tuned.safetensors"}))
+    assert_loads_as_bert_model(tmp_path, second)
+
+
+@pytest.mark.parametrize("kwargs", [{"gguf_file": "model.gguf"}, {"from_tf": True}, {"from_flax": True}], ids=str)
+def test_formats_not_converted_from_are_refused(kwargs, saved_sources):
+    _, folder = saved_sources("bert", "Model")
+    (name, value), = kwargs.items()
+    with pytest.raises(ConversionError, match=f"{name}={value!r}.*Leave out {name}"):
+        SelfAttnModel.from_pretrained(folder, **kwargs)
+
+
+def test_hub_checkpoint_in_a_subfolder(tmp_path, monkeypatch):
+    """A Hub id with subfolder=: config.json and the weights are fetched from the subfolder, and only from it."""
+    import huggingface_hub
+    import transformers.utils
+
+    first, second = two_bert_models()
+    repository = tmp_path / "snapshot"
+    second.save_pretrained(repository)
+    first.save_pretrained(repository / "text_encoder")
+    requested = []
+
+    def cached_file(repo_id, filename, subfolder="", **kwargs):
+        assert repo_id == "org/model"
+        path = repository / subfolder / filename
+        return str(path) if path.is_file() else None
+
+    def snapshot_download(repo_id, allow_patterns, **kwargs):
+        assert repo_id == "org/model"
+        requested.extend(allow_patterns)
+        return str(repository)
+
+    monkeypatch.setattr(transformers.utils, "cached_file", cached_file)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    model = SelfAttnModel.from_pretrained("org/model", subfolder="text_encoder")
+    assert requested and all(pattern.startswith("text_encoder/") for pattern in requested), requested
+    assert max(max_diffs(first, model.eval(), "BertModel").values()) <= TOLERANCE
+    torch.save(second.state_dict(), repository / "text_encoder" / "pytorch_model.bin")
+    requested.clear()
+    model = SelfAttnModel.from_pretrained("org/model", subfolder="text_encoder", use_safetensors=False)
+    assert "text_encoder/*.bin" in requested and "text_encoder/*.safetensors" not in requested, requested
+    assert max(max_diffs(second, model.eval(), "BertModel").values()) <= TOLERANCE

@@ -670,3 +670,33 @@ def test_overwrite_refuses_a_folder_that_holds_no_model(bert_folder, tmp_path, c
     assert load_script("convert_bert").main([str(bert_folder), str(project), "--overwrite"]) == 2
     assert "not a model folder" in capsys.readouterr().err
     assert tree_hashes(project) == before
+
+
+def test_distilbert_model_without_a_classifier_dropout_exports(tmp_path, capsys):
+    """selfattn's classifier_dropout=None means hidden_dropout_prob; DistilBertConfig's seq_classif_dropout takes a
+    number only, so export writes that one: the exported model gives the selfattn model's logits and, training, drops
+    out as much before its classifier."""
+    source, selfattn, exported = tmp_path / "distilbert", tmp_path / "selfattn", tmp_path / "exported"
+    config = transformers.DistilBertConfig(
+        vocab_size=40, dim=32, n_layers=2, n_heads=4, hidden_dim=37, max_position_embeddings=32, num_labels=3,
+    )
+    torch.manual_seed(0)
+    transformers.DistilBertForSequenceClassification(config).save_pretrained(source)
+    model, _ = convert_checkpoint(source)
+    model.config.classifier_dropout, model.config.hidden_dropout_prob = None, 0.15
+    model.save_pretrained(selfattn)
+    model = SelfAttnForSequenceClassification.from_pretrained(selfattn).eval()
+    assert model.config.classifier_dropout is None
+
+    assert load_script("export_bert").main([str(selfattn), str(exported), "--verify", "--tolerance", "1e-5"]) == 0
+    assert "max abs diff logits" in capsys.readouterr().out
+    assert json.loads((exported / "config.json").read_text())["seq_classif_dropout"] == 0.15
+    reference = transformers.DistilBertForSequenceClassification.from_pretrained(exported).eval()
+    assert reference.dropout.p == model.dropout.p == 0.15
+    generator = torch.Generator().manual_seed(1)
+    attention_mask = (torch.arange(9) < torch.tensor([[9], [5], [7]])).long()
+    input_ids = torch.randint(1, 40, (3, 9), generator=generator).masked_fill(attention_mask == 0, 0)
+    with torch.no_grad():
+        expected = reference(input_ids=input_ids, attention_mask=attention_mask).logits
+        actual = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    assert (expected - actual).abs().max().item() <= 1e-5

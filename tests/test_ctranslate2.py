@@ -9,7 +9,9 @@ so the models here put <pad> last, start decoding from it (decoder_start_token_i
 of the token table at zero; README.md, "CTranslate2", says why."""
 
 import importlib
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -204,6 +206,40 @@ def test_translate_with_ctranslate2_stops_where_generate_stops_by_default(tmp_pa
     assert report["max_new_tokens"] == generated.shape[1] - 1
     assert report["identical"] == len(SENTENCES)
     assert f"translating up to {report['max_new_tokens']} tokens, as generate() does" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [(["--max_new_tokens", "0"], "--max_new_tokens must be at least 1, got 0."),
+     (["--batch_size", "0"], "--batch_size must be at least 1, got 0.")],
+    ids=["max_new_tokens", "batch_size"],
+)  # fmt: skip
+def test_translate_with_ctranslate2_checks_its_arguments_before_needing_ctranslate2(
+    tmp_path, monkeypatch, capsys, options, message
+):
+    """generate() refuses max_new_tokens=0 (transformers: it must be greater than 0), and so does the script, naming
+    the option, as the other examples refuse numbers out of range; where CTranslate2 is not installed, a bad argument
+    is still named first, and only a run that would go ahead says that CTranslate2 is needed."""
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    monkeypatch.syspath_prepend(str(examples))
+    monkeypatch.setitem(sys.modules, "ctranslate2", None)  # `import ctranslate2` raises ImportError
+    # A copy of its own, so that the script other tests import keeps CTranslate2.
+    path = examples / "translate_with_ctranslate2.py"
+    spec = importlib.util.spec_from_file_location("translate_without_ctranslate2", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"translation": {"en": "a", "de": "b"}}) + "\n")
+    arguments = ["--model", str(tmp_path / "model"), "--output_dir", str(tmp_path / "ct2"), "--data", str(data),
+                 "--source_lang", "en", "--target_lang", "de"]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        script.main([*arguments, *options])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="This script needs CTranslate2: pip install"):
+        script.main(arguments)
+    assert not (tmp_path / "ct2").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -223,6 +223,47 @@ def test_a_decoder_whose_first_layer_lost_all_heads_decodes_the_same_with_a_cach
                 assert_close(score, expected, f"{cache_settings}, scores of step {step}")
 
 
+@pytest.mark.parametrize("num_beams", [1, 2])
+@pytest.mark.parametrize("model_class, shape, plan", HEADLESS_LAYER_0, ids=["encoder_decoder", "decoder"])
+def test_the_cache_of_a_decoder_whose_first_layer_lost_all_heads_continues_decoding(
+    model_class, shape, plan, num_beams
+):
+    """transformers' generate() reads the positions cached in layer 0, and beam search expands the batch by that
+    layer's length: the cache that generate() and the model's forward return must count them there too, or a
+    generation continued on it re-feeds (and misnumbers) the positions cached. Continuing on either gives the tokens
+    of, and scores within TOLERANCE of, a generation from scratch on the whole sequence."""
+    model = build(model_class, shape, type_vocab_size=0, initializer_range=0.2)
+    model.prune_heads(plan)
+    batch = padded_batch((7, 5))
+    is_encoder_decoder = model.config.is_encoder_decoder
+    prompt = batch if is_encoder_decoder else {"input_ids": batch["input_ids"][:1]}
+    settings = dict(
+        max_new_tokens=4, min_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True
+    )
+    with torch.no_grad():
+        first = model.generate(**prompt, **settings)
+        sequence = first.sequences
+
+        def decoded(ids: torch.Tensor) -> dict:
+            if not is_encoder_decoder:
+                return {"input_ids": ids}
+            # The decoder's mask tells generate() that the decoder inputs include the positions cached.
+            return {**prompt, "decoder_input_ids": ids, "decoder_attention_mask": torch.ones_like(ids)}
+
+        # A caller's own prefill: a forward over all but the last token, whose cache generate() continues.
+        prefilled = model(**decoded(sequence[:, :-1]), use_cache=True).cache
+        expected = model.generate(**decoded(sequence), **settings, num_beams=num_beams)
+        for source, cache in {"generate": first.cache, "forward": prefilled}.items():
+            assert cache.get_seq_length() == sequence.shape[1] - 1, source
+            cache.batch_repeat_interleave(num_beams)  # generate() takes a caller's cache expanded to the beams
+            actual = model.generate(**decoded(sequence), **settings, num_beams=num_beams, cache=cache)
+            assert torch.equal(actual.sequences, expected.sequences), source
+            for step, (score, expected_score) in enumerate(zip(actual.scores, expected.scores, strict=True)):
+                torch.testing.assert_close(
+                    score, expected_score, rtol=0, atol=TOLERANCE, msg=lambda m: f"{source}, step {step}: {m}"
+                )
+
+
 @pytest.mark.parametrize(
     "model_class, shape",
     [(SelfAttnForConditionalGeneration, "encoder_decoder"), (SelfAttnForCausalLM, "decoder")],

@@ -306,6 +306,27 @@ def test_wrong_shape_token_type_ids_are_refused():
         tiny(SelfAttnModel, "encoder")(random_ids(2, 5), token_type_ids=torch.zeros(2, 4, dtype=torch.long))
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["full", "unpadded"])
+def test_token_type_ids_of_a_model_without_a_token_type_table_are_checked(padded):
+    # type_vocab_size=0 (DistilBERT conversions, the paper presets): every token is segment 0. Zeros are that one
+    # segment; other ids or another shape are refused, as a model with a table refuses them, not dropped.
+    model = tiny(SelfAttnModel, "encoder", type_vocab_size=0)
+    ids = random_ids(2, 8)
+    mask = torch.ones(2, 8, dtype=torch.long)
+    if padded:
+        mask[1, 2:] = 0
+    expected = model(ids, attention_mask=mask).last_hidden_state
+    zeros = model(ids, attention_mask=mask, token_type_ids=torch.zeros(2, 8, dtype=torch.long)).last_hidden_state
+    torch.testing.assert_close(zeros, expected, rtol=0, atol=0)
+    second_segment = torch.zeros(2, 8, dtype=torch.long)
+    second_segment[:, 4:] = 1
+    with pytest.raises(ValueError, match=r"token_type_ids contains ids outside the single segment \[0, 0\] \(min 0, "
+                                         r"max 1\)\. This model has no token-type embeddings \(config\.type_vocab_size=0\)"):
+        model(ids, attention_mask=mask, token_type_ids=second_segment)
+    with pytest.raises(ValueError, match=r"token_type_ids has shape \(7, 3\)"):
+        model(ids, attention_mask=mask, token_type_ids=torch.zeros(7, 3, dtype=torch.long))
+
+
 @pytest.mark.parametrize("mask_shape", [(5,), (2, 5, 5)])
 def test_attention_mask_of_the_wrong_rank_is_refused(mask_shape):
     with pytest.raises(ValueError, match=r"attention_mask has shape .* \(batch_size, key_length\)"):

@@ -4,7 +4,9 @@ the unpadded path too) within 1e-4; the padding rule kept in the graph; ONNX Run
 graph; greedy decoding through the encoder-decoder's and the causal LM's graphs token-identical to generate(); and
 the refusals of the command. Skipped without onnx and onnxruntime (`pip install 'selfattn[onnx]'`)."""
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -298,6 +300,60 @@ def test_api_replaces_files_only_when_told_and_only_after_the_check(tmp_path, mo
     (folder / "model.onnx").mkdir()
     with pytest.raises(FileExistsError, match="model.onnx, not as plain files"):
         onnx_export.export_onnx(model, folder, overwrite=True)
+
+
+def test_failure_while_moving_in_leaves_the_previous_export_whole(tmp_path, monkeypatch):
+    """overwrite=True over an earlier export: a move that fails after another has succeeded (disk full, permissions)
+    puts everything back, so the folder holds the earlier export whole, not the new model.onnx beside the old
+    model_optimized.onnx."""
+    model = onnx_export.load_for_export(saved_model("SelfAttnForSequenceClassification", "encoder", tmp_path / "model"))
+    folder = tmp_path / "onnx"
+    folder.mkdir()
+    previous = {
+        "model.onnx": b"the earlier graph", "model_optimized.onnx": b"its optimized graph", "notes.txt": b"mine"
+    }
+    for name, content in previous.items():
+        (folder / name).write_bytes(content)
+
+    replace = os.replace
+
+    def full_disk_on_the_second_file(source, destination):
+        moving_in = Path(source).parent.name.startswith(".onnx.partial")
+        if moving_in and Path(destination) == folder / "model_optimized.onnx":
+            raise OSError(errno.ENOSPC, "No space left on device", str(destination))
+        replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", full_disk_on_the_second_file)
+    with pytest.raises(OSError, match="No space left on device"):
+        onnx_export.export_onnx(model, folder, optimize=True, overwrite=True)
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == previous  # and no hidden folder left
+
+    monkeypatch.setattr(os, "replace", replace)
+    onnx_export.export_onnx(model, folder, optimize=True, overwrite=True)
+    assert sorted(path.name for path in folder.iterdir()) == sorted(previous)
+    assert (folder / "notes.txt").read_bytes() == b"mine"
+    assert [entry.name for entry in session(folder / "model_optimized.onnx").get_outputs()] == ["logits"]
+
+
+def test_failure_to_put_the_previous_export_back_says_where_it_is(tmp_path, monkeypatch):
+    folder, staging = tmp_path / "onnx", tmp_path / "onnx" / ".staging"
+    staging.mkdir(parents=True)
+    for name in ("a.onnx", "b.onnx"):
+        (folder / name).write_text(f"old {name}")
+        (staging / name).write_text(f"new {name}")
+    replace, calls = os.replace, []
+
+    def failing(source, destination):
+        calls.append(Path(destination))
+        if len(calls) == 4 or len(calls) > 5:  # b.onnx moving in, and the old a.onnx moving back
+            raise OSError(errno.EIO, "Input/output error")
+        replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match=r"the previous files are in .*\.onnx\.old-.*: move them back .* by hand"):
+        onnx_export.swap_in(staging, folder, ["a.onnx", "b.onnx"])
+    aside = next(folder.glob(".onnx.old-*"))
+    assert sorted(path.read_text() for path in aside.iterdir()) == ["old a.onnx", "old b.onnx"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

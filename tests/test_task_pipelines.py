@@ -135,9 +135,11 @@ LONG_QUESTION = "where is paris " * 5
      ({"max_seq_len": 24, "doc_stride": 8}, r"leaves 6 context tokens in a window of 24 \(max_seq_len=24\), no more "
                                             r"than the 8 tokens that windows overlap by \(doc_stride=8\)\. Give a "
                                             r"doc_stride below 6, or a shorter question, or a larger max_seq_len\.$"),
-     ({"max_seq_len": 24, "doc_stride": 100}, r"no more than the 12 tokens that windows overlap by \(doc_stride=100, "
-                                              r"capped at max_seq_len // 2\)")],
-    ids=["question_longer_than_the_window", "no_room_beyond_the_stride", "no_room_beyond_the_capped_stride"],
+     ({"max_seq_len": 24}, r"no more than the 12 tokens that windows overlap by \(the default doc_stride, "
+                           r"min\(max_seq_len // 2, 128\)\)"),
+     ({"max_seq_len": 24, "doc_stride": 100}, r"no more than the 100 tokens that windows overlap by \(doc_stride=100\)")],
+    ids=["question_longer_than_the_window", "no_room_beyond_the_stride", "no_room_beyond_the_default_stride",
+         "no_room_beyond_a_stride_over_the_window"],
 )
 def test_question_answering_with_a_question_too_long_for_the_window_says_so(qa_model, tokenizer, options, message):
     reader = pipeline("extractive-question-answering", model=qa_model, tokenizer=tokenizer)
@@ -171,8 +173,21 @@ def test_question_answering_refuses_a_bad_value(qa_model, tokenizer, name, value
         reader(question="where is paris", context="paris lies on the river seine", **{name: value})
 
 
+@pytest.mark.parametrize("doc_stride", [4, 12, 16])
+def test_question_answering_uses_a_given_doc_stride_as_it_is(qa_model, tokenizer, doc_stride):
+    # A given overlap is the tokenizer's stride, also above max_seq_len // 2 (transformers' own pipeline capped only
+    # its default): the windows are those the tokenizer makes with it.
+    reader = pipeline("extractive-question-answering", model=qa_model, tokenizer=tokenizer)
+    context = " ".join(["the old bridge of paris lies on the river seine"] * 6)
+    question = "where is paris"
+    windows = list(reader.preprocess({"question": question, "context": context}, max_seq_len=24, doc_stride=doc_stride))
+    expected = tokenizer(question, context, truncation="only_second", max_length=24, stride=doc_stride,
+                         return_overflowing_tokens=True)["input_ids"]
+    assert [window["input_ids"][0].tolist() for window in windows] == expected
+
+
 def test_question_answering_takes_a_doc_stride_of_zero(qa_model, tokenizer):
-    # The question leaves 6 context tokens per window: room for a stride of 0, not for the default (capped at 12).
+    # The question leaves 6 context tokens per window: room for a stride of 0, not for the default (max_seq_len // 2 = 12).
     reader = pipeline("extractive-question-answering", model=qa_model, tokenizer=tokenizer)
     context = " ".join(["the old bridge of paris lies on the river seine"] * 6)
     answer = reader(question=LONG_QUESTION, context=context, max_seq_len=24, doc_stride=0, max_answer_len=4)
