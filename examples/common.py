@@ -7,17 +7,22 @@ and cached for the others, and only the main process writes the model.
 """
 
 import logging
+import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import datasets
 import transformers
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
 from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
 
 import modeling_selfattn  # also registers model_type "selfattn" with the Auto classes
+from modeling_selfattn.output_folder import Output, remove, swap_in, unique_sibling, writable
 
 logger = logging.getLogger("examples")
 
@@ -29,6 +34,17 @@ FILE_FORMATS = {
     ".jsonl": ("json", {}),
 }
 LORA_ADAPTER_FOLDER = "lora_adapter"
+# What a run leaves in --output_dir (run_seq2seq.py --train_tokenizer adds tokenizer/): a folder holding one of these
+# is the output of an earlier run, which --overwrite_output_dir may replace.
+RUN_OUTPUTS = (
+    "config.json",
+    "trainer_state.json",
+    "train_results.json",
+    "eval_results.json",
+    "all_results.json",
+    LORA_ADAPTER_FOLDER,
+    "tokenizer",
+)
 
 
 @dataclass
@@ -154,6 +170,19 @@ class DataArguments:
             )
 
 
+@dataclass
+class OutputArguments:
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace an existing, non-empty --output_dir holding an earlier run's output: this run is written "
+            "in a hidden folder beside it, which replaces it only once the run has finished (a failed run leaves it "
+            "as it was). Without this flag such a folder is refused, unless --resume_from_checkpoint continues the run "
+            "saved in it."
+        },
+    )
+
+
 def changed_options(arguments, names: list[str]) -> list[str]:
     """The flags among `names` set away from their dataclass defaults: options that only matter with another one."""
     defaults = {option.name: option.default for option in fields(arguments)}
@@ -170,22 +199,27 @@ def require_at_least(arguments, minimum: int, *names: str) -> None:
 
 
 def parse_arguments(dataclass_types: tuple, argv: list[str] | None = None) -> tuple:
-    """Command-line options of the given dataclasses, or a single JSON file holding them."""
+    """Command-line options of the given dataclasses (ModelArguments, DataArguments, the task's, TrainingArguments,
+    OutputArguments), or a single JSON file holding them, checked together before any work starts."""
     parser = HfArgumentParser(dataclass_types)
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith(".json"):
         parsed = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
     else:
         parsed = parser.parse_args_into_dataclasses(args=argv)
-    for arguments in parsed:
-        if isinstance(arguments, TrainingArguments):
-            check_what_to_do(arguments)
+    model_args, data_args, training_args, output_args = (
+        next(arguments for arguments in parsed if isinstance(arguments, kind))
+        for kind in (ModelArguments, DataArguments, TrainingArguments, OutputArguments)
+    )
+    check_what_to_do(training_args)
+    check_output_dir(training_args, output_args, model_args, data_args)
     return parsed
 
 
 def check_what_to_do(training_args: TrainingArguments) -> None:
     """TrainingArguments accepts --do_predict, but the scripts read no test split: a run that asked for
-    predictions would end without them."""
+    predictions would end without them. Trainer reads --resume_from_checkpoint only when it trains, and only once
+    the data and the model are ready."""
     if training_args.do_predict:
         raise ValueError(
             "--do_predict is not supported: these scripts train (--do_train) and evaluate on the validation split "
@@ -194,6 +228,126 @@ def check_what_to_do(training_args: TrainingArguments) -> None:
         )
     if not (training_args.do_train or training_args.do_eval):
         raise ValueError("Nothing to do: give --do_train (train and save the model), --do_eval, or both.")
+    resume = training_args.resume_from_checkpoint
+    if resume is not None and not training_args.do_train:
+        raise ValueError(
+            "--resume_from_checkpoint continues a training run, but there is no --do_train: add --do_train, or drop "
+            "--resume_from_checkpoint (to evaluate a checkpoint, give it as --model_name_or_path)."
+        )
+    if resume is not None and not Path(resume).is_dir():
+        raise ValueError(
+            f"--resume_from_checkpoint {resume} is not a folder: give the checkpoint-N folder of the run to continue."
+        )
+
+
+def check_output_dir(
+    training_args: TrainingArguments, output_args: OutputArguments, model_args: ModelArguments, data_args: DataArguments
+) -> None:
+    """Refuses an --output_dir whose use would lose something. The run writes its model, tokenizer and results
+    there, and Trainer's --save_total_limit deletes the checkpoint-N folders it finds there, an earlier run's
+    included; so the run's inputs must lie outside it (and it outside them), and an existing, non-empty folder is
+    used only to continue the run saved in it (--resume_from_checkpoint inside it) or to replace it as a whole
+    (--overwrite_output_dir, then only an earlier run's output folder, not any folder that holds files)."""
+    given = training_args.output_dir
+    path = Path(given).resolve()
+    inputs = {
+        "--model_name_or_path": model_args.model_name_or_path,
+        "--config_name": model_args.config_name,
+        "--tokenizer_name": model_args.tokenizer_name,
+        "--dataset_name": data_args.dataset_name,  # a local dataset folder; a Hub id does not exist here
+        "--train_file": data_args.train_file,
+        "--validation_file": data_args.validation_file,
+    }
+    for option, source in inputs.items():
+        if source is None or not Path(source).exists():
+            continue
+        source_path = Path(source).resolve()
+        if path == source_path:
+            raise ValueError(
+                f"--output_dir {given} is {option} {source}: the run would write over what it reads. Give another "
+                "--output_dir."
+            )
+        if path in source_path.parents:
+            raise ValueError(
+                f"--output_dir {given} contains {option} {source}: the run writes its files among it, and "
+                "--overwrite_output_dir would delete it with the folder. Give an --output_dir outside it, e.g. a new "
+                "folder beside it."
+            )
+        if source_path in path.parents:
+            raise ValueError(
+                f"--output_dir {given} lies inside {option} {source}: the run would add its files to that folder. "
+                "Give an --output_dir outside it, e.g. a new folder beside it."
+            )
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--output_dir {given} is a file, not a folder: give the path of a new folder.")
+    if not path.is_dir():
+        existing = next(folder for folder in path.parents if folder.exists())
+        if not existing.is_dir() or not writable(existing):
+            raise ValueError(
+                f"--output_dir {given} cannot be created: {existing} is not a writable folder. Give another "
+                "--output_dir, or change its permissions."
+            )
+        return
+    if not any(path.iterdir()):
+        if not writable(path):
+            raise ValueError(f"--output_dir {given} is not writable: change its permissions or give another one.")
+        return
+    resume = training_args.resume_from_checkpoint
+    if not output_args.overwrite_output_dir:
+        if resume is not None and path in Path(resume).resolve().parents:
+            return  # continuing the run saved there, in its own folder
+        raise ValueError(
+            f"--output_dir {given} exists and is not empty: the run would write its model and results over what is "
+            "there, and with --save_total_limit Trainer deletes the checkpoint-N folders it finds there, an earlier "
+            "run's included. Give a new --output_dir; or add --overwrite_output_dir to "
+            "replace it (the new run is written beside it and replaces it only once it has finished); or, to continue "
+            f"the run saved there, --resume_from_checkpoint {Path(given) / 'checkpoint-N'}."
+        )
+    if not any((path / name).exists() for name in RUN_OUTPUTS) and not any(path.glob("checkpoint-*")):
+        raise ValueError(
+            f"--output_dir {given} holds files but none of a training run's output ({', '.join(RUN_OUTPUTS)}, "
+            "checkpoint-N): --overwrite_output_dir replaces an earlier run's output folder as a whole, and would "
+            "delete these files. Give a new --output_dir."
+        )
+    for folder in (path.parent, path):
+        if not writable(folder):
+            raise ValueError(
+                f"--overwrite_output_dir cannot replace --output_dir {given}: {folder} is not writable. Change its "
+                "permissions or give a new --output_dir."
+            )
+
+
+@contextmanager
+def output_dir_replaced_at_the_end(training_args: TrainingArguments, output_args: OutputArguments) -> Iterator[None]:
+    """The run inside this context writes to --output_dir; with --overwrite_output_dir and an --output_dir that
+    holds an earlier run (check_output_dir has allowed it), to a hidden sibling that replaces --output_dir only once
+    the run has finished, so that a run that fails or is stopped leaves the earlier one as it was. The sibling is on
+    the same filesystem, so the swap is two renames (modeling_selfattn.output_folder, as selfattn-convert does). All
+    processes write to the main process's sibling; the processes that save make and swap it."""
+    final = Path(training_args.output_dir)
+    if not (output_args.overwrite_output_dir and final.is_dir() and any(final.iterdir())):
+        yield
+        return
+    target = Output(final, final.resolve())
+    name = [unique_sibling(target.path, "partial").name if training_args.process_index == 0 else None]
+    staging = target.path.with_name(broadcast_object_list(name)[0])
+    if training_args.should_save:
+        staging.mkdir(exist_ok=True)
+    logger.info("--overwrite_output_dir: the run is written in %s, which replaces %s when it ends.", staging, final)
+    training_args.output_dir = str(staging)
+    try:
+        yield
+    except BaseException:
+        if training_args.should_save:
+            remove(staging)
+            logger.error("The run failed: --output_dir %s is as it was; its partial output is deleted.", final)
+        raise
+    finally:
+        training_args.output_dir = str(final)
+    PartialState().wait_for_everyone()  # the others may still be writing into the sibling
+    if training_args.should_save:
+        swap_in(target, staging)
+        logger.info("--output_dir %s now holds this run (--overwrite_output_dir).", final)
 
 
 def set_up(training_args: TrainingArguments) -> None:
@@ -300,39 +454,115 @@ def pick_column(dataset: datasets.Dataset, given: str | None, candidates: tuple[
 
 
 class LabelEncoder:
-    """Label ids of a label column. A ClassLabel's values already are ids (in the order of its names). Other
-    values (names or numbers) keep the ids of the pretrained model's label2id when it names them all (so a
-    fine-tuned model is evaluated with its own ids), and are otherwise numbered in sorted order of their text."""
+    """The labels of a label column as the model is trained on them, and the config fields that say so.
 
-    def __init__(self, feature, values, model_args: ModelArguments):
-        self.is_class_label = hasattr(feature, "names")
-        if self.is_class_label:
-            self.names = list(feature.names)
+    Labels of a float type are scores (transformers' run_glue decides the same way): a sequence head regresses them
+    (num_labels 1, problem_type "regression"); a token head refuses them. Other labels are classes, numbered as a
+    ClassLabel orders its names, integer ids in numeric order (labels 0..n-1 are classes 0..n-1, as run_glue sorts
+    them), and names in sorted order. A pretrained model that names its classes (other than transformers' LABEL_0,
+    LABEL_1, ...) keeps its names and ids where they include all the data's labels, so that a fine-tuned model goes
+    on with its own ids (a name wins over the id its digits spell); otherwise a warning says the data's labels
+    replace them. `values` are the labels of every split, so that each has an id before any is encoded."""
+
+    def __init__(self, feature, values: list, model_args: ModelArguments, option: str, sequence_head: bool):
+        empty = sum(value is None or (isinstance(value, float) and math.isnan(value)) for value in values)
+        if empty:
+            raise ValueError(
+                f"{empty} of the {len(values)} labels of {option} are empty: give every example a label, or leave out "
+                "the examples without one."
+            )
+        # A pretrained regression model's problem_type must not survive classification (nor the other way round);
+        # token classifiers have no problem_type.
+        self.sequence_head = sequence_head
+        self.class_label_names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+        kind = label_type(feature, values)
+        self.is_regression = kind == "float"
+        model_names = pretrained_label_names(model_args)
+        if self.is_regression:
+            if not sequence_head:
+                raise ValueError(
+                    f"{option} holds fractional numbers (e.g. {values[0]}), but token classification needs a class "
+                    "per token: tag names or integer ids."
+                )
+            if model_names:
+                logger.warning(
+                    "The pretrained model %s names its classes %s, but %s holds scores (fractional numbers): the "
+                    "fine-tuned model regresses them with a single output instead (num_labels 1, problem_type "
+                    "regression).",
+                    model_args.model_name_or_path, list(model_names), option,
+                )  # fmt: skip
+            self.names = []
+            return
+        if self.class_label_names is not None:
+            found = self.class_label_names
+        elif kind == "int":
+            found = [str(value) for value in sorted(set(values))]
         else:
-            found = {str(value) for value in values}
-            pretrained = pretrained_label2id(model_args)
-            if found <= set(pretrained):
-                self.names = sorted(pretrained, key=pretrained.get)
-            else:
-                self.names = sorted(found)
+            found = sorted({str(value) for value in values})
+        if model_names and set(found) <= set(model_names):
+            self.names = sorted(model_names, key=model_names.get)
+        else:
+            if model_names:
+                logger.warning(
+                    "The pretrained model %s names its classes %s, but %s holds labels it does not name (%s): the "
+                    "fine-tuned model takes the data's labels %s as its classes instead (class i is the data's i-th "
+                    "label, whatever the model's class i meant). To keep the model's classes, write the labels as "
+                    "the model names them.",
+                    model_args.model_name_or_path, list(model_names), option,
+                    sorted(set(found) - set(model_names))[:10], found[:20],
+                )  # fmt: skip
+            self.names = found
         self.ids = {name: index for index, name in enumerate(self.names)}
 
-    def encode(self, values: list) -> list[int]:
-        if self.is_class_label:
-            return list(values)
-        unknown = {str(value) for value in values} - set(self.ids)
+    def encode(self, values: list) -> list:
+        if self.is_regression:
+            return [float(value) for value in values]
+        if self.class_label_names is not None:
+            names = [self.class_label_names[value] for value in values]
+        else:
+            names = [str(value) for value in values]
+        unknown = set(names) - set(self.ids)
         if unknown:
             raise ValueError(f"Labels {sorted(unknown)} do not occur in the training data (its labels: {self.names}).")
-        return [self.ids[str(value)] for value in values]
+        return [self.ids[name] for name in names]
 
     def config_fields(self) -> dict:
-        return {"num_labels": len(self.names), "id2label": dict(enumerate(self.names)), "label2id": dict(self.ids)}
+        if self.is_regression:
+            # transformers' placeholder name for the one output, given so that no named class outlives the head
+            return {"num_labels": 1, "id2label": {0: "LABEL_0"}, "label2id": {"LABEL_0": 0},
+                    "problem_type": "regression"}  # fmt: skip
+        labels = {"num_labels": len(self.names), "id2label": dict(enumerate(self.names)), "label2id": dict(self.ids)}
+        if self.sequence_head:
+            labels["problem_type"] = "single_label_classification"
+        return labels
 
 
-def pretrained_label2id(model_args: ModelArguments) -> dict[str, int]:
+def label_type(feature, values: list) -> str:
+    """"float" (scores), "int" (class ids) or "name", by the column's type where it has one (JSON and CSV columns
+    do), else by the values."""
+    dtype = feature.dtype if isinstance(feature, datasets.Value) else None
+    if dtype is None and not isinstance(feature, datasets.ClassLabel):
+        if all(isinstance(value, int) and not isinstance(value, bool) for value in values):
+            dtype = "int64"
+        elif all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in values):
+            dtype = "float64"
+    if dtype is not None and dtype.startswith("float"):
+        return "float"
+    if dtype is not None and dtype.startswith(("int", "uint")):
+        return "int"
+    return "name"
+
+
+def pretrained_label_names(model_args: ModelArguments) -> dict[str, int]:
+    """The pretrained model's label2id where it names its classes; {} for a new model, and for transformers'
+    placeholder names LABEL_0, LABEL_1, ... (a model never trained on named labels)."""
     if model_args.model_name_or_path is None:
         return {}
-    return dict(AutoConfig.from_pretrained(model_args.model_name_or_path).label2id or {})
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path)
+    label2id = {str(name): int(index) for name, index in (config.label2id or {}).items()}
+    if label2id == {f"LABEL_{index}": index for index in range(len(label2id))}:
+        return {}
+    return label2id
 
 
 def tokenize_splits(

@@ -17,6 +17,7 @@ layout, with its header). Writes results.json and head_importance.png to --outpu
 import argparse
 import copy
 import json
+import math
 import random
 import statistics
 import sys
@@ -29,6 +30,9 @@ from transformers import AutoTokenizer
 from modeling_selfattn import SelfAttnForSequenceClassification
 from modeling_selfattn.head_importance import head_importance, least_important_heads
 from modeling_selfattn.visualize import plot_head_importance, read_labelled_texts
+
+
+FINE_TUNE_LEARNING_RATE = 2e-5
 
 
 def parse_arguments(argv=None) -> argparse.Namespace:
@@ -49,7 +53,11 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--fine_tune_steps", type=int, default=0, help="after pruning, train this many steps (0: no retraining)"
     )
-    parser.add_argument("--fine_tune_learning_rate", type=float, default=2e-5)
+    parser.add_argument(
+        "--fine_tune_learning_rate",
+        type=float,
+        help=f"learning rate of --fine_tune_steps (default {FINE_TUNE_LEARNING_RATE:g}; only with --fine_tune_steps)",
+    )
     args = parser.parse_args(argv)
     try:
         args.fractions = [float(value) for value in args.fractions.split(",")]
@@ -61,6 +69,22 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     for name in ("importance_samples", "importance_batch_size", "batch_size", "max_seq_length", "speed_runs"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    # A negative count would slice the file from its end, or train no steps while results.json records them.
+    for name in ("skip_train_rows", "fine_tune_steps"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be at least 0, got {getattr(args, name)}")
+    if args.fine_tune_learning_rate is None:
+        args.fine_tune_learning_rate = FINE_TUNE_LEARNING_RATE
+    elif not args.fine_tune_steps:
+        parser.error(
+            "--fine_tune_learning_rate applies only to the fine-tune after pruning, which --fine_tune_steps 0 (the "
+            "default) skips; add --fine_tune_steps N, or leave out --fine_tune_learning_rate."
+        )
+    elif not (args.fine_tune_learning_rate > 0 and math.isfinite(args.fine_tune_learning_rate)):  # nan too
+        parser.error(
+            f"--fine_tune_learning_rate must be a number above 0, got {args.fine_tune_learning_rate}; e.g. "
+            f"--fine_tune_learning_rate {FINE_TUNE_LEARNING_RATE:g}."
+        )
     return args
 
 

@@ -17,13 +17,17 @@
 
 import argparse
 import csv
+import itertools
 import json
+import math
 import time
+from collections import Counter
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PRESETS = REPO_ROOT / "configuration"
 LABELS = ["negative", "positive"]
+HELD_OUT = 0.2  # share of --data held out for the accuracy, split stratified by label
 # all-MiniLM-L6-v2's shape, the one preset --init pretrained can start.
 PRETRAINED_PRESET = "minilm-l6-h384"
 NEW_SENTENCES = ["The waiter was friendly and the noodles were delicious.", "The film was long, dull and badly acted."]
@@ -80,8 +84,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("max_steps", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
+    # `not >` also refuses nan, with which every comparison is false.
+    if not (args.learning_rate > 0 and math.isfinite(args.learning_rate)):
+        parser.error(f"--learning-rate must be a number above 0, got {args.learning_rate}; e.g. --learning-rate 1e-4.")
     if not args.data.is_file():
         parser.error(f"--data {args.data} is not a file; give a CSV with columns text,label.")
+    try:
+        args.sentences = read_sentences(args.data)
+        check_split(args.sentences)
+    except ValueError as error:
+        parser.error(f"--data {args.data}: {error}")
     return args
 
 
@@ -97,12 +109,50 @@ def minilm_path() -> Path:
 
 
 def read_sentences(path: Path) -> dict[str, list]:
-    with open(path, newline="", encoding="utf-8") as file:
-        rows = list(csv.DictReader(file))
+    """{"text": [...], "label": [label ids]} of a CSV with columns text,label; ValueError naming what is wrong."""
+    try:
+        with open(path, newline="", encoding="utf-8") as file:
+            reader = csv.DictReader(file)
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise ValueError(f"cannot be read as a UTF-8 CSV ({error}); give a CSV with columns text,label.") from error
+    missing = sorted({"text", "label"} - set(reader.fieldnames or []))
+    if missing:
+        raise ValueError(
+            f"has no column {missing} (its header: {reader.fieldnames}); give a CSV with columns text,label."
+        )
     unknown = sorted({row["label"] for row in rows} - set(LABELS))
     if unknown:
-        raise SystemExit(f"{path}: labels must be one of {LABELS}, found {unknown}")
+        raise ValueError(f"labels must be one of {LABELS}, found {unknown}; fix those rows.")
     return {"text": [row["text"] for row in rows], "label": [LABELS.index(row["label"]) for row in rows]}
+
+
+def check_split(sentences: dict[str, list]) -> None:
+    """Raise ValueError where `sentences` cannot be split as main() splits them (a share of HELD_OUT of the rows
+    held out, stratified by label), which datasets' train_test_split would refuse only once the model is built,
+    without naming --data: it puts each label on both sides, so each needs 2 rows, and each side a row per label."""
+    counts = Counter(sentences["label"])
+    if not counts:
+        raise ValueError("holds no rows; give a CSV with a header text,label and one labelled sentence per row.")
+    single = sorted(LABELS[label] for label, count in counts.items() if count < 2)
+    if single:
+        raise ValueError(
+            f"labels with a single row: {single}; the held-out split puts every label on both sides, so each needs at "
+            "least 2 rows: add rows of those labels, or remove them."
+        )
+
+    def sides(rows: int) -> tuple[int, int]:  # (training, held out), as train_test_split counts them
+        held_out = math.ceil(HELD_OUT * rows)
+        return rows - held_out, held_out
+
+    rows = len(sentences["label"])
+    if min(sides(rows)) < len(counts):
+        needed = next(more for more in itertools.count(rows) if min(sides(more)) >= len(counts))
+        raise ValueError(
+            f"has {rows} rows, split into {sides(rows)[0]} for training and {sides(rows)[1]} held out "
+            f"({HELD_OUT:.0%}), but each side needs a row of each of its {len(counts)} labels; give at least {needed} "
+            "rows."
+        )
 
 
 def main(argv=None) -> dict:
@@ -149,9 +199,9 @@ def main(argv=None) -> dict:
         model = AutoModelForSequenceClassification.from_config(config)
     print(f"model: {type(model).__name__} ({model.num_parameters():,} parameters), {args.preset}, {args.init} weights")
 
-    dataset = datasets.Dataset.from_dict(read_sentences(args.data))
+    dataset = datasets.Dataset.from_dict(args.sentences)
     dataset = dataset.cast_column("label", datasets.ClassLabel(names=LABELS))
-    splits = dataset.train_test_split(test_size=0.2, seed=args.seed, stratify_by_column="label")
+    splits = dataset.train_test_split(test_size=HELD_OUT, seed=args.seed, stratify_by_column="label")
     max_length = min(64, config.max_position_embeddings)
     splits = splits.map(lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length), batched=True)
     print(f"data: {len(splits['train'])} training and {len(splits['test'])} held-out sentences from {args.data.name}")

@@ -1,11 +1,14 @@
-"""Fine-tune a selfattn text classifier (single sentences or sentence pairs) and report accuracy and F1.
+"""Fine-tune a selfattn text classifier (single sentences or sentence pairs) and report accuracy and F1, or a
+regressor of scores and report mean squared error and Pearson's r.
 
     python examples/run_classification.py --model_name_or_path PATH_TO_all-MiniLM-L6-v2 \
         --train_file train.tsv --validation_file dev.tsv --do_train --do_eval --output_dir out/sst2
 
 The data needs a text column (--text_column; default: sentence or text), optionally a second one for pairs
-(--text_pair_column), and a label column (--label_column) of class names or ids. `python
-examples/run_classification.py --help` lists every option, the Trainer's included.
+(--text_pair_column), and a label column (--label_column) of class names or integer ids (classes in numeric order),
+or of scores (a float column, e.g. STS-B's similarity), which the model regresses (num_labels 1, problem_type
+"regression"; evaluation reports mse and Pearson's r). `python examples/run_classification.py --help` lists every
+option, the Trainer's included.
 """
 
 from dataclasses import dataclass, field
@@ -15,9 +18,11 @@ from common import (
     DataArguments,
     LabelEncoder,
     ModelArguments,
+    OutputArguments,
     load_model,
     load_raw_datasets,
     load_tokenizer,
+    output_dir_replaced_at_the_end,
     parse_arguments,
     pick_column,
     require_columns,
@@ -32,20 +37,38 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 from modeling_selfattn import SelfAttnForSequenceClassification
 
 
+def regression_metrics(predicted: np.ndarray, gold: np.ndarray) -> dict:
+    """Mean squared error (what transformers' run_glue reports for regression) and Pearson's r (STS-B's measure);
+    r is nan where either side is constant, as it is undefined there."""
+    constant = np.std(predicted) == 0 or np.std(gold) == 0
+    pearson = float("nan") if constant else float(np.corrcoef(predicted, gold)[0, 1])
+    return {"mse": float(np.mean((predicted - gold) ** 2)), "pearson": pearson}
+
+
 @dataclass
 class ClassificationArguments:
     text_column: str | None = field(default=None, metadata={"help": "Text column (default: sentence or text)."})
     text_pair_column: str | None = field(
         default=None, metadata={"help": "Second text column, for sentence-pair tasks (entailment, paraphrase)."}
     )
-    label_column: str = field(default="label", metadata={"help": "Label column: class names or integer ids."})
+    label_column: str = field(
+        default="label",
+        metadata={
+            "help": "Label column: class names or integer ids, or scores (a float column) to regress with one output."
+        },
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, task_args, training_args = parse_arguments(
-        (ModelArguments, DataArguments, ClassificationArguments, TrainingArguments), argv
+    model_args, data_args, task_args, training_args, output_args = parse_arguments(
+        (ModelArguments, DataArguments, ClassificationArguments, TrainingArguments, OutputArguments), argv
     )
     set_up(training_args)
+    with output_dir_replaced_at_the_end(training_args, output_args):
+        return run(model_args, data_args, task_args, training_args)
+
+
+def run(model_args, data_args, task_args, training_args) -> dict:
     raw = load_raw_datasets(data_args, training_args)
     reference_split = raw["train"] if "train" in raw else raw["validation"]
     text_column = pick_column(reference_split, task_args.text_column, ("sentence", "text"), "--text_column")
@@ -59,6 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
         reference_split.features[task_args.label_column],
         [value for split in raw.values() for value in split[task_args.label_column]],
         model_args,
+        "--label_column",
+        sequence_head=True,
     )
     tokenizer = load_tokenizer(model_args)
     max_length = sequence_length(data_args, tokenizer, model_args)
@@ -81,6 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
         )
 
     def compute_metrics(prediction):
+        if labels.is_regression:
+            return regression_metrics(prediction.predictions[:, 0], prediction.label_ids)
         return classification_metrics(
             np.argmax(prediction.predictions, axis=-1), prediction.label_ids, len(labels.names)
         )

@@ -16,9 +16,11 @@ from itertools import chain
 from common import (
     DataArguments,
     ModelArguments,
+    OutputArguments,
     load_model,
     load_raw_datasets,
     load_tokenizer,
+    output_dir_replaced_at_the_end,
     parse_arguments,
     pick_column,
     sequence_length,
@@ -58,10 +60,15 @@ def blocks_of(batch: dict, block_length: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, task_args, training_args = parse_arguments(
-        (ModelArguments, DataArguments, MaskedLMArguments, TrainingArguments), argv
+    model_args, data_args, task_args, training_args, output_args = parse_arguments(
+        (ModelArguments, DataArguments, MaskedLMArguments, TrainingArguments, OutputArguments), argv
     )
     set_up(training_args)
+    with output_dir_replaced_at_the_end(training_args, output_args):
+        return run(model_args, data_args, task_args, training_args)
+
+
+def run(model_args, data_args, task_args, training_args) -> dict:
     raw = load_raw_datasets(data_args, training_args)
     reference_split = raw["train"] if "train" in raw else raw["validation"]
     text_column = pick_column(reference_split, task_args.text_column, ("text", "sentence", "document"), "--text_column")

@@ -15,9 +15,11 @@ from common import (
     DataArguments,
     LabelEncoder,
     ModelArguments,
+    OutputArguments,
     load_model,
     load_raw_datasets,
     load_tokenizer,
+    output_dir_replaced_at_the_end,
     parse_arguments,
     require_columns,
     sequence_length,
@@ -49,10 +51,15 @@ def align_labels(word_ids: list[int | None], word_labels: list[int]) -> list[int
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, task_args, training_args = parse_arguments(
-        (ModelArguments, DataArguments, TokenClassificationArguments, TrainingArguments), argv
+    model_args, data_args, task_args, training_args, output_args = parse_arguments(
+        (ModelArguments, DataArguments, TokenClassificationArguments, TrainingArguments, OutputArguments), argv
     )
     set_up(training_args)
+    with output_dir_replaced_at_the_end(training_args, output_args):
+        return run(model_args, data_args, task_args, training_args)
+
+
+def run(model_args, data_args, task_args, training_args) -> dict:
     raw = load_raw_datasets(data_args, training_args)
     for split in raw.values():
         require_columns(split, [task_args.tokens_column, task_args.tags_column], "--tokens_column / --tags_column")
@@ -61,6 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
         getattr(reference_split.features[task_args.tags_column], "feature", None),
         [tag for split in raw.values() for example_tags in split[task_args.tags_column] for tag in example_tags],
         model_args,
+        "--tags_column",
+        sequence_head=False,
     )
     tokenizer = load_tokenizer(model_args)
     if not tokenizer.is_fast:

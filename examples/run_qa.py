@@ -17,9 +17,11 @@ import numpy as np
 from common import (
     DataArguments,
     ModelArguments,
+    OutputArguments,
     load_model,
     load_raw_datasets,
     load_tokenizer,
+    output_dir_replaced_at_the_end,
     parse_arguments,
     require_at_least,
     require_columns,
@@ -117,10 +119,15 @@ def best_answers(examples, windows, start_logits, end_logits, n_best_size: int, 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, task_args, training_args = parse_arguments(
-        (ModelArguments, DataArguments, QuestionAnsweringArguments, TrainingArguments), argv
+    model_args, data_args, task_args, training_args, output_args = parse_arguments(
+        (ModelArguments, DataArguments, QuestionAnsweringArguments, TrainingArguments, OutputArguments), argv
     )
     set_up(training_args)
+    with output_dir_replaced_at_the_end(training_args, output_args):
+        return run(model_args, data_args, task_args, training_args)
+
+
+def run(model_args, data_args, task_args, training_args) -> dict:
     raw = load_raw_datasets(data_args, training_args)
     for split in raw.values():
         require_columns(split, list(COLUMNS), "the SQuAD schema (id, question, context, answers)")

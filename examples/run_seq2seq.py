@@ -17,7 +17,8 @@ start from its weights, the cross-attention is new):
         --predict_with_generate --output_dir out/scitldr
 
 --model_name_or_path takes an encoder-decoder (selfattn, or with --use_transformers_class any transformers
-seq2seq model) or an encoder-only checkpoint, which is warm-started as above.
+seq2seq model), which keeps its checkpoint's special ids and generation config (--max_target_length, where given,
+sets its generation max_length), or an encoder-only checkpoint, which is warm-started as above.
 
 A model trained from scratch with --train_tokenizer follows CTranslate2's rules for Marian models (README.md,
 "CTranslate2"), so that `selfattn-convert export` and CTranslate2 translate with it as generate() does: <pad> is
@@ -33,12 +34,14 @@ import numpy as np
 from common import (
     DataArguments,
     ModelArguments,
+    OutputArguments,
     capped_length,
     changed_options,
     load_model,
     load_raw_datasets,
     load_tokenizer,
     logger,
+    output_dir_replaced_at_the_end,
     parse_arguments,
     pick_column,
     require_at_least,
@@ -64,6 +67,8 @@ from modeling_selfattn import SelfAttnForConditionalGeneration
 from modeling_selfattn.checkpoints import warm_start_encoder_decoder
 
 TOKENIZER_KINDS = ("bpe", "unigram", "wordpiece")
+DEFAULT_MAX_TARGET_LENGTH = 128
+SPECIAL_IDS = ("decoder_start_token_id", "eos_token_id", "pad_token_id")
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
 NOT_SCORED = -100
 
@@ -90,7 +95,14 @@ class Seq2SeqArguments:
             "instead of the single target."
         },
     )
-    max_target_length: int = field(default=128, metadata={"help": "Targets are truncated to this many tokens."})
+    max_target_length: int | None = field(
+        default=None,
+        metadata={
+            "help": f"Targets are truncated to this many tokens (default {DEFAULT_MAX_TARGET_LENGTH}). It is also the "
+            "generation max_length of a model built here (--config_name, or an encoder checkpoint warm-started); a "
+            "pretrained encoder-decoder keeps the max_length of its generation config unless this is given."
+        },
+    )
     train_tokenizer: str | None = field(
         default=None,
         metadata={
@@ -166,10 +178,17 @@ def new_tokenizer(texts, kind: str, vocab_size: int) -> PreTrainedTokenizerFast:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, task_args, training_args = parse_arguments(
-        (ModelArguments, DataArguments, Seq2SeqArguments, Seq2SeqTrainingArguments), argv
+    model_args, data_args, task_args, training_args, output_args = parse_arguments(
+        (ModelArguments, DataArguments, Seq2SeqArguments, Seq2SeqTrainingArguments, OutputArguments), argv
     )
     set_up(training_args)
+    with output_dir_replaced_at_the_end(training_args, output_args):
+        return run(model_args, data_args, task_args, training_args)
+
+
+def run(model_args, data_args, task_args, training_args) -> dict:
+    # Checked before any work: a pretrained decoder must say which token it starts from.
+    pretrained_ids = pretrained_decoder_ids(model_args)
     raw = load_raw_datasets(data_args, training_args)
     reference_split = raw["train"] if "train" in raw else raw["validation"]
     if task_args.is_translation:
@@ -200,20 +219,27 @@ def main(argv: list[str] | None = None) -> dict:
         return batch[text_column], batch[summary_column]
 
     tokenizer = seq2seq_tokenizer(model_args, task_args, training_args, raw, sources_and_targets)
-    special_ids = {
-        # <s> or [CLS]; with neither (Marian's, T5's and the learnt tokenizers), <pad>, as those models start from.
-        "decoder_start_token_id": first_defined(tokenizer.bos_token_id, tokenizer.cls_token_id, tokenizer.pad_token_id),
-        "eos_token_id": first_defined(tokenizer.eos_token_id, tokenizer.sep_token_id),
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    missing = [name for name, value in special_ids.items() if value is None]
-    if missing:
-        raise ValueError(
-            f"The tokenizer defines no token for {missing}: a seq2seq model needs a start, end and pad token."
-        )
+    special_ids = pretrained_ids or tokenizer_decoder_ids(tokenizer)
     max_source_length = sequence_length(data_args, tokenizer, model_args)
     # The decoder reads the targets (and generates up to this length) on the same position table.
-    max_target_length = capped_length("--max_target_length", task_args.max_target_length, tokenizer, model_args)
+    max_target_length = capped_length(
+        "--max_target_length", task_args.max_target_length or DEFAULT_MAX_TARGET_LENGTH, tokenizer, model_args
+    )
+    # A pretrained model generates as its checkpoint says unless told otherwise; a new one has only the default 20.
+    generation_max_length = None if pretrained_ids and task_args.max_target_length is None else max_target_length
+    if pretrained_ids:
+        kept = "its generation config"
+        if generation_max_length is not None:
+            kept += f" but max_length, set to {generation_max_length} by --max_target_length"
+        logger.info(
+            "%s is a pretrained encoder-decoder: it keeps its special ids (%s) and %s.",
+            model_args.model_name_or_path, described(special_ids), kept,
+        )  # fmt: skip
+    else:
+        logger.info(
+            "The model's special ids come from the tokenizer (%s); generation max_length = %d (--max_target_length).",
+            described(special_ids), generation_max_length,
+        )  # fmt: skip
 
     def tokenize(batch):
         sources, targets = sources_and_targets(batch)
@@ -227,8 +253,9 @@ def main(argv: list[str] | None = None) -> dict:
     tokenized = tokenize_splits(raw, training_args, data_args, tokenize)
 
     def build_model():
-        model = load_seq2seq_model(model_args, tokenizer, special_ids)
-        model.generation_config.max_length = max_target_length
+        model = load_seq2seq_model(model_args, tokenizer, None if pretrained_ids else special_ids)
+        if generation_max_length is not None:
+            model.generation_config.max_length = generation_max_length
         keep_zero_start_row(model)
         return model
 
@@ -289,6 +316,46 @@ def seq2seq_tokenizer(model_args, task_args, training_args, raw, sources_and_tar
         return tokenizer
 
 
+def pretrained_decoder_ids(model_args: ModelArguments) -> dict | None:
+    """The special ids of a pretrained encoder-decoder (--model_name_or_path), which the run keeps as they are: its
+    tokenizer's tokens may start its decoder differently (BART's <s> is not its start token, </s> is). None for a
+    model built here, from --config_name or warm-started from an encoder checkpoint."""
+    source = model_args.model_name_or_path
+    if source is None:
+        return None
+    config = AutoConfig.from_pretrained(source)
+    if not config.is_encoder_decoder:
+        return None
+    ids = {name: getattr(config, name, None) for name in SPECIAL_IDS}
+    if ids["decoder_start_token_id"] is None:
+        # As transformers' run_summarization: the start token of a trained decoder is not the script's to guess.
+        raise ValueError(
+            f"--model_name_or_path {source} sets no decoder_start_token_id in its config.json: its decoder has no "
+            "token to start from. Set the one it was trained with there."
+        )
+    return ids
+
+
+def tokenizer_decoder_ids(tokenizer) -> dict:
+    """The special ids of a model built here, from its tokenizer."""
+    ids = {
+        # <s> or [CLS]; with neither (Marian's, T5's and the learnt tokenizers), <pad>, as those models start from.
+        "decoder_start_token_id": first_defined(tokenizer.bos_token_id, tokenizer.cls_token_id, tokenizer.pad_token_id),
+        "eos_token_id": first_defined(tokenizer.eos_token_id, tokenizer.sep_token_id),
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    missing = [name for name, value in ids.items() if value is None]
+    if missing:
+        raise ValueError(
+            f"The tokenizer defines no token for {missing}: a seq2seq model needs a start, end and pad token."
+        )
+    return ids
+
+
+def described(ids: dict) -> str:
+    return ", ".join(f"{name} {value}" for name, value in ids.items())
+
+
 def first_defined(*values):
     return next((value for value in values if value is not None), None)
 
@@ -322,12 +389,15 @@ def without_row(row: int, gradient):
     return gradient
 
 
-def load_seq2seq_model(model_args: ModelArguments, tokenizer, special_ids: dict):
+def load_seq2seq_model(model_args: ModelArguments, tokenizer, special_ids: dict | None):
     """An encoder-decoder from --config_name or --model_name_or_path; an encoder-only checkpoint (BERT family or
     selfattn) is warm-started into one: selfattn's warm_start_encoder_decoder, or with
-    --use_transformers_class transformers' EncoderDecoderModel."""
+    --use_transformers_class transformers' EncoderDecoderModel. `special_ids` are set on a model built here; None
+    for a pretrained encoder-decoder, which keeps its checkpoint's ids and generation config."""
     source = model_args.model_name_or_path
-    if source is None or AutoConfig.from_pretrained(source).is_encoder_decoder:
+    if special_ids is None:
+        return load_model(model_args, SelfAttnForConditionalGeneration, AutoModelForSeq2SeqLM, tokenizer)
+    if source is None:
         return load_model(model_args, SelfAttnForConditionalGeneration, AutoModelForSeq2SeqLM, tokenizer, **special_ids)
     if not model_args.use_transformers_class:
         return warm_start_encoder_decoder(source, **special_ids)

@@ -21,6 +21,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -1009,6 +1010,12 @@ def read_config(folder: str | os.PathLike) -> dict:
     return read_json(path)
 
 
+# A tokenizer's chat templates: save_pretrained of transformers 5 writes the default one to chat_template.jinja and
+# the others to additional_chat_templates/NAME.jinja; processors wrote chat_template.json before that. Left behind,
+# apply_chat_template of the converted model fails or, where the tokenizer_config.json holds an older template,
+# silently renders another one.
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+TOKENIZER_FOLDERS = ("additional_chat_templates",)
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -1019,11 +1026,13 @@ TOKENIZER_FILES = (
     "merges.txt",
     "sentencepiece.bpe.model",
     "spiece.model",
+    "tokenizer.model",  # TokenizersBackend's (PreTrainedTokenizerFast's) vocab_file
     "source.spm",  # Marian: one SentencePiece model per language
     "target.spm",
     "target_vocab.json",  # Marian with separate_vocabs=True: the target language's vocabulary
+    *CHAT_TEMPLATE_FILES,
 )
-HUB_FILE_PATTERNS = ["*.json", "*.txt", "*.model", "*.spm", "*.md"]
+HUB_FILE_PATTERNS = ["*.json", "*.txt", "*.model", "*.spm", "*.md", "*.jinja"]  # *.jinja: chat templates
 
 # sentence-transformers keeps its pipeline beside the transformer's files: modules.json lists the modules (the
 # transformer at the top of the folder, pooling, normalisation, dense layers... each in its own folder), and
@@ -1159,6 +1168,7 @@ class ConversionReport:
     config_not_carried: list = field(default_factory=list)
     config_added: dict = field(default_factory=dict)  # selfattn config fields the source's model_type implied
     computed: dict = field(default_factory=dict)  # target name -> what export filled it with (no tensor of its own)
+    dtype: str | None = None  # the dtype the tensors are written in, and why (see `weights_dtype`)
 
     def problems(self) -> list[str]:
         problems = [f"unused source tensor {name}: {why}" for name, why in self.unused.items()]
@@ -1202,7 +1212,36 @@ class ConversionReport:
             lines.append(f"  config fields not carried over (no selfattn code uses them): {self.config_not_carried}")
         if self.config_added:
             lines.append(f"  config fields added (the source's model_type implied them): {self.config_added}")
+        if self.dtype:
+            lines.append(f"  dtype: {self.dtype}")
         return "\n".join(lines)
+
+
+def weights_dtype(state_dict: dict, config_dtype=None) -> tuple[torch.dtype | None, str]:
+    """The dtype to write the tensors of `state_dict` in, and why: the one floating dtype they share, so that they
+    are written bit for bit (a bfloat16 checkpoint stays bfloat16, not twice its size in float32); where they mix
+    dtypes, the smallest that holds each of them exactly (torch.promote_types: float16 with bfloat16 gives float32).
+    The tensors decide, not `config_dtype` (config.json's "dtype"), which describes them but may not: where the
+    two disagree, the reason says so. (None, "") where no tensor is floating."""
+    dtypes = sorted({tensor.dtype for tensor in state_dict.values() if tensor.is_floating_point()}, key=str)
+    if not dtypes:
+        return None, ""
+    dtype = dtypes[0]
+    for other in dtypes[1:]:
+        dtype = torch.promote_types(dtype, other)
+
+    def named(value) -> str:
+        return str(value).removeprefix("torch.")
+
+    if len(dtypes) > 1:
+        why = f"it holds each of the source tensors' dtypes ({', '.join(map(named, dtypes))}) exactly"
+    else:
+        why = "the source tensors' own"
+    if isinstance(config_dtype, str):
+        config_dtype = getattr(torch, config_dtype, config_dtype)
+    if config_dtype is not None and config_dtype != dtype:
+        why += f"; config.json says {named(config_dtype)}, which they are not in"
+    return dtype, f"{named(dtype)} ({why})"
 
 
 def expected_tensors(model: torch.nn.Module) -> tuple[dict, dict]:
@@ -1278,9 +1317,13 @@ def convert_checkpoint(
     report.unused.update({name: f"no {family.name} rule maps it" for name in unmatched})
     converted = match_tensors(report, state_dict, names, shapes, tied, progress)
     report.check()
+    # from_pretrained's dtype="auto" goes by config.json's dtype first, which may not be the tensors'.
+    dtype, report.dtype = weights_dtype(converted, config_dict.get("dtype", config_dict.get("torch_dtype")))
+    if dtype is not None:
+        config.dtype = dtype
     # transformers saves a config with output_attentions=True only for eager attention, which returns the weights.
     attention = {"attn_implementation": "eager"} if config.output_attentions else {}
-    model = model_class.from_pretrained(None, config=config, state_dict=converted, **attention)
+    model = model_class.from_pretrained(None, config=config, state_dict=converted, dtype=dtype or "auto", **attention)
     if model.can_generate():
         model.generation_config = source_generation_config(folder)
     return model.eval(), report
@@ -1685,6 +1728,12 @@ def export_state_dict(source, config: SelfAttnConfig, state_dict: dict, family: 
     report.unused.update({name: f"no {family.name} rule produces it" for name in unmatched})
     converted = match_tensors(report, state_dict, names, shapes, tied, progress)
     converted.update(shared_copies(family, config, state_dict, report, is_base))
+    # The stored tensors go as they are and decide the config's dtype. The computed ones stay float32, as selfattn
+    # computes them in any dtype (its sinusoidal table is a float32 buffer): rounded to bfloat16 they would give
+    # transformers' model other positions than selfattn's, and from_pretrained casts them to the dtype it loads in.
+    dtype, report.dtype = weights_dtype(state_dict, config.dtype)
+    if dtype is not None:
+        source_config.dtype = dtype
     converted.update(computed_tensors(family, config, report, is_base))
     report.check()
     return source_config, converted, report
@@ -1777,7 +1826,8 @@ def sample_inputs(folder: Path, config, positions: int, texts=SAMPLE_TEXTS, mult
             f"rows the family reserves) takes only {positions} tokens. Leave out --verify, or set "
             f"chunk_size_feed_forward in config.json to 0 or at most {positions} first."
         )
-    if any((folder / name).is_file() for name in TOKENIZER_FILES):
+    # A chat template alone is no tokenizer.
+    if any((folder / name).is_file() for name in TOKENIZER_FILES if name not in CHAT_TEMPLATE_FILES):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -1802,6 +1852,32 @@ def sample_inputs(folder: Path, config, positions: int, texts=SAMPLE_TEXTS, mult
     return inputs
 
 
+@contextmanager
+def in_float32(model: torch.nn.Module):
+    """`model` in float32 for the parity check, handed back afterwards in the dtypes it had. The source model runs
+    in float32 too (from_pretrained(dtype=float32)), so a bfloat16 or float16 conversion is compared with the same
+    figures and --tolerance as a float32 one: both models hold the same values (float32 holds every bfloat16 and
+    float16 value exactly), and only their arithmetic is compared. Casting back is exact for the same reason, so
+    the model that is then saved keeps the source's dtype bit for bit."""
+    dtypes = [
+        (module, kind, name, tensor.dtype)
+        for module in model.modules()
+        for kind in ("_parameters", "_buffers")
+        for name, tensor in getattr(module, kind).items()
+        if tensor is not None
+    ]
+    model.float()
+    try:
+        yield model
+    finally:
+        for module, kind, name, dtype in dtypes:
+            tensor = getattr(module, kind)[name]
+            if kind == "_parameters":
+                tensor.data = tensor.data.to(dtype)  # the same Parameter object: ties stay tied
+            else:
+                module._buffers[name] = tensor.to(dtype)
+
+
 def verify(source: str | os.PathLike, model: torch.nn.Module, texts=SAMPLE_TEXTS) -> dict[str, float]:
     """Run the source transformers model and `model` on a padded batch of `texts`; max abs differences per output,
     plus "mean_pooled" (the masked mean of the last hidden state: sentence embeddings)."""
@@ -1815,8 +1891,7 @@ def verify(source: str | os.PathLike, model: torch.nn.Module, texts=SAMPLE_TEXTS
     multiple_choice = architecture.endswith("ForMultipleChoice")
     # The selfattn config counts the positions an input can take; RoBERTa's also counts the rows it reserves.
     inputs = sample_inputs(folder, reference.config, model.config.max_position_embeddings, texts, multiple_choice)
-    model = model.float().eval()
-    with torch.no_grad():  # outputs by name, whatever the configs' return_dict says
+    with in_float32(model.eval()), torch.no_grad():  # outputs by name, whatever the configs' return_dict says
         expected = reference(**inputs, output_hidden_states=True, return_dict=True)
         actual = model(**inputs, output_hidden_states=True, return_dict=True)
     diffs = compare_outputs(expected, actual, inputs["attention_mask"])
@@ -1850,8 +1925,7 @@ def verify_seq2seq(
             f"The tokenizer of {source} does not load ({type(error).__name__}: {error}); install what it needs "
             "(Marian tokenizers need `pip install sentencepiece`) to verify on sample text."
         ) from error
-    model = model.float().eval()
-    with torch.no_grad():
+    with in_float32(model.eval()), torch.no_grad():
         tokens = {
             name: [m.generate(**inputs, **options, max_new_tokens=max_new_tokens) for m in (reference, model)]
             for name, options in SEQ2SEQ_STRATEGIES.items()

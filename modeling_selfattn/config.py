@@ -286,6 +286,14 @@ class SelfAttnConfig(PreTrainedConfig):
                 "SelfAttnConfig needs at least one stack: set encoder_layers > 0 (encoder-only or encoder-decoder) "
                 "or decoder_layers > 0 (decoder-only)."
             )
+        # transformers' other families read is_decoder (BertModel turns causal, EncoderDecoderModel sets it on its
+        # decoder's config); selfattn's encoder stack would attend both ways whatever it says.
+        if getattr(self, "is_decoder", False) and self.decoder_layers == 0:
+            raise ValueError(
+                "SelfAttnConfig(is_decoder=True) with decoder_layers=0: the encoder-only shape attends both ways and "
+                "reads no is_decoder. For a causal (left-to-right) model take the decoder-only shape, encoder_layers=0 "
+                "and decoder_layers > 0 (SelfAttnForCausalLM), or leave is_decoder out."
+            )
         if self.hidden_size % self.num_attention_heads != 0:
             divisors = [h for h in range(1, min(self.hidden_size, 64) + 1) if self.hidden_size % h == 0]
             raise ValueError(

@@ -25,8 +25,12 @@ import transformers
 from safetensors.torch import save_file
 
 from .checkpoints import (
+    ENCODER_FAMILIES,
     EXPORT_FAMILIES,
+    SAMPLE_TEXTS,
+    SEQ2SEQ_FAMILIES,
     TOKENIZER_FILES,
+    TOKENIZER_FOLDERS,
     ConversionError,
     convert_checkpoint,
     export_checkpoint,
@@ -42,7 +46,6 @@ from .hub import render_model_card
 from .output_folder import Output, OutputFailed, OutputRefused, check_output, write_output
 
 PROG = "selfattn-convert"
-SEQ2SEQ_MODEL_TYPES = ("marian", "bart")
 
 
 def reflowed(text: str) -> str:
@@ -236,22 +239,31 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def copy_tokenizer_files(source_folder: Path, folder: Path) -> list[str]:
-    """Copy SOURCE's tokenizer files into `folder`, which holds its config.json already, and check that they load
-    there; the names copied. An entry of a tokenizer file's name that is not a file stops the run: skipping it
-    would give a model whose tokenizer is silently incomplete."""
+    """Copy SOURCE's tokenizer files (checkpoints.TOKENIZER_FILES: vocabulary, settings, chat templates) and folders
+    (TOKENIZER_FOLDERS: the additional chat templates) into `folder`, which holds its config.json already, and check
+    that the tokenizer loads there as it loads from SOURCE (`check_copied_tokenizer`); the names copied. An entry
+    of a tokenizer file's name that is not a file (or of a folder's name that is not a folder) stops the run:
+    skipping it would give a model whose tokenizer is silently incomplete."""
     source_folder = Path(source_folder)
     copied = []
-    for name in TOKENIZER_FILES:
+    for name in TOKENIZER_FILES + TOKENIZER_FOLDERS:
         path = source_folder / name
         if not path.exists() and not path.is_symlink():
             continue
-        if not path.is_file():
-            what = "a folder" if path.is_dir() else "a broken symbolic link" if path.is_symlink() else "not a file"
+        wanted = "a folder" if name in TOKENIZER_FOLDERS else "a file"
+        if not (path.is_dir() if name in TOKENIZER_FOLDERS else path.is_file()):
+            what = (
+                "a broken symbolic link" if not path.exists() else "a folder" if path.is_dir() else
+                "a file" if path.is_file() else "neither a file nor a folder"
+            )  # fmt: skip
             raise ConversionError(
-                f"SOURCE's tokenizer file {path} is {what}, so the tokenizer cannot be copied. Put the "
+                f"SOURCE's tokenizer entry {path} is {what}, not {wanted}, so the tokenizer cannot be copied. Put the "
                 f"tokenizer's {name} there, or remove the entry if the tokenizer does not use it."
             )
-        shutil.copy2(path, folder / name)
+        if path.is_dir():
+            shutil.copytree(path, folder / name)  # files linked into a Hub cache are copied, not linked
+        else:
+            shutil.copy2(path, folder / name)
         copied.append(name)
     if not copied:
         print(
@@ -259,31 +271,69 @@ def copy_tokenizer_files(source_folder: Path, folder: Path) -> list[str]:
             "has none either; copy the tokenizer in by hand before using OUTPUT on text."
         )
         return copied
-    # Files that load beside SOURCE's config.json need not load beside OUTPUT's, whose model_type may name another
-    # tokenizer or none.
-    error = tokenizer_error(folder)
-    if error is None:
-        return copied
-    if tokenizer_error(source_folder) is not None:
+    check_copied_tokenizer(source_folder, folder, copied)
+    return copied
+
+
+def check_copied_tokenizer(source_folder: Path, folder: Path, copied: list[str]) -> None:
+    """Raise ConversionError unless the tokenizer loads from `folder` as it loads from SOURCE: the same class,
+    vocabulary, special tokens, chat templates, limits and ids for sample text. Files that load beside SOURCE's
+    config.json need not load beside OUTPUT's, whose model_type may name another tokenizer or none; and a file left
+    behind can leave a tokenizer that loads but differs (a chat template lost)."""
+    output_tokenizer, error = load_tokenizer(folder)
+    source_tokenizer, source_error = load_tokenizer(source_folder)
+    if error is not None and source_error is not None:
         print(
-            f"note: the tokenizer does not load here from SOURCE {source_folder} either ({error}), so its files are "
-            "copied as they are, unchecked; a package it needs may be missing (Marian's: pip install sentencepiece)."
+            f"note: the tokenizer does not load here from SOURCE {source_folder} either ({source_error}), so its files "
+            "are copied as they are, unchecked; a package it needs may be missing (Marian's: pip install "
+            "sentencepiece)."
         )
-        return copied
-    raise ConversionError(
-        f"The tokenizer files copied from {source_folder} ({', '.join(copied)}) load there but not as a tokenizer in "
-        f"OUTPUT ({error}); nothing is written. Name its class in {source_folder / 'tokenizer_config.json'} "
-        '("tokenizer_class"), and run again.'
-    )
+        return
+    if error is not None:
+        raise ConversionError(
+            f"The tokenizer files copied from {source_folder} ({', '.join(copied)}) load there but not as a tokenizer "
+            f"in OUTPUT ({error}); nothing is written. Name its class in {source_folder / 'tokenizer_config.json'} "
+            '("tokenizer_class"), and run again.'
+        )
+    if source_error is not None:
+        print(
+            f"note: the tokenizer loads from OUTPUT but not here from SOURCE {source_folder} ({source_error}), so the "
+            "two could not be compared; check OUTPUT's tokenizer on your own text."
+        )
+        return
+    expected, actual = tokenizer_summary(source_tokenizer), tokenizer_summary(output_tokenizer)
+    differences = [name for name in expected if expected[name] != actual[name]]
+    if differences:
+        details = "; ".join(
+            f"{name}: SOURCE {expected[name]!r:.120} but OUTPUT {actual[name]!r:.120}" for name in differences
+        )
+        raise ConversionError(
+            f"The tokenizer copied from {source_folder} ({', '.join(copied)}) loads differently in OUTPUT ({details}); "
+            "nothing is written. A file it reads is not among those copied (modeling_selfattn/checkpoints.py, "
+            "TOKENIZER_FILES): please report it, and copy the tokenizer by hand meanwhile."
+        )
 
 
-def tokenizer_error(folder: Path) -> str | None:
-    """Why AutoTokenizer cannot load from `folder`, or None where it can."""
+def load_tokenizer(folder: Path):
+    """(AutoTokenizer of `folder`, None), or (None, why it cannot load)."""
     try:
-        transformers.AutoTokenizer.from_pretrained(folder)
+        return transformers.AutoTokenizer.from_pretrained(folder), None
     except Exception as error:  # a tokenizer's errors have no common base: a missing package, file or class
-        return f"{type(error).__name__}: {' '.join(str(error).split())}"  # some span several lines
-    return None
+        return None, f"{type(error).__name__}: {' '.join(str(error).split())}"  # some span several lines
+
+
+def tokenizer_summary(tokenizer) -> dict:
+    """What a tokenizer does with text, to compare two copies of it."""
+    return {
+        "class": type(tokenizer).__name__,
+        "vocabulary": tokenizer.get_vocab(),
+        "special tokens": tokenizer.special_tokens_map,
+        "all special tokens": tokenizer.all_special_tokens,  # with the extra ones, which the map leaves out
+        "chat_template": tokenizer.chat_template,
+        "model_max_length": tokenizer.model_max_length,
+        "padding_side": tokenizer.padding_side,
+        "ids of sample text": [tokenizer(text)["input_ids"] for text in SAMPLE_TEXTS],
+    }
 
 
 def copy_sentence_transformers_files(source_folder: Path, folder: Path) -> list[str]:
@@ -314,17 +364,20 @@ def write_model_card(output: Path, section: str) -> None:
 
 
 def conversion_header(command: str, source: str, report, seconds: float, extra: str = "") -> list[str]:
+    dtype = f" Tensors kept in {report.dtype}." if report.dtype else ""
     return [
         "## Conversion",
         "",
         f"Converted from `{source}` (`{report.architecture}`) to `{report.target}` with `{PROG} {command}` of the "
         f"selfattn package in {seconds:.1f} s: {len(report.mapped)} tensors mapped, {len(report.dropped)} dropped "
-        f"(no selfattn counterpart needed).{extra}",
+        f"(no selfattn counterpart needed).{dtype}{extra}",
         "",
     ]
 
 
 UNMEASURED = "Parity with the source model was not measured (convert with `--verify` to measure it)."
+# How --verify compares (checkpoints.in_float32), whatever dtype the tensors are kept in.
+PARITY_DTYPE = "both models run in float32, which holds bfloat16 and float16 weights exactly"
 
 
 def bert_card_section(source: str, report, diffs: dict | None, seconds: float) -> str:
@@ -333,7 +386,8 @@ def bert_card_section(source: str, report, diffs: dict | None, seconds: float) -
         lines.append(UNMEASURED)
     else:
         lines += [
-            "Parity with the source transformers model on a padded batch of sample sentences (fp32, max abs diff):",
+            f"Parity with the source transformers model on a padded batch of sample sentences (max abs diff; "
+            f"{PARITY_DTYPE}):",
             "",
             "| output | max abs diff |",
             "|---|---|",
@@ -350,7 +404,7 @@ def seq2seq_card_section(source: str, report, verification: tuple | None, second
         return "\n".join(lines) + "\n"
     diffs, mismatches = verification
     lines += [
-        "Parity with the source transformers model on a padded batch of sample sentences (fp32):",
+        f"Parity with the source transformers model on a padded batch of sample sentences ({PARITY_DTYPE}):",
         "",
         "| check | result |",
         "|---|---|",
@@ -414,7 +468,37 @@ def converted_model(args: argparse.Namespace, model, report, card_section: Calla
     return Prepared(write, source_folder, report.target)
 
 
+# Which families each conversion command takes (with the script in conversion/ that runs it): the engine converts
+# every family, but each command checks (--verify) and describes its own.
+CONVERSION_COMMANDS = {
+    "bert": (ENCODER_FAMILIES, "convert_bert.py", "an encoder-only (BERT-family) model"),
+    "seq2seq": (SEQ2SEQ_FAMILIES, "convert_seq2seq.py", "an encoder-decoder"),
+}
+
+
+def check_command_takes(source, command: str) -> None:
+    """Refuse, before any tensor is read, a checkpoint whose model_type the conversion `command` does not take,
+    naming the command that does."""
+    model_type = read_config(resolve_folder(source)).get("model_type")
+    families = CONVERSION_COMMANDS[command][0]
+    if model_type in families:
+        return
+    for other, (other_families, script, kind) in CONVERSION_COMMANDS.items():
+        if model_type in other_families:
+            raise ConversionError(
+                f"SOURCE {source} holds a {model_type!r} checkpoint, {kind}, which `{PROG} {command}` does not "
+                f"convert (it takes {sorted(families)}); convert it with `{PROG} {other} SOURCE OUTPUT` (or "
+                f"conversion/{script}) instead."
+            )
+    taken = ", ".join(f"`{name}` takes {sorted(entry[0])}" for name, entry in CONVERSION_COMMANDS.items())
+    raise ConversionError(
+        f"SOURCE {source} holds a model_type={model_type!r} checkpoint, which no {PROG} command converts: {taken} "
+        "(BERT-layout models such as MiniLM have model_type bert)."
+    )
+
+
 def convert_bert(args: argparse.Namespace, start: float) -> Prepared:
+    check_command_takes(args.source, "bert")
     model, report = convert_checkpoint(args.source, args.architecture, progress=True)
     print(report.summary())
     diffs = None
@@ -429,13 +513,7 @@ def convert_bert(args: argparse.Namespace, start: float) -> Prepared:
 
 
 def convert_seq2seq(args: argparse.Namespace, start: float) -> Prepared:
-    model_type = read_config(resolve_folder(args.source)).get("model_type")
-    if model_type not in SEQ2SEQ_MODEL_TYPES:
-        raise ConversionError(
-            f"{args.source} holds a {model_type!r} checkpoint; `{PROG} seq2seq` converts "
-            f"{list(SEQ2SEQ_MODEL_TYPES)} encoder-decoders (`{PROG} bert`, or conversion/convert_bert.py, converts "
-            "BERT-family encoders)."
-        )
+    check_command_takes(args.source, "seq2seq")
     model, report = convert_checkpoint(args.source, args.architecture, progress=True)
     print(report.summary())
     verification = None

@@ -178,8 +178,14 @@ class CompiledDecodingForward:
 
 
 def check_compile_options(enabled: bool, compile_options: dict) -> None:
-    """Refuse options that would be dropped (enabled=False) or that torch.compile does not take: the step is compiled
-    only at the first decoding step of a generate(), where a misspelt option would surface as torch's TypeError."""
+    """Refuse, at once, an `enabled` that is no bool and options that would be dropped (enabled=False) or that
+    torch.compile does not take, by name or by value: the step is compiled only at the first decoding step of a
+    generate(), where a bad option would fail that generate() and every later one."""
+    if not isinstance(enabled, bool):
+        raise TypeError(
+            f"enable_compiled_decoding(model, enabled={enabled!r}): enabled must be True or False (a string such as "
+            "'no' would count as True); pass enabled=False to turn compiled decoding off."
+        )
     if compile_options and not enabled:
         raise TypeError(
             f"enable_compiled_decoding(model, False) turns compiled decoding off, so its compile options "
@@ -197,6 +203,40 @@ def check_compile_options(enabled: bool, compile_options: dict) -> None:
             f"enable_compiled_decoding: torch.compile (torch {torch.__version__}) has no option {', '.join(unknown)}; "
             f"it takes {', '.join(accepted)}. Correct or leave out {', '.join(unknown)}."
         )
+    backend = compile_options.get("backend", "inductor")
+    if not (isinstance(backend, str) or callable(backend)):
+        # torch.compile takes any object here and fails only when it first compiles.
+        raise TypeError(
+            f"enable_compiled_decoding(model, backend={backend!r}): backend must be the name of a torch.compile "
+            "backend (torch._dynamo.list_backends() lists them) or a callable backend."
+        )
+    if compile_options:
+        refuse_options_torch_compile_refuses(compile_options)
+
+
+def refuse_options_torch_compile_refuses(compile_options: dict) -> None:
+    """torch.compile checks the mode, the options, their combination and the backend's name when called, before it
+    compiles anything (it compiles at the first call of what it returns): call it on a function never run, with the
+    options alone and then with each, to name the one at fault."""
+
+    def refusal(options: dict) -> Exception | None:
+        try:
+            torch.compile(lambda: None, **{**STEP_COMPILE_DEFAULTS, **options})
+        except Exception as error:  # RuntimeError, InvalidBackend, AssertionError...: whatever torch's checks raise
+            return error
+        return None
+
+    error = refusal(compile_options)
+    if error is None:
+        return
+    at_fault = [name for name in compile_options if refusal({name: compile_options[name]}) is not None]
+    given = ", ".join(f"{name}={compile_options[name]!r}" for name in at_fault or compile_options)
+    combination = "" if at_fault else " together"
+    raise ValueError(
+        f"enable_compiled_decoding(model, {given}): torch.compile (torch {torch.__version__}) refuses "
+        f"{'this' if len(at_fault or compile_options) == 1 else 'these'}{combination}: {type(error).__name__}: "
+        f"{error}. Correct or leave out {' and '.join(at_fault or compile_options)}."
+    ) from error
 
 
 def enable_compiled_decoding(model: nn.Module, enabled: bool = True, **compile_options) -> nn.Module:
@@ -218,9 +258,10 @@ def enable_compiled_decoding(model: nn.Module, enabled: bool = True, **compile_o
     without a mode or options, where Inductor (the default backend) compiles, a model on CUDA and not offloaded
     decodes under CUDA graphs (mode "reduce-overhead", as transformers' own compiled generation), and a model on the
     CPU through Inductor's C++ wrapper (options={"cpp_wrapper": True}). `enabled=False` restores the defaults, the
-    kernels included, and takes no compile options. Options torch.compile does not take are refused here (TypeError),
-    not at the first compiled step. An int8 model (model.quantize("int8"), before or after this call) decodes through
-    it too, each int8 layer one opaque operator of the compiled step that runs the layer as in eager mode
+    kernels included, and takes no compile options. Options torch.compile does not take, by name (TypeError) or by
+    value (ValueError: an unknown mode or backend, a mode with options), are refused here, not at the first compiled
+    step; so is an `enabled` that is no bool. An int8 model (model.quantize("int8"), before or after this call) decodes
+    through it too, each int8 layer one opaque operator of the compiled step that runs the layer as in eager mode
     (quantization.INT8_LAYERS).
     """
     if not model.can_generate():

@@ -1,14 +1,23 @@
 """What the selfattn models add for the Hub: a model card (README.md) generated from the config, written by
-`save_pretrained` and uploaded by `push_to_hub`; and the check that `save_pretrained` (the model's and the config's)
-writes its remote code over no one's own files.
+`save_pretrained` and uploaded by `push_to_hub`; the check that `save_pretrained` (the model's and the config's)
+writes its remote code over no one's own files; and the refusal to save or push a model holding int8 layers.
 
 A model file imports this one relatively, so `save_pretrained` ships it with the remote code and a model
 loaded with `trust_remote_code=True` writes the same card. MODEL_CARD_TEMPLATE below is the template's one copy
 (model_card.md at the root of the selfattn repository describes it).
+
+A generated card is the YAML metadata, a marker line holding the SHA-256 of the text below it, and that text. The
+text is ours while its hash matches: save_pretrained and push_to_hub then write it afresh from the config, keeping
+the metadata a person added (license, datasets, base_model, model-index...) and setting only what the model decides
+(library_name, pipeline_tag, our tags). Once the text is edited it is the owner's: save_pretrained leaves the
+README.md alone, and push_to_hub keeps the card on the Hub, adding only tags.
 """
 
+import functools
+import hashlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -16,18 +25,30 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from transformers.dynamic_module_utils import get_relative_import_files
+from transformers.utils import logging
 
 from .heads import HEADS_BY_CLASS
 
-# Marks a README.md that save_pretrained may rewrite; a card without it was written by a person and is kept.
-GENERATED_MARKER = "<!-- selfattn: generated from config.json by save_pretrained -->"
+logger = logging.get_logger(__name__)
 
-MODEL_CARD_TEMPLATE = """---
-{metadata}
----
-<!-- selfattn: generated from config.json by save_pretrained -->
+# The start of the marker line of a generated card, which ends with the hash of the text below it. The conversion
+# command (convert_cli.write_model_card) removes lines holding "selfattn: generated from config.json" from a card
+# it extends by hand.
+GENERATED_MARKER = "<!-- selfattn: generated from config.json by save_pretrained"
+# Cards of earlier releases carry the marker without a hash: whether their text was edited since cannot be told, so
+# they count as edited.
+MARKER_LINE = re.compile(
+    r"[ \t\r\n]*<!-- selfattn: generated from config\.json by save_pretrained(?:; sha256 ([0-9a-f]{64}))? -->[ \t]*"
+)
+OUR_TAGS = ("selfattn", "custom_code")
+# The text of the card transformers' push_to_hub writes where the Hub has none (create_and_tag_model_card).
+TRANSFORMERS_PLACEHOLDER_DESCRIPTION = (
+    "This is the model card of a 🤗 transformers model that has been pushed on the Hub. This model card has been "
+    "automatically generated."
+)
 
-# {name}
+# The text of the card, below its metadata and marker line (render_model_card).
+MODEL_CARD_TEMPLATE = """# {name}
 
 A `{class_name}` of the selfattn family: the multi-head self-attention Transformer of
 "Attention Is All You Need" (Vaswani et al., 2017) as a Hugging Face transformers model, here in its
@@ -81,13 +102,10 @@ def attention_heads_text(config) -> str:
 
 
 def render_model_card(model, repo_id: str, tags: list[str] | None = None) -> str:
-    """The model card of `model` as it will be published under `repo_id`."""
+    """The model card of `model` as it will be published under `repo_id`, with fresh metadata."""
     config = model.config
     class_name = type(model).__name__
-    # A user's subclass of a head is described as that head; the bare stacks as the base model.
-    head = HEADS_BY_CLASS[
-        next((cls.__name__ for cls in type(model).__mro__ if cls.__name__ in HEADS_BY_CLASS), "SelfAttnModel")
-    ]
+    head = head_of(model)
     if config.encoder_layers and config.decoder_layers:
         shape = "encoder-decoder"
         layers = f"{config.encoder_layers} encoder + {config.decoder_layers} decoder"
@@ -96,10 +114,8 @@ def render_model_card(model, repo_id: str, tags: list[str] | None = None) -> str
     else:
         shape, layers = "decoder-only", f"{config.decoder_layers} decoder"
     num_parameters = model.num_parameters()
-    all_tags = ["selfattn", "custom_code"] + [tag for tag in tags or [] if tag not in ("selfattn", "custom_code")]
-    metadata = ModelCardData(library_name="transformers", pipeline_tag=head.pipeline_tag, tags=all_tags)
-    return MODEL_CARD_TEMPLATE.format(
-        metadata=metadata.to_yaml(),
+    metadata = ModelCardData(library_name="transformers", pipeline_tag=head.pipeline_tag, tags=merged_tags(tags))
+    text = MODEL_CARD_TEMPLATE.format(
         name=repo_id.split("/")[-1],
         class_name=class_name,
         shape=shape,
@@ -118,6 +134,71 @@ def render_model_card(model, repo_id: str, tags: list[str] | None = None) -> str
         repo_id=repo_id,
         intended_use=head.intended_use.format(labels=", ".join(str(label) for label in config.id2label.values())),
     )
+    return f"---\n{metadata.to_yaml()}\n---\n{GENERATED_MARKER}; sha256 {text_digest(text)} -->\n\n{text}"
+
+
+def head_of(model):
+    # A user's subclass of a head is described as that head; the bare stacks as the base model.
+    return HEADS_BY_CLASS[
+        next((cls.__name__ for cls in type(model).__mro__ if cls.__name__ in HEADS_BY_CLASS), "SelfAttnModel")
+    ]
+
+
+def merged_tags(*tag_lists) -> list[str]:
+    """Our tags first, then those of `tag_lists` in order, each once."""
+    return list(dict.fromkeys([*OUR_TAGS, *(tag for tags in tag_lists for tag in tags or [])]))
+
+
+def text_digest(text: str) -> str:
+    # Blind to line endings and surrounding blank lines, which a save through huggingface_hub or an editor may change.
+    return hashlib.sha256(text.replace("\r\n", "\n").strip().encode("utf-8")).hexdigest()
+
+
+def holds_generated_text(card: ModelCard) -> bool:
+    """Whether the text of `card` below its metadata is as render_model_card wrote it: the marker line, then text
+    whose hash it holds."""
+    match = MARKER_LINE.match(card.text)
+    return match is not None and match.group(1) == text_digest(card.text[match.end() :])
+
+
+@functools.cache
+def transformers_placeholder_text() -> str | None:
+    try:
+        return ModelCard.from_template(ModelCardData(), model_description=TRANSFORMERS_PLACEHOLDER_DESCRIPTION).text
+    except ImportError:  # huggingface_hub renders templates with jinja2, which transformers does not require
+        return None
+
+
+def refreshed_card(model, repo_id: str, existing: str | None) -> str | None:
+    """What to write over the card `existing` (a README.md's content; None where there is none): the card generated
+    for `model`, keeping the metadata of `existing`, where `existing` holds generated text unedited or transformers'
+    placeholder card; None where its text is someone's (written or edited by hand), or its metadata unreadable."""
+    fresh = render_model_card(model, repo_id)
+    if existing is None:
+        return fresh
+    try:
+        card = ModelCard(existing)
+    except Exception:  # yaml's errors, and huggingface_hub's ValueError for metadata it cannot read
+        return None
+    if not (holds_generated_text(card) or card.text == transformers_placeholder_text()):
+        return None
+    generated = ModelCard(fresh)
+    card.data.library_name = generated.data.library_name
+    card.data.pipeline_tag = generated.data.pipeline_tag
+    card.data.tags = merged_tags(card.data.tags)
+    card.text = generated.text
+    return str(card)
+
+
+def tagged_card(model, existing: str) -> str:
+    """The card `existing`, someone's own, with our tags added, and library_name and pipeline_tag where it has none."""
+    card = ModelCard(existing)
+    card.data.tags = list(dict.fromkeys([*(card.data.tags or []), *OUR_TAGS]))
+    if card.data.library_name is None:
+        card.data.library_name = "transformers"
+    if card.data.pipeline_tag is None:
+        card.data.pipeline_tag = head_of(model).pipeline_tag
+    return str(card)
 
 
 def refuse_missing_local_path(source, argument: str = "pretrained_model_name_or_path") -> None:
@@ -177,26 +258,60 @@ def holds_save_of(folder: Path, model_type: str) -> bool:
     return isinstance(config, dict) and config.get("model_type") == model_type
 
 
+def refuse_saving_int8(model, method: str) -> None:
+    """Raise, before anything is written, where any module of `model` holds int8 layers (quantization.py)."""
+    # Looked up rather than imported: quantization.py is imported by the first quantize() (or the unpickling of a
+    # quantized model), before which no model holds int8 layers; an import here would also ship it, and the torch it
+    # needs, with every saved config.
+    quantization = sys.modules.get(f"{__package__}.quantization")
+    if quantization is not None:
+        quantization.refuse_int8_save(model, method=method)
+
+
 class SelfAttnHubMixin:
     """Writes the model card beside the weights on `save_pretrained` and uploads it with `push_to_hub`; refuses to
-    save over files of someone's own code (refuse_to_overwrite_foreign_code)."""
+    save over files of someone's own code (refuse_to_overwrite_foreign_code), and to save or push int8 layers."""
 
     def save_pretrained(self, save_directory, is_main_process: bool = True, *args, **kwargs):
+        refuse_saving_int8(self, "save_pretrained")
         if is_main_process:
             refuse_to_overwrite_foreign_code(self, save_directory, self.config.model_type)
         result = super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
         readme = Path(save_directory) / "README.md"
         if is_main_process and readme.parent.is_dir():
-            if not readme.exists() or GENERATED_MARKER in readme.read_text(encoding="utf-8"):
-                readme.write_text(render_model_card(self, Path(save_directory).resolve().name), encoding="utf-8")
+            existing = readme.read_text(encoding="utf-8") if readme.exists() else None
+            card = refreshed_card(self, Path(save_directory).resolve().name, existing)
+            if card is not None:
+                readme.write_text(card, encoding="utf-8")
+            elif GENERATED_MARKER in existing:
+                logger.warning_once(
+                    f"save_pretrained: {readme} was generated by save_pretrained and has been edited since (or its "
+                    "metadata cannot be read), so it is kept as it is, not written afresh from the config. Delete it "
+                    "to have the card generated again."
+                )
         return result
 
+    def push_to_hub(self, *args, **kwargs):
+        """transformers' PreTrainedModel.push_to_hub, refusing a model that holds int8 layers first."""
+        # Before the repository is created: the int8 layers would fail save_pretrained only after that.
+        refuse_saving_int8(self, "push_to_hub")
+        return super().push_to_hub(*args, **kwargs)
+
     def _upload_modified_files(self, working_dir, repo_id, files_timestamps, *args, **kwargs):
-        # push_to_hub (and save_pretrained(push_to_hub=True)) has just written the Hub's current card, or a
-        # generic one, to README.md: publish the card generated from the config instead, keeping its tags.
+        # push_to_hub (and save_pretrained(push_to_hub=True)) has just written the Hub's current card, with the tags
+        # of the push added, or transformers' placeholder card, to README.md: publish the card generated from the
+        # config instead, keeping that card's metadata; a card whose text its owner edited stays theirs.
         readme = Path(working_dir) / "README.md"
-        tags = ModelCard.load(readme).data.tags if readme.exists() else None
-        readme.write_text(render_model_card(self, repo_id, tags), encoding="utf-8")
+        existing = readme.read_text(encoding="utf-8") if readme.exists() else None
+        card = refreshed_card(self, repo_id, existing)
+        if card is None:
+            card = tagged_card(self, existing)
+            logger.warning(
+                f"push_to_hub: the model card of {repo_id} was written or edited by hand, so it is kept as it is "
+                "(with the tags of this push added), not generated afresh from the config. Delete README.md from the "
+                "repository to have the card generated again."
+            )
+        readme.write_text(card, encoding="utf-8")
         return super()._upload_modified_files(working_dir, repo_id, files_timestamps, *args, **kwargs)
 
 

@@ -510,12 +510,30 @@ def refuse_int8_training(model: nn.Module, mode: bool = True) -> nn.Module:
     return type(model).train(model, False)
 
 
-def refuse_int8_save(model: nn.Module, *args, **kwargs):
+def int8_layer_names(model: nn.Module) -> list[str]:
+    """The names of the int8 linear layers (torch's dynamically quantized ones, ours included) anywhere in `model`."""
+    return [name for name, module in model.named_modules() if isinstance(module, DynamicQuantizedLinear)]
+
+
+def refuse_int8_save(model: nn.Module, *args, method: str = "save_pretrained", **kwargs) -> None:
+    """Raise where any module of `model` holds int8 layers; called by save_pretrained and push_to_hub before they
+    write anything (hub.SelfAttnHubMixin). (Models pickled by earlier releases call it, with the save's own
+    arguments, from their save_pretrained and push_to_hub, which were partials of it.)"""
+    names = int8_layer_names(model)
+    if not names:
+        return
+    if getattr(model, "quantization_mode", None) == "int8":
+        holder = f"{type(model).__name__} was quantized with model.quantize('int8')"
+    else:
+        more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+        holder = (
+            f"{type(model).__name__} holds int8 layers ({names[0]}{more}), as a part of it was quantized (e.g. with "
+            "model.model.encoder.quantize('int8'))"
+        )
     raise RuntimeError(
-        f"{type(model).__name__} was quantized with model.quantize('int8'); its linear layers hold torch's packed "
-        "int8 weights, which the saved format cannot store and from_pretrained could not rebuild. Save the float32 "
-        "model instead (save_pretrained or push_to_hub before quantizing, or load it again), and call "
-        "model.quantize('int8') after loading it."
+        f"{method}: {holder}. int8 layers hold torch's packed int8 weights, which the saved format cannot store and "
+        "from_pretrained could not rebuild, so nothing was written. Save the float32 model instead (save_pretrained "
+        "or push_to_hub before quantizing, or load it again), and call model.quantize('int8') after loading it."
     )
 
 
@@ -554,7 +572,7 @@ def check_quantizable(model: nn.Module, mode, keep_float32, per_token_activation
         if patterns is not None:
             check_patterns(argument, patterns, mode, example)
     previous = getattr(model, "quantization_mode", None)
-    if previous is None and any(isinstance(module, DynamicQuantizedLinear) for module in model.modules()):
+    if previous is None and int8_layer_names(model):
         previous = "int8"
     if previous is not None:
         raise RuntimeError(
@@ -687,12 +705,11 @@ def quantize_int8(model: nn.Module, keep_float32, per_token_activations, bf16_at
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     for module in model.modules():
-        # Every PreTrainedModel inside (the encoder and decoder stacks too) refuses what would not work.
+        # Every PreTrainedModel inside (the encoder and decoder stacks too) refuses training. Saving and pushing are
+        # refused by every model that holds int8 layers, however deep (refuse_int8_save).
         if hasattr(module, "save_pretrained"):
             # partial rather than a bound method: it survives copy.deepcopy and pickling (torch.save(model)).
             module.train = functools.partial(refuse_int8_training, module)
-            module.save_pretrained = functools.partial(refuse_int8_save, module)
-            module.push_to_hub = functools.partial(refuse_int8_save, module)
 
 
 def as_patterns(patterns):

@@ -264,9 +264,9 @@ def visualize(model, tokenizer, text: str, out_dir, target: str | None = None, l
     """Write the head grids, the rollout (encoders) or alignment (encoder-decoders), and their numbers.
     Returns {name: path} of what was written."""
     record = record_attention(model, tokenizer, text, target)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)  # once text and target are accepted: refusing them creates no folder
     layers = _check_layer(layer, record.attentions.shape[0])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)  # once text, target and layer are accepted: refusing them creates none
     written, numbers = {}, {"tokens": record.tokens}
     for index in layers:
         path = out_dir / f"heads_layer{index}.png"
@@ -295,9 +295,12 @@ def visualize(model, tokenizer, text: str, out_dir, target: str | None = None, l
 
 
 def visualize_statistics(model, tokenizer, texts: list[str], out_dir):
+    texts = [text for text in texts if text.strip()]
+    if not texts:
+        raise ValueError("Head statistics need at least one text; every line given is blank.")
+    statistics = head_statistics([record_attention(model, tokenizer, text) for text in texts])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    statistics = head_statistics([record_attention(model, tokenizer, text) for text in texts if text.strip()])
     plot_head_statistics(statistics, out_dir / "head_statistics.png")
     table = {name: _json_ready(values) for name, values in statistics.items()}
     (out_dir / "head_statistics.json").write_text(json.dumps(table, indent=1))
@@ -358,7 +361,7 @@ def read_labelled_texts(path, config: SelfAttnConfig) -> list[tuple[str, int]]:
         else:
             raise ValueError(
                 f"{path} line {number}: label {label!r} is neither a class id below num_labels={config.num_labels} "
-                f"nor a name in the model's label2id {sorted(label2id)}."
+                f"nor a name in the model's label2id {sorted(label2id)}; write one of those for each label."
             )
     if ambiguous and as_id:
         (name_line, name), (id_line, id_label) = ambiguous, as_id
@@ -372,16 +375,28 @@ def read_labelled_texts(path, config: SelfAttnConfig) -> list[tuple[str, int]]:
     return pairs
 
 
-def visualize_importance(model, tokenizer, pairs: list[tuple[str, int]], out_dir, batch_size: int = 16):
-    """Michel et al.'s head importance (layer-normalised) of a sequence classifier over labelled texts, drawn as a
-    layers x heads heatmap (head_importance.png) with its numbers (head_importance.json). Returns the importance."""
-    from .head_importance import head_importance
-
+def check_importance_model(model) -> None:
     if not type(model).__name__.endswith("ForSequenceClassification"):
         raise ValueError(
             f"--importance scores a sequence classifier from labelled texts; this model is {type(model).__name__}. "
             "For other heads call modeling_selfattn.head_importance.head_importance with batches that hold labels."
         )
+
+
+def read_texts(path) -> list[str]:
+    """The non-blank lines of a --stats file; ValueError where there is none."""
+    texts = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    if not texts:
+        raise ValueError(f"--stats {path} holds no text (it is empty or blank); write one text per line.")
+    return texts
+
+
+def visualize_importance(model, tokenizer, pairs: list[tuple[str, int]], out_dir, batch_size: int = 16):
+    """Michel et al.'s head importance (layer-normalised) of a sequence classifier over labelled texts, drawn as a
+    layers x heads heatmap (head_importance.png) with its numbers (head_importance.json). Returns the importance."""
+    from .head_importance import head_importance
+
+    check_importance_model(model)
     batches = []
     for start in range(0, len(pairs), batch_size):
         texts, labels = zip(*pairs[start : start + batch_size])
@@ -438,12 +453,21 @@ def main(argv=None) -> int:
         parser.error(f"--layer must be an integer or 'all', got {args.layer!r}")
     try:
         model, tokenizer = load_model(args.model)
-        written = visualize(model, tokenizer, args.text, args.out, args.target, layer)
-        if args.stats:
-            texts = Path(args.stats).read_text().splitlines()
-            print(format_statistics(visualize_statistics(model, tokenizer, texts, args.out)))
+        # Every input is read and checked before the first file is written: a refusal leaves --out as it was.
+        texts = read_texts(args.stats) if args.stats else None
+        pairs = None
         if args.importance:
-            visualize_importance(model, tokenizer, read_labelled_texts(args.importance, model.config), args.out)
+            check_importance_model(model)
+            try:
+                pairs = read_labelled_texts(args.importance, model.config)
+            except ValueError as error:
+                raise ValueError(f"--importance: {error}") from error
+        written = visualize(model, tokenizer, args.text, args.out, args.target, layer)
+        if texts is not None:
+            print(format_statistics(visualize_statistics(model, tokenizer, texts, args.out)))
+            written["head_statistics"] = Path(args.out) / "head_statistics.png"
+        if pairs is not None:
+            visualize_importance(model, tokenizer, pairs, args.out)
             written["head_importance"] = Path(args.out) / "head_importance.png"
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)

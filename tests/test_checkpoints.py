@@ -833,3 +833,38 @@ def test_hub_checkpoint_in_a_subfolder(tmp_path, monkeypatch):
     model = SelfAttnModel.from_pretrained("org/model", subfolder="text_encoder", use_safetensors=False)
     assert "text_encoder/*.bin" in requested and "text_encoder/*.safetensors" not in requested, requested
     assert max(max_diffs(second, model.eval(), "BertModel").values()) <= TOLERANCE
+
+
+# --- dtypes ---------------------------------------------------------------------------------------------------------
+
+
+def test_verify_leaves_a_half_precision_model_in_its_dtype(saved_sources, tmp_path):
+    """--verify runs both models in float32; the converted model, saved afterwards, keeps the source's bfloat16
+    tensors bit for bit (it was upcast in place, and saved as float32 twice the size)."""
+    config_dict, state_dict = bert_checkpoint(saved_sources)
+    source = tmp_path / "bf16"
+    halves = {name: tensor.to(torch.bfloat16) for name, tensor in state_dict.items()}
+    save_checkpoint(source, {**config_dict, "dtype": "bfloat16"}, halves)
+    model, report = convert_checkpoint(source)
+    assert model.dtype == torch.bfloat16 and report.dtype == "bfloat16 (the source tensors' own)"
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    diffs = checkpoints.verify(source, model)
+    assert max(diffs.values()) <= TOLERANCE
+    after = model.state_dict()
+    for name, tensor in before.items():
+        assert after[name].dtype == tensor.dtype and torch.equal(after[name], tensor), name
+    assert model.model.encoder.embeddings.word_embeddings.weight is model.get_output_embeddings().weight  # still tied
+
+
+def test_mixed_dtypes_are_kept_in_one_that_holds_them_all(saved_sources, tmp_path):
+    config_dict, state_dict = bert_checkpoint(saved_sources)
+    halves = {
+        name: tensor.to(torch.float16 if "attention" in name else torch.bfloat16) for name, tensor in state_dict.items()
+    }
+    save_checkpoint(tmp_path / "mixed", config_dict, halves)
+    model, report = convert_checkpoint(tmp_path / "mixed")
+    assert model.dtype == torch.float32
+    assert report.dtype == "float32 (it holds each of the source tensors' dtypes (bfloat16, float16) exactly)"
+    converted = model.state_dict()
+    for source_name, target_name in report.mapped.items():
+        assert torch.equal(converted[target_name], halves[source_name].float())

@@ -193,6 +193,21 @@ def test_hand_edited_config_is_checked_again_when_a_model_is_built():
         SelfAttnModel(config)
 
 
+def test_is_decoder_on_an_encoder_only_config_is_refused_pointing_to_the_decoder_only_shape():
+    # BertModel turns causal with is_decoder=True; selfattn's encoder stack would have silently stayed bidirectional.
+    with pytest.raises(ValueError, match=r"is_decoder=True\) with decoder_layers=0.*encoder_layers=0 and decoder_lay"):
+        SelfAttnConfig(vocab_size=99, hidden_size=32, num_attention_heads=4, encoder_layers=1, is_decoder=True)
+    config = SelfAttnConfig(vocab_size=99, hidden_size=32, num_attention_heads=4, encoder_layers=1)
+    config.is_decoder = True  # as EncoderDecoderModel sets it on its decoder's config
+    with pytest.raises(ValueError, match="is_decoder"):
+        SelfAttnModel(config)
+    # Where it holds (the decoder-only shape), or False, it is accepted.
+    SelfAttnConfig(
+        vocab_size=99, hidden_size=32, num_attention_heads=4, encoder_layers=0, decoder_layers=1, is_decoder=True
+    )
+    SelfAttnConfig(vocab_size=99, hidden_size=32, num_attention_heads=4, encoder_layers=1, is_decoder=False)
+
+
 def test_saved_auto_map_names_only_files_the_folder_has(tmp_path):
     # A config saved by an older release names its classes in files that no longer exist (modeling_selfattn.py);
     # re-saving must point every entry at the files written now, and keep entries of other Auto classes.

@@ -578,7 +578,7 @@ def test_marian_tokenizer_files_are_all_copied(tmp_path, monkeypatch):
     for name in names:
         (source / name).write_text(name)
     # The check that they load would need sentencepiece, which MarianTokenizer imports; this test is about copying.
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda folder: None)
+    monkeypatch.setattr(convert_cli, "check_copied_tokenizer", lambda *args: None)
     assert sorted(convert_cli.copy_tokenizer_files(source, output)) == sorted(names)
     assert all((output / name).read_text() == name for name in names)
 
@@ -700,3 +700,213 @@ def test_distilbert_model_without_a_classifier_dropout_exports(tmp_path, capsys)
         expected = reference(input_ids=input_ids, attention_mask=attention_mask).logits
         actual = model(input_ids=input_ids, attention_mask=attention_mask).logits
     assert (expected - actual).abs().max().item() <= 1e-5
+
+
+# --- a checkpoint's dtype is kept -----------------------------------------------------------------------------------
+
+
+def half_precision_source(model_type: str, dtype: torch.dtype, folder: Path) -> Path:
+    """A tiny random BertForMaskedLM (with its tokenizer) or MarianMTModel (without: --verify then runs on random ids)
+    saved in `dtype`, as checkpoints published in bfloat16 or float16 are."""
+    torch.manual_seed(0)
+    folder.mkdir()
+    if model_type == "bert":
+        save_word_piece_tokenizer(folder)
+        config = transformers.BertConfig(
+            vocab_size=WORD_PIECE_VOCAB_SIZE, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=37, max_position_embeddings=32,
+        )
+        model = transformers.BertForMaskedLM(config)
+    else:
+        config = transformers.MarianConfig(
+            vocab_size=99, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+            pad_token_id=98, eos_token_id=0, decoder_start_token_id=98, forced_eos_token_id=0,
+        )
+        model = transformers.MarianMTModel(config)
+    model.to(dtype).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("model_type", ["bert", "marian"])
+def test_half_precision_checkpoint_keeps_its_dtype_through_conversion_and_export(model_type, dtype, tmp_path, capsys):
+    """Converted with --verify and exported back, a bfloat16 or float16 checkpoint stays one: the same tensors bit for
+    bit (not float32 copies of twice the size), config.json saying so. --verify runs both models in float32, which
+    holds the half-precision weights exactly, so its tolerance is the float32 one."""
+    source = half_precision_source(model_type, dtype, tmp_path / "source")
+    converted, exported = tmp_path / "selfattn", tmp_path / "exported"
+    command = "bert" if model_type == "bert" else "seq2seq"
+    assert convert_cli.main([command, str(source), str(converted), "--verify", "--tolerance", "1e-5"]) == 0
+    name = str(dtype).removeprefix("torch.")
+    assert json.loads((converted / "config.json").read_text())["dtype"] == name
+    original, selfattn = load_file(source / "model.safetensors"), load_file(converted / "model.safetensors")
+    _, report = convert_checkpoint(source)
+    for source_name, target_name in report.mapped.items():
+        assert selfattn[target_name].dtype == dtype and torch.equal(selfattn[target_name], original[source_name])
+    assert f"dtype: {name} (the source tensors' own)" in capsys.readouterr().out
+    assert f"Tensors kept in {name}" in (converted / "README.md").read_text()
+
+    assert convert_cli.main(["export", str(converted), str(exported), "--verify", "--tolerance", "1e-5"]) == 0
+    assert json.loads((exported / "config.json").read_text())["dtype"] == name
+    back = load_file(exported / "model.safetensors")
+    assert set(original) <= set(back)
+    for tensor_name, tensor in original.items():
+        assert back[tensor_name].dtype == tensor.dtype and torch.equal(back[tensor_name], tensor), tensor_name
+    reloaded = getattr(transformers, json.loads((exported / "config.json").read_text())["architectures"][0])
+    assert reloaded.from_pretrained(exported).dtype == dtype
+
+
+def test_tensors_decide_the_dtype_where_config_json_says_another(bert_folder, tmp_path, capsys):
+    """A config.json that names another dtype than its tensors' (an edited file, an older tool) does not round the
+    tensors: they are kept, the converted config states their dtype, and the report says why."""
+    source = shutil.copytree(bert_folder, tmp_path / "source")
+    tensors = load_file(source / "model.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({name: tensor.to(torch.bfloat16) for name, tensor in tensors.items()}, source / "model.safetensors")
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "dtype": "float32"}))
+    assert convert_cli.main(["bert", str(source), str(tmp_path / "out"), "--verify"]) == 0
+    printed = capsys.readouterr().out
+    assert "dtype: bfloat16 (the source tensors' own; config.json says float32, which they are not in)" in printed
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert all(t.dtype == torch.bfloat16 for t in load_file(tmp_path / "out" / "model.safetensors").values())
+
+
+# --- chat templates and the tokenizer check -------------------------------------------------------------------------
+
+CHAT_TEMPLATES = {
+    "default": "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}",
+    "tool_use": "{% for message in messages %}[{{ message['role'] }}] {{ message['content'] }}{% endfor %}",
+}
+
+
+@pytest.fixture(scope="module")
+def chat_folder(bert_folder, tmp_path_factory) -> Path:
+    """bert_folder with chat templates, saved as transformers 5 saves them: chat_template.jinja (the default) and
+    additional_chat_templates/tool_use.jinja; plus a processor's legacy chat_template.json."""
+    folder = tmp_path_factory.mktemp("chat") / "bert"
+    shutil.copytree(bert_folder, folder)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = dict(CHAT_TEMPLATES)
+    tokenizer.save_pretrained(folder)
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATES["default"]}))
+    assert (folder / "chat_template.jinja").is_file()
+    assert (folder / "additional_chat_templates" / "tool_use.jinja").is_file()
+    return folder
+
+
+def chat_files(folder: Path) -> dict[str, bytes]:
+    return {
+        str(path.relative_to(folder)): path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and "chat_template" in str(path.relative_to(folder))
+    }
+
+
+def test_chat_templates_survive_conversion_and_export(chat_folder, tmp_path):
+    converted, exported = tmp_path / "selfattn", tmp_path / "bert"
+    assert convert_cli.main(["bert", str(chat_folder), str(converted)]) == 0
+    assert convert_cli.main(["export", str(converted), str(exported)]) == 0
+    expected = chat_files(chat_folder)
+    assert set(expected) == {"chat_template.jinja", "chat_template.json", "additional_chat_templates/tool_use.jinja"}
+    messages = [{"role": "user", "content": "the cat sat"}]
+    source_tokenizer = transformers.AutoTokenizer.from_pretrained(chat_folder)
+    for folder in (converted, exported):
+        assert chat_files(folder) == expected, folder
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+        assert tokenizer.chat_template == source_tokenizer.chat_template == CHAT_TEMPLATES
+        for name in CHAT_TEMPLATES:
+            rendered = tokenizer.apply_chat_template(messages, chat_template=name, tokenize=False)
+            assert rendered == source_tokenizer.apply_chat_template(messages, chat_template=name, tokenize=False)
+
+
+def test_onnx_export_keeps_the_chat_templates(chat_folder, tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    converted, exported = tmp_path / "selfattn", tmp_path / "onnx"
+    assert convert_cli.main(["bert", str(chat_folder), str(converted)]) == 0
+    assert convert_cli.main(["onnx", str(converted), str(exported)]) == 0
+    assert chat_files(exported) == chat_files(chat_folder)
+    assert transformers.AutoTokenizer.from_pretrained(exported).chat_template == CHAT_TEMPLATES
+
+
+def test_tokenizer_that_loads_differently_in_output_stops_the_run(chat_folder, tmp_path, monkeypatch, capsys):
+    """The check after copying compares what the tokenizer loads, not only that it loads: with a file left behind
+    (here the chat templates, as the list once lacked them) the tokenizer still loads, but differs."""
+    without_templates = tuple(
+        name for name in checkpoints.TOKENIZER_FILES if name not in ("chat_template.jinja", "chat_template.json")
+    )
+    monkeypatch.setattr(convert_cli, "TOKENIZER_FILES", without_templates)
+    monkeypatch.setattr(convert_cli, "TOKENIZER_FOLDERS", ())
+    output = tmp_path / "out"
+    assert convert_cli.main(["bert", str(chat_folder), str(output)]) == 1
+    error = capsys.readouterr().err
+    assert f"The tokenizer copied from {chat_folder}" in error
+    assert "loads differently in OUTPUT (chat_template:" in error
+    assert not output.exists()
+
+
+def test_tokenizer_summary_sees_vocabulary_and_special_tokens(bert_folder, tmp_path):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(bert_folder)
+    summary = convert_cli.tokenizer_summary(tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[NEW]"]})
+    changed = convert_cli.tokenizer_summary(tokenizer)
+    assert [name for name in summary if summary[name] != changed[name]] == ["vocabulary", "all special tokens"]
+    tokenizer.add_special_tokens({"pad_token": "cat"})
+    assert convert_cli.tokenizer_summary(tokenizer)["special tokens"]["pad_token"] == "cat"
+
+
+def test_every_file_a_tokenizer_saves_is_copied(tmp_path):
+    """The names transformers' tokenizers of the conversion families save (their vocab_files_names and the files
+    save_pretrained writes beside them) are all in TOKENIZER_FILES, or in TOKENIZER_FOLDERS."""
+    from transformers.tokenization_utils_base import ADDED_TOKENS_FILE, SPECIAL_TOKENS_MAP_FILE, TOKENIZER_CONFIG_FILE
+    from transformers.utils import CHAT_TEMPLATE_DIR, CHAT_TEMPLATE_FILE, LEGACY_PROCESSOR_CHAT_TEMPLATE_FILE
+
+    names = {ADDED_TOKENS_FILE, SPECIAL_TOKENS_MAP_FILE, TOKENIZER_CONFIG_FILE, CHAT_TEMPLATE_FILE}
+    names |= {LEGACY_PROCESSOR_CHAT_TEMPLATE_FILE}
+    for class_name in ("BertTokenizer", "RobertaTokenizer", "XLMRobertaTokenizer", "TokenizersBackend"):
+        names |= set(getattr(transformers, class_name).vocab_files_names.values())
+    # MarianTokenizer's, which cannot be imported without sentencepiece
+    names |= {"source.spm", "target.spm", "vocab.json", "target_vocab.json"}
+    assert names <= set(checkpoints.TOKENIZER_FILES)
+    assert CHAT_TEMPLATE_DIR in checkpoints.TOKENIZER_FOLDERS
+
+
+# --- each conversion command takes its own families -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("verify", [False, True], ids=["plain", "verify"])
+def test_bert_command_refuses_an_encoder_decoder_naming_seq2seq(verify, bart_folder, tmp_path, monkeypatch, capsys):
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("the checkpoint was converted before its model_type was checked")
+
+    monkeypatch.setattr(convert_cli, "convert_checkpoint", no_conversion)
+    output = tmp_path / "out"
+    assert load_script("convert_bert").main([str(bart_folder), str(output), *(["--verify"] if verify else [])]) == 1
+    error = capsys.readouterr().err
+    assert f"SOURCE {bart_folder} holds a 'bart' checkpoint, an encoder-decoder" in error
+    assert "`selfattn-convert seq2seq SOURCE OUTPUT` (or conversion/convert_seq2seq.py)" in error
+    assert not output.exists()
+
+
+def test_a_model_type_no_command_converts_names_both_commands(tmp_path, capsys):
+    source = tmp_path / "gpt2"
+    source.mkdir()
+    (source / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    for command in ("bert", "seq2seq"):
+        assert convert_cli.main([command, str(source), str(tmp_path / "out")]) == 1
+        error = capsys.readouterr().err
+        assert "model_type='gpt2' checkpoint, which no selfattn-convert command converts" in error
+        assert "`bert` takes ['bert', 'distilbert', 'electra', 'roberta', 'xlm-roberta']" in error
+        assert "`seq2seq` takes ['bart', 'marian']" in error
+
+
+def test_a_chat_template_folder_that_is_a_file_stops_the_run(bert_folder, tmp_path, capsys):
+    source = shutil.copytree(bert_folder, tmp_path / "source")
+    (source / "additional_chat_templates").write_text("not a folder")
+    assert convert_cli.main(["bert", str(source), str(tmp_path / "out")]) == 1
+    error = capsys.readouterr().err
+    assert f"tokenizer entry {source / 'additional_chat_templates'} is a file, not a folder" in error
+    assert not (tmp_path / "out").exists()

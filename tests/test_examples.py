@@ -299,6 +299,7 @@ def test_help_lists_the_shared_and_trainer_options(examples, script, capsys):
         "--max_train_samples",
         "--lora",
         "--output_dir",
+        "--overwrite_output_dir",
     ):
         assert option in printed
 
@@ -354,6 +355,124 @@ def test_what_to_do_is_checked_before_any_work(examples, script, tmp_path):
     nothing = [option for option in options if option not in ("--do_train", "--do_eval")]
     with pytest.raises(ValueError, match=r"^Nothing to do: give --do_train .*, --do_eval, or both"):
         examples[script].main(nothing)
+
+
+def folder_contents(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def earlier_run(folder: Path) -> Path:
+    """An output folder as an earlier run left it: its model config and a checkpoint Trainer could rotate away."""
+    (folder / "checkpoint-500").mkdir(parents=True)
+    (folder / "checkpoint-500" / "model.safetensors").write_bytes(b"earlier weights")
+    (folder / "config.json").write_text('{"earlier": true}')
+    return folder
+
+
+def siblings(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.parent.iterdir() if path.name != folder.name)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_non_empty_output_dir_is_refused_before_any_work(examples, script, tmp_path):
+    """Trainer writes into any --output_dir, and its --save_total_limit deleted an earlier run's checkpoint-N
+    folders there: a non-empty one is refused, naming the three ways on, before any data or model is read."""
+    output = earlier_run(tmp_path / "out")
+    before = folder_contents(output)
+    options = ["--model_name_or_path", "x", "--train_file", "missing.jsonl", *trainer_options(output),
+               "--save_strategy", "steps", "--save_steps", "1", "--save_total_limit", "1"]  # fmt: skip
+    with pytest.raises(ValueError, match=rf"^--output_dir {output} exists and is not empty: .* Give a new --output_dir; "
+                       r"or add --overwrite_output_dir .*--resume_from_checkpoint"):  # fmt: skip
+        examples[script].main(options)
+    assert folder_contents(output) == before
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["plain", "overwrite"])
+@pytest.mark.parametrize("relation", ["same", "contains", "inside", "contains_train_file"])
+def test_an_output_dir_overlapping_an_input_is_refused_even_with_overwrite(
+    examples, data_dir, bert_dir, tmp_path, relation, overwrite
+):
+    """The run writes over --output_dir (and --overwrite_output_dir replaces it): an --output_dir that is the model
+    it starts from (which it replaced in place), holds an input, or lies inside the model's folder is refused."""
+    import shutil
+
+    model = shutil.copytree(bert_dir, tmp_path / "models" / "bert")
+    train_file = data_dir / "sentiment_train.jsonl"
+    output, option, source, words = {
+        "same": (model, "--model_name_or_path", model, "is"),
+        "contains": (model.parent, "--model_name_or_path", model, "contains"),
+        "inside": (model / "fine-tuned", "--model_name_or_path", model, "lies inside"),
+        "contains_train_file": (tmp_path / "data", "--train_file", tmp_path / "data" / train_file.name, "contains"),
+    }[relation]
+    if relation == "contains_train_file":
+        (tmp_path / "data").mkdir()
+        shutil.copy(train_file, tmp_path / "data")
+        train_file = tmp_path / "data" / train_file.name
+    before = folder_contents(tmp_path)
+    with pytest.raises(ValueError, match=rf"^--output_dir {output} {words} {option} {source}: .*Give (another|an) "
+                       "--output_dir"):  # fmt: skip
+        examples["run_classification"].main(
+            ["--model_name_or_path", str(model), "--train_file", str(train_file), *trainer_options(output, steps=1),
+             "--do_eval", "false", *(["--overwrite_output_dir"] if overwrite else [])]
+        )  # fmt: skip
+    assert folder_contents(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [(["--resume_from_checkpoint", "{out}/checkpoint-9"], r"^--resume_from_checkpoint \S+ is not a folder: give the checkpoint-N"),
+     (["--resume_from_checkpoint", "{out}"], r"^--resume_from_checkpoint continues a training run, but there is no --do_train"),
+     (["--overwrite_output_dir"], r"^--output_dir \S+ holds files but none of a training run's output .* Give a new --output_dir"),
+     (["--overwrite_output_dir", "--output_dir", "{out}/notes.txt"], r"^--output_dir \S+ is a file, not a folder")],
+    ids=["resume_from_a_missing_checkpoint", "resume_without_training", "overwrite_a_folder_of_other_files",
+         "output_dir_a_file"],
+)  # fmt: skip
+def test_output_and_resume_options_are_checked_before_any_work(examples, tmp_path, options, message):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "notes.txt").write_text("not a run's output")
+    options = [option.format(out=output) for option in options]
+    arguments = ["--model_name_or_path", "x", "--train_file", "missing.jsonl", *trainer_options(output), *options]
+    if "--resume_from_checkpoint" in options and "continues" in message:
+        arguments.remove("--do_train")
+    with pytest.raises(ValueError, match=message):
+        examples["run_classification"].main(arguments)
+    assert folder_contents(output) == {"notes.txt": b"not a run's output"}
+
+
+def test_overwrite_output_dir_replaces_an_earlier_run_only_once_the_run_has_finished(
+    examples, data_dir, tokenizer_dir, encoder_config, tmp_path
+):
+    """--overwrite_output_dir writes the run beside --output_dir and swaps it in at the end: a run that fails
+    leaves the earlier run as it was (and no partial folder), one that finishes replaces it whole."""
+    output = earlier_run(tmp_path / "out")
+    before = folder_contents(output)
+    options = ["--config_name", str(encoder_config), "--tokenizer_name", str(tokenizer_dir), "--overwrite_output_dir",
+               "--train_file", str(data_dir / "sentiment_train.jsonl"), "--validation_file", str(data_dir / "sentiment_dev.tsv"),
+               *trainer_options(output, steps=1)]  # fmt: skip
+    with pytest.raises(ValueError, match="name the right one with --text_column"):  # fails once the run has begun
+        examples["run_classification"].main([*options, "--text_column", "review"])
+    assert folder_contents(output) == before and siblings(output) == []
+
+    metrics = examples["run_classification"].main(options)
+    assert siblings(output) == [] and not (output / "checkpoint-500").exists()
+    assert json.loads((output / "config.json").read_text())["model_type"] == "selfattn"
+    assert saved_results(output)["eval_accuracy"] == metrics["eval_accuracy"]
+
+
+def test_resume_from_checkpoint_continues_in_its_own_output_dir(
+    examples, data_dir, tokenizer_dir, encoder_config, tmp_path
+):
+    """Continuing the run saved in --output_dir is what a non-empty --output_dir is for: it is not refused."""
+    options = ["--config_name", str(encoder_config), "--tokenizer_name", str(tokenizer_dir),
+               "--train_file", str(data_dir / "sentiment_train.jsonl"), "--validation_file", str(data_dir / "sentiment_dev.tsv"),
+               *trainer_options(tmp_path, steps=1), "--save_strategy", "steps", "--save_steps", "1"]  # fmt: skip
+    examples["run_classification"].main(options)
+    assert (tmp_path / "checkpoint-1").is_dir()
+    options[options.index("--max_steps") + 1] = "2"
+    examples["run_classification"].main([*options, "--resume_from_checkpoint", str(tmp_path / "checkpoint-1")])
+    assert (tmp_path / "checkpoint-1").is_dir() and (tmp_path / "checkpoint-2").is_dir()
+    assert json.loads((tmp_path / "trainer_state.json").read_text())["global_step"] == 2
 
 
 @pytest.mark.parametrize(
@@ -498,6 +617,84 @@ def test_classification_from_a_bert_checkpoint(examples, data_dir, bert_dir, tmp
     assert_accuracy_reproduced(metrics["eval_accuracy"], tmp_path, sentiment_rows(12, 2)[:6])
 
 
+def classification_run(examples, tokenizer_dir, model_options: list[str], rows: list[dict], output_dir: Path) -> dict:
+    """run_classification on `rows` (train and validation), one step."""
+    data = write_jsonl(output_dir.parent / f"{output_dir.name}_data.jsonl", rows)
+    return examples["run_classification"].main(
+        [*model_options, "--tokenizer_name", str(tokenizer_dir), "--train_file", str(data), "--validation_file",
+         str(data), *trainer_options(output_dir, steps=1)]
+    )  # fmt: skip
+
+
+def test_integer_labels_are_classes_in_numeric_order(examples, tokenizer_dir, encoder_config, tmp_path):
+    """Labels 0-11 were numbered as text ("10" and "11" before "2"), so class index and label id differed."""
+    rows = [{"sentence": row["sentence"], "label": index % 12} for index, row in enumerate(sentiment_rows(24, 1))]
+    classification_run(examples, tokenizer_dir, ["--config_name", str(encoder_config)], rows, tmp_path / "out")
+    config = AutoConfig.from_pretrained(tmp_path / "out")
+    assert config.id2label == {index: str(index) for index in range(12)}
+    assert config.label2id == {str(index): index for index in range(12)}
+
+
+def test_float_labels_train_a_regression_head(examples, tokenizer_dir, encoder_config, tmp_path):
+    """Scores (a float column, as STS-B's) were made into one class per distinct value; they are regressed, as
+    transformers' run_glue does: one output, problem_type "regression", mean squared error as the loss."""
+    rows = [{"sentence": row["sentence"], "label": 0.2 * index + 0.1} for index, row in enumerate(sentiment_rows(24, 1))]
+    metrics = classification_run(examples, tokenizer_dir, ["--config_name", str(encoder_config)], rows, tmp_path / "out")
+    assert metrics["eval_mse"] == pytest.approx(metrics["eval_loss"], rel=1e-4)
+    assert -1.0 <= metrics["eval_pearson"] <= 1.0 and "eval_accuracy" not in metrics
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    assert (model.config.num_labels, model.config.problem_type) == (1, "regression")
+    inputs = AutoTokenizer.from_pretrained(tmp_path / "out")([rows[0]["sentence"]], return_tensors="pt")
+    assert model(**inputs).logits.shape == (1, 1)
+
+
+def named_classifier(folder: Path, tokenizer_dir: Path, names: list[str]) -> Path:
+    """A tiny BERT classifier whose config names its classes."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                        intermediate_size=37, max_position_embeddings=64, id2label=dict(enumerate(names)),
+                        label2id={name: index for index, name in enumerate(names)})  # fmt: skip
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "names,expected,warned",
+    [(["positive", "negative"], ["positive", "negative"], False), (["bad", "good"], ["negative", "positive"], True)],
+    ids=["data_uses_the_model_names", "other_names"],
+)
+def test_a_pretrained_models_label_names_are_kept_or_a_warning_says_they_are_replaced(
+    examples, tokenizer_dir, tmp_path, caplog, names, expected, warned
+):
+    model = named_classifier(tmp_path / "model", tokenizer_dir, names)
+    with caplog.at_level("WARNING", logger="examples"):
+        classification_run(examples, tokenizer_dir, ["--model_name_or_path", str(model)], sentiment_rows(8, 1),
+                           tmp_path / "out")  # fmt: skip
+    assert AutoConfig.from_pretrained(tmp_path / "out").id2label == dict(enumerate(expected))
+    warning = (
+        f"The pretrained model {model} names its classes {names}, but --label_column holds labels it does not name "
+        "(['negative', 'positive']): the fine-tuned model takes the data's labels ['negative', 'positive'] as its "
+        "classes instead"
+    )
+    assert (warning in caplog.text) == warned
+
+
+def test_class_label_ids_are_mapped_onto_the_pretrained_models_names(examples, tokenizer_dir, tmp_path):
+    """A ClassLabel column's ids follow its own name order; a model naming the same classes in another order
+    keeps its ids, and each example gets the model's id for its name."""
+    import datasets
+
+    common = examples["common"]
+    model = named_classifier(tmp_path / "model", tokenizer_dir, ["positive", "negative"])
+    feature = datasets.ClassLabel(names=["negative", "positive"])
+    labels = common.LabelEncoder(feature, [0, 1, 1], common.ModelArguments(model_name_or_path=str(model)),
+                                 "--label_column", sequence_head=True)  # fmt: skip
+    assert labels.encode([0, 1, 1]) == [1, 0, 0]
+    assert labels.config_fields()["id2label"] == {0: "positive", 1: "negative"}
+
+
 def test_lora_saves_the_adapter_and_a_merged_model_equal_to_base_plus_adapter(examples, data_dir, bert_dir, tmp_path):
     from peft import PeftModel
 
@@ -557,6 +754,19 @@ def test_ner_reports_entity_scores_and_saves_a_token_classifier(
         assert 0.0 <= metrics[name] <= 1.0
     model = SelfAttnForTokenClassification.from_pretrained(tmp_path)
     assert set(model.config.label2id) == {"O", "B-person", "B-location", "I-location"}
+
+
+def test_float_tags_are_refused_for_token_classification(
+    examples, tokenizer_dir, encoder_config, tmp_path
+):
+    rows = [{"tokens": row["tokens"], "ner_tags": [0.5] * len(row["tokens"])} for row in ner_rows(8, 1)]
+    data = write_jsonl(tmp_path / "scores.jsonl", rows)
+    with pytest.raises(ValueError, match=r"^--tags_column holds fractional numbers \(e.g. 0.5\), but token "
+                       "classification needs a class per token"):  # fmt: skip
+        examples["run_ner"].main(
+            ["--config_name", str(encoder_config), "--tokenizer_name", str(tokenizer_dir), "--train_file", str(data),
+             *trainer_options(tmp_path / "out", steps=1), "--do_eval", "false"]
+        )  # fmt: skip
 
 
 def test_entity_metrics_score_whole_entities(examples):
@@ -829,6 +1039,101 @@ def test_summarisation_warm_started_from_a_bert_checkpoint(examples, data_dir, b
     encoder_query = model.model.encoder.layers[0].self_attn.q_proj.weight
     decoder_query = model.model.decoder.layers[0].self_attn.q_proj.weight
     assert encoder_query.data_ptr() != decoder_query.data_ptr()
+
+
+@pytest.fixture(scope="module")
+def bart_dirs(tmp_path_factory) -> dict[str, Path]:
+    """A tiny BART (transformers' class) with a BART-style tokenizer, and its selfattn conversion: the decoder starts
+    from </s> (2), not from the tokenizer's <s> (0), which generation forces as the first token; the generation
+    config says max_length 25."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import BartConfig, BartForConditionalGeneration, GenerationConfig
+
+    words = sorted({word for row in summary_rows(20, 0) for word in row["document"].replace(".", " .").split()})
+    vocabulary = {token: index for index, token in enumerate(["<s>", "<pad>", "</s>", "<unk>", "<mask>", *words])}
+    backend = Tokenizer(models.WordLevel(vocabulary, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+    )
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        unk_token="<unk>", mask_token="<mask>", model_max_length=64)  # fmt: skip
+    ids = {"pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2, "decoder_start_token_id": 2}
+    config = BartConfig(vocab_size=len(vocabulary), d_model=32, encoder_layers=1, decoder_layers=1,
+                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37,
+                        max_position_embeddings=64, forced_eos_token_id=2, **ids)  # fmt: skip
+    torch.manual_seed(0)
+    model = BartForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(num_beams=2, max_length=25, forced_bos_token_id=0, forced_eos_token_id=2,
+                                               **ids)  # fmt: skip
+    folders = {"transformers": tmp_path_factory.mktemp("bart") / "bart"}
+    model.save_pretrained(folders["transformers"])
+    tokenizer.save_pretrained(folders["transformers"])
+    folders["converted"] = folders["transformers"].parent / "selfattn"
+    assert convert_cli.main(["seq2seq", str(folders["transformers"]), str(folders["converted"])]) == 0
+    return folders
+
+
+GENERATION_FIELDS = ("decoder_start_token_id", "forced_bos_token_id", "eos_token_id", "pad_token_id", "max_length")
+
+
+def generation_fields(folder: Path) -> dict:
+    config = json.loads((folder / "config.json").read_text())
+    generation = json.loads((folder / "generation_config.json").read_text())
+    return {"config": config["decoder_start_token_id"], **{name: generation.get(name) for name in GENERATION_FIELDS}}
+
+
+@pytest.mark.parametrize("source", ["converted", "transformers"])
+def test_a_pretrained_encoder_decoder_keeps_its_special_ids_and_generation_config(
+    examples, data_dir, bart_dirs, tmp_path, source
+):
+    """The run took the decoder start from the tokenizer's <s> (a BART then generated `<s> <s>`; with transformers'
+    class config and generation config disagreed) and set max_length from --max_target_length's default."""
+    options = ["--use_transformers_class"] if source == "transformers" else []
+    examples["run_seq2seq"].main(
+        ["--model_name_or_path", str(bart_dirs[source]), *options, "--train_file", str(data_dir / "summary_train.jsonl"),
+         *trainer_options(tmp_path, steps=1), "--do_eval", "false"]
+    )  # fmt: skip
+    assert generation_fields(tmp_path) == generation_fields(bart_dirs[source])
+    assert generation_fields(tmp_path) == {"config": 2, "decoder_start_token_id": 2, "forced_bos_token_id": 0,
+                                           "eos_token_id": 2, "pad_token_id": 1, "max_length": 25}  # fmt: skip
+
+
+def test_max_target_length_given_sets_a_pretrained_models_generation_length_and_says_so(
+    examples, data_dir, bart_dirs, tmp_path, caplog
+):
+    import datasets
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity(), datasets.logging.get_verbosity()
+    try:
+        with caplog.at_level("INFO", logger="examples"):
+            examples["run_seq2seq"].main(
+                ["--model_name_or_path", str(bart_dirs["converted"]), "--train_file", str(data_dir / "summary_train.jsonl"),
+                 "--max_target_length", "12", *trainer_options(tmp_path, steps=1), "--do_eval", "false",
+                 "--log_level", "info"]
+            )  # fmt: skip
+    finally:  # --log_level sets the libraries' verbosity for the process, and later runs keep it ("passive")
+        transformers.logging.set_verbosity(verbosity[0])
+        datasets.logging.set_verbosity(verbosity[1])
+    assert generation_fields(tmp_path) == {**generation_fields(bart_dirs["converted"]), "max_length": 12}
+    assert (
+        f"{bart_dirs['converted']} is a pretrained encoder-decoder: it keeps its special ids (decoder_start_token_id 2, "
+        "eos_token_id 2, pad_token_id 1) and its generation config but max_length, set to 12 by --max_target_length."
+    ) in caplog.text
+
+
+def test_a_pretrained_encoder_decoder_without_a_start_token_is_refused(examples, data_dir, bart_dirs, tmp_path):
+    import shutil
+
+    model = shutil.copytree(bart_dirs["converted"], tmp_path / "model")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "decoder_start_token_id": None}))
+    with pytest.raises(ValueError, match=r"^--model_name_or_path \S+ sets no decoder_start_token_id in its config.json"):
+        examples["run_seq2seq"].main(
+            ["--model_name_or_path", str(model), "--train_file", str(data_dir / "summary_train.jsonl"),
+             *trainer_options(tmp_path / "out", steps=1)]
+        )  # fmt: skip
 
 
 def test_rouge_takes_the_best_reference_and_bleu_needs_equal_reference_counts(examples):

@@ -303,6 +303,36 @@ def test_compiled_decoding_refuses_compile_options_it_would_drop_or_torch_compil
 
 
 @pytest.mark.parametrize(
+    "arguments, options, error, message",
+    [
+        ((), {"mode": "bogus-mode"}, ValueError, r"\(model, mode='bogus-mode'\): .* refuses this: .*bogus"),
+        ((), {"backend": "no_such_backend"}, ValueError, r"backend='no_such_backend'\): .*leave out backend"),
+        ((), {"mode": "max-autotune", "options": {"cpp_wrapper": True}}, ValueError, r"together.*mode and options"),
+        ((), {"options": {"not_an_inductor_option": 1}}, ValueError, r"options=\{'not_an_inductor_option': 1\}\)"),
+        ((), {"backend": 3}, TypeError, r"backend=3\): backend must be the name of a torch.compile backend"),
+        (("no",), {}, TypeError, r"enabled='no'\): enabled must be True or False"),
+        ((1,), {}, TypeError, r"enabled=1\): enabled must be True or False"),
+    ],
+    ids=["mode", "backend", "mode_and_options", "inductor_option", "backend_type", "enabled_string", "enabled_int"],
+)
+def test_compiled_decoding_refuses_bad_option_values_and_enabled_at_once(arguments, options, error, message):
+    # torch.compile would raise these only at the first compiled step, failing that generate() and every later one.
+    model = build(SelfAttnForCausalLM, "decoder", type_vocab_size=0)
+    with pytest.raises(error, match=message):
+        enable_compiled_decoding(model, *arguments, **options)
+    assert "forward" not in model.__dict__ and model.generation_config.cache_implementation is None
+
+
+def test_checking_compile_options_compiles_nothing():
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    model = build(SelfAttnForCausalLM, "decoder", type_vocab_size=0)
+    enable_compiled_decoding(model, backend=counter, dynamic=False)
+    enable_compiled_decoding(model, mode="max-autotune-no-cudagraphs")
+    assert counter.frame_count == 0 and model.forward.compiled_step is None
+
+
+@pytest.mark.parametrize(
     "model_class, shape, num_beams, per_token",
     [
         (SelfAttnForConditionalGeneration, "encoder_decoder", 1, None),  # the decoder per tensor (the default)

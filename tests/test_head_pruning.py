@@ -644,3 +644,55 @@ def test_prune_heads_example_runs_on_a_tiny_classifier(tokenizer, tmp_path, monk
     assert json.loads((tmp_path / "out" / "results.json").read_text())["rows"][1]["pruned_heads"]
     assert "| 50% (4 of 8) | random, 2 seeds |" in capsys.readouterr().out
     sys.modules.pop("prune_heads", None)
+
+
+@pytest.fixture
+def prune_heads_example(monkeypatch):
+    import importlib
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "examples"))
+    yield importlib.import_module("prune_heads")
+    sys.modules.pop("prune_heads", None)
+
+
+PRUNE_REFUSALS = {
+    # A negative count sliced the training file from its end.
+    "negative_skip": (["--skip_train_rows", "-4"], "--skip_train_rows must be at least 0, got -4"),
+    # Trained no steps, while results.json recorded -3.
+    "negative_steps": (["--fine_tune_steps", "-3"], "--fine_tune_steps must be at least 0, got -3"),
+    "rate_without_steps": (
+        ["--fine_tune_learning_rate", "1e-4"],
+        "--fine_tune_learning_rate applies only to the fine-tune after pruning, which --fine_tune_steps 0 (the "
+        "default) skips; add --fine_tune_steps N, or leave out --fine_tune_learning_rate.",
+    ),
+    "negative_rate": (
+        ["--fine_tune_steps", "2", "--fine_tune_learning_rate", "-1"],
+        "--fine_tune_learning_rate must be a number above 0, got -1.0; e.g. --fine_tune_learning_rate 2e-05.",
+    ),
+    "nan_rate": (
+        ["--fine_tune_steps", "2", "--fine_tune_learning_rate", "nan"],
+        "--fine_tune_learning_rate must be a number above 0, got nan",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", PRUNE_REFUSALS)
+def test_prune_heads_example_refuses_numbers_before_any_work(case, prune_heads_example, tmp_path, capsys):
+    options, message = PRUNE_REFUSALS[case]
+    with pytest.raises(SystemExit) as exit_info:
+        prune_heads_example.main([
+            "--model", str(tmp_path / "model"), "--train_file", str(tmp_path / "train.tsv"),
+            "--validation_file", str(tmp_path / "dev.tsv"), "--output_dir", str(tmp_path / "out"), *options,
+        ])  # fmt: skip
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_prune_heads_example_fine_tunes_at_the_default_rate_unless_told(prune_heads_example):
+    required = ["--train_file", "t.tsv", "--validation_file", "d.tsv"]
+    assert prune_heads_example.parse_arguments([*required, "--fine_tune_steps", "3"]).fine_tune_learning_rate == 2e-5
+    given = ["--fine_tune_steps", "3", "--fine_tune_learning_rate", "1e-3"]
+    assert prune_heads_example.parse_arguments([*required, *given]).fine_tune_learning_rate == 1e-3

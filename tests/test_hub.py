@@ -3,6 +3,7 @@ folder, checked (weights, config with auto_map, code, model card) and loaded as 
 without the selfattn package."""
 
 import json
+import logging
 import shutil
 import sys
 import types
@@ -146,20 +147,74 @@ def test_push_to_hub_uploads_weights_config_code_and_card(hub, tmp_path):
         assert_same_outputs(case["expected"], loaded[name]["outputs"], name)
 
 
-def test_a_second_push_replaces_the_card_and_keeps_its_tags(hub):
+HUB_METADATA = {
+    "license": "apache-2.0",
+    "datasets": ["glue"],
+    "language": ["en"],
+    "base_model": "someone/selfattn-base",
+    "model-index": [
+        {
+            "name": "selfattn-sentiment",
+            "results": [
+                {
+                    "task": {"type": "text-classification"},
+                    "dataset": {"name": "SST-2", "type": "glue"},
+                    "metrics": [{"type": "accuracy", "value": 0.921}],
+                }
+            ],
+        }
+    ],
+}
+
+
+def test_a_second_push_refreshes_the_card_text_and_keeps_the_hubs_metadata(hub):
+    # Metadata added on the Hub (its metadata editor, or a card saved with huggingface_hub) is the owner's: license,
+    # datasets, base_model, evaluation results. Only the text below it is ours to refresh, and what the model decides.
+    model = labelled_classifier()
+    model.push_to_hub("someone/selfattn-sentiment", tags=["sentiment"])
+    readme = hub.repo_folder("someone/selfattn-sentiment") / "README.md"
+    card = ModelCard.load(readme)
+    for key, value in HUB_METADATA.items():
+        card.data[key] = value
+    card.data.tags.append("added-on-the-hub")
+    card.data.pipeline_tag = "not-ours-to-keep"
+    card.save(readme)
+
+    model.config.id2label = {0: "bad", 1: "good"}
+    model.push_to_hub("someone/selfattn-sentiment", tags=["second-push"])
+    card = ModelCard.load(readme)
+    metadata = card.data.to_dict()
+    assert {key: metadata.get(key) for key in HUB_METADATA} == HUB_METADATA
+    assert card.data.tags == ["selfattn", "custom_code", "sentiment", "added-on-the-hub", "second-push"]
+    assert (card.data.library_name, card.data.pipeline_tag) == ("transformers", "text-classification")
+    assert GENERATED_MARKER in card.text and "bad, good" in card.text and "negative, positive" not in card.text
+
+
+def test_a_push_keeps_a_card_whose_text_was_edited_on_the_hub(hub, caplog):
     model = labelled_classifier()
     model.push_to_hub("someone/selfattn-sentiment")
     readme = hub.repo_folder("someone/selfattn-sentiment") / "README.md"
     card = ModelCard.load(readme)
-    card.data.tags.append("added-on-the-hub")
-    card.text = "A card edited by hand on the Hub."
+    card.data.license = "mit"
+    card.text = card.text.replace("## Limits", "## Training\n\nFine-tuned on SST-2: 92.1% accuracy.\n\n## Limits")
     card.save(readme)
+    hand_written = hub.repo_folder("someone/hand-written") / "README.md"
+    hand_written.parent.mkdir(parents=True)
+    hand_written.write_text("---\nlicense: mit\n---\n# My model\n\nTrained by me.\n")
 
     model.config.id2label = {0: "bad", 1: "good"}
-    model.push_to_hub("someone/selfattn-sentiment")
+    with caplog.at_level(logging.WARNING):
+        model.push_to_hub("someone/selfattn-sentiment", tags=["second-push"])
+        model.push_to_hub("someone/hand-written")
     card = ModelCard.load(readme)
-    assert "added-on-the-hub" in card.data.tags and "selfattn" in card.data.tags
-    assert GENERATED_MARKER in card.text and "bad, good" in card.text
+    assert "Fine-tuned on SST-2" in card.text and "negative, positive" in card.text and "bad, good" not in card.text
+    assert card.data.license == "mit" and {"selfattn", "second-push"} <= set(card.data.tags)
+    card = ModelCard.load(hand_written)
+    assert card.text == "# My model\n\nTrained by me.\n" and card.data.license == "mit"
+    assert set(card.data.tags) == {"selfattn", "custom_code"}
+    assert (card.data.library_name, card.data.pipeline_tag) == ("transformers", "text-classification")
+    warnings = [record.getMessage() for record in caplog.records if record.name == "modeling_selfattn.hub"]
+    assert len(warnings) == 2 and all("kept as it is" in warning for warning in warnings), warnings
 
 
 def test_save_pretrained_with_push_to_hub_uploads_the_generated_card(hub, tmp_path):
@@ -181,6 +236,40 @@ def test_save_pretrained_refreshes_its_card_but_keeps_a_hand_written_one(tmp_pat
     (tmp_path / "hand" / "README.md").write_text("# My model\n")
     model.save_pretrained(tmp_path / "hand")
     assert (tmp_path / "hand" / "README.md").read_text() == "# My model\n"
+
+
+def test_save_pretrained_keeps_its_card_once_edited_and_the_metadata_added_to_it(tmp_path, caplog):
+    # The card asks its owner to add the training data and the evaluation: once they do, it is theirs.
+    model = labelled_classifier()
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    readme = folder / "README.md"
+    edited = readme.read_text().replace("## Limits", "## Training\n\nFine-tuned on SST-2.\n\n## Limits")
+    readme.write_text(edited)
+    model.config.id2label = {0: "bad", 1: "good"}
+    with caplog.at_level(logging.WARNING):
+        model.save_pretrained(folder)
+    assert readme.read_text() == edited
+    assert any("has been edited since" in record.getMessage() for record in caplog.records)
+
+    # Metadata alone added (a license): kept, and the text below it still follows the config.
+    model.save_pretrained(tmp_path / "licensed")
+    readme = tmp_path / "licensed" / "README.md"
+    card = ModelCard.load(readme)
+    card.data.license = "apache-2.0"
+    card.save(readme)
+    model.config.id2label = {0: "awful", 1: "great"}
+    model.save_pretrained(tmp_path / "licensed")
+    card = ModelCard.load(readme)
+    assert card.data.license == "apache-2.0" and "awful, great" in card.text
+
+    # A card of an earlier release, marked without a hash: whether it was edited cannot be told, so it stays.
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    text = "---\nlibrary_name: transformers\n---\n" + GENERATED_MARKER + " -->\n\n# My model\n"
+    (legacy / "README.md").write_text(text)
+    model.save_pretrained(legacy)
+    assert (legacy / "README.md").read_text() == text
 
 
 def test_the_card_of_a_pruned_model_counts_the_heads_removed(tmp_path):

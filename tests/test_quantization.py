@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import HfApi
 from torch import nn
 
 from integration_helpers import (
@@ -1090,6 +1091,28 @@ def test_int8_save_and_push_are_refused(tmp_path):
     assert not (tmp_path / "int8").exists()
 
 
+def test_a_model_with_an_int8_part_refuses_save_and_push_before_writing_anything(tmp_path, monkeypatch):
+    # Quantizing a part (the encoder stack, as test_defaults_apply_to_an_encoder_stack_quantized_on_its_own does)
+    # leaves the outer model's quantization_mode None; its save had failed in transformers' tied-weight check after
+    # config.json and the code were written.
+    model, _ = make_model("sequence_classification")
+    model.model.encoder.quantize("int8")
+    created = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda api, repo_id, **kwargs: created.append(repo_id) or 1 / 0)
+    for saved, holder in (
+        (model, r"SelfAttnForSequenceClassification holds int8 layers \(model\.encoder\.layers\.0\..* more\)"),
+        (model.model, r"SelfAttnModel holds int8 layers \(encoder\.layers\.0\..* more\)"),
+        (model.model.encoder, r"SelfAttnEncoder was quantized with model\.quantize\('int8'\)"),
+    ):
+        with pytest.raises(RuntimeError, match=rf"save_pretrained: {holder}.*nothing was written.*float32 model"):
+            saved.save_pretrained(tmp_path / "int8")
+        with pytest.raises(RuntimeError, match=rf"save_pretrained: {holder}"):
+            saved.save_pretrained(tmp_path / "int8", push_to_hub=True, repo_id="someone/int8-model")
+        with pytest.raises(RuntimeError, match=rf"push_to_hub: {holder}"):
+            saved.push_to_hub("someone/int8-model")
+    assert not (tmp_path / "int8").exists() and created == []
+
+
 @pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")  # torch.load of a pickled model
 def test_int8_model_survives_deepcopy_and_pickling(tmp_path, int8_kernel):
     # torch.save(model) is how torch's own quantized models are kept; the copy computes the same and still refuses.
@@ -1127,7 +1150,21 @@ inputs = torch.load(job["inputs"])
 model.quantize("int8")
 with torch.no_grad():
     torch.save(model(**inputs).logits, job["outputs"])
-report(classifier=type(model.classifier).__name__)
+# Saving is refused for the whole model quantized and for one with a part quantized, before anything is written.
+part = transformers.AutoModelForSequenceClassification.from_pretrained(job["folder"], trust_remote_code=True).eval()
+part.model.encoder.quantize("int8")
+refusals = []
+for quantized, folder in ((model, job["saved"]), (part, job["saved_part"])):
+    try:
+        quantized.save_pretrained(folder)
+    except RuntimeError as error:
+        refusals.append(str(error))
+import os
+report(
+    classifier=type(model.classifier).__name__,
+    refusals=refusals,
+    written=[os.path.exists(folder) for folder in (job["saved"], job["saved_part"])],
+)
 """
 
 
@@ -1143,9 +1180,14 @@ def test_quantize_works_as_remote_code(tmp_path):
         "folder": str(tmp_path / "model"),
         "inputs": str(tmp_path / "inputs.pt"),
         "outputs": str(tmp_path / "outputs.pt"),
+        "saved": str(tmp_path / "int8"),
+        "saved_part": str(tmp_path / "int8-part"),
     }
     result = run_without_package(QUANTIZE_SCRIPT, job, tmp_path)
     assert result["classifier"] == "Int8DynamicLinear"
+    assert len(result["refusals"]) == 2 and result["written"] == [False, False], result
+    assert "was quantized with model.quantize('int8')" in result["refusals"][0]
+    assert "holds int8 layers (model.encoder.layers.0." in result["refusals"][1]
     torch.testing.assert_close(torch.load(tmp_path / "outputs.pt"), expected, rtol=0, atol=1e-6)
 
 

@@ -74,8 +74,13 @@ def test_quickstart_trains_saves_reloads_and_predicts(quickstart, options, tmp_p
      (["--max-steps", "0"], "--max-steps must be at least 1, got 0"),
      (["--init", "random", "--preset", "tiny", "--max-steps", "-3"], "--max-steps must be at least 1, got -3"),
      (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+     (["--init", "random", "--preset", "tiny", "--learning-rate", "-1"], "--learning-rate must be a number above 0, "
+      "got -1.0; e.g. --learning-rate 1e-4."),
+     (["--learning-rate", "0"], "--learning-rate must be a number above 0, got 0.0"),
+     (["--learning-rate", "nan"], "--learning-rate must be a number above 0, got nan"),
      (["--data", "missing.csv"], "--data missing.csv is not a file")],
-    ids=["pretrained_tiny", "encoder_decoder_preset", "no_steps", "negative_steps", "no_batch", "missing_data"],
+    ids=["pretrained_tiny", "encoder_decoder_preset", "no_steps", "negative_steps", "no_batch",
+         "negative_learning_rate", "zero_learning_rate", "nan_learning_rate", "missing_data"],
 )  # fmt: skip
 def test_options_it_cannot_run_are_refused_before_any_work(quickstart_module, tmp_path, capsys, options, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -83,3 +88,48 @@ def test_options_it_cannot_run_are_refused_before_any_work(quickstart_module, tm
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # nothing converted or trained
+
+
+# CSVs the held-out split (20%, stratified by label) cannot take, and what the error says about each.
+UNSPLITTABLE_DATA = {
+    "single_row_class": (
+        "text,label\ngood,positive\nfine,positive\nnice,positive\nbad,negative\n",
+        "labels with a single row: ['negative']; the held-out split puts every label on both sides, so each needs at "
+        "least 2 rows: add rows of those labels, or remove them.",
+    ),
+    "too_few_rows": (
+        "text,label\ngood,positive\nfine,positive\nnice,positive\nbad,negative\nawful,negative\n",
+        "has 5 rows, split into 4 for training and 1 held out (20%), but each side needs a row of each of its 2 "
+        "labels; give at least 6 rows.",
+    ),
+    "no_rows": ("text,label\n", "holds no rows; give a CSV with a header text,label"),
+    "no_label_column": ("text,sentiment\ngood,positive\n", "has no column ['label']"),
+    "unknown_label": ("text,label\ngood,positive\nbad,awful\n", "labels must be one of ['negative', 'positive'], "
+                      "found ['awful']; fix those rows."),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", UNSPLITTABLE_DATA)
+def test_data_it_cannot_split_is_refused_naming_data_before_any_work(quickstart_module, tmp_path, capsys, case):
+    content, message = UNSPLITTABLE_DATA[case]
+    data = tmp_path / "data.csv"
+    data.write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        quickstart_module.main(
+            ["--init", "random", "--preset", "tiny", "--data", str(data), "--output-dir", str(tmp_path / "out")]
+        )
+    assert exit_info.value.code == 2
+    assert f"error: --data {data}: {message}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_smallest_data_it_accepts_trains(quickstart, tmp_path):
+    """Six rows, three of each label: the split the refusal above asks for (4 for training, 2 held out) runs."""
+    data = tmp_path / "data.csv"
+    data.write_text("text,label\ngood,positive\nfine,positive\nnice,positive\nbad,negative\nawful,negative\n"
+                    "dull,negative\n")  # fmt: skip
+    result = quickstart.main(
+        ["--init", "random", "--preset", "tiny", "--data", str(data), "--max-steps", "1", "--output-dir",
+         str(tmp_path / "out")]
+    )  # fmt: skip
+    assert 0.0 <= result["accuracy"] <= 1.0

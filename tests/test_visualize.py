@@ -222,3 +222,68 @@ def test_a_local_folder_is_read_from_disk_even_when_the_name_could_be_a_hub_repo
     monkeypatch.chdir(tmp_path)
     model, _ = viz.load_model("model")  # also a valid repo id
     assert type(model) is SelfAttnForSequenceClassification
+
+
+@pytest.fixture
+def saved_models(classifier, tokenizer, tmp_path):
+    """{"classifier": folder, "mlm": folder} of two tiny models with their tokenizer."""
+    from modeling_selfattn import SelfAttnForMaskedLM
+
+    torch.manual_seed(0)
+    models = {"classifier": classifier, "mlm": SelfAttnForMaskedLM(tiny_config(tokenizer)).eval()}
+    folders = {}
+    for name, model in models.items():
+        folders[name] = tmp_path / name
+        model.save_pretrained(folders[name])
+        tokenizer.save_pretrained(folders[name])
+    return folders
+
+
+# What the command line refuses, and why: each is checked before the first plot is written.
+COMMAND_LINE_REFUSALS = {
+    "importance_of_a_masked_lm": (
+        "mlm", "--importance", "the movie was good\t1\n",
+        "error: --importance scores a sequence classifier from labelled texts; this model is SelfAttnForMaskedLM.",
+    ),
+    "importance_with_an_unknown_label": (
+        "classifier", "--importance", "the movie was good\tmaybe\n",
+        "line 1: label 'maybe' is neither a class id below num_labels=2 nor a name in the model's label2id "
+        "['LABEL_0', 'LABEL_1']; write one of those for each label.",
+    ),
+    "importance_of_an_empty_file": ("classifier", "--importance", "", "holds no labelled texts"),
+    "empty_stats": ("classifier", "--stats", "", "holds no text (it is empty or blank); write one text per line."),
+    "blank_stats": ("classifier", "--stats", "\n  \n", "holds no text (it is empty or blank)"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", COMMAND_LINE_REFUSALS)
+def test_command_line_refuses_bad_inputs_before_writing_anything(saved_models, tmp_path, capsys, case):
+    model, option, content, message = COMMAND_LINE_REFUSALS[case]
+    data = tmp_path / "data.txt"
+    data.write_text(content)
+    out = tmp_path / "out"
+    assert viz.main([str(saved_models[model]), "--layer", "all", option, str(data), "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert message in error
+    if option == "--importance" and model == "classifier":
+        assert f"error: --importance: {data}" in error
+    assert not out.exists()  # no attention.json, heads_layer*.png or rollout.png
+
+
+def test_a_layer_out_of_range_creates_no_folder(classifier, tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="out of range"):
+        viz.visualize(classifier, tokenizer, "the cat", tmp_path / "out", layer=5)
+    assert not (tmp_path / "out").exists()
+
+
+def test_command_line_lists_every_plot_it_writes(saved_models, tmp_path, capsys):
+    texts, labelled = tmp_path / "texts.txt", tmp_path / "labelled.tsv"
+    texts.write_text("the cat sat\nthe movie was good\n")
+    labelled.write_text("the movie was good\t1\nthe movie was bad\t0\n")
+    out = tmp_path / "out"
+    model = str(saved_models["classifier"])
+    assert viz.main([model, "--stats", str(texts), "--importance", str(labelled), "--out", str(out)]) == 0
+    listed = {Path(line.split(": ", 1)[1]).name for line in capsys.readouterr().out.splitlines() if ": " in line}
+    written_plots = {path.name for path in out.iterdir() if path.suffix == ".png"}
+    assert written_plots == {"heads_layer1.png", "rollout.png", "head_statistics.png", "head_importance.png"}
+    assert written_plots <= listed
