@@ -95,12 +95,13 @@ class CompiledDecodingForward:
     on the instance (accelerate's device hooks), which keeps working inside the compiled step too. Its signature is
     the model's, which generate() and Trainer read."""
 
-    def __init__(self, model: nn.Module, compile_options: dict, packed_layers: list[Linear]):
+    def __init__(self, model: nn.Module, compile_options: dict, packed_layers: list[Linear], settings_before: tuple):
         self.model = model
         self.compile_options = compile_options
         self.compiled_step = None
         self.instance_forward = model.__dict__.get("forward")
         self.packed_layers = packed_layers  # those it switched from "auto" to "auto-packed", to switch back
+        self.settings_before = settings_before  # generation_config's, to give back (enable_compiled_decoding)
         self.batch_sizes_timed = set()
         self.uncompiled_cache = None  # a weak reference to the cache of a generate() that met the recompile limit
 
@@ -257,8 +258,9 @@ def enable_compiled_decoding(model: nn.Module, enabled: bool = True, **compile_o
     saved with the generation config by save_pretrained. `compile_options` go to torch.compile (mode, backend, ...);
     without a mode or options, where Inductor (the default backend) compiles, a model on CUDA and not offloaded
     decodes under CUDA graphs (mode "reduce-overhead", as transformers' own compiled generation), and a model on the
-    CPU through Inductor's C++ wrapper (options={"cpp_wrapper": True}). `enabled=False` restores the defaults, the
-    kernels included, and takes no compile options. Options torch.compile does not take, by name (TypeError) or by
+    CPU through Inductor's C++ wrapper (options={"cpp_wrapper": True}). `enabled=False` gives back what was there, the
+    kernels included, and the generation config's two settings as they were before it was enabled (unless changed
+    since); it takes no compile options. Options torch.compile does not take, by name (TypeError) or by
     value (ValueError: an unknown mode or backend, a mode with options), are refused here, not at the first compiled
     step; so is an `enabled` that is no bool. An int8 model (model.quantize("int8"), before or after this call) decodes
     through it too, each int8 layer one opaque operator of the compiled step that runs the layer as in eager mode
@@ -267,8 +269,13 @@ def enable_compiled_decoding(model: nn.Module, enabled: bool = True, **compile_o
     if not model.can_generate():
         raise ValueError(f"{type(model).__name__} does not generate; compiled decoding is for generate() models.")
     check_compile_options(enabled, compile_options)
+    settings = model.generation_config
     current = model.__dict__.get("forward")
+    # The generation settings this call replaces, to give back when disabled: the user's own, from before the first
+    # call that enabled it.
+    settings_before = (settings.cache_implementation, settings.disable_compile)
     if isinstance(current, CompiledDecodingForward):  # enabled before: start again from the forward it wrapped
+        settings_before = current.settings_before
         if current.instance_forward is None:
             del model.forward
         else:
@@ -280,11 +287,20 @@ def enable_compiled_decoding(model: nn.Module, enabled: bool = True, **compile_o
         packed_layers = [layer for layer in decoding_layers(model) if layer.kernel == "auto"]
         for layer in packed_layers:
             set_linear_kernel(layer, "auto-packed")
-        model.forward = CompiledDecodingForward(model, {**STEP_COMPILE_DEFAULTS, **compile_options}, packed_layers)
-        model.generation_config.cache_implementation, model.generation_config.disable_compile = "static", True
-    else:
-        model.generation_config.cache_implementation, model.generation_config.disable_compile = None, False
+        model.forward = CompiledDecodingForward(
+            model, {**STEP_COMPILE_DEFAULTS, **compile_options}, packed_layers, settings_before
+        )
+        settings.cache_implementation, settings.disable_compile = COMPILED_DECODING_SETTINGS
+    elif isinstance(current, CompiledDecodingForward) and (
+        (settings.cache_implementation, settings.disable_compile) == COMPILED_DECODING_SETTINGS
+    ):  # settings changed since enabling are the user's: kept
+        settings.cache_implementation, settings.disable_compile = settings_before
     return model
+
+
+# generation_config's (cache_implementation, disable_compile) while compiled decoding is on: a static cache, and
+# transformers' own compilation of the steps off, as this replaces it.
+COMPILED_DECODING_SETTINGS = ("static", True)
 
 
 __all__ = ["enable_compiled_decoding"]

@@ -256,9 +256,21 @@ class GrowingLayer(CountingLayer):
         return counting_positions(layer)
 
 
+# generate()'s own keywords that reach prepare_inputs_for_generation with the model's (transformers 5.24).
+GENERATION_ONLY_KWARGS = ("tokenizer", "assistant_tokenizer")
+
+
 class LeanGenerationMixin:
     """For the model classes that generate, before GenerationMixin: generate()'s processor list and cache with the
     lean processors and the growing self-attention cache (see the module docstring)."""
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        # generate() hands its decoding loop the tokenizers it was given (for stop_strings, or an assistant of another
+        # vocabulary) among the model's own keywords, and transformers' loop passes them on to forward(), which
+        # transformers' models swallow and ours refuse as unknown: they are generate()'s, not the model's.
+        for name in GENERATION_ONLY_KWARGS:
+            kwargs.pop(name, None)
+        return super().prepare_inputs_for_generation(*args, **kwargs)
 
     def _merge_criteria_processor_list(self, default_list, custom_list):
         """The processors generate() makes from the generation config, lean, before transformers merges the caller's

@@ -283,6 +283,23 @@ def test_compiled_decoding_past_the_recompile_limit_decodes_uncompiled_with_a_wa
     assert len(warnings) == 1 and "recompile_limit = 2" in warnings[0] and "the same tokens" in warnings[0]
 
 
+def test_turning_compiled_decoding_off_gives_back_the_generation_settings_it_replaced():
+    model = build(SelfAttnForCausalLM, "decoder", type_vocab_size=0)
+    model.generation_config.cache_implementation, model.generation_config.disable_compile = "dynamic", True
+    enable_compiled_decoding(model)
+    enable_compiled_decoding(model, backend="eager")  # enabled again: what it replaced is still the user's
+    assert (model.generation_config.cache_implementation, model.generation_config.disable_compile) == ("static", True)
+    enable_compiled_decoding(model, False)
+    assert (model.generation_config.cache_implementation, model.generation_config.disable_compile) == ("dynamic", True)
+    # Settings the user changed while it was on stay; turning off a model never enabled changes nothing.
+    enable_compiled_decoding(model)
+    model.generation_config.cache_implementation = "offloaded"
+    enable_compiled_decoding(model, False)
+    assert model.generation_config.cache_implementation == "offloaded"
+    enable_compiled_decoding(model, False)
+    assert model.generation_config.cache_implementation == "offloaded"
+
+
 def test_compiled_decoding_is_refused_by_a_model_that_does_not_generate():
     with pytest.raises(ValueError, match="does not generate"):
         enable_compiled_decoding(build(SelfAttnForMaskedLM))

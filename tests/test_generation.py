@@ -9,9 +9,10 @@ the rows of a batch.
 
 import pytest
 import torch
-from conftest import EOS_TOKEN_ID, PAD_TOKEN_ID, make_tiny_config
+from conftest import EOS_TOKEN_ID, PAD_TOKEN_ID, TINY_VOCAB_SIZE, make_tiny_config
 from generation_helpers import word_tokenizer
-from transformers import CompileConfig, StaticCache, pipeline
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import CompileConfig, PreTrainedTokenizerFast, StaticCache, pipeline
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache, StaticLayer
 
 from modeling_selfattn import SelfAttnForCausalLM, SelfAttnForConditionalGeneration
@@ -476,3 +477,30 @@ def test_beam_search_on_a_static_cache_keeps_its_tensors_where_they_are(shape, m
     assert torch.equal(generate(model, batch, **options), expected)
     layers = model.config.decoder_layers
     assert len(addresses) == layers and all(len(pointers) == 2 for pointers in addresses.values())
+
+
+def stop_string_tokenizer() -> PreTrainedTokenizerFast:
+    """Words "w<id>" for every id, decoded without spaces, and the word "abcdef" (after the model's vocabulary) that
+    transformers' StopStringCriteria prefixes each token with to learn the text it decodes to."""
+    vocab = {f"w{index}": index for index in range(TINY_VOCAB_SIZE)}
+    vocab["abcdef"] = TINY_VOCAB_SIZE
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="w3"))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.WhitespaceSplit(), decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token=f"w{PAD_TOKEN_ID}", eos_token=f"w{EOS_TOKEN_ID}")
+
+
+@pytest.mark.parametrize("num_beams", [1, 3], ids=["greedy", "beam3"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_stop_strings_end_generation_where_the_string_appears(shape, num_beams):
+    # generate() hands the tokenizer given for stop_strings to its decoding loop among the model's keywords; the
+    # model must not take it for one of its own (forward() refuses unknown keywords).
+    model = build_model(shape)
+    input_ids = torch.randint(3, 99, (1, 5), generator=torch.Generator().manual_seed(2))
+    options = dict(max_new_tokens=NEW_TOKENS, num_beams=num_beams, do_sample=False)
+    full = model.generate(input_ids, **options)[0].tolist()
+    start = 1 if shape == "encoder_decoder" else input_ids.shape[1]  # the decoder start token, or the prompt
+    new = full[start:]
+    stop_at = next(index for index in range(1, len(new)) if new[index] not in new[:index])  # a token not seen before
+    tokenizer = stop_string_tokenizer()
+    stopped = model.generate(input_ids, stop_strings=[f"w{new[stop_at]}"], tokenizer=tokenizer, **options)
+    assert stopped[0].tolist() == full[: start + stop_at + 1]
