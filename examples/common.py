@@ -22,7 +22,7 @@ from accelerate.utils import broadcast_object_list
 from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
 
 import modeling_selfattn  # also registers model_type "selfattn" with the Auto classes
-from modeling_selfattn.output_folder import Output, remove, swap_in, unique_sibling, writable
+from modeling_selfattn.output_folder import Output, refuse_overlap, remove, swap_in, unique_sibling, writable
 
 logger = logging.getLogger("examples")
 
@@ -261,23 +261,7 @@ def check_output_dir(
     for option, source in inputs.items():
         if source is None or not Path(source).exists():
             continue
-        source_path = Path(source).resolve()
-        if path == source_path:
-            raise ValueError(
-                f"--output_dir {given} is {option} {source}: the run would write over what it reads. Give another "
-                "--output_dir."
-            )
-        if path in source_path.parents:
-            raise ValueError(
-                f"--output_dir {given} contains {option} {source}: the run writes its files among it, and "
-                "--overwrite_output_dir would delete it with the folder. Give an --output_dir outside it, e.g. a new "
-                "folder beside it."
-            )
-        if source_path in path.parents:
-            raise ValueError(
-                f"--output_dir {given} lies inside {option} {source}: the run would add its files to that folder. "
-                "Give an --output_dir outside it, e.g. a new folder beside it."
-            )
+        refuse_overlap(given, path, source, Path(source).resolve(), "--output_dir", option, ValueError, "Give")
     if path.exists() and not path.is_dir():
         raise ValueError(f"--output_dir {given} is a file, not a folder: give the path of a new folder.")
     if not path.is_dir():

@@ -31,18 +31,10 @@ from common import (
     tokenize_splits,
     train_evaluate_save,
 )
-from task_metrics import classification_metrics
+from task_metrics import classification_metrics, regression_metrics
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, TrainingArguments
 
 from modeling_selfattn import SelfAttnForSequenceClassification
-
-
-def regression_metrics(predicted: np.ndarray, gold: np.ndarray) -> dict:
-    """Mean squared error (what transformers' run_glue reports for regression) and Pearson's r (STS-B's measure);
-    r is nan where either side is constant, as it is undefined there."""
-    constant = np.std(predicted) == 0 or np.std(gold) == 0
-    pearson = float("nan") if constant else float(np.corrcoef(predicted, gold)[0, 1])
-    return {"mse": float(np.mean((predicted - gold) ** 2)), "pearson": pearson}
 
 
 @dataclass

@@ -20,6 +20,14 @@ def classification_metrics(predicted: np.ndarray, labels: np.ndarray, num_labels
     }
 
 
+def regression_metrics(predicted: np.ndarray, gold: np.ndarray) -> dict:
+    """Mean squared error (what transformers' run_glue reports for regression) and Pearson's r (STS-B's measure);
+    r is nan where either side is constant, as it is undefined there."""
+    constant = np.std(predicted) == 0 or np.std(gold) == 0
+    pearson = float("nan") if constant else float(np.corrcoef(predicted, gold)[0, 1])
+    return {"mse": float(np.mean((predicted - gold) ** 2)), "pearson": pearson}
+
+
 def entity_metrics(predicted_tags: list[list[str]], gold_tags: list[list[str]]) -> dict[str, float]:
     """seqeval's entity-level precision, recall and F1 (an entity counts when type and span match), and tag
     accuracy."""

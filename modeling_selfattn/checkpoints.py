@@ -1533,7 +1533,7 @@ def warm_start_kwargs(encoder_source, decoder_source=None, **kwargs) -> dict:
     The two stacks share one token table, the encoder's. `kwargs` override config fields (e.g.
     decoder_start_token_id, or lm_head_transform=False for a plain projection) or go to from_pretrained (e.g.
     dtype)."""
-    download_kwargs = {name: kwargs.get(name) for name in ("revision", "cache_dir", "token", "local_files_only")}
+    download_kwargs = {name: kwargs.get(name) for name in DOWNLOAD_KWARGS}
     encoder_config, encoder, lm_head = encoder_checkpoint(encoder_source, download_kwargs)
     if decoder_source is None or str(decoder_source) == str(encoder_source):
         # Copies: from_pretrained keeps the given tensors, and shared ones would tie the two stacks together.

@@ -22,7 +22,7 @@ the layers of the dynamic cache generate() makes itself (not a cache the caller 
 generate() turns them back into DynamicLayers, in tensors of their own, before it returns the cache: nothing outside
 generate() sees a GrowingLayer. Where an attention lost all its heads (prune_heads), its keys have no elements, in
 which DynamicLayer counts no positions; a CountingLayer counts them, in generate() and in the caches the decoder
-returns.
+returns (the attention without heads puts one in place at its update).
 
 Beam search's reordering of the cache (reorder_cache_layers) keeps a static cache on CUDA where it is, so that the
 CUDA graphs of compiled decoding steps replay on it.
@@ -155,8 +155,8 @@ class CountingLayer(DynamicLayer):
     """DynamicLayer that counts the positions cached also where the keys have no elements, as those of an attention
     whose heads were all pruned (DynamicLayer counts none there). transformers' generate() reads the length of a
     cache's first layer, to tell the positions cached from those to feed and to number them; beam search's expansion
-    and reordering and cropping go by it too. The decoder returns such layers where its own have no keys
-    (counting_positions), and so does generate()."""
+    and reordering and cropping go by it too. An attention without heads puts one in place of its layer at each
+    update of a DynamicCache (counting_positions), and generate() returns such layers too."""
 
     def get_seq_length(self) -> int:
         return self.keys.shape[-2] if self.is_initialized and self.keys.dim() == 4 else 0
@@ -341,9 +341,9 @@ def keeps_addresses(layer) -> bool:
     return type(layer) is StaticLayer and layer.is_initialized and layer.keys.is_cuda
 
 
-def replace_self_attention_layers(cache, replacement, offloaded: bool = False) -> None:
-    """Each layer of `cache`'s self-attention cache, where that is a plain DynamicCache (also an offloaded one if
-    `offloaded`), replaced by replacement(layer)."""
+def replace_self_attention_layers(cache, replacement) -> None:
+    """Each layer of `cache`'s self-attention cache, where that is a plain (not offloaded) DynamicCache, replaced by
+    replacement(layer)."""
     self_attention = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
-    if type(self_attention) is DynamicCache and (offloaded or not self_attention.offloading):
+    if type(self_attention) is DynamicCache and not self_attention.offloading:
         self_attention.layers = [replacement(layer) for layer in self_attention.layers]

@@ -56,12 +56,7 @@ from .input_checks import (
 )
 from .dropout import Dropout, zero_dropped
 from .kernels import Linear, in_row_blocks, linear_then_activation, rows_per_block
-from .lean_generation import (
-    LeanGenerationMixin,
-    counting_positions,
-    reorder_cache_layers,
-    replace_self_attention_layers,
-)
+from .lean_generation import LeanGenerationMixin, counting_positions, reorder_cache_layers
 from .packing import PackedSequences, packed_sequences_for, records_layer_outputs
 
 logger = logging.get_logger(__name__)
@@ -376,7 +371,12 @@ class SelfAttnAttention(nn.Module):
             return cache.cross_attention_cache.update(keys, values, self.layer_idx)
         self_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
         keys, values = self.split_heads(self.k_proj(source)), self.split_heads(self.v_proj(source))
-        return self_cache.update(keys, values, self.layer_idx)
+        keys, values = self_cache.update(keys, values, self.layer_idx)
+        if not keys.shape[1] and isinstance(self_cache, DynamicCache):
+            # Without heads the keys have no elements, in which a DynamicLayer counts no positions; transformers'
+            # generate() reads the first layer's count, whether it kept heads or not.
+            self_cache.layers[self.layer_idx] = counting_positions(self_cache.layers[self.layer_idx])
+        return keys, values
 
     def forward(
         self,
@@ -876,9 +876,6 @@ class SelfAttnDecoder(SelfAttnStack):
             )
         if self.final_layer_norm is not None:
             hidden_states = self.final_layer_norm(hidden_states)
-        if cache is not None and len(layers_with_heads) < len(self.layers):
-            # transformers' generate() counts the positions cached in the first layer, whether it kept heads or not.
-            replace_self_attention_layers(cache, counting_positions, offloaded=True)
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=hidden_states, cache=cache)
 
 

@@ -20,7 +20,6 @@ onnx and onnxruntime are optional (`pip install 'selfattn[onnx]'`); importing th
 
 import importlib.util
 import json
-import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from . import model as modeling
 from .checkpoints import ConversionError
-from .output_folder import remove, unique_sibling
+from .output_folder import remove, swap_files_in, unique_sibling
 
 # 17: the first opset with LayerNormalization as one operator, which the optimizer's fusions start from.
 OPSET = 17
@@ -597,7 +596,7 @@ def export_onnx(
     on inputs of another batch size and length than traced, and raise ConversionError when an output differs by more
     than `tolerance`. `optimize` adds `model_optimized.onnx`, ONNX Runtime's fused graph (encoder heads only). The
     graphs are of the model in eval mode (no dropout) with eager attention; the model is left as it was. They are
-    written into a hidden folder inside `folder` and swapped in only once all have passed the check (`swap_in`): a
+    written into a hidden folder inside `folder` and swapped in only once all have passed the check (`output_folder.swap_files_in`): a
     failed export leaves `folder` as it was, and files it replaces are the old ones all or the new ones all. Files of
     the same names in `folder` are refused (FileExistsError) unless `overwrite`; other files are left alone."""
     require_onnx_runtime()
@@ -623,41 +622,10 @@ def export_onnx(
         report = export_checked(model, specs, staging, optimize, tolerance)
         written = sorted(entry.name for entry in staging.iterdir())
         refuse_existing(folder, written, overwrite)  # graphs over 2 GB add files of external data
-        swap_in(staging, folder, written)
+        swap_files_in(staging, folder, written)
     finally:
         remove(staging)
     return report
-
-
-def swap_in(staging: Path, folder: Path, names: Sequence[str]) -> None:
-    """Move `names` from `staging` into `folder` as one change: the files they replace go aside first, and any
-    failure moves the new files back out and the old ones back in, so that `folder` holds the old export whole or
-    the new one whole, never a mix (a file of one with a file of the other would load as a broken export)."""
-    aside = unique_sibling(folder / "onnx", "old")
-    aside.mkdir()
-    moved_aside, moved_in = [], []
-    try:
-        for name in names:
-            if (folder / name).exists():
-                os.replace(folder / name, aside / name)
-                moved_aside.append(name)
-        for name in names:
-            os.replace(staging / name, folder / name)
-            moved_in.append(name)
-    except BaseException as error:
-        try:
-            for name in reversed(moved_in):
-                os.replace(folder / name, staging / name)
-            for name in reversed(moved_aside):
-                os.replace(aside / name, folder / name)
-        except OSError as restoring:
-            raise OSError(
-                f"Moving the new ONNX files into {folder} failed ({error}), and so did putting the previous ones back "
-                f"({restoring}); the previous files are in {aside}: move them back into {folder} by hand."
-            ) from error
-        remove(aside)
-        raise
-    remove(aside)
 
 
 def refuse_existing(folder: Path, names: Sequence[str], overwrite: bool) -> None:

@@ -22,7 +22,7 @@ import os
 import secrets
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,22 +54,31 @@ def writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK | os.X_OK)
 
 
-def refuse_overlap(given: Path, path: Path, source, source_path: Path) -> None:
+def refuse_overlap(
+    given: Path,
+    path: Path,
+    source,
+    source_path: Path,
+    output_name: str = "OUTPUT",
+    source_name: str = "SOURCE",
+    error: type[Exception] = OutputRefused,
+    verb: str = "Pass",
+) -> None:
+    """Refuse an output folder that is the source, holds it or lies inside it: writing it, or replacing it as a whole,
+    would change or delete what is being read. `output_name` and `source_name` are the arguments as the user gave
+    them (selfattn-convert's OUTPUT and SOURCE, the example scripts' options), `verb` the one its other messages ask
+    with."""
     if path == source_path:
-        raise OutputRefused(
-            f"OUTPUT {given} is SOURCE {source}; writing it would replace the checkpoint being read. "
-            "Pass another OUTPUT folder."
-        )
-    if path in source_path.parents:
-        raise OutputRefused(
-            f"OUTPUT {given} contains SOURCE {source} ({source_path}); replacing it would delete the source. "
-            "Pass an OUTPUT folder outside it, e.g. a new folder beside SOURCE."
-        )
-    if source_path in path.parents:
-        raise OutputRefused(
-            f"OUTPUT {given} lies inside SOURCE {source} ({source_path}); selfattn-convert leaves SOURCE as it is. "
-            "Pass an OUTPUT folder outside it, e.g. a new folder beside SOURCE."
-        )
+        relation, problem, fix = "is", "writing it would replace what is being read", f"another {output_name}"
+    elif path in source_path.parents:
+        relation, problem = "contains", "replacing it would delete the source"
+        fix = f"an {output_name} outside it, e.g. a new folder beside it"
+    elif source_path in path.parents:
+        relation, problem = "lies inside", "the source is to be left as it is"
+        fix = f"an {output_name} outside it, e.g. a new folder beside it"
+    else:
+        return
+    raise error(f"{output_name} {given} {relation} {source_name} {source}: {problem}. {verb} {fix}.")
 
 
 def check_output(output, source, overwrite: bool) -> Output:
@@ -219,3 +228,34 @@ def swap_in(target: Output, staging: Path) -> None:
                 file=sys.stderr,
             )
 
+
+def swap_files_in(staging: Path, folder: Path, names: Sequence[str]) -> None:
+    """swap_in for files among others of a user's folder (an ONNX export's graphs): move `names` from `staging` into
+    `folder` as one change. The files they replace go aside first, and any failure moves the new files back out and
+    the old ones back in, so that `folder` holds the old set whole or the new one whole, never a mix (a graph of one
+    export with a graph of the other would load as a broken export); the folder's other files stay."""
+    aside = unique_sibling(folder / "onnx", "old")
+    aside.mkdir()
+    moved_aside, moved_in = [], []
+    try:
+        for name in names:
+            if (folder / name).exists():
+                os.replace(folder / name, aside / name)
+                moved_aside.append(name)
+        for name in names:
+            os.replace(staging / name, folder / name)
+            moved_in.append(name)
+    except BaseException as error:
+        try:
+            for name in reversed(moved_in):
+                os.replace(folder / name, staging / name)
+            for name in reversed(moved_aside):
+                os.replace(aside / name, folder / name)
+        except OSError as restoring:
+            raise OSError(
+                f"Moving the new ONNX files into {folder} failed ({error}), and so did putting the previous ones back "
+                f"({restoring}); the previous files are in {aside}: move them back into {folder} by hand."
+            ) from error
+        remove(aside)
+        raise
+    remove(aside)

@@ -24,7 +24,7 @@ from conftest import (  # noqa: E402
     make_tiny_config,
     save_word_piece_tokenizer,
 )
-from modeling_selfattn import convert_cli, onnx_export  # noqa: E402
+from modeling_selfattn import convert_cli, onnx_export, output_folder  # noqa: E402
 from modeling_selfattn.heads import HEADS  # noqa: E402
 from modeling_selfattn.model import SelfAttnEncoderHeadModel  # noqa: E402
 
@@ -351,7 +351,7 @@ def test_failure_to_put_the_previous_export_back_says_where_it_is(tmp_path, monk
 
     monkeypatch.setattr(os, "replace", failing)
     with pytest.raises(OSError, match=r"the previous files are in .*\.onnx\.old-.*: move them back .* by hand"):
-        onnx_export.swap_in(staging, folder, ["a.onnx", "b.onnx"])
+        output_folder.swap_files_in(staging, folder, ["a.onnx", "b.onnx"])
     aside = next(folder.glob(".onnx.old-*"))
     assert sorted(path.read_text() for path in aside.iterdir()) == ["old a.onnx", "old b.onnx"]
 
