@@ -22,7 +22,15 @@ from accelerate.utils import broadcast_object_list
 from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
 
 import modeling_selfattn  # also registers model_type "selfattn" with the Auto classes
-from modeling_selfattn.output_folder import Output, refuse_overlap, remove, swap_in, unique_sibling, writable
+from modeling_selfattn.output_folder import (
+    Output,
+    OutputOption,
+    check_output_folder,
+    refuse_overlap,
+    remove,
+    swap_in,
+    unique_sibling,
+)
 
 logger = logging.getLogger("examples")
 
@@ -44,6 +52,18 @@ RUN_OUTPUTS = (
     "all_results.json",
     LORA_ADAPTER_FOLDER,
     "tokenizer",
+)
+OUTPUT_DIR = OutputOption(
+    "--output_dir",
+    "--overwrite_output_dir",
+    lambda path: any((path / name).exists() for name in RUN_OUTPUTS) or any(path.glob("checkpoint-*")),
+    f"training run's output ({', '.join(RUN_OUTPUTS)}, checkpoint-N)",
+    "an earlier run's output folder",
+    error=ValueError,
+    verb="Give",
+    always_replaced=False,
+    non_empty_why="the run would write its model and results over what is there, and with --save_total_limit "
+    "Trainer deletes the checkpoint-N folders it finds there, an earlier run's included.",
 )
 
 
@@ -262,43 +282,16 @@ def check_output_dir(
         if source is None or not Path(source).exists():
             continue
         refuse_overlap(given, path, source, Path(source).resolve(), "--output_dir", option, ValueError, "Give")
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--output_dir {given} is a file, not a folder: give the path of a new folder.")
-    if not path.is_dir():
-        existing = next(folder for folder in path.parents if folder.exists())
-        if not existing.is_dir() or not writable(existing):
-            raise ValueError(
-                f"--output_dir {given} cannot be created: {existing} is not a writable folder. Give another "
-                "--output_dir, or change its permissions."
-            )
-        return
-    if not any(path.iterdir()):
-        if not writable(path):
-            raise ValueError(f"--output_dir {given} is not writable: change its permissions or give another one.")
-        return
     resume = training_args.resume_from_checkpoint
-    if not output_args.overwrite_output_dir:
-        if resume is not None and path in Path(resume).resolve().parents:
-            return  # continuing the run saved there, in its own folder
-        raise ValueError(
-            f"--output_dir {given} exists and is not empty: the run would write its model and results over what is "
-            "there, and with --save_total_limit Trainer deletes the checkpoint-N folders it finds there, an earlier "
-            "run's included. Give a new --output_dir; or add --overwrite_output_dir to "
-            "replace it (the new run is written beside it and replaces it only once it has finished); or, to continue "
-            f"the run saved there, --resume_from_checkpoint {Path(given) / 'checkpoint-N'}."
-        )
-    if not any((path / name).exists() for name in RUN_OUTPUTS) and not any(path.glob("checkpoint-*")):
-        raise ValueError(
-            f"--output_dir {given} holds files but none of a training run's output ({', '.join(RUN_OUTPUTS)}, "
-            "checkpoint-N): --overwrite_output_dir replaces an earlier run's output folder as a whole, and would "
-            "delete these files. Give a new --output_dir."
-        )
-    for folder in (path.parent, path):
-        if not writable(folder):
-            raise ValueError(
-                f"--overwrite_output_dir cannot replace --output_dir {given}: {folder} is not writable. Change its "
-                "permissions or give a new --output_dir."
-            )
+    check_output_folder(
+        Path(given),
+        OUTPUT_DIR,
+        output_args.overwrite_output_dir,
+        continuing=resume is not None and path in Path(resume).resolve().parents,
+        non_empty_hint=(
+            f"; or, to continue the run saved there, --resume_from_checkpoint {Path(given) / 'checkpoint-N'}"
+        ),
+    )
 
 
 @contextmanager
@@ -344,6 +337,20 @@ def set_up(training_args: TrainingArguments) -> None:
     datasets.utils.logging.set_verbosity(level)
     transformers.utils.logging.set_verbosity(level)
     transformers.set_seed(training_args.seed)
+
+
+def run_script(
+    run: Callable, task_arguments: type, argv: list[str] | None = None, training_arguments: type = TrainingArguments
+) -> dict:
+    """A script's main(): its options parsed and checked, logging and the seed set up, then
+    `run(model_args, data_args, task_args, training_args)` writing to --output_dir (or to the sibling that replaces
+    it, with --overwrite_output_dir)."""
+    model_args, data_args, task_args, training_args, output_args = parse_arguments(
+        (ModelArguments, DataArguments, task_arguments, training_arguments, OutputArguments), argv
+    )
+    set_up(training_args)
+    with output_dir_replaced_at_the_end(training_args, output_args):
+        return run(model_args, data_args, task_args, training_args)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -15,24 +15,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from common import (
-    DataArguments,
     LabelEncoder,
-    ModelArguments,
-    OutputArguments,
     load_model,
     load_raw_datasets,
     load_tokenizer,
-    output_dir_replaced_at_the_end,
-    parse_arguments,
     pick_column,
     require_columns,
+    run_script,
     sequence_length,
-    set_up,
     tokenize_splits,
     train_evaluate_save,
 )
 from task_metrics import classification_metrics, regression_metrics
-from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding, TrainingArguments
+from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
 from modeling_selfattn import SelfAttnForSequenceClassification
 
@@ -52,12 +47,7 @@ class ClassificationArguments:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, task_args, training_args, output_args = parse_arguments(
-        (ModelArguments, DataArguments, ClassificationArguments, TrainingArguments, OutputArguments), argv
-    )
-    set_up(training_args)
-    with output_dir_replaced_at_the_end(training_args, output_args):
-        return run(model_args, data_args, task_args, training_args)
+    return run_script(run, ClassificationArguments, argv)
 
 
 def run(model_args, data_args, task_args, training_args) -> dict:

@@ -14,21 +14,16 @@ from dataclasses import dataclass, field
 from itertools import chain
 
 from common import (
-    DataArguments,
-    ModelArguments,
-    OutputArguments,
     load_model,
     load_raw_datasets,
     load_tokenizer,
-    output_dir_replaced_at_the_end,
-    parse_arguments,
     pick_column,
+    run_script,
     sequence_length,
-    set_up,
     tokenize_splits,
     train_evaluate_save,
 )
-from transformers import AutoModelForMaskedLM, DataCollatorForLanguageModeling, TrainingArguments
+from transformers import AutoModelForMaskedLM, DataCollatorForLanguageModeling
 
 from modeling_selfattn import SelfAttnForMaskedLM
 
@@ -60,12 +55,7 @@ def blocks_of(batch: dict, block_length: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, task_args, training_args, output_args = parse_arguments(
-        (ModelArguments, DataArguments, MaskedLMArguments, TrainingArguments, OutputArguments), argv
-    )
-    set_up(training_args)
-    with output_dir_replaced_at_the_end(training_args, output_args):
-        return run(model_args, data_args, task_args, training_args)
+    return run_script(run, MaskedLMArguments, argv)
 
 
 def run(model_args, data_args, task_args, training_args) -> dict:

@@ -12,23 +12,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from common import (
-    DataArguments,
     LabelEncoder,
-    ModelArguments,
-    OutputArguments,
     load_model,
     load_raw_datasets,
     load_tokenizer,
-    output_dir_replaced_at_the_end,
-    parse_arguments,
     require_columns,
+    run_script,
     sequence_length,
-    set_up,
     tokenize_splits,
     train_evaluate_save,
 )
 from task_metrics import entity_metrics
-from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification, TrainingArguments
+from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification
 
 from modeling_selfattn import SelfAttnForTokenClassification
 
@@ -51,12 +46,7 @@ def align_labels(word_ids: list[int | None], word_labels: list[int]) -> list[int
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, task_args, training_args, output_args = parse_arguments(
-        (ModelArguments, DataArguments, TokenClassificationArguments, TrainingArguments, OutputArguments), argv
-    )
-    set_up(training_args)
-    with output_dir_replaced_at_the_end(training_args, output_args):
-        return run(model_args, data_args, task_args, training_args)
+    return run_script(run, TokenClassificationArguments, argv)
 
 
 def run(model_args, data_args, task_args, training_args) -> dict:

@@ -15,23 +15,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from common import (
-    DataArguments,
-    ModelArguments,
-    OutputArguments,
     load_model,
     load_raw_datasets,
     load_tokenizer,
-    output_dir_replaced_at_the_end,
-    parse_arguments,
     require_at_least,
     require_columns,
+    run_script,
     sequence_length,
-    set_up,
     tokenize_splits,
     train_evaluate_save,
 )
 from task_metrics import squad_metrics
-from transformers import AutoModelForQuestionAnswering, DataCollatorWithPadding, TrainingArguments
+from transformers import AutoModelForQuestionAnswering, DataCollatorWithPadding
 
 from modeling_selfattn import SelfAttnForQuestionAnswering
 
@@ -119,12 +114,7 @@ def best_answers(examples, windows, start_logits, end_logits, n_best_size: int, 
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, task_args, training_args, output_args = parse_arguments(
-        (ModelArguments, DataArguments, QuestionAnsweringArguments, TrainingArguments, OutputArguments), argv
-    )
-    set_up(training_args)
-    with output_dir_replaced_at_the_end(training_args, output_args):
-        return run(model_args, data_args, task_args, training_args)
+    return run_script(run, QuestionAnsweringArguments, argv)
 
 
 def run(model_args, data_args, task_args, training_args) -> dict:

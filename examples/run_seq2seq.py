@@ -32,22 +32,18 @@ from pathlib import Path
 
 import numpy as np
 from common import (
-    DataArguments,
     ModelArguments,
-    OutputArguments,
     capped_length,
     changed_options,
     load_model,
     load_raw_datasets,
     load_tokenizer,
     logger,
-    output_dir_replaced_at_the_end,
-    parse_arguments,
     pick_column,
     require_at_least,
     require_columns,
+    run_script,
     sequence_length,
-    set_up,
     tokenize_splits,
     train_evaluate_save,
 )
@@ -178,12 +174,7 @@ def new_tokenizer(texts, kind: str, vocab_size: int) -> PreTrainedTokenizerFast:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    model_args, data_args, task_args, training_args, output_args = parse_arguments(
-        (ModelArguments, DataArguments, Seq2SeqArguments, Seq2SeqTrainingArguments, OutputArguments), argv
-    )
-    set_up(training_args)
-    with output_dir_replaced_at_the_end(training_args, output_args):
-        return run(model_args, data_args, task_args, training_args)
+    return run_script(run, Seq2SeqArguments, argv, training_arguments=Seq2SeqTrainingArguments)
 
 
 def run(model_args, data_args, task_args, training_args) -> dict:

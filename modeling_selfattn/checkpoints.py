@@ -1016,7 +1016,8 @@ def read_config(folder: str | os.PathLike) -> dict:
 # silently renders another one.
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 TOKENIZER_FOLDERS = ("additional_chat_templates",)
-TOKENIZER_FILES = (
+# The files that make a tokenizer, as opposed to the chat templates it may carry.
+TOKENIZER_MODEL_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -1030,8 +1031,8 @@ TOKENIZER_FILES = (
     "source.spm",  # Marian: one SentencePiece model per language
     "target.spm",
     "target_vocab.json",  # Marian with separate_vocabs=True: the target language's vocabulary
-    *CHAT_TEMPLATE_FILES,
 )
+TOKENIZER_FILES = TOKENIZER_MODEL_FILES + CHAT_TEMPLATE_FILES
 HUB_FILE_PATTERNS = ["*.json", "*.txt", "*.model", "*.spm", "*.md", "*.jinja"]  # *.jinja: chat templates
 
 # sentence-transformers keeps its pipeline beside the transformer's files: modules.json lists the modules (the
@@ -1826,8 +1827,7 @@ def sample_inputs(folder: Path, config, positions: int, texts=SAMPLE_TEXTS, mult
             f"rows the family reserves) takes only {positions} tokens. Leave out --verify, or set "
             f"chunk_size_feed_forward in config.json to 0 or at most {positions} first."
         )
-    # A chat template alone is no tokenizer.
-    if any((folder / name).is_file() for name in TOKENIZER_FILES if name not in CHAT_TEMPLATE_FILES):
+    if any((folder / name).is_file() for name in TOKENIZER_MODEL_FILES):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(folder)

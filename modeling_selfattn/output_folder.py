@@ -1,5 +1,6 @@
 """OUTPUT of `selfattn-convert` (modeling_selfattn/convert_cli.py), in one place: checked before any work
-starts, written beside, and put in place only once every step has succeeded.
+starts, written beside, and put in place only once every step has succeeded. The example scripts' --output_dir
+goes through the same checks (check_output_folder) and, with --overwrite_output_dir, the same swap.
 
 The rules, and why:
 
@@ -81,56 +82,89 @@ def refuse_overlap(
     raise error(f"{output_name} {given} {relation} {source_name} {source}: {problem}. {verb} {fix}.")
 
 
-def check_output(output, source, overwrite: bool) -> Output:
-    """The OUTPUT argument, checked against SOURCE (a local folder; a Hub id is checked once downloaded, by
-    write_output). Raises OutputRefused naming the problem and the fix."""
-    given = Path(output)
+@dataclass(frozen=True)
+class OutputOption:
+    """How a command names its output folder and the switch that lets an existing one be replaced, and what that
+    switch may replace: selfattn-convert's OUTPUT and --overwrite (a model folder), or the example scripts'
+    --output_dir and --overwrite_output_dir (an earlier run's output). A folder of other things (a project, the
+    current folder) would go with the replaced folder, so only the command's own kind of output is replaced."""
+
+    name: str
+    overwrite_flag: str
+    is_replaceable: Callable[[Path], bool]
+    replaceable: str  # what is_replaceable looks for, for the refusal
+    kind: str  # what it makes of a folder that holds it
+    error: type[Exception] = OutputRefused
+    verb: str = "Pass"
+    always_replaced: bool = True  # False: an existing folder is written into unless overwrite_flag is given
+    non_empty_why: str = "the new output would be mixed with what is there."
+
+
+CONVERT_OUTPUT = OutputOption(
+    "OUTPUT", "--overwrite", lambda path: (path / "config.json").is_file(), "config.json", "a model folder"
+)
+
+
+def check_output_folder(
+    given: Path, option: OutputOption, overwrite: bool, continuing: bool = False, non_empty_hint: str = ""
+) -> Path:
+    """The output folder `given`, resolved, once it is known to be a usable new or existing folder: not the
+    filesystem root, a file or below one, nor a place that cannot be written; an existing folder that holds files
+    only with the overwrite switch (and then only the command's own kind of output, not through a symbolic link) or
+    when `continuing` an earlier run saved there. Raises option.error naming the problem and the fix; the refusal
+    of a non-empty folder ends with `non_empty_hint`."""
+    name, flag, verb = option.name, option.overwrite_flag, option.verb
     path = given.resolve()
     if path.parent == path:
-        raise OutputRefused(f"OUTPUT {given} is the filesystem root; pass a folder to write the model to.")
-    if Path(source).exists():
-        refuse_overlap(given, path, source, Path(source).resolve())
-    if given.is_symlink():
-        raise OutputRefused(
-            f"OUTPUT {given} is a symbolic link (to {os.readlink(given)}); the folder is replaced as a whole, "
-            f"which would replace the link, not what it points to. Pass the folder itself ({path}) or a new path."
-        )
+        raise option.error(f"{name} {given} is the filesystem root; {verb.lower()} a folder to write to.")
     if path.exists() and not path.is_dir():
-        raise OutputRefused(
-            f"OUTPUT {given} is a file, not a folder; pass the path of a new folder, or of an existing model "
-            "folder to replace with --overwrite."
-        )
-    if path.is_dir():
-        if any(path.iterdir()) and not overwrite:
-            raise OutputRefused(
-                f"OUTPUT {given} exists and is not empty; pass --overwrite to replace it (it is replaced only "
-                "once the new folder has been written in full), or pass a new folder."
+        raise option.error(f"{name} {given} is a file, not a folder; {verb.lower()} the path of a new folder.")
+    if not path.exists():
+        existing = next(folder for folder in path.parents if folder.exists())
+        if not existing.is_dir():
+            raise option.error(
+                f"{name} {given} cannot be created: {existing} is a file, not a folder. {verb} another {name}."
             )
-        # --overwrite replaces a model folder as a whole: a folder of other things (a project, the current folder)
-        # would go with it.
-        if any(path.iterdir()) and not (path / "config.json").is_file():
-            raise OutputRefused(
-                f"OUTPUT {given} holds files but no config.json, so it is not a model folder; --overwrite replaces "
-                "model folders only. Pass a new folder, or the folder of a model written before."
+        if not writable(existing):
+            raise option.error(
+                f"{name} {given} cannot be created: {existing} is not writable. Change its permissions or "
+                f"{verb.lower()} another {name}."
             )
-        for folder in (path.parent, path):
-            if not writable(folder):
-                raise OutputRefused(
-                    f"OUTPUT {given} cannot be replaced: {folder} is not writable. Change its permissions or "
-                    "pass another OUTPUT folder."
-                )
-        return Output(given, path)
-    existing = next(folder for folder in path.parents if folder.exists())
-    if not existing.is_dir():
-        raise OutputRefused(
-            f"OUTPUT {given} cannot be created: {existing} is a file, not a folder. Pass another OUTPUT folder."
+        return path
+    holds_files = any(path.iterdir())
+    replaced = overwrite or option.always_replaced
+    if replaced and given.is_symlink():
+        raise option.error(
+            f"{name} {given} is a symbolic link (to {os.readlink(given)}); the folder is replaced as a whole, "
+            f"which would replace the link, not what it points to. {verb} the folder itself ({path}) or a new path."
         )
-    if not writable(existing):
-        raise OutputRefused(
-            f"OUTPUT {given} cannot be created: {existing} is not writable. Change its permissions or pass "
-            "another OUTPUT folder."
+    if holds_files and not overwrite and not continuing:
+        raise option.error(
+            f"{name} {given} exists and is not empty: {option.non_empty_why} {verb} a new {name}; or add {flag} to "
+            f"replace it (the new output is written beside it and replaces it only once it is complete)"
+            f"{non_empty_hint}."
         )
-    return Output(given, path)
+    if holds_files and overwrite and not option.is_replaceable(path):
+        raise option.error(
+            f"{name} {given} holds files but no {option.replaceable}, so it is not {option.kind}: {flag} replaces "
+            f"{option.kind} as a whole, and would delete these files. {verb} a new {name}."
+        )
+    for folder in (path.parent, path) if replaced else (path,):
+        if not writable(folder):
+            raise option.error(
+                f"{name} {given} cannot be {'replaced' if replaced else 'written'}: {folder} is not writable. Change "
+                f"its permissions or {verb.lower()} another {name}."
+            )
+    return path
+
+
+def check_output(output, source, overwrite: bool) -> Output:
+    """selfattn-convert's OUTPUT argument, checked against SOURCE (a local folder; a Hub id is checked once
+    downloaded, by write_output). Raises OutputRefused naming the problem and the fix."""
+    given = Path(output)
+    if Path(source).exists():
+        refuse_overlap(given, given.resolve(), source, Path(source).resolve())
+    return Output(given, check_output_folder(given, CONVERT_OUTPUT, overwrite))
 
 
 def unique_sibling(path: Path, label: str) -> Path:

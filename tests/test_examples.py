@@ -422,7 +422,7 @@ def test_an_output_dir_overlapping_an_input_is_refused_even_with_overwrite(
     "options,message",
     [(["--resume_from_checkpoint", "{out}/checkpoint-9"], r"^--resume_from_checkpoint \S+ is not a folder: give the checkpoint-N"),
      (["--resume_from_checkpoint", "{out}"], r"^--resume_from_checkpoint continues a training run, but there is no --do_train"),
-     (["--overwrite_output_dir"], r"^--output_dir \S+ holds files but none of a training run's output .* Give a new --output_dir"),
+     (["--overwrite_output_dir"], r"^--output_dir \S+ holds files but no training run's output .* Give a new --output_dir"),
      (["--overwrite_output_dir", "--output_dir", "{out}/notes.txt"], r"^--output_dir \S+ is a file, not a folder")],
     ids=["resume_from_a_missing_checkpoint", "resume_without_training", "overwrite_a_folder_of_other_files",
          "output_dir_a_file"],
