@@ -493,6 +493,17 @@ WORKLOADS = {
     "beam4_b1": lambda args, variants: generation_workload("beam4_b1", 1, 4, args, variants),
 }
 
+# The workloads that read these options (minilm_shape, sst2_workload): a run of none of them would leave the option
+# unused.
+OPTION_READERS = {
+    "--random-minilm": (
+        "encoder_minilm_32x128", "encoder_padded_64", "encoder_sst2_64", "mlm_train_minilm_16x128",
+        "classify_train_minilm_32x128", "classify_train_padded_64",
+    ),
+    "--data-dir": ("encoder_sst2_64",),
+}
+DEFAULT_DATA_DIR = HERE.parent.parent / "shared" / "data"
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Timing
@@ -606,7 +617,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per variant first (default: 2)")
     parser.add_argument("--random-minilm", action="store_true", help="random MiniLM-shaped weights, not the checkpoint")
     parser.add_argument(
-        "--data-dir", default=str(HERE.parent.parent / "shared" / "data"),
+        "--data-dir",
         help="folder holding sst2/dev.tsv for the encoder_sst2_64 workload (default: ../shared/data beside the repo)",
     )
     parser.add_argument("--output", default="bench_results.json")
@@ -618,6 +629,19 @@ def main(argv=None):
         parser.error(f"--repeats must be at least 1, got {args.repeats}.")
     if args.warmup < 0:
         parser.error(f"--warmup must be 0 or more, got {args.warmup}.")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(
+            f"--device cuda: torch {torch.__version__} sees no CUDA GPU here (a CPU-only build, or no GPU visible); "
+            "run with --device cpu, or on a machine with a GPU and a CUDA build of torch."
+        )
+    given = {"--random-minilm": args.random_minilm, "--data-dir": args.data_dir is not None}
+    for option, readers in OPTION_READERS.items():
+        if given[option] and not set(readers) & set(workloads):
+            parser.error(
+                f"{option} applies to the workloads {', '.join(readers)}, and --workloads names none of them: add "
+                f"one, or leave out {option}."
+            )
+    args.data_dir = args.data_dir or str(DEFAULT_DATA_DIR)
     this_run = f"--device {args.device} --dtype {args.dtype}"
     args.dtype = getattr(torch, args.dtype)
     ruled = ruled_out(variants, args.device, args.dtype)

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""`selfattn-convert export` at the path the README gave before the console script existed: an encoder-only
-selfattn folder back to transformers' BERT-family layout.
+"""`selfattn-convert export` at the path the README gave before the console script existed: a selfattn folder back
+to a transformers layout (the BERT family for an encoder; Marian or BART for an encoder-decoder).
 
     python conversion/export_bert.py SELFATTN_DIR OUTPUT [--family NAME] [--overwrite]
 

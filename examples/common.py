@@ -625,6 +625,7 @@ def load_model(model_args: ModelArguments, selfattn_class: type, auto_class: typ
     or, with --use_transformers_class, through transformers' Auto class; or a new model from --config_name, whose
     vocabulary and special tokens are the tokenizer's. `config_fields` (labels, generation ids) override the
     config either way."""
+    check_transformers_class(model_args)
     if model_args.model_name_or_path is not None:
         model_class = auto_class if model_args.use_transformers_class else selfattn_class
         return model_class.from_pretrained(model_args.model_name_or_path, **config_fields)
@@ -636,6 +637,22 @@ def load_model(model_args: ModelArguments, selfattn_class: type, auto_class: typ
         # Marian sizes its output layer separately from the (shared) input vocabulary.
         config.decoder_vocab_size = len(tokenizer)
     return auto_class.from_config(config)
+
+
+def check_transformers_class(model_args: ModelArguments) -> None:
+    """A selfattn model has no class of transformers' own: the Auto classes give selfattn's, so
+    --use_transformers_class would go unused and the run train selfattn's class all the same."""
+    if model_args.model_name_or_path is not None:
+        option, source, example = "--model_name_or_path", model_args.model_name_or_path, "a BERT checkpoint"
+    else:
+        option, source, example = "--config_name", model_args.config_name, "configs/marian-transformer-small.json"
+    model_type = modeling_selfattn.SelfAttnConfig.model_type
+    if model_args.use_transformers_class and AutoConfig.from_pretrained(source).model_type == model_type:
+        raise ValueError(
+            f"--use_transformers_class trains transformers' own class for the model_type, but {option} {source} is "
+            f"a {model_type} model, which has none: leave out --use_transformers_class, or give {option} a model of "
+            f"another model_type (e.g. {example})."
+        )
 
 
 def add_lora(model, model_args: ModelArguments, task_type: str | None):

@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import load_file
@@ -48,6 +49,16 @@ class Rename:
 
     source: str
     target: str
+
+
+@dataclass(frozen=True)
+class Alias(Rename):
+    """A second source name for a target another `Rename` fills, which transformers' model reads only where the two
+    hold the same values (it ties them, or keeps them equal), and not at all where they differ. Where both are in a
+    checkpoint and differ, the alias is dropped, and `why` says why that loses nothing; alone, it fills the target
+    (older checkpoints hold only it)."""
+
+    why: str = ""
 
 
 @dataclass(frozen=True)
@@ -150,14 +161,23 @@ BERT_LAYERS = modules(
 POOLER = (Rename("pooler.dense.*", "model.pooler.dense.*"),)
 
 
-def lm_head(transform: str, layer_norm: str, decoder: str, biases: tuple[str, ...]) -> tuple:
-    """An MLM head: transform dense + LayerNorm + decoder; `biases` name the decoder bias, first the one
-    transformers saves, then aliases older checkpoints hold (all equal)."""
+def lm_head(transform: str, layer_norm: str, decoder: str, head_bias: str | None = None) -> tuple:
+    """An MLM head: transform dense + LayerNorm + decoder. `head_bias` names the head's own bias parameter where it
+    has one beside the decoder's (BERT's, RoBERTa's): an `Alias` of the decoder bias, listed first because export
+    writes a tensor under the first name transformers' model has, and checkpoints saved tied hold it."""
+    bias_alias = () if head_bias is None else (
+        Alias(
+            head_bias,
+            "lm_head.decoder.bias",
+            f"the MLM head's own bias parameter, which transformers' forward does not add: it adds {decoder}.bias, "
+            "tied to this one only where the config ties them (tie_word_embeddings=True) and both are equal",
+        ),
+    )
     return (
         Rename(f"{transform}.*", "lm_head.dense.*"),
         Rename(f"{layer_norm}.*", "lm_head.layer_norm.*"),
         Rename(f"{decoder}.weight", "lm_head.decoder.weight"),
-    ) + tuple(Rename(bias, "lm_head.decoder.bias") for bias in biases)
+    ) + bias_alias + (Rename(f"{decoder}.bias", "lm_head.decoder.bias"),)
 
 
 def classifier_head(dense: str, out_proj: str) -> tuple:
@@ -250,7 +270,7 @@ BERT = Family(
         "cls.predictions.transform.dense",
         "cls.predictions.transform.LayerNorm",
         "cls.predictions.decoder",
-        ("cls.predictions.bias", "cls.predictions.decoder.bias"),
+        "cls.predictions.bias",
     )
     + (Rename("cls.seq_relationship.*", "next_sentence.*"),)
     + TASK_TENSORS,
@@ -286,9 +306,7 @@ ROBERTA = replace(
     model_type="roberta",
     class_prefix="Roberta",
     base_prefix="roberta",
-    head_tensors=lm_head(
-        "lm_head.dense", "lm_head.layer_norm", "lm_head.decoder", ("lm_head.bias", "lm_head.decoder.bias")
-    )
+    head_tensors=lm_head("lm_head.dense", "lm_head.layer_norm", "lm_head.decoder", "lm_head.bias")
     + classifier_head("classifier.dense", "classifier.out_proj")
     + TASK_TENSORS,
     # The classification head's dense + tanh is a pooler.
@@ -341,7 +359,7 @@ DISTILBERT = Family(
         ),
     )
     + POSITION_BUFFERS,
-    head_tensors=lm_head("vocab_transform", "vocab_layer_norm", "vocab_projector", ("vocab_projector.bias",))
+    head_tensors=lm_head("vocab_transform", "vocab_layer_norm", "vocab_projector")
     + (Rename("pre_classifier.*", "model.pooler.dense.*"),)
     + TASK_TENSORS,
     # No pooler in the bare model; pre_classifier + ReLU is a pooler with a ReLU.
@@ -383,12 +401,7 @@ ELECTRA = replace(
     + BERT_LAYERS
     + (Rename("embeddings_project.*", EMBEDDINGS + "projection.*"),)
     + POSITION_BUFFERS,
-    head_tensors=lm_head(
-        "generator_predictions.dense",
-        "generator_predictions.LayerNorm",
-        "generator_lm_head",
-        ("generator_lm_head.bias",),
-    )
+    head_tensors=lm_head("generator_predictions.dense", "generator_predictions.LayerNorm", "generator_lm_head")
     + (
         Rename("discriminator_predictions.dense.*", "discriminator.dense.*"),
         Rename("discriminator_predictions.dense_prediction.*", "discriminator.out_proj.*"),
@@ -434,8 +447,15 @@ def seq2seq_layers(stack: str) -> tuple:
 
 
 SEQ2SEQ_TOKENS = (
-    # One token table for both stacks (and, tied, the LM head): selfattn keeps it in the encoder's embeddings.
-    Rename("shared.weight", EMBEDDINGS + "word_embeddings.weight"),
+    # One token table for both stacks (and, tied, the LM head): selfattn keeps it in the encoder's embeddings, which
+    # the decoder's are (one tensor: the engine compares the two stacks' tables, see `one_source_per_target`).
+    # transformers' stacks read their own embed_tokens; `shared` is only what they are tied to.
+    Alias(
+        "shared.weight",
+        EMBEDDINGS + "word_embeddings.weight",
+        "the shared token table, which transformers' encoder and decoder do not read: they read their own "
+        "embed_tokens, tied to it only where the config ties them (tie_word_embeddings=True) and all are equal",
+    ),
     Rename("encoder.embed_tokens.weight", EMBEDDINGS + "word_embeddings.weight"),
     Rename("decoder.embed_tokens.weight", "model.decoder.embeddings.word_embeddings.weight"),
 )
@@ -673,9 +693,11 @@ def check_lm_head_activation(family: Family, head: Head, hidden_act: str) -> Non
 
 
 def fields_not_carried(source: dict, used: set) -> list[str]:
-    """The source config fields outside `used` whose value the selfattn config loses: a field of every config
-    unless it holds the default (which the selfattn config has too), never a decoding setting (those travel in the
-    generation config, see `source_generation_config`), and every other field."""
+    """The fields of config dict `source` outside `used` whose value the other side loses: a field of every config
+    unless it holds the default (which the other config has too), never a decoding setting (those travel in the
+    generation config of a model that generates: `source_generation_config` reads them from config.json, and export
+    copies generation_config.json), and every other field. Used both ways: the selfattn config's losses on
+    conversion, and the fields export writes with the family's defaults."""
     from transformers import GenerationConfig, PreTrainedConfig
 
     defaults, decoding = PreTrainedConfig().to_dict(), GenerationConfig().to_dict()
@@ -777,11 +799,12 @@ def head_prefix_for(class_name: str) -> str:
     return "" if class_name == "SelfAttnModel" else "model."
 
 
-def rename(family: Family, names: Iterable[str], head_prefix: str) -> tuple[dict, dict, list]:
-    """Source names -> ({source: selfattn name}, {source: why dropped}, [names no rule matches]).
+def rename(family: Family, names: Iterable[str], head_prefix: str) -> tuple[dict, dict, list, dict]:
+    """Source names -> ({source: selfattn name}, {source: why dropped}, [names no rule matches], {source mapped by an
+    `Alias`: why transformers does not read it where it differs from the name it aliases}).
     `head_prefix` is "model." for head classes and "" for the bare SelfAttnModel."""
     rules = compile_rules(family)
-    mapped, dropped, unmatched = {}, {}, []
+    mapped, dropped, unmatched, aliases = {}, {}, [], {}
     for name in names:
         key = normalised_name(name)
         for pattern, rule in rules:
@@ -793,10 +816,12 @@ def rename(family: Family, names: Iterable[str], head_prefix: str) -> tuple[dict
             else:
                 target = fill(rule.target, match)
                 mapped[name] = target if head_prefix else target.removeprefix("model.")
+                if isinstance(rule, Alias):
+                    aliases[name] = rule.why
             break
         else:
             unmatched.append(name)
-    return mapped, dropped, unmatched
+    return mapped, dropped, unmatched, aliases
 
 
 def source_names(family: Family, name: str, with_base_prefix: bool) -> list[str]:
@@ -1165,10 +1190,15 @@ class ConversionReport:
     unused: dict = field(default_factory=dict)  # source name -> why nothing takes it
     missing: list = field(default_factory=list)  # target names no source tensor fills
     mismatched: list = field(default_factory=list)  # (source name, target name, source shape, target shape)
-    conflicts: list = field(default_factory=list)  # (target name, source names) whose tensors differ
+    conflicts: list = field(default_factory=list)  # (target name, source names whose tensors differ, why fatal)
     config_not_carried: list = field(default_factory=list)
     config_added: dict = field(default_factory=dict)  # selfattn config fields the source's model_type implied
     computed: dict = field(default_factory=dict)  # target name -> what export filled it with (no tensor of its own)
+    # The decoding settings the generation config takes from config.json, where the source has no
+    # generation_config.json (see `source_generation_config`).
+    decoding_from_config: list = field(default_factory=list)
+    # Config fields of the family that the selfattn config does not record, which export writes with their defaults.
+    config_defaulted: list = field(default_factory=list)
     dtype: str | None = None  # the dtype the tensors are written in, and why (see `weights_dtype`)
 
     def problems(self) -> list[str]:
@@ -1179,7 +1209,8 @@ class ConversionReport:
             for source, target, source_shape, target_shape in self.mismatched
         ]
         problems += [
-            f"conflicting tensors {sources} all map to {target} but differ" for target, sources in self.conflicts
+            f"conflicting tensors {sources} all map to {target} but differ{why}"
+            for target, sources, why in self.conflicts
         ]
         return problems
 
@@ -1190,13 +1221,14 @@ class ConversionReport:
             if self.unused or self.missing:
                 family = next((f for f in FAMILIES.values() if self.architecture.startswith(f.class_prefix)), None)
                 if family is not None:
+                    # On a line of its own: the problems are a list, and the advice is no part of the last one.
                     supported = (
-                        " If the checkpoint holds another head, pass its architecture (one of "
+                        "\nIf the checkpoint holds another head, pass its architecture (one of "
                         f"{supported_architectures(family)})."
                     )
             raise ConversionError(
                 f"Cannot convert {self.source} ({self.architecture} -> {self.target}), {len(problems)} problem(s):\n  "
-                + "\n  ".join(problems)
+                + "\n  ".join(f"{problem}." for problem in problems)
                 + supported
             )
 
@@ -1210,9 +1242,22 @@ class ConversionReport:
         lines += [f"  computed {name}: {why}" for name, why in self.computed.items()]
         lines += [f"  {problem}" for problem in self.problems()]
         if self.config_not_carried:
-            lines.append(f"  config fields not carried over (no selfattn code uses them): {self.config_not_carried}")
+            lines.append(
+                "  config fields not carried over (no selfattn code uses them; export writes the family's defaults "
+                f"for them): {self.config_not_carried}"
+            )
         if self.config_added:
             lines.append(f"  config fields added (the source's model_type implied them): {self.config_added}")
+        if self.decoding_from_config:
+            lines.append(
+                "  decoding settings read from config.json (there is no generation_config.json) and kept in the "
+                f"generation config: {self.decoding_from_config}"
+            )
+        if self.config_defaulted:
+            lines.append(
+                "  config fields written with the family's defaults (the selfattn config does not record them; the "
+                f"conversion reported them as not carried over): {self.config_defaulted}"
+            )
         if self.dtype:
             lines.append(f"  dtype: {self.dtype}")
         return "\n".join(lines)
@@ -1245,11 +1290,44 @@ def weights_dtype(state_dict: dict, config_dtype=None) -> tuple[torch.dtype | No
     return dtype, f"{named(dtype)} ({why})"
 
 
-def expected_tensors(model: torch.nn.Module) -> tuple[dict, dict]:
-    """Names and shapes a model's checkpoint holds, and its tied names ({tied name: the name it repeats})."""
+class ExpectedTensors(NamedTuple):
+    """What a model's checkpoint holds: `shapes` by name; `tied`, transformers' ties ({tied name: the name it
+    repeats}); `one_tensor`, every name that holds the same tensor as another, tied or shared by construction
+    ({name: the first name of that tensor}); `shared_module`, the names among those whose module is another's (the
+    selfattn decoder takes the encoder's token table module), which no config setting unties."""
+
+    shapes: dict
+    tied: dict
+    one_tensor: dict
+    shared_module: frozenset
+
+
+def expected_tensors(model: torch.nn.Module) -> ExpectedTensors:
     tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
     shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    return shapes, tied
+    # Names of one tensor: those of one object, and those tied (a model built on meta is tied already, but a tie
+    # counts whether or not it was applied). The tensor goes by the first of its names that no tie makes a copy of.
+    names = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    groups, group_of = {}, {}
+    for name, tensor in names:
+        group_of[name] = groups.setdefault(id(tensor), [])
+        group_of[name].append(name)
+    for name, repeated in tied.items():
+        group, other = group_of.setdefault(name, [name]), group_of.setdefault(repeated, [repeated])
+        if group is not other:
+            group += other
+            group_of.update({member: group for member in other})
+    one_tensor = {}
+    for group in {id(group): group for group in group_of.values()}.values():
+        head = next((name for name in group if name not in tied), group[0])
+        one_tensor.update({name: head for name in group if name != head})
+    # transformers ties a parameter, not its module: a module met twice is one by construction.
+    first_module, shared_module = {}, set()
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        if first_module.setdefault(id(module), prefix) != prefix:
+            shared_module |= {f"{prefix}.{name}" for name, _ in module.named_parameters(recurse=False)}
+            shared_module |= {f"{prefix}.{name}" for name, _ in module.named_buffers(recurse=False)}
+    return ExpectedTensors(shapes, tied, one_tensor, frozenset(shared_module))
 
 
 def build_on_meta(model_class: type, config) -> torch.nn.Module:
@@ -1257,34 +1335,98 @@ def build_on_meta(model_class: type, config) -> torch.nn.Module:
         return model_class(config)
 
 
+def differ(first: torch.Tensor, second: torch.Tensor) -> bool:
+    # Meta tensors (export_refusal's) have no values to compare; that check waits for the export itself.
+    return not first.is_meta and not second.is_meta and not torch.equal(first, second)
+
+
+def one_source_per_target(
+    state_dict: dict, names: dict, expected: ExpectedTensors, aliases: dict, holder: str
+) -> tuple[dict, dict, list]:
+    """The rule for several source tensors that land on one tensor of `holder`, the model written (one target name,
+    or names that are one tensor there: `expected.one_tensor`): ({source: target name} of the ones kept, {source:
+    why dropped}, [(target name, sources, why they cannot all be kept)] conflicts). Equal tensors are one tensor
+    saved twice: the first is kept. Where they differ, `aliases` ({source: why}, the family's `Alias` names) are
+    dropped: transformers' model reads the other name then. If those left still differ, `holder` has no place for
+    one of them, which is a conflict. The conversion and from_pretrained's loading both apply this rule."""
+    groups = {}
+    for source, target in names.items():
+        groups.setdefault(expected.one_tensor.get(target, target), []).append(source)
+    kept, dropped, conflicts = {}, {}, []
+    for target, sources in groups.items():
+        read = sources
+        if any(differ(state_dict[sources[0]], state_dict[source]) for source in sources[1:]):
+            read = [source for source in sources if source not in aliases] or sources
+        first = read[0]
+        kept[first] = target
+        for source in sources:
+            if source in read:
+                if source != first and not differ(state_dict[first], state_dict[source]):
+                    tie = expected.tied.get(names[source])
+                    dropped[source] = (
+                        f"maps to {names[source]}, tied to {tie} (the source model ties them too)" if tie else
+                        f"repeats {first} (both are {target})"
+                    )  # fmt: skip
+            elif differ(state_dict[first], state_dict[source]):
+                dropped[source] = f"{aliases[source]}; it differs from {first}, which transformers' model reads"
+            else:
+                dropped[source] = f"repeats {first} (both are {target})"
+        differing = [source for source in read if source != first and source not in dropped]
+        if differing:
+            why = conflict_reason(target, [names[source] for source in (first, *differing)], expected, holder)
+            # The aliases left out are said here too: the error lists the conflicts, not what was dropped.
+            why += "".join(f"; {source} is left out: {dropped[source]}" for source in sources if source not in read)
+            conflicts.append((target, [first, *differing], why))
+    return kept, dropped, conflicts
+
+
+def conflict_reason(target: str, targets: list[str], expected: ExpectedTensors, holder: str) -> str:
+    """Why `holder` cannot keep source tensors that differ, mapped to `targets`, all of them `target`'s tensor."""
+    others = sorted({name for name in targets if name != target})
+    if not others:
+        return ""  # one name of `holder` for several of the source's: the table says which is read (`Alias`)
+    if not any(name in expected.shared_module for name in others):
+        return (
+            f": {holder} ties {', '.join(others)} to {target} (tie_word_embeddings=True in the config), one tensor "
+            "for them, while transformers' own model unties tensors that differ; set \"tie_word_embeddings\": false "
+            "in the source's config.json to convert them as separate tensors"
+        )
+    return (
+        f": {holder} holds {target} and {', '.join(others)} as one tensor (one module, e.g. one token table for "
+        "the encoder and the decoder), so it has no place for tensors that differ, and the checkpoint cannot be "
+        "converted"
+    )
+
+
 def match_tensors(
-    report: ConversionReport, state_dict: dict, names: dict, shapes: dict, tied: dict, progress: bool = False
+    report: ConversionReport,
+    state_dict: dict,
+    names: dict,
+    expected: ExpectedTensors,
+    aliases: dict | None = None,
+    progress: bool = False,
 ) -> dict:
-    """Put the source tensors under their target names, recording in `report` everything that does not fit."""
+    """Put the source tensors under their target names, recording in `report` everything that does not fit; where
+    several land on one target tensor, `one_source_per_target` decides (`aliases` as it takes them)."""
     from tqdm.auto import tqdm
 
-    converted, sources_of = {}, {}
+    shapes, candidates = expected.shapes, {}
     for source, target in tqdm(names.items(), desc="Mapping tensors", unit="tensor", disable=not progress):
-        tensor = state_dict[source]
-        if target in tied:
-            report.dropped[source] = f"maps to {target}, tied to {tied[target]} (the source model ties them too)"
-        elif target not in shapes:
+        shape = tuple(state_dict[source].shape)
+        if target not in shapes:
             report.unused[source] = f"maps to {target}, which {report.target} does not have"
-        elif tuple(tensor.shape) != shapes[target]:
-            report.mismatched.append((source, target, tuple(tensor.shape), shapes[target]))
-        elif target in converted:
-            sources_of[target].append(source)
-            # Meta tensors (export_refusal's) have no values to compare; that check waits for the export itself.
-            if not tensor.is_meta and not torch.equal(converted[target], tensor):
-                report.conflicts.append((target, sources_of[target]))
-            else:
-                report.dropped[source] = f"repeats {sources_of[target][0]} (both are {target})"
+        elif shape != shapes[target]:
+            report.mismatched.append((source, target, shape, shapes[target]))
         else:
-            converted[target] = tensor
-            sources_of[target] = [source]
-            report.mapped[source] = target
-    filled = set(converted) | {target for _, target, _, _ in report.mismatched}
-    report.missing = sorted(name for name in shapes if name not in filled and name not in tied)
+            candidates[source] = target
+    kept, dropped, conflicts = one_source_per_target(state_dict, candidates, expected, aliases or {}, report.target)
+    report.mapped.update(kept)
+    report.dropped.update(dropped)
+    report.conflicts += conflicts
+    converted = {target: state_dict[source] for source, target in kept.items()}
+    filled = set(converted) | {expected.one_tensor.get(target, target) for _, target, _, _ in report.mismatched}
+    # A name that repeats another tensor is filled with it.
+    report.missing = sorted(name for name in shapes if name not in filled and name not in expected.one_tensor)
     return converted
 
 
@@ -1308,15 +1450,15 @@ def convert_checkpoint(
     added = model_type_tokenizer_class(folder, config_dict)
     config = SelfAttnConfig(**{**kwargs, **added}, architectures=[head.target])
     model_class = target_class(head.target)
-    shapes, tied = expected_tensors(build_on_meta(model_class, config))
+    expected = expected_tensors(build_on_meta(model_class, config))
 
     state_dict = load_checkpoint(folder, progress)
     report = ConversionReport(
         str(source), architecture, head.target, config_not_carried=not_carried, config_added=added
     )
-    names, report.dropped, unmatched = rename(family, state_dict, head_prefix_for(head.target))
+    names, report.dropped, unmatched, aliases = rename(family, state_dict, head_prefix_for(head.target))
     report.unused.update({name: f"no {family.name} rule maps it" for name in unmatched})
-    converted = match_tensors(report, state_dict, names, shapes, tied, progress)
+    converted = match_tensors(report, state_dict, names, expected, aliases, progress)
     report.check()
     # from_pretrained's dtype="auto" goes by config.json's dtype first, which may not be the tensors'.
     dtype, report.dtype = weights_dtype(converted, config_dict.get("dtype", config_dict.get("torch_dtype")))
@@ -1327,6 +1469,8 @@ def convert_checkpoint(
     model = model_class.from_pretrained(None, config=config, state_dict=converted, dtype=dtype or "auto", **attention)
     if model.can_generate():
         model.generation_config = source_generation_config(folder)
+        if not (folder / "generation_config.json").is_file():
+            report.decoding_from_config = decoding_settings(model.generation_config)
     return model.eval(), report
 
 
@@ -1346,11 +1490,22 @@ def model_type_tokenizer_class(folder: Path, config_dict: dict) -> dict:
 def source_generation_config(folder: Path):
     """The source's decoding defaults (generation_config.json, else those its config.json holds, as transformers
     reads them), so that generate() on the converted model decodes as the source model does."""
-    from transformers import AutoConfig, GenerationConfig
+    from transformers import GenerationConfig
 
     if (Path(folder) / "generation_config.json").is_file():
         return GenerationConfig.from_pretrained(folder)
-    return GenerationConfig.from_model_config(AutoConfig.from_pretrained(folder))
+    # Checkpoints older than generation_config.json keep num_beams, max_length... in config.json. transformers'
+    # from_pretrained reads them from the file itself (GenerationConfig.from_pretrained(folder, config_file_name=
+    # "config.json", _from_model_config=True), which is from_model_config of its JSON): the model config AutoConfig
+    # builds has dropped them.
+    return GenerationConfig.from_model_config(read_config(folder))
+
+
+def decoding_settings(generation_config) -> list[str]:
+    """The fields of `generation_config` that hold other values than GenerationConfig's defaults."""
+    from transformers.generation.configuration_utils import METADATA_FIELDS
+
+    return sorted(name for name in generation_config.to_diff_dict() if name not in METADATA_FIELDS)
 
 
 # from_pretrained arguments that say where and how to read the weights, which the foreign path reads itself, and
@@ -1449,21 +1604,34 @@ def foreign_checkpoint_kwargs(model_class: type, source, kwargs: dict) -> dict |
         weights_only=kwargs.get("weights_only", True),
     )
     state_dict = mapped_keys(state_dict, kwargs.get("key_mapping"))
-    names, dropped, unmatched = rename(family, state_dict, head_prefix_for(model_class.__name__))
-    for name, reason in dropped.items():
+    from transformers import PreTrainedConfig
+
+    names, dropped, unmatched, aliases = rename(family, state_dict, head_prefix_for(model_class.__name__))
+    # The config is read from the folder (SelfAttnConfig translates it); the class's head fields override it.
+    config_fields = {name: value for name, value in head.config.items() if not isinstance(value, SourceField)}
+    config = kwargs.get("config")
+    if not isinstance(config, PreTrainedConfig):
+        # With the overrides from_pretrained will apply (tie_word_embeddings=False unties the LM head, ...).
+        overrides = {name: kwargs[name] for name in kwargs if name in SelfAttnConfig.__dataclass_fields__}
+        overrides.pop("dtype", None)
+        config = SelfAttnConfig.from_pretrained(folder, **{**config_fields, **overrides})
+    # Several tensors landing on one of the model's (aliases, a table both stacks share) follow the conversion's
+    # rule, not the file's order: transformers would load them all and keep the last.
+    report = ConversionReport(str(source), architecture_for(family, model_class.__name__), model_class.__name__)
+    kept, report.dropped, report.conflicts = one_source_per_target(
+        state_dict, names, expected_tensors(build_on_meta(model_class, config)), aliases, model_class.__name__
+    )
+    report.check()
+    for name, reason in {**dropped, **report.dropped}.items():
         logger.info("Not loading %s from %s: %s.", name, source, reason)
-    converted = {target: state_dict[name] for name, target in names.items()}
+    converted = {target: state_dict[name] for name, target in kept.items()}
     converted.update({name: state_dict[name] for name in unmatched})
     passed_on = {name: value for name, value in kwargs.items() if name not in WEIGHT_READING_KWARGS}
     if kwargs.get("config") is not None:
-        from transformers import PreTrainedConfig
-
         if not isinstance(kwargs["config"], PreTrainedConfig) and subfolder:
             # A config given by name or path is read from its own subfolder, as transformers reads it.
             passed_on["subfolder"] = subfolder
         return {**passed_on, "state_dict": converted}
-    # The config is read from the folder (SelfAttnConfig translates it); the class's head fields override it.
-    config_fields = {name: value for name, value in head.config.items() if not isinstance(value, SourceField)}
     return {**config_fields, **passed_on, "config": str(folder), "state_dict": converted}
 
 
@@ -1501,7 +1669,7 @@ def encoder_checkpoint(source, download_kwargs: dict) -> tuple[dict, dict, dict]
     else:
         family = family_for(config_dict.get("model_type"))
         config_kwargs, _ = selfattn_config_kwargs(config_dict, family.architecture("Model"))
-        names, _, unmatched = rename(family, state_dict, head_prefix="model.")
+        names, _, unmatched, _ = rename(family, state_dict, head_prefix="model.")
         names.update({name: name for name in unmatched})
     encoder = {target: state_dict[name] for name, target in names.items() if target.startswith("model.encoder.")}
     lm_head = {
@@ -1715,7 +1883,8 @@ def export_state_dict(source, config: SelfAttnConfig, state_dict: dict, family: 
         raise ConversionError(
             f"This selfattn config has no {family.name} equivalent: {type(error).__name__}: {error}"
         ) from error
-    shapes, tied = expected_tensors(build_on_meta(getattr(transformers, architecture), source_config))
+    expected = expected_tensors(build_on_meta(getattr(transformers, architecture), source_config))
+    shapes = expected.shapes
     is_base = architecture == family.architecture("Model")
     names, unmatched = {}, []
     for name in state_dict:
@@ -1726,8 +1895,11 @@ def export_state_dict(source, config: SelfAttnConfig, state_dict: dict, family: 
             unmatched.append(name)
     source_class = config.architectures[0] if config.architectures else "SelfAttnModel"
     report = ConversionReport(str(source), source_class, architecture)
+    # The selfattn config keeps no record of the fields the conversion did not carry over, so they cannot be
+    # restored: the report says which take the family's defaults.
+    report.config_defaulted = fields_not_carried(source_config.to_dict(), set(source_fields))
     report.unused.update({name: f"no {family.name} rule produces it" for name in unmatched})
-    converted = match_tensors(report, state_dict, names, shapes, tied, progress)
+    converted = match_tensors(report, state_dict, names, expected, progress=progress)
     converted.update(shared_copies(family, config, state_dict, report, is_base))
     # The stored tensors go as they are and decide the config's dtype. The computed ones stay float32, as selfattn
     # computes them in any dtype (its sinusoidal table is a float32 buffer): rounded to bfloat16 they would give
@@ -1741,17 +1913,15 @@ def export_state_dict(source, config: SelfAttnConfig, state_dict: dict, family: 
 
 
 def shared_copies(family: Family, config: SelfAttnConfig, state_dict: dict, report, is_base: bool) -> dict:
-    """selfattn saves a tensor its model shares (one token table for both stacks and, tied, the LM head) once; a
-    family that keeps copies under several names (Marian and BART with tie_word_embeddings=False) gets it under
-    each name `report` lists as missing; those names move to `report.computed`."""
+    """selfattn saves a tensor its model holds under several names (one token table for both stacks and, tied, the
+    LM head; one MLM decoder bias) once; a family that keeps copies under several names (Marian and BART with
+    tie_word_embeddings=False, BERT's and RoBERTa's two MLM biases) gets it under each name `report` lists as
+    missing; those names move to `report.computed`."""
     model = build_on_meta(target_class((config.architectures or ["SelfAttnModel"])[0]), config)
-    _, tied = expected_tensors(model)
-    # Shared by construction (the decoder takes the encoder's embedding module) or tied by transformers.
+    one_tensor = expected_tensors(model).one_tensor
     groups = {}
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(parameter), []).append(name)
-    for name, repeated in tied.items():
-        groups.setdefault(("tied", repeated), [repeated]).append(name)
+    for name in model.state_dict():
+        groups.setdefault(one_tensor.get(name, name), []).append(name)
     names = {name: name for name in state_dict}
     for group in groups.values():
         stored = next((name for name in group if name in state_dict), None)
@@ -1762,7 +1932,12 @@ def shared_copies(family: Family, config: SelfAttnConfig, state_dict: dict, repo
         for candidate in source_names(family, name if not is_base else "model." + name, with_base_prefix=not is_base):
             if candidate in report.missing and candidate not in filled:
                 filled[candidate] = state_dict[stored].clone()  # safetensors writes no shared memory
-                report.computed[candidate] = f"a copy of {stored}, which the selfattn model shares"
+                # Named as written, and as the selfattn model has it, which may be the same name.
+                written = report.mapped.get(stored)
+                report.computed[candidate] = (
+                    f"a copy of {written} (both hold the selfattn model's {stored})" if written else
+                    f"a copy of the selfattn model's {stored}"
+                )  # fmt: skip
     report.missing = [name for name in report.missing if name not in filled]
     return filled
 

@@ -2,6 +2,8 @@
 encoder-decoder ("Attention Is All You Need") and the decoder-only shapes of the multi-head
 self-attention Transformer."""
 
+import dataclasses
+
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.activations import ACT2FN
@@ -10,6 +12,8 @@ from .heads import AUTO_MAP
 from .hub import refuse_to_overwrite_foreign_code
 
 POSITION_EMBEDDING_TYPES = ("learned", "sinusoidal")
+# The values of PreTrainedConfig.problem_type, which transformers' classification losses read.
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 
 @strict
@@ -144,7 +148,15 @@ class SelfAttnConfig(PreTrainedConfig):
             key: target for key, target in saved.items() if key not in AUTO_MAP or target.split(".")[0] in our_modules
         }
         self.auto_map = {**AUTO_MAP, **kept}
-        self.is_encoder_decoder = self.encoder_layers > 0 and self.decoder_layers > 0
+        # Derived from the two depths; transformers reads it to tell seq2seq models apart.
+        is_encoder_decoder = self.encoder_layers > 0 and self.decoder_layers > 0
+        if self.is_encoder_decoder and not is_encoder_decoder:
+            raise ValueError(
+                f"SelfAttnConfig(is_encoder_decoder=True) with encoder_layers={self.encoder_layers} and decoder_layers="
+                f"{self.decoder_layers}: the shape follows the two depths. For an encoder-decoder set both > 0 "
+                "(SelfAttnForConditionalGeneration), or leave is_encoder_decoder out."
+            )
+        self.is_encoder_decoder = is_encoder_decoder
         # transformers 5 keeps the two label maps apart, and pipelines read both: derive the missing one.
         if self.id2label is not None and self.label2id is None:
             self.label2id = {label: index for index, label in self.id2label.items()}
@@ -157,6 +169,18 @@ class SelfAttnConfig(PreTrainedConfig):
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         refuse_to_overwrite_foreign_code(self, save_directory, self.model_type)
         super().save_pretrained(save_directory, push_to_hub, **kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        # transformers sets overrides of fields (from_pretrained(path, hidden_size=...)) on the config once built,
+        # past __post_init__'s checks and derived fields: build it with them instead. dtype stays with transformers,
+        # which reads "auto" itself.
+        fields = {field.name for field in dataclasses.fields(cls)} - {"dtype"} | {"num_hidden_layers"}
+        overrides = {name: kwargs.pop(name) for name in list(kwargs) if name in fields}
+        if overrides.keys() & {"encoder_layers", "decoder_layers", "num_hidden_layers"}:
+            # The saved is_encoder_decoder was derived from the saved depths.
+            config_dict = {key: value for key, value in config_dict.items() if key != "is_encoder_decoder"}
+        return super().from_dict({**config_dict, **overrides}, **kwargs)
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
@@ -322,6 +346,11 @@ class SelfAttnConfig(PreTrainedConfig):
                 "SelfAttnConfig.padding_aware_positions needs position_offset >= 1 (padding takes row "
                 "position_offset - 1); set position_offset=pad_token_id + 1 as RoBERTa does."
             )
+        if self.padding_aware_positions and self.pad_token_id is None:
+            raise ValueError(
+                "SelfAttnConfig.padding_aware_positions counts positions over the tokens that are not padding, which "
+                "needs pad_token_id; set pad_token_id (the tokenizer's), or padding_aware_positions=False."
+            )
         if self.embedding_size is not None and self.embedding_size <= 0:
             raise ValueError(f"SelfAttnConfig.embedding_size must be positive or None, got {self.embedding_size}.")
         for name in ("hidden_dropout_prob", "attention_dropout", "activation_dropout", "classifier_dropout"):
@@ -337,6 +366,32 @@ class SelfAttnConfig(PreTrainedConfig):
             )
         if self.layer_norm_eps <= 0:
             raise ValueError(f"SelfAttnConfig.layer_norm_eps must be positive, got {self.layer_norm_eps}.")
+        if self.initializer_range < 0:
+            raise ValueError(
+                f"SelfAttnConfig.initializer_range is the standard deviation of the initial weights and must be >= 0, "
+                f"got {self.initializer_range}."
+            )
+        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(
+                f"SelfAttnConfig.problem_type={self.problem_type!r} is unknown to transformers' losses; use one of "
+                f"{PROBLEM_TYPES}, or None to infer it from num_labels and the labels' dtype."
+            )
+        if self.num_labels is not None and self.num_labels < 1:
+            # transformers turns num_labels=-1 into an empty id2label, which reads back as 0.
+            raise ValueError(
+                f"SelfAttnConfig.num_labels must be >= 1, got {self.num_labels} (id2label={self.id2label}; a negative "
+                "num_labels leaves it empty): a classifier needs an output per label, 1 for regression."
+            )
+        # BertModel adds cross-attention to its layers with add_cross_attention=True (EncoderDecoderModel sets it on
+        # its decoder's config); selfattn's layers have it in the encoder-decoder shape alone.
+        if getattr(self, "add_cross_attention", False) and not (self.encoder_layers > 0 and self.decoder_layers > 0):
+            raise ValueError(
+                f"SelfAttnConfig(add_cross_attention=True) with encoder_layers={self.encoder_layers} and "
+                f"decoder_layers={self.decoder_layers}: only the encoder-decoder shape has cross-attention, and this "
+                "one would ignore it. For a decoder attending to an encoder's output set both depths > 0 "
+                "(SelfAttnForConditionalGeneration); a decoder-only model is SelfAttnForCausalLM (encoder_layers=0); "
+                "otherwise leave add_cross_attention out."
+            )
         keys = self.attention_keys()
         for key, heads in (self.pruned_heads or {}).items():
             if key not in keys:

@@ -42,7 +42,8 @@ from .checkpoints import (
     verify_seq2seq,
 )
 from . import onnx_export
-from .hub import render_model_card
+from .heads import HEADS_BY_CLASS
+from .hub import card_with_source, exported_card, render_model_card
 from .output_folder import Output, OutputFailed, OutputRefused, check_output, write_output
 
 PROG = "selfattn-convert"
@@ -55,8 +56,9 @@ def reflowed(text: str) -> str:
 
 
 DESCRIPTION = """\
-Convert BERT-family and encoder-decoder checkpoints to selfattn folders, and export selfattn encoders back to
-transformers' BERT-family layout. `selfattn-convert COMMAND --help` describes a command's arguments.
+Convert BERT-family and encoder-decoder (Marian, BART) checkpoints to selfattn folders, and export selfattn folders
+back to transformers' layouts: encoders to the BERT family, encoder-decoders to Marian or BART. `selfattn-convert
+COMMAND --help` describes a command's arguments.
 
 Every command writes OUTPUT in full beside itself and only then puts it in place, so a failed run leaves an
 existing OUTPUT as it was and writes nothing. Exit status: 0 done, 1 the command failed, 2 bad arguments.
@@ -76,8 +78,8 @@ as MiniLM) to a selfattn folder ready for `from_pretrained` and the Hub.
 
 SOURCE is a checkpoint folder (safetensors or PyTorch .bin, sharded or not) or, where a network is, a Hub id.
 OUTPUT gets model.safetensors, config.json, the model code, the tokenizer files and a model card naming the
-source and, with --verify, the parity figures. The conversion report is printed; any tensor that maps nowhere,
-is missing or has the wrong shape stops the conversion.
+source (keeping the source card's metadata and text) and, with --verify, the parity figures. The conversion report
+is printed; any tensor that maps nowhere, is missing or has the wrong shape stops the conversion.
 
 """
     + SAFE_OUTPUT.format(
@@ -94,10 +96,10 @@ or BartModel) to a selfattn folder ready for `from_pretrained`, `generate()` and
 
 SOURCE is a checkpoint folder (safetensors or PyTorch .bin, sharded or not) or, where a network is, a Hub id.
 OUTPUT gets model.safetensors, config.json, the source's generation settings (generation_config.json), the model
-code, the tokenizer files and a model card naming the source and, with --verify, the parity figures: max abs
-difference of the logits and of the encoder output, and whether generate() gives the source's tokens with greedy
-and 4-beam search. The conversion report is printed; any tensor that maps nowhere, is missing or has the wrong
-shape stops the conversion.
+code, the tokenizer files and a model card naming the source (keeping the source card's metadata and text) and,
+with --verify, the parity figures: max abs difference of the logits and of the encoder output, and whether
+generate() gives the source's tokens with greedy and 4-beam search. The conversion report is printed; any tensor
+that maps nowhere, is missing or has the wrong shape stops the conversion.
 
 """
     + SAFE_OUTPUT.format(
@@ -117,11 +119,11 @@ refused, naming the config field.
 The family defaults to the one the model was converted from (config.json's source_model_type) and, for a model
 without that record, to the first that can take it of bert, roberta, xlm-roberta, distilbert, electra (an encoder)
 or marian, bart (an encoder-decoder). Where the family cannot take the model, the error names the --family values
-that can. OUTPUT gets config.json,
-model.safetensors, the tokenizer files, the generation settings of an encoder-decoder and the sentence-transformers
-files of a sentence-transformers model; it is then loaded with transformers' own class to check that every tensor
-fits, and with --verify run beside the selfattn model on sample text. Converting a BERT checkpoint and exporting it
-back gives bit-identical tensors.
+that can. OUTPUT gets config.json, model.safetensors, the tokenizer files, the generation settings of an
+encoder-decoder, the sentence-transformers files of a sentence-transformers model and a README.md keeping the
+selfattn card's metadata and text, saying what was exported from what; it is then loaded with transformers' own
+class to check that every tensor fits, and with --verify run beside the selfattn model on sample text. Converting
+a BERT checkpoint and exporting it back gives bit-identical tensors.
 
 """
     + SAFE_OUTPUT.format(
@@ -354,13 +356,38 @@ def copy_sentence_transformers_files(source_folder: Path, folder: Path) -> list[
     return names
 
 
-def write_model_card(output: Path, section: str) -> None:
-    """Append the conversion section to the generated card, and keep the card from being regenerated
-    (it is now partly written by hand)."""
+def write_model_card(output: Path, section: str, source: str, source_folder: Path, served_libraries: tuple) -> None:
+    """Append the conversion section to the generated card, keep the card from being regenerated (it is now partly
+    written by hand), and keep what the card of SOURCE says (hub.card_with_source): its metadata and text, with
+    base_model naming SOURCE where it is a Hub id."""
     readme = output / "README.md"
     card = readme.read_text(encoding="utf-8") if readme.exists() else ""
     card = "\n".join(line for line in card.splitlines() if "selfattn: generated from config.json" not in line)
-    readme.write_text(card.rstrip() + "\n\n" + section, encoding="utf-8")
+    card = card.rstrip() + "\n\n" + section
+    source_card = read_card(source_folder / "README.md", "SOURCE")
+    base_model = None if Path(source).is_dir() else str(source)  # a local path names nothing on the Hub
+    readme.write_text(card_with_source(card, source_card, source, base_model, served_libraries), encoding="utf-8")
+    if source_card is not None:
+        print("kept the model card of SOURCE: its metadata and, below the conversion's, its text")
+
+
+def read_card(path: Path, name: str) -> str | None:
+    """The content of the README.md at `path`, None where there is none."""
+    if not path.is_file():
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConversionError(
+            f"{name}'s model card {path} is not UTF-8 text ({error}), so it cannot be kept in OUTPUT's; save it as "
+            "UTF-8 (as the Hub requires) or move it away, and run again."
+        ) from error
+
+
+def served_libraries(sentence_transformers_files: list[str]) -> tuple:
+    """The libraries besides transformers that load the folder written, given the sentence-transformers files it got:
+    a card that names one keeps its library_name and pipeline_tag."""
+    return ("sentence-transformers",) if sentence_transformers_files else ()
 
 
 def conversion_header(command: str, source: str, report, seconds: float, extra: str = "") -> list[str]:
@@ -462,8 +489,8 @@ def converted_model(args: argparse.Namespace, model, report, card_section: Calla
         card = render_model_card(model, Path(args.output).resolve().name)
         (folder / "README.md").write_text(card, encoding="utf-8")
         copy_tokenizer_files(source_folder, folder)
-        copy_sentence_transformers_files(source_folder, folder)
-        write_model_card(folder, card_section(time.perf_counter() - start))
+        served = served_libraries(copy_sentence_transformers_files(source_folder, folder))
+        write_model_card(folder, card_section(time.perf_counter() - start), args.source, source_folder, served)
 
     return Prepared(write, source_folder, report.target)
 
@@ -594,12 +621,28 @@ def export(args: argparse.Namespace, start: float) -> Prepared:
             # The decoding settings (start, end and padding tokens, lengths, beams) mean the same in every family.
             shutil.copy2(generation_config, folder / generation_config.name)
         copy_tokenizer_files(args.source, folder)
-        copy_sentence_transformers_files(args.source, folder)
+        served = served_libraries(copy_sentence_transformers_files(args.source, folder))
         check_loads(config, folder)
         if args.verify:
             verify_export(args, folder)
+        write_export_card(args, folder, config, report, served)
 
     return Prepared(write, args.source, config.architectures[0])
+
+
+def write_export_card(args: argparse.Namespace, folder: Path, config, report, served: tuple) -> None:
+    """OUTPUT's README.md: the selfattn folder's card metadata and text (hub.exported_card), with a section saying
+    what was exported from what."""
+    selfattn_class = report.architecture
+    section = (
+        f"# {Path(args.output).resolve().name}\n\n## Export\n\nExported with `{PROG} export` of the selfattn package "
+        f"from the selfattn model `{args.source}` (`{selfattn_class}`) to transformers' `{config.architectures[0]}` "
+        f"({config.model_type}), which loads without custom code: {len(report.mapped)} tensors written as they "
+        f"are, {len(report.computed)} computed from them.\n"
+    )
+    pipeline_tag = HEADS_BY_CLASS[selfattn_class].pipeline_tag if selfattn_class in HEADS_BY_CLASS else None
+    selfattn_card = read_card(Path(args.source) / "README.md", "SELFATTN_DIR")
+    (folder / "README.md").write_text(exported_card(selfattn_card, section, pipeline_tag, served), encoding="utf-8")
 
 
 def verify_export(args: argparse.Namespace, folder: Path) -> None:
@@ -686,7 +729,8 @@ COMMANDS = {
         convert_seq2seq,
     ),
     "export": Command(
-        "encoder-only selfattn folder -> transformers BERT-family checkpoint",
+        "selfattn folder -> transformers checkpoint (BERT family for an encoder, Marian or BART for an "
+        "encoder-decoder)",
         EXPORT_DESCRIPTION,
         add_export_arguments,
         export,

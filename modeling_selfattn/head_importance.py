@@ -10,6 +10,7 @@ so the model's forward keeps no head mask. Package-only: a saved model does not 
 """
 
 from collections.abc import Iterable, Mapping
+from numbers import Integral
 
 import torch
 from torch import nn
@@ -69,6 +70,11 @@ def head_importance(
     Heads already pruned have no importance: NaN. The tensor records the attention it scores as `.attention`
     ("encoder", "decoder" or "cross_attn"), which least_important_heads keys its plan by.
     """
+    counted = isinstance(max_batches, Integral) and not isinstance(max_batches, bool)
+    if max_batches is not None and not (counted and max_batches >= 1):
+        raise ValueError(
+            f"max_batches={max_batches!r}: pass an integer >= 1 (the number of batches to read), or None for all."
+        )
     attention = resolved_attention(model.config, attention)
     modules = attention_modules(model, attention)
     device = next(model.parameters()).device
@@ -156,8 +162,8 @@ def least_important_heads(
         )
     attention = attention or scored
     present = (~importance.isnan()).nonzero().tolist()
-    if not 0 <= num_heads <= len(present):
-        raise ValueError(f"num_heads={num_heads}: choose between 0 and the {len(present)} heads left.")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, Integral) or not 0 <= num_heads <= len(present):
+        raise ValueError(f"num_heads={num_heads!r}: choose an integer between 0 and the {len(present)} heads left.")
     values = torch.tensor([float(importance[layer, head]) for layer, head in present])
     order = torch.argsort(values, stable=True)[:num_heads].tolist()
     stack, cross = ("decoder", True) if attention == "cross_attn" else (attention, False)

@@ -190,6 +190,77 @@ def refreshed_card(model, repo_id: str, existing: str | None) -> str | None:
     return str(card)
 
 
+def readable_card(existing: str) -> ModelCard:
+    """`existing` (a README.md's content) as a ModelCard; one whose metadata cannot be read keeps all of its content
+    as text, with no metadata, rather than lose it."""
+    try:
+        return ModelCard(existing)
+    except Exception:  # yaml's errors, and huggingface_hub's ValueError for metadata it cannot read
+        card = ModelCard("")
+        card.text = existing
+        return card
+
+
+def card_with_source(
+    card: str,
+    source_card: str | None,
+    source: str,
+    base_model: str | None = None,
+    served_libraries: tuple = (),
+) -> str:
+    """`card`, the card of a model converted from `source` (render_model_card's, with the conversion's section),
+    keeping what the source's card `source_card` (its README.md; None where it has none) says: its metadata
+    (license, language, datasets, model-index...) merged into ours, its tags after ours, its library_name and
+    pipeline_tag instead of ours where that library is one of `served_libraries` (the converted folder still
+    carries what it loads, e.g. the sentence-transformers modules), base_model set to `base_model` where given (the
+    source's Hub id; a local path names nothing on the Hub, and the source card's own base_model stays); and the
+    source card's text below ours, under a heading that says whose it is."""
+    ours = ModelCard(card)
+    theirs = readable_card(source_card) if source_card is not None else ModelCard("")
+    metadata = theirs.data.to_dict()
+    metadata["tags"] = merged_tags(ours.data.tags, metadata.get("tags"))
+    if metadata.get("library_name") not in served_libraries:
+        metadata.update(library_name=ours.data.library_name, pipeline_tag=ours.data.pipeline_tag)
+    if base_model is not None:
+        metadata["base_model"] = base_model
+    ours.data = ModelCardData(**metadata)
+    if theirs.text.strip():
+        ours.text = (
+            f"{ours.text.rstrip()}\n\n## Source model card\n\nThe model card of `{source}`, the model this one was "
+            f"converted from, as it came with the checkpoint:\n\n{theirs.text.strip()}\n"
+        )
+    return str(ours)
+
+
+def exported_card(
+    selfattn_card: str | None, section: str, pipeline_tag: str | None, served_libraries: tuple = ()
+) -> str:
+    """The card of a checkpoint exported from a selfattn folder whose card is `selfattn_card` (None where it has
+    none): that card's metadata less our tags (the export runs without custom code), with library_name
+    transformers and `pipeline_tag` (the exported head's task) unless the card's library is one of
+    `served_libraries` (the folder still carries what it loads, e.g. the sentence-transformers modules); then
+    `section`, saying what was exported from what; then the selfattn card's text, unless it is only the text
+    generated from the config (holds_generated_text), which describes the selfattn model and nothing of the
+    owner's."""
+    card = readable_card(selfattn_card) if selfattn_card is not None else ModelCard("")
+    metadata = card.data.to_dict()
+    metadata["tags"] = [tag for tag in metadata.get("tags") or [] if tag not in OUR_TAGS] or None
+    if metadata.get("library_name") not in served_libraries:
+        metadata.update(library_name="transformers", pipeline_tag=pipeline_tag or metadata.get("pipeline_tag"))
+    kept = "" if holds_generated_text(card) else card.text.strip()
+    text = section.strip() + "\n"
+    if kept:
+        kept = "\n".join(line for line in kept.splitlines() if not MARKER_LINE.fullmatch(line))
+        text += (
+            "\n## The selfattn model's card\n\nThe model card of the selfattn model this checkpoint was exported "
+            f"from:\n\n{kept}\n"
+        )
+    exported = ModelCard("")
+    exported.data = ModelCardData(**{name: value for name, value in metadata.items() if value is not None})
+    exported.text = text
+    return str(exported)
+
+
 def tagged_card(model, existing: str) -> str:
     """The card `existing`, someone's own, with our tags added, and library_name and pipeline_tag where it has none."""
     card = ModelCard(existing)
@@ -315,4 +386,4 @@ class SelfAttnHubMixin:
         return super()._upload_modified_files(working_dir, repo_id, files_timestamps, *args, **kwargs)
 
 
-__all__ = ["SelfAttnHubMixin", "refuse_missing_local_path", "render_model_card"]
+__all__ = ["SelfAttnHubMixin", "card_with_source", "exported_card", "refuse_missing_local_path", "render_model_card"]

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import torch
 from transformers.cache_utils import Cache, EncoderDecoderCache
+from transformers.masking_utils import BlockMask
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .config import SelfAttnConfig, attention_key
@@ -15,8 +16,14 @@ from .config import SelfAttnConfig, attention_key
 
 def check_ids(ids: torch.Tensor, table_size: int, name: str, table: str, fix: str) -> None:
     """An id outside an embedding table would index out of bounds (a crash deep in torch, or on GPU a
-    device-side assert); say which ids are wrong instead. Skipped under torch.compile, where reading the ids
-    back would break the graph."""
+    device-side assert); say which ids are wrong instead. The range is skipped under torch.compile, where reading
+    the ids back would break the graph."""
+    # nn.Embedding looks up int64 and int32 ids alone; a float tensor is not ids rounded down.
+    if ids.dtype not in (torch.long, torch.int):
+        raise ValueError(
+            f"{name} must hold integer ids (torch.long or torch.int), got a {ids.dtype} tensor; pass the "
+            f"tokenizer's output as it is, or {name}.long() for ids held in another dtype."
+        )
     if ids.numel() == 0 or torch.compiler.is_compiling():
         return
     low, high = torch.stack(torch.aminmax(ids)).tolist()  # one read back from the device, not two
@@ -38,13 +45,52 @@ def check_both_labels(**labels: torch.Tensor | None) -> None:
         )
 
 
-def check_attention_mask(attention_mask: torch.Tensor | None, expected: tuple[int, int], name: str) -> None:
-    """A 2-D mask must have one 0/1 entry per token. Prepared 4-D masks (and flex attention's block masks), which
-    generate() builds for a static cache, pass as they are."""
-    # A static cache's length is a tensor: comparing it under torch.compile would break the graph.
-    if attention_mask is None or not isinstance(attention_mask, torch.Tensor) or torch.compiler.is_compiling():
+def check_per_token_shape(
+    tensor: torch.Tensor, expected: tuple[int, int], name: str, fix: str, shared_by_batch: bool = False
+) -> None:
+    """A per-token input (token_type_ids, position_ids) must have the inputs' (batch_size, sequence_length); one the
+    batch may share (`shared_by_batch`: position_ids) may also be (1, sequence_length) or (sequence_length,)."""
+    shape = tuple(tensor.shape)
+    shared = ((1, expected[1]), (expected[1],)) if shared_by_batch else ()
+    if shape != expected and shape not in shared:
+        also = f", or {shared[0]} or {shared[1]} shared by the batch" if shared else ""
+        raise ValueError(
+            f"{name} has shape {shape} but the inputs have (batch_size, sequence_length) = {expected}{also}: {fix}"
+        )
+
+
+def check_attention_mask(
+    attention_mask: torch.Tensor | None,
+    expected: tuple[int, int],
+    name: str,
+    query_length: int | None = None,
+    key_slots: int | None = None,
+) -> None:
+    """A 2-D mask must have one 0/1 entry per token: `expected` is (batch_size, key_length). A prepared 4-D mask, as
+    generate() builds for a static cache, must broadcast over the attention scores (batch_size, heads, query_length,
+    key_slots), which are (batch_size, heads, key_length, key_length) unless given: a static cache has key slots
+    beyond the tokens so far. Flex attention's block masks pass as they are."""
+    if attention_mask is None:
         return
+    if not isinstance(attention_mask, (torch.Tensor, BlockMask)):
+        raise TypeError(
+            f"{name} must be a torch.Tensor, got {type(attention_mask).__name__}; tokenize with return_tensors='pt', "
+            "or pass torch.tensor(mask)."
+        )
+    # A static cache's length is a tensor: comparing it under torch.compile would break the graph.
+    if not isinstance(attention_mask, torch.Tensor) or torch.compiler.is_compiling():
+        return
+    batch_size, key_length = expected
     if attention_mask.dim() == 4:
+        query_length, key_slots = query_length or key_length, key_slots or key_length
+        batch, _, queries, keys = attention_mask.shape
+        if batch not in (1, batch_size) or queries not in (1, query_length) or keys != key_slots:
+            raise ValueError(
+                f"{name} is 4-D with shape {tuple(attention_mask.shape)}, which does not fit the attention scores' "
+                f"(batch_size, heads, query_length, key_length) = ({batch_size}, heads, {query_length}, {key_slots}) "
+                "(1 also fits the first three). Pass the 2-D (batch_size, key_length) = "
+                f"{expected} mask of 1 (attend) and 0 (padding) instead, which the model prepares itself."
+            )
         return
     if attention_mask.dim() != 2 or tuple(attention_mask.shape) != expected:
         raise ValueError(
@@ -57,6 +103,42 @@ def check_attention_mask(attention_mask: torch.Tensor | None, expected: tuple[in
         raise ValueError(
             f"{name} may hold only 1 (attend) and 0 (padding), but holds values from {low} to {high}; pass the "
             "tokenizer's attention_mask, or (mask > 0).long() for a mask of another scale."
+        )
+
+
+def refuse_left_padding(attention_mask: torch.Tensor | None, model: torch.nn.Module, output: str) -> None:
+    """A head whose `output` is read from the first position (sequence classification, multiple choice, next-sentence
+    prediction): in a row padded on the left, that position is padding, which holds the pad token's embedding (the
+    padding rule), so every such row would get the same output whatever its text. Refused: rows whose mask starts
+    with 0 and holds a 1 further on. A row of padding alone has no text to misread, and passes. `attention_mask` is
+    (batch, length), or (batch, choices, length) for multiple choice; prepared 4-D masks are not read. Skipped under
+    torch.compile, where reading the mask back would break the graph."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() not in (2, 3):
+        return
+    if attention_mask.shape[-1] == 0 or torch.compiler.is_compiling():
+        return
+    mask = attention_mask != 0
+    left_padded = ~mask[..., 0] & mask.any(-1)
+    if not bool(left_padded.any()):  # one read back from the device when nothing is wrong
+        return
+    rows = [tuple(index) if len(index) > 1 else index[0] for index in left_padded.nonzero().tolist()]
+    what = "rows" if attention_mask.dim() == 2 else "(example, choice) pairs"
+    raise ValueError(
+        f"attention_mask: {what} {rows[:10]}{' ...' if len(rows) > 10 else ''} are padded on the left (0 at the first "
+        f"position, 1 further on), but {type(model).__name__} reads its {output} from the first position, which is "
+        "then padding: every left-padded row would get the same output whatever its text. Pad on the right: "
+        "tokenizer.padding_side = \"right\" (BERT-style tokenizers' default)."
+    )
+
+
+def refuse_item_count(model: torch.nn.Module, kwargs: dict) -> None:
+    """Trainer's num_items_in_batch (the scored items over all processes and accumulated steps) divides a loss that
+    sums over items. A head whose loss is a mean over its batch, which it does not count (accepts_loss_kwargs=False:
+    Trainer passes it none), would ignore it."""
+    if kwargs.get("num_items_in_batch") is not None:
+        raise ValueError(
+            f"num_items_in_batch has no effect on {type(model).__name__}, whose loss is a mean over the batch; leave "
+            "it out (Trainer passes it only to models with accepts_loss_kwargs=True), or divide the loss yourself."
         )
 
 

@@ -637,8 +637,14 @@ def set_linear_kernel(model: nn.Module, kernel: str) -> nn.Module:
             f"kernel={kernel!r} runs on x86 CPUs with a torch build that has oneDNN (mkldnn); this machine or build is "
             "not one. Use 'auto', 'auto-packed' or 'aten'."
         )
-    for module in model.modules():
-        if isinstance(module, Linear):
-            module.kernel = kernel
-            _onednn_packed_weights.pop(module.weight.untyped_storage(), None)
+    layers = [module for module in model.modules() if isinstance(module, Linear)]
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} has no selfattn Linear layer (modeling_selfattn.kernels.Linear), so "
+            f"kernel={kernel!r} would change nothing: pass a selfattn model (or layer) whose linear layers are not "
+            "all int8-quantized."
+        )
+    for module in layers:
+        module.kernel = kernel
+        _onednn_packed_weights.pop(module.weight.untyped_storage(), None)
     return model

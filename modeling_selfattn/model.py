@@ -20,6 +20,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.generation import GenerationMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.loss.loss_utils import ForMaskedLMLoss, fixed_cross_entropy
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -52,6 +53,9 @@ from .input_checks import (
     check_cache,
     check_flash_offsets,
     check_ids,
+    check_per_token_shape,
+    refuse_item_count,
+    refuse_left_padding,
     refuse_unknown_kwargs,
 )
 from .dropout import Dropout, zero_dropped
@@ -118,6 +122,13 @@ class SelfAttnEmbeddings(nn.Module):
         """Rows of the position table for each token, offset included: from `position_ids` where given, else counted
         (from past_length on, or over the non-padding tokens with padding-aware positions)."""
         if position_ids is not None:
+            check_per_token_shape(
+                position_ids,
+                (batch_size, seq_length),
+                "position_ids",
+                "pass one position per token of this call (the new tokens alone when decoding with a cache).",
+                shared_by_batch=True,
+            )
             check_ids(
                 position_ids,
                 self.max_positions,
@@ -150,11 +161,9 @@ class SelfAttnEmbeddings(nn.Module):
             if self.token_type_embeddings is None:
                 return None
             return torch.zeros(shape, dtype=torch.long, device=device)
-        if tuple(token_type_ids.shape) != shape:
-            raise ValueError(
-                f"token_type_ids has shape {tuple(token_type_ids.shape)} but the inputs have (batch_size, "
-                f"sequence_length) = {shape}: pass one segment id per token, as the tokenizer returns them."
-            )
+        check_per_token_shape(
+            token_type_ids, shape, "token_type_ids", "pass one segment id per token, as the tokenizer returns them."
+        )
         if self.token_type_embeddings is None:
             check_ids(
                 token_type_ids,
@@ -238,7 +247,11 @@ class SelfAttnEmbeddings(nn.Module):
         embeddings = inputs_embeds
         if token_type_ids is not None:
             embeddings = embeddings + self.token_type_embeddings(token_type_ids)
-        embeddings = embeddings + positions.to(inputs_embeds.dtype)
+        # Positions take the dtype of floating inputs (a half-precision model's own); integer vectors are promoted
+        # by the sum, as BertEmbeddings promotes them.
+        if inputs_embeds.is_floating_point():
+            positions = positions.to(inputs_embeds.dtype)
+        embeddings = embeddings + positions
         if self.layer_norm is not None:
             embeddings = self.layer_norm(embeddings)
         embeddings = self.dropout(embeddings)
@@ -260,7 +273,8 @@ def eager_attention_forward(
     """softmax(Q K^T * scaling + mask) V over (batch, heads, length, head_dim); returns the output as
     (batch, length, heads, head_dim) and the attention probabilities (in training with dropout on the CPU, the kept
     ones before dropout's 1 / (1 - p), which goes on the output). The mask is added (eager's masks) or, boolean, keeps
-    where True (SDPA's, see SelfAttnAttention.forward); without one a causal module attends causally, as SDPA."""
+    where True (SDPA's, see SelfAttnAttention.forward); without one a causal module attends causally, as SDPA. A
+    decoder's query that the mask lets attend to no key gets zero probabilities, as SDPA gives (queries_with_keys)."""
     if module.training:
         # On the queries, where its backward pass is cheaper (head_dim columns a position, not key_length).
         scores = torch.matmul(query * scaling, key.transpose(-1, -2))
@@ -268,6 +282,7 @@ def eager_attention_forward(
         # The form ONNX Runtime's optimizer fuses into its Attention operator in exported graphs.
         scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
     query_length, key_length = scores.shape[-2:]
+    with_keys = queries_with_keys(module, attention_mask)  # of the mask given, not of the causal one made below
     if attention_mask is None and getattr(module, "is_causal", False) and query_length > 1:
         attention_mask = torch.ones(query_length, key_length, dtype=torch.bool, device=scores.device).tril(
             key_length - query_length
@@ -277,11 +292,39 @@ def eager_attention_forward(
     elif attention_mask is not None:
         scores = scores + attention_mask
     probabilities = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    if with_keys is not None:
+        # torch.where, not a product: a softmax over keys all at -inf gives NaN.
+        probabilities = torch.where(with_keys, probabilities, 0)
     probabilities, dropout_scale = zero_dropped(probabilities, dropout, module.training)
     output = torch.matmul(probabilities, value)
     if dropout_scale != 1.0:
         output = output * dropout_scale
     return output.transpose(1, 2).contiguous(), probabilities
+
+
+def queries_with_keys(module: nn.Module, attention_mask) -> torch.Tensor | None:
+    """Where a query of a decoder attention may attend to at least one key: (batch or 1, heads or 1, queries or 1, 1),
+    True or False; None where every query may (no mask, a block mask, the encoder).
+
+    A query the mask lets attend to no key (a cross-attention over a source that is all padding, a decoder position
+    that is left padding) has no defined softmax. SDPA (transformers' default, and MarianMTModel's) and flex attention
+    give it a zero output, eager attention an even spread over the masked keys (every score at the same minimum), and
+    so did the graphs traced from it (ONNX export). Such a query gets SDPA's zero on every path: eager zeroes its
+    probabilities, SelfAttnAttention.forward the output of the other implementations that do not give zeros
+    themselves. A 4-D mask is eager's (additive: a key is masked at the dtype's minimum, or -inf) or SDPA's (boolean);
+    flash attention's is the 2-D (batch, keys) padding mask. The encoder's self-attention is left as it is: its only
+    keyless queries are those of a row that is all padding, whose outputs the encoder replaces with the embeddings,
+    and its exported graph keeps the pattern ONNX Runtime fuses (the softmax straight into the product with the
+    values)."""
+    if not (getattr(module, "is_causal", False) or getattr(module, "is_cross_attention", False)):
+        return None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() not in (2, 4):
+        return None
+    if attention_mask.dim() == 2:
+        return attention_mask.bool().any(-1).view(-1, 1, 1, 1)
+    if attention_mask.dtype == torch.bool:
+        return attention_mask.any(-1, keepdim=True)
+    return (attention_mask > torch.finfo(attention_mask.dtype).min).any(-1, keepdim=True)
 
 
 class SelfAttnAttention(nn.Module):
@@ -416,6 +459,20 @@ class SelfAttnAttention(nn.Module):
             output, probabilities = attention_interface(
                 self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
             )
+            # eager_attention_forward zeroes the probabilities of queries without keys itself, so that the
+            # probabilities it returns are those its output is made of. transformers' SDPA with a boolean mask (the
+            # masks transformers prepares for it) gives them zeros on the CPU (torch's math and CPU flash kernels),
+            # with nothing to add to a decoding step; other devices' kernels have given NaN there
+            # (pytorch/pytorch#110213), which the zeroing below replaces.
+            zeroes_itself = attention_interface is eager_attention_forward or (
+                attention_interface is sdpa_attention_forward
+                and isinstance(attention_mask, torch.Tensor)
+                and attention_mask.dtype == torch.bool
+                and attention_mask.device.type == "cpu"
+            )
+            with_keys = None if zeroes_itself else queries_with_keys(self, attention_mask)
+            if with_keys is not None:
+                output = torch.where(with_keys.transpose(1, 2), output, 0)
         # flatten, not reshape(..., -1): a layer whose heads were all pruned has no elements to infer the width from.
         output = output.flatten(-2).contiguous()
         if self.attention_dtype is not None:  # back to the dtype of the layer's input
@@ -603,6 +660,24 @@ class SelfAttnPreTrainedModel(SelfAttnHubMixin, PreTrainedModel):
             self.lm_head = new_embeddings
 
     def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        if new_num_tokens is not None:
+            # Refused before any weight changes: a config naming ids outside the table would not load again.
+            # pad_to_multiple_of rounds the size up, as in transformers.
+            size = new_num_tokens
+            if isinstance(pad_to_multiple_of, int) and pad_to_multiple_of > 0:
+                size = math.ceil(size / pad_to_multiple_of) * pad_to_multiple_of
+            outside, largest = {}, -1
+            for name in ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"):
+                value = getattr(self.config, name)
+                ids = value if isinstance(value, list) else [] if value is None else [value]  # eos may be a list
+                if ids and max(ids) >= size:
+                    outside[name], largest = value, max(largest, *ids)
+            if outside:
+                raise ValueError(
+                    f"resize_token_embeddings(new_num_tokens={new_num_tokens}) keeps token ids 0..{size - 1}, but "
+                    f"the config names ids beyond them: {outside}. Pass new_num_tokens >= {largest + 1}, or first "
+                    "set those ids in model.config (and model.generation_config) to tokens that stay."
+                )
         embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
         # The fixed logits bias of converted Marian/BART models follows the vocabulary: kept, cut or zero-extended.
         bias = getattr(self, "final_logits_bias", None)
@@ -847,7 +922,11 @@ class SelfAttnDecoder(SelfAttnStack):
 
         hidden_states = self.embeddings(input_ids, inputs_embeds, token_type_ids, position_ids, past_length)
         batch_size, seq_length = hidden_states.shape[:2]
-        check_attention_mask(attention_mask, (batch_size, past_length + seq_length), "decoder attention_mask")
+        # A prepared 4-D mask covers every key slot of the cache: a static cache's whole length.
+        key_slots = cache.get_mask_sizes(seq_length, counting_layer)[0] if cache is not None else seq_length
+        check_attention_mask(
+            attention_mask, (batch_size, past_length + seq_length), "decoder attention_mask", seq_length, key_slots
+        )
         attention_mask = create_causal_mask(
             config=self.config,
             inputs_embeds=hidden_states,
@@ -857,7 +936,7 @@ class SelfAttnDecoder(SelfAttnStack):
         )
         if encoder_hidden_states is not None:
             check_attention_mask(
-                encoder_attention_mask, tuple(encoder_hidden_states.shape[:2]), "encoder attention_mask"
+                encoder_attention_mask, tuple(encoder_hidden_states.shape[:2]), "encoder attention_mask", seq_length
             )
             encoder_attention_mask = create_bidirectional_mask(
                 config=self.config,
@@ -920,11 +999,10 @@ class SelfAttnModel(SelfAttnPreTrainedModel):
             if stack is not None:
                 stack.embeddings.word_embeddings = value
 
-    def get_encoder(self, modality=None):
-        return self.encoder
-
-    def get_decoder(self):
-        return self.decoder
+    # get_encoder() and get_decoder() are PreTrainedModel's, which find the `encoder` and `decoder` attributes (None
+    # where the shape has no such stack). Its get_encoder(modality="image" / "video" / "audio") returns the model
+    # itself, as for every text model, and refuses an unknown modality: transformers' exporters ask for those
+    # encoders to tell a multimodal model, which they would export in pieces.
 
     @accepts_past_key_values
     @can_return_tuple
@@ -986,6 +1064,13 @@ class SelfAttnModel(SelfAttnPreTrainedModel):
                 **kwargs,
             )
 
+        if encoder_outputs is not None and (input_ids is not None or inputs_embeds is not None):
+            given = "input_ids" if input_ids is not None else "inputs_embeds"
+            raise ValueError(
+                f"encoder_outputs and {given} were both given: the encoder's outputs replace its run, so {given} "
+                f"would go unread. Pass {given} to encode it, or encoder_outputs (with the attention_mask of the "
+                "encoded tokens) to reuse an encoding."
+            )
         if encoder_outputs is None:
             encoder_outputs = self.encoder(
                 input_ids=input_ids,
@@ -1088,12 +1173,18 @@ class SelfAttnEncoderHeadModel(SelfAttnPreTrainedModel):
     `labels` from the encoder outputs alone, one forward that runs the model and hands its outputs to the head's
     `head_outputs`."""
 
+    # Whether the loss divides by Trainer's `num_items_in_batch`: heads whose loss is a mean over their batch say False,
+    # so that Trainer passes them no count, and refuse one given by hand.
+    accepts_loss_kwargs = True
     # Whether the model gets a pooler (dense + activation over the first token): False, True, or None for
     # config.add_pooling_layer (heads that read the pooler where the checkpoint has one, the first token otherwise).
     add_pooling_layer: bool | None = False
     # Whether the head reads the first token alone: its last encoder layer then computes that row alone, unless
     # per-layer outputs are recorded.
     reads_first_token_only = False
+    # The output read from the first position, for the heads that have one (else None): they refuse left padding, under
+    # which that position is padding (input_checks.refuse_left_padding).
+    first_position_output: str | None = None
 
     def __init__(self, config: SelfAttnConfig):
         super().__init__(config)
@@ -1123,6 +1214,10 @@ class SelfAttnEncoderHeadModel(SelfAttnPreTrainedModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> ModelOutput:
         r"""labels: what the head scores (its class docstring says which)."""
+        if not self.accepts_loss_kwargs:
+            refuse_item_count(self, kwargs)
+        if self.first_position_output is not None:
+            refuse_left_padding(attention_mask, self, self.first_position_output)
         outputs = self.model(
             input_ids,
             attention_mask,
@@ -1174,6 +1269,7 @@ class SelfAttnForSequenceClassification(SelfAttnEncoderHeadModel):
     accepts_loss_kwargs = False
     add_pooling_layer = None
     reads_first_token_only = True
+    first_position_output = "logits"
 
     def __init__(self, config: SelfAttnConfig):
         super().__init__(config)
@@ -1239,6 +1335,7 @@ class SelfAttnForQuestionAnswering(SelfAttnEncoderHeadModel):
     ) -> QuestionAnsweringModelOutput:
         r"""start_positions / end_positions: token index of the answer span's first and last token."""
         check_both_labels(start_positions=start_positions, end_positions=end_positions)
+        refuse_item_count(self, kwargs)
         outputs = self.model(
             input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, return_dict=True, **kwargs
         )
@@ -1262,6 +1359,7 @@ class SelfAttnForMultipleChoice(SelfAttnEncoderHeadModel):
     accepts_loss_kwargs = False  # a mean over this process's batch, as SelfAttnForSequenceClassification
     add_pooling_layer = None
     reads_first_token_only = True
+    first_position_output = "logits"
 
     def __init__(self, config: SelfAttnConfig):
         super().__init__(config)
@@ -1282,6 +1380,8 @@ class SelfAttnForMultipleChoice(SelfAttnEncoderHeadModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> MultipleChoiceModelOutput:
         r"""Inputs have shape (batch, num_choices, length); labels: index of the right choice per example."""
+        refuse_item_count(self, kwargs)
+        refuse_left_padding(attention_mask, self, self.first_position_output)
         reference = input_ids if input_ids is not None else inputs_embeds
         # Without the choice dimension the flattening below would silently merge tokens into "choices".
         expected_dims = 3 if input_ids is not None else 4
@@ -1469,12 +1569,18 @@ class SelfAttnForCausalLM(SelfAttnPreTrainedModel, LeanGenerationMixin, Generati
         **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithCrossAttentions:
         r"""labels: the input ids (shifted inside the loss), -100 where no prediction is scored.
-        shift_labels: targets already aligned with the logits, used instead of shifting `labels` (Trainer passes them
-        under context parallelism, where the sequence is split before the model sees it)."""
+        shift_labels: targets already aligned with the logits, used instead of shifting `labels` (Trainer passes both
+        under context parallelism, where the sequence is split before the model sees it, so labels are not read)."""
         if input_ids is None and inputs_embeds is None:
             raise ValueError(
                 "SelfAttnForCausalLM needs input_ids or inputs_embeds; to generate from nothing, pass a prompt "
                 "such as [[config.bos_token_id]]."
+            )
+        # type() rather than isinstance: True would keep one position.
+        if not (isinstance(logits_to_keep, torch.Tensor) or (type(logits_to_keep) is int and logits_to_keep >= 0)):
+            raise ValueError(
+                f"logits_to_keep must be an int >= 0 (the last positions to score; 0 for all) or a tensor of "
+                f"positions, got {logits_to_keep!r}."
             )
         outputs = self.model(
             input_ids=input_ids,
@@ -1527,6 +1633,7 @@ class SelfAttnForPreTraining(SelfAttnEncoderHeadModel):
 
     accepts_loss_kwargs = False  # a mean over this process's batch, as SelfAttnForSequenceClassification
     add_pooling_layer = True
+    first_position_output = "next-sentence logits (seq_relationship_logits)"
     _tied_weights_keys = {"lm_head.decoder.weight": "model.encoder.embeddings.word_embeddings.weight"}
 
     def __init__(self, config: SelfAttnConfig):
@@ -1551,6 +1658,8 @@ class SelfAttnForPreTraining(SelfAttnEncoderHeadModel):
         r"""labels: token ids to predict, -100 where no prediction is scored. next_sentence_label: 0 if the second
         segment continues the first, 1 if it is random. The loss needs both."""
         check_both_labels(labels=labels, next_sentence_label=next_sentence_label)
+        refuse_item_count(self, kwargs)
+        refuse_left_padding(attention_mask, self, self.first_position_output)
         outputs = self.model(
             input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, return_dict=True, **kwargs
         )

@@ -20,6 +20,7 @@ onnx and onnxruntime are optional (`pip install 'selfattn[onnx]'`); importing th
 
 import importlib.util
 import json
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -125,6 +126,7 @@ def check_exportable(model: nn.Module) -> None:
             f"This SelfAttnModel is {shape} model without an LM head; the ONNX export takes the bare model of "
             f"encoder-only configs only. Export the {head} instead."
         )
+    refuse_quantized(model)
     headless = [key for key, heads in (config.pruned_heads or {}).items() if len(heads) == config.num_attention_heads]
     if headless:
         # Refused here, before any file or folder is made: the crash ends the process, leaving its staging folders.
@@ -133,6 +135,41 @@ def check_exportable(model: nn.Module) -> None:
             "(config.pruned_heads): torch's TorchScript exporter crashes the process (floating point exception) on "
             "their projections, which have no outputs. Keep at least one head in each attention (prune_heads with "
             "fewer of its heads) to export the model."
+        )
+
+
+def refuse_quantized(model: nn.Module) -> None:
+    """Refuse int8 and bfloat16 models before anything is traced: neither can become a graph that ONNX Runtime runs on
+    the CPU, where the export checks it, and the failure would come late and read as a gap in this module."""
+    # Imported here, as model.py imports it: only models that quantize load quantization.py.
+    from .quantization import int8_layer_names
+
+    class_name = type(model).__name__
+    int8_layers = int8_layer_names(model)
+    if int8_layers:
+        more = f" and {len(int8_layers) - 1} more" if len(int8_layers) > 1 else ""
+        raise ConversionError(
+            f"The ONNX export does not take int8 models, and {class_name} holds int8 layers ({int8_layers[0]}{more}) "
+            "from model.quantize('int8'): torch's TorchScript exporter has no ONNX operator for their packed int8 "
+            "weights (quantized::linear_dynamic). Export the float32 model (before quantize('int8'), or loaded "
+            "again), then quantize the graph with ONNX Runtime: onnxruntime.quantization.quantize_dynamic("
+            "'model.onnx', 'model_int8.onnx', per_channel=True, weight_type=QuantType.QInt8), int8 weights with one "
+            "scale per output channel as quantize('int8') makes them."
+        )
+    bf16 = [
+        name
+        for name, tensor in (*model.named_parameters(), *model.named_buffers())
+        if tensor.dtype == torch.bfloat16
+    ]
+    if bf16:
+        more = f" and {len(bf16) - 1} more" if len(bf16) > 1 else ""
+        how = "was quantized with model.quantize('bf16')" if model.quantization_mode == "bf16" else "is bfloat16"
+        raise ConversionError(
+            f"The ONNX export does not take bfloat16 models, and {class_name} {how} ({bf16[0]}{more}): ONNX "
+            "Runtime's CPU provider has no bfloat16 kernels for the graph's operators (Add among them), so the "
+            "graph could neither be checked against PyTorch nor run on the CPU. Export the float32 model: the model "
+            "before quantize('bf16') (or after model.float()); a bfloat16 model folder loaded with "
+            "from_pretrained(folder, dtype=torch.float32) and saved again."
         )
 
 
@@ -242,11 +279,16 @@ def random_ids(config, shape: tuple[int, ...], generator: torch.Generator) -> to
     return ids
 
 
-def padded_mask(batch_size: int, length: int) -> torch.Tensor:
+def padded_mask(batch_size: int, length: int, left_padding: bool = True) -> torch.Tensor:
     """Row 0 full, the others shorter by one more token each (at least one token): a padded batch, so that the
-    traced graph keeps the mask (a batch without padding may let the mask be skipped)."""
-    lengths = [max(1, length - row) for row in range(batch_size)]
-    return (torch.arange(length).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)).long()
+    traced graph keeps the mask (a batch without padding may let the mask be skipped). Row 1 is padded at the end,
+    rows from 2 on at the start (unless not `left_padding`: the heads whose output is the first position refuse
+    it), so that the check (check_shapes, 3 rows) covers both sides: a graph that assumes one, as ONNX Runtime's
+    BERT optimizer does by default (lengths for the mask, right padding only), fails it."""
+    lengths = torch.tensor([max(1, length - row) for row in range(batch_size)]).unsqueeze(1)
+    positions = torch.arange(length).unsqueeze(0)
+    at_start = (torch.arange(batch_size) >= (2 if left_padding else batch_size)).unsqueeze(1)
+    return torch.where(at_start, positions >= length - lengths, positions < lengths).long()
 
 
 def encoder_inputs(model, batch_size: int, length: int, seed: int) -> dict[str, torch.Tensor]:
@@ -255,7 +297,7 @@ def encoder_inputs(model, batch_size: int, length: int, seed: int) -> dict[str, 
     shape = (batch_size, length)
     if type(model).__name__ == "SelfAttnForMultipleChoice":
         shape = (batch_size, 2, length)
-    mask = padded_mask(batch_size, length)
+    mask = padded_mask(batch_size, length, left_padding=getattr(model, "first_position_output", None) is None)
     mask = mask.unsqueeze(1).expand(shape).contiguous() if len(shape) == 3 else mask
     ids = random_ids(config, shape, generator)
     if config.pad_token_id is not None:
@@ -582,9 +624,15 @@ def fusion_shape(config) -> dict[str, int]:
 
 def optimize_encoder_graph(path: Path, config, output: Path) -> dict[str, int]:
     """ONNX Runtime's transformer optimizer (BERT fusions) on `path`, written to `output`; the fused operators."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
-    optimized = optimize_model(str(path), model_type="bert", **fusion_shape(config))
+    options = FusionOptions("bert")
+    # BERT's default hands the fused Attention the mask's row sums (mask_index, one length per row), which assumes
+    # right padding: left-padded rows then attended to their padding (3.03 off at real tokens on all-MiniLM-L6-v2).
+    # The raw mask keeps every fusion and holds for padding on either side.
+    options.use_raw_attention_mask(True)
+    optimized = optimize_model(str(path), model_type="bert", optimization_options=options, **fusion_shape(config))
     optimized.save_model_to_file(str(output))
     return {name: count for name, count in optimized.get_fused_operator_statistics().items() if count}
 
@@ -599,6 +647,7 @@ def export_onnx(
     written into a hidden folder inside `folder` and swapped in only once all have passed the check (`output_folder.swap_files_in`): a
     failed export leaves `folder` as it was, and files it replaces are the old ones all or the new ones all. Files of
     the same names in `folder` are refused (FileExistsError) unless `overwrite`; other files are left alone."""
+    check_export_options(optimize, tolerance, overwrite)
     require_onnx_runtime()
     check_exportable(model)
     specs = graph_specs(model)
@@ -626,6 +675,28 @@ def export_onnx(
     finally:
         remove(staging)
     return report
+
+
+def check_export_options(optimize, tolerance, overwrite) -> None:
+    """What the CLI's parser refuses, refused here too: a string flag would count as True (overwrite='no' replaced
+    the files), and a bad tolerance would surface only after every graph was exported, blaming the graphs."""
+    for name, value in (("optimize", optimize), ("overwrite", overwrite)):
+        if not isinstance(value, bool):
+            raise TypeError(
+                f"export_onnx({name}={value!r}): {name} must be True or False (a string such as 'no' would count as "
+                "True)."
+            )
+    if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real):
+        raise TypeError(
+            f"export_onnx(tolerance={tolerance!r}): tolerance must be a number, the largest max abs difference from "
+            "PyTorch accepted; pass e.g. tolerance=1e-4."
+        )
+    # `not >=` also catches nan, with which every comparison is false and the check would pass anything.
+    if not tolerance >= 0:
+        raise ValueError(
+            f"export_onnx(tolerance={tolerance!r}): tolerance must be a number >= 0, the largest max abs difference "
+            "from PyTorch accepted; pass e.g. tolerance=1e-4."
+        )
 
 
 def refuse_existing(folder: Path, names: Sequence[str], overwrite: bool) -> None:

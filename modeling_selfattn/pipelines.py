@@ -57,7 +57,8 @@ def sort_parameters(
 class QuestionAnsweringPipeline(ChunkPipeline):
     """Finds the answer span of a question in a context. Long contexts are read in overlapping windows
     (`doc_stride`); the best span over all windows wins. Returns {"answer", "score", "start", "end"} with
-    character offsets into the context, or a list of `top_k` of them.
+    character offsets into the context, or a list of up to `top_k` of them (fewer where the context has fewer spans).
+    Lists of questions and contexts give a list of results, one per pair.
 
     A ChunkPipeline, as transformers' own was: each window is an item of its own, so that with `batch_size` the
     batches hold windows (of one context or several) and every context gets its own windows back."""
@@ -71,6 +72,18 @@ class QuestionAnsweringPipeline(ChunkPipeline):
         )
 
     def __call__(self, question=None, context=None, **kwargs):
+        # As in transformers' own pipeline: lists pair up, and a lone string goes with each item of the other list.
+        lists = [len(value) for value in (question, context) if isinstance(value, (list, tuple))]
+        if isinstance(context, (list, tuple)) or (lists and context is not None):
+            if len(set(lists)) > 1:
+                raise ValueError(
+                    f"question-answering got {lists[0]} questions and {lists[1]} contexts: give one context per "
+                    "question, or a single string as the question or the context to pair with every item of the other."
+                )
+            questions, contexts = (
+                value if isinstance(value, (list, tuple)) else [value] * lists[0] for value in (question, context)
+            )
+            return super().__call__([{"question": q, "context": c} for q, c in zip(questions, contexts)], **kwargs)
         if isinstance(question, str) or context is not None:
             return super().__call__({"question": question, "context": context}, **kwargs)
         return super().__call__(question if question is not None else kwargs.pop("inputs", None), **kwargs)
@@ -92,8 +105,9 @@ class QuestionAnsweringPipeline(ChunkPipeline):
         if not self.tokenizer.is_fast:
             raise ValueError("question-answering needs a fast tokenizer (it maps tokens back to characters).")
         max_length = min(max_seq_len, self.tokenizer.model_max_length)
-        # Only the default overlap follows the window (as transformers' own pipeline did); a given one is used as is.
-        stride = min(max_seq_len // 2, 128) if doc_stride is None else doc_stride
+        # Only the default overlap follows the window actually used (as transformers' own pipeline did, which
+        # clamped max_seq_len to model_max_length first); a given one is used as is.
+        stride = min(max_length // 2, 128) if doc_stride is None else doc_stride
         self._check_question_fits(question, max_seq_len, doc_stride, max_length, stride)
         encoded = self.tokenizer(
             question,
@@ -106,6 +120,11 @@ class QuestionAnsweringPipeline(ChunkPipeline):
             padding=True,
             return_tensors="pt",
         )
+        if 1 not in encoded.sequence_ids(0):
+            raise ValueError(
+                f"question-answering: the context {context!r} holds no token (the tokenizer drops all its characters), "
+                "so no span of it can answer; give a context with text in it."
+            )
         names = [name for name in self.tokenizer.model_input_names if name in encoded]
         windows = len(encoded["input_ids"])
         for i in range(windows):
@@ -135,7 +154,7 @@ class QuestionAnsweringPipeline(ChunkPipeline):
         if room < 1:
             raise ValueError(f"{problem}. Give a shorter question{longer}.")
         if stride >= room:
-            overlap = f"doc_stride={doc_stride}" if doc_stride is not None else "the default doc_stride, min(max_seq_len // 2, 128)"
+            overlap = f"doc_stride={doc_stride}" if doc_stride is not None else "the default doc_stride, min(window // 2, 128)"
             raise ValueError(
                 f"{problem}, no more than the {stride} tokens that windows overlap by ({overlap}). Give a doc_stride "
                 f"below {room}, or a shorter question{longer}."
@@ -162,8 +181,11 @@ class QuestionAnsweringPipeline(ChunkPipeline):
         scores = start[:, :, None] * end[:, None, :]
         length = scores.shape[-1]
         allowed = torch.ones(length, length, dtype=torch.bool).triu().tril(max_answer_len - 1)
-        scores = scores.masked_fill(~allowed, 0.0)
-        best = torch.topk(scores.flatten(), k=min(top_k, scores.numel()))
+        # Only spans within the context are answers: with fewer of them than top_k, fewer answers come back (as from
+        # transformers' own pipeline) rather than spans over the question, padding or ending before they start.
+        valid = allowed & mask[:, :, None] & mask[:, None, :]
+        scores = scores.masked_fill(~valid, float("-inf"))
+        best = torch.topk(scores.flatten(), k=min(top_k, int(valid.sum())))
         answers = []
         for score, index in zip(best.values.tolist(), best.indices.tolist()):
             window, rest = divmod(index, length * length)

@@ -619,20 +619,38 @@ def matching(names, patterns) -> list[str]:
     return [name for name in names if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)]
 
 
-def patterns_or_default(model: nn.Module, argument: str, patterns, default, names: list[str], example: str):
+def patterns_or_default(
+    model: nn.Module, argument: str, patterns, default, names: list[str], example: str, float32_names=()
+):
     """The patterns `argument` asks for, or with None its `default` within each encoder stack (within_encoders). A
     given pattern that matches none of `names` is an error, so that a misspelt one does not silently leave the model
-    other than asked."""
+    other than asked; one that matches only layers left in float32 (`float32_names`) is no misspelling: told so."""
     if patterns is None:
         return within_encoders(model, default)
     for pattern in patterns:
-        if not matching(names, [pattern]):
+        if matching(names, [pattern]):
+            continue
+        left_float32 = matching(float32_names, [pattern])
+        if left_float32:
+            more = ", ..." if len(left_float32) > 3 else ""
             raise ValueError(
-                f"quantize('int8', {argument}=...): the pattern {pattern!r} matches no linear layer of "
-                f"{type(model).__name__} to quantize. Patterns are fnmatch patterns of module names such as "
-                f"{sorted(names)[:3]} (model.named_modules() lists them all); {example}."
+                f"quantize('int8', {argument}=...): the pattern {pattern!r} matches only linear layers left in "
+                f"float32 ({', '.join(left_float32[:3])}{more}) by keep_float32 (or as pruning left their weight "
+                f"empty), and {argument} applies to int8 layers. Drop {pattern!r} from {argument}, or from "
+                "keep_float32 the pattern that keeps those layers."
             )
+        raise ValueError(
+            f"quantize('int8', {argument}=...): the pattern {pattern!r} matches no linear layer of "
+            f"{type(model).__name__} to quantize. Patterns are fnmatch patterns of module names such as "
+            f"{sorted(names)[:3]} (model.named_modules() lists them all); {example}."
+        )
     return patterns
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    return {
+        name: module for name, module in model.named_modules(remove_duplicate=False) if isinstance(module, nn.Linear)
+    }
 
 
 def linears_to_quantize(model: nn.Module, keep_float32) -> dict[str, nn.Linear]:
@@ -641,9 +659,7 @@ def linears_to_quantize(model: nn.Module, keep_float32) -> dict[str, nn.Linear]:
     None: KEEP_FLOAT32_DEFAULT in each encoder stack. A layer whose weight has no elements (a projection of an
     attention with every head pruned) stays float32 too: it computes nothing but its bias, and a weight without rows
     has no channel to take an int8 scale from."""
-    linears = {
-        name: module for name, module in model.named_modules(remove_duplicate=False) if isinstance(module, nn.Linear)
-    }
+    linears = linear_layers(model)
     keep_float32 = patterns_or_default(
         model, "keep_float32", keep_float32, KEEP_FLOAT32_DEFAULT, list(linears), "'*.ffn.fc2' keeps every fc2"
     )
@@ -680,7 +696,7 @@ def quantize_int8(model: nn.Module, keep_float32, per_token_activations, bf16_at
     reduce_range = not int8_activations_use_full_range()
     per_token_activations = patterns_or_default(
         model, "per_token_activations", per_token_activations, PER_TOKEN_DEFAULT, list(targets),
-        "'*fc2' names every fc2",
+        "'*fc2' names every fc2", [name for name in linear_layers(model) if name not in targets],
     )
     per_token = {id(targets[name]) for name in matching(targets, per_token_activations)}
     folded = logits_biases_to_fold(model, targets)

@@ -15,6 +15,7 @@ import json
 import math
 import sys
 from dataclasses import dataclass, field
+from numbers import Real
 from pathlib import Path
 
 import torch
@@ -145,7 +146,13 @@ def attention_rollout(attentions: torch.Tensor, residual_weight: float = 0.5) ->
     """Abnar & Zuidema (2020): average the heads, mix in the residual connection as identity, renormalise
     the rows, and multiply layer by layer from the input upwards. Row i says how much each input token
     flows into position i at the top. Pruned heads (NaN) are left out of the average; a layer without heads
-    mixes nothing across tokens."""
+    mixes nothing across tokens. `residual_weight` is the residual's share of each layer's mix, from 0 to 1."""
+    if isinstance(residual_weight, bool) or not isinstance(residual_weight, Real) or not 0 <= residual_weight <= 1:
+        # Beyond 1 the attention enters with a negative weight, and the rollout holds negative "relevances".
+        raise ValueError(
+            f"attention_rollout(residual_weight={residual_weight!r}): residual_weight must be a number from 0 to 1, "
+            "the residual connection's share of each layer's mix (0.5 by default, as in Abnar & Zuidema)."
+        )
     num_layers, _, length, _ = attentions.shape
     identity = torch.eye(length, dtype=attentions.dtype)
     rollout = identity
@@ -167,8 +174,9 @@ def rank_tokens(rollout: torch.Tensor, tokens: list[str], position: int = 0) -> 
 
 def alignment(cross_attentions: torch.Tensor, layer: int | None = None) -> torch.Tensor:
     """Target-by-source alignment: cross-attention averaged over heads (and over layers unless one is
-    chosen). Its row-wise argmax is the source token each target token looks at most."""
-    chosen = cross_attentions if layer is None else cross_attentions[layer : layer + 1]
+    chosen; a negative `layer` counts from the last, as `visualize` takes it). Its row-wise argmax is the source
+    token each target token looks at most."""
+    chosen = cross_attentions[_check_layer(layer, cross_attentions.shape[0])]
     return chosen.flatten(0, 1).nanmean(dim=0)  # pruned heads (NaN) left out
 
 
@@ -195,7 +203,10 @@ def _check_layer(layer: int | None, num_layers: int) -> list[int]:
     if layer is None:
         return list(range(num_layers))
     if not -num_layers <= layer < num_layers:
-        raise ValueError(f"Layer {layer} is out of range: this model has layers 0..{num_layers - 1} (or 'all').")
+        raise ValueError(
+            f"layer={layer} is out of range: this model has layers 0..{num_layers - 1} (negative ones count from the "
+            "last); pass one of them, or None ('all' on the command line) for every layer."
+        )
     return [layer % num_layers]
 
 

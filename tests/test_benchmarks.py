@@ -305,6 +305,34 @@ def test_arguments_that_would_time_nothing_are_refused_before_any_work(stubbed_b
     assert received == {}  # no workload was built
 
 
+def test_cuda_without_a_cuda_torch_is_refused_by_the_parser(stubbed_bench, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    run, received = stubbed_bench
+    assert run("--device", "cuda", "--dtype", "bfloat16", "--variants", "selfattn") == 2
+    assert "--device cuda: torch " in capsys.readouterr().err
+    assert received == {}
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [(["--random-minilm"], "--random-minilm applies to the workloads encoder_minilm_32x128, encoder_padded_64, "),
+     (["--data-dir", "data"], "--data-dir applies to the workloads encoder_sst2_64, and --workloads names none of them: "
+                              "add one, or leave out --data-dir.")],
+    ids=["random_minilm", "data_dir"],
+)  # fmt: skip
+def test_options_no_named_workload_reads_are_refused(stubbed_bench, capsys, options, message):
+    run, received = stubbed_bench  # its runs name greedy_b1, which reads neither
+    assert run(*options) == 2
+    assert message in capsys.readouterr().err
+    assert received == {}
+
+
+def test_options_a_named_workload_reads_are_taken(stubbed_bench, tmp_path):
+    run, received = stubbed_bench
+    assert run("--random-minilm", "--data-dir", str(tmp_path), "--workloads", "greedy_b1,encoder_sst2_64") == 0
+    assert set(received) == {"greedy_b1", "encoder_sst2_64"}
+
+
 def test_variants_the_dtype_rules_out_are_named(stubbed_bench, capsys):
     run, received = stubbed_bench
     assert run("--dtype", "bfloat16", "--variants", "selfattn,selfattn-int8-compiled,selfattn-bf16,ct2") == 0

@@ -868,3 +868,126 @@ def test_mixed_dtypes_are_kept_in_one_that_holds_them_all(saved_sources, tmp_pat
     converted = model.state_dict()
     for source_name, target_name in report.mapped.items():
         assert torch.equal(converted[target_name], halves[source_name].float())
+
+
+# transformers 5 ties an MLM head's own bias to its decoder's, and BART's and Marian's `shared` table to the stacks'
+# embed_tokens, only where tie_word_embeddings=True; untied and trained, the copies differ, and its forward reads the
+# decoder's bias and the stacks' own tables.
+UNTIED_MLM = [("bert", "ForMaskedLM", "cls.predictions"), ("roberta", "ForMaskedLM", "lm_head"),
+              ("bert", "ForPreTraining", "cls.predictions")]
+
+
+@pytest.mark.parametrize("model_type, suffix, head", UNTIED_MLM, ids=[f"{t}-{s}" for t, s, _ in UNTIED_MLM])
+def test_untied_mlm_whose_two_biases_differ_converts_the_one_transformers_adds(model_type, suffix, head, tmp_path):
+    architecture = FAMILIES[model_type].architecture(suffix)
+    source_model = random_source_model(architecture, source_config(model_type, suffix, tie_word_embeddings=False))
+    state = source_model.state_dict()
+    assert not torch.equal(state[f"{head}.bias"], state[f"{head}.decoder.bias"])  # as after training
+    source_model.save_pretrained(tmp_path)
+    model, report = convert_checkpoint(tmp_path)
+    assert f"it differs from {head}.decoder.bias, which transformers' model reads" in report.dropped[f"{head}.bias"]
+    assert max(max_diffs(source_model, model, architecture).values()) <= TOLERANCE
+    loaded = type(model).from_pretrained(tmp_path).eval()  # from_pretrained follows the same rule
+    assert max(max_diffs(source_model, loaded, architecture).values()) <= TOLERANCE
+
+
+def untied_bart(folder: Path, same: tuple[str, ...] = ()):
+    """A BartForConditionalGeneration with tie_word_embeddings=False, all four token tables random (as after
+    training) but those `same` names ("decoder", "shared"), which are set to the encoder's table; saved in `folder`."""
+    config = transformers.BartConfig(
+        vocab_size=VOCAB_SIZE, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=MAX_POSITIONS,
+        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, tie_word_embeddings=False,
+    )
+    model = random_source_model("BartForConditionalGeneration", config)
+    tables = {"shared": model.model.shared, "decoder": model.model.decoder.embed_tokens}
+    with torch.no_grad():
+        for name in same:
+            tables[name].weight.copy_(model.model.encoder.embed_tokens.weight)
+    model.save_pretrained(folder)
+    return model
+
+
+def seq2seq_logits_diff(reference, model) -> float:
+    generator = torch.Generator().manual_seed(2)
+    inputs = {
+        "input_ids": torch.randint(3, VOCAB_SIZE, (2, 9), generator=generator),
+        "decoder_input_ids": torch.randint(3, VOCAB_SIZE, (2, 6), generator=generator),
+    }
+    with torch.no_grad():
+        return (reference(**inputs).logits - model.eval()(**inputs).logits).abs().max().item()
+
+
+def test_untied_bart_whose_shared_table_alone_differs_converts_the_tables_transformers_reads(tmp_path):
+    source_model = untied_bart(tmp_path, same=("decoder",))
+    model, report = convert_checkpoint(tmp_path)
+    assert "which transformers' encoder and decoder do not read" in report.dropped["model.shared.weight"]
+    assert seq2seq_logits_diff(source_model, model) <= TOLERANCE
+    loaded = type(model).from_pretrained(tmp_path)  # not the shared table, which comes last in the file
+    assert seq2seq_logits_diff(source_model, loaded) <= TOLERANCE
+
+
+@pytest.mark.parametrize("same", [("shared",), ()], ids=["decoder-table-differs", "all-tables-differ"])
+def test_untied_bart_whose_decoder_table_differs_is_refused_both_ways(same, tmp_path):
+    """selfattn has one token table for both stacks: converting or loading the checkpoint would lose one of them."""
+    untied_bart(tmp_path, same=same)
+    for load in (convert_checkpoint, checkpoints.target_class("SelfAttnForConditionalGeneration").from_pretrained):
+        with pytest.raises(ConversionError) as error:
+            load(tmp_path)
+        message = str(error.value)
+        assert "'model.decoder.embed_tokens.weight'" in message and "'model.encoder.embed_tokens.weight'" in message
+        assert "as one tensor" in message and "cannot be converted" in message
+        if not same:  # `shared` is said not to be among them, and why
+            assert "model.shared.weight is left out" in message and "do not read" in message
+
+
+def test_decoding_settings_kept_in_config_json_reach_the_generation_config(tmp_path):
+    """Checkpoints older than generation_config.json keep their decoding settings in config.json, where
+    transformers' from_pretrained reads them."""
+    config = transformers.MarianConfig(
+        vocab_size=VOCAB_SIZE, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=37, decoder_ffn_dim=37, max_position_embeddings=MAX_POSITIONS,
+        pad_token_id=VOCAB_SIZE - 1, eos_token_id=0, decoder_start_token_id=VOCAB_SIZE - 1,
+    )
+    torch.manual_seed(0)
+    transformers.MarianMTModel(config).save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").unlink()
+    settings = {"num_beams": 4, "max_length": 40, "bad_words_ids": [[VOCAB_SIZE - 1]], "length_penalty": 0.6}
+    config_dict = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config_dict, **settings}))
+    model, report = convert_checkpoint(tmp_path)
+    theirs = transformers.MarianMTModel.from_pretrained(tmp_path).generation_config
+    assert {name: getattr(theirs, name) for name in settings} == settings
+    assert {name: getattr(model.generation_config, name) for name in settings} == settings
+    assert set(settings) <= set(report.decoding_from_config)
+    assert "decoding settings read from config.json" in report.summary()
+
+
+def test_problems_end_before_the_advice(saved_sources, tmp_path):
+    config_dict, state_dict = bert_checkpoint(saved_sources)
+    state_dict["bert.encoder.layer.0.attention.self.rotary.weight"] = torch.zeros(2)
+    save_checkpoint(tmp_path, config_dict, state_dict)
+    with pytest.raises(ConversionError) as error:
+        convert_checkpoint(tmp_path)
+    assert "no bert rule maps it.\nIf the checkpoint holds another head, pass its architecture" in str(error.value)
+
+
+def test_export_names_what_a_copied_tensor_copies(tmp_path):
+    """An untied RoBERTa MLM: selfattn has one decoder bias, which RoBERTa's model holds under two names."""
+    source_model = random_source_model(
+        "RobertaForMaskedLM", source_config("roberta", "ForMaskedLM", tie_word_embeddings=False)
+    )
+    source_model.save_pretrained(tmp_path / "roberta")
+    convert_checkpoint(tmp_path / "roberta")[0].save_pretrained(tmp_path / "selfattn")
+    _, state_dict, report = export_checkpoint(tmp_path / "selfattn")
+    assert report.computed["lm_head.decoder.bias"] == (
+        "a copy of lm_head.bias (both hold the selfattn model's lm_head.decoder.bias)"
+    )
+    assert torch.equal(state_dict["lm_head.bias"], source_model.state_dict()["lm_head.decoder.bias"])
+
+
+def test_export_says_which_config_fields_take_the_family_defaults(saved_sources, tmp_path):
+    """The selfattn config keeps no record of the DistilBERT fields the conversion did not carry over."""
+    _, _, report = export_checkpoint(converted_folder(saved_sources, "distilbert", "ForMaskedLM", tmp_path))
+    assert report.config_defaulted == ["qa_dropout", "sinusoidal_pos_embds"]
+    assert "written with the family's defaults" in report.summary()

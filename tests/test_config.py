@@ -178,12 +178,48 @@ def test_num_hidden_layers_keyword_sets_the_main_stack(layers, expected):
         ({"layer_norm_eps": 0.0}, "layer_norm_eps"),
         ({"chunk_size_feed_forward": 2.5}, "chunk_size_feed_forward"),
         ({"chunk_size_feed_forward": True}, "chunk_size_feed_forward"),
+        ({"padding_aware_positions": True, "position_offset": 1, "pad_token_id": None}, "needs pad_token_id"),
+        ({"initializer_range": -0.02}, "initializer_range"),
+        ({"problem_type": "classification"}, "problem_type"),
+        ({"num_labels": -1}, "num_labels"),
+        ({"num_labels": 0}, "num_labels"),
+        ({"add_cross_attention": True}, r"add_cross_attention=True\) with encoder_layers=12 and decoder_layers=0"),
+        ({"add_cross_attention": True, "encoder_layers": 0, "decoder_layers": 2}, "add_cross_attention"),
+        ({"is_encoder_decoder": True}, r"is_encoder_decoder=True\) with encoder_layers=12 and decoder_layers=0"),
     ],
     ids=lambda value: "-".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else None,
 )
 def test_impossible_config_raises_value_error_naming_the_field(fields, named):
     with pytest.raises(ValueError, match=named):
         SelfAttnConfig(**fields)
+
+
+def test_fields_refused_where_the_shape_lacks_them_are_accepted_where_it_has_them():
+    # BertModel builds cross-attention for add_cross_attention=True; only selfattn's encoder-decoder shape has it.
+    encoder_decoder = dict(vocab_size=99, hidden_size=32, num_attention_heads=4, encoder_layers=1, decoder_layers=1)
+    config = SelfAttnConfig(**encoder_decoder, add_cross_attention=True, is_encoder_decoder=True)
+    assert config.add_cross_attention and config.is_encoder_decoder
+
+
+def test_from_pretrained_overrides_are_checked_and_derived_like_constructor_fields(tmp_path):
+    """transformers sets from_pretrained's overrides on the config once built, past SelfAttnConfig's checks: an
+    impossible value was accepted, saved, and refused only at the next load."""
+    make_tiny_config("encoder").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"hidden_dropout_prob must be within \[0, 1\], got 5\.0"):
+        SelfAttnConfig.from_pretrained(tmp_path, hidden_dropout_prob=5.0)
+    with pytest.raises(ValueError, match=r"hidden_size \(30\) must be divisible by num_attention_heads"):
+        SelfAttnConfig.from_pretrained(tmp_path, hidden_size=30)
+    with pytest.raises(ValueError, match="is_encoder_decoder=True"):
+        SelfAttnConfig.from_pretrained(tmp_path, is_encoder_decoder=True)
+    # Good overrides apply, derived fields follow them, and what names no field is still handed back unused.
+    config, unused = SelfAttnConfig.from_pretrained(
+        tmp_path, hidden_size=48, decoder_layers=2, not_a_field=1, return_unused_kwargs=True
+    )
+    assert (config.hidden_size, config.head_dim, config.is_encoder_decoder) == (48, 12, True)
+    assert unused == {"not_a_field": 1}
+    config.save_pretrained(tmp_path)
+    assert not SelfAttnConfig.from_pretrained(tmp_path, decoder_layers=0).is_encoder_decoder
+    assert SelfAttnConfig.from_pretrained(tmp_path, num_hidden_layers=3).encoder_layers == 3
 
 
 def test_hand_edited_config_is_checked_again_when_a_model_is_built():

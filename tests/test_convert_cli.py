@@ -393,7 +393,7 @@ def break_run(failure: str, source: Path, monkeypatch) -> list[str]:
         (source / "tokenizer_config.json").write_text(json.dumps(settings))
         monkeypatch.setattr(checkpoints, "model_type_tokenizer_class", lambda folder, config_dict: {})
     elif failure == "disk full":
-        def full(folder, section):
+        def full(folder, *card):
             raise OSError(errno.ENOSPC, "No space left on device", str(folder / "README.md"))
 
         monkeypatch.setattr(convert_cli, "write_model_card", full)
@@ -910,3 +910,98 @@ def test_a_chat_template_folder_that_is_a_file_stops_the_run(bert_folder, tmp_pa
     error = capsys.readouterr().err
     assert f"tokenizer entry {source / 'additional_chat_templates'} is a file, not a folder" in error
     assert not (tmp_path / "out").exists()
+
+
+def test_top_level_help_describes_every_export_layout():
+    result = subprocess.run(
+        [sys.executable, "-m", "modeling_selfattn.convert_cli", "--help"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "encoder-only selfattn folder" not in text and "export selfattn encoders" not in text
+    export_line = re.search(r"^\s+export\s+(.*(?:\n\s{6,}.*)*)", result.stdout, re.MULTILINE)[1]
+    assert "BERT family" in export_line and "Marian or BART" in " ".join(export_line.split())
+
+
+@pytest.mark.parametrize("same", [("shared",), ()], ids=["decoder-table-differs", "all-tables-differ"])
+def test_seq2seq_with_a_decoder_table_of_its_own_is_refused(same, tmp_path, capsys):
+    """BART with tie_word_embeddings=False keeps one token table per stack; selfattn has one for both, so a
+    checkpoint whose two differ cannot be converted, and the error says which tensors and why."""
+    config = transformers.BartConfig(
+        vocab_size=99, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    model = transformers.BartForConditionalGeneration(config)
+    with torch.no_grad():
+        for table in (model.model.shared, model.model.encoder.embed_tokens, model.model.decoder.embed_tokens):
+            table.weight.normal_()  # as after training: each its own
+        if same:
+            model.model.shared.weight.copy_(model.model.encoder.embed_tokens.weight)
+    model.save_pretrained(tmp_path / "bart")
+    assert convert_cli.main(["seq2seq", str(tmp_path / "bart"), str(tmp_path / "out")]) == 1
+    error = " ".join(capsys.readouterr().err.split())
+    assert "conflicting tensors" in error and "model.decoder.embed_tokens.weight" in error
+    assert "as one tensor" in error and "cannot be converted" in error
+    assert "model.shared.weight is left out" in error and "do not read" in error  # and why it is no third table
+    assert not (tmp_path / "out").exists()
+
+
+def card_metadata(folder: Path) -> dict:
+    from huggingface_hub import ModelCard
+
+    return ModelCard((folder / "README.md").read_text()).data.to_dict()
+
+
+SOURCE_CARD = """---
+license: mit
+language: de
+datasets:
+- my/corpus
+tags:
+- german
+base_model: someone/pretrained-bert
+---
+# My classifier
+
+Trained on my corpus; this text is mine.
+"""
+
+
+@pytest.mark.parametrize("given_as", ["hub id", "local folder"])
+def test_conversion_keeps_the_source_card(given_as, bert_folder, tmp_path, monkeypatch):
+    """The source's metadata and text stay in OUTPUT's card; base_model names a Hub id as given, a local folder
+    never (its card's own base_model stays)."""
+    source = shutil.copytree(bert_folder, tmp_path / "source")
+    (source / "README.md").write_text(SOURCE_CARD)
+    argument = str(source)
+    if given_as == "hub id":
+        argument = "org/my-classifier"
+        hub = lambda name, **kwargs: source if name == argument else Path(name)  # noqa: E731
+        monkeypatch.setattr(checkpoints, "resolve_folder", hub)
+        monkeypatch.setattr(convert_cli, "resolve_folder", hub)
+    assert convert_cli.main(["bert", argument, str(tmp_path / "out")]) == 0
+    metadata = card_metadata(tmp_path / "out")
+    assert {name: metadata[name] for name in ("license", "language", "datasets")} == {
+        "license": "mit", "language": "de", "datasets": ["my/corpus"],
+    }
+    assert metadata["tags"][:2] == ["selfattn", "custom_code"] and "german" in metadata["tags"]
+    assert metadata["library_name"] == "transformers"  # the source card names none
+    assert metadata["pipeline_tag"] == "text-classification"
+    assert metadata["base_model"] == ("org/my-classifier" if given_as == "hub id" else "someone/pretrained-bert")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert card.index("## Conversion") < card.index("## Source model card") < card.index("this text is mine")
+
+
+def test_export_writes_a_card_from_the_selfattn_one(bert_folder, tmp_path):
+    source = shutil.copytree(bert_folder, tmp_path / "source")
+    (source / "README.md").write_text(SOURCE_CARD)
+    assert convert_cli.main(["bert", str(source), str(tmp_path / "selfattn")]) == 0
+    assert convert_cli.main(["export", str(tmp_path / "selfattn"), str(tmp_path / "bert")]) == 0
+    metadata = card_metadata(tmp_path / "bert")
+    assert metadata["license"] == "mit" and metadata["base_model"] == "someone/pretrained-bert"
+    assert metadata["library_name"] == "transformers" and not {"selfattn", "custom_code"} & set(metadata["tags"])
+    card = (tmp_path / "bert" / "README.md").read_text()
+    assert "## Export" in card and f"from the selfattn model `{tmp_path / 'selfattn'}`" in card
+    assert "`BertForSequenceClassification`" in card and "this text is mine" in card

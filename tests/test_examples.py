@@ -31,6 +31,7 @@ from transformers import (
 )
 
 from modeling_selfattn import (
+    SelfAttnConfig,
     SelfAttnForConditionalGeneration,
     SelfAttnForMaskedLM,
     SelfAttnForQuestionAnswering,
@@ -615,6 +616,27 @@ def test_classification_from_a_bert_checkpoint(examples, data_dir, bert_dir, tmp
     expected = BertForSequenceClassification if use_transformers_class else SelfAttnForSequenceClassification
     assert type(model) is expected
     assert_accuracy_reproduced(metrics["eval_accuracy"], tmp_path, sentiment_rows(12, 2)[:6])
+
+
+@pytest.mark.parametrize("option", ["config_name", "model_name_or_path"])
+def test_transformers_class_of_a_selfattn_model_is_refused(examples, encoder_config, tokenizer_dir, tmp_path, option):
+    """The Auto classes give selfattn's own class for a selfattn config or folder: the run trained it all the same."""
+    common = examples["common"]
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    source = encoder_config
+    if option == "model_name_or_path":
+        source = tmp_path / "selfattn"
+        config = SelfAttnConfig.from_pretrained(encoder_config, vocab_size=len(tokenizer))
+        SelfAttnForSequenceClassification(config).save_pretrained(source)
+    model_args = common.ModelArguments(**{option: str(source)}, use_transformers_class=True)
+    message = (
+        rf"^--use_transformers_class trains transformers' own class for the model_type, but --{option} .* is a "
+        rf"selfattn model, which has none: leave out --use_transformers_class, or give --{option} a model of"
+    )
+    with pytest.raises(ValueError, match=message):
+        common.load_model(
+            model_args, SelfAttnForSequenceClassification, AutoModelForSequenceClassification, tokenizer, num_labels=2
+        )
 
 
 def classification_run(examples, tokenizer_dir, model_options: list[str], rows: list[dict], output_dir: Path) -> dict:

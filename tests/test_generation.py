@@ -197,6 +197,22 @@ def test_cached_uncached_and_static_decoding_give_the_same_tokens(shape, strateg
 
 
 @pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_generating_from_inputs_embeds_gives_the_tokens_of_the_ids(shape, strategy):
+    """generate() hands inputs_embeds on only to a model whose prepare_inputs_for_generation names them; the decoder-
+    only model's did not, and generate() refused them (Llama takes them). A decoder-only model returns the new tokens
+    alone then, as transformers' models do."""
+    model = build_model(shape)
+    batch = padded_batch(shape)
+    from_ids = new_tokens(model, generate(model, batch, **STRATEGIES[strategy]), batch["input_ids"].shape[1])
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    from_embeds = generate(
+        model, {"inputs_embeds": embeds, "attention_mask": batch["attention_mask"]}, **STRATEGIES[strategy]
+    )
+    assert torch.equal(from_embeds, from_ids)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
 def test_static_cache_is_used_and_sized_for_the_generation(shape):
     model = build_model(shape)
     batch = padded_batch(shape)

@@ -516,6 +516,15 @@ def test_importance_needs_a_loss():
         head_importance(model, [])
 
 
+@pytest.mark.parametrize("max_batches", [0, -1, 1.0, True, "2"])
+def test_importance_refuses_a_max_batches_that_is_no_count_of_batches(max_batches):
+    model = build(SelfAttnForSequenceClassification, num_labels=3)
+    batch = padded_batch()
+    batch["labels"] = torch.zeros(len(batch["input_ids"]), dtype=torch.long)
+    with pytest.raises(ValueError, match=rf"^max_batches={max_batches!r}: pass an integer >= 1"):
+        head_importance(model, [batch], max_batches=max_batches)
+
+
 def test_least_important_heads_ranks_across_layers_and_skips_pruned():
     importance = torch.tensor([[0.5, float("nan"), 0.1, 0.9], [0.2, 0.05, 0.7, 0.3]])
     assert least_important_heads(importance, 3, "encoder") == {"encoder.0": [2], "encoder.1": [0, 1]}
@@ -524,6 +533,9 @@ def test_least_important_heads_ranks_across_layers_and_skips_pruned():
     assert least_important_heads(importance, 0) == {}
     with pytest.raises(ValueError, match="between 0 and the 7 heads left"):
         least_important_heads(importance, 8)
+    for num_heads in (2.0, True):  # True is no count of heads, though it is an int
+        with pytest.raises(ValueError, match=rf"^num_heads={num_heads!r}: choose an integer between 0 and the 7"):
+            least_important_heads(importance, num_heads)
 
 
 def test_a_plan_prunes_the_attention_whose_importance_it_ranks():

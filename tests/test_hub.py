@@ -21,7 +21,7 @@ from integration_helpers import assert_same_outputs, load_without_package, model
 import modeling_selfattn.model
 from modeling_selfattn import SelfAttnForCausalLM, SelfAttnForSequenceClassification
 from modeling_selfattn.config import AUTO_MAP
-from modeling_selfattn.hub import GENERATED_MARKER
+from modeling_selfattn.hub import GENERATED_MARKER, render_model_card
 
 CODE_FILES = {"config.py", "model.py", "input_checks.py", "packing.py", "hub.py", "heads.py"}
 
@@ -319,3 +319,40 @@ def test_a_class_defined_in_main_saves_beside_files_of_the_same_names(tmp_path, 
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.py").read_text() == "# my training script\n"
     assert (tmp_path / "config.json").is_file()
+
+
+def test_a_converted_card_keeps_the_source_card():
+    from modeling_selfattn.hub import card_with_source
+
+    ours = render_model_card(SelfAttnForSequenceClassification(make_tiny_config("encoder")), "converted")
+    source = (
+        "---\nlicense: mit\nlibrary_name: sentence-transformers\npipeline_tag: sentence-similarity\ntags: [mine]\n---\n"
+        "My text.\n"
+    )
+    card = ModelCard(card_with_source(ours, source, "org/source", "org/source"))
+    assert card.data.license == "mit" and card.data.base_model == "org/source"
+    assert card.data.tags == ["selfattn", "custom_code", "mine"]
+    # The converted folder does not carry the sentence-transformers modules: the card says what it does serve.
+    assert (card.data.library_name, card.data.pipeline_tag) == ("transformers", "text-classification")
+    assert card.text.rstrip().endswith("My text.") and "`org/source`" in card.text
+    kept = ModelCard(card_with_source(ours, source, "org/source", served_libraries=("sentence-transformers",)))
+    assert (kept.data.library_name, kept.data.pipeline_tag) == ("sentence-transformers", "sentence-similarity")
+    assert kept.data.base_model is None
+    # Metadata that cannot be read is no reason to lose the card: it is kept whole, as text.
+    broken = "---\nlicense: [mit\n---\nMy text.\n"
+    assert broken.strip() in ModelCard(card_with_source(ours, broken, "source")).text
+
+
+def test_an_exported_card_keeps_the_owner_s_text_and_metadata_without_our_tags(tmp_path):
+    from modeling_selfattn.hub import exported_card
+
+    model = SelfAttnForSequenceClassification(make_tiny_config("encoder"))
+    generated = render_model_card(model, "model")
+    card = ModelCard(exported_card(generated, "## Export\n\nExported.", "text-classification"))
+    assert card.data.tags is None and card.data.library_name == "transformers"
+    assert card.text.strip() == "## Export\n\nExported."  # generated text only: nothing of the owner's to keep
+    owned = ModelCard(generated)
+    owned.data.license = "mit"
+    owned.text = "Mine."
+    card = ModelCard(exported_card(str(owned), "## Export\n\nExported.", "text-classification"))
+    assert card.data.license == "mit" and card.text.rstrip().endswith("Mine.")

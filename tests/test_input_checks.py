@@ -7,11 +7,13 @@ Tolerances: outputs computed on two different paths are compared within 1e-5 (fp
 
 import json
 import logging
+import re
 import time
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import BertConfig, BertModel
 
 from conftest import TINY_MAX_POSITIONS, make_tiny_config
 from modeling_selfattn import (
@@ -19,6 +21,7 @@ from modeling_selfattn import (
     SelfAttnForCausalLM,
     SelfAttnForConditionalGeneration,
     SelfAttnForMaskedLM,
+    SelfAttnForMultipleChoice,
     SelfAttnForPreTraining,
     SelfAttnForQuestionAnswering,
     SelfAttnForReplacedTokenDetection,
@@ -94,10 +97,124 @@ def test_keywords_transformers_passes_on_are_accepted():
     model = SelfAttnForSequenceClassification._from_config(config, attn_implementation="eager").eval()
     ids = random_ids(2, 5)
     output = model(
-        ids, labels=torch.tensor([0, 1]), num_items_in_batch=torch.tensor(2), output_attentions=True,
-        output_hidden_states=True, return_dict=True,
+        ids, labels=torch.tensor([0, 1]), output_attentions=True, output_hidden_states=True, return_dict=True
     )
     assert output.loss is not None and len(output.attentions) == 2 and len(output.hidden_states) == 3
+
+
+# The heads whose loss is a mean over their batch (accepts_loss_kwargs=False), with labels.
+LOSS_IS_A_BATCH_MEAN = {
+    SelfAttnForSequenceClassification: lambda ids: dict(input_ids=ids, labels=torch.tensor([0, 1])),
+    SelfAttnForMultipleChoice: lambda ids: dict(input_ids=ids.unsqueeze(0), labels=torch.tensor([1])),
+    SelfAttnForPreTraining: lambda ids: dict(input_ids=ids, labels=ids, next_sentence_label=torch.tensor([0, 1])),
+    SelfAttnForReplacedTokenDetection: lambda ids: dict(input_ids=ids, labels=torch.zeros_like(ids)),
+    # Its loss had divided by a count passed by hand, though Trainer passes it none.
+    SelfAttnForQuestionAnswering: lambda ids: dict(
+        input_ids=ids, start_positions=torch.tensor([0, 1]), end_positions=torch.tensor([2, 3])
+    ),
+}
+
+
+@pytest.mark.parametrize("model_class", LOSS_IS_A_BATCH_MEAN, ids=lambda model_class: model_class.__name__)
+def test_num_items_in_batch_is_refused_where_the_loss_is_a_batch_mean(model_class):
+    # Trainer passes the count only where accepts_loss_kwargs is True; given by hand, it changed nothing.
+    assert model_class.accepts_loss_kwargs is False
+    model = tiny(model_class, "encoder")
+    inputs = LOSS_IS_A_BATCH_MEAN[model_class](random_ids(2, 4))
+    assert model(**inputs).loss is not None
+    with pytest.raises(
+        ValueError, match=rf"^num_items_in_batch has no effect on {model_class.__name__}, whose loss is a mean over"
+    ):
+        model(**inputs, num_items_in_batch=torch.tensor(100))
+
+
+# The heads whose output is read from the first position, with how to call them on (batch, length) ids and mask, and
+# the output named in the refusal.
+FIRST_TOKEN_OUTPUTS = {
+    SelfAttnForSequenceClassification: (lambda ids, mask: dict(input_ids=ids, attention_mask=mask), "logits"),
+    SelfAttnForMultipleChoice: (
+        lambda ids, mask: dict(input_ids=ids.unsqueeze(0), attention_mask=mask.unsqueeze(0)),
+        "logits",
+    ),
+    SelfAttnForPreTraining: (
+        lambda ids, mask: dict(input_ids=ids, attention_mask=mask),
+        "next-sentence logits (seq_relationship_logits)",
+    ),
+}
+
+
+@pytest.mark.parametrize("model_class", FIRST_TOKEN_OUTPUTS, ids=lambda model_class: model_class.__name__)
+def test_left_padding_is_refused_where_the_output_is_the_first_token(model_class):
+    """Under left padding the first position is padding, which holds the pad token's embedding (the padding rule):
+    every left-padded row got the same logits whatever its text (1.43 off BertForSequenceClassification's on the same
+    weights). Right padding and rows of padding alone pass; a row that starts with padding and has tokens further on
+    is refused, named."""
+    model = tiny(model_class, "encoder")
+    call, output = FIRST_TOKEN_OUTPUTS[model_class]
+    ids = random_ids(3, 6)
+    right = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]])
+    assert model(**call(ids, right))[0] is not None
+    left = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1]])
+    rows = "(example, choice) pairs [(0, 1), (0, 2)]" if model_class is SelfAttnForMultipleChoice else "rows [1, 2]"
+    message = (
+        rf"^attention_mask: {re.escape(rows)} are padded on the left .*{model_class.__name__} reads its "
+        rf"{re.escape(output)} from the first position.*Pad on the right: "
+        r'tokenizer\.padding_side = "right"'
+    )
+    with pytest.raises(ValueError, match=message):
+        model(**call(ids, left))
+
+
+def test_left_padding_stays_allowed_in_the_bare_model():
+    """The bare model takes left padding (its last_hidden_state at real tokens is what a decoder or a mean pooling
+    reads); its pooler_output of a left-padded row reads the padding position, the same for every such row whatever
+    its text, as README's "Padding positions" says."""
+    model = tiny(SelfAttnModel, "encoder", add_pooling_layer=True)
+    ids = random_ids(3, 6)
+    left = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1]])
+    ids = ids.masked_fill(left == 0, model.config.pad_token_id)
+    output = model(ids, attention_mask=left)
+    torch.testing.assert_close(output.pooler_output[1], output.pooler_output[2], rtol=0, atol=ATOL)
+
+
+def test_text_classification_pipeline_pads_on_the_right(tmp_path):
+    """The text-classification pipeline pads a batch with its tokenizer's padding side, the right for BERT-style
+    tokenizers: batched, it gives each text's own scores, as one at a time."""
+    from transformers import BertTokenizer, pipeline
+
+    words = "[PAD] [UNK] [CLS] [SEP] [MASK] the movie was very good bad i liked it".split()
+    tokenizer = BertTokenizer(vocab={word: index for index, word in enumerate(words)})
+    assert tokenizer.padding_side == "right"
+    model = tiny(SelfAttnForSequenceClassification, "encoder", vocab_size=len(words))
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    classify = pipeline("text-classification", model=str(tmp_path), top_k=None)
+    texts = ["the movie was very good", "bad", "i liked it"]
+    batched, alone = classify(texts, batch_size=3), [classify(text)[0] for text in texts]
+    for batched_scores, alone_scores in zip(batched, alone):
+        assert [entry["label"] for entry in batched_scores] == [entry["label"] for entry in alone_scores]
+        for batched_entry, alone_entry in zip(batched_scores, alone_scores):
+            assert batched_entry["score"] == pytest.approx(alone_entry["score"], abs=ATOL)
+    tokenizer.padding_side = "left"
+    left_classify = pipeline("text-classification", model=model, tokenizer=tokenizer, top_k=None)
+    with pytest.raises(ValueError, match="padded on the left"):
+        left_classify(texts, batch_size=3)
+
+
+def test_causal_lm_reads_shift_labels_over_labels_and_refuses_a_malformed_logits_to_keep():
+    # Trainer's context-parallel path passes both, the targets aligned before the sequence was split as
+    # shift_labels; transformers' common test test_causal_lm_loss_honors_shift_labels asks that those win.
+    model = tiny(SelfAttnForCausalLM, "decoder")
+    ids = random_ids(1, 4)
+    shifted = torch.cat([ids[:, 1:], torch.full((1, 1), -100)], dim=1)
+    alone = model(ids, shift_labels=shifted).loss
+    torch.testing.assert_close(model(ids, labels=ids, shift_labels=shifted).loss, alone, rtol=0, atol=0)
+    torch.testing.assert_close(model(ids, labels=ids).loss, alone, rtol=0, atol=ATOL)
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match=rf"^logits_to_keep must be an int >= 0 .* got {bad!r}"):
+            model(ids, logits_to_keep=bad)
+    for good, kept in ((0, 4), (1, 1), (torch.tensor([0, 2]), 2)):
+        assert model(ids, logits_to_keep=good).logits.shape[1] == kept
 
 
 def test_causal_lm_honours_token_type_ids():
@@ -331,6 +448,108 @@ def test_token_type_ids_of_a_model_without_a_token_type_table_are_checked(padded
 def test_attention_mask_of_the_wrong_rank_is_refused(mask_shape):
     with pytest.raises(ValueError, match=r"attention_mask has shape .* \(batch_size, key_length\)"):
         tiny(SelfAttnModel, "encoder")(random_ids(2, 5), attention_mask=torch.ones(mask_shape, dtype=torch.long))
+
+
+def test_integer_inputs_embeds_are_promoted_as_bert_promotes_them():
+    """BertEmbeddings adds its float position and token-type embeddings to inputs_embeds, so integer vectors count as
+    the same vectors in float (torch's type promotion): a meaningful result, which selfattn now gives too. It cast
+    the positions to the inputs' integer dtype instead, truncating them to 0: every position looked alike."""
+    vectors = torch.randint(-2, 3, (2, 4, 32), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    bert = BertModel(
+        BertConfig(vocab_size=99, hidden_size=32, num_attention_heads=4, num_hidden_layers=1, intermediate_size=37)
+    ).eval()
+    for model in (tiny(SelfAttnModel, "encoder"), bert):
+        from_floats = model(inputs_embeds=vectors.float()).last_hidden_state
+        torch.testing.assert_close(model(inputs_embeds=vectors).last_hidden_state, from_floats, rtol=0, atol=0)
+
+
+MASK_4D_MESSAGE = (
+    r"attention_mask is 4-D with shape \(2, 1, 3, 3\), which does not fit the attention scores' \(batch_size, heads, "
+    r"query_length, key_length\) = \(2, heads, 4, 4\)"
+)
+# shape, inputs replacing the good ones, error, message
+PER_TOKEN_INPUTS = {
+    "position_ids_longer": (
+        "encoder",
+        dict(position_ids=torch.arange(5).expand(2, 5)),
+        ValueError,
+        r"position_ids has shape \(2, 5\) but the inputs have \(batch_size, sequence_length\) = \(2, 4\), or "
+        r"\(1, 4\) or \(4,\) shared by the batch",
+    ),
+    "position_ids_shorter_causal_lm": (
+        "decoder", dict(position_ids=torch.arange(3).expand(2, 3)), ValueError, r"position_ids has shape \(2, 3\)"
+    ),
+    "position_ids_float": (
+        "encoder",
+        dict(position_ids=torch.arange(4.0).expand(2, 4)),
+        ValueError,
+        r"position_ids must hold integer ids \(torch.long or torch.int\), got a torch.float32 tensor",
+    ),
+    "input_ids_float": ("encoder", dict(input_ids=random_ids(2, 4).float()), ValueError, "input_ids must hold integer"),
+    "token_type_ids_float": ("encoder", dict(token_type_ids=torch.zeros(2, 4)), ValueError, "token_type_ids must hold"),
+    "attention_mask_4d_too_short": (
+        "encoder", dict(attention_mask=torch.ones(2, 1, 3, 3, dtype=torch.bool)), ValueError, MASK_4D_MESSAGE
+    ),
+    "decoder_attention_mask_4d_other_batch": (
+        "decoder",
+        dict(attention_mask=torch.ones(3, 1, 4, 4, dtype=torch.bool)),
+        ValueError,
+        r"decoder attention_mask is 4-D with shape \(3, 1, 4, 4\)",
+    ),
+    "attention_mask_list": (
+        "encoder",
+        dict(attention_mask=[[1, 1, 1, 1], [1, 1, 1, 0]]),
+        TypeError,
+        "attention_mask must be a torch.Tensor, got list; tokenize with return_tensors='pt'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(PER_TOKEN_INPUTS))
+def test_per_token_inputs_and_masks_of_a_wrong_shape_or_type_are_named(case):
+    # They failed deep in torch, naming no argument, where token_type_ids of the wrong shape got a clear error.
+    shape, inputs, error, message = PER_TOKEN_INPUTS[case]
+    model = tiny(SelfAttnModel, shape)
+    with pytest.raises(error, match=f"^{message}"):
+        model(**{"input_ids": random_ids(2, 4), **inputs})
+
+
+def test_position_ids_shared_by_the_batch_and_broadcasting_4d_masks_are_accepted():
+    model = tiny(SelfAttnModel, "encoder")
+    ids = random_ids(2, 4)
+    expected = model(ids).last_hidden_state
+    for position_ids in (torch.arange(4), torch.arange(4).unsqueeze(0), torch.arange(4).expand(2, 4)):
+        torch.testing.assert_close(model(ids, position_ids=position_ids).last_hidden_state, expected, rtol=0, atol=0)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    expected = model(ids, attention_mask=mask).last_hidden_state
+    for four_d in (mask.bool()[:, None, None, :], mask.bool()[:, None, None, :].expand(2, 1, 4, 4)):
+        real = mask.bool()  # padding positions hold the embedding output with a 2-D mask alone
+        got = model(ids, attention_mask=four_d).last_hidden_state
+        torch.testing.assert_close(got[real], expected[real], rtol=0, atol=ATOL)
+
+
+def test_encoder_only_model_takes_use_cache_as_bert_does():
+    # BertModel takes use_cache on its encoder-only shape and returns no cache; transformers' common tests pass
+    # use_cache=True to every class whose forward names it. A cache given to the encoder-only shape is refused.
+    model = tiny(SelfAttnModel, "encoder")
+    ids = random_ids(1, 4)
+    output = model(ids, use_cache=True)
+    assert "cache" not in output and "past_key_values" not in output
+    torch.testing.assert_close(output.last_hidden_state, model(ids).last_hidden_state, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("given", ["input_ids", "inputs_embeds"])
+def test_encoder_outputs_with_encoder_inputs_are_refused_naming_both(given):
+    # The encoder outputs replace the encoder's run: the inputs went unread (as in BART), without a word.
+    model = tiny(SelfAttnForConditionalGeneration, "encoder_decoder")
+    source, target = random_ids(1, 4), random_ids(1, 3, seed=1)
+    encoder_outputs = model.get_encoder()(source)
+    inputs = {"input_ids": source, "inputs_embeds": model.get_input_embeddings()(source)}
+    with pytest.raises(ValueError, match=rf"^encoder_outputs and {given} were both given"):
+        model(**{given: inputs[given]}, encoder_outputs=encoder_outputs, decoder_input_ids=target)
+    reused = model(encoder_outputs=encoder_outputs, decoder_input_ids=target).logits
+    torch.testing.assert_close(reused, model(source, decoder_input_ids=target).logits, rtol=0, atol=ATOL)
 
 
 def test_wrong_width_encoder_outputs_are_refused():

@@ -450,6 +450,13 @@ def test_an_unknown_kernel_is_refused():
         set_linear_kernel(build(SelfAttnModel), "mkl")
 
 
+def test_a_model_without_selfattn_linear_layers_is_refused():
+    # nn.Linear is not selfattn's: the call would change nothing.
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    with pytest.raises(ValueError, match=r"^Sequential has no selfattn Linear layer .* kernel='aten' would change nothing"):
+        set_linear_kernel(model, "aten")
+
+
 @needs_onednn
 def test_onednn_packed_weights_are_freed_with_the_model():
     gc.collect()

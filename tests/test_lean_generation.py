@@ -7,6 +7,7 @@ CPU's kernels may round a differently laid out input otherwise). Cache operation
 exactly."""
 
 import contextlib
+import copy
 import math
 import re
 
@@ -269,6 +270,60 @@ def test_growing_layer_holds_what_dynamic_layer_holds():
     growing.reset(), dynamic.reset()
     assert growing.buffers is None and not growing.is_initialized
     both("update", *layer_states(generator, 3))
+
+
+@contextlib.contextmanager
+def uninitialised_memory_filled():
+    """torch fills the memory new_empty hands out (NaN for floats) in its deterministic mode: what an allocation leaves
+    uninitialised then shows, on every run."""
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    was_filling = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+        torch.utils.deterministic.fill_uninitialized_memory = was_filling
+
+
+def test_growing_layer_room_beyond_the_cached_positions_holds_zeros():
+    """The buffers are the layer's state, which transformers' exporters record as outputs of a generation step: room no
+    position has reached reads the same on every run."""
+    generator = torch.Generator().manual_seed(0)
+    layer = GrowingLayer(max_length=12)
+    with uninitialised_memory_filled():
+        layer.update(*layer_states(generator, 5))  # room for 10
+        layer.update(*layer_states(generator, 1))
+        layer.reorder_cache(torch.tensor([2, 0, 1]))
+        layer.update(*layer_states(generator, 5))  # 11 positions: grown to 12
+    for buffer in layer.buffers:
+        assert buffer.shape[-2] == 12 and torch.equal(buffer[..., 11:, :], torch.zeros_like(buffer[..., 11:, :]))
+
+
+@pytest.mark.parametrize("shape", ["encoder_decoder", "decoder"])
+def test_exported_generation_steps_give_eager_outputs(shape):
+    """transformers' export of the generation steps (decompose_for_generation captures the prefill's and a decoding
+    step's inputs from a real generate(), as ExportTesterMixin.test_torch_export_generate_* and
+    HfExporter.export_for_generation do) captures generate()'s own cache, GrowingLayers included: the exported
+    prefill then returned their buffers, whose room beyond the cached positions was uninitialised memory (up to 1e32
+    off eager), where GPT-2's DynamicLayers match. Every output of both steps now equals eager's."""
+    from transformers.exporters.exporter_dynamo import DynamoConfig, DynamoExporter
+    from transformers.exporters.utils import decompose_for_generation, get_leaf_tensors
+
+    model = build_model(shape)
+    ids = torch.randint(3, 99, (2, 7), generator=torch.Generator().manual_seed(5))
+    with uninitialised_memory_filled(), torch.no_grad():
+        stages = decompose_for_generation(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        assert list(stages) == ["prefill", "decode"]
+        for name, (step, inputs) in stages.items():
+            program = DynamoExporter().export(step, inputs, config=DynamoConfig(dynamic=False)).program
+            # each run on its own copy: a step writes into the cache it is given
+            eager = get_leaf_tensors(step(**copy.deepcopy(inputs)))
+            exported = get_leaf_tensors(program.module()(**copy.deepcopy(inputs)))
+            assert eager.keys() == exported.keys(), name
+            for leaf in eager:
+                torch.testing.assert_close(exported[leaf], eager[leaf], rtol=0, atol=TOLERANCE, msg=f"{name}: {leaf}")
 
 
 def test_caller_cache_is_left_as_it_is():

@@ -85,3 +85,32 @@ def test_output_folder_is_complete(converted_folder):
     assert "## Conversion" in card and "| last_hidden_state |" in card and "| mean_pooled |" in card
     tokenizer = AutoTokenizer.from_pretrained(converted_folder)
     assert tokenizer("Hi!")["input_ids"][0] == tokenizer.cls_token_id
+
+
+def test_card_keeps_the_source_card(converted_folder, source_folder):
+    """The source's metadata (license, language, datasets, tags) and text stay; so do its library_name and
+    pipeline_tag, as the sentence-transformers modules are carried along."""
+    from huggingface_hub import ModelCard
+
+    source, converted = (ModelCard((folder / "README.md").read_text()) for folder in (source_folder, converted_folder))
+    metadata, expected = converted.data.to_dict(), source.data.to_dict()
+    for name in ("license", "language", "datasets", "library_name", "pipeline_tag"):
+        assert metadata[name] == expected[name], name
+    assert set(expected["tags"]) < set(metadata["tags"]) and "selfattn" in metadata["tags"]
+    assert "base_model" not in metadata  # a local folder names nothing on the Hub, and its card names no base
+    assert "## Source model card" in converted.text and source.text.strip() in converted.text
+    assert (converted_folder / "modules.json").is_file()
+
+
+def test_export_writes_a_card(converted_folder, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from modeling_selfattn import convert_cli
+
+    assert convert_cli.main(["export", str(converted_folder), str(tmp_path / "bert")]) == 0
+    card = ModelCard((tmp_path / "bert" / "README.md").read_text())
+    metadata = card.data.to_dict()
+    assert metadata["license"] == "apache-2.0" and len(metadata["datasets"]) == 21
+    assert metadata["library_name"] == "sentence-transformers" and (tmp_path / "bert" / "modules.json").is_file()
+    assert not {"selfattn", "custom_code"} & set(metadata["tags"])
+    assert "## Export" in card.text and "`BertModel`" in card.text and "all-MiniLM-L6-v2" in card.text

@@ -9,6 +9,7 @@ GEMM does not promise identical rounding for separately allocated copies of the 
 """
 
 import math
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -857,6 +858,28 @@ def test_resize_token_embeddings_keeps_output_shapes(build_head, head_name, chan
         model(**batch)
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("pad_token_id", 60), ("bos_token_id", 60), ("eos_token_id", [2, 60]), ("decoder_start_token_id", 60)],
+)
+def test_resizing_below_a_special_token_id_is_refused_before_any_change(tiny_config_factory, field, value, tmp_path):
+    """A config naming an id outside the table does not load again (SelfAttnConfig refuses such a pad_token_id;
+    transformers warns of the others), and generation would look up tokens that no longer exist."""
+    model = SelfAttnForCausalLM(tiny_config_factory("decoder", **{field: value}))
+    table = model.get_input_embeddings().weight.detach().clone()
+    with pytest.raises(
+        ValueError,
+        match=rf"resize_token_embeddings\(new_num_tokens=50\) keeps token ids 0\.\.49, but the config names ids "
+        rf"beyond them: \{{'{field}': {re.escape(str(value))}\}}\. Pass new_num_tokens >= 61",
+    ):
+        model.resize_token_embeddings(50)
+    assert model.config.vocab_size == table.shape[0] and torch.equal(model.get_input_embeddings().weight, table)
+    # pad_to_multiple_of rounds the size up past the id, as transformers does: accepted, and the model reloads.
+    model.resize_token_embeddings(50, pad_to_multiple_of=64)
+    reloaded, _ = save_and_reload(model, tmp_path)
+    assert_vocabulary_size(reloaded, 64)
+
+
 # --- inputs_embeds -------------------------------------------------------------------------------------------
 
 
@@ -1101,3 +1124,126 @@ def test_first_token_only_is_refused_where_it_cannot_apply(build_head):
     seq2seq, config = build_head("model_encoder_decoder")
     with pytest.raises(ValueError, match="first_token_only applies to encoder-only"):
         seq2seq(**make_inputs("model_encoder_decoder", config), first_token_only=True)
+
+
+# --- transformers' accessors ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("head_name", list(HEADS))
+def test_get_encoder_keeps_transformers_contract_for_modalities(build_head, head_name):
+    """PreTrainedModel.get_encoder(modality): the text encoder without a modality (None where the shape has none);
+    the model itself for "image", "video" and "audio", which a text model has no encoder for; a ValueError for any
+    other, as BartModel does. transformers' exporters ask for the image and audio encoders to tell a multimodal model
+    (is_multimodal), which they export in pieces (decompose_multimodal): asked for them, get_encoder had returned the
+    text encoder, and the encoder-decoder's plain and generation exports failed."""
+    from transformers.exporters.utils import decompose_for_generation, is_multimodal
+
+    model, _ = build_head(head_name)
+    assert model.get_encoder() is model.base_model.encoder
+    assert model.get_decoder() is model.base_model.decoder
+    for modality in ("image", "video", "audio"):
+        assert model.get_encoder(modality=modality) is model
+    with pytest.raises(ValueError, match="smell"):
+        model.get_encoder(modality="smell")
+    assert not is_multimodal(model)
+    if head_name == "conditional_generation":
+        ids = torch.tensor([[5, 6, 7, 2], [8, 9, 10, 2]])
+        stages = decompose_for_generation(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        assert list(stages) == ["prefill", "decode"]
+
+
+# --- a query with no key to attend to --------------------------------------------------------------------------
+
+
+def all_padding_source_batch(config) -> dict:
+    """Two sources, the second all padding, and teacher-forced decoder inputs of 4 tokens for both."""
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(FIRST_ORDINARY_ID, config.vocab_size, (2, 6), generator=generator)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [0, 0, 0, 0, 0, 0]])
+    decoder_ids = torch.randint(FIRST_ORDINARY_ID, config.vocab_size, (2, 4), generator=generator)
+    decoder_ids[:, 0] = config.decoder_start_token_id
+    return {
+        "input_ids": ids.masked_fill(mask == 0, config.pad_token_id),
+        "attention_mask": mask,
+        "decoder_input_ids": decoder_ids,
+    }
+
+
+def test_all_padding_source_row_is_one_result_on_every_path(build_head, monkeypatch):
+    """Cross-attention over a source that is all padding lets the decoder's queries attend to no key. SDPA (the
+    default, and MarianMTModel's) and flex attention give those queries a zero attention output; eager attention
+    spread them evenly over the padding positions (which hold the embeddings), 2.5 off in the logits with other
+    greedy tokens, and so did the ONNX graphs traced from it. Every path now gives SDPA's: the logits at every
+    decoder position, the greedy tokens, the padded and the unpadded encoder, compiled and exported."""
+    from modeling_selfattn import packing
+
+    model, config = build_head("conditional_generation", initializer_range=0.2)
+    batch = all_padding_source_batch(config)
+    source = {name: batch[name] for name in ("input_ids", "attention_mask")}
+    implementations = ["sdpa", "eager"] + [
+        name for name in ("flex_attention",) if attention_implementation_available(name)
+    ]
+    logits, tokens = {}, {}
+    with torch.no_grad():
+        for implementation in implementations:
+            model.set_attn_implementation(implementation)
+            logits[implementation] = model(**batch, use_cache=False).logits
+            tokens[implementation] = model.generate(**source, max_new_tokens=6, do_sample=False, num_beams=1)
+        model.set_attn_implementation("eager")
+        exported = torch.export.export(model, (), dict(batch, use_cache=False), strict=False)
+        logits["eager, torch.export"] = exported.module()(**batch, use_cache=False).logits
+        # the source batch is half padding: the encoder runs unpadded above; here on its padded path
+        monkeypatch.setattr(packing, "MIN_PADDING_SHARE_TO_UNPAD", 2.0)
+        for implementation in ("sdpa", "eager"):
+            model.set_attn_implementation(implementation)
+            logits[f"{implementation}, padded encoder"] = model(**batch, use_cache=False).logits
+    for name, value in logits.items():
+        torch.testing.assert_close(value, logits["sdpa"], rtol=0, atol=FP32_TOLERANCE, msg=name)
+    for name, value in tokens.items():
+        assert torch.equal(value, tokens["sdpa"]), name
+
+
+def test_all_padding_source_row_in_the_onnx_graphs(build_head, tmp_path):
+    """The ONNX graphs are traced from eager attention: they give SDPA's result for the all-padding source too."""
+    pytest.importorskip("onnxruntime")
+    from modeling_selfattn import onnx_export
+    from modeling_selfattn.onnx_export import session
+
+    model, config = build_head("conditional_generation", initializer_range=0.2)
+    batch = all_padding_source_batch(config)
+    with torch.no_grad():
+        expected = model(**batch, use_cache=False).logits  # SDPA, as the model is loaded
+    onnx_export.export_onnx(model, tmp_path)
+    encoded = session(tmp_path / "encoder_model.onnx").run(
+        None, {"input_ids": batch["input_ids"].numpy(), "attention_mask": batch["attention_mask"].numpy()}
+    )[0]
+    decoder_inputs = {
+        "input_ids": batch["decoder_input_ids"].numpy(),
+        "encoder_attention_mask": batch["attention_mask"].numpy(),
+        "encoder_hidden_states": encoded,
+    }
+    logits = torch.from_numpy(session(tmp_path / "decoder_model.onnx").run(None, decoder_inputs)[0])
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-4)  # ONNX Runtime's kernels: export's tolerance
+
+
+def test_left_padded_decoder_positions_are_the_same_with_eager_and_sdpa(build_head):
+    """A left-padded position of a decoder-only batch attends to no key (its own is padding, the later ones are in
+    the future): eager attention gives it SDPA's zero attention output too, and so does SDPA given the same mask
+    prepared by hand in the additive form (0 or the dtype's minimum), so the logits agree at every position."""
+    model, config = build_head("causal_lm")
+    ids = torch.randint(FIRST_ORDINARY_ID, config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(4))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+    ids = ids.masked_fill(mask == 0, config.pad_token_id)
+    visible = torch.ones(6, 6, dtype=torch.bool).tril()[None, None] & mask.bool()[:, None, None, :]
+    additive = torch.where(visible, 0.0, torch.finfo(torch.float32).min)
+    positions = torch.arange(6).expand(2, -1)
+    logits = {}
+    with torch.no_grad():
+        for implementation in ("sdpa", "eager"):
+            model.set_attn_implementation(implementation)
+            logits[implementation] = model(ids, attention_mask=mask).logits
+            logits[f"{implementation}, additive 4-D mask"] = model(
+                ids, attention_mask=additive, position_ids=positions
+            ).logits
+    for name, value in logits.items():
+        torch.testing.assert_close(value, logits["sdpa"], rtol=0, atol=FP32_TOLERANCE, msg=name)

@@ -786,8 +786,9 @@ def test_per_token_activations_names_the_row_scaled_layers():
     [
         ("*fc2", TypeError, "per_token_activations='\\*fc2'.*pass a list of module-name patterns"),
         (["*fc3"], ValueError, r"per_token_activations=\.\.\.\): the pattern '\*fc3' matches no linear layer"),
-        # A layer kept in float32 has no activations to scale.
-        (["lm_head"], ValueError, r"the pattern 'lm_head' matches no linear layer of .* to quantize"),
+        # A layer kept in float32 has no activations to scale: the conflict with keep_float32 is named.
+        (["lm_head"], ValueError, r"the pattern 'lm_head' matches only linear layers left in float32 \(lm_head\) by "
+                                  r"keep_float32 .* Drop 'lm_head' from per_token_activations, or from keep_float32"),
     ],
 )
 def test_bad_per_token_activations_is_refused(patterns, error, message):

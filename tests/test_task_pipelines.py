@@ -136,7 +136,7 @@ LONG_QUESTION = "where is paris " * 5
                                             r"than the 8 tokens that windows overlap by \(doc_stride=8\)\. Give a "
                                             r"doc_stride below 6, or a shorter question, or a larger max_seq_len\.$"),
      ({"max_seq_len": 24}, r"no more than the 12 tokens that windows overlap by \(the default doc_stride, "
-                           r"min\(max_seq_len // 2, 128\)\)"),
+                           r"min\(window // 2, 128\)\)"),
      ({"max_seq_len": 24, "doc_stride": 100}, r"no more than the 100 tokens that windows overlap by \(doc_stride=100\)")],
     ids=["question_longer_than_the_window", "no_room_beyond_the_stride", "no_room_beyond_the_default_stride",
          "no_room_beyond_a_stride_over_the_window"],
@@ -192,6 +192,50 @@ def test_question_answering_takes_a_doc_stride_of_zero(qa_model, tokenizer):
     context = " ".join(["the old bridge of paris lies on the river seine"] * 6)
     answer = reader(question=LONG_QUESTION, context=context, max_seq_len=24, doc_stride=0, max_answer_len=4)
     assert context[answer["start"]:answer["end"]] == answer["answer"]
+
+
+def test_question_answering_default_doc_stride_follows_a_short_model_max_length(qa_model, tokenizer):
+    # A window of 24 (model_max_length, below the default max_seq_len of 384) overlaps by 12 by default, not by the
+    # 128 that max_seq_len=384 alone would give, which leaves no room for context in the window.
+    short = BertTokenizerFast(vocab=tokenizer.get_vocab(), model_max_length=24)
+    reader = pipeline("extractive-question-answering", model=qa_model, tokenizer=short)
+    context = " ".join(["the old bridge of paris lies on the river seine"] * 6)
+    windows = list(reader.preprocess({"question": "where is paris", "context": context}))
+    expected = short("where is paris", context, truncation="only_second", max_length=24, stride=12,
+                     return_overflowing_tokens=True)["input_ids"]
+    assert [window["input_ids"][0].tolist() for window in windows] == expected
+    answer = reader(question="where is paris", context=context)
+    assert context[answer["start"]:answer["end"]] == answer["answer"]
+
+
+def test_question_answering_top_k_beyond_the_valid_spans_gives_only_valid_spans(qa_model, tokenizer):
+    reader = pipeline("extractive-question-answering", model=qa_model, tokenizer=tokenizer)
+    context = "paris lies on the river seine"
+    answers = reader(question="where is paris", context=context, top_k=100)
+    # 6 context tokens give 6 * 7 / 2 spans (start <= end), all shorter than the default max_answer_len.
+    assert len(answers) == 21 == len(set(spans(answers)))
+    for answer in answers:
+        assert 0 <= answer["start"] < answer["end"] and context[answer["start"]:answer["end"]] == answer["answer"]
+
+
+def test_question_answering_refuses_a_context_without_tokens(qa_model, tokenizer):
+    # Not blank, but every character is one the tokenizer drops: no span to answer with (it answered from the question).
+    reader = pipeline("extractive-question-answering", model=qa_model, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match=r"^question-answering: the context '\\u200b' holds no token"):
+        reader(question="where is paris", context="\u200b")
+
+
+def test_question_answering_takes_lists_of_questions_and_contexts(qa_model, tokenizer):
+    reader = pipeline("extractive-question-answering", model=qa_model, tokenizer=tokenizer)
+    questions, contexts = ["where is paris", "where is the bridge"], ["paris lies on the seine", "a big old bridge"]
+    one_at_a_time = [reader(question=q, context=c, top_k=2) for q, c in zip(questions, contexts)]
+    assert reader(question=questions, context=contexts, top_k=2) == one_at_a_time
+    assert reader([{"question": q, "context": c} for q, c in zip(questions, contexts)], top_k=2) == one_at_a_time
+    # A single string goes with every item of the other list.
+    assert reader(question=questions, context=contexts[0]) == [reader(question=q, context=contexts[0]) for q in questions]
+    assert reader(question=questions[0], context=contexts) == [reader(question=questions[0], context=c) for c in contexts]
+    with pytest.raises(ValueError, match=r"^question-answering got 2 questions and 1 contexts: give one context per"):
+        reader(question=questions, context=contexts[:1])
 
 
 @pytest.mark.parametrize(

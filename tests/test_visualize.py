@@ -81,6 +81,31 @@ def test_alignment_recovers_a_hand_built_cross_attention():
     assert torch.equal(viz.alignment(cross, layer=1).argmax(-1), permutation)
 
 
+def test_alignment_takes_a_layer_as_python_indexing_does_and_refuses_one_out_of_range():
+    torch.manual_seed(0)
+    cross = torch.rand(2, 4, 3, 5).softmax(-1)
+    torch.testing.assert_close(viz.alignment(cross, layer=-1), viz.alignment(cross, layer=1))
+    torch.testing.assert_close(viz.alignment(cross, layer=-2), cross[0].mean(0))
+    for layer in (2, -3):
+        with pytest.raises(ValueError, match=rf"^layer={layer} is out of range: this model has layers 0\.\.1"):
+            viz.alignment(cross, layer=layer)
+
+
+@pytest.mark.parametrize("residual_weight", [-0.1, 1.5, 2.0, float("nan"), True])
+def test_rollout_refuses_a_residual_weight_outside_0_to_1(residual_weight):
+    attentions = torch.rand(2, 4, 5, 5).softmax(-1)
+    with pytest.raises(ValueError, match=r"residual_weight must be a number from 0 to 1"):
+        viz.attention_rollout(attentions, residual_weight)
+
+
+@pytest.mark.parametrize("residual_weight", [0, 1.0])
+def test_rollout_takes_the_ends_of_the_residual_weight_range(residual_weight):
+    attentions = torch.rand(2, 4, 5, 5).softmax(-1)
+    rollout = viz.attention_rollout(attentions, residual_weight)
+    assert (rollout >= 0).all()
+    torch.testing.assert_close(rollout.sum(-1), torch.ones(5))
+
+
 def test_head_statistics_of_uniform_attention():
     length = 6
     record = viz.AttentionRecord(

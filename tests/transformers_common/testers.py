@@ -14,6 +14,12 @@ import torch
 from conftest import BOS_TOKEN_ID, DECODER_START_TOKEN_ID, EOS_TOKEN_ID, PAD_TOKEN_ID, make_tiny_config
 
 
+# The tiny config's position table (tests/conftest.py) covers 16 tokens; transformers' GenerationTesterMixin feeds
+# longer sequences: test_generate_with_static_cache makes seq_length + 20 tokens, test_left_padding_compatibility
+# puts 32 padding tokens before the seq_length real ones. A table of 64 rows fits both.
+MAX_POSITIONS = 64
+
+
 class SelfAttnModelTester:
     shape = "encoder"
 
@@ -47,7 +53,7 @@ class SelfAttnModelTester:
             self.encoder_seq_length = self.decoder_seq_length = seq_length
 
     def get_config(self):
-        return make_tiny_config(self.shape, num_labels=self.num_labels)
+        return make_tiny_config(self.shape, num_labels=self.num_labels, max_position_embeddings=MAX_POSITIONS)
 
     def token_ids(self, length: int) -> torch.Tensor:
         # ids >= 3 so that pad / bos / eos appear only where the tester puts them
@@ -113,7 +119,8 @@ class SelfAttnCommonTestSettings:
 class SelfAttnTrainingSettings:
     """Settings for transformers' TrainingTesterMixin.test_training_overfit (first in the bases, before it)."""
 
-    # The tiny config's position table covers 16 tokens; the mixin's default batch is 64 tokens long.
+    # The mixin's default batch is 64 tokens long; 16 keep the test short and the model still overfits past the
+    # mixin's thresholds (below).
     training_overfit_seq_length = 16
     # The mixin's 300 steps at lr 1e-3 take ~30-40 s per model on 2 shared cores; 100 steps at 3e-3 reach the same
     # thresholds (loss and gradient norm down by > 90%; measured ~99% and ~97%) in a third of the time.
