@@ -1241,23 +1241,16 @@ class ConversionReport:
         lines += [f"  dropped {name}: {why}" for name, why in self.dropped.items()]
         lines += [f"  computed {name}: {why}" for name, why in self.computed.items()]
         lines += [f"  {problem}" for problem in self.problems()]
-        if self.config_not_carried:
-            lines.append(
-                "  config fields not carried over (no selfattn code uses them; export writes the family's defaults "
-                f"for them): {self.config_not_carried}"
-            )
-        if self.config_added:
-            lines.append(f"  config fields added (the source's model_type implied them): {self.config_added}")
-        if self.decoding_from_config:
-            lines.append(
-                "  decoding settings read from config.json (there is no generation_config.json) and kept in the "
-                f"generation config: {self.decoding_from_config}"
-            )
-        if self.config_defaulted:
-            lines.append(
-                "  config fields written with the family's defaults (the selfattn config does not record them; the "
-                f"conversion reported them as not carried over): {self.config_defaulted}"
-            )
+        notes = {
+            "config fields not carried over (no selfattn code uses them; export writes the family's defaults for "
+            "them)": self.config_not_carried,
+            "config fields added (the source's model_type implied them)": self.config_added,
+            "decoding settings read from config.json (there is no generation_config.json) and kept in the generation "
+            "config": self.decoding_from_config,
+            "config fields written with the family's defaults (the selfattn config does not record them; the "
+            "conversion reported them as not carried over)": self.config_defaulted,
+        }
+        lines += [f"  {note}: {fields}" for note, fields in notes.items() if fields]
         if self.dtype:
             lines.append(f"  dtype: {self.dtype}")
         return "\n".join(lines)

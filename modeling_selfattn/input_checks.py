@@ -131,17 +131,6 @@ def refuse_left_padding(attention_mask: torch.Tensor | None, model: torch.nn.Mod
     )
 
 
-def refuse_item_count(model: torch.nn.Module, kwargs: dict) -> None:
-    """Trainer's num_items_in_batch (the scored items over all processes and accumulated steps) divides a loss that
-    sums over items. A head whose loss is a mean over its batch, which it does not count (accepts_loss_kwargs=False:
-    Trainer passes it none), would ignore it."""
-    if kwargs.get("num_items_in_batch") is not None:
-        raise ValueError(
-            f"num_items_in_batch has no effect on {type(model).__name__}, whose loss is a mean over the batch; leave "
-            "it out (Trainer passes it only to models with accepts_loss_kwargs=True), or divide the loss yourself."
-        )
-
-
 # What forward() takes through **kwargs besides its named parameters: the keywords transformers itself passes on
 # (output flags, return_dict, Trainer's item count, flash attention's offsets of packed sequences). Anything else is
 # refused: a misspelt or misplaced argument would otherwise be dropped without a word.
@@ -166,6 +155,15 @@ def refuse_unknown_kwargs(forward: Callable) -> Callable:
         # A loop, not set arithmetic on kwargs.keys(): torch 2.11's compiler cannot trace the latter (generate()
         # compiles the forward on GPUs with a static cache).
         unknown = [name for name in kwargs if name not in named and name not in FORWARDED_KWARGS]
+        # Trainer's num_items_in_batch (the scored items over all processes and accumulated steps) divides a loss
+        # that sums over items; a head whose loss is a mean over its batch (accepts_loss_kwargs=False: Trainer passes
+        # it none) would ignore it.
+        if kwargs.get("num_items_in_batch") is not None and not getattr(self, "accepts_loss_kwargs", True):
+            raise ValueError(
+                f"num_items_in_batch has no effect on {type(self).__name__}, whose loss is a mean over the batch; "
+                "leave it out (Trainer passes it only to models with accepts_loss_kwargs=True), or divide the loss "
+                "yourself."
+            )
         if unknown:
             raise TypeError(
                 f"{type(self).__name__}.forward() got unexpected keyword argument(s) {sorted(unknown)}. It takes "

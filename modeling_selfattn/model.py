@@ -54,7 +54,6 @@ from .input_checks import (
     check_flash_offsets,
     check_ids,
     check_per_token_shape,
-    refuse_item_count,
     refuse_left_padding,
     refuse_unknown_kwargs,
 )
@@ -922,8 +921,10 @@ class SelfAttnDecoder(SelfAttnStack):
 
         hidden_states = self.embeddings(input_ids, inputs_embeds, token_type_ids, position_ids, past_length)
         batch_size, seq_length = hidden_states.shape[:2]
-        # A prepared 4-D mask covers every key slot of the cache: a static cache's whole length.
-        key_slots = cache.get_mask_sizes(seq_length, counting_layer)[0] if cache is not None else seq_length
+        # A prepared 4-D mask covers every key slot of the cache: a static cache's whole length (asked for only then:
+        # create_causal_mask asks the cache again).
+        four_d = isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4
+        key_slots = cache.get_mask_sizes(seq_length, counting_layer)[0] if four_d and cache is not None else None
         check_attention_mask(
             attention_mask, (batch_size, past_length + seq_length), "decoder attention_mask", seq_length, key_slots
         )
@@ -1214,8 +1215,6 @@ class SelfAttnEncoderHeadModel(SelfAttnPreTrainedModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> ModelOutput:
         r"""labels: what the head scores (its class docstring says which)."""
-        if not self.accepts_loss_kwargs:
-            refuse_item_count(self, kwargs)
         if self.first_position_output is not None:
             refuse_left_padding(attention_mask, self, self.first_position_output)
         outputs = self.model(
@@ -1335,7 +1334,6 @@ class SelfAttnForQuestionAnswering(SelfAttnEncoderHeadModel):
     ) -> QuestionAnsweringModelOutput:
         r"""start_positions / end_positions: token index of the answer span's first and last token."""
         check_both_labels(start_positions=start_positions, end_positions=end_positions)
-        refuse_item_count(self, kwargs)
         outputs = self.model(
             input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, return_dict=True, **kwargs
         )
@@ -1380,7 +1378,6 @@ class SelfAttnForMultipleChoice(SelfAttnEncoderHeadModel):
         **kwargs: Unpack[TransformersKwargs],
     ) -> MultipleChoiceModelOutput:
         r"""Inputs have shape (batch, num_choices, length); labels: index of the right choice per example."""
-        refuse_item_count(self, kwargs)
         refuse_left_padding(attention_mask, self, self.first_position_output)
         reference = input_ids if input_ids is not None else inputs_embeds
         # Without the choice dimension the flattening below would silently merge tokens into "choices".
@@ -1658,7 +1655,6 @@ class SelfAttnForPreTraining(SelfAttnEncoderHeadModel):
         r"""labels: token ids to predict, -100 where no prediction is scored. next_sentence_label: 0 if the second
         segment continues the first, 1 if it is random. The loss needs both."""
         check_both_labels(labels=labels, next_sentence_label=next_sentence_label)
-        refuse_item_count(self, kwargs)
         refuse_left_padding(attention_mask, self, self.first_position_output)
         outputs = self.model(
             input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, return_dict=True, **kwargs
