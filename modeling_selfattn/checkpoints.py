@@ -71,19 +71,25 @@ class Drop:
 
 @dataclass(frozen=True)
 class SourceField:
-    """A selfattn config value copied from this field of the source config."""
+    """A selfattn config value copied from this field of the source config, and back on export (through `back`, from
+    the selfattn config dict, where the field takes another value than the selfattn field holds)."""
 
     name: str
+    back: Callable[[dict], object] | None = None
 
 
 @dataclass(frozen=True)
 class Head:
     """What one source architecture becomes: the selfattn class, the config fields that class needs (values or
-    `SourceField`s), and source config fields the architecture requires to hold a value."""
+    `SourceField`s; a field set here is the head's, whatever the family's renames say), source config fields the
+    architecture requires to hold a value, and `optional_requirements`: fields the family's config does not declare
+    but transformers' model reads where present, which must then hold the value their absence means (kept in
+    `source_config`; export writes the required value where the record has the field, and leaves it out otherwise)."""
 
     target: str
     config: dict = field(default_factory=dict)
     requirements: dict = field(default_factory=dict)
+    optional_requirements: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -329,11 +335,15 @@ XLM_ROBERTA = replace(
 )
 
 
-def distilbert_classifier_dropout_back(config: dict) -> dict:
-    # selfattn's classifier_dropout=None means hidden_dropout_prob; DistilBertConfig takes a number only, and
-    # hidden_dropout_prob (its `dropout`) is the number that keeps the classifier's dropout as it was.
+def classifier_dropout_rate(config: dict) -> float:
+    """The dropout before selfattn's classifiers as a number, for source fields that take a number only:
+    classifier_dropout, or hidden_dropout_prob where it is None (which the model reads as hidden_dropout_prob)."""
     dropout = config["classifier_dropout"]
-    return {"seq_classif_dropout": config["hidden_dropout_prob"] if dropout is None else dropout}
+    return config["hidden_dropout_prob"] if dropout is None else dropout
+
+
+def distilbert_classifier_dropout_back(config: dict) -> dict:
+    return {"seq_classif_dropout": classifier_dropout_rate(config)}
 
 
 DISTILBERT = Family(
@@ -410,14 +420,22 @@ ELECTRA = replace(
     + classifier_head("classifier.dense", "classifier.out_proj")
     + TASK_TENSORS,
     # No pooler in the bare model; the classification head's dense uses gelu where BERT's pooler uses tanh, and
-    # the multiple-choice head's sequence summary (first token, dense, activation) is a pooler too.
+    # the multiple-choice head's sequence summary (first token, dense, activation, dropout summary_last_dropout) is a
+    # pooler too, followed by the classifier's dropout. ELECTRA's summary takes no dropout before its dense where
+    # summary_first_dropout (not an ElectraConfig field, read where present) is absent or 0; selfattn's pooler has
+    # none.
     heads=encoder_heads(
         NOT_POOLED,
         GELU_POOLED,
         Head(
             "SelfAttnForMultipleChoice",
-            {"add_pooling_layer": True, "pooler_activation": SourceField("summary_activation")},
+            {
+                "add_pooling_layer": True,
+                "pooler_activation": SourceField("summary_activation"),
+                "classifier_dropout": SourceField("summary_last_dropout", back=classifier_dropout_rate),
+            },
             {"summary_type": "first", "summary_use_proj": True},
+            {"summary_first_dropout": 0},
         ),
         ForPreTraining=Head("SelfAttnForReplacedTokenDetection"),
     ),
@@ -645,13 +663,31 @@ def check_requirements(source: dict, requirements: dict, what: str) -> None:
         raise ConversionError(f"{what} cannot be converted: " + "; ".join(wrong) + ".")
 
 
+def config_renames(family: Family, head: Head) -> tuple:
+    """The family's (source field, selfattn field) renames that `head` leaves to the family: a selfattn field the
+    head sets (ELECTRA's multiple-choice classifier_dropout, from summary_last_dropout) is the head's, and the
+    family's field of that name is then one selfattn does not use."""
+    return tuple((source, target) for source, target in family.config_renames if target not in head.config)
+
+
+# Source config.json fields that name files of the source folder, which the conversion does not copy: its code
+# (auto_map; OUTPUT runs selfattn's) and its weights file (transformers_weights; OUTPUT writes model.safetensors).
+# Kept in source_config, they would send the exported folder's loader to files it lacks; the report lists them.
+SOURCE_FOLDER_FIELDS = ("auto_map", "transformers_weights")
+
+
 def selfattn_config_kwargs(config_dict: dict, architecture: str) -> tuple[dict, list[str]]:
-    """SelfAttnConfig fields for a source config and the head of `architecture`, and the source fields not
-    carried over (they only matter to code paths selfattn does not have)."""
+    """SelfAttnConfig fields for a source config and the head of `architecture`, and the source fields not carried
+    over. The source fields no selfattn field holds (they only matter to code paths selfattn does not have) go to
+    `source_config`, for export back to the family, except `SOURCE_FOLDER_FIELDS`: those are the ones not carried."""
     family = family_for(config_dict.get("model_type"))
     source = full_source_config(config_dict)
     head = head_for(family, architecture)
-    check_requirements(source, {**family.config_requirements, **head.requirements}, f"This {family.name} config")
+    check_requirements(
+        source,
+        {**family.config_requirements, **head.requirements, **head.optional_requirements},
+        f"This {family.name} config",
+    )
     disagreements = [
         f"{first}={source.get(first)!r} but {second}={source.get(second)!r}"
         for first, second in family.config_same
@@ -664,7 +700,8 @@ def selfattn_config_kwargs(config_dict: dict, architecture: str) -> tuple[dict, 
         )
 
     kwargs = {name: source[name] for name in SHARED_CONFIG_FIELDS if name in source}
-    kwargs.update({target_name: source[source_name] for source_name, target_name in family.config_renames})
+    renames = config_renames(family, head)
+    kwargs.update({target_name: source[source_name] for source_name, target_name in renames})
     fixed = {**family.config_fixed, **family.config_import_only, **head.config}
     kwargs.update(
         {name: source[value.name] if isinstance(value, SourceField) else value for name, value in fixed.items()}
@@ -675,11 +712,14 @@ def selfattn_config_kwargs(config_dict: dict, architecture: str) -> tuple[dict, 
         )
     kwargs["source_model_type"] = family.model_type
     check_lm_head_activation(family, head, kwargs["hidden_act"])
-    used = {name for name, _ in family.config_renames} | set(SHARED_CONFIG_FIELDS) | set(family.config_requirements)
+    used = {name for name, _ in renames} | set(SHARED_CONFIG_FIELDS) | set(family.config_requirements)
     used |= set(head.requirements) | {value.name for value in fixed.values() if isinstance(value, SourceField)}
     used |= {name for pair in family.config_same for name in pair} | set(SELFATTN_SET_CONFIG_FIELDS)
     used |= set(family.config_derived_from)
-    return kwargs, fields_not_carried(source, used)
+    unmapped = unmapped_fields(source, used)
+    # A field of head.optional_requirements lands here where present (holding the value its absence means).
+    kwargs["source_config"] = {name: source[name] for name in unmapped if name not in SOURCE_FOLDER_FIELDS} or None
+    return kwargs, [name for name in unmapped if name in SOURCE_FOLDER_FIELDS]
 
 
 def check_lm_head_activation(family: Family, head: Head, hidden_act: str) -> None:
@@ -692,12 +732,12 @@ def check_lm_head_activation(family: Family, head: Head, hidden_act: str) -> Non
             )
 
 
-def fields_not_carried(source: dict, used: set) -> list[str]:
-    """The fields of config dict `source` outside `used` whose value the other side loses: a field of every config
-    unless it holds the default (which the other config has too), never a decoding setting (those travel in the
-    generation config of a model that generates: `source_generation_config` reads them from config.json, and export
-    copies generation_config.json), and every other field. Used both ways: the selfattn config's losses on
-    conversion, and the fields export writes with the family's defaults."""
+def unmapped_fields(source: dict, used: set) -> list[str]:
+    """The fields of config dict `source` outside `used` whose value the other side would not hold: a field of every
+    config unless it holds the default (which the other config has too), never a decoding setting (those travel in
+    the generation config of a model that generates: `source_generation_config` reads them from config.json, and
+    export copies generation_config.json), and every other field. Used both ways: on conversion, the fields
+    `source_config` keeps for export; on export, the fields written with the family's defaults."""
     from transformers import GenerationConfig, PreTrainedConfig
 
     defaults, decoding = PreTrainedConfig().to_dict(), GenerationConfig().to_dict()
@@ -725,19 +765,27 @@ def selfattn_config_dict(config_dict: dict) -> dict:
     return {**kwargs, "model_type": SelfAttnConfig.model_type}
 
 
+def recorded_source_config(config: SelfAttnConfig, family: Family) -> dict:
+    """The fields `config.source_config` recorded for export to `family`: all of them where the model was converted
+    from that family (`source_model_type`), none for another, whose config they do not describe."""
+    return dict(config.source_config or {}) if config.source_model_type == family.model_type else {}
+
+
 def source_config_dict(config: SelfAttnConfig, family: Family) -> dict:
-    """The source family's config.json fields for a selfattn config (the inverse of `selfattn_config_kwargs`);
+    """The source family's config.json fields for a selfattn config (the inverse of `selfattn_config_kwargs`): the
+    fields the selfattn config holds, and those `recorded_source_config` kept, which never override the former;
     raises if the selfattn config uses something the family cannot express."""
     values = config.to_dict()
     architecture = architecture_for(family, (config.architectures or ["SelfAttnModel"])[0])
     head = head_for(family, architecture)
     check_lm_head_activation(family, head, values["hidden_act"])
+    recorded = recorded_source_config(config, family)
     source = {name: values[name] for name in SHARED_CONFIG_FIELDS if name in values}
-    source.update({source_name: values[target_name] for source_name, target_name in family.config_renames})
+    source.update({source_name: values[target_name] for source_name, target_name in config_renames(family, head)})
     impossible = []
     for name, value in {**family.config_fixed, **head.config}.items():
         if isinstance(value, SourceField):
-            source[value.name] = values[name]
+            source[value.name] = values[name] if value.back is None else value.back(values)
         elif values[name] != value:
             impossible.append(f"{name}={values[name]!r} ({family.name} always has {value!r})")
     if impossible:
@@ -745,6 +793,7 @@ def source_config_dict(config: SelfAttnConfig, family: Family) -> dict:
     if family.config_from_selfattn is not None:
         source.update(family.config_from_selfattn(values))
     source.update({**family.config_requirements, **head.requirements})
+    source.update({name: value for name, value in head.optional_requirements.items() if name in recorded})
     # Both fields of a pair take the one value selfattn has for them (e.g. encoder and decoder heads).
     for first, second in family.config_same:
         if second in source:
@@ -753,7 +802,7 @@ def source_config_dict(config: SelfAttnConfig, family: Family) -> dict:
             source[second] = source[first]
     # position_embedding_type="absolute" is no longer a field of transformers' BERT configs, but stays in the file
     # as in the checkpoints transformers itself publishes: tools such as CTranslate2's converter still read it.
-    return {**source, "model_type": family.model_type, "architectures": [architecture]}
+    return {**recorded, **source, "model_type": family.model_type, "architectures": [architecture]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1191,13 +1240,20 @@ class ConversionReport:
     missing: list = field(default_factory=list)  # target names no source tensor fills
     mismatched: list = field(default_factory=list)  # (source name, target name, source shape, target shape)
     conflicts: list = field(default_factory=list)  # (target name, source names whose tensors differ, why fatal)
+    # Conversion: source config fields kept in the selfattn config's source_config for export, and those not carried
+    # over at all (SOURCE_FOLDER_FIELDS).
+    config_kept_for_export: list = field(default_factory=list)
     config_not_carried: list = field(default_factory=list)
     config_added: dict = field(default_factory=dict)  # selfattn config fields the source's model_type implied
     computed: dict = field(default_factory=dict)  # target name -> what export filled it with (no tensor of its own)
     # The decoding settings the generation config takes from config.json, where the source has no
     # generation_config.json (see `source_generation_config`).
     decoding_from_config: list = field(default_factory=list)
-    # Config fields of the family that the selfattn config does not record, which export writes with their defaults.
+    # Export: the fields written as the conversion recorded them (source_config); those recorded for another family
+    # (source_model_type), so left out; and the family's fields the selfattn config holds no value for, written with
+    # their defaults.
+    config_written_back: list = field(default_factory=list)
+    config_recorded_for_another_family: list = field(default_factory=list)
     config_defaulted: list = field(default_factory=list)
     dtype: str | None = None  # the dtype the tensors are written in, and why (see `weights_dtype`)
 
@@ -1242,13 +1298,18 @@ class ConversionReport:
         lines += [f"  computed {name}: {why}" for name, why in self.computed.items()]
         lines += [f"  {problem}" for problem in self.problems()]
         notes = {
-            "config fields not carried over (no selfattn code uses them; export writes the family's defaults for "
-            "them)": self.config_not_carried,
+            "config fields kept for export in source_config (no selfattn code uses them; export to this family writes "
+            "them back)": self.config_kept_for_export,
+            "config fields not carried over (they name files of the source folder, which the conversion does not "
+            "copy)": self.config_not_carried,
             "config fields added (the source's model_type implied them)": self.config_added,
             "decoding settings read from config.json (there is no generation_config.json) and kept in the generation "
             "config": self.decoding_from_config,
-            "config fields written with the family's defaults (the selfattn config does not record them; the "
-            "conversion reported them as not carried over)": self.config_defaulted,
+            "config fields written back as the conversion recorded them (source_config)": self.config_written_back,
+            "config fields source_config recorded for export to another family (source_model_type), not written":
+                self.config_recorded_for_another_family,
+            "config fields written with the family's defaults (the selfattn config holds no value for them)":
+                self.config_defaulted,
         }
         lines += [f"  {note}: {fields}" for note, fields in notes.items() if fields]
         if self.dtype:
@@ -1447,7 +1508,8 @@ def convert_checkpoint(
 
     state_dict = load_checkpoint(folder, progress)
     report = ConversionReport(
-        str(source), architecture, head.target, config_not_carried=not_carried, config_added=added
+        str(source), architecture, head.target, config_kept_for_export=sorted(kwargs["source_config"] or {}),
+        config_not_carried=not_carried, config_added=added,
     )
     names, report.dropped, unmatched, aliases = rename(family, state_dict, head_prefix_for(head.target))
     report.unused.update({name: f"no {family.name} rule maps it" for name in unmatched})
@@ -1721,10 +1783,11 @@ def warm_start_kwargs(encoder_source, decoder_source=None, **kwargs) -> dict:
         state_dict["model.decoder." + name.removeprefix("model.encoder.")] = tensor
     fields = SelfAttnConfig.__dataclass_fields__
     config_fields = {name: value for name, value in encoder_config.items() if name in fields}
-    # source_model_type None: no family has this encoder-decoder's layout, so export picks one by its shape.
+    # source_model_type None: no family has this encoder-decoder's layout, so export picks one by its shape; the
+    # encoder checkpoint's source_config describes that checkpoint's family, so it goes too.
     config_fields.update(
         decoder_layers=decoder_config["encoder_layers"], tie_word_embeddings=True, add_pooling_layer=False,
-        lm_head_transform=True, source_model_type=None,
+        lm_head_transform=True, source_model_type=None, source_config=None,
     )
     config_fields.update({name: kwargs.pop(name) for name in list(kwargs) if name in fields})
     if config_fields["lm_head_transform"]:
@@ -1888,9 +1951,12 @@ def export_state_dict(source, config: SelfAttnConfig, state_dict: dict, family: 
             unmatched.append(name)
     source_class = config.architectures[0] if config.architectures else "SelfAttnModel"
     report = ConversionReport(str(source), source_class, architecture)
-    # The selfattn config keeps no record of the fields the conversion did not carry over, so they cannot be
-    # restored: the report says which take the family's defaults.
-    report.config_defaulted = fields_not_carried(source_config.to_dict(), set(source_fields))
+    recorded = recorded_source_config(config, family)
+    report.config_written_back = sorted(name for name, value in recorded.items() if source_fields[name] == value)
+    if config.source_model_type != family.model_type:
+        report.config_recorded_for_another_family = sorted(config.source_config or {})
+    # A model trained from scratch, converted by an older release or from another family holds no value for them.
+    report.config_defaulted = unmapped_fields(source_config.to_dict(), set(source_fields))
     report.unused.update({name: f"no {family.name} rule produces it" for name in unmatched})
     converted = match_tensors(report, state_dict, names, expected, progress=progress)
     converted.update(shared_copies(family, config, state_dict, report, is_base))

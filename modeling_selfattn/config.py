@@ -3,6 +3,7 @@ encoder-decoder ("Attention Is All You Need") and the decoder-only shapes of the
 self-attention Transformer."""
 
 import dataclasses
+import json
 
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
@@ -61,6 +62,15 @@ class SelfAttnConfig(PreTrainedConfig):
         source_model_type: the `model_type` of the checkpoint the conversion read (`bert`, `xlm-roberta`, `marian`,
             ...), which `selfattn-convert export` writes back by default: shapes alone do not tell every family
             apart (XLM-R's is RoBERTa's). `None` for a model not converted.
+        source_config: the fields of that checkpoint's config.json that no selfattn field holds (DistilBERT's
+            `qa_dropout`, ELECTRA's `summary_type` for a head without the summary, a field a user added), as
+            {field name: JSON value}, so that exporting back to the `source_model_type` family writes them as they
+            were; export to another family leaves them out, and selfattn's own fields win over any of them. The
+            conversion leaves out transformers' bookkeeping (`transformers_version`, `_name_or_path`, `model_type`,
+            `architectures`, `dtype`, which the tensors decide), decoding settings (kept in the generation config of
+            a generating model) and fields that name files of the source folder (`auto_map`,
+            `transformers_weights`). No selfattn code reads them. `None` for a model not converted, or where the
+            source has no such field.
     """
 
     model_type = "selfattn"
@@ -122,6 +132,7 @@ class SelfAttnConfig(PreTrainedConfig):
     use_cache: bool = True
     pruned_heads: dict[str, list[int]] | None = None
     source_model_type: str | None = None
+    source_config: dict | None = None
 
     def __post_init__(self, **kwargs):
         # A config.json of another family would otherwise build a BERT-base-sized default that only carries the
@@ -392,6 +403,7 @@ class SelfAttnConfig(PreTrainedConfig):
                 "(SelfAttnForConditionalGeneration); a decoder-only model is SelfAttnForCausalLM (encoder_layers=0); "
                 "otherwise leave add_cross_attention out."
             )
+        self.check_source_config()
         keys = self.attention_keys()
         for key, heads in (self.pruned_heads or {}).items():
             if key not in keys:
@@ -404,6 +416,27 @@ class SelfAttnConfig(PreTrainedConfig):
                     f"SelfAttnConfig.pruned_heads[{key!r}] = {heads}: it must list distinct heads in increasing order, "
                     f"each within 0..{self.num_attention_heads - 1}. Leave pruned_heads as model.prune_heads wrote it."
                 )
+
+    def check_source_config(self):
+        """`source_config` must be a record config.json can hold: field names to JSON values. (That it is a dict,
+        @strict checks on creation and on assignment.)"""
+        record = self.source_config
+        if record is None:
+            return
+        not_names = [key for key in record if not isinstance(key, str)]
+        if not_names:
+            raise ValueError(
+                f"SelfAttnConfig.source_config keys are config.json field names (str), got {not_names!r}; config.json "
+                "would write them as other keys than given."
+            )
+        for key, value in record.items():
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError) as error:
+                raise ValueError(
+                    f"SelfAttnConfig.source_config[{key!r}] = {value!r} is not a JSON value ({error}), so config.json "
+                    "cannot hold it; give numbers, strings, booleans, None, or lists and dicts of them."
+                ) from error
 
 
 def attention_key(stack: str, layer: int, cross_attention: bool = False) -> str:

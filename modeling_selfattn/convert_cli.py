@@ -123,7 +123,8 @@ that can. OUTPUT gets config.json, model.safetensors, the tokenizer files, the g
 encoder-decoder, the sentence-transformers files of a sentence-transformers model and a README.md keeping the
 selfattn card's metadata and text, saying what was exported from what; it is then loaded with transformers' own
 class to check that every tensor fits, and with --verify run beside the selfattn model on sample text. Converting
-a BERT checkpoint and exporting it back gives bit-identical tensors.
+a BERT checkpoint and exporting it back gives bit-identical tensors and the source's config.json fields: those no
+selfattn field holds are kept in the selfattn config.json's source_config and written back to that family alone.
 
 """
     + SAFE_OUTPUT.format(

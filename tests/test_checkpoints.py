@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from modeling_selfattn import (
     SelfAttnConfig,
     SelfAttnForMaskedLM,
+    SelfAttnForMultipleChoice,
     SelfAttnForReplacedTokenDetection,
     SelfAttnForSequenceClassification,
     SelfAttnModel,
@@ -234,18 +235,18 @@ def test_generic_config_fields_carry_over(saved_sources, tmp_path):
     assert {name: getattr(exported, name) for name in GENERIC_FIELDS} == GENERIC_FIELDS
 
 
-def test_generic_config_field_left_behind_is_reported(saved_sources, tmp_path, monkeypatch):
-    """A field of every config that the tables would not carry over is listed where the source's value is not the
-    default, which the selfattn config would have instead."""
+def test_generic_config_field_left_behind_is_kept_for_export(saved_sources, tmp_path, monkeypatch):
+    """A field of every config that the tables would not carry over is kept for export where the source's value is
+    not the default (which the exported config has anyway)."""
     config_dict, state_dict = bert_checkpoint(saved_sources)
     save_checkpoint(tmp_path, {**config_dict, "chunk_size_feed_forward": 4, "output_attentions": False}, state_dict)
     left_behind = ("chunk_size_feed_forward", "output_attentions")
     carried = tuple(name for name in checkpoints.SHARED_CONFIG_FIELDS if name not in left_behind)
     monkeypatch.setattr(checkpoints, "SHARED_CONFIG_FIELDS", carried)
-    _, report = convert_checkpoint(tmp_path)
-    assert "chunk_size_feed_forward" in report.config_not_carried
-    assert "output_attentions" not in report.config_not_carried
-    assert "config fields not carried over" in report.summary()
+    model, report = convert_checkpoint(tmp_path)
+    assert model.config.source_config == {"chunk_size_feed_forward": 4}
+    assert report.config_kept_for_export == ["chunk_size_feed_forward"] and not report.config_not_carried
+    assert "config fields kept for export in source_config" in report.summary()
 
 
 def test_tokenizer_class_is_carried_or_taken_from_the_model_type(saved_sources, tmp_path):
@@ -987,7 +988,171 @@ def test_export_names_what_a_copied_tensor_copies(tmp_path):
 
 
 def test_export_says_which_config_fields_take_the_family_defaults(saved_sources, tmp_path):
-    """The selfattn config keeps no record of the DistilBERT fields the conversion did not carry over."""
-    _, _, report = export_checkpoint(converted_folder(saved_sources, "distilbert", "ForMaskedLM", tmp_path))
-    assert report.config_defaulted == ["qa_dropout", "sinusoidal_pos_embds"]
+    """The DistilBERT fields no selfattn field holds are written back as recorded; a model without the record (an
+    older release's conversion) has them written with the family's defaults."""
+    folder = converted_folder(saved_sources, "distilbert", "ForMaskedLM", tmp_path)
+    _, _, report = export_checkpoint(folder)
+    assert report.config_written_back == ["qa_dropout", "sinusoidal_pos_embds"] and not report.config_defaulted
+    assert "written back as the conversion recorded them" in report.summary()
+    assert "defaults" not in report.summary()
+    config_dict = json.loads((folder / "config.json").read_text())
+    del config_dict["source_config"]
+    (folder / "config.json").write_text(json.dumps(config_dict))
+    _, _, report = export_checkpoint(folder)
+    assert report.config_defaulted == ["qa_dropout", "sinusoidal_pos_embds"] and not report.config_written_back
     assert "written with the family's defaults" in report.summary()
+
+
+# --- config.json fields no selfattn field holds: kept in source_config, written back by export -----------------------
+
+# Per family, non-default values of fields that no selfattn field holds, and one a user added to config.json. ELECTRA's
+# summary_* fields only matter to ElectraForMultipleChoice, not to the bare model converted here.
+UNUSED_SOURCE_FIELDS = {
+    "bert": {"finetuning_task": "sst2", "users_field": {"notes": ["kept", 1, None]}},
+    "roberta": {"users_field": 3.5},
+    "xlm-roberta": {"users_field": [1, 2]},
+    "distilbert": {"qa_dropout": 0.25, "sinusoidal_pos_embds": True, "users_field": "kept"},
+    "electra": {
+        "summary_type": "last", "summary_use_proj": False, "summary_activation": "tanh", "summary_last_dropout": 0.3,
+    },
+}
+
+
+def source_with_unused_fields(model_type: str, suffix: str, folder: Path, **fields) -> Path:
+    """A saved random model of the family with UNUSED_SOURCE_FIELDS (or `fields`) in its config.json, and a
+    tokenizer_config.json naming the tokenizer class, so that the conversion adds no tokenizer_class to the config."""
+    family = FAMILIES[model_type]
+    config = source_config(model_type, suffix, **(fields or UNUSED_SOURCE_FIELDS[model_type]))
+    random_source_model(family.architecture(suffix), config).save_pretrained(folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": family.tokenizer_class}))
+    return folder
+
+
+def exported_config_json(selfattn_folder: Path, folder: Path, family: str | None = None) -> tuple[dict, object]:
+    """(config.json as export writes it, less transformers_version, the export report)."""
+    config, _, report = export_checkpoint(selfattn_folder, family)
+    config.save_pretrained(folder)
+    return config_json(folder), report
+
+
+def config_json(folder: Path) -> dict:
+    """The folder's config.json, less transformers' record of the version that wrote it."""
+    config_dict = json.loads((folder / "config.json").read_text())
+    del config_dict["transformers_version"]
+    return config_dict
+
+
+def written_for_tools(model_type: str) -> dict:
+    """What export adds to a family's config.json: position_embedding_type="absolute", no longer a field of
+    transformers' BERT-layout configs, stays for tools that read it (CTranslate2's converter); DistilBERT never had
+    it."""
+    required = FAMILIES[model_type].config_requirements
+    return {"position_embedding_type": "absolute"} if "position_embedding_type" in required else {}
+
+
+@pytest.mark.parametrize("route", ["convert_checkpoint", "from_pretrained"])
+@pytest.mark.parametrize("model_type", sorted(ENCODER_FAMILIES))
+def test_config_json_comes_back_whole_from_convert_and_export(model_type, route, tmp_path):
+    """Fields no selfattn field holds (DistilBERT's qa_dropout, ELECTRA's summary_* for the bare model, a field a user
+    added) are kept in the selfattn config's source_config and written back: the exported config.json is the
+    source's."""
+    source = source_with_unused_fields(model_type, "Model", tmp_path / "source")
+    unused = UNUSED_SOURCE_FIELDS[model_type]
+    if route == "convert_checkpoint":
+        model, report = convert_checkpoint(source)
+        assert set(unused) <= set(report.config_kept_for_export) and not report.config_not_carried
+        assert "kept for export" in report.summary() and "not carried" not in report.summary()
+    else:
+        model = SelfAttnModel.from_pretrained(source)  # translated while loading
+    assert model.config.source_config.items() >= unused.items()
+    model.save_pretrained(tmp_path / "selfattn")
+    assert config_json(tmp_path / "selfattn")["source_config"].items() >= unused.items()
+    exported, report = exported_config_json(tmp_path / "selfattn", tmp_path / "exported")
+    assert exported == {**config_json(source), **written_for_tools(model_type)}
+    assert set(unused) <= set(report.config_written_back) and not report.config_defaulted
+
+
+def test_electra_multiple_choice_summary_fields_are_mapped_or_refused(tmp_path):
+    """ElectraForMultipleChoice's sequence summary reads summary_* fields. summary_last_dropout is the dropout before
+    its classifier, selfattn's classifier_dropout (ELECTRA's own classifier_dropout is then no input to this head);
+    summary_first_dropout, which ElectraConfig does not declare but the summary reads where present, is a dropout
+    before the summary's dense that selfattn's pooler lacks: refused unless 0."""
+    fields = dict(summary_last_dropout=0.3, summary_activation="tanh", summary_first_dropout=0, classifier_dropout=0.2)
+    source = source_with_unused_fields("electra", "ForMultipleChoice", tmp_path / "electra", **fields)
+    source_model = transformers.ElectraForMultipleChoice.from_pretrained(source)
+    model, report = convert_checkpoint(source)
+    assert model.dropout.p == source_model.sequence_summary.last_dropout.p == 0.3
+    assert model.config.pooler_activation == "tanh"
+    assert model.config.source_config == {"classifier_dropout": 0.2, "summary_first_dropout": 0}
+    model.save_pretrained(tmp_path / "selfattn")
+    exported, _ = exported_config_json(tmp_path / "selfattn", tmp_path / "exported")
+    assert exported == {**config_json(source), **written_for_tools("electra")}
+
+    config_dict = config_json(source)
+    (source / "config.json").write_text(json.dumps({**config_dict, "summary_first_dropout": 0.1}))
+    with pytest.raises(ConversionError, match=r"summary_first_dropout=0\.1 \(selfattn needs 0\)"):
+        convert_checkpoint(source)
+
+
+def test_electra_multiple_choice_export_writes_the_classifier_dropout_as_a_number(tmp_path, tiny_config_factory):
+    """selfattn's classifier_dropout=None means hidden_dropout_prob; ElectraForMultipleChoice's summary_last_dropout
+    takes a number, so export writes that one and the exported model drops out as much before its classifier."""
+    config = tiny_config_factory("encoder", classifier_dropout=None, hidden_dropout_prob=0.15)
+    SelfAttnForMultipleChoice(config).save_pretrained(tmp_path / "selfattn")
+    exported, _ = exported_config_json(tmp_path / "selfattn", tmp_path / "exported", "electra")
+    assert exported["summary_last_dropout"] == 0.15
+
+
+def test_recorded_fields_never_override_the_ones_selfattn_holds(tmp_path):
+    """An ElectraModel's summary fields are kept for export, but a multiple-choice head built on it computes its
+    summary as selfattn does (first token, a dense, pooler_activation): export writes those, whatever the record says;
+    and a field selfattn holds, written into the record by hand, does not replace selfattn's value."""
+    source = source_with_unused_fields("electra", "Model", tmp_path / "electra")
+    model = SelfAttnForMultipleChoice.from_pretrained(source)
+    model.config.source_config["hidden_size"] = 64
+    model.save_pretrained(tmp_path / "selfattn")
+    exported, report = exported_config_json(tmp_path / "selfattn", tmp_path / "exported")
+    assert exported["architectures"] == ["ElectraForMultipleChoice"]
+    assert (exported["summary_type"], exported["summary_use_proj"]) == ("first", True)  # recorded: "last", False
+    assert exported["summary_activation"] == model.config.pooler_activation
+    assert exported["summary_last_dropout"] == model.dropout.p
+    assert exported["hidden_size"] == 32
+    assert not {"summary_type", "summary_use_proj", "hidden_size"} & set(report.config_written_back)
+
+
+def test_export_to_another_family_leaves_the_recorded_fields_out(tmp_path):
+    """The record describes the source family's config: --family roberta for an XLM-R model writes none of it, and
+    neither does the export that, without source_model_type (removed by hand), takes the first family that fits."""
+    source = source_with_unused_fields("xlm-roberta", "Model", tmp_path / "xlm-roberta")
+    convert_checkpoint(source)[0].save_pretrained(tmp_path / "selfattn")
+    exported, report = exported_config_json(tmp_path / "selfattn", tmp_path / "exported", "roberta")
+    assert exported["model_type"] == "roberta" and "users_field" not in exported
+    assert report.config_recorded_for_another_family == ["users_field"] and not report.config_written_back
+    assert "config fields source_config recorded for export to another family" in report.summary()
+    config_dict = json.loads((tmp_path / "selfattn" / "config.json").read_text())
+    del config_dict["source_model_type"]
+    (tmp_path / "selfattn" / "config.json").write_text(json.dumps(config_dict))
+    exported, report = exported_config_json(tmp_path / "selfattn", tmp_path / "exported", None)
+    assert exported["model_type"] == "roberta" and "users_field" not in exported
+    assert report.config_recorded_for_another_family == ["users_field"]
+
+
+def test_fields_naming_files_of_the_source_folder_are_not_carried(saved_sources, tmp_path):
+    """auto_map names the source's code files and transformers_weights its weights file, which the conversion does not
+    copy: kept for export, they would send the exported folder's loader to files it lacks."""
+    config_dict, state_dict = bert_checkpoint(saved_sources, "Model")
+    folder_fields = {"auto_map": {"AutoModel": "modeling_mine.MyBert"}, "transformers_weights": "model.safetensors"}
+    save_checkpoint(tmp_path / "bert", {**config_dict, **folder_fields, "users_field": 1}, state_dict)
+    model, report = convert_checkpoint(tmp_path / "bert")
+    assert report.config_not_carried == ["auto_map", "transformers_weights"]
+    assert model.config.source_config == {"users_field": 1}
+    assert "not carried over (they name files of the source folder" in report.summary()
+
+
+def test_warm_start_records_no_source_config(tmp_path):
+    """The warm-started encoder-decoder has no family (source_model_type None), so the encoder checkpoint's record goes
+    too."""
+    source = source_with_unused_fields("bert", "Model", tmp_path / "bert")
+    assert SelfAttnModel.from_pretrained(source).config.source_config is not None
+    model = warm_start_encoder_decoder(source, decoder_start_token_id=2)
+    assert (model.config.source_model_type, model.config.source_config) == (None, None)

@@ -5,6 +5,7 @@ import json
 
 import pytest
 from conftest import make_tiny_config
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 from transformers import AutoConfig
 
 from modeling_selfattn import SelfAttnConfig, SelfAttnForMaskedLM, SelfAttnModel
@@ -46,6 +47,7 @@ NON_DEFAULT_FIELDS = dict(
     use_cache=False,
     pruned_heads={"encoder.1": [0, 5], "decoder.0.cross_attn": [2]},
     source_model_type="marian",
+    source_config={"decoder_layerdrop": 0.1, "users_field": {"notes": ["kept", 1, None]}},
     # inherited from PreTrainedConfig
     id2label={0: "neg", 1: "neutral", 2: "pos"},
     problem_type="single_label_classification",
@@ -186,6 +188,8 @@ def test_num_hidden_layers_keyword_sets_the_main_stack(layers, expected):
         ({"add_cross_attention": True}, r"add_cross_attention=True\) with encoder_layers=12 and decoder_layers=0"),
         ({"add_cross_attention": True, "encoder_layers": 0, "decoder_layers": 2}, "add_cross_attention"),
         ({"is_encoder_decoder": True}, r"is_encoder_decoder=True\) with encoder_layers=12 and decoder_layers=0"),
+        ({"source_config": {1: 0.1}}, r"source_config keys are config\.json field names"),
+        ({"source_config": {"field": {1, 2}}}, r"source_config\['field'\] = \{1, 2\} is not a JSON value"),
     ],
     ids=lambda value: "-".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else None,
 )
@@ -220,6 +224,19 @@ def test_from_pretrained_overrides_are_checked_and_derived_like_constructor_fiel
     config.save_pretrained(tmp_path)
     assert not SelfAttnConfig.from_pretrained(tmp_path, decoder_layers=0).is_encoder_decoder
     assert SelfAttnConfig.from_pretrained(tmp_path, num_hidden_layers=3).encoder_layers == 3
+
+
+def test_source_config_is_checked_when_edited_by_hand():
+    """@strict refuses a record that is not a dict, on creation and on assignment; a value config.json cannot hold,
+    put in afterwards, is refused when a model is built."""
+    with pytest.raises(StrictDataclassFieldValidationError, match="source_config"):
+        SelfAttnConfig(source_model_type="distilbert", source_config=[("qa_dropout", 0.25)])
+    config = make_tiny_config("encoder", source_model_type="distilbert", source_config={"qa_dropout": 0.25})
+    with pytest.raises(StrictDataclassFieldValidationError, match="source_config"):
+        config.source_config = [("qa_dropout", 0.25)]
+    config.source_config["qa_dropout"] = float
+    with pytest.raises(ValueError, match=r"source_config\['qa_dropout'\] = <class 'float'> is not a JSON value"):
+        SelfAttnModel(config)
 
 
 def test_hand_edited_config_is_checked_again_when_a_model_is_built():

@@ -702,6 +702,42 @@ def test_distilbert_model_without_a_classifier_dropout_exports(tmp_path, capsys)
     assert (expected - actual).abs().max().item() <= 1e-5
 
 
+def test_config_json_comes_back_from_convert_and_export(tmp_path, capsys):
+    """The DistilBERT fields no selfattn field holds (qa_dropout, sinusoidal_pos_embds, a field a user added) are kept
+    in the selfattn config.json's source_config and written back by the export: the exported config.json is the
+    source's, less transformers' record of its version."""
+    source, selfattn, exported = tmp_path / "distilbert", tmp_path / "selfattn", tmp_path / "exported"
+    source.mkdir()
+    save_word_piece_tokenizer(source)
+    config = transformers.DistilBertConfig(
+        vocab_size=WORD_PIECE_VOCAB_SIZE, dim=32, n_layers=2, n_heads=4, hidden_dim=37, max_position_embeddings=32,
+        num_labels=3, qa_dropout=0.25, seq_classif_dropout=0.3, sinusoidal_pos_embds=True, users_field=[1, "kept"],
+    )
+    torch.manual_seed(0)
+    transformers.DistilBertForSequenceClassification(config).save_pretrained(source)
+    kept = {"qa_dropout": 0.25, "sinusoidal_pos_embds": True, "users_field": [1, "kept"]}
+
+    assert convert_cli.main(["bert", str(source), str(selfattn)]) == 0
+    printed = capsys.readouterr().out
+    kept_note = "config fields kept for export in source_config (no selfattn code uses them; export to this family"
+    assert f"{kept_note} writes them back): {sorted(kept)}" in printed
+    assert "not carried over" not in printed
+    assert json.loads((selfattn / "config.json").read_text())["source_config"] == kept
+
+    assert convert_cli.main(["export", str(selfattn), str(exported)]) == 0
+    printed = capsys.readouterr().out
+    assert f"config fields written back as the conversion recorded them (source_config): {sorted(kept)}" in printed
+    assert "defaults" not in printed
+
+    def config_json(folder: Path) -> dict:
+        config_dict = json.loads((folder / "config.json").read_text())
+        del config_dict["transformers_version"]
+        return config_dict
+
+    assert config_json(exported) == config_json(source)
+    assert transformers.DistilBertForSequenceClassification.from_pretrained(exported).config.qa_dropout == 0.25
+
+
 # --- a checkpoint's dtype is kept -----------------------------------------------------------------------------------
 
 
