@@ -76,15 +76,31 @@ def sinusoidal_positions(num_positions: int, dim: int) -> torch.Tensor:
 
 class SelfAttnScaledEmbedding(nn.Embedding):
     """Token embeddings multiplied by sqrt(hidden_size) when `scale_embedding` is set, as in the paper.
-    Scaling inside the module keeps `get_input_embeddings()(ids)` equal to what the model computes."""
+    Scaling inside the module keeps `get_input_embeddings()(ids)` equal to what the model computes. The factor is
+    named `embed_scale`, as in transformers' scaled embeddings: PEFT's adapters on an embedding (LoRA, trainable
+    tokens) read it by that name to scale what they add."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, scale: float = 1.0):
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None, embed_scale: float = 1.0):
         super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx)
-        self.scale = scale
+        self.embed_scale = embed_scale
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         embeddings = super().forward(input_ids)
-        return embeddings * self.scale if self.scale != 1.0 else embeddings
+        return embeddings * self.embed_scale if self.embed_scale != 1.0 else embeddings
+
+
+def embedding_table(module: nn.Module) -> nn.Module:
+    """The embedding layer under adapter wrappers, which do not pass on its sizes (num_embeddings, embedding_dim):
+    PEFT's LoRA layers give theirs by get_base_layer(), its trainable-tokens wrapper by original_module."""
+    while not isinstance(module, nn.Embedding):
+        if hasattr(module, "get_base_layer"):
+            inner = module.get_base_layer()
+        else:
+            inner = getattr(module, "original_module", None)
+        if inner is None or inner is module:
+            return module
+        module = inner
+    return module
 
 
 class SelfAttnEmbeddings(nn.Module):
@@ -195,6 +211,7 @@ class SelfAttnEmbeddings(nn.Module):
         """token_indices: embed only these tokens, indices into the flattened (batch * length) inputs, as one row
         (1, len(token_indices), width). Each token's embedding depends on its own id, position and type alone, so
         the unpadded encoder embeds its real tokens without the padding (packing.py)."""
+        table = embedding_table(self.word_embeddings)
         if inputs_embeds is None:
             if input_ids.dim() != 2 or input_ids.numel() == 0:
                 raise ValueError(
@@ -203,7 +220,7 @@ class SelfAttnEmbeddings(nn.Module):
                 )
             check_ids(
                 input_ids,
-                self.word_embeddings.num_embeddings,
+                table.num_embeddings,
                 "input_ids",
                 "vocabulary",
                 "Use the tokenizer that belongs to this model, or resize the embeddings with "
@@ -211,12 +228,12 @@ class SelfAttnEmbeddings(nn.Module):
             )
         elif (
             inputs_embeds.dim() != 3
-            or inputs_embeds.shape[-1] != self.word_embeddings.embedding_dim
+            or inputs_embeds.shape[-1] != table.embedding_dim
             or 0 in inputs_embeds.shape
         ):
             raise ValueError(
                 f"inputs_embeds has shape {tuple(inputs_embeds.shape)}; the model needs (batch_size, sequence_length, "
-                f"{self.word_embeddings.embedding_dim}) with at least one token: vectors as wide as the token "
+                f"{table.embedding_dim}) with at least one token: vectors as wide as the token "
                 "embeddings (model.get_input_embeddings()(input_ids) makes them)."
             )
         inputs = input_ids if inputs_embeds is None else inputs_embeds
@@ -1531,6 +1548,10 @@ class SelfAttnForCausalLM(SelfAttnPreTrainedModel, LeanGenerationMixin, Generati
 
     # The loss divides by Trainer's `num_items_in_batch` (the scored tokens of all processes and accumulated steps).
     accepts_loss_kwargs = True
+    # Taken by forward() but kept out of its signature, as transformers' causal LMs take it through **kwargs: Trainer
+    # counts every parameter named like a label among its label_names, and computes an evaluation loss only for
+    # batches that hold them all (a `shift_labels` parameter left causal LMs without eval_loss or compute_metrics).
+    hidden_keywords = ("shift_labels",)
 
     def __init__(self, config: SelfAttnConfig):
         super().__init__(config)
@@ -1562,12 +1583,13 @@ class SelfAttnForCausalLM(SelfAttnPreTrainedModel, LeanGenerationMixin, Generati
         labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        shift_labels: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithCrossAttentions:
         r"""labels: the input ids (shifted inside the loss), -100 where no prediction is scored.
-        shift_labels: targets already aligned with the logits, used instead of shifting `labels` (Trainer passes both
-        under context parallelism, where the sequence is split before the model sees it, so labels are not read)."""
+        shift_labels (a keyword, as in transformers' causal LMs; see `hidden_keywords`): targets already aligned with
+        the logits, used instead of shifting `labels` (Trainer passes both under context parallelism, where the
+        sequence is split before the model sees it, so labels are not read)."""
+        shift_labels = kwargs.pop("shift_labels", None)
         if input_ids is None and inputs_embeds is None:
             raise ValueError(
                 "SelfAttnForCausalLM needs input_ids or inputs_embeds; to generate from nothing, pass a prompt "

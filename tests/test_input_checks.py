@@ -63,7 +63,7 @@ def test_past_key_values_is_the_cache_under_its_old_name(shape):
     with pytest.warns(FutureWarning, match="past_key_values"):
         logits = model(**step, past_key_values=prefix).logits[:, -1]
     torch.testing.assert_close(logits, full, rtol=0, atol=ATOL)
-    with pytest.raises(ValueError, match="Both `past_key_values` and `cache`"):
+    with pytest.raises(ValueError, match="got both cache and past_key_values .*PEFT.s prefix tuning"):
         model(**step, past_key_values=prefix, cache=prefix)
 
 
@@ -215,6 +215,32 @@ def test_causal_lm_reads_shift_labels_over_labels_and_refuses_a_malformed_logits
             model(ids, logits_to_keep=bad)
     for good, kept in ((0, 4), (1, 1), (torch.tensor([0, 2]), 2)):
         assert model(ids, logits_to_keep=good).logits.shape[1] == kept
+
+
+def test_trainer_evaluates_a_causal_lm_with_labels_alone(tmp_path):
+    # Trainer counts every forward() parameter named like a label among its label_names, and scores an evaluation
+    # batch only when it holds them all: shift_labels is taken as a keyword, outside the signature, as in
+    # transformers' causal LMs (as a parameter it left evaluate() without eval_loss and compute_metrics uncalled).
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny(SelfAttnForCausalLM, "decoder")
+    data = [{"input_ids": ids, "labels": ids} for ids in random_ids(8, 6).tolist()]
+    counted = []
+    args = TrainingArguments(tmp_path, report_to=[], use_cpu=True, per_device_eval_batch_size=4)
+    def compute_metrics(predictions):
+        counted.append(1)
+        return {"n": len(predictions.label_ids)}
+
+    trainer = Trainer(model=model, args=args, eval_dataset=data, compute_metrics=compute_metrics)
+    assert trainer.label_names == ["labels"]
+    metrics = trainer.evaluate()
+    assert metrics["eval_n"] == 8 and counted
+    with torch.no_grad():
+        batch = torch.tensor([row["input_ids"] for row in data])
+        expected = torch.stack([model(batch[i : i + 4], labels=batch[i : i + 4]).loss for i in (0, 4)]).mean()
+    assert metrics["eval_loss"] == pytest.approx(expected.item(), abs=1e-5)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['shift_label'\].*'shift_labels'"):
+        model(batch, shift_label=batch)
 
 
 def test_causal_lm_honours_token_type_ids():

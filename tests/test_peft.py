@@ -9,6 +9,7 @@ from conftest import make_tiny_config
 from modeling_selfattn import (
     SelfAttnForCausalLM,
     SelfAttnForConditionalGeneration,
+    SelfAttnForMaskedLM,
     SelfAttnForQuestionAnswering,
     SelfAttnForSequenceClassification,
     SelfAttnForTokenClassification,
@@ -97,3 +98,32 @@ def test_lora_default_targets_cover_every_attention_of_generating_models(task_ty
     assert attentions and wrapped == {f"{name}.{proj}" for name in attentions for proj in ("q_proj", "v_proj")}
     input_ids = torch.randint(3, 99, (2, 5))
     assert model(input_ids=input_ids, labels=input_ids).loss.isfinite()
+
+
+@pytest.mark.parametrize("scale_embedding", [False, True], ids=["unscaled", "scaled"])
+@pytest.mark.parametrize(
+    "model_class, shape", [(SelfAttnForMaskedLM, "encoder"), (SelfAttnForCausalLM, "decoder")], ids=["mlm", "causal"]
+)
+def test_adapters_on_the_token_embeddings(model_class, shape, scale_embedding):
+    # PEFT's wrappers of an embedding pass on neither its sizes (read by the embeddings' input checks) nor anything
+    # but `embed_scale`, the name under which they find the factor of a scaled embedding to apply to what they add.
+    torch.manual_seed(0)
+    config = make_tiny_config(shape, scale_embedding=scale_embedding, tie_word_embeddings=False)
+    base = model_class(config).eval()
+    ids = torch.cat([torch.tensor([[5, 6], [6, 5]]), torch.randint(7, 99, (2, 4))], dim=1)  # the trained tokens too
+    with torch.no_grad():
+        expected = base(ids).logits
+    tokens = get_peft_model(base, LoraConfig(target_modules=["q_proj"], trainable_token_indices=[5, 6])).eval()
+    with torch.no_grad():  # the tokens' rows start as the base model's
+        torch.testing.assert_close(tokens(ids).logits, expected, rtol=0, atol=0)
+    tokens.train()
+    tokens(ids, labels=ids).loss.backward()
+    assert tokens.base_model.model.get_input_embeddings().token_adapter.trainable_tokens_delta["default"].grad.any()
+    torch.manual_seed(0)
+    base = model_class(config).eval()
+    lora = get_peft_model(base, LoraConfig(target_modules=["word_embeddings"], init_lora_weights=False)).eval()
+    with torch.no_grad():
+        unmerged = lora(ids).logits
+        assert not torch.allclose(unmerged, expected)  # init_lora_weights=False: the adapter adds something
+        merged = lora.merge_and_unload()(ids).logits
+    torch.testing.assert_close(merged, unmerged, rtol=0, atol=1e-5)
