@@ -51,6 +51,22 @@ def attention_modules(model: nn.Module, attention: str | None = None) -> list[Se
     return [found[key] for key in wanted]
 
 
+def refuse_int8_model(model: nn.Module) -> None:
+    """Refuse an int8 model by name: its int8 layers have no backward, so no gradient would reach the gates (it
+    failed with "'function' object has no attribute 'device'", reading an int8 o_proj's weight)."""
+    # Imported here, as model.py imports it: only models that quantize load quantization.py.
+    from .quantization import int8_layer_names
+
+    int8_layers = int8_layer_names(model)
+    if int8_layers:
+        more = f" and {len(int8_layers) - 1} more" if len(int8_layers) > 1 else ""
+        raise ValueError(
+            f"head_importance: {type(model).__name__} holds int8 layers ({int8_layers[0]}{more}) from "
+            "model.quantize('int8'), whose kernels have no backward, so no gradient would reach the heads' gates. "
+            "Score the float32 model (before quantize('int8'), or loaded again), prune it, then quantize."
+        )
+
+
 def head_importance(
     model: nn.Module,
     batches: Iterable[Mapping],
@@ -75,6 +91,7 @@ def head_importance(
         raise ValueError(
             f"max_batches={max_batches!r}: pass an integer >= 1 (the number of batches to read), or None for all."
         )
+    refuse_int8_model(model)
     attention = resolved_attention(model.config, attention)
     modules = attention_modules(model, attention)
     device = next(model.parameters()).device

@@ -676,6 +676,9 @@ class SelfAttnPreTrainedModel(SelfAttnHubMixin, PreTrainedModel):
             self.lm_head = new_embeddings
 
     def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        from .quantization import refuse_resizing_int8_lm_head  # imported here, as quantize() imports it
+
+        refuse_resizing_int8_lm_head(self, new_num_tokens)
         if new_num_tokens is not None:
             # Refused before any weight changes: a config naming ids outside the table would not load again.
             # pad_to_multiple_of rounds the size up, as in transformers.

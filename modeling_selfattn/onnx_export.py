@@ -32,6 +32,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from . import model as modeling
 from .checkpoints import ConversionError
+from .config import attention_key
 from .output_folder import remove, swap_files_in, unique_sibling
 
 # 17: the first opset with LayerNormalization as one operator, which the optimizer's fusions start from.
@@ -222,9 +223,10 @@ class Seq2SeqDecoderGraph(nn.Module):
                 DynamicCache(self_past, config=config), DynamicCache(cross_past, config=config)
             )
             # With past, cross-attention reads its keys and values from the cache; the decoder still takes the
-            # encoder output, but uses only its shape (batch, source length, width) for the cross-attention mask.
-            # The cached keys, (batch, heads, source length, head_dim), give that shape without another graph input.
-            encoder_hidden_states = rest[2].transpose(1, 2).flatten(2)
+            # encoder output, but uses only its shape (batch, source length, hidden_size) for the cross-attention
+            # mask. The cached keys, (batch, heads, source length, head_dim), give batch and source length without
+            # another graph input; the width is the model's, not heads * head_dim, which pruning makes smaller.
+            encoder_hidden_states = rest[2][:, 0, :, :1].expand(-1, -1, config.hidden_size)
         else:
             cache, encoder_hidden_states = None, rest[0]
         outputs = self.model(
@@ -473,8 +475,12 @@ def causal_lm_spec(model) -> GraphSpec:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         ids = random_ids(config, (batch_size, length - past_length), generator)
         if past_length == 0:
-            heads, head_dim = config.num_attention_heads, config.head_dim
-            past = [torch.zeros(batch_size, heads, 0, head_dim) for _ in past_names]
+            # Each layer's own head count: prune_heads may have left layers different numbers of heads.
+            past = [
+                torch.zeros(batch_size, len(config.kept_heads(attention_key("decoder", layer))), 0, config.head_dim)
+                for layer in range(config.decoder_layers)
+                for _ in ("key", "value")
+            ]
         else:
             past = past_inputs(model, mask[:, :past_length], past_length, seed, positions[:, :past_length])
         return (ids, mask, positions[:, past_length:], *past)

@@ -8,7 +8,9 @@ SelfAttnPreTrainedModel delegates here). Both change the model in place and retu
   out. CPU only. Embeddings and LayerNorms stay float32; a projection that shares the token table (the tied LM head)
   gets its own int8 copy and the table itself stays float32; a generating head's final_logits_bias moves into its
   int8 LM head (logits_biases_to_fold). A quantize("int8") that fails leaves the model as it was. Inference only:
-  training mode, gradients, save_pretrained and push_to_hub are refused with an error that says what to do instead.
+  training mode, gradients, save_pretrained and push_to_hub are refused with an error that says what to do instead,
+  and so are a dtype change (to(torch.bfloat16), half(): apply_to_quantized) and resizing an int8 LM head
+  (refuse_resizing_int8_lm_head).
 - "bf16": every floating parameter and buffer in bfloat16, LayerNorms included, on any device; generate(), training
   and save_pretrained work as for any bfloat16 model.
 
@@ -515,6 +517,62 @@ def int8_layer_names(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, DynamicQuantizedLinear)]
 
 
+def quantization_state(model: nn.Module) -> str | None:
+    """What quantize() has left in `model`, judged by the model itself: "int8" where it holds int8 layers (of a
+    quantize('int8') of it or of a part of it); "bf16" where quantize('bf16') converted it (its quantization_mode)
+    and its floating parameters and buffers are all still bfloat16 (not after model.float()); else None."""
+    if int8_layer_names(model):
+        return "int8"
+    dtypes = {tensor.dtype for tensor in (*model.parameters(), *model.buffers()) if tensor.is_floating_point()}
+    return "bf16" if getattr(model, "quantization_mode", None) == "bf16" and dtypes == {torch.bfloat16} else None
+
+
+def refuse_int8_dtype_change(module: nn.Module, convert) -> None:
+    """Raise where `convert` (the function nn.Module._apply maps over the tensors: to(), half(), bfloat16(), ...) would
+    give float32 tensors another dtype. `module` belongs to an int8 model, whose int8 layers take float32 activations
+    only: the embeddings and LayerNorms would convert and the int8 layers not, and the next forward failed in an int8
+    layer ("expected scalar type Float but found BFloat16"). An empty float32 tensor shows what `convert` does."""
+    converted = convert(torch.zeros(0))
+    if isinstance(converted, torch.Tensor) and converted.dtype != torch.float32:
+        raise RuntimeError(
+            f"{type(module).__name__} belongs to a model quantized with model.quantize('int8'), whose int8 layers take "
+            f"float32 activations only, so it cannot be converted to {converted.dtype} (by to(), half(), bfloat16(), "
+            "double() or type()); nothing was converted. Keep the int8 model in float32; for bfloat16 weights, "
+            "quantize the float32 model with model.quantize('bf16') instead (int8 models already run attention in "
+            "bfloat16 where the CPU computes it natively: bf16_attention)."
+        )
+
+
+def apply_to_quantized(module: nn.Module, mode: str, convert, recurse: bool = True) -> nn.Module:
+    """nn.Module._apply, through which to(), half(), float() and the like convert a module's tensors, for a module of
+    a model quantize(`mode`) changed (quantize() puts it in place of each module's own): in an int8 model a dtype
+    change is refused before anything is converted (refuse_int8_dtype_change; int8 layers stay for good); after a
+    conversion quantization_mode says what the model now is (quantization_state): None once model.float() has undone
+    quantize('bf16')."""
+    if mode == "int8":
+        refuse_int8_dtype_change(module, convert)
+    result = type(module)._apply(module, convert, recurse)
+    if hasattr(module, "save_pretrained"):
+        module.quantization_mode = quantization_state(module)
+    return result
+
+
+def refuse_resizing_int8_lm_head(model: nn.Module, new_num_tokens) -> None:
+    """Raise, before anything is resized, where the LM head that model.resize_token_embeddings must resize with the
+    token table is an int8 layer: transformers' resizing reads its weight as a tensor (an int8 layer's is a method of
+    its packed weights) and failed halfway, after replacing the token table, with the config and LM head unchanged."""
+    lm_head = model.get_output_embeddings()
+    if not isinstance(lm_head, DynamicQuantizedLinear):
+        return
+    name = next(name for name, module in model.named_modules() if module is lm_head)
+    raise RuntimeError(
+        f"resize_token_embeddings(new_num_tokens={new_num_tokens!r}): the LM head of {type(model).__name__} ({name}) "
+        "is an int8 layer from model.quantize('int8'), whose packed int8 weights cannot be resized; nothing was "
+        "changed. Resize the float32 model before quantizing (model.resize_token_embeddings(...), then "
+        "model.quantize('int8')), loading it again if need be."
+    )
+
+
 def refuse_int8_save(model: nn.Module, *args, method: str = "save_pretrained", **kwargs) -> None:
     """Raise where any module of `model` holds int8 layers; called by save_pretrained and push_to_hub before they
     write anything (hub.SelfAttnHubMixin). (Models pickled by earlier releases call it, with the save's own
@@ -571,9 +629,7 @@ def check_quantizable(model: nn.Module, mode, keep_float32, per_token_activation
     ):
         if patterns is not None:
             check_patterns(argument, patterns, mode, example)
-    previous = getattr(model, "quantization_mode", None)
-    if previous is None and int8_layer_names(model):
-        previous = "int8"
+    previous = quantization_state(model)
     if previous is not None:
         raise RuntimeError(
             f"{type(model).__name__} is already quantized ({previous!r}); quantize() starts from the float32 model. "
@@ -664,9 +720,18 @@ def linears_to_quantize(model: nn.Module, keep_float32) -> dict[str, nn.Linear]:
         model, "keep_float32", keep_float32, KEEP_FLOAT32_DEFAULT, list(linears), "'*.ffn.fc2' keeps every fc2"
     )
     kept = {id(linears[name]) for name in matching(linears, keep_float32)}
-    return {
+    targets = {
         name: module for name, module in linears.items() if id(module) not in kept and module.weight.numel() > 0
     }
+    if not targets:
+        # The model would change nothing but refuse training and saving as if int8.
+        raise ValueError(
+            f"quantize('int8', keep_float32={list(keep_float32)!r}): the patterns keep every linear layer of "
+            f"{type(model).__name__} in float32 ({len(linears)} layers, e.g. {', '.join(sorted(linears)[:3])}), so no "
+            "layer is left to quantize. Narrow keep_float32 to the layers to keep (e.g. ['*.v_proj']), or leave the "
+            "model unquantized."
+        )
+    return targets
 
 
 def logits_biases_to_fold(model: nn.Module, targets: dict[str, nn.Linear]) -> dict[int, tuple[nn.Module, torch.Tensor]]:
@@ -751,4 +816,6 @@ def quantize(
     for module in model.modules():
         if hasattr(module, "save_pretrained"):
             module.quantization_mode = mode
+        # partial rather than a bound method: it survives copy.deepcopy and pickling (torch.save(model)).
+        module._apply = functools.partial(apply_to_quantized, module, mode)
     return model

@@ -11,11 +11,12 @@ kept in their places as NaN (blank in the plots, null in the JSON), so head h is
 """
 
 import argparse
+import contextlib
 import json
 import math
 import sys
 from dataclasses import dataclass, field
-from numbers import Real
+from numbers import Integral, Real
 from pathlib import Path
 
 import torch
@@ -100,10 +101,25 @@ def _json_ready(values: torch.Tensor) -> list:
     return clean(values.tolist())
 
 
+@contextlib.contextmanager
+def eager_attention(model):
+    """`model` with eager attention (SDPA and flash kernels never form the probabilities) while inside; the
+    caller's attention implementation is put back on leaving, also on an error."""
+    attention = model.config._attn_implementation
+    if attention != "eager":
+        model.set_attn_implementation("eager")
+    try:
+        yield model
+    finally:
+        if attention != "eager":
+            model.set_attn_implementation(attention)
+
+
 @torch.no_grad()
 def record_attention(model, tokenizer, text: str, target: str | None = None, max_new_tokens: int = 32):
     """Run one text (and, for an encoder-decoder, a target: given, or generated greedily) and keep the
-    attention probabilities of every layer and head."""
+    attention probabilities of every layer and head. The model runs with eager attention, and is left with the
+    attention implementation it had."""
     if not text or not text.strip():
         raise ValueError("The text is empty: give a sentence to look at (e.g. --text 'The cat sat.').")
     if target is not None and not model.config.is_encoder_decoder:
@@ -111,35 +127,34 @@ def record_attention(model, tokenizer, text: str, target: str | None = None, max
             f"A target (--target) is the decoder's input of an encoder-decoder; {type(model).__name__} is not one, so "
             "it would go unread. Leave out the target, or pass an encoder-decoder model."
         )
-    if model.config._attn_implementation != "eager":
-        model.set_attn_implementation("eager")
-    encoded = tokenizer(text, return_tensors="pt", truncation=True)
-    encoded = {key: value.to(model.device) for key, value in encoded.items()}
-    tokens = tokenizer.convert_ids_to_tokens(encoded["input_ids"][0])
-    special = set(tokenizer.all_special_ids)
-    special_mask = [int(i) in special for i in encoded["input_ids"][0]]
+    with eager_attention(model):
+        encoded = tokenizer(text, return_tensors="pt", truncation=True)
+        encoded = {key: value.to(model.device) for key, value in encoded.items()}
+        tokens = tokenizer.convert_ids_to_tokens(encoded["input_ids"][0])
+        special = set(tokenizer.all_special_ids)
+        special_mask = [int(i) in special for i in encoded["input_ids"][0]]
 
-    config = model.config
-    if not config.is_encoder_decoder:
-        outputs = model(**encoded, output_attentions=True)
-        main_stack = "encoder" if config.encoder_layers > 0 else "decoder"
-        return AttentionRecord(tokens, _stack(outputs.attentions, config, main_stack), special_mask=special_mask)
+        config = model.config
+        if not config.is_encoder_decoder:
+            outputs = model(**encoded, output_attentions=True)
+            main_stack = "encoder" if config.encoder_layers > 0 else "decoder"
+            return AttentionRecord(tokens, _stack(outputs.attentions, config, main_stack), special_mask=special_mask)
 
-    encoded.pop("token_type_ids", None)
-    if target is None:
-        decoder_input_ids = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
-    else:
-        labels = tokenizer(text_target=target, return_tensors="pt")["input_ids"].to(model.device)
-        decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels)
-    outputs = model(**encoded, decoder_input_ids=decoder_input_ids, output_attentions=True)
-    return AttentionRecord(
-        tokens,
-        _stack(outputs.encoder_attentions, config, "encoder"),
-        target_tokens=tokenizer.convert_ids_to_tokens(decoder_input_ids[0]),
-        decoder_attentions=_stack(outputs.decoder_attentions, config, "decoder"),
-        cross_attentions=_stack(outputs.cross_attentions, config, "cross_attn"),
-        special_mask=special_mask,
-    )
+        encoded.pop("token_type_ids", None)
+        if target is None:
+            decoder_input_ids = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+        else:
+            labels = tokenizer(text_target=target, return_tensors="pt")["input_ids"].to(model.device)
+            decoder_input_ids = model.prepare_decoder_input_ids_from_labels(labels)
+        outputs = model(**encoded, decoder_input_ids=decoder_input_ids, output_attentions=True)
+        return AttentionRecord(
+            tokens,
+            _stack(outputs.encoder_attentions, config, "encoder"),
+            target_tokens=tokenizer.convert_ids_to_tokens(decoder_input_ids[0]),
+            decoder_attentions=_stack(outputs.decoder_attentions, config, "decoder"),
+            cross_attentions=_stack(outputs.cross_attentions, config, "cross_attn"),
+            special_mask=special_mask,
+        )
 
 
 def attention_rollout(attentions: torch.Tensor, residual_weight: float = 0.5) -> torch.Tensor:
@@ -199,7 +214,17 @@ def head_statistics(records: list[AttentionRecord]) -> dict[str, torch.Tensor]:
     return {name: value / len(records) for name, value in totals.items()}
 
 
+def _check_layer_type(layer) -> None:
+    # bool is an int to Python: layer=True would draw layer 1. A float passed the range check and failed later.
+    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, Integral)):
+        raise TypeError(
+            f"layer={layer!r}: pass a layer index as an int (negative ones count from the last), or None ('all' on "
+            f"the command line) for every layer; got a {type(layer).__name__}."
+        )
+
+
 def _check_layer(layer: int | None, num_layers: int) -> list[int]:
+    _check_layer_type(layer)
     if layer is None:
         return list(range(num_layers))
     if not -num_layers <= layer < num_layers:
@@ -207,7 +232,7 @@ def _check_layer(layer: int | None, num_layers: int) -> list[int]:
             f"layer={layer} is out of range: this model has layers 0..{num_layers - 1} (negative ones count from the "
             "last); pass one of them, or None ('all' on the command line) for every layer."
         )
-    return [layer % num_layers]
+    return [int(layer) % num_layers]
 
 
 def _pyplot():
@@ -274,6 +299,7 @@ def plot_head_statistics(statistics: dict[str, torch.Tensor], path):
 def visualize(model, tokenizer, text: str, out_dir, target: str | None = None, layer: int | None = -1):
     """Write the head grids, the rollout (encoders) or alignment (encoder-decoders), and their numbers.
     Returns {name: path} of what was written."""
+    _check_layer_type(layer)  # before the model runs; its range once the record gives the number of layers
     record = record_attention(model, tokenizer, text, target)
     layers = _check_layer(layer, record.attentions.shape[0])
     out_dir = Path(out_dir)

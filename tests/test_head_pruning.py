@@ -516,6 +516,21 @@ def test_importance_needs_a_loss():
         head_importance(model, [])
 
 
+@pytest.mark.parametrize("keep_float32", [None, ["*.o_proj"]], ids=["defaults", "float32_o_proj"])
+def test_importance_of_an_int8_model_is_refused_by_name(keep_float32):
+    """int8 layers have no backward, so no gradient reaches the gates; it failed with "'function' object has no
+    attribute 'device'" (an int8 o_proj's weight), or where o_proj stays float32, in the first int8 layer below it."""
+    model = build(SelfAttnForSequenceClassification, num_labels=3)
+    model.quantize("int8", keep_float32=keep_float32)
+    with pytest.raises(
+        ValueError,
+        match=r"^head_importance: SelfAttnForSequenceClassification holds int8 layers \(model\.encoder\.layers\.0\."
+        r".* and \d+ more\) from model\.quantize\('int8'\), whose kernels have no backward.*Score the float32 model",
+    ):
+        head_importance(model, labelled_batches())
+    assert not any(module.o_proj._forward_pre_hooks for module in attention_modules_of(model))  # no gate left
+
+
 @pytest.mark.parametrize("max_batches", [0, -1, 1.0, True, "2"])
 def test_importance_refuses_a_max_batches_that_is_no_count_of_batches(max_batches):
     model = build(SelfAttnForSequenceClassification, num_labels=3)

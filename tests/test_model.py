@@ -880,6 +880,31 @@ def test_resizing_below_a_special_token_id_is_refused_before_any_change(tiny_con
     assert_vocabulary_size(reloaded, 64)
 
 
+@pytest.mark.parametrize("head_name", LM_HEADS)
+def test_resizing_an_int8_lm_head_is_refused_before_any_change(build_head, head_name):
+    """transformers' resizing reads the LM head's weight as a tensor, which an int8 layer's is not: it failed with an
+    AttributeError after replacing the token table, leaving config.vocab_size and the LM head as they were."""
+    model, config = build_head(head_name)
+    model.quantize("int8")
+    table, lm_head = model.get_input_embeddings(), model.get_output_embeddings()
+    rows = table.weight.detach().clone()
+    batch = make_inputs(head_name, config)
+    with torch.no_grad():
+        before = output_tensors(model(**batch))
+    with pytest.raises(
+        RuntimeError,
+        match=r"resize_token_embeddings\(new_num_tokens=120\): the LM head of SelfAttnFor\w+ \((lm_head|lm_head\."
+        r"decoder)\) is an int8 layer .*nothing was changed\. Resize the float32 model before quantizing",
+    ):
+        model.resize_token_embeddings(120)
+    assert model.get_input_embeddings() is table and torch.equal(table.weight, rows)
+    assert model.get_output_embeddings() is lm_head and model.config.vocab_size == config.vocab_size == rows.shape[0]
+    with torch.no_grad():
+        after = output_tensors(model(**batch))
+    assert before.keys() == after.keys()
+    assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
+
+
 # --- inputs_embeds -------------------------------------------------------------------------------------------
 
 

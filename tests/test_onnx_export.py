@@ -61,10 +61,13 @@ def padded_batch(
     return batch
 
 
-def saved_model(class_name: str, shape: str, folder: Path, **overrides) -> Path:
+def saved_model(class_name: str, shape: str, folder: Path, heads_to_prune: dict | None = None, **overrides) -> Path:
     torch.manual_seed(0)
     config = make_tiny_config(shape, num_labels=3, **overrides)
-    getattr(modeling_selfattn, class_name)(config).save_pretrained(folder)
+    model = getattr(modeling_selfattn, class_name)(config)
+    if heads_to_prune:
+        model.prune_heads(heads_to_prune)
+    model.save_pretrained(folder)
     return folder
 
 
@@ -235,9 +238,10 @@ def as_past(output_name: str) -> str:
     return output_name.replace("present.", "past_key_values.", 1)
 
 
-def greedy_seq2seq(folder: Path, input_ids, attention_mask, max_new_tokens: int, config) -> torch.Tensor:
+def greedy_seq2seq(folder: Path, input_ids, attention_mask, max_new_tokens: int, config):
     """Greedy decoding the way an ONNX Runtime user runs the three graphs: the encoder once, decoder_model.onnx for
-    the first step, decoder_with_past_model.onnx with the cache after it; finished rows get padding."""
+    the first step, decoder_with_past_model.onnx with the cache after it; finished rows get padding. Returns the
+    tokens and each step's next-token logits."""
     encoder, decoder, with_past = (
         session(folder / name) for name in ("encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx")
     )
@@ -246,25 +250,59 @@ def greedy_seq2seq(folder: Path, input_ids, attention_mask, max_new_tokens: int,
     outputs = run(decoder, input_ids=tokens, encoder_attention_mask=attention_mask, encoder_hidden_states=hidden)
     cross = {as_past(name): value for name, value in outputs.items() if ".encoder." in name}
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+    step_logits = []
     for step in range(max_new_tokens):
-        next_tokens = outputs["logits"][:, -1].argmax(-1).masked_fill(finished, config.pad_token_id)
+        step_logits.append(outputs["logits"][:, -1])
+        next_tokens = step_logits[-1].argmax(-1).masked_fill(finished, config.pad_token_id)
         tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
         finished |= next_tokens == config.eos_token_id
         if finished.all() or step == max_new_tokens - 1:
-            return tokens
+            return tokens, step_logits
         past = {as_past(name): value for name, value in outputs.items() if ".decoder." in name}
         outputs = run(with_past, input_ids=next_tokens[:, None], encoder_attention_mask=attention_mask, **past, **cross)
-    return tokens
+    return tokens, step_logits
 
 
-def test_seq2seq_greedy_through_onnx_runtime_equals_generate(tmp_path):
+def greedy_generate(model, max_new_tokens: int, **inputs) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """generate()'s greedy tokens and each step's next-token logits (before any logits processor)."""
+    with torch.no_grad():
+        generated = model.generate(
+            **inputs, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, output_logits=True,
+            return_dict_in_generate=True,
+        )
+    return generated.sequences, generated.logits
+
+
+def assert_same_greedy_decoding(produced, produced_logits, expected, expected_logits):
+    """Token-identical, and every step's logits within TOLERANCE."""
+    assert torch.equal(produced, expected)
+    assert len(produced_logits) == len(expected_logits)
+    for step, (value, reference) in enumerate(zip(produced_logits, expected_logits)):
+        assert (value - reference).abs().max().item() <= TOLERANCE, step
+
+
+# Attentions left different numbers of heads (self- and cross-attention, and per layer), none without heads (those are
+# refused, test_refuses_a_model_with_an_attention_without_heads). The export traced the empty first-step cache with
+# config.num_attention_heads heads for every layer (RuntimeError "Sizes of tensors must match"), and gave the decoder
+# with past encoder states as wide as layer 0's cross-attention keys (refused as "24 wide but this model is 32 wide").
+SEQ2SEQ_PRUNING = {
+    "encoder.0": [1], "decoder.0": [0, 2], "decoder.1": [3], "decoder.0.cross_attn": [3], "decoder.1.cross_attn": [0, 1]
+}
+CAUSAL_LM_PRUNING = {0: [1], 1: [0, 2, 3]}
+
+
+@pytest.mark.parametrize("heads_to_prune", [None, SEQ2SEQ_PRUNING], ids=["all_heads", "pruned"])
+def test_seq2seq_greedy_through_onnx_runtime_equals_generate(heads_to_prune, tmp_path):
     # Larger weights than the default: logits far apart, so that float rounding cannot flip a greedy choice.
     folder = saved_model(
-        "SelfAttnForConditionalGeneration", "encoder_decoder", tmp_path / "model", initializer_range=0.2
+        "SelfAttnForConditionalGeneration", "encoder_decoder", tmp_path / "model", heads_to_prune,
+        initializer_range=0.2,
     )
     model = onnx_export.load_for_export(folder)
+    assert (model.config.pruned_heads or None) == heads_to_prune
     report = onnx_export.export_onnx(model, tmp_path)
     assert report.files == ["encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx"]
+    assert max(report.differences.values()) <= TOLERANCE
     with_past = session(tmp_path / "decoder_with_past_model.onnx")
     layers = range(model.config.decoder_layers)
     assert [entry.name for entry in with_past.get_outputs()] == ["logits"] + [
@@ -272,48 +310,50 @@ def test_seq2seq_greedy_through_onnx_runtime_equals_generate(tmp_path):
     ]
     reference = modeling_selfattn.SelfAttnForConditionalGeneration.from_pretrained(folder).eval()
     batch = padded_batch(model.config, 3, 11, seed=4)
-    with torch.no_grad():
-        expected = reference.generate(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], do_sample=False, num_beams=1,
-            max_new_tokens=10,
-        )
-    produced = greedy_seq2seq(tmp_path, batch["input_ids"], batch["attention_mask"], 10, model.config)
+    expected, expected_logits = greedy_generate(
+        reference, 10, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+    )
+    produced, produced_logits = greedy_seq2seq(
+        tmp_path, batch["input_ids"], batch["attention_mask"], 10, model.config
+    )
     assert expected.shape[1] > 3
-    assert torch.equal(produced, expected)
+    assert_same_greedy_decoding(produced, produced_logits, expected, expected_logits)
 
 
-def test_causal_lm_greedy_through_onnx_runtime_equals_generate(tmp_path):
-    folder = saved_model("SelfAttnForCausalLM", "decoder", tmp_path / "model", initializer_range=0.2)
+@pytest.mark.parametrize("heads_to_prune", [None, CAUSAL_LM_PRUNING], ids=["all_heads", "pruned"])
+def test_causal_lm_greedy_through_onnx_runtime_equals_generate(heads_to_prune, tmp_path):
+    folder = saved_model("SelfAttnForCausalLM", "decoder", tmp_path / "model", heads_to_prune, initializer_range=0.2)
     model = onnx_export.load_for_export(folder)
-    onnx_export.export_onnx(model, tmp_path)
+    report = onnx_export.export_onnx(model, tmp_path)
+    assert max(report.differences.values()) <= TOLERANCE
     onnx_session = session(tmp_path / "model.onnx")
-    heads, head_dim = model.config.num_attention_heads, model.config.head_dim
     # Left-padded prompts, as generate() wants them for decoder-only models.
     prompts = torch.tensor([[5, 6, 7, 8, 9], [PAD_TOKEN_ID, PAD_TOKEN_ID, 10, 11, 12]])
     mask = (prompts != PAD_TOKEN_ID).long()
     reference = modeling_selfattn.SelfAttnForCausalLM.from_pretrained(folder).eval()
-    with torch.no_grad():
-        expected = reference.generate(
-            input_ids=prompts, attention_mask=mask, do_sample=False, num_beams=1, max_new_tokens=8
-        )
+    expected, expected_logits = greedy_generate(reference, 8, input_ids=prompts, attention_mask=mask)
 
     tokens, new = prompts, prompts
-    past = {
-        f"past_key_values.{layer}.{part}": torch.zeros(2, heads, 0, head_dim)
+    past = {  # empty at the first step, with each layer's own head count
+        f"past_key_values.{layer}.{part}": torch.zeros(
+            2, len(model.config.kept_heads(f"decoder.{layer}")), 0, model.config.head_dim
+        )
         for layer in range(model.config.decoder_layers)
         for part in ("key", "value")
     }
     finished = torch.zeros(2, dtype=torch.bool)
+    produced_logits = []
     for _ in range(8):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -new.shape[1] :]
         outputs = run(onnx_session, input_ids=new, attention_mask=mask, position_ids=positions, **past)
-        new = outputs["logits"][:, -1].argmax(-1).masked_fill(finished, PAD_TOKEN_ID)[:, None]
+        produced_logits.append(outputs["logits"][:, -1])
+        new = produced_logits[-1].argmax(-1).masked_fill(finished, PAD_TOKEN_ID)[:, None]
         finished |= new[:, 0] == EOS_TOKEN_ID
         tokens, mask = torch.cat([tokens, new], dim=1), torch.cat([mask, torch.ones_like(new)], dim=1)
         past = {as_past(name): value for name, value in outputs.items() if name != "logits"}
         if finished.all():
             break
-    assert torch.equal(tokens, expected)
+    assert_same_greedy_decoding(tokens, produced_logits, expected, expected_logits)
 
 
 def test_api_replaces_files_only_when_told_and_only_after_the_check(tmp_path, monkeypatch):

@@ -1001,6 +1001,10 @@ def test_unknown_mode_is_refused():
         ("lm_head", TypeError, "pass a list of module-name patterns"),
         ([3], TypeError, "pass a list of module-name patterns"),
         (["*.ffn.fc3"], ValueError, r"the pattern '\*.ffn.fc3' matches no linear layer"),
+        # Every layer kept: the model was accepted as int8 with no int8 layer (refusing training, losing bf16
+        # attention on reload).
+        (["*"], ValueError, r"keep_float32=\['\*'\]\): the patterns keep every linear layer .* no layer is left"),
+        (["*proj", "*fc?", "lm_head"], ValueError, r"keep every linear layer of SelfAttnForConditionalGeneration"),
     ],
 )
 def test_bad_keep_float32_is_refused(keep_float32, error, message):
@@ -1008,6 +1012,7 @@ def test_bad_keep_float32_is_refused(keep_float32, error, message):
     with pytest.raises(error, match=message):
         model.quantize("int8", keep_float32=keep_float32)
     assert not [module for module in model.modules() if isinstance(module, Int8DynamicLinear)]
+    assert model.quantization_mode is None and model.train().training  # as it was: a float32 model
 
 
 def test_keep_float32_with_bf16_is_refused():
@@ -1030,6 +1035,74 @@ def test_quantizing_twice_is_refused(first, second):
     model.quantize(first)
     with pytest.raises(RuntimeError, match=f"already quantized \\('{first}'\\).*Load the float32 model again"):
         model.quantize(second)
+
+
+@pytest.mark.parametrize("second", ["int8", "bf16"])
+def test_bf16_undone_by_float_is_a_float32_model_again(second):
+    """quantization_mode follows the model: after quantize('bf16') then model.float() it is None, in the inner stacks
+    too, and the model quantizes again (it was refused as "already quantized ('bf16')")."""
+    model, inputs = make_model("seq2seq_lm")
+    model.quantize("bf16")
+    stacks = [module for module in model.modules() if hasattr(module, "save_pretrained")]
+    assert len(stacks) == 4 and {stack.quantization_mode for stack in stacks} == {"bf16"}
+    model.to("cpu")  # a move keeps the dtype, and the mode
+    assert {stack.quantization_mode for stack in stacks} == {"bf16"}
+    model.float()
+    assert {stack.quantization_mode for stack in stacks} == {None}
+    expected = float_outputs(model, inputs)  # the float32 model of bfloat16-rounded weights
+    assert model.quantize(second) is model
+    assert {stack.quantization_mode for stack in stacks} == {second}
+    errors = largest_relative_error(expected, float_outputs(model, inputs))
+    assert 0 < max(errors.values()) <= {"int8": INT8_RELATIVE_TOLERANCE, "bf16": BF16_RELATIVE_TOLERANCE}[second]
+
+
+def test_bf16_turned_to_float16_is_no_longer_bf16_and_is_refused_as_float16():
+    model, _ = make_model("sequence_classification")
+    model.quantize("bf16")
+    model.half()
+    assert model.quantization_mode is None
+    with pytest.raises(ValueError, match=r"starts from float32 weights, but .* holds \['float16'\]"):
+        model.quantize("int8")
+
+
+CONVERSIONS = {
+    "to_bfloat16": lambda module: module.to(torch.bfloat16),
+    "to_dtype_float16": lambda module: module.to("cpu", dtype=torch.float16),
+    "half": lambda module: module.half(),
+    "bfloat16": lambda module: module.bfloat16(),
+    "double": lambda module: module.double(),
+    "type": lambda module: module.type(torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("part", ["model", "encoder_stack", "embeddings", "int8_layer"])
+@pytest.mark.parametrize("conversion", sorted(CONVERSIONS))
+def test_int8_dtype_change_is_refused_before_anything_converts(conversion, part):
+    """Accepted, it converted the embeddings and LayerNorms but not the int8 layers, and the next forward failed in an
+    int8 layer: "expected scalar type Float but found BFloat16"."""
+    model, inputs = make_model("sequence_classification")
+    model.quantize("int8")
+    expected = float_outputs(model, inputs)
+    dtypes = {name: tensor.dtype for name, tensor in (*model.named_parameters(), *model.named_buffers())}
+    converted = {
+        "model": model,
+        "encoder_stack": model.model.encoder,
+        "embeddings": model.model.encoder.embeddings,
+        "int8_layer": model.classifier,
+    }[part]
+    with pytest.raises(
+        RuntimeError,
+        match=r"belongs to a model quantized with model\.quantize\('int8'\), .* cannot be converted to torch\.\w+ .*"
+        r"nothing was converted\. Keep the int8 model in float32; .* model\.quantize\('bf16'\) instead",
+    ):
+        CONVERSIONS[conversion](converted)
+    assert {name: tensor.dtype for name, tensor in (*model.named_parameters(), *model.named_buffers())} == dtypes
+    assert model.quantization_mode == "int8"
+    for name, value in float_outputs(model, inputs).items():
+        assert torch.equal(value, expected[name]), name
+    # What keeps the dtype is still allowed.
+    assert model.float() is model and model.to("cpu") is model and model.to(torch.float32) is model
+    assert model.quantization_mode == "int8"
 
 
 def test_quantize_of_a_model_not_in_float32_is_refused():
@@ -1127,6 +1200,8 @@ def test_int8_model_survives_deepcopy_and_pickling(tmp_path, int8_kernel):
             copied.train()
         with pytest.raises(RuntimeError, match="Save the float32 model instead"):
             copied.save_pretrained(tmp_path / "copy")
+        with pytest.raises(RuntimeError, match="cannot be converted to torch.float16"):
+            copied.half()
 
 
 def test_bf16_saves_and_reloads(tmp_path):

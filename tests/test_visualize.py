@@ -1,7 +1,9 @@
 import json
 import math
+import re
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 from transformers import BertTokenizerFast
@@ -299,6 +301,63 @@ def test_a_layer_out_of_range_creates_no_folder(classifier, tokenizer, tmp_path)
     with pytest.raises(ValueError, match="out of range"):
         viz.visualize(classifier, tokenizer, "the cat", tmp_path / "out", layer=5)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("layer", [2.5, 1.0, True, False, "1"])
+def test_a_layer_that_is_no_int_is_refused_before_the_model_runs(classifier, tokenizer, tmp_path, layer, monkeypatch):
+    """layer=2.5 passed the range check and failed with an IndexError once the folder was made; layer=True drew
+    layer 1."""
+    monkeypatch.setattr(viz, "record_attention", lambda *args, **kwargs: pytest.fail("the model ran"))
+    message = rf"^layer={re.escape(repr(layer))}: pass a layer index as an int .* got a {type(layer).__name__}\.$"
+    with pytest.raises(TypeError, match=message):
+        viz.visualize(classifier, tokenizer, "the cat", tmp_path / "out", layer=layer)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(TypeError, match=message):
+        viz.alignment(torch.rand(2, 4, 3, 5).softmax(-1), layer=layer)
+
+
+def test_a_layer_index_of_another_integer_type_is_taken(classifier, tokenizer, tmp_path):
+    written = viz.visualize(classifier, tokenizer, "the cat", tmp_path, layer=numpy.int64(-2))
+    assert "heads_layer0" in written
+
+
+def record_attention_of(model, tokenizer, out_dir):
+    return viz.record_attention(model, tokenizer, "the cat sat")
+
+
+def visualize_of(model, tokenizer, out_dir):
+    return viz.visualize(model, tokenizer, "the cat sat", out_dir)
+
+
+def visualize_statistics_of(model, tokenizer, out_dir):
+    return viz.visualize_statistics(model, tokenizer, ["the cat sat", "a dog"], out_dir)
+
+
+@pytest.mark.parametrize("model_name", ["classifier", "translator"])
+@pytest.mark.parametrize("api", [record_attention_of, visualize_of, visualize_statistics_of])
+def test_the_callers_attention_implementation_is_put_back(api, model_name, tokenizer, tmp_path, request, monkeypatch):
+    """The maps need eager attention; the model was left with it for good (SDPA before), also after an error."""
+    model = request.getfixturevalue(model_name)
+    assert model.config._attn_implementation == "sdpa"
+    seen = []
+    stack = viz._stack
+
+    def recording_stack(*args, **kwargs):
+        seen.append(model.config._attn_implementation)
+        return stack(*args, **kwargs)
+
+    monkeypatch.setattr(viz, "_stack", recording_stack)
+    api(model, tokenizer, tmp_path)
+    assert seen and set(seen) == {"eager"}  # the maps were made with eager attention
+    assert model.config._attn_implementation == "sdpa"
+
+    def failing_stack(*args, **kwargs):
+        raise RuntimeError("failed while eager")
+
+    monkeypatch.setattr(viz, "_stack", failing_stack)
+    with pytest.raises(RuntimeError, match="failed while eager"):
+        api(model, tokenizer, tmp_path)
+    assert model.config._attn_implementation == "sdpa"
 
 
 def test_command_line_lists_every_plot_it_writes(saved_models, tmp_path, capsys):
