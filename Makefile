@@ -37,7 +37,7 @@ endef
 
 demo:
 	$(call install,$(VENV))
-	$(VENV)/bin/python examples/quickstart.py
+	$(VENV)/bin/python examples/quickstart.py --overwrite-output-dir
 
 test:
 	$(call install,$(VENV),'transformers==$(TRANSFORMERS_FLOOR)')

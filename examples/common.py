@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import datasets
@@ -42,26 +43,96 @@ FILE_FORMATS = {
     ".jsonl": ("json", {}),
 }
 LORA_ADAPTER_FOLDER = "lora_adapter"
-# What a run leaves in --output_dir (run_seq2seq.py --train_tokenizer adds tokenizer/): a folder holding one of these
-# is the output of an earlier run, which --overwrite_output_dir may replace.
-RUN_OUTPUTS = (
-    "config.json",
-    "trainer_state.json",
-    "train_results.json",
-    "eval_results.json",
-    "all_results.json",
-    LORA_ADAPTER_FOLDER,
-    "tokenizer",
+# The modules save_pretrained copies beside a selfattn model, so that it loads with trust_remote_code=True where the
+# package is not installed: the package's own modules.
+SELFATTN_CODE_FILES = tuple(sorted(path.name for path in Path(modeling_selfattn.__file__).parent.glob("*.py")))
+# What tokenizers' save_pretrained writes, for the kinds the scripts load (fast tokenizers, SentencePiece models).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "*.model",
+    "*.spm",
 )
-OUTPUT_DIR = OutputOption(
-    "--output_dir",
-    "--overwrite_output_dir",
-    lambda path: any((path / name).exists() for name in RUN_OUTPUTS) or any(path.glob("checkpoint-*")),
-    f"training run's output ({', '.join(RUN_OUTPUTS)}, checkpoint-N)",
-    "an earlier run's output folder",
-    error=ValueError,
-    verb="Give",
-    always_replaced=False,
+
+
+@dataclass(frozen=True)
+class RunOutputs:
+    """What a script's run leaves in its output folder, as glob patterns of the folder's entries: `markers`, written
+    only by such a run (a folder holding one is an earlier run's output), and what it writes `beside` them. The
+    overwrite switch replaces the folder as a whole, so it takes an earlier run's output only, and only where the
+    folder holds nothing else: a user's own files kept there would go with it."""
+
+    run: str  # whose output it is, for messages: "training run"
+    markers: tuple[str, ...]
+    beside: tuple[str, ...] = ()
+    non_empty_why: str = "the run would write its results over what is there."
+
+    def holds_a_run(self, folder: Path) -> bool:
+        return any(matches(entry.name, self.markers) for entry in folder.iterdir())
+
+    def foreign_entries(self, folder: Path) -> list[str]:
+        """The entries of `folder` that no such run writes (folders with a trailing /), sorted."""
+        return sorted(
+            entry.name + ("/" if entry.is_dir() else "")
+            for entry in folder.iterdir()
+            if not matches(entry.name, self.markers + self.beside)
+        )
+
+    def option(self, name: str, overwrite_flag: str) -> OutputOption:
+        return OutputOption(
+            name,
+            overwrite_flag,
+            self.holds_a_run,
+            f"{self.run}'s output ({', '.join(self.markers)})",
+            f"an earlier {self.run}'s output folder",
+            error=ValueError,
+            verb="Give",
+            always_replaced=False,
+            non_empty_why=self.non_empty_why,
+        )
+
+
+def matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatchcase(name, pattern) for pattern in patterns)
+
+
+# What a run of the Trainer scripts (run_*.py) leaves in --output_dir; run_seq2seq.py --train_tokenizer adds
+# tokenizer/, --lora lora_adapter/.
+TRAINING_RUN_OUTPUTS = RunOutputs(
+    "training run",
+    markers=(
+        "config.json",
+        "trainer_state.json",
+        "train_results.json",
+        "eval_results.json",
+        "all_results.json",
+        LORA_ADAPTER_FOLDER,
+        "tokenizer",
+        "checkpoint-*",
+    ),
+    beside=(
+        # save_pretrained: weights (whole or sharded, safetensors or torch), generation settings, the model card
+        # (selfattn's), the code
+        "model.safetensors",
+        "model-*-of-*.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model*.bin",
+        "pytorch_model.bin.index.json",
+        "generation_config.json",
+        "README.md",
+        *SELFATTN_CODE_FILES,
+        *TOKENIZER_FILES,
+        # Trainer: its arguments, and TensorBoard's logs where --report_to tensorboard writes them there
+        "training_args.bin",
+        "runs",
+    ),
     non_empty_why="the run would write its model and results over what is there, and with --save_total_limit "
     "Trainer deletes the checkpoint-N folders it finds there, an earlier run's included.",
 )
@@ -195,10 +266,11 @@ class OutputArguments:
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
-            "help": "Replace an existing, non-empty --output_dir holding an earlier run's output: this run is written "
-            "in a hidden folder beside it, which replaces it only once the run has finished (a failed run leaves it "
-            "as it was). Without this flag such a folder is refused, unless --resume_from_checkpoint continues the run "
-            "saved in it."
+            "help": "Replace an existing, non-empty --output_dir holding an earlier run's output and nothing else: "
+            "this run is written in a hidden folder beside it, which replaces it only once the run has finished (a "
+            "failed run leaves it as it was). Without this flag such a folder is refused, unless "
+            "--resume_from_checkpoint continues the run saved in it; a folder that also holds other files is refused "
+            "either way."
         },
     )
 
@@ -267,64 +339,109 @@ def check_output_dir(
     there, and Trainer's --save_total_limit deletes the checkpoint-N folders it finds there, an earlier run's
     included; so the run's inputs must lie outside it (and it outside them), and an existing, non-empty folder is
     used only to continue the run saved in it (--resume_from_checkpoint inside it) or to replace it as a whole
-    (--overwrite_output_dir, then only an earlier run's output folder, not any folder that holds files)."""
+    (--overwrite_output_dir, then only an earlier run's output folder that holds nothing else)."""
     given = training_args.output_dir
+    resume = training_args.resume_from_checkpoint
+    continue_hint = f"; or, to continue the run saved there, --resume_from_checkpoint {Path(given) / 'checkpoint-N'}"
+    check_output_path(
+        given,
+        TRAINING_RUN_OUTPUTS,
+        output_args.overwrite_output_dir,
+        inputs={
+            "--model_name_or_path": model_args.model_name_or_path,
+            "--config_name": model_args.config_name,
+            "--tokenizer_name": model_args.tokenizer_name,
+            "--dataset_name": data_args.dataset_name,  # a local dataset folder; a Hub id does not exist here
+            "--train_file": data_args.train_file,
+            "--validation_file": data_args.validation_file,
+        },
+        continuing=resume is not None and Path(given).resolve() in Path(resume).resolve().parents,
+        non_empty_hint=continue_hint,
+    )
+
+
+def check_output_path(
+    given,
+    outputs: RunOutputs,
+    overwrite: bool,
+    inputs: dict,
+    name: str = "--output_dir",
+    overwrite_flag: str = "--overwrite_output_dir",
+    continuing: bool = False,
+    non_empty_hint: str = "",
+) -> None:
+    """The output folder check every example script makes before any work (ValueError naming the problem and the
+    fix): `given` (option `name`) may not be, contain or lie inside one of the `inputs` ({option: path or None});
+    it is a new folder, an empty one, one the run continues (`continuing`), or, with `overwrite_flag`, an earlier
+    run's output (`outputs`) holding nothing else, which the run then replaces as a whole (written_beside)."""
     path = Path(given).resolve()
-    inputs = {
-        "--model_name_or_path": model_args.model_name_or_path,
-        "--config_name": model_args.config_name,
-        "--tokenizer_name": model_args.tokenizer_name,
-        "--dataset_name": data_args.dataset_name,  # a local dataset folder; a Hub id does not exist here
-        "--train_file": data_args.train_file,
-        "--validation_file": data_args.validation_file,
-    }
     for option, source in inputs.items():
         if source is None or not Path(source).exists():
             continue
-        refuse_overlap(given, path, source, Path(source).resolve(), "--output_dir", option, ValueError, "Give")
-    resume = training_args.resume_from_checkpoint
-    check_output_folder(
-        Path(given),
-        OUTPUT_DIR,
-        output_args.overwrite_output_dir,
-        continuing=resume is not None and path in Path(resume).resolve().parents,
-        non_empty_hint=(
-            f"; or, to continue the run saved there, --resume_from_checkpoint {Path(given) / 'checkpoint-N'}"
-        ),
-    )
+        refuse_overlap(given, path, source, Path(source).resolve(), name, option, ValueError, "Give")
+    option = outputs.option(name, overwrite_flag)
+    check_output_folder(Path(given), option, overwrite, continuing=continuing, non_empty_hint=non_empty_hint)
+    if overwrite and path.is_dir():
+        foreign = outputs.foreign_entries(path)
+        if foreign:
+            shown = ", ".join(foreign[:10]) + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else "")
+            raise ValueError(
+                f"{name} {given} holds an earlier {outputs.run}'s output, but also entries no {outputs.run} writes: "
+                f"{shown}. {overwrite_flag} replaces the folder as a whole, which would delete them. Move them out "
+                f"of {given} first, or give a new {name}."
+            )
 
 
 @contextmanager
 def output_dir_replaced_at_the_end(training_args: TrainingArguments, output_args: OutputArguments) -> Iterator[None]:
     """The run inside this context writes to --output_dir; with --overwrite_output_dir and an --output_dir that
     holds an earlier run (check_output_dir has allowed it), to a hidden sibling that replaces --output_dir only once
-    the run has finished, so that a run that fails or is stopped leaves the earlier one as it was. The sibling is on
-    the same filesystem, so the swap is two renames (modeling_selfattn.output_folder, as selfattn-convert does). All
-    processes write to the main process's sibling; the processes that save make and swap it."""
-    final = Path(training_args.output_dir)
-    if not (output_args.overwrite_output_dir and final.is_dir() and any(final.iterdir())):
-        yield
+    the run has finished (written_beside). All processes write to the main process's sibling."""
+    final = training_args.output_dir
+    with written_beside(
+        Path(final),
+        output_args.overwrite_output_dir,
+        "--output_dir",
+        process_index=training_args.process_index,
+        should_save=training_args.should_save,
+    ) as folder:
+        training_args.output_dir = str(folder)
+        try:
+            yield
+        finally:
+            training_args.output_dir = final
+
+
+@contextmanager
+def written_beside(
+    final: Path, overwrite: bool, name: str, process_index: int = 0, should_save: bool = True
+) -> Iterator[Path]:
+    """The folder to write the output to: `final` itself, or, when `overwrite` replaces an existing, non-empty
+    `final` (check_output_path has allowed it), a hidden sibling that replaces `final` only once the block has
+    finished, so that a run that fails or is stopped leaves the earlier one as it was. The sibling is on the same
+    filesystem, so the swap is two renames (modeling_selfattn.output_folder, as selfattn-convert does). Under
+    several processes the main one (`process_index` 0) names the sibling, and those that save (`should_save`)
+    make and swap it."""
+    if not (overwrite and final.is_dir() and any(final.iterdir())):
+        yield final
         return
     target = Output(final, final.resolve())
-    name = [unique_sibling(target.path, "partial").name if training_args.process_index == 0 else None]
-    staging = target.path.with_name(broadcast_object_list(name)[0])
-    if training_args.should_save:
+    sibling = [unique_sibling(target.path, "partial").name if process_index == 0 else None]
+    staging = target.path.with_name(broadcast_object_list(sibling)[0])
+    if should_save:
         staging.mkdir(exist_ok=True)
-    logger.info("--overwrite_output_dir: the run is written in %s, which replaces %s when it ends.", staging, final)
-    training_args.output_dir = str(staging)
+    logger.info("%s: the run is written in %s, which replaces %s when it ends.", name, staging, final)
     try:
-        yield
+        yield staging
     except BaseException:
-        if training_args.should_save:
+        if should_save:
             remove(staging)
-            logger.error("The run failed: --output_dir %s is as it was; its partial output is deleted.", final)
+            logger.error("The run failed: %s %s is as it was; its partial output is deleted.", name, final)
         raise
-    finally:
-        training_args.output_dir = str(final)
     PartialState().wait_for_everyone()  # the others may still be writing into the sibling
-    if training_args.should_save:
+    if should_save:
         swap_in(target, staging)
-        logger.info("--output_dir %s now holds this run (--overwrite_output_dir).", final)
+        logger.info("%s %s now holds this run.", name, final)
 
 
 def set_up(training_args: TrainingArguments) -> None:
@@ -340,13 +457,17 @@ def set_up(training_args: TrainingArguments) -> None:
 
 
 def run_script(
-    run: Callable, task_arguments: type, argv: list[str] | None = None, training_arguments: type = TrainingArguments
+    run: Callable,
+    task_arguments: type,
+    argv: list[str] | None = None,
+    training_arguments: type = TrainingArguments,
+    data_arguments: type = DataArguments,
 ) -> dict:
     """A script's main(): its options parsed and checked, logging and the seed set up, then
     `run(model_args, data_args, task_args, training_args)` writing to --output_dir (or to the sibling that replaces
-    it, with --overwrite_output_dir)."""
+    it, with --overwrite_output_dir). `data_arguments` is DataArguments or a subclass with the task's defaults."""
     model_args, data_args, task_args, training_args, output_args = parse_arguments(
-        (ModelArguments, DataArguments, task_arguments, training_arguments, OutputArguments), argv
+        (ModelArguments, data_arguments, task_arguments, training_arguments, OutputArguments), argv
     )
     set_up(training_args)
     with output_dir_replaced_at_the_end(training_args, output_args):
@@ -359,6 +480,19 @@ def run_script(
 
 def load_raw_datasets(data_args: DataArguments, training_args: TrainingArguments) -> datasets.DatasetDict:
     """The "train" and "validation" splits the run needs, sized by --max_train_samples / --max_eval_samples."""
+    return sized_splits(load_whole_splits(data_args, training_args), data_args)
+
+
+def sized_splits(whole: datasets.DatasetDict, data_args: DataArguments) -> datasets.DatasetDict:
+    """The first --max_train_samples / --max_eval_samples examples of the splits of load_whole_splits."""
+    limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples}
+    return datasets.DatasetDict({split: first(dataset, limits[split]) for split, dataset in whole.items()})
+
+
+def load_whole_splits(data_args: DataArguments, training_args: TrainingArguments) -> datasets.DatasetDict:
+    """The "train" and "validation" splits the run needs, whole: --max_train_samples / --max_eval_samples size
+    what the run trains and evaluates on (sized_splits), not the label set, which is read from these (LabelEncoder),
+    so that a model trained on a sample still has a class for every label of the data."""
     if data_args.dataset_name is not None:
         raw = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name)
     else:
@@ -392,8 +526,7 @@ def load_raw_datasets(data_args: DataArguments, training_args: TrainingArguments
             f"{sorted(raw)}). Give --train_file / --validation_file, or --validation_split_percentage to hold out "
             "part of the training data."
         )
-    limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples}
-    return datasets.DatasetDict({split: first(raw[split], limits[split]) for split in needed})
+    return datasets.DatasetDict({split: raw[split] for split in needed})
 
 
 def first(dataset: datasets.Dataset, count: int | None) -> datasets.Dataset:
@@ -452,10 +585,14 @@ class LabelEncoder:
     ClassLabel orders its names, integer ids in numeric order (labels 0..n-1 are classes 0..n-1, as run_glue sorts
     them), and names in sorted order. A pretrained model that names its classes (other than transformers' LABEL_0,
     LABEL_1, ...) keeps its names and ids where they include all the data's labels, so that a fine-tuned model goes
-    on with its own ids (a name wins over the id its digits spell); otherwise a warning says the data's labels
-    replace them. `values` are the labels of every split, so that each has an id before any is encoded."""
+    on with its own ids (a name wins over the id its digits spell); otherwise, when `fine_tuning`, a warning says the
+    data's labels replace them. Without `fine_tuning` (evaluation only) the model is scored as it is, so its classes
+    are never replaced: labels it has no class for are refused. `values` are the labels of every split, whole
+    (load_whole_splits), so that each has an id before any is encoded, whatever part of the data the run uses."""
 
-    def __init__(self, feature, values: list, model_args: ModelArguments, option: str, sequence_head: bool):
+    def __init__(
+        self, feature, values: list, model_args: ModelArguments, option: str, sequence_head: bool, fine_tuning: bool
+    ):
         empty = sum(value is None or (isinstance(value, float) and math.isnan(value)) for value in values)
         if empty:
             raise ValueError(
@@ -468,19 +605,30 @@ class LabelEncoder:
         self.class_label_names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
         kind = label_type(feature, values)
         self.is_regression = kind == "float"
-        model_names = pretrained_label_names(model_args)
+        model = model_args.model_name_or_path
+        config = None if model is None else AutoConfig.from_pretrained(model)
+        model_names = named_classes(config)
+        # Evaluated as it is (no --do_train), a pretrained model keeps the classes it was trained on.
+        as_it_is = config is not None and not fine_tuning
         if self.is_regression:
             if not sequence_head:
                 raise ValueError(
                     f"{option} holds fractional numbers (e.g. {values[0]}), but token classification needs a class "
                     "per token: tag names or integer ids."
                 )
-            if model_names:
+            if as_it_is and config.num_labels != 1:
+                raise ValueError(
+                    f"Without --do_train, {model} is evaluated as it is: it classifies into {config.num_labels} "
+                    f"classes {list(config.id2label.values())[:20]}, but {option} holds scores (fractional numbers, "
+                    f"e.g. {values[0]}). Evaluate a model that regresses scores (num_labels 1), or add --do_train to "
+                    "fine-tune this one on them."
+                )
+            if model_names and not as_it_is:
                 logger.warning(
                     "The pretrained model %s names its classes %s, but %s holds scores (fractional numbers): the "
                     "fine-tuned model regresses them with a single output instead (num_labels 1, problem_type "
                     "regression).",
-                    model_args.model_name_or_path, list(model_names), option,
+                    model, list(model_names), option,
                 )  # fmt: skip
             self.names = []
             return
@@ -492,6 +640,10 @@ class LabelEncoder:
             found = sorted({str(value) for value in values})
         if model_names and set(found) <= set(model_names):
             self.names = sorted(model_names, key=model_names.get)
+        elif as_it_is:
+            self.names = unnamed_classes_as_labels(
+                config, found, kind, self.class_label_names is not None, model, option, model_names
+            )
         else:
             if model_names:
                 logger.warning(
@@ -499,8 +651,7 @@ class LabelEncoder:
                     "fine-tuned model takes the data's labels %s as its classes instead (class i is the data's i-th "
                     "label, whatever the model's class i meant). To keep the model's classes, write the labels as "
                     "the model names them.",
-                    model_args.model_name_or_path, list(model_names), option,
-                    sorted(set(found) - set(model_names))[:10], found[:20],
+                    model, list(model_names), option, sorted(set(found) - set(model_names))[:10], found[:20],
                 )  # fmt: skip
             self.names = found
         self.ids = {name: index for index, name in enumerate(self.names)}
@@ -544,16 +695,42 @@ def label_type(feature, values: list) -> str:
     return "name"
 
 
-def pretrained_label_names(model_args: ModelArguments) -> dict[str, int]:
-    """The pretrained model's label2id where it names its classes; {} for a new model, and for transformers'
+def named_classes(config) -> dict[str, int]:
+    """A pretrained model's label2id where it names its classes; {} for a new model (None), and for transformers'
     placeholder names LABEL_0, LABEL_1, ... (a model never trained on named labels)."""
-    if model_args.model_name_or_path is None:
+    if config is None:
         return {}
-    config = AutoConfig.from_pretrained(model_args.model_name_or_path)
     label2id = {str(name): int(index) for name, index in (config.label2id or {}).items()}
     if label2id == {f"LABEL_{index}": index for index in range(len(label2id))}:
         return {}
     return label2id
+
+
+def unnamed_classes_as_labels(
+    config, found: list[str], kind: str, class_label: bool, model: str, option: str, model_names: dict
+) -> list[str]:
+    """The class names of a pretrained model evaluated as it is, for data whose labels `found` it does not all name:
+    refused where it names its classes (it has none for some labels); where it does not (LABEL_0, LABEL_1, ...), the
+    data's class ids are its classes, so they must be integers 0..num_labels-1, or the ids of a ClassLabel of
+    num_labels names."""
+    if model_names:
+        missing = sorted(set(found) - set(model_names))
+        raise ValueError(
+            f"Without --do_train, {model} is evaluated as it is, with its classes {list(model_names)[:20]}; {option} "
+            f"holds labels it has no class for: {missing[:10]}. Evaluate on data labelled with the model's classes "
+            "(leave out the examples with other labels), or add --do_train to fine-tune it on these labels."
+        )
+    count = config.num_labels
+    if class_label and len(found) == count:
+        return found  # a ClassLabel's ids are its positions
+    ids = [str(index) for index in range(count)]
+    if kind == "int" and set(found) <= set(ids):
+        return ids
+    raise ValueError(
+        f"Without --do_train, {model} is evaluated as it is, but it does not name its {count} classes (LABEL_0 .. "
+        f"LABEL_{count - 1}), so {option}'s labels {found[:10]} cannot be matched to them. Give the labels as its "
+        f"class ids 0..{count - 1}, or add --do_train to fine-tune it on these labels."
+    )
 
 
 def tokenize_splits(
@@ -600,15 +777,20 @@ def position_limit(model_args: ModelArguments) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
 
-def capped_length(option: str, requested: int, tokenizer, model_args: ModelArguments) -> int:
-    """The token count `option` asks for, capped at what the tokenizer and the model support: longer inputs
-    would fail at the first step, on the model's position table. Like transformers' run_glue, the cap is
-    taken with a warning rather than refused."""
+def length_limit(tokenizer, model_args: ModelArguments) -> tuple[int, str]:
+    """The most tokens the tokenizer and the model support, and which of them sets it: longer inputs would fail
+    at the first step, on the model's position table."""
     limits = [
         (tokenizer.model_max_length, "the tokenizer's model_max_length"),
         (position_limit(model_args), "the model's max_position_embeddings"),
     ]
-    limit, source = min((limit, source) for limit, source in limits if limit is not None)
+    return min((limit, source) for limit, source in limits if limit is not None)
+
+
+def capped_length(option: str, requested: int, tokenizer, model_args: ModelArguments) -> int:
+    """The token count `option` asks for, capped at length_limit. Like transformers' run_glue, the cap is taken
+    with a warning rather than refused."""
+    limit, source = length_limit(tokenizer, model_args)
     if requested > limit:
         logger.warning("%s %d is more than %s (%d); using %d.", option, requested, source, limit, limit)
         return limit
@@ -688,11 +870,15 @@ def train_evaluate_save(
     compute_metrics: Callable | None = None,
     derived_eval_metrics: Callable[[dict], dict] | None = None,
     trainer_class: type = Trainer,
+    examples: datasets.DatasetDict | None = None,
+    rows_are: str | None = None,
 ) -> dict:
     """Trains `model` (in LoRA adapters with --lora) on data["train"] (resuming from --resume_from_checkpoint if
     given), saves it in --output_dir, evaluates it on data["validation"], and writes train_results.json /
     eval_results.json / all_results.json there. Returns the metrics of both; `derived_eval_metrics(eval_metrics)`
-    adds metrics computed from the evaluation's (e.g. perplexity).
+    adds metrics computed from the evaluation's (e.g. perplexity). train_samples / eval_samples count the examples:
+    the rows of `data` where each is one, else those of `examples` (the raw splits), with the rows of `data` counted
+    as train_<rows_are> / eval_<rows_are> (run_qa's windows, run_mlm's blocks).
 
     With --lora the adapter goes to OUTPUT_DIR/lora_adapter and the merged model to OUTPUT_DIR: the merge is
     done on a freshly built base model (`build_model()`) with the saved adapter, which works however the
@@ -709,7 +895,7 @@ def train_evaluate_save(
     metrics = {}
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-        train_metrics = {**result.metrics, "train_samples": len(trainer.train_dataset)}
+        train_metrics = {**result.metrics, **sizes("train", data, examples, rows_are)}
         trainer.log_metrics("train", train_metrics)
         trainer.save_metrics("train", train_metrics)
         trainer.save_state()
@@ -719,13 +905,23 @@ def train_evaluate_save(
         else:
             trainer.save_model()
     if training_args.do_eval:
-        eval_metrics = {**trainer.evaluate(), "eval_samples": len(trainer.eval_dataset)}
+        eval_metrics = {**trainer.evaluate(), **sizes("validation", data, examples, rows_are)}
         if derived_eval_metrics is not None:
             eval_metrics.update(derived_eval_metrics(eval_metrics))
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
     return metrics
+
+
+def sizes(
+    split: str, data: datasets.DatasetDict, examples: datasets.DatasetDict | None, rows_are: str | None
+) -> dict[str, int]:
+    """<prefix>_samples, the examples of `split`, and where the model's rows are something else, their count."""
+    prefix = "train" if split == "train" else "eval"
+    if rows_are is None:
+        return {f"{prefix}_samples": len(data[split])}
+    return {f"{prefix}_samples": len(examples[split]), f"{prefix}_{rows_are}": len(data[split])}
 
 
 def save_merged_lora_model(trainer, build_model: Callable, tokenizer) -> None:

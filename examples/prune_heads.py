@@ -12,6 +12,8 @@ fraction of the heads, the least important ones are pruned, and, for comparison,
 --batch_size: after the accuracy pass, --speed_runs rounds each time every model in turn, and a model's figure is its
 median over the rounds. The files are `text<TAB>label` lines (GLUE's
 layout, with its header). Writes results.json and head_importance.png to --output_dir and prints a Markdown table.
+An existing, non-empty --output_dir is refused before any work, unless --overwrite_output_dir replaces an earlier
+run's output (those two files and nothing else), as the other example scripts do (common.check_output_path).
 """
 
 import argparse
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import RunOutputs, check_output_path, written_beside
 from transformers import AutoTokenizer
 
 from modeling_selfattn import SelfAttnForSequenceClassification
@@ -33,6 +36,8 @@ from modeling_selfattn.visualize import plot_head_importance, read_labelled_text
 
 
 FINE_TUNE_LEARNING_RATE = 2e-5
+RESULTS_FILE, IMPORTANCE_PLOT = "results.json", "head_importance.png"
+OUTPUTS = RunOutputs("prune_heads.py run", markers=(RESULTS_FILE, IMPORTANCE_PLOT))
 
 
 def parse_arguments(argv=None) -> argparse.Namespace:
@@ -41,6 +46,12 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--train_file", required=True, help="labelled sentences for the importance (text<TAB>label)")
     parser.add_argument("--validation_file", required=True, help="labelled sentences for accuracy and speed")
     parser.add_argument("--output_dir", default="outputs/prune_heads")
+    parser.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help=f"replace an existing --output_dir holding an earlier run's output ({RESULTS_FILE}, {IMPORTANCE_PLOT}) "
+        "and nothing else, once this run has finished",
+    )
     parser.add_argument("--fractions", default="0,0.25,0.5", help="shares of all heads to prune, comma-separated")
     parser.add_argument("--random_seeds", default="0,1,2", help="one random pruning per seed, comma-separated")
     parser.add_argument("--importance_samples", type=int, default=512)
@@ -139,6 +150,21 @@ def random_heads(num_layers: int, num_heads: int, count: int, seed: int) -> dict
 
 def main(argv=None) -> dict:
     args = parse_arguments(argv)
+    try:
+        check_output_path(
+            args.output_dir,
+            OUTPUTS,
+            args.overwrite_output_dir,
+            inputs={"--model": args.model, "--train_file": args.train_file, "--validation_file": args.validation_file},
+        )
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    with written_beside(Path(args.output_dir), args.overwrite_output_dir, "--output_dir") as output_dir:
+        return prune_and_measure(args, output_dir)
+
+
+def prune_and_measure(args: argparse.Namespace, output_dir: Path) -> dict:
+    """The run, writing its files to `output_dir`."""
     model = SelfAttnForSequenceClassification.from_pretrained(args.model).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     config = model.config
@@ -159,9 +185,8 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     importance = head_importance(model, importance_batches)
     importance_seconds = time.perf_counter() - start
-    output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    plot_head_importance(importance, output_dir / "head_importance.png", f"head importance ({len(sample)} sentences)")
+    plot_head_importance(importance, output_dir / IMPORTANCE_PLOT, f"head importance ({len(sample)} sentences)")
 
     num_layers, num_heads = importance.shape
     total_heads = num_layers * num_heads
@@ -214,7 +239,7 @@ def main(argv=None) -> dict:
         "fine_tune_steps": args.fine_tune_steps,
         "rows": rows,
     }
-    (output_dir / "results.json").write_text(json.dumps(results, indent=1))
+    (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=1))
     print(markdown_table(rows))
     return results
 

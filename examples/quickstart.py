@@ -13,6 +13,11 @@
 
     python examples/quickstart.py            # defaults
     python examples/quickstart.py --help
+
+It writes into --output-dir (default outputs/quickstart) the folders minilm-selfattn/, trainer/, model/ and
+attention/. An existing, non-empty --output-dir is refused before any work, unless --overwrite-output-dir replaces
+an earlier run's output (those folders and nothing else) once this run has finished, as the other example scripts
+do (common.check_output_path).
 """
 
 import argparse
@@ -31,6 +36,8 @@ HELD_OUT = 0.2  # share of --data held out for the accuracy, split stratified by
 # all-MiniLM-L6-v2's shape, the one preset --init pretrained can start.
 PRETRAINED_PRESET = "minilm-l6-h384"
 NEW_SENTENCES = ["The waiter was friendly and the noodles were delicious.", "The film was long, dull and badly acted."]
+# What a run writes in --output-dir: the converted checkpoint, Trainer's folder, the fine-tuned model, the pictures.
+CONVERTED_FOLDER, TRAINER_FOLDER, MODEL_FOLDER, ATTENTION_FOLDER = "minilm-selfattn", "trainer", "model", "attention"
 SIMILARITY_SENTENCES = [
     "A man is playing a guitar on stage.",
     "Someone performs music with a guitar.",
@@ -73,6 +80,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--output-dir", type=Path, default=Path("outputs/quickstart"), help="where the model is saved"
     )
+    parser.add_argument(
+        "--overwrite-output-dir",
+        action="store_true",
+        help="replace an existing --output-dir holding an earlier run's output (and nothing else) once this run has "
+        "finished",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, the initialisation and the training")
     args = parser.parse_args(argv)
     # All before the conversion and the training, which take minutes.
@@ -94,6 +107,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         check_split(args.sentences)
     except ValueError as error:
         parser.error(f"--data {args.data}: {error}")
+    from common import RunOutputs, check_output_path  # imported here so that --help is instant
+
+    outputs = RunOutputs(
+        "quickstart run", markers=(CONVERTED_FOLDER, TRAINER_FOLDER, MODEL_FOLDER, ATTENTION_FOLDER)
+    )
+    try:
+        check_output_path(
+            args.output_dir, outputs, args.overwrite_output_dir, inputs={"--data": args.data},
+            name="--output-dir", overwrite_flag="--overwrite-output-dir",
+        )  # fmt: skip
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -158,6 +183,22 @@ def check_split(sentences: dict[str, list]) -> None:
 def main(argv=None) -> dict:
     """Runs the quickstart; returns the held-out accuracy, the saved model's folder and its predictions."""
     args = parse_args(argv)
+    from common import written_beside
+
+    with written_beside(args.output_dir, args.overwrite_output_dir, "--output-dir") as work_dir:
+        result = run(args, work_dir)
+    # With --overwrite-output-dir the run was written beside --output-dir, which now holds it.
+    pictures = {name: args.output_dir / path.relative_to(work_dir) for name, path in result["pictures"].items()}
+    return {**result, "model_dir": args.output_dir / MODEL_FOLDER, "pictures": pictures}
+
+
+def run(args: argparse.Namespace, work_dir: Path) -> dict:
+    """The quickstart, writing to `work_dir` (--output-dir, or the folder that replaces it at the end); what it
+    prints names --output-dir."""
+
+    def shown(path: Path) -> Path:
+        return args.output_dir / path.relative_to(work_dir)
+
     started = time.perf_counter()
 
     # Imported after parsing so that --help is instant.
@@ -190,7 +231,7 @@ def main(argv=None) -> dict:
             f"preset {args.preset} has {config.vocab_size} token ids; the tokenizer needs {len(tokenizer)}"
         )
     if args.init == "pretrained":
-        converted = convert_and_verify(args.output_dir / "minilm-selfattn")
+        converted = convert_and_verify(work_dir / CONVERTED_FOLDER)
         print_similarities(converted, tokenizer)
         model = SelfAttnForSequenceClassification.from_pretrained(
             converted, id2label=config.id2label, label2id=config.label2id
@@ -212,7 +253,7 @@ def main(argv=None) -> dict:
     trainer = Trainer(
         model=model,
         args=TrainingArguments(
-            output_dir=str(args.output_dir / "trainer"),
+            output_dir=str(work_dir / TRAINER_FOLDER),
             max_steps=args.max_steps,
             per_device_train_batch_size=args.batch_size,
             per_device_eval_batch_size=64,
@@ -236,10 +277,10 @@ def main(argv=None) -> dict:
     held_out_accuracy = trainer.evaluate()["eval_accuracy"]
     print(f"held-out accuracy: {held_out_accuracy:.3f} on {len(splits['test'])} sentences")
 
-    model_dir = args.output_dir / "model"
+    model_dir = work_dir / MODEL_FOLDER
     trainer.save_model(str(model_dir))  # weights, config, model code, README.md model card, tokenizer
     reloaded = AutoModelForSequenceClassification.from_pretrained(model_dir)
-    print(f"saved to {model_dir} and reloaded as {type(reloaded).__name__}")
+    print(f"saved to {shown(model_dir)} and reloaded as {type(reloaded).__name__}")
 
     classify = pipeline("text-classification", model=reloaded, tokenizer=AutoTokenizer.from_pretrained(model_dir))
     predictions = classify(NEW_SENTENCES)
@@ -248,9 +289,10 @@ def main(argv=None) -> dict:
 
     from modeling_selfattn.visualize import visualize
 
-    pictures = visualize(reloaded, classify.tokenizer, NEW_SENTENCES[1], args.output_dir / "attention", layer=-1)
+    pictures = visualize(reloaded, classify.tokenizer, NEW_SENTENCES[1], work_dir / ATTENTION_FOLDER, layer=-1)
     ranking = json.loads(pictures["numbers"].read_text())["relevance_to_first_token"]
-    print(f"attention of the top layer's heads: {pictures[next(iter(pictures))]}; rollout: {pictures['rollout']}")
+    print(f"attention of the top layer's heads: {shown(pictures[next(iter(pictures))])}; rollout: "
+          f"{shown(pictures['rollout'])}")  # fmt: skip
     print("  tokens most relevant to [CLS] (rollout): " + ", ".join(token for token, _ in ranking[:6]))
     print(f"done in {time.perf_counter() - started:.1f} s")
     return {"accuracy": held_out_accuracy, "model_dir": model_dir, "predictions": predictions, "pictures": pictures}

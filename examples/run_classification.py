@@ -17,12 +17,13 @@ import numpy as np
 from common import (
     LabelEncoder,
     load_model,
-    load_raw_datasets,
     load_tokenizer,
+    load_whole_splits,
     pick_column,
     require_columns,
     run_script,
     sequence_length,
+    sized_splits,
     tokenize_splits,
     train_evaluate_save,
 )
@@ -51,22 +52,25 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def run(model_args, data_args, task_args, training_args) -> dict:
-    raw = load_raw_datasets(data_args, training_args)
-    reference_split = raw["train"] if "train" in raw else raw["validation"]
+    whole = load_whole_splits(data_args, training_args)
+    reference_split = whole["train"] if "train" in whole else whole["validation"]
     text_column = pick_column(reference_split, task_args.text_column, ("sentence", "text"), "--text_column")
     columns = [text_column, task_args.label_column] + (
         [task_args.text_pair_column] if task_args.text_pair_column else []
     )
-    for split in raw.values():
+    for split in whole.values():
         require_columns(split, columns, "--text_column / --text_pair_column / --label_column")
 
+    # The classes are every label of the data, not only those of the examples --max_*_samples keeps.
     labels = LabelEncoder(
         reference_split.features[task_args.label_column],
-        [value for split in raw.values() for value in split[task_args.label_column]],
+        [value for split in whole.values() for value in split[task_args.label_column]],
         model_args,
         "--label_column",
         sequence_head=True,
+        fine_tuning=training_args.do_train,
     )
+    raw = sized_splits(whole, data_args)
     tokenizer = load_tokenizer(model_args)
     max_length = sequence_length(data_args, tokenizer, model_args)
 

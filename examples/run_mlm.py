@@ -98,6 +98,8 @@ def run(model_args, data_args, task_args, training_args) -> dict:
         tokenizer=tokenizer,
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm_probability=task_args.mlm_probability),
         derived_eval_metrics=lambda metrics: {"eval_perplexity": math.exp(metrics["eval_loss"])},
+        examples=raw,
+        rows_are="blocks",
     )
 
 

@@ -4,8 +4,10 @@
         --validation_file squad_dev.jsonl --do_train --do_eval --output_dir out/squad
 
 The data follows the SQuAD schema: id, question, context and answers = {"text": [...], "answer_start": [...]}
-(character offsets into the context). A context longer than --max_seq_length is cut into overlapping windows
-(--doc_stride tokens shared between neighbours); each window is trained to point at the answer, or at its first
+(character offsets into the context). A question and its context longer than --max_seq_length (default 384, capped
+at what the model reads) is cut into overlapping windows of the context, each with the question (--doc_stride
+tokens shared between neighbours; default 128, or less where the windows are short: half of what a window holds
+of the context after the longest question); each window is trained to point at the answer, or at its first
 token when the answer is not inside it. At evaluation the best-scoring span over all windows of a question,
 mapped back to characters with the tokenizer's offsets, is its predicted answer.
 """
@@ -15,9 +17,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from common import (
+    DataArguments,
     load_model,
     load_raw_datasets,
     load_tokenizer,
+    logger,
     require_at_least,
     require_columns,
     run_script,
@@ -33,11 +37,27 @@ from modeling_selfattn import SelfAttnForQuestionAnswering
 COLUMNS = ("id", "question", "context", "answers")
 # Kept with each evaluation window to map predictions back to text; not model inputs.
 WINDOW_COLUMNS = ["example_id", "offset_mapping"]
+# transformers' run_qa.py defaults: a window of 384 tokens, neighbours sharing 128.
+DEFAULT_MAX_SEQ_LENGTH, DEFAULT_DOC_STRIDE = 384, 128
+
+
+@dataclass
+class QuestionAnsweringDataArguments(DataArguments):
+    max_seq_length: int = field(
+        default=DEFAULT_MAX_SEQ_LENGTH,
+        metadata={"help": "Tokens of a window: the question, a stretch of the context and the special tokens."},
+    )
 
 
 @dataclass
 class QuestionAnsweringArguments:
-    doc_stride: int = field(default=128, metadata={"help": "Tokens shared by neighbouring windows of a long context."})
+    doc_stride: int | None = field(
+        default=None,
+        metadata={
+            "help": f"Tokens shared by neighbouring windows of a long context (default {DEFAULT_DOC_STRIDE}, or half "
+            "of what a window holds of the context after the longest question where that is less)."
+        },
+    )
     n_best_size: int = field(
         default=20, metadata={"help": "Start and end candidates per window considered when picking the answer."}
     )
@@ -113,8 +133,45 @@ def best_answers(examples, windows, start_logits, end_logits, n_best_size: int, 
     return answers
 
 
+def window_stride(raw, tokenizer, max_length: int, doc_stride: int | None) -> int:
+    """--doc_stride, checked (before tokenizing, where the tokenizer would fail with a bare panic) against the
+    context tokens a window holds: --max_seq_length less the longest question and the special tokens. A window
+    must hold more context tokens than it shares with the next; by default it shares DEFAULT_DOC_STRIDE, or half
+    of what it holds where that is less."""
+    questions = [(example_id, question.lstrip()) for split in raw.values()
+                 for example_id, question in zip(split["id"], split["question"])]  # fmt: skip
+    lengths = tokenizer([question for _, question in questions], add_special_tokens=False)["input_ids"]
+    longest = max(range(len(questions)), key=lambda index: len(lengths[index]))
+    question_tokens, special_tokens = len(lengths[longest]), tokenizer.num_special_tokens_to_add(pair=True)
+    room = max_length - question_tokens - special_tokens
+    longest_question = f"the longest question ({question_tokens} tokens, id {questions[longest][0]})"
+    if room < 1:
+        raise ValueError(
+            f"--max_seq_length {max_length} leaves no room for the context after {longest_question} and "
+            f"{special_tokens} special tokens: give a --max_seq_length above {question_tokens + special_tokens}, or "
+            "leave out the longest questions."
+        )
+    if doc_stride is None:
+        stride = min(DEFAULT_DOC_STRIDE, room // 2)
+        if stride < DEFAULT_DOC_STRIDE:
+            logger.info("--doc_stride %d: half of the %d context tokens a window holds.", stride, room)
+        return stride
+    if doc_stride >= room:
+        raise ValueError(
+            f"--doc_stride {doc_stride} must be less than the context tokens a window holds: --max_seq_length "
+            f"{max_length} leaves {room} after {longest_question} and {special_tokens} special tokens. Give a "
+            f"--doc_stride below {room}, or a larger --max_seq_length."
+        )
+    if doc_stride >= max_length // 2:
+        raise ValueError(
+            f"--doc_stride {doc_stride} must be below half of --max_seq_length {max_length}: give a --doc_stride "
+            f"below {max_length // 2}, or a larger --max_seq_length."
+        )
+    return doc_stride
+
+
 def main(argv: list[str] | None = None) -> dict:
-    return run_script(run, QuestionAnsweringArguments, argv)
+    return run_script(run, QuestionAnsweringArguments, argv, data_arguments=QuestionAnsweringDataArguments)
 
 
 def run(model_args, data_args, task_args, training_args) -> dict:
@@ -125,11 +182,10 @@ def run(model_args, data_args, task_args, training_args) -> dict:
     if not tokenizer.is_fast or tokenizer.padding_side != "right":
         raise ValueError("run_qa.py needs a fast tokenizer (for offsets) that pads on the right.")
     max_length = sequence_length(data_args, tokenizer, model_args)
-    if task_args.doc_stride >= max_length // 2:
-        raise ValueError(f"--doc_stride {task_args.doc_stride} must be below half of the sequence length {max_length}.")
+    doc_stride = window_stride(raw, tokenizer, max_length, task_args.doc_stride)
 
     windows = tokenize_splits(
-        raw, training_args, data_args, lambda batch: window_features(batch, tokenizer, max_length, task_args.doc_stride)
+        raw, training_args, data_args, lambda batch: window_features(batch, tokenizer, max_length, doc_stride)
     )
 
     def build_model():
@@ -161,6 +217,8 @@ def run(model_args, data_args, task_args, training_args) -> dict:
         tokenizer=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=compute_metrics,
+        examples=raw,
+        rows_are="windows",
     )
 
 

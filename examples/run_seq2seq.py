@@ -259,7 +259,7 @@ def run(model_args, data_args, task_args, training_args) -> dict:
         else:
             references = [[target] for target in sources_and_targets(validation[:])[1]]
         scores = (translation_metrics if task_args.is_translation else rouge_metrics)(hypotheses, references)
-        scores["generated_length"] = float(np.mean((predicted != tokenizer.pad_token_id).sum(axis=-1)))
+        scores["generated_length"] = float(np.mean(generated_lengths(predicted, special_ids, tokenizer)))
         return scores
 
     if task_args.references_column is not None and "validation" in raw:
@@ -341,6 +341,16 @@ def tokenizer_decoder_ids(tokenizer) -> dict:
             f"The tokenizer defines no token for {missing}: a seq2seq model needs a start, end and pad token."
         )
     return ids
+
+
+def generated_lengths(sequences: np.ndarray, special_ids: dict, tokenizer) -> np.ndarray:
+    """The tokens of each generated sequence that its text is made of: without the special ones around them, the
+    model's decoder start, end (eos_token_id, one id or several) and padding, nor any other special token of the
+    tokenizer (a forced <s>), which batch_decode(skip_special_tokens=True) leaves out of the scored text too."""
+    eos = special_ids["eos_token_id"]
+    special = {special_ids["decoder_start_token_id"], special_ids["pad_token_id"], *tokenizer.all_special_ids}
+    special.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    return np.isin(sequences, [token for token in special if token is not None], invert=True).sum(axis=-1)
 
 
 def described(ids: dict) -> str:

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -445,20 +446,51 @@ def test_overwrite_output_dir_replaces_an_earlier_run_only_once_the_run_has_fini
     examples, data_dir, tokenizer_dir, encoder_config, tmp_path
 ):
     """--overwrite_output_dir writes the run beside --output_dir and swaps it in at the end: a run that fails
-    leaves the earlier run as it was (and no partial folder), one that finishes replaces it whole."""
-    output = earlier_run(tmp_path / "out")
-    before = folder_contents(output)
-    options = ["--config_name", str(encoder_config), "--tokenizer_name", str(tokenizer_dir), "--overwrite_output_dir",
+    leaves the earlier run as it was (and no partial folder), one that finishes replaces it whole. The earlier run
+    is a real one (model, code, tokenizer, results, a checkpoint): all it wrote is recognised as a run's output."""
+    output = tmp_path / "out"
+    options = ["--config_name", str(encoder_config), "--tokenizer_name", str(tokenizer_dir),
                "--train_file", str(data_dir / "sentiment_train.jsonl"), "--validation_file", str(data_dir / "sentiment_dev.tsv"),
                *trainer_options(output, steps=1)]  # fmt: skip
+    examples["run_classification"].main([*options, "--save_strategy", "steps", "--save_steps", "1"])
+    assert (output / "checkpoint-1").is_dir() and (output / "model.safetensors").is_file()
+    assert examples["common"].TRAINING_RUN_OUTPUTS.foreign_entries(output) == []
+    before = folder_contents(output)
+    options.append("--overwrite_output_dir")
     with pytest.raises(ValueError, match="name the right one with --text_column"):  # fails once the run has begun
         examples["run_classification"].main([*options, "--text_column", "review"])
     assert folder_contents(output) == before and siblings(output) == []
 
     metrics = examples["run_classification"].main(options)
-    assert siblings(output) == [] and not (output / "checkpoint-500").exists()
+    assert siblings(output) == [] and not (output / "checkpoint-1").exists()
     assert json.loads((output / "config.json").read_text())["model_type"] == "selfattn"
     assert saved_results(output)["eval_accuracy"] == metrics["eval_accuracy"]
+
+
+def users_files_beside_an_earlier_run(folder: Path) -> Path:
+    """An earlier run's output folder in which the user also keeps files of their own."""
+    earlier_run(folder)
+    (folder / "my_notes.txt").write_text("my notes")
+    (folder / "my_analysis").mkdir()
+    (folder / "my_analysis" / "a.txt").write_text("my analysis")
+    return folder
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_overwrite_output_dir_refuses_a_folder_that_also_holds_other_files(examples, script, tmp_path):
+    """--overwrite_output_dir replaced a folder holding an earlier run's config.json whole, the user's own files in
+    it included: such a folder is refused before any work, naming those files and the fix."""
+    output = users_files_beside_an_earlier_run(tmp_path / "out")
+    before = folder_contents(output)
+    with pytest.raises(ValueError, match=rf"^--output_dir {output} holds an earlier training run's output, but also "
+                       r"entries no training run writes: my_analysis/, my_notes.txt\. --overwrite_output_dir replaces "
+                       rf"the folder as a whole, which would delete them\. Move them out of {output} first, or give a "
+                       r"new --output_dir\.$"):  # fmt: skip
+        examples[script].main(
+            ["--model_name_or_path", "x", "--train_file", "missing.jsonl", *trainer_options(output),
+             "--overwrite_output_dir"]
+        )  # fmt: skip
+    assert folder_contents(output) == before and siblings(output) == []
 
 
 def test_resume_from_checkpoint_continues_in_its_own_output_dir(
@@ -712,9 +744,33 @@ def test_class_label_ids_are_mapped_onto_the_pretrained_models_names(examples, t
     model = named_classifier(tmp_path / "model", tokenizer_dir, ["positive", "negative"])
     feature = datasets.ClassLabel(names=["negative", "positive"])
     labels = common.LabelEncoder(feature, [0, 1, 1], common.ModelArguments(model_name_or_path=str(model)),
-                                 "--label_column", sequence_head=True)  # fmt: skip
+                                 "--label_column", sequence_head=True, fine_tuning=True)  # fmt: skip
     assert labels.encode([0, 1, 1]) == [1, 0, 0]
     assert labels.config_fields()["id2label"] == {0: "positive", 1: "negative"}
+
+
+@pytest.mark.parametrize(
+    "names,message",
+    [(["bad", "good"], r"^Without --do_train, \S+ is evaluated as it is, with its classes \['bad', 'good'\]; "
+      r"--label_column holds labels it has no class for: \['negative', 'positive'\]\. Evaluate on data labelled with "
+      r"the model's classes .*, or add --do_train to fine-tune it on these labels\.$"),
+     (None, r"^Without --do_train, \S+ is evaluated as it is, but it does not name its 2 classes \(LABEL_0 \.\. "
+      r"LABEL_1\), so --label_column's labels \['negative', 'positive'\] cannot be matched to them\. Give the labels "
+      r"as its class ids 0\.\.1, or add --do_train")],
+    ids=["other_names", "unnamed_classes"],
+)  # fmt: skip
+def test_evaluating_a_model_as_it_is_never_replaces_its_classes(
+    examples, data_dir, tokenizer_dir, bert_dir, tmp_path, names, message
+):
+    """Without --do_train the model is scored as it is: its classes were replaced by the data's (with a warning)
+    and evaluated under a mapping the model never learnt, or the head was resized and the load failed. Labels it has
+    no class for are refused before the model is loaded."""
+    model = bert_dir if names is None else named_classifier(tmp_path / "model", tokenizer_dir, names)
+    options = [option for option in trainer_options(tmp_path / "out") if option != "--do_train"]
+    with pytest.raises(ValueError, match=message):
+        examples["run_classification"].main(
+            ["--model_name_or_path", str(model), "--validation_file", str(data_dir / "sentiment_dev.tsv"), *options]
+        )  # fmt: skip
 
 
 def test_lora_saves_the_adapter_and_a_merged_model_equal_to_base_plus_adapter(examples, data_dir, bert_dir, tmp_path):
@@ -776,6 +832,115 @@ def test_ner_reports_entity_scores_and_saves_a_token_classifier(
         assert 0.0 <= metrics[name] <= 1.0
     model = SelfAttnForTokenClassification.from_pretrained(tmp_path)
     assert set(model.config.label2id) == {"O", "B-person", "B-location", "I-location"}
+
+
+def test_the_classes_are_every_label_of_the_data_not_only_of_the_sample_used(
+    examples, data_dir, tokenizer_dir, encoder_config, tmp_path
+):
+    """--max_train_samples cut the label set down to the tags of the sample (WNUT-17: 12 of 13, I-corporation
+    missing), and an evaluation of that model on the full validation data then failed on its resized head. The
+    classes come from the whole splits; a model evaluated as it is keeps its classes, and labels it has no class
+    for are refused, naming them."""
+    rare = {"tokens": ["Alice", "is", "a", "baker"], "ner_tags": ["B-person", "O", "O", "B-job"]}
+    train = write_jsonl(tmp_path / "train.jsonl", [*ner_rows(12, 1), rare])
+    examples["run_ner"].main(
+        ["--config_name", str(encoder_config), "--tokenizer_name", str(tokenizer_dir), "--train_file", str(train),
+         "--validation_file", str(data_dir / "ner_dev.jsonl"), "--max_train_samples", "8", "--max_eval_samples", "4",
+         *trainer_options(tmp_path / "model")]
+    )  # fmt: skip
+    label2id = SelfAttnForTokenClassification.from_pretrained(tmp_path / "model").config.label2id
+    assert set(label2id) == {"O", "B-person", "B-location", "I-location", "B-job"}
+
+    def evaluation_only(output_dir: Path) -> list[str]:
+        return [option for option in trainer_options(output_dir) if option != "--do_train"]
+
+    metrics = examples["run_ner"].main(
+        ["--model_name_or_path", str(tmp_path / "model"), "--validation_file", str(data_dir / "ner_dev.jsonl"),
+         *evaluation_only(tmp_path / "eval")]
+    )  # fmt: skip
+    assert 0.0 <= metrics["eval_f1"] <= 1.0 and metrics["eval_samples"] == 12
+
+    unknown = {"tokens": ["Bruno", "drives", "a", "Volvo"], "ner_tags": ["B-person", "O", "O", "B-product"]}
+    dev = write_jsonl(tmp_path / "dev.jsonl", [*ner_rows(4, 2), unknown])
+    with pytest.raises(ValueError, match=r"^Without --do_train, \S+ is evaluated as it is, with its classes "
+                       r"\[.*\]; --tags_column holds labels it has no class for: \['B-product'\]\. .*or add "
+                       "--do_train"):  # fmt: skip
+        examples["run_ner"].main(
+            ["--model_name_or_path", str(tmp_path / "model"), "--validation_file", str(dev),
+             *evaluation_only(tmp_path / "eval_unknown")]
+        )  # fmt: skip
+
+
+def test_truncated_words_count_as_predicted_outside_and_are_reported(
+    examples, data_dir, tokenizer_dir, encoder_config, tmp_path, caplog
+):
+    """Words past --max_seq_length were left out of the metric, their gold entities with them (WNUT-17 at 24
+    tokens: 625 of 4,447 words, 24 entities): the metric is seqeval over whole sentences, cut words predicted "O",
+    and a warning counts them."""
+    from seqeval.metrics import accuracy_score, f1_score, precision_score, recall_score
+
+    max_length = 5  # [CLS], three pieces, [SEP]: the location, at words 3 and 4, is cut off
+    with caplog.at_level("WARNING", logger="examples"):
+        metrics = examples["run_ner"].main(
+            ["--config_name", str(encoder_config), "--tokenizer_name", str(tokenizer_dir), "--max_seq_length",
+             str(max_length), "--train_file", str(data_dir / "ner_train.jsonl"), "--validation_file",
+             str(data_dir / "ner_dev.jsonl"), *trainer_options(tmp_path, steps=30, learning_rate=3e-3)]
+        )  # fmt: skip
+
+    model = SelfAttnForTokenClassification.from_pretrained(tmp_path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    gold, predicted, cut_sentences, cut_words, cut_entities = [], [], 0, 0, 0
+    for row in ner_rows(12, 2):
+        encoded = tokenizer(row["tokens"], is_split_into_words=True, truncation=True, max_length=max_length,
+                            return_tensors="pt")  # fmt: skip
+        with torch.no_grad():
+            tag_ids = model(**encoded).logits[0].argmax(-1).tolist()
+        tags = ["O"] * len(row["tokens"])
+        for position, word in reversed(list(enumerate(encoded.word_ids(0)))):  # the first piece's tag wins
+            if word is not None:
+                tags[word] = model.config.id2label[tag_ids[position]]
+        gold.append(row["ner_tags"])
+        predicted.append(tags)
+        whole = set(tokenizer(row["tokens"], is_split_into_words=True).word_ids(0)) - {None}
+        cut = whole - set(encoded.word_ids(0))
+        cut_sentences, cut_words = cut_sentences + bool(cut), cut_words + len(cut)
+        cut_entities += sum(row["ner_tags"][word].startswith("B-") for word in cut)
+    assert cut_entities > 0 and any(tag != "O" for tags in predicted for tag in tags)
+    assert metrics["eval_precision"] == pytest.approx(precision_score(gold, predicted, zero_division=0))
+    assert metrics["eval_recall"] == pytest.approx(recall_score(gold, predicted, zero_division=0))
+    assert metrics["eval_f1"] == pytest.approx(f1_score(gold, predicted, zero_division=0))
+    assert metrics["eval_accuracy"] == pytest.approx(accuracy_score(gold, predicted))
+    words = sum(len(row["tokens"]) for row in ner_rows(12, 2))
+    assert (
+        f"--max_seq_length {max_length} cuts {cut_sentences} of the 12 validation sentences short, leaving out "
+        f"{cut_words} of their {words} words: the evaluation scores them as predicted \"O\", so their entities count "
+        "as missed. To keep them, give a larger --max_seq_length (the model reads up to 64 tokens)."
+    ) in caplog.text
+
+
+def test_sentence_features_count_the_words_cut_off_and_those_without_a_piece(examples, tokenizer_dir):
+    """The tokenizer makes no piece of a lone variation selector (U+FE0F, after an emoji in WNUT-17), and the cut at
+    --max_seq_length leaves out the last words: both are counted, and only seen words are scored."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    words = ["Alice", "\ufe0f", "flew", "to", "Paris", "yesterday"]
+    whole = tokenizer(words, is_split_into_words=True).word_ids(0)
+    assert 1 not in whole
+    max_length = whole.index(4) + 2  # [CLS] up to the first piece of Paris, then [SEP]
+    features = examples["run_ner"].sentence_features(
+        {"tokens": [words, ["Emma"]]}, tokenizer, max_length, "tokens", lambda index: [1, 0, 0, 0, 2, 0][: len(words)]
+    )
+    assert features["scored_words"] == [[0, 2, 3, 4], [0]]
+    assert features["cut_words"] == [1, 0] and features["pieceless_words"] == [1, 0]
+    assert [label for label in features["labels"][0] if label != -100] == [1, 0, 0, 2]
+
+
+def test_whole_sentence_tags_put_outside_where_the_model_saw_no_piece(examples):
+    whole_sentence_tags = examples["run_ner"].whole_sentence_tags
+    names = ["O", "B-person", "B-location"]
+    # [CLS] Alice flew Pa ##ris [SEP] [PAD]: words 0, 1, 2 scored, words 3 and 4 cut off
+    predicted = np.array([0, 1, 0, 2, 1, 0, 2])
+    labels = np.array([-100, 1, 0, 2, -100, -100, -100])
+    assert whole_sentence_tags(predicted, labels, [0, 1, 2], 5, names) == ["B-person", "O", "B-location", "O", "O"]
 
 
 def test_float_tags_are_refused_for_token_classification(
@@ -870,8 +1035,61 @@ def test_qa_holds_out_whole_titles_and_reports_squad_scores(
          *trainer_options(tmp_path)]
     )  # fmt: skip
     assert 0.0 <= metrics["eval_exact_match"] <= metrics["eval_f1"] <= 100.0
-    assert metrics["eval_samples"] > 4  # windows, several per question
+    # samples are questions (as transformers' run_qa counts them), windows several per question
+    assert (metrics["train_samples"], metrics["eval_samples"]) == (8, 4)
+    assert metrics["train_windows"] > 8 and metrics["eval_windows"] > 4
     assert type(AutoModelForQuestionAnswering.from_pretrained(tmp_path)) is SelfAttnForQuestionAnswering
+
+
+def test_qa_runs_on_its_defaults_capped_at_the_models_positions(
+    examples, data_dir, tokenizer_dir, encoder_config, tmp_path, caplog
+):
+    """--doc_stride 128 with --max_seq_length 128 was refused by run_qa's own check: no run without both options
+    (the docstring's command) got past it. The defaults are transformers' run_qa's, 384 and 128: the window is
+    capped at the model's 64 positions (as in every script, with a warning) and the stride then shrinks to half of
+    what a window holds of the context."""
+    with caplog.at_level("WARNING", logger="examples"):
+        metrics = examples["run_qa"].main(
+            ["--config_name", str(encoder_config), "--tokenizer_name", str(tokenizer_dir),
+             "--train_file", str(data_dir / "qa.jsonl"), "--validation_split_percentage", "34",
+             "--validation_split_group_column", "title", *trainer_options(tmp_path, steps=1)]
+        )  # fmt: skip
+    assert "--max_seq_length 384 is more than the model's max_position_embeddings (64); using 64." in caplog.text
+    assert 0.0 <= metrics["eval_f1"] <= 100.0 and metrics["eval_windows"] > metrics["eval_samples"] == 4
+
+
+LONG_QUESTION = "Where does Alice live and what does Alice work as?"
+
+
+@pytest.mark.parametrize("room", [2, 0], ids=["stride_beyond_the_room_left", "no_room_left"])
+def test_a_window_without_room_for_its_stride_is_refused_naming_the_question(
+    examples, tokenizer_dir, encoder_config, tmp_path, room
+):
+    """The tokenizer panicked ("stride must be strictly less than max_len") where the longest question left fewer
+    context tokens in a window than --doc_stride: refused before tokenizing, naming the options and the question."""
+    long = {**qa_rows()[0], "id": "long", "question": LONG_QUESTION}
+    data = write_jsonl(tmp_path / "qa.jsonl", [*qa_rows()[1:], long])
+    question = len(AutoTokenizer.from_pretrained(tokenizer_dir)(LONG_QUESTION, add_special_tokens=False)["input_ids"])
+    max_length = question + 3 + room  # [CLS] question [SEP] context [SEP]
+    if room:
+        options = ["--max_seq_length", str(max_length), "--doc_stride", str(room)]
+        message = (
+            f"--doc_stride {room} must be less than the context tokens a window holds: --max_seq_length {max_length} "
+            f"leaves {room} after the longest question ({question} tokens, id long) and 3 special tokens. Give a "
+            f"--doc_stride below {room}, or a larger --max_seq_length."
+        )
+    else:
+        options = ["--max_seq_length", str(max_length)]
+        message = (
+            f"--max_seq_length {max_length} leaves no room for the context after the longest question ({question} "
+            f"tokens, id long) and 3 special tokens: give a --max_seq_length above {question + 3}, or leave out the "
+            "longest questions."
+        )
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        examples["run_qa"].main(
+            ["--config_name", str(encoder_config), "--tokenizer_name", str(tokenizer_dir), "--train_file", str(data),
+             *options, *trainer_options(tmp_path / "out", steps=1), "--do_eval", "false"]
+        )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -886,6 +1104,9 @@ def test_mlm_reports_perplexity_and_saves_a_masked_lm(examples, data_dir, tokeni
     )  # fmt: skip
     assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
     assert saved_results(tmp_path)["eval_perplexity"] == pytest.approx(metrics["eval_perplexity"])
+    # samples are texts; the model's rows, blocks of --max_seq_length tokens, are counted apart
+    assert (metrics["train_samples"], metrics["eval_samples"]) == (16, 6)
+    assert metrics["train_blocks"] > 0 and metrics["eval_blocks"] > 0
     assert type(AutoModelForMaskedLM.from_pretrained(tmp_path)) is SelfAttnForMaskedLM
 
 
@@ -940,6 +1161,24 @@ def test_translation_from_scratch_with_a_trained_tokenizer(trained_translator):
     assert model.generation_config.bad_words_ids == [[pad]]
     generated = model.generate(**tokenizer(["the cat sees the river"], return_tensors="pt"), max_length=12)
     assert generated[0, 0] == pad and pad not in generated[0, 1:].tolist()
+
+
+def test_generated_length_counts_the_tokens_of_the_text(trained_translator, examples, tokenizer_dir):
+    """generated_length counted the decoder start (BERT2BERT's [CLS]) and </s> as generated tokens."""
+    metrics, output_dir = trained_translator
+    model, tokenizer, batch = trained_translator_inputs(output_dir)
+    with torch.no_grad():
+        generated = model.generate(**batch)
+    special = {tokenizer.pad_token_id, tokenizer.eos_token_id, model.config.decoder_start_token_id}
+    lengths = [sum(token not in special for token in row) for row in generated.tolist()]
+    assert metrics["eval_generated_length"] == pytest.approx(np.mean(lengths))
+
+    bert = AutoTokenizer.from_pretrained(tokenizer_dir)  # a warm-started BERT2BERT: [CLS] starts, [SEP] ends
+    ids = {"decoder_start_token_id": bert.cls_token_id, "eos_token_id": bert.sep_token_id,
+           "pad_token_id": bert.pad_token_id}  # fmt: skip
+    cls, sep, pad = bert.cls_token_id, bert.sep_token_id, bert.pad_token_id
+    sequences = np.array([[cls, 30, 31, 32, sep], [cls, 33, sep, pad, pad]])
+    assert examples["run_seq2seq"].generated_lengths(sequences, ids, bert).tolist() == [3, 1]
 
 
 def test_the_trained_translator_keeps_its_start_row_at_zero(trained_translator):
@@ -1166,6 +1405,63 @@ def test_rouge_takes_the_best_reference_and_bleu_needs_equal_reference_counts(ex
     assert perfect["bleu"] == pytest.approx(100.0) and perfect["chrf"] == pytest.approx(100.0)
     with pytest.raises(ValueError, match="same number of references"):
         task_metrics.translation_metrics(["a", "b"], [["a"], ["b", "c"]])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Head pruning
+
+
+@pytest.fixture
+def prune_heads(examples):
+    return importlib.import_module("prune_heads")
+
+
+@pytest.fixture(scope="module")
+def pruning_inputs(tmp_path_factory, tokenizer_dir) -> list[str]:
+    """prune_heads.py's options for a tiny sequence classifier and labelled sentences, without --output_dir."""
+    folder = tmp_path_factory.mktemp("pruning")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = SelfAttnConfig(vocab_size=len(tokenizer), hidden_size=32, num_attention_heads=4, encoder_layers=2,
+                            intermediate_size=37, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
+                            id2label={0: "negative", 1: "positive"})  # fmt: skip
+    torch.manual_seed(0)
+    SelfAttnForSequenceClassification(config).save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    lines = "".join(f"{row['sentence']}\t{row['label']}\n" for row in sentiment_rows(12, 1))
+    for name in ("train", "dev"):
+        (folder / f"{name}.tsv").write_text("sentence\tlabel\n" + lines)
+    return ["--model", str(folder / "model"), "--train_file", str(folder / "train.tsv"), "--validation_file",
+            str(folder / "dev.tsv"), "--skip_train_rows", "0", "--importance_samples", "8", "--fractions", "0,0.25",
+            "--random_seeds", "0", "--speed_runs", "1"]  # fmt: skip
+
+
+def test_prune_heads_checks_its_output_dir_as_the_other_scripts_do(prune_heads, pruning_inputs, tmp_path, capsys):
+    """prune_heads.py wrote results.json and head_importance.png into any existing --output_dir: a non-empty one is
+    refused before any work, --overwrite_output_dir replaces an earlier run's output once the run has finished,
+    and a folder that also holds the user's own files is refused, naming them."""
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match=rf"^error: --output_dir {output} exists and is not empty: .* add "
+                       "--overwrite_output_dir to replace it"):  # fmt: skip
+        prune_heads.main(["--model", "missing", "--train_file", "t.tsv", "--validation_file", "d.tsv",
+                          "--output_dir", str(output)])  # fmt: skip
+    assert folder_contents(output) == {"notes.txt": b"mine"}
+
+    output = tmp_path / "runs" / "out"
+    first = prune_heads.main([*pruning_inputs, "--output_dir", str(output)])
+    assert sorted(path.name for path in output.iterdir()) == ["head_importance.png", "results.json"]
+    second = prune_heads.main([*pruning_inputs, "--output_dir", str(output), "--overwrite_output_dir"])
+    assert json.loads((output / "results.json").read_text()) == second and siblings(output) == []
+    assert [row["accuracy"] for row in second["rows"]] == [row["accuracy"] for row in first["rows"]]
+
+    users_files_beside_an_earlier_run(output)
+    before = folder_contents(output)
+    with pytest.raises(SystemExit, match=r"^error: --output_dir \S+ holds an earlier prune_heads.py run's output, "
+                       r"but also entries no prune_heads.py run writes: checkpoint-500/, config.json, my_analysis/, "
+                       "my_notes.txt. --overwrite_output_dir replaces the folder as a whole"):  # fmt: skip
+        prune_heads.main([*pruning_inputs, "--output_dir", str(output), "--overwrite_output_dir"])
+    assert folder_contents(output) == before
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -14,10 +14,15 @@ QUICKSTART = Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
 
 @pytest.fixture(scope="module")
 def quickstart_module():
-    spec = importlib.util.spec_from_file_location("quickstart", QUICKSTART)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The script as a module; it imports the examples' shared code (common.py) from its folder, as when run."""
+    sys.path.insert(0, str(QUICKSTART.parent))
+    try:
+        spec = importlib.util.spec_from_file_location("quickstart", QUICKSTART)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(QUICKSTART.parent))
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +34,7 @@ def quickstart(quickstart_module):
 def test_help_lists_the_options():
     completed = subprocess.run([sys.executable, str(QUICKSTART), "--help"], capture_output=True, text=True, timeout=60)
     assert completed.returncode == 0, completed.stderr
-    for option in ("--preset", "--init", "--data", "--max-steps", "--output-dir"):
+    for option in ("--preset", "--init", "--data", "--max-steps", "--output-dir", "--overwrite-output-dir"):
         assert option in completed.stdout
     # the presets a classifier can have: the paper's encoder-decoders are left out
     assert "{bert-base,bert-large,minilm-l6-h384,tiny}" in completed.stdout
@@ -133,3 +138,39 @@ def test_the_smallest_data_it_accepts_trains(quickstart, tmp_path):
          str(tmp_path / "out")]
     )  # fmt: skip
     assert 0.0 <= result["accuracy"] <= 1.0
+
+
+def folder_contents(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_an_existing_output_dir_is_refused_unless_it_holds_an_earlier_run_and_is_replaced(quickstart, tmp_path, capsys):
+    """The quickstart wrote minilm-selfattn/, trainer/, model/ and attention/ into any existing --output-dir: a
+    non-empty one is refused before any work, as the other example scripts refuse theirs; --overwrite-output-dir
+    replaces an earlier run's output once the run has finished, and refuses a folder that also holds other files."""
+    output = tmp_path / "runs" / "out"
+    tiny = ["--init", "random", "--preset", "tiny", "--max-steps", "1", "--output-dir", str(output)]
+    quickstart.main(tiny)
+    assert sorted(path.name for path in output.iterdir()) == ["attention", "model", "trainer"]
+    before = folder_contents(output)
+    with pytest.raises(SystemExit) as exit_info:
+        quickstart.main(tiny)
+    assert exit_info.value.code == 2
+    assert (f"error: --output-dir {output} exists and is not empty: the run would write its results over what is "
+            "there. Give a new --output-dir; or add --overwrite-output-dir to replace it") in capsys.readouterr().err
+    assert folder_contents(output) == before
+
+    result = quickstart.main([*tiny, "--overwrite-output-dir"])
+    assert result["model_dir"] == output / "model" and (output / "model" / "config.json").is_file()
+    assert all(path.parent.parent == output and path.is_file() for path in result["pictures"].values())
+    assert sorted(path.name for path in output.parent.iterdir()) == ["out"]  # no folder left beside it
+
+    (output / "my_notes.txt").write_text("mine")
+    before = folder_contents(output)
+    with pytest.raises(SystemExit) as exit_info:
+        quickstart.main([*tiny, "--overwrite-output-dir"])
+    assert exit_info.value.code == 2
+    assert (f"error: --output-dir {output} holds an earlier quickstart run's output, but also entries no quickstart "
+            "run writes: my_notes.txt. --overwrite-output-dir replaces the folder as a whole, which would delete "
+            f"them. Move them out of {output} first, or give a new --output-dir.") in capsys.readouterr().err
+    assert folder_contents(output) == before
