@@ -13,7 +13,6 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
-from fnmatch import fnmatchcase
 from pathlib import Path
 
 import datasets
@@ -23,9 +22,9 @@ from accelerate.utils import broadcast_object_list
 from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
 
 import modeling_selfattn  # also registers model_type "selfattn" with the Auto classes
-from modeling_selfattn.output_folder import (
+from modeling_selfattn.output_folder import (  # RunOutputs: also the scripts' (quickstart.py, prune_heads.py)
     Output,
-    OutputOption,
+    RunOutputs,
     check_output_folder,
     refuse_overlap,
     remove,
@@ -60,47 +59,6 @@ TOKENIZER_FILES = (
     "*.model",
     "*.spm",
 )
-
-
-@dataclass(frozen=True)
-class RunOutputs:
-    """What a script's run leaves in its output folder, as glob patterns of the folder's entries: `markers`, written
-    only by such a run (a folder holding one is an earlier run's output), and what it writes `beside` them. The
-    overwrite switch replaces the folder as a whole, so it takes an earlier run's output only, and only where the
-    folder holds nothing else: a user's own files kept there would go with it."""
-
-    run: str  # whose output it is, for messages: "training run"
-    markers: tuple[str, ...]
-    beside: tuple[str, ...] = ()
-    non_empty_why: str = "the run would write its results over what is there."
-
-    def holds_a_run(self, folder: Path) -> bool:
-        return any(matches(entry.name, self.markers) for entry in folder.iterdir())
-
-    def foreign_entries(self, folder: Path) -> list[str]:
-        """The entries of `folder` that no such run writes (folders with a trailing /), sorted."""
-        return sorted(
-            entry.name + ("/" if entry.is_dir() else "")
-            for entry in folder.iterdir()
-            if not matches(entry.name, self.markers + self.beside)
-        )
-
-    def option(self, name: str, overwrite_flag: str) -> OutputOption:
-        return OutputOption(
-            name,
-            overwrite_flag,
-            self.holds_a_run,
-            f"{self.run}'s output ({', '.join(self.markers)})",
-            f"an earlier {self.run}'s output folder",
-            error=ValueError,
-            verb="Give",
-            always_replaced=False,
-            non_empty_why=self.non_empty_why,
-        )
-
-
-def matches(name: str, patterns: tuple[str, ...]) -> bool:
-    return any(fnmatchcase(name, pattern) for pattern in patterns)
 
 
 # What a run of the Trainer scripts (run_*.py) leaves in --output_dir; run_seq2seq.py --train_tokenizer adds
@@ -373,23 +331,15 @@ def check_output_path(
     """The output folder check every example script makes before any work (ValueError naming the problem and the
     fix): `given` (option `name`) may not be, contain or lie inside one of the `inputs` ({option: path or None});
     it is a new folder, an empty one, one the run continues (`continuing`), or, with `overwrite_flag`, an earlier
-    run's output (`outputs`) holding nothing else, which the run then replaces as a whole (written_beside)."""
+    run's output (`outputs`) holding nothing else, which the run then replaces as a whole (written_beside). The
+    folder checks are selfattn-convert's (modeling_selfattn.output_folder.check_output_folder)."""
     path = Path(given).resolve()
     for option, source in inputs.items():
         if source is None or not Path(source).exists():
             continue
         refuse_overlap(given, path, source, Path(source).resolve(), name, option, ValueError, "Give")
-    option = outputs.option(name, overwrite_flag)
+    option = outputs.option(name, overwrite_flag, error=ValueError, verb="Give", always_replaced=False)
     check_output_folder(Path(given), option, overwrite, continuing=continuing, non_empty_hint=non_empty_hint)
-    if overwrite and path.is_dir():
-        foreign = outputs.foreign_entries(path)
-        if foreign:
-            shown = ", ".join(foreign[:10]) + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else "")
-            raise ValueError(
-                f"{name} {given} holds an earlier {outputs.run}'s output, but also entries no {outputs.run} writes: "
-                f"{shown}. {overwrite_flag} replaces the folder as a whole, which would delete them. Move them out "
-                f"of {given} first, or give a new {name}."
-            )
 
 
 @contextmanager

@@ -15,7 +15,7 @@ import shutil
 import sys
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -23,11 +23,15 @@ from pathlib import Path
 
 import transformers
 from safetensors.torch import save_file
+from transformers.dynamic_module_utils import get_relative_import_files
+from transformers.utils import CONFIG_NAME, GENERATION_CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .checkpoints import (
     ENCODER_FAMILIES,
     EXPORT_FAMILIES,
     SAMPLE_TEXTS,
+    SENTENCE_TRANSFORMERS_MODULES,
+    SENTENCE_TRANSFORMERS_TOP_FILES,
     SEQ2SEQ_FAMILIES,
     TOKENIZER_FILES,
     TOKENIZER_FOLDERS,
@@ -42,9 +46,11 @@ from .checkpoints import (
     verify_seq2seq,
 )
 from . import onnx_export
+from .config import SelfAttnConfig
 from .heads import HEADS_BY_CLASS
 from .hub import card_with_source, exported_card, render_model_card
-from .output_folder import Output, OutputFailed, OutputRefused, check_output, write_output
+from .model import SelfAttnPreTrainedModel
+from .output_folder import Output, OutputFailed, OutputRefused, RunOutputs, check_output, write_output
 
 PROG = "selfattn-convert"
 
@@ -66,9 +72,11 @@ existing OUTPUT as it was and writes nothing. Exit status: 0 done, 1 the command
 
 SAFE_OUTPUT = """\
 OUTPUT is written in full beside itself and only then put in place, so a failed run ({failures}) leaves an
-existing OUTPUT as it was and writes nothing; --overwrite replaces an existing OUTPUT folder that way. OUTPUT may
-not be {source}, contain it or lie inside it, and may not be a file or a symbolic link
-(modeling_selfattn/output_folder.py says why). Exit status: 0 done, 1 {status_1}, 2 bad arguments.
+existing OUTPUT as it was and writes nothing; --overwrite replaces an existing OUTPUT folder that way, where it
+holds an earlier run's output of this command and nothing else (an entry the command does not write, such as
+your own notes, is named in the refusal, to be moved out first). OUTPUT may not be {source}, contain it or lie
+inside it, and may not be a file or a symbolic link (modeling_selfattn/output_folder.py says why). Exit status: 0
+done, 1 {status_1}, 2 bad arguments.
 """
 
 BERT_DESCRIPTION = reflowed(
@@ -179,7 +187,10 @@ def non_negative_tolerance(text: str) -> float:
 
 def add_overwrite(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--overwrite", action="store_true", help="replace OUTPUT if it exists (once the new folder is complete)"
+        "--overwrite",
+        action="store_true",
+        help="replace an existing OUTPUT, an earlier run's output of this command holding nothing else (once the new "
+        "folder is complete)",
     )
 
 
@@ -361,11 +372,11 @@ def write_model_card(output: Path, section: str, source: str, source_folder: Pat
     """Append the conversion section to the generated card, keep the card from being regenerated (it is now partly
     written by hand), and keep what the card of SOURCE says (hub.card_with_source): its metadata and text, with
     base_model naming SOURCE where it is a Hub id."""
-    readme = output / "README.md"
+    readme = output / MODEL_CARD
     card = readme.read_text(encoding="utf-8") if readme.exists() else ""
     card = "\n".join(line for line in card.splitlines() if "selfattn: generated from config.json" not in line)
     card = card.rstrip() + "\n\n" + section
-    source_card = read_card(source_folder / "README.md", "SOURCE")
+    source_card = read_card(source_folder / MODEL_CARD, "SOURCE")
     base_model = None if Path(source).is_dir() else str(source)  # a local path names nothing on the Hub
     readme.write_text(card_with_source(card, source_card, source, base_model, served_libraries), encoding="utf-8")
     if source_card is not None:
@@ -443,6 +454,132 @@ def seq2seq_card_section(source: str, report, verification: tuple | None, second
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# What a run of each command writes into OUTPUT: all that --overwrite may replace. A folder holding anything else
+# (the user's notes, an eval/ folder) is refused before any work (output_folder.check_output_folder), naming it.
+
+
+def shipped_code(cls: type) -> tuple[str, ...]:
+    """The code files save_pretrained copies beside a saved `cls` as remote code (transformers'
+    custom_object_save): the module that defines it and those that module imports relatively."""
+    module_file = Path(sys.modules[cls.__module__].__file__)
+    return tuple(sorted({module_file.name, *(Path(path).name for path in get_relative_import_files(module_file))}))
+
+
+def top_entry(location: str) -> str | None:
+    """The entry of a folder that a path relative to it (as a file names another) lies in; None for a path
+    outside it."""
+    parts = Path(location).parts
+    if not parts or Path(location).is_absolute() or ".." in parts:
+        return None
+    return parts[0]
+
+
+def sentence_transformers_entries(folder: Path) -> list[str]:
+    """The module folders an earlier output's modules.json names, copied from its SOURCE with it; none where
+    modules.json cannot be followed, which leaves them to be named in the refusal."""
+    try:
+        return [entry for entry in map(top_entry, sentence_transformers_files(folder)) if entry is not None]
+    except ConversionError:
+        return []
+
+
+def graph_tensors(graph) -> Iterator:
+    """Every tensor an ONNX graph holds: its initializers and the tensors of its nodes' attributes, subgraphs
+    included."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t
+            yield from attribute.tensors
+            for subgraph in [*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs]:
+                yield from graph_tensors(subgraph)
+
+
+def onnx_external_data(folder: Path) -> list[str]:
+    """The entries of `folder` that hold the external data of the ONNX graphs an earlier `onnx` run wrote there
+    (a graph over 2 GB keeps its tensors in files beside it, which the exporter names after the tensors); none
+    where onnx is not installed or a graph cannot be read, which leaves the files to be named in the refusal."""
+    try:
+        import onnx
+    except ImportError:
+        return []
+    entries = []
+    for name in ONNX_GRAPH_FILES:
+        if not (folder / name).is_file():
+            continue
+        try:
+            model = onnx.load_model(folder / name, load_external_data=False)
+        except Exception:  # noqa: BLE001 -- not a graph onnx reads: its data stays unexplained
+            continue
+        for tensor in graph_tensors(model.graph):
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                entries += [top_entry(entry.value) for entry in tensor.external_data if entry.key == "location"]
+    return [entry for entry in entries if entry is not None]
+
+
+MODEL_CARD = "README.md"
+# save_pretrained's weights, whole or in shards with their index (model-00001-of-00002.safetensors).
+WEIGHT_FILES = (
+    SAFE_WEIGHTS_NAME,
+    SAFE_WEIGHTS_NAME.replace(".safetensors", "-*-of-*.safetensors"),
+    SAFE_WEIGHTS_INDEX_NAME,
+)
+# copy_tokenizer_files and copy_sentence_transformers_files; the sentence-transformers module folders are those
+# modules.json names (sentence_transformers_entries).
+TOKENIZER_ENTRIES = TOKENIZER_FILES + TOKENIZER_FOLDERS
+SENTENCE_TRANSFORMERS_ENTRIES = (SENTENCE_TRANSFORMERS_MODULES, *SENTENCE_TRANSFORMERS_TOP_FILES)
+# onnx_export's graphs (GraphSpec.file_name of each kind of model) and --optimize's fused one.
+ONNX_GRAPH_FILES = (
+    "model.onnx",
+    "encoder_model.onnx",
+    "decoder_model.onnx",
+    "decoder_with_past_model.onnx",
+    "model_optimized.onnx",
+)
+
+
+def conversion_outputs(command: str) -> RunOutputs:
+    """What converted_model writes: save_pretrained's config, weights, generation settings (of a model that
+    generates) and model code, the card, the tokenizer and the sentence-transformers pipeline."""
+    return RunOutputs(
+        f"{PROG} {command} run",
+        markers=(CONFIG_NAME,),
+        beside=(
+            *WEIGHT_FILES,
+            GENERATION_CONFIG_NAME,
+            *shipped_code(SelfAttnPreTrainedModel),
+            *shipped_code(SelfAttnConfig),
+            MODEL_CARD,
+            *TOKENIZER_ENTRIES,
+            *SENTENCE_TRANSFORMERS_ENTRIES,
+        ),
+        named_inside=sentence_transformers_entries,
+    )
+
+
+# What export's `write` writes: transformers' config (no code), the weights, an encoder-decoder's generation
+# settings, the tokenizer, the sentence-transformers pipeline and the card.
+EXPORT_OUTPUTS = RunOutputs(
+    f"{PROG} export run",
+    markers=(CONFIG_NAME,),
+    beside=(SAFE_WEIGHTS_NAME, GENERATION_CONFIG_NAME, *TOKENIZER_ENTRIES, *SENTENCE_TRANSFORMERS_ENTRIES, MODEL_CARD),
+    named_inside=sentence_transformers_entries,
+)
+
+# What export_onnx's `write` writes: the graphs (with any external data), the selfattn config with its code, the
+# generation settings of a model that generates, and the tokenizer. No card.
+ONNX_OUTPUTS = RunOutputs(
+    f"{PROG} onnx run",
+    markers=(CONFIG_NAME,),
+    beside=(*ONNX_GRAPH_FILES, *shipped_code(SelfAttnConfig), GENERATION_CONFIG_NAME, *TOKENIZER_ENTRIES),
+    named_inside=onnx_external_data,
+)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The commands: each does its work and hands back how to write OUTPUT; `run` does the rest
 
 
@@ -488,7 +625,7 @@ def converted_model(args: argparse.Namespace, model, report, card_section: Calla
         model.save_pretrained(folder)  # a seq2seq model's generation_config.json holds the source's settings
         # save_pretrained names the card after the folder it writes, the hidden sibling that becomes OUTPUT.
         card = render_model_card(model, Path(args.output).resolve().name)
-        (folder / "README.md").write_text(card, encoding="utf-8")
+        (folder / MODEL_CARD).write_text(card, encoding="utf-8")
         copy_tokenizer_files(source_folder, folder)
         served = served_libraries(copy_sentence_transformers_files(source_folder, folder))
         write_model_card(folder, card_section(time.perf_counter() - start), args.source, source_folder, served)
@@ -616,8 +753,8 @@ def export(args: argparse.Namespace, start: float) -> Prepared:
     def write(folder: Path) -> None:
         config.save_pretrained(folder)
         tensors = {name: tensor.contiguous() for name, tensor in state_dict.items()}
-        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-        generation_config = Path(args.source) / "generation_config.json"
+        save_file(tensors, folder / SAFE_WEIGHTS_NAME, metadata={"format": "pt"})
+        generation_config = Path(args.source) / GENERATION_CONFIG_NAME
         if config.is_encoder_decoder and generation_config.is_file():
             # The decoding settings (start, end and padding tokens, lengths, beams) mean the same in every family.
             shutil.copy2(generation_config, folder / generation_config.name)
@@ -642,8 +779,8 @@ def write_export_card(args: argparse.Namespace, folder: Path, config, report, se
         f"are, {len(report.computed)} computed from them.\n"
     )
     pipeline_tag = HEADS_BY_CLASS[selfattn_class].pipeline_tag if selfattn_class in HEADS_BY_CLASS else None
-    selfattn_card = read_card(Path(args.source) / "README.md", "SELFATTN_DIR")
-    (folder / "README.md").write_text(exported_card(selfattn_card, section, pipeline_tag, served), encoding="utf-8")
+    selfattn_card = read_card(Path(args.source) / MODEL_CARD, "SELFATTN_DIR")
+    (folder / MODEL_CARD).write_text(exported_card(selfattn_card, section, pipeline_tag, served), encoding="utf-8")
 
 
 def verify_export(args: argparse.Namespace, folder: Path) -> None:
@@ -703,6 +840,7 @@ class Command:
     description: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     prepare: Callable[[argparse.Namespace, float], Prepared]
+    writes: RunOutputs  # all that --overwrite may replace in OUTPUT
     source_name: str = "SOURCE"  # in messages, as the description calls it
 
 
@@ -717,6 +855,7 @@ COMMANDS = {
             verify_help="run the source transformers model and the converted one on sample text",
         ),
         convert_bert,
+        conversion_outputs("bert"),
     ),
     "seq2seq": Command(
         "Marian or BART encoder-decoder checkpoint -> selfattn folder",
@@ -728,6 +867,7 @@ COMMANDS = {
             "generate()",
         ),
         convert_seq2seq,
+        conversion_outputs("seq2seq"),
     ),
     "export": Command(
         "selfattn folder -> transformers checkpoint (BERT family for an encoder, Marian or BART for an "
@@ -735,6 +875,7 @@ COMMANDS = {
         EXPORT_DESCRIPTION,
         add_export_arguments,
         export,
+        EXPORT_OUTPUTS,
         source_name="SELFATTN_DIR",
     ),
     "onnx": Command(
@@ -742,6 +883,7 @@ COMMANDS = {
         ONNX_DESCRIPTION,
         add_onnx_arguments,
         export_onnx,
+        ONNX_OUTPUTS,
         source_name="MODEL",
     ),
 }
@@ -757,7 +899,7 @@ def failed(error: BaseException | str, status: int, target: Output | None = None
 
 def run(command: Command, args: argparse.Namespace) -> int:
     try:
-        target = check_output(args.output, args.source, args.overwrite)
+        target = check_output(args.output, args.source, args.overwrite, command.writes)
     except OutputRefused as error:
         return failed(error, 2)
     start = time.perf_counter()

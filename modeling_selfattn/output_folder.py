@@ -13,6 +13,10 @@ The rules, and why:
   replaced as a whole, which would replace the link rather than the folder it names. So is a place that
   cannot be written: the new folder needs a writable parent, and an existing one must be writable for its
   old contents to be deleted.
+- --overwrite replaces an earlier run's output, and only where OUTPUT holds nothing else: the folder goes as a
+  whole, so a user's own files kept in it (notes, an eval/ folder) would go with it. What a run of each command
+  writes is described once (RunOutputs, which the command's OutputOption carries); an entry outside it is named
+  in the refusal, to be moved out first.
 - The new folder is built in a hidden sibling of OUTPUT. Being in the same parent keeps it on the same
   filesystem, so both renames are atomic. It replaces OUTPUT only after weights, config, code, tokenizer, model
   card and checks have all been written: the old OUTPUT is renamed aside, the new one renamed in, and then the
@@ -23,8 +27,9 @@ import os
 import secrets
 import shutil
 import sys
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 from .checkpoints import ConversionError
@@ -83,11 +88,56 @@ def refuse_overlap(
 
 
 @dataclass(frozen=True)
+class RunOutputs:
+    """What a command's run leaves in its output folder, as glob patterns of the folder's entries: `markers`,
+    written only by such a run (a folder holding one is an earlier run's output), and what it writes `beside` them;
+    `named_inside`, where given, lists the entries an earlier run's own files name (sentence-transformers module
+    folders in modules.json, the external data files of ONNX graphs). The overwrite switch replaces the folder as a
+    whole, so it takes an earlier run's output only, and only where the folder holds nothing else: a user's own
+    files kept there would go with it (check_output_folder refuses, naming them)."""
+
+    run: str  # whose output it is, for messages: "training run"
+    markers: tuple[str, ...]
+    beside: tuple[str, ...] = ()
+    non_empty_why: str = "the run would write its results over what is there."
+    named_inside: Callable[[Path], Iterable[str]] | None = None
+
+    def holds_a_run(self, folder: Path) -> bool:
+        return any(matches(entry.name, self.markers) for entry in folder.iterdir())
+
+    def foreign_entries(self, folder: Path) -> list[str]:
+        """The entries of `folder` that no such run writes (folders with a trailing /), sorted."""
+        others = [entry for entry in folder.iterdir() if not matches(entry.name, self.markers + self.beside)]
+        if others and self.named_inside is not None:  # read only where the patterns leave entries unexplained
+            named = set(self.named_inside(folder))
+            others = [entry for entry in others if entry.name not in named]
+        return sorted(entry.name + ("/" if entry.is_dir() else "") for entry in others)
+
+    def option(self, name: str, overwrite_flag: str, **settings) -> "OutputOption":
+        """An OutputOption whose overwrite switch replaces such a run's output: `settings` are its other fields."""
+        return OutputOption(
+            name,
+            overwrite_flag,
+            self.holds_a_run,
+            f"{self.run}'s output ({', '.join(self.markers)})",
+            f"an earlier {self.run}'s output folder",
+            non_empty_why=self.non_empty_why,
+            writes=self,
+            **settings,
+        )
+
+
+def matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatchcase(name, pattern) for pattern in patterns)
+
+
+@dataclass(frozen=True)
 class OutputOption:
     """How a command names its output folder and the switch that lets an existing one be replaced, and what that
     switch may replace: selfattn-convert's OUTPUT and --overwrite (a model folder), or the example scripts'
     --output_dir and --overwrite_output_dir (an earlier run's output). A folder of other things (a project, the
-    current folder) would go with the replaced folder, so only the command's own kind of output is replaced."""
+    current folder) would go with the replaced folder, so only the command's own kind of output is replaced; and
+    where `writes` describes what a run of the command writes, only a folder that holds nothing else."""
 
     name: str
     overwrite_flag: str
@@ -98,6 +148,7 @@ class OutputOption:
     verb: str = "Pass"
     always_replaced: bool = True  # False: an existing folder is written into unless overwrite_flag is given
     non_empty_why: str = "the new output would be mixed with what is there."
+    writes: RunOutputs | None = None
 
 
 CONVERT_OUTPUT = OutputOption(
@@ -105,14 +156,21 @@ CONVERT_OUTPUT = OutputOption(
 )
 
 
+def shown(names: list[str], limit: int = 10) -> str:
+    """`names` for a message: the first `limit` of them, and how many more there are."""
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def check_output_folder(
     given: Path, option: OutputOption, overwrite: bool, continuing: bool = False, non_empty_hint: str = ""
 ) -> Path:
     """The output folder `given`, resolved, once it is known to be a usable new or existing folder: not the
     filesystem root, a file or below one, nor a place that cannot be written; an existing folder that holds files
-    only with the overwrite switch (and then only the command's own kind of output, not through a symbolic link) or
-    when `continuing` an earlier run saved there. Raises option.error naming the problem and the fix; the refusal
-    of a non-empty folder ends with `non_empty_hint`."""
+    only with the overwrite switch (and then only the command's own kind of output, holding nothing that
+    option.writes leaves out, and not through a symbolic link) or when `continuing` an earlier run saved there.
+    Nothing is written, and of the folder only its listing (and the files option.writes.named_inside reads) is read.
+    Raises option.error naming the problem and the fix; the refusal of a non-empty folder ends with
+    `non_empty_hint`."""
     name, flag, verb = option.name, option.overwrite_flag, option.verb
     path = given.resolve()
     if path.parent == path:
@@ -149,6 +207,14 @@ def check_output_folder(
             f"{name} {given} holds files but no {option.replaceable}, so it is not {option.kind}: {flag} replaces "
             f"{option.kind} as a whole, and would delete these files. {verb} a new {name}."
         )
+    foreign = option.writes.foreign_entries(path) if holds_files and overwrite and option.writes is not None else []
+    if foreign:
+        run = option.writes.run
+        raise option.error(
+            f"{name} {given} holds an earlier {run}'s output, but also entries no {run} writes: {shown(foreign)}. "
+            f"{flag} replaces the folder as a whole, which would delete them. Move them out of {given} first, or "
+            f"{verb.lower()} a new {name}."
+        )
     for folder in (path.parent, path) if replaced else (path,):
         if not writable(folder):
             raise option.error(
@@ -158,13 +224,14 @@ def check_output_folder(
     return path
 
 
-def check_output(output, source, overwrite: bool) -> Output:
+def check_output(output, source, overwrite: bool, writes: RunOutputs | None = None) -> Output:
     """selfattn-convert's OUTPUT argument, checked against SOURCE (a local folder; a Hub id is checked once
-    downloaded, by write_output). Raises OutputRefused naming the problem and the fix."""
+    downloaded, by write_output); `writes`, what a run of the command writes, is all --overwrite may replace.
+    Raises OutputRefused naming the problem and the fix."""
     given = Path(output)
     if Path(source).exists():
         refuse_overlap(given, given.resolve(), source, Path(source).resolve())
-    return Output(given, check_output_folder(given, CONVERT_OUTPUT, overwrite))
+    return Output(given, check_output_folder(given, replace(CONVERT_OUTPUT, writes=writes), overwrite))
 
 
 def unique_sibling(path: Path, label: str) -> Path:

@@ -8,6 +8,7 @@ or a place that cannot be written is refused before anything is read or written;
 (a tokenizer file that cannot be read, a full disk, a failed --verify, a failed final rename) leaves SOURCE and
 an existing OUTPUT byte-identical (sha256 of every file) and no partial folder behind."""
 
+import dataclasses
 import errno
 import hashlib
 import importlib.util
@@ -133,12 +134,13 @@ def test_existing_output_needs_overwrite(bert_folder, tmp_path, capsys):
     output = tmp_path / "out"
     output.mkdir()
     (output / "config.json").write_text("{}")  # a model folder from an earlier run
-    (output / "keep.txt").write_text("replaced with the folder")
+    (output / "model.safetensors").write_bytes(b"the previous weights")
     convert = load_script("convert_bert")
     assert convert.main([str(bert_folder), str(output)]) == 2
-    assert "--overwrite" in capsys.readouterr().err and (output / "keep.txt").exists()
+    assert "--overwrite" in capsys.readouterr().err
+    assert (output / "model.safetensors").read_bytes() == b"the previous weights"
     assert convert.main([str(bert_folder), str(output), "--overwrite"]) == 0
-    assert not (output / "keep.txt").exists()
+    assert (output / "model.safetensors").read_bytes() != b"the previous weights"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]  # no partial or old folder left beside it
     assert load_script("export_bert").main([str(output), str(output)]) == 2
 
@@ -266,6 +268,9 @@ def test_output_containing_a_downloaded_source_is_refused(bert_folder, tmp_path,
     cache = tmp_path / "cache"
     snapshot = shutil.copytree(bert_folder, cache / "models--org--bert" / "snapshot")
     (cache / "config.json").write_text("{}")  # passes the up-front check of a model folder to replace
+    # The up-front check refuses models--org--bert/ already, as no conversion writes it: with that check out of the
+    # way, the one after the download is what must refuse.
+    monkeypatch.setitem(convert_cli.COMMANDS, "bert", dataclasses.replace(convert_cli.COMMANDS["bert"], writes=None))
     convert = load_script("convert_bert")
     hub = lambda source, **kwargs: snapshot if source == "org/bert" else Path(source)  # noqa: E731
     monkeypatch.setattr(conversion, "resolve_folder", hub)
@@ -278,14 +283,26 @@ def test_output_containing_a_downloaded_source_is_refused(bert_folder, tmp_path,
 
 @pytest.fixture
 def existing_output(tmp_path) -> Path:
-    """An OUTPUT folder from an earlier run, to be replaced with --overwrite."""
+    """An OUTPUT folder from an earlier run, to be replaced with --overwrite: only what a conversion or export
+    writes, a folder among it (a sentence-transformers module)."""
     output = tmp_path / "out" / "model"
     output.mkdir(parents=True)
     (output / "config.json").write_text('{"model_type": "selfattn"}')
     (output / "model.safetensors").write_bytes(b"the previous model")
-    (output / "nested").mkdir()
-    (output / "nested" / "notes.txt").write_text("kept until the new model is complete")
+    write_modules(output, "1_Pooling")
+    (output / "1_Pooling").mkdir()
+    (output / "1_Pooling" / "config.json").write_text("kept until the new model is complete")
     return output
+
+
+def write_modules(folder: Path, *module_folders: str) -> None:
+    """A sentence-transformers modules.json: the transformer at the top, and a module in each of `module_folders`."""
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
+    modules += [
+        {"idx": index, "name": str(index), "path": path, "type": "sentence_transformers.models.Pooling"}
+        for index, path in enumerate(module_folders, 1)
+    ]
+    (folder / "modules.json").write_text(json.dumps(modules))
 
 
 def deny_writing(monkeypatch, folder: Path) -> None:
@@ -1041,3 +1058,146 @@ def test_export_writes_a_card_from_the_selfattn_one(bert_folder, tmp_path):
     card = (tmp_path / "bert" / "README.md").read_text()
     assert "## Export" in card and f"from the selfattn model `{tmp_path / 'selfattn'}`" in card
     assert "`BertForSequenceClassification`" in card and "this text is mine" in card
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --overwrite replaces an earlier run's own output, and nothing a user keeps in it
+
+SOURCE_OF_COMMAND = {"bert": "bert_folder", "seq2seq": "bart_folder", "export": "selfattn_folder"}
+
+
+def add_users_entries(folder: Path) -> None:
+    """What a user keeps in a model folder: notes, and a folder of their evaluation."""
+    (folder / "notes.txt").write_text("my notes")
+    (folder / "eval").mkdir()
+    (folder / "eval" / "scores.json").write_text('{"accuracy": 0.9}')
+
+
+def never_prepared(args, start):
+    raise AssertionError("the command started reading SOURCE for a refused OUTPUT")
+
+
+@pytest.mark.parametrize("command", list(SOURCE_OF_COMMAND))
+def test_overwrite_refuses_an_earlier_output_that_also_holds_the_users_entries(
+    command, request, tmp_path, monkeypatch, capsys
+):
+    """--overwrite replaced a folder holding an earlier conversion's config.json whole, the user's notes and eval/
+    folder in it included: such a folder is refused before anything is read or written, naming them and the fix.
+    Moved out, the earlier output alone is replaced."""
+    source = request.getfixturevalue(SOURCE_OF_COMMAND[command])
+    output = tmp_path / "out"
+    assert convert_cli.main([command, str(source), str(output)]) == 0
+    add_users_entries(output)
+    before = tree_hashes(tmp_path)
+    capsys.readouterr()
+    refused = dataclasses.replace(convert_cli.COMMANDS[command], prepare=never_prepared)
+    with monkeypatch.context() as patch:
+        patch.setitem(convert_cli.COMMANDS, command, refused)
+        assert convert_cli.main([command, str(source), str(output), "--overwrite"]) == 2
+    run = f"selfattn-convert {command} run"
+    assert capsys.readouterr().err == (
+        f"error: OUTPUT {output} holds an earlier {run}'s output, but also entries no {run} writes: eval/, notes.txt. "
+        f"--overwrite replaces the folder as a whole, which would delete them. Move them out of {output} first, or "
+        "pass a new OUTPUT.\n"
+    )
+    assert tree_hashes(tmp_path) == before
+
+    for name in ("notes.txt", "eval"):
+        shutil.move(output / name, tmp_path / name)
+    earlier = sorted(path.name for path in output.iterdir())
+    assert convert_cli.main([command, str(source), str(output), "--overwrite"]) == 0
+    assert sorted(path.name for path in output.iterdir()) == earlier
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["eval", "notes.txt", "out"]  # nothing left beside
+
+
+def test_refusal_names_the_first_ten_entries_and_counts_the_rest(bert_folder, tmp_path, capsys):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "config.json").write_text('{"model_type": "selfattn"}')
+    for index in range(12):
+        (output / f"plot_{index:02}.png").write_bytes(b"mine")
+    before = tree_hashes(output)
+    assert convert_cli.main(["bert", str(bert_folder), str(output), "--overwrite"]) == 2
+    listed = ", ".join(f"plot_{index:02}.png" for index in range(10))
+    assert f"entries no selfattn-convert bert run writes: {listed} and 2 more. --overwrite" in capsys.readouterr().err
+    assert tree_hashes(output) == before
+
+
+def test_the_model_card_is_the_conversions_own(bert_folder, tmp_path):
+    """README.md is the card a conversion writes: an earlier one, edited or not, is replaced with the model."""
+    output = tmp_path / "out"
+    assert convert_cli.main(["bert", str(bert_folder), str(output)]) == 0
+    (output / "README.md").write_text("# my edited card\n")
+    assert convert_cli.main(["bert", str(bert_folder), str(output), "--overwrite"]) == 0
+    assert "## Conversion" in (output / "README.md").read_text()
+
+
+def sentence_transformers_source(folder: Path, chat_folder: Path) -> Path:
+    """chat_folder (a tokenizer with chat templates, one of them in additional_chat_templates/) as the transformer of a
+    sentence-transformers pipeline: pooling in 1_Pooling/, normalisation in 2_Normalize/."""
+    shutil.copytree(chat_folder, folder)
+    write_modules(folder, "1_Pooling", "2_Normalize")
+    for module in ("1_Pooling", "2_Normalize"):
+        (folder / module).mkdir()
+    pooling = {"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True}
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    (folder / "config_sentence_transformers.json").write_text('{"similarity_fn_name": "cosine"}')
+    (folder / "sentence_bert_config.json").write_text('{"max_seq_length": 16, "do_lower_case": false}')
+    return folder
+
+
+def test_overwrite_replaces_an_earlier_output_with_everything_a_run_writes(chat_folder, tmp_path, monkeypatch):
+    """All that a conversion or export writes is its own, to be replaced: weights in shards with their index, the
+    model code, the card, the tokenizer with its chat templates, and the sentence-transformers pipeline with the
+    module folders its modules.json names."""
+    source = sentence_transformers_source(tmp_path / "source", chat_folder)
+    converted, exported = tmp_path / "selfattn", tmp_path / "bert"
+    save_pretrained = SelfAttnForSequenceClassification.save_pretrained
+    with monkeypatch.context() as patch:  # a model too large for one file: the earlier output is sharded
+        patch.setattr(
+            SelfAttnForSequenceClassification,
+            "save_pretrained",
+            lambda self, folder, **kwargs: save_pretrained(self, folder, max_shard_size="20KB", **kwargs),
+        )
+        assert convert_cli.main(["bert", str(source), str(converted)]) == 0
+    earlier = {path.name for path in converted.iterdir()}
+    assert {"model.safetensors.index.json", "additional_chat_templates", "1_Pooling", "2_Normalize", "modules.json",
+            "sentence_bert_config.json", "model.py", "README.md"} <= earlier  # fmt: skip
+    assert any(re.fullmatch(r"model-00001-of-0000[2-9]\.safetensors", name) for name in earlier), earlier
+    assert convert_cli.main(["bert", str(source), str(converted), "--overwrite"]) == 0
+    replaced = {path.name for path in converted.iterdir()}
+    assert "model.safetensors" in replaced and not any(name.startswith("model-0") for name in replaced)
+    assert earlier - replaced == {"model.safetensors.index.json"} | {name for name in earlier if "-of-" in name}
+
+    assert convert_cli.main(["export", str(converted), str(exported)]) == 0
+    pipeline = {"1_Pooling", "2_Normalize", "modules.json", "additional_chat_templates"}
+    assert pipeline <= {path.name for path in exported.iterdir()}
+    earlier = tree_hashes(exported)
+    assert convert_cli.main(["export", str(converted), str(exported), "--overwrite"]) == 0
+    assert tree_hashes(exported).keys() == earlier.keys()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["bert", "selfattn", "source"]
+
+
+def test_module_folders_of_an_unreadable_modules_json_are_named(bert_folder, tmp_path, capsys):
+    """Which folders are a sentence-transformers pipeline's is read from the earlier output's modules.json: one that
+    cannot be read explains none, and they are refused as the user's."""
+    output = tmp_path / "out"
+    assert convert_cli.main(["bert", str(bert_folder), str(output)]) == 0
+    (output / "modules.json").write_text("[{")
+    (output / "1_Pooling").mkdir()
+    assert convert_cli.main(["bert", str(bert_folder), str(output), "--overwrite"]) == 2
+    assert "entries no selfattn-convert bert run writes: 1_Pooling/. --overwrite" in capsys.readouterr().err
+    assert (output / "1_Pooling").is_dir()
+
+
+def test_each_command_describes_what_it_writes():
+    """The one list of tokenizer files, the code save_pretrained ships, and each command's own entries."""
+    writes = {name: command.writes for name, command in convert_cli.COMMANDS.items()}
+    for name, outputs in writes.items():
+        assert outputs.markers == ("config.json",) and outputs.run == f"selfattn-convert {name} run"
+        assert set(checkpoints.TOKENIZER_FILES + checkpoints.TOKENIZER_FOLDERS) <= set(outputs.beside), name
+    assert {"model.py", "config.py", "heads.py", "hub.py"} <= set(writes["bert"].beside)
+    assert "model.py" not in writes["onnx"].beside and "config.py" in writes["onnx"].beside
+    assert not any(name.endswith(".py") for name in writes["export"].beside)
+    assert "README.md" in writes["export"].beside and "README.md" not in writes["onnx"].beside
+    assert "model.onnx" in writes["onnx"].beside and "model.onnx" not in writes["bert"].beside

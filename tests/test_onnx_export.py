@@ -233,6 +233,67 @@ def test_cli_optimize_fuses_and_matches(classifier_folder, tmp_path, capsys):
         assert (logits - expected).abs().max().item() <= TOLERANCE, name
 
 
+def test_cli_overwrite_refuses_an_earlier_export_that_holds_other_entries(classifier_folder, tmp_path, capsys):
+    """--overwrite replaced an earlier export's folder whole: entries `onnx` does not write (the user's notes, an
+    eval/ folder, a README.md, which `onnx` writes none of) are refused before any work, named; moved out, the
+    earlier export is replaced."""
+    output = tmp_path / "onnx"
+    assert convert_cli.main(["onnx", str(classifier_folder), str(output)]) == 0
+    (output / "notes.txt").write_text("my notes")
+    (output / "README.md").write_text("# my ONNX model\n")
+    (output / "eval").mkdir()
+    (output / "eval" / "latency.csv").write_text("batch,ms\n1,2\n")
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    capsys.readouterr()
+    assert convert_cli.main(["onnx", str(classifier_folder), str(output), "--overwrite"]) == 2
+    error = capsys.readouterr()
+    assert error.out == "" and error.err == (
+        f"error: OUTPUT {output} holds an earlier selfattn-convert onnx run's output, but also entries no "
+        "selfattn-convert onnx run writes: README.md, eval/, notes.txt. --overwrite replaces the folder as a whole, "
+        f"which would delete them. Move them out of {output} first, or pass a new OUTPUT.\n"
+    )
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
+    for name in ("notes.txt", "README.md", "eval"):
+        (output / name).rename(tmp_path / name)
+    assert convert_cli.main(["onnx", str(classifier_folder), str(output), "--overwrite"]) == 0
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["README.md", "eval", "notes.txt", "onnx"]
+
+
+def test_cli_overwrite_replaces_an_earlier_export_with_its_external_data(classifier_folder, tmp_path, capsys):
+    """A graph over 2 GB keeps its tensors in files beside it, named after the tensors: an earlier export's are its
+    own (read from its graphs), so --overwrite replaces them with it; a file no graph names is not."""
+    import onnx
+
+    output = tmp_path / "onnx"
+    assert convert_cli.main(["onnx", str(classifier_folder), str(output), "--optimize"]) == 0
+    graph = onnx.load(output / "model.onnx")
+    onnx.save_model(graph, output / "model.onnx", save_as_external_data=True, all_tensors_to_one_file=False,
+                    size_threshold=0)  # fmt: skip
+    data_files = {path.name for path in output.iterdir()} - {path.name for path in classifier_folder.iterdir()}
+    data_files -= {"model.onnx", "model_optimized.onnx"}
+    assert len(data_files) > 5, data_files
+    (output / "stray.bin").write_bytes(b"not named by any graph")
+    capsys.readouterr()
+    assert convert_cli.main(["onnx", str(classifier_folder), str(output), "--overwrite"]) == 2
+    assert "entries no selfattn-convert onnx run writes: stray.bin. --overwrite" in capsys.readouterr().err
+    (output / "stray.bin").unlink()
+    assert convert_cli.main(["onnx", str(classifier_folder), str(output), "--overwrite"]) == 0
+    assert not data_files & {path.name for path in output.iterdir()}
+    assert "model_optimized.onnx" not in {path.name for path in output.iterdir()}
+
+
+def test_cli_overwrite_replaces_an_earlier_encoder_decoder_export(tmp_path):
+    """The encoder-decoder's three graphs and generation settings are the command's own."""
+    model = saved_model("SelfAttnForConditionalGeneration", "encoder_decoder", tmp_path / "model")
+    output = tmp_path / "onnx"
+    assert convert_cli.main(["onnx", str(model), str(output)]) == 0
+    written = sorted(path.name for path in output.iterdir())
+    graphs = {"encoder_model.onnx", "decoder_model.onnx", "decoder_with_past_model.onnx"}
+    assert graphs | {"generation_config.json"} <= set(written)
+    assert convert_cli.main(["onnx", str(model), str(output), "--overwrite"]) == 0
+    assert sorted(path.name for path in output.iterdir()) == written
+
+
 def as_past(output_name: str) -> str:
     """A cache output's name as the next step's input (present.0.decoder.key -> past_key_values.0.decoder.key)."""
     return output_name.replace("present.", "past_key_values.", 1)
