@@ -1249,10 +1249,12 @@ class ConversionReport:
     # The decoding settings the generation config takes from config.json, where the source has no
     # generation_config.json (see `source_generation_config`).
     decoding_from_config: list = field(default_factory=list)
-    # Export: the fields written as the conversion recorded them (source_config); those recorded for another family
+    # Export: the fields written as the conversion recorded them (source_config); those recorded but written with
+    # the selfattn model's own values, which the record never overrides; those recorded for another family
     # (source_model_type), so left out; and the family's fields the selfattn config holds no value for, written with
     # their defaults.
     config_written_back: list = field(default_factory=list)
+    config_recorded_but_replaced: list = field(default_factory=list)
     config_recorded_for_another_family: list = field(default_factory=list)
     config_defaulted: list = field(default_factory=list)
     dtype: str | None = None  # the dtype the tensors are written in, and why (see `weights_dtype`)
@@ -1306,6 +1308,8 @@ class ConversionReport:
             "decoding settings read from config.json (there is no generation_config.json) and kept in the generation "
             "config": self.decoding_from_config,
             "config fields written back as the conversion recorded them (source_config)": self.config_written_back,
+            "config fields source_config recorded, written with the selfattn model's own values instead (the model "
+            "computes them so)": self.config_recorded_but_replaced,
             "config fields source_config recorded for export to another family (source_model_type), not written":
                 self.config_recorded_for_another_family,
             "config fields written with the family's defaults (the selfattn config holds no value for them)":
@@ -1953,6 +1957,9 @@ def export_state_dict(source, config: SelfAttnConfig, state_dict: dict, family: 
     report = ConversionReport(str(source), source_class, architecture)
     recorded = recorded_source_config(config, family)
     report.config_written_back = sorted(name for name, value in recorded.items() if source_fields[name] == value)
+    report.config_recorded_but_replaced = sorted(
+        name for name, value in recorded.items() if source_fields[name] != value
+    )
     if config.source_model_type != family.model_type:
         report.config_recorded_for_another_family = sorted(config.source_config or {})
     # A model trained from scratch, converted by an older release or from another family holds no value for them.

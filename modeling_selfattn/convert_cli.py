@@ -532,13 +532,7 @@ WEIGHT_FILES = (
 TOKENIZER_ENTRIES = TOKENIZER_FILES + TOKENIZER_FOLDERS
 SENTENCE_TRANSFORMERS_ENTRIES = (SENTENCE_TRANSFORMERS_MODULES, *SENTENCE_TRANSFORMERS_TOP_FILES)
 # onnx_export's graphs (GraphSpec.file_name of each kind of model) and --optimize's fused one.
-ONNX_GRAPH_FILES = (
-    "model.onnx",
-    "encoder_model.onnx",
-    "decoder_model.onnx",
-    "decoder_with_past_model.onnx",
-    "model_optimized.onnx",
-)
+ONNX_GRAPH_FILES = onnx_export.GRAPH_FILES
 
 
 def conversion_outputs(command: str) -> RunOutputs:

@@ -15,7 +15,7 @@ from numbers import Integral
 import torch
 from torch import nn
 
-from .config import attention_key
+from .config import attention_key, shown
 from .model import SelfAttnAttention
 
 ATTENTIONS = ("encoder", "decoder", "cross_attn")
@@ -59,9 +59,8 @@ def refuse_int8_model(model: nn.Module) -> None:
 
     int8_layers = int8_layer_names(model)
     if int8_layers:
-        more = f" and {len(int8_layers) - 1} more" if len(int8_layers) > 1 else ""
         raise ValueError(
-            f"head_importance: {type(model).__name__} holds int8 layers ({int8_layers[0]}{more}) from "
+            f"head_importance: {type(model).__name__} holds int8 layers ({shown(int8_layers, 1)}) from "
             "model.quantize('int8'), whose kernels have no backward, so no gradient would reach the heads' gates. "
             "Score the float32 model (before quantize('int8'), or loaded again), prune it, then quantize."
         )

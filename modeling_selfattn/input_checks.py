@@ -147,7 +147,8 @@ def refuse_unknown_kwargs(forward: Callable) -> Callable:
     """Wraps a forward() so that a keyword it neither names nor passes on to transformers raises a TypeError. Its
     signature says so too (the passed-on keywords as keyword-only parameters, no **kwargs): generate() hands an
     encoder only what its signature names, and Trainer keeps the data columns the signature names. A model's
-    `hidden_keywords` are taken too, without a place in the signature."""
+    `keywords_outside_signature` (a class attribute of SelfAttnPreTrainedModel) are taken too, without a place in
+    the signature."""
     signature = inspect.signature(forward)
     named = frozenset(signature.parameters) - {"self", "kwargs"}
 
@@ -155,8 +156,10 @@ def refuse_unknown_kwargs(forward: Callable) -> Callable:
     def checked_forward(self, *args, **kwargs):
         # A loop, not set arithmetic on kwargs.keys(): torch 2.11's compiler cannot trace the latter (generate()
         # compiles the forward on GPUs with a static cache).
-        hidden = getattr(self, "hidden_keywords", ())
-        unknown = [name for name in kwargs if name not in named and name not in FORWARDED_KWARGS and name not in hidden]
+        outside = self.keywords_outside_signature
+        unknown = [
+            name for name in kwargs if name not in named and name not in FORWARDED_KWARGS and name not in outside
+        ]
         # Trainer's num_items_in_batch (the scored items over all processes and accumulated steps) divides a loss
         # that sums over items; a head whose loss is a mean over its batch (accepts_loss_kwargs=False: Trainer passes
         # it none) would ignore it.
@@ -169,7 +172,7 @@ def refuse_unknown_kwargs(forward: Callable) -> Callable:
         if unknown:
             raise TypeError(
                 f"{type(self).__name__}.forward() got unexpected keyword argument(s) {sorted(unknown)}. It takes "
-                f"{sorted(named | frozenset(hidden))}, and passes on {sorted(FORWARDED_KWARGS)}. Check the spelling, "
+                f"{sorted(named | frozenset(outside))}, and passes on {sorted(FORWARDED_KWARGS)}. Check the spelling, "
                 "and that the argument belongs to this kind of model."
             )
         return forward(self, *args, **kwargs)
@@ -188,19 +191,27 @@ renames_past_key_values = deprecate_kwarg("past_key_values", "5.40.0", new_name=
 
 
 def accepts_past_key_values(forward: Callable) -> Callable:
-    """forward() taking the cache by its old name too (renames_past_key_values); both names at once are refused,
-    saying what does that: transformers' own message says the old one is ignored, though the call fails."""
+    """forward() taking the cache by its old name too (renames_past_key_values, with its FutureWarning). Where both
+    names are given: two caches are refused, saying what does that (transformers' own message says the old one is
+    ignored, though the call fails); where one of them is None, the other is passed on as `cache` and the None one
+    dropped (transformers' rename would keep `cache` even where it is None, silently losing past_key_values, and put
+    the whole cache in its warning)."""
     renamed = renames_past_key_values(forward)
 
     @functools.wraps(renamed)
     def checked_forward(self, *args, **kwargs):
-        if kwargs.get("past_key_values") is not None and kwargs.get("cache") is not None:
-            raise ValueError(
-                f"{type(self).__name__}.forward() got both cache and past_key_values (the name transformers used "
-                "before 5.24): pass one. generate() passes its own cache as `cache`, so a past_key_values added to "
-                "its calls would be dropped: PEFT's prefix tuning adds its prefix so. A prefix-tuned model trains and "
-                "runs forward() here, but cannot generate(); LoRA or prompt tuning can."
-            )
+        if "past_key_values" in kwargs and "cache" in kwargs:
+            if kwargs["past_key_values"] is None:
+                del kwargs["past_key_values"]
+            elif kwargs["cache"] is None:
+                del kwargs["cache"]  # the rename then passes past_key_values on as `cache`
+            else:
+                raise ValueError(
+                    f"{type(self).__name__}.forward() got both cache and past_key_values (the name transformers "
+                    "used before 5.24): pass one. generate() passes its own cache as `cache`, so a past_key_values "
+                    "added to its calls would be dropped: PEFT's prefix tuning adds its prefix so. A prefix-tuned "
+                    "model trains and runs forward() here, but cannot generate(); LoRA or prompt tuning can."
+                )
         return renamed(self, *args, **kwargs)
 
     return checked_forward

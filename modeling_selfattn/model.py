@@ -84,6 +84,13 @@ class SelfAttnScaledEmbedding(nn.Embedding):
         super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx)
         self.embed_scale = embed_scale
 
+    def __setstate__(self, state: dict) -> None:
+        # Whole-model pickles (torch.save(model)) of earlier releases name the factor `scale`.
+        if "scale" in state and "embed_scale" not in state:
+            state = dict(state)
+            state["embed_scale"] = state.pop("scale")
+        super().__setstate__(state)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         embeddings = super().forward(input_ids)
         return embeddings * self.embed_scale if self.embed_scale != 1.0 else embeddings
@@ -623,6 +630,9 @@ class SelfAttnPreTrainedModel(SelfAttnHubMixin, PreTrainedModel):
     # function (model class, source, from_pretrained kwargs) -> the kwargs that load a BERT-family folder into the
     # class, or None for a selfattn folder. Without the package, from_pretrained reads selfattn folders only.
     foreign_checkpoint_loader: Callable | None = None
+    # Keywords forward() takes without naming them in its signature (input_checks.refuse_unknown_kwargs); a class
+    # attribute, so that the check every forward makes reads it without nn.Module.__getattr__'s fallback.
+    keywords_outside_signature: tuple[str, ...] = ()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -676,9 +686,13 @@ class SelfAttnPreTrainedModel(SelfAttnHubMixin, PreTrainedModel):
             self.lm_head = new_embeddings
 
     def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
-        from .quantization import refuse_resizing_int8_lm_head  # imported here, as quantize() imports it
+        lm_head = self.get_output_embeddings()
+        if lm_head is not None and not isinstance(lm_head, nn.Linear):  # int8 layers are no nn.Linear
+            # A local import: quantization.py imports torch.ao, which only models that quantize should load (as in
+            # quantize()); a float model never gets here.
+            from .quantization import refuse_resizing_int8_lm_head
 
-        refuse_resizing_int8_lm_head(self, new_num_tokens)
+            refuse_resizing_int8_lm_head(self, new_num_tokens)
         if new_num_tokens is not None:
             # Refused before any weight changes: a config naming ids outside the table would not load again.
             # pad_to_multiple_of rounds the size up, as in transformers.
@@ -744,8 +758,22 @@ class SelfAttnPreTrainedModel(SelfAttnHubMixin, PreTrainedModel):
         elif getattr(module, "final_logits_bias", None) is not None:
             init.zeros_(module.final_logits_bias)
 
-    # None, or the mode quantize() applied ("int8" or "bf16").
-    quantization_mode: str | None = None
+    @property
+    def quantization_mode(self) -> str | None:
+        """None, or the mode quantize() applied ("int8" or "bf16") while the model still is what it made: after
+        model.float() or .half(), a bf16 model is no longer "bf16". The recorded mode lives in the instance's
+        __dict__ (where models pickled by earlier releases hold it too); for bf16 the dtypes decide, as a bf16 model
+        has no _apply hook to record a conversion (quantization.quantize)."""
+        mode = self.__dict__.get("quantization_mode")
+        if mode == "bf16":
+            tensors = (*self.parameters(), *self.buffers())
+            if {tensor.dtype for tensor in tensors if tensor.is_floating_point()} != {torch.bfloat16}:
+                return None
+        return mode
+
+    @quantization_mode.setter
+    def quantization_mode(self, mode: str | None) -> None:
+        self.__dict__["quantization_mode"] = mode
 
     def quantize(
         self, mode: str, keep_float32=None, per_token_activations=None, bf16_attention=None
@@ -1554,7 +1582,7 @@ class SelfAttnForCausalLM(SelfAttnPreTrainedModel, LeanGenerationMixin, Generati
     # Taken by forward() but kept out of its signature, as transformers' causal LMs take it through **kwargs: Trainer
     # counts every parameter named like a label among its label_names, and computes an evaluation loss only for
     # batches that hold them all (a `shift_labels` parameter left causal LMs without eval_loss or compute_metrics).
-    hidden_keywords = ("shift_labels",)
+    keywords_outside_signature = ("shift_labels",)
 
     def __init__(self, config: SelfAttnConfig):
         super().__init__(config)
@@ -1589,9 +1617,9 @@ class SelfAttnForCausalLM(SelfAttnPreTrainedModel, LeanGenerationMixin, Generati
         **kwargs: Unpack[TransformersKwargs],
     ) -> CausalLMOutputWithCrossAttentions:
         r"""labels: the input ids (shifted inside the loss), -100 where no prediction is scored.
-        shift_labels (a keyword, as in transformers' causal LMs; see `hidden_keywords`): targets already aligned with
-        the logits, used instead of shifting `labels` (Trainer passes both under context parallelism, where the
-        sequence is split before the model sees it, so labels are not read)."""
+        shift_labels (a keyword, as in transformers' causal LMs; see `keywords_outside_signature`): targets already
+        aligned with the logits, used instead of shifting `labels` (Trainer passes both under context parallelism,
+        where the sequence is split before the model sees it, so labels are not read)."""
         shift_labels = kwargs.pop("shift_labels", None)
         if input_ids is None and inputs_embeds is None:
             raise ValueError(

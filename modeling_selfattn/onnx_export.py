@@ -32,7 +32,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from . import model as modeling
 from .checkpoints import ConversionError
-from .config import attention_key
+from .config import attention_key, shown
 from .output_folder import remove, swap_files_in, unique_sibling
 
 # 17: the first opset with LayerNormalization as one operator, which the optimizer's fusions start from.
@@ -148,9 +148,8 @@ def refuse_quantized(model: nn.Module) -> None:
     class_name = type(model).__name__
     int8_layers = int8_layer_names(model)
     if int8_layers:
-        more = f" and {len(int8_layers) - 1} more" if len(int8_layers) > 1 else ""
         raise ConversionError(
-            f"The ONNX export does not take int8 models, and {class_name} holds int8 layers ({int8_layers[0]}{more}) "
+            f"The ONNX export does not take int8 models, and {class_name} holds int8 layers ({shown(int8_layers, 1)}) "
             "from model.quantize('int8'): torch's TorchScript exporter has no ONNX operator for their packed int8 "
             "weights (quantized::linear_dynamic). Export the float32 model (before quantize('int8'), or loaded "
             "again), then quantize the graph with ONNX Runtime: onnxruntime.quantization.quantize_dynamic("
@@ -163,10 +162,9 @@ def refuse_quantized(model: nn.Module) -> None:
         if tensor.dtype == torch.bfloat16
     ]
     if bf16:
-        more = f" and {len(bf16) - 1} more" if len(bf16) > 1 else ""
         how = "was quantized with model.quantize('bf16')" if model.quantization_mode == "bf16" else "is bfloat16"
         raise ConversionError(
-            f"The ONNX export does not take bfloat16 models, and {class_name} {how} ({bf16[0]}{more}): ONNX "
+            f"The ONNX export does not take bfloat16 models, and {class_name} {how} ({shown(bf16, 1)}): ONNX "
             "Runtime's CPU provider has no bfloat16 kernels for the graph's operators (Add among them), so the "
             "graph could neither be checked against PyTorch nor run on the CPU. Export the float32 model: the model "
             "before quantize('bf16') (or after model.float()); a bfloat16 model folder loaded with "
@@ -224,9 +222,11 @@ class Seq2SeqDecoderGraph(nn.Module):
             )
             # With past, cross-attention reads its keys and values from the cache; the decoder still takes the
             # encoder output, but uses only its shape (batch, source length, hidden_size) for the cross-attention
-            # mask. The cached keys, (batch, heads, source length, head_dim), give batch and source length without
-            # another graph input; the width is the model's, not heads * head_dim, which pruning makes smaller.
-            encoder_hidden_states = rest[2][:, 0, :, :1].expand(-1, -1, config.hidden_size)
+            # mask. The encoder attention mask gives batch and source length without another graph input, whatever
+            # heads pruning left (the cached keys hold none where an attention lost them all).
+            encoder_hidden_states = (
+                encoder_attention_mask[..., None].to(self.model.dtype).expand(-1, -1, config.hidden_size)
+            )
         else:
             cache, encoder_hidden_states = None, rest[0]
         outputs = self.model(
@@ -335,6 +335,16 @@ def past_inputs(model, mask: torch.Tensor, past_length: int, seed: int, position
 # Graphs to export: each with its file, names, axes and a way to make example inputs of any size
 
 
+# The graphs' files (optimum's names): encoder heads and causal LMs export one graph, encoder-decoders three; --optimize
+# adds ONNX Runtime's fused graph.
+MODEL_GRAPH = "model.onnx"
+ENCODER_GRAPH = "encoder_model.onnx"
+DECODER_GRAPH = "decoder_model.onnx"
+DECODER_WITH_PAST_GRAPH = "decoder_with_past_model.onnx"
+OPTIMIZED_GRAPH = "model_optimized.onnx"
+GRAPH_FILES = (MODEL_GRAPH, ENCODER_GRAPH, DECODER_GRAPH, DECODER_WITH_PAST_GRAPH, OPTIMIZED_GRAPH)
+
+
 @dataclass(frozen=True)
 class GraphSpec:
     file_name: str
@@ -365,7 +375,7 @@ def encoder_head_spec(model) -> GraphSpec:
         return tuple(inputs[name] for name in input_names)
 
     return GraphSpec(
-        "model.onnx",
+        MODEL_GRAPH,
         EncoderHeadGraph(model, tuple(outputs), with_token_types),
         input_names,
         tuple(outputs),
@@ -415,7 +425,7 @@ def seq2seq_specs(model) -> list[GraphSpec]:
             present_axes[f"present.{layer}.encoder.{part}"] = {0: "batch_size", 2: "encoder_sequence_length_out"}
     return [
         GraphSpec(
-            "encoder_model.onnx",
+            ENCODER_GRAPH,
             Seq2SeqEncoderGraph(model),
             ("input_ids", "attention_mask"),
             ("last_hidden_state",),
@@ -423,7 +433,7 @@ def seq2seq_specs(model) -> list[GraphSpec]:
             encoder_example,
         ),
         GraphSpec(
-            "decoder_model.onnx",
+            DECODER_GRAPH,
             Seq2SeqDecoderGraph(model, with_past=False),
             ("input_ids", "encoder_attention_mask", "encoder_hidden_states"),
             ("logits", *present_axes),
@@ -437,7 +447,7 @@ def seq2seq_specs(model) -> list[GraphSpec]:
             decoder_example,
         ),
         GraphSpec(
-            "decoder_with_past_model.onnx",
+            DECODER_WITH_PAST_GRAPH,
             Seq2SeqDecoderGraph(model, with_past=True),
             ("input_ids", "encoder_attention_mask", *past_axes),
             ("logits", *with_past_present_axes),
@@ -486,7 +496,7 @@ def causal_lm_spec(model) -> GraphSpec:
         return (ids, mask, positions[:, past_length:], *past)
 
     return GraphSpec(
-        "model.onnx",
+        MODEL_GRAPH,
         CausalLMGraph(model),
         ("input_ids", "attention_mask", "position_ids", *past_names),
         ("logits", *present_names),
@@ -667,7 +677,7 @@ def export_onnx(
         raise NotADirectoryError(
             f"folder={str(folder)!r} is not an existing folder; create it first, or pass the folder to export into."
         )
-    names = [spec.file_name for spec in specs] + (["model_optimized.onnx"] if optimize else [])
+    names = [spec.file_name for spec in specs] + ([OPTIMIZED_GRAPH] if optimize else [])
     refuse_existing(folder, names, overwrite)
     # Beside the files it replaces, inside `folder`: every move is then a rename on one filesystem, and needs no
     # more than the write permission on `folder` that the export needs anyway.
@@ -734,7 +744,7 @@ def export_checked(model, specs: list[GraphSpec], folder: Path, optimize: bool, 
             report.files.append(path.name)
             report.differences.update(max_differences(spec, path))
             if optimize:
-                optimized = folder / "model_optimized.onnx"
+                optimized = folder / OPTIMIZED_GRAPH
                 report.fused_operators = optimize_encoder_graph(path, model.config, optimized)
                 report.files.append(optimized.name)
                 report.differences.update(max_differences(spec, optimized))

@@ -33,6 +33,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from .checkpoints import ConversionError
+from .config import shown
 
 
 class OutputRefused(Exception):
@@ -154,11 +155,6 @@ class OutputOption:
 CONVERT_OUTPUT = OutputOption(
     "OUTPUT", "--overwrite", lambda path: (path / "config.json").is_file(), "config.json", "a model folder"
 )
-
-
-def shown(names: list[str], limit: int = 10) -> str:
-    """`names` for a message: the first `limit` of them, and how many more there are."""
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def check_output_folder(

@@ -59,8 +59,8 @@ to fuse), torch's 2.4x faster (MiniLM-sized linears, 32x128 tokens, 2-core Xeon 
 deprecates the quantized dtypes (torch.qint8) this builds on (pytorch/pytorch#184982); the warning it gives at every
 quantization is silenced here, as the user cannot act on it.
 
-Shipped with saved models (model.py imports it), so it imports nothing of the package but kernels.py and scratch.py,
-also shipped.
+Shipped with saved models (model.py imports it), so it imports nothing of the package but kernels.py, scratch.py and
+config.py (for its `shown`), also shipped.
 """
 
 import collections
@@ -79,6 +79,7 @@ from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 from torch.ao.quantization import per_channel_dynamic_qconfig
 
+from .config import shown
 from .kernels import ONEDNN_AVAILABLE, define_operator
 from .scratch import may_write_into_scratch, scratch
 
@@ -583,9 +584,8 @@ def refuse_int8_save(model: nn.Module, *args, method: str = "save_pretrained", *
     if getattr(model, "quantization_mode", None) == "int8":
         holder = f"{type(model).__name__} was quantized with model.quantize('int8')"
     else:
-        more = f" and {len(names) - 1} more" if len(names) > 1 else ""
         holder = (
-            f"{type(model).__name__} holds int8 layers ({names[0]}{more}), as a part of it was quantized (e.g. with "
+            f"{type(model).__name__} holds int8 layers ({shown(names, 1)}), as a part of it was quantized (e.g. with "
             "model.model.encoder.quantize('int8'))"
         )
     raise RuntimeError(
@@ -816,6 +816,10 @@ def quantize(
     for module in model.modules():
         if hasattr(module, "save_pretrained"):
             module.quantization_mode = mode
-        # partial rather than a bound method: it survives copy.deepcopy and pickling (torch.save(model)).
-        module._apply = functools.partial(apply_to_quantized, module, mode)
+        if mode == "int8":
+            # partial rather than a bound method: it survives copy.deepcopy and pickling (torch.save(model)). Only
+            # int8 needs it (a bf16 model's quantization_mode judges its dtypes, quantization_state): each partial
+            # holds its module, a reference cycle that keeps the model alive after `del model` until gc.collect(),
+            # which int8 models pay already for refuse_int8_training.
+            module._apply = functools.partial(apply_to_quantized, module, mode)
     return model

@@ -1118,6 +1118,12 @@ def test_recorded_fields_never_override_the_ones_selfattn_holds(tmp_path):
     assert exported["summary_last_dropout"] == model.dropout.p
     assert exported["hidden_size"] == 32
     assert not {"summary_type", "summary_use_proj", "hidden_size"} & set(report.config_written_back)
+    # Each recorded field is in one report list: replaced ones too (they were in none).
+    replaced = report.config_recorded_but_replaced
+    assert {"summary_type", "summary_use_proj", "hidden_size"} <= set(replaced)
+    assert not set(replaced) & set(report.config_written_back)
+    assert set(replaced) | set(report.config_written_back) == set(model.config.source_config)
+    assert "written with the selfattn model's own values instead" in report.summary()
 
 
 def test_export_to_another_family_leaves_the_recorded_fields_out(tmp_path):

@@ -67,6 +67,28 @@ def test_past_key_values_is_the_cache_under_its_old_name(shape):
         model(**step, past_key_values=prefix, cache=prefix)
 
 
+def test_cache_and_past_key_values_one_of_them_none_passes_on_the_other():
+    """Both keys, one None: transformers' rename kept `cache` and dropped past_key_values (cache=None with
+    past_key_values=prefix silently decoded without the prefix), with a warning that printed the whole cache."""
+    import warnings
+
+    model = tiny(SelfAttnForCausalLM, "decoder")
+    ids = random_ids(2, 6)
+    full = model(ids).logits[:, -1]
+
+    def prefix():
+        return model(ids[:, :5], use_cache=True).cache
+
+    with pytest.warns(FutureWarning) as caught:
+        logits = model(ids[:, 5:], past_key_values=prefix(), cache=None).logits[:, -1]
+    torch.testing.assert_close(logits, full, rtol=0, atol=ATOL)
+    assert all("Both" not in str(warning.message) and "Cache" not in str(warning.message) for warning in caught)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        logits = model(ids[:, 5:], past_key_values=None, cache=prefix()).logits[:, -1]
+    torch.testing.assert_close(logits, full, rtol=0, atol=ATOL)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Unknown keywords
 

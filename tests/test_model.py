@@ -1272,3 +1272,37 @@ def test_left_padded_decoder_positions_are_the_same_with_eager_and_sdpa(build_he
             ).logits
     for name, value in logits.items():
         torch.testing.assert_close(value, logits["sdpa"], rtol=0, atol=FP32_TOLERANCE, msg=name)
+
+
+def test_whole_model_pickle_of_an_earlier_release_with_embedding_scale_loads(monkeypatch):
+    """Earlier releases named SelfAttnScaledEmbedding's factor `scale`; a torch.save(model) of theirs restored an
+    embedding without `embed_scale`, whose forward failed with an AttributeError."""
+    import io
+    import pickle
+
+    from conftest import make_tiny_config
+
+    from modeling_selfattn.model import SelfAttnScaledEmbedding
+
+    torch.manual_seed(0)
+    model = SelfAttnModel(make_tiny_config("encoder")).eval()
+    model.get_input_embeddings().embed_scale = 2.0
+    ids = torch.tensor([[1, 5, 7, 2]])
+    with torch.no_grad():
+        expected = model(ids).last_hidden_state
+
+    def earlier_release_state(embedding):
+        state = dict(torch.nn.Module.__getstate__(embedding))
+        state["scale"] = state.pop("embed_scale")
+        return state
+
+    buffer = io.BytesIO()
+    with monkeypatch.context() as patched:
+        patched.setattr(SelfAttnScaledEmbedding, "__getstate__", earlier_release_state, raising=False)
+        pickle.dump(model, buffer)
+    assert b"embed_scale" not in buffer.getvalue()
+    restored = pickle.loads(buffer.getvalue())
+    embedding = restored.get_input_embeddings()
+    assert embedding.embed_scale == 2.0 and "scale" not in vars(embedding)
+    with torch.no_grad():
+        torch.testing.assert_close(restored(ids).last_hidden_state, expected, rtol=0, atol=0)

@@ -1340,3 +1340,24 @@ def test_int8_of_a_model_with_peft_adapters_is_refused():
     merged = adapted.merge_and_unload().quantize("int8")
     with torch.no_grad():
         assert merged(**inputs).logits.isfinite().all()
+
+
+def test_bf16_model_is_freed_on_del_without_gc():
+    """quantize('bf16') put a functools.partial holding each module in that module's _apply: a reference cycle that
+    kept the model alive after `del model` until gc.collect(). bf16 needs no hook: its quantization_mode judges the
+    dtypes, and stays truthful after model.float()."""
+    import weakref
+
+    model, _ = make_model("seq2seq_lm")
+    model.quantize("bf16")
+    assert model.quantization_mode == "bf16"
+    model.float()
+    assert model.quantization_mode is None and quantization.quantization_state(model) is None
+    model.bfloat16()
+    reference = weakref.ref(model)
+    gc.disable()
+    try:
+        del model
+        assert reference() is None
+    finally:
+        gc.enable()
