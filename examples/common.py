@@ -20,9 +20,12 @@ import transformers
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from transformers import AutoConfig, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
+from transformers.utils import CONFIG_NAME, GENERATION_CONFIG_NAME
 
 import modeling_selfattn  # also registers model_type "selfattn" with the Auto classes
-from modeling_selfattn.output_folder import (  # RunOutputs: also the scripts' (quickstart.py, prune_heads.py)
+from modeling_selfattn import SelfAttnConfig, SelfAttnPreTrainedModel
+from modeling_selfattn.convert_cli import MODEL_CARD, TOKENIZER_ENTRIES, WEIGHT_FILES, shipped_code
+from modeling_selfattn.output_folder import (
     Output,
     RunOutputs,
     check_output_folder,
@@ -42,31 +45,15 @@ FILE_FORMATS = {
     ".jsonl": ("json", {}),
 }
 LORA_ADAPTER_FOLDER = "lora_adapter"
-# The modules save_pretrained copies beside a selfattn model, so that it loads with trust_remote_code=True where the
-# package is not installed: the package's own modules.
-SELFATTN_CODE_FILES = tuple(sorted(path.name for path in Path(modeling_selfattn.__file__).parent.glob("*.py")))
-# What tokenizers' save_pretrained writes, for the kinds the scripts load (fast tokenizers, SentencePiece models).
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "*.model",
-    "*.spm",
-)
-
 
 # What a run of the Trainer scripts (run_*.py) leaves in --output_dir; run_seq2seq.py --train_tokenizer adds
-# tokenizer/, --lora lora_adapter/.
+# tokenizer/, --lora lora_adapter/ (the adapter files, whose checkpoints go to checkpoint-N/ too). What
+# save_pretrained writes beside the model (its weights, generation settings, card and code) and the tokenizer's files
+# are listed once, in the package (convert_cli, checkpoints); only what Trainer alone writes is listed here.
 TRAINING_RUN_OUTPUTS = RunOutputs(
     "training run",
     markers=(
-        "config.json",
+        CONFIG_NAME,
         "trainer_state.json",
         "train_results.json",
         "eval_results.json",
@@ -76,19 +63,18 @@ TRAINING_RUN_OUTPUTS = RunOutputs(
         "checkpoint-*",
     ),
     beside=(
-        # save_pretrained: weights (whole or sharded, safetensors or torch), generation settings, the model card
-        # (selfattn's), the code
-        "model.safetensors",
-        "model-*-of-*.safetensors",
-        "model.safetensors.index.json",
+        *WEIGHT_FILES,
+        GENERATION_CONFIG_NAME,
+        MODEL_CARD,
+        *shipped_code(SelfAttnPreTrainedModel),
+        *shipped_code(SelfAttnConfig),
+        *TOKENIZER_ENTRIES,
+        # Trainer: torch weights (save_safetensors=False, whole or sharded), its arguments, results of other splits,
+        # and TensorBoard's logs where --report_to tensorboard writes them there
         "pytorch_model*.bin",
         "pytorch_model.bin.index.json",
-        "generation_config.json",
-        "README.md",
-        *SELFATTN_CODE_FILES,
-        *TOKENIZER_FILES,
-        # Trainer: its arguments, and TensorBoard's logs where --report_to tensorboard writes them there
         "training_args.bin",
+        "*_results.json",
         "runs",
     ),
     non_empty_why="the run would write its model and results over what is there, and with --save_total_limit "
@@ -845,7 +831,7 @@ def train_evaluate_save(
     metrics = {}
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-        train_metrics = {**result.metrics, **sizes("train", data, examples, rows_are)}
+        train_metrics = {**result.metrics, **sample_counts("train", data, examples, rows_are)}
         trainer.log_metrics("train", train_metrics)
         trainer.save_metrics("train", train_metrics)
         trainer.save_state()
@@ -855,7 +841,7 @@ def train_evaluate_save(
         else:
             trainer.save_model()
     if training_args.do_eval:
-        eval_metrics = {**trainer.evaluate(), **sizes("validation", data, examples, rows_are)}
+        eval_metrics = {**trainer.evaluate(), **sample_counts("validation", data, examples, rows_are)}
         if derived_eval_metrics is not None:
             eval_metrics.update(derived_eval_metrics(eval_metrics))
         trainer.log_metrics("eval", eval_metrics)
@@ -864,7 +850,7 @@ def train_evaluate_save(
     return metrics
 
 
-def sizes(
+def sample_counts(
     split: str, data: datasets.DatasetDict, examples: datasets.DatasetDict | None, rows_are: str | None
 ) -> dict[str, int]:
     """<prefix>_samples, the examples of `split`, and where the model's rows are something else, their count."""

@@ -27,11 +27,12 @@ import time
 from pathlib import Path
 
 import torch
-from common import RunOutputs, check_output_path, written_beside
+from common import check_output_path, written_beside
 from transformers import AutoTokenizer
 
 from modeling_selfattn import SelfAttnForSequenceClassification
 from modeling_selfattn.head_importance import head_importance, least_important_heads
+from modeling_selfattn.output_folder import RunOutputs
 from modeling_selfattn.visualize import plot_head_importance, read_labelled_texts
 
 
@@ -96,6 +97,15 @@ def parse_arguments(argv=None) -> argparse.Namespace:
             f"--fine_tune_learning_rate must be a number above 0, got {args.fine_tune_learning_rate}; e.g. "
             f"--fine_tune_learning_rate {FINE_TUNE_LEARNING_RATE:g}."
         )
+    try:
+        check_output_path(
+            args.output_dir,
+            OUTPUTS,
+            args.overwrite_output_dir,
+            inputs={"--model": args.model, "--train_file": args.train_file, "--validation_file": args.validation_file},
+        )
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -150,15 +160,6 @@ def random_heads(num_layers: int, num_heads: int, count: int, seed: int) -> dict
 
 def main(argv=None) -> dict:
     args = parse_arguments(argv)
-    try:
-        check_output_path(
-            args.output_dir,
-            OUTPUTS,
-            args.overwrite_output_dir,
-            inputs={"--model": args.model, "--train_file": args.train_file, "--validation_file": args.validation_file},
-        )
-    except ValueError as error:
-        raise SystemExit(f"error: {error}") from None
     with written_beside(Path(args.output_dir), args.overwrite_output_dir, "--output_dir") as output_dir:
         return prune_and_measure(args, output_dir)
 

@@ -21,7 +21,9 @@ do (common.check_output_path).
 """
 
 import argparse
+import contextlib
 import csv
+import io
 import itertools
 import json
 import math
@@ -107,7 +109,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         check_split(args.sentences)
     except ValueError as error:
         parser.error(f"--data {args.data}: {error}")
-    from common import RunOutputs, check_output_path  # imported here so that --help is instant
+    # imported here so that --help is instant
+    from common import check_output_path
+
+    from modeling_selfattn.output_folder import RunOutputs
 
     outputs = RunOutputs(
         "quickstart run", markers=(CONVERTED_FOLDER, TRAINER_FOLDER, MODEL_FOLDER, ATTENTION_FOLDER)
@@ -188,8 +193,14 @@ def main(argv=None) -> dict:
     with written_beside(args.output_dir, args.overwrite_output_dir, "--output-dir") as work_dir:
         result = run(args, work_dir)
     # With --overwrite-output-dir the run was written beside --output-dir, which now holds it.
-    pictures = {name: args.output_dir / path.relative_to(work_dir) for name, path in result["pictures"].items()}
-    return {**result, "model_dir": args.output_dir / MODEL_FOLDER, "pictures": pictures}
+    pictures = {name: in_output_dir(path, work_dir, args.output_dir) for name, path in result["pictures"].items()}
+    return {**result, "model_dir": in_output_dir(result["model_dir"], work_dir, args.output_dir), "pictures": pictures}
+
+
+def in_output_dir(path: Path, work_dir: Path, output_dir: Path) -> Path:
+    """Where `path`, written in `work_dir`, lies once the run has finished: in --output-dir, which `work_dir` is or
+    (with --overwrite-output-dir) replaces."""
+    return output_dir / path.relative_to(work_dir)
 
 
 def run(args: argparse.Namespace, work_dir: Path) -> dict:
@@ -197,7 +208,7 @@ def run(args: argparse.Namespace, work_dir: Path) -> dict:
     prints names --output-dir."""
 
     def shown(path: Path) -> Path:
-        return args.output_dir / path.relative_to(work_dir)
+        return in_output_dir(path, work_dir, args.output_dir)
 
     started = time.perf_counter()
 
@@ -231,7 +242,7 @@ def run(args: argparse.Namespace, work_dir: Path) -> dict:
             f"preset {args.preset} has {config.vocab_size} token ids; the tokenizer needs {len(tokenizer)}"
         )
     if args.init == "pretrained":
-        converted = convert_and_verify(work_dir / CONVERTED_FOLDER)
+        converted = convert_and_verify(work_dir / CONVERTED_FOLDER, shown(work_dir / CONVERTED_FOLDER))
         print_similarities(converted, tokenizer)
         model = SelfAttnForSequenceClassification.from_pretrained(
             converted, id2label=config.id2label, label2id=config.label2id
@@ -298,13 +309,19 @@ def run(args: argparse.Namespace, work_dir: Path) -> dict:
     return {"accuracy": held_out_accuracy, "model_dir": model_dir, "predictions": predictions, "pictures": pictures}
 
 
-def convert_and_verify(output: Path) -> Path:
-    """The README's conversion step: selfattn-convert bert SOURCE OUTPUT --verify, as a call."""
+def convert_and_verify(output: Path, shown: Path) -> Path:
+    """The README's conversion step: selfattn-convert bert SOURCE OUTPUT --verify, as a call. It writes `output`,
+    which the user will find as `shown` (in --output-dir) once the run has finished."""
     from modeling_selfattn import convert_cli
 
-    print(f"converting {minilm_path().name} (BertModel) -> {output}, verifying against transformers' BertModel")
+    print(f"converting {minilm_path().name} (BertModel) -> {shown}, verifying against transformers' BertModel")
     arguments = [str(minilm_path()), str(output), "--verify", "--tolerance", "1e-5", "--overwrite"]
-    status = convert_cli.main(["bert", *arguments])
+    report = io.StringIO()  # what the conversion prints ("wrote OUTPUT ..."), naming `shown` in place of `output`
+    try:
+        with contextlib.redirect_stdout(report):
+            status = convert_cli.main(["bert", *arguments])
+    finally:
+        print(report.getvalue().replace(str(output), str(shown)), end="")
     if status != 0:
         raise SystemExit(f"conversion failed (exit status {status})")
     return output

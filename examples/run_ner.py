@@ -118,7 +118,7 @@ def warn_of_unseen_words(tokenized, raw, tokens_column: str, max_length: int, li
         cut, pieceless = dataset[CUT_WORDS], dataset[PIECELESS_WORDS]
         if any(cut):
             logger.warning(
-                "--max_seq_length %d cuts %d of the %d %s sentences short, leaving out %d of their %d words: %s. "
+                "--max_seq_length %d cuts %d of the %d %s sentences short, leaving out %d of the split's %d words: %s. "
                 "To keep them, %s.",
                 max_length, sum(count > 0 for count in cut), len(cut), split, sum(cut), words, consequences[split], fix,
             )  # fmt: skip

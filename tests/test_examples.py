@@ -467,6 +467,26 @@ def test_overwrite_output_dir_replaces_an_earlier_run_only_once_the_run_has_fini
     assert saved_results(output)["eval_accuracy"] == metrics["eval_accuracy"]
 
 
+def test_an_earlier_run_with_a_tokenizers_chat_templates_is_its_own_output(
+    examples, tokenizer_dir, encoder_config, tmp_path
+):
+    """The scripts kept their own list of the tokenizer's files, which lacked additional_chat_templates/: an earlier
+    run whose tokenizer has several chat templates was refused by --overwrite_output_dir as holding other entries.
+    The tokenizer's files are the package's list (checkpoints.TOKENIZER_FILES and TOKENIZER_FOLDERS)."""
+    templated = tmp_path / "tokenizer"
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.chat_template = {"default": "{{ messages[0]['content'] }}", "tool_use": "{{ tools }}"}
+    tokenizer.save_pretrained(templated)
+    classification_run(examples, templated, ["--config_name", str(encoder_config)], sentiment_rows(8, 1),
+                       tmp_path / "out")  # fmt: skip
+    assert (tmp_path / "out" / "additional_chat_templates").is_dir()
+    assert examples["common"].TRAINING_RUN_OUTPUTS.foreign_entries(tmp_path / "out") == []
+    classification_run(examples, templated, ["--config_name", str(encoder_config), "--overwrite_output_dir"],
+                       sentiment_rows(8, 1), tmp_path / "out")  # fmt: skip
+    assert (tmp_path / "out" / "config.json").is_file()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "out_data.jsonl", "tokenizer"]  # swapped in
+
+
 def users_files_beside_an_earlier_run(folder: Path) -> Path:
     """An earlier run's output folder in which the user also keeps files of their own."""
     earlier_run(folder)
@@ -773,6 +793,27 @@ def test_evaluating_a_model_as_it_is_never_replaces_its_classes(
         )  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "found,kind,class_label,expected",
+    [(["0", "2"], "int", False, ["0", "1", "2"]),
+     (["negative", "neutral", "positive"], "name", True, ["negative", "neutral", "positive"]),
+     (["0", "3"], "int", False, None),
+     (["negative", "positive"], "name", True, None)],
+    ids=["class_ids", "class_label_of_num_labels_names", "ids_beyond_the_classes", "class_label_of_fewer_names"],
+)  # fmt: skip
+def test_a_model_without_class_names_is_evaluated_on_its_class_ids(examples, found, kind, class_label, expected):
+    """A model that does not name its classes (LABEL_0 .. LABEL_2) evaluated as it is: the data's labels are its
+    class ids where they are integers 0..num_labels-1, or a ClassLabel's ids where it has num_labels names."""
+    unnamed = examples["common"].unnamed_classes_as_labels
+    arguments = (BertConfig(num_labels=3), found, kind, class_label, "model", "--label_column", {})
+    if expected is not None:
+        assert unnamed(*arguments) == expected
+    else:
+        with pytest.raises(ValueError, match=r"^Without --do_train, model is evaluated as it is, but it does not name "
+                           r"its 3 classes \(LABEL_0 \.\. LABEL_2\).* Give the labels as its class ids 0\.\.2"):  # fmt: skip
+            unnamed(*arguments)
+
+
 def test_lora_saves_the_adapter_and_a_merged_model_equal_to_base_plus_adapter(examples, data_dir, bert_dir, tmp_path):
     from peft import PeftModel
 
@@ -783,6 +824,7 @@ def test_lora_saves_the_adapter_and_a_merged_model_equal_to_base_plus_adapter(ex
     )  # fmt: skip
     assert (tmp_path / "lora_adapter" / "adapter_config.json").is_file()
     assert not (tmp_path / "adapter_config.json").exists()  # the merged model loads as a plain model
+    assert examples["common"].TRAINING_RUN_OUTPUTS.foreign_entries(tmp_path) == []  # --overwrite_output_dir takes it
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
     assert type(merged) is SelfAttnForSequenceClassification
     assert not any("lora" in name for name in merged.state_dict())
@@ -835,7 +877,7 @@ def test_ner_reports_entity_scores_and_saves_a_token_classifier(
 
 
 def test_the_classes_are_every_label_of_the_data_not_only_of_the_sample_used(
-    examples, data_dir, tokenizer_dir, encoder_config, tmp_path
+    examples, data_dir, tokenizer_dir, encoder_config, tmp_path, monkeypatch
 ):
     """--max_train_samples cut the label set down to the tags of the sample (WNUT-17: 12 of 13, I-corporation
     missing), and an evaluation of that model on the full validation data then failed on its resized head. The
@@ -848,17 +890,26 @@ def test_the_classes_are_every_label_of_the_data_not_only_of_the_sample_used(
          "--validation_file", str(data_dir / "ner_dev.jsonl"), "--max_train_samples", "8", "--max_eval_samples", "4",
          *trainer_options(tmp_path / "model")]
     )  # fmt: skip
-    label2id = SelfAttnForTokenClassification.from_pretrained(tmp_path / "model").config.label2id
-    assert set(label2id) == {"O", "B-person", "B-location", "I-location", "B-job"}
+    trained = SelfAttnForTokenClassification.from_pretrained(tmp_path / "model").config
+    assert set(trained.label2id) == {"O", "B-person", "B-location", "I-location", "B-job"}
 
     def evaluation_only(output_dir: Path) -> list[str]:
         return [option for option in trainer_options(output_dir) if option != "--do_train"]
 
+    evaluated = []  # the id2label of the model the evaluation-only run scores
+    train_evaluate_save = examples["run_ner"].train_evaluate_save
+
+    def recording(**arguments):
+        evaluated.append(arguments["model"].config.id2label)
+        return train_evaluate_save(**arguments)
+
+    monkeypatch.setattr(examples["run_ner"], "train_evaluate_save", recording)
     metrics = examples["run_ner"].main(
         ["--model_name_or_path", str(tmp_path / "model"), "--validation_file", str(data_dir / "ner_dev.jsonl"),
          *evaluation_only(tmp_path / "eval")]
     )  # fmt: skip
     assert 0.0 <= metrics["eval_f1"] <= 1.0 and metrics["eval_samples"] == 12
+    assert evaluated == [trained.id2label]  # the model's classes, in the model's order
 
     unknown = {"tokens": ["Bruno", "drives", "a", "Volvo"], "ner_tags": ["B-person", "O", "O", "B-product"]}
     dev = write_jsonl(tmp_path / "dev.jsonl", [*ner_rows(4, 2), unknown])
@@ -913,7 +964,7 @@ def test_truncated_words_count_as_predicted_outside_and_are_reported(
     words = sum(len(row["tokens"]) for row in ner_rows(12, 2))
     assert (
         f"--max_seq_length {max_length} cuts {cut_sentences} of the 12 validation sentences short, leaving out "
-        f"{cut_words} of their {words} words: the evaluation scores them as predicted \"O\", so their entities count "
+        f"{cut_words} of the split's {words} words: the evaluation scores them as predicted \"O\", so their entities count "
         "as missed. To keep them, give a larger --max_seq_length (the model reads up to 64 tokens)."
     ) in caplog.text
 
@@ -1048,13 +1099,19 @@ def test_qa_runs_on_its_defaults_capped_at_the_models_positions(
     (the docstring's command) got past it. The defaults are transformers' run_qa's, 384 and 128: the window is
     capped at the model's 64 positions (as in every script, with a warning) and the stride then shrinks to half of
     what a window holds of the context."""
-    with caplog.at_level("WARNING", logger="examples"):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    questions = [row["question"].lstrip() for row in map(json.loads, (data_dir / "qa.jsonl").read_text().splitlines())]
+    longest = max(len(ids) for ids in tokenizer(questions, add_special_tokens=False)["input_ids"])
+    room = 64 - longest - tokenizer.num_special_tokens_to_add(pair=True)  # the context tokens a window holds
+    assert room // 2 < 128
+    with caplog.at_level("INFO", logger="examples"):
         metrics = examples["run_qa"].main(
             ["--config_name", str(encoder_config), "--tokenizer_name", str(tokenizer_dir),
              "--train_file", str(data_dir / "qa.jsonl"), "--validation_split_percentage", "34",
-             "--validation_split_group_column", "title", *trainer_options(tmp_path, steps=1)]
+             "--validation_split_group_column", "title", *trainer_options(tmp_path, steps=1), "--log_level", "info"]
         )  # fmt: skip
     assert "--max_seq_length 384 is more than the model's max_position_embeddings (64); using 64." in caplog.text
+    assert f"--doc_stride {room // 2}: half of the {room} context tokens a window holds." in caplog.text
     assert 0.0 <= metrics["eval_f1"] <= 100.0 and metrics["eval_windows"] > metrics["eval_samples"] == 4
 
 
@@ -1147,11 +1204,12 @@ def trained_translator(examples, data_dir, encoder_decoder_config, tmp_path_fact
     return metrics, output_dir
 
 
-def test_translation_from_scratch_with_a_trained_tokenizer(trained_translator):
+def test_translation_from_scratch_with_a_trained_tokenizer(trained_translator, examples):
     metrics, output_dir = trained_translator
     assert 0.0 <= metrics["eval_bleu"] <= 100.0 and 0.0 <= metrics["eval_chrf"] <= 100.0
     assert 1 <= metrics["eval_generated_length"] <= 12
     assert (output_dir / "tokenizer" / "tokenizer.json").is_file()
+    assert examples["common"].TRAINING_RUN_OUTPUTS.foreign_entries(output_dir) == []  # --overwrite_output_dir takes it
     model = AutoModelForSeq2SeqLM.from_pretrained(output_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
     assert type(model) is SelfAttnForConditionalGeneration and model.config.vocab_size == len(tokenizer)
@@ -1169,7 +1227,9 @@ def test_generated_length_counts_the_tokens_of_the_text(trained_translator, exam
     model, tokenizer, batch = trained_translator_inputs(output_dir)
     with torch.no_grad():
         generated = model.generate(**batch)
-    special = {tokenizer.pad_token_id, tokenizer.eos_token_id, model.config.decoder_start_token_id}
+    # the ids the metric leaves out: the decoder start, end and padding, and the tokenizer's other special tokens
+    special = {tokenizer.pad_token_id, tokenizer.eos_token_id, model.config.decoder_start_token_id,
+               *tokenizer.all_special_ids}  # fmt: skip
     lengths = [sum(token not in special for token in row) for row in generated.tolist()]
     assert metrics["eval_generated_length"] == pytest.approx(np.mean(lengths))
 
@@ -1442,10 +1502,12 @@ def test_prune_heads_checks_its_output_dir_as_the_other_scripts_do(prune_heads, 
     output = tmp_path / "out"
     output.mkdir()
     (output / "notes.txt").write_text("mine")
-    with pytest.raises(SystemExit, match=rf"^error: --output_dir {output} exists and is not empty: .* add "
-                       "--overwrite_output_dir to replace it"):  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
         prune_heads.main(["--model", "missing", "--train_file", "t.tsv", "--validation_file", "d.tsv",
                           "--output_dir", str(output)])  # fmt: skip
+    assert exit_info.value.code == 2  # a usage error, as its other option checks report them
+    assert re.search(rf"error: --output_dir {re.escape(str(output))} exists and is not empty: .* add "
+                     "--overwrite_output_dir to replace it", capsys.readouterr().err)  # fmt: skip
     assert folder_contents(output) == {"notes.txt": b"mine"}
 
     output = tmp_path / "runs" / "out"
@@ -1457,10 +1519,13 @@ def test_prune_heads_checks_its_output_dir_as_the_other_scripts_do(prune_heads, 
 
     users_files_beside_an_earlier_run(output)
     before = folder_contents(output)
-    with pytest.raises(SystemExit, match=r"^error: --output_dir \S+ holds an earlier prune_heads.py run's output, "
-                       r"but also entries no prune_heads.py run writes: checkpoint-500/, config.json, my_analysis/, "
-                       "my_notes.txt. --overwrite_output_dir replaces the folder as a whole"):  # fmt: skip
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
         prune_heads.main([*pruning_inputs, "--output_dir", str(output), "--overwrite_output_dir"])
+    assert exit_info.value.code == 2
+    assert re.search(r"error: --output_dir \S+ holds an earlier prune_heads.py run's output, but also entries no "
+                     r"prune_heads.py run writes: checkpoint-500/, config.json, my_analysis/, my_notes.txt\. "
+                     "--overwrite_output_dir replaces the folder as a whole", capsys.readouterr().err)  # fmt: skip
     assert folder_contents(output) == before
 
 

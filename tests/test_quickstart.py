@@ -174,3 +174,17 @@ def test_an_existing_output_dir_is_refused_unless_it_holds_an_earlier_run_and_is
             "run writes: my_notes.txt. --overwrite-output-dir replaces the folder as a whole, which would delete "
             f"them. Move them out of {output} first, or give a new --output-dir.") in capsys.readouterr().err
     assert folder_contents(output) == before
+
+
+def test_what_it_prints_names_the_output_dir_not_the_folder_it_writes_in(quickstart, tmp_path, capsys):
+    """With --overwrite-output-dir the run is written in a hidden folder beside --output-dir: the conversion step
+    printed that folder's path, which is gone once the run has finished."""
+    output = tmp_path / "out"
+    pretrained = ["--max-steps", "1", "--output-dir", str(output)]
+    quickstart.main(pretrained)
+    capsys.readouterr()
+    quickstart.main([*pretrained, "--overwrite-output-dir"])
+    printed = capsys.readouterr().out
+    assert f"(BertModel) -> {output / quickstart.CONVERTED_FOLDER}, verifying" in printed
+    assert f"saved to {output / quickstart.MODEL_FOLDER} and reloaded" in printed
+    assert ".out." not in printed  # the hidden work folder, .out.partial-xxxxxxxx
