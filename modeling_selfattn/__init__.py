@@ -7,7 +7,7 @@ Importing this package registers `model_type="selfattn"` with transformers (see 
   `dropout.py` (dropout masks drawn faster on the CPU), `quantization.py` (`model.quantize`), `scratch.py`
   (per-thread scratch buffers),
   `lean_generation.py` (generate()'s per-step work on the scores and the cache, leaner), `packing.py`, `hub.py`,
-  `heads.py`;
+  `heads.py`, `argument_values.py` (integer values and name lists in refusals);
 - package-only: `checkpoints.py` (conversion of BERT-family and Marian/BART checkpoints, export, verification,
   warm starts), `convert_cli.py` (the selfattn-convert command), `onnx_export.py` (selfattn-convert onnx),
   `head_importance.py` (which heads to prune), `fast_paths.py` (opt-in compiled decoding), `registration.py`,

@@ -17,12 +17,6 @@ POSITION_EMBEDDING_TYPES = ("learned", "sinusoidal")
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 
-def shown(names: list[str], limit: int = 10) -> str:
-    """`names` for a message: the first `limit` of them, and how many more there are. Here, in a file shipped with
-    saved models, so that the shipped quantization.py and the package's own modules (output_folder.py) share it."""
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
 @strict
 class SelfAttnConfig(PreTrainedConfig):
     r"""

@@ -10,12 +10,12 @@ so the model's forward keeps no head mask. Package-only: a saved model does not 
 """
 
 from collections.abc import Iterable, Mapping
-from numbers import Integral
 
 import torch
 from torch import nn
 
-from .config import attention_key, shown
+from .argument_values import is_integer, shown
+from .config import attention_key
 from .model import SelfAttnAttention
 
 ATTENTIONS = ("encoder", "decoder", "cross_attn")
@@ -85,8 +85,7 @@ def head_importance(
     Heads already pruned have no importance: NaN. The tensor records the attention it scores as `.attention`
     ("encoder", "decoder" or "cross_attn"), which least_important_heads keys its plan by.
     """
-    counted = isinstance(max_batches, Integral) and not isinstance(max_batches, bool)
-    if max_batches is not None and not (counted and max_batches >= 1):
+    if max_batches is not None and not (is_integer(max_batches) and max_batches >= 1):
         raise ValueError(
             f"max_batches={max_batches!r}: pass an integer >= 1 (the number of batches to read), or None for all."
         )
@@ -178,7 +177,7 @@ def least_important_heads(
         )
     attention = attention or scored
     present = (~importance.isnan()).nonzero().tolist()
-    if isinstance(num_heads, bool) or not isinstance(num_heads, Integral) or not 0 <= num_heads <= len(present):
+    if not is_integer(num_heads) or not 0 <= num_heads <= len(present):
         raise ValueError(f"num_heads={num_heads!r}: choose an integer between 0 and the {len(present)} heads left.")
     values = torch.tensor([float(importance[layer, head]) for layer, head in present])
     order = torch.argsort(values, stable=True)[:num_heads].tolist()

@@ -32,7 +32,8 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
 from . import model as modeling
 from .checkpoints import ConversionError
-from .config import attention_key, shown
+from .argument_values import shown
+from .config import attention_key
 from .output_folder import remove, swap_files_in, unique_sibling
 
 # 17: the first opset with LayerNormalization as one operator, which the optimizer's fusions start from.

@@ -33,7 +33,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from .checkpoints import ConversionError
-from .config import shown
+from .argument_values import shown
 
 
 class OutputRefused(Exception):

@@ -9,18 +9,17 @@ reserve, so they work with `pipeline(...)` for selfattn and any model of the mat
 The classes can also be built directly: QuestionAnsweringPipeline(model=model, tokenizer=tokenizer).
 """
 
-import numbers
-
 import torch
 from transformers import AutoModelForQuestionAnswering, AutoModelForSeq2SeqLM, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY, SUPPORTED_TASKS
 from transformers.pipelines.base import ChunkPipeline
 
+from .argument_values import is_integer
+
 
 def integer_from(low: int) -> tuple:
-    # Any integer type (numpy's too); bool is one, but top_k=True is a mistake, not 1.
     def test(value) -> bool:
-        return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
+        return is_integer(value) and value >= low
 
     return test, f"an integer >= {low}"
 

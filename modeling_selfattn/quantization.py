@@ -60,7 +60,7 @@ deprecates the quantized dtypes (torch.qint8) this builds on (pytorch/pytorch#18
 quantization is silenced here, as the user cannot act on it.
 
 Shipped with saved models (model.py imports it), so it imports nothing of the package but kernels.py, scratch.py and
-config.py (for its `shown`), also shipped.
+argument_values.py (for its `shown`), also shipped.
 """
 
 import collections
@@ -79,7 +79,7 @@ from torch import nn
 from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 from torch.ao.quantization import per_channel_dynamic_qconfig
 
-from .config import shown
+from .argument_values import shown
 from .kernels import ONEDNN_AVAILABLE, define_operator
 from .scratch import may_write_into_scratch, scratch
 

@@ -16,12 +16,13 @@ import json
 import math
 import sys
 from dataclasses import dataclass, field
-from numbers import Integral, Real
+from numbers import Real
 from pathlib import Path
 
 import torch
 
 from . import model as selfattn_model
+from .argument_values import is_integer
 from .config import SelfAttnConfig, attention_key
 from .hub import refuse_missing_local_path
 
@@ -216,7 +217,7 @@ def head_statistics(records: list[AttentionRecord]) -> dict[str, torch.Tensor]:
 
 def _check_layer_type(layer) -> None:
     # bool is an int to Python: layer=True would draw layer 1. A float passed the range check and failed later.
-    if layer is not None and (isinstance(layer, bool) or not isinstance(layer, Integral)):
+    if layer is not None and not is_integer(layer):
         raise TypeError(
             f"layer={layer!r}: pass a layer index as an int (negative ones count from the last), or None ('all' on "
             f"the command line) for every layer; got a {type(layer).__name__}."

@@ -32,7 +32,7 @@ from modeling_selfattn.heads import AUTO_MAP, HEADS as REGISTRY
 
 CODE_FILES = (
     "config.py", "model.py", "input_checks.py", "kernels.py", "dropout.py", "quantization.py", "scratch.py",
-    "lean_generation.py", "packing.py", "hub.py", "heads.py",
+    "lean_generation.py", "packing.py", "hub.py", "heads.py", "argument_values.py",
 )
 
 
